@@ -1,0 +1,321 @@
+"""Row shapes that P2D understands, and turning one row into a `Sample`.
+
+Supported shapes (column names are matched case-insensitively, surrounding spaces ignored):
+
+- ``alpaca``: ``instruction``, optional ``input``, ``output``
+- ``prompt_response``: ``prompt`` + one of ``response`` / ``completion`` / ``answer``
+- ``question_answer``: ``question`` + ``answer``
+- ``messages``: a list of ``{"role", "content"}`` turns (OpenAI / HF chat style)
+- ``sharegpt``: ``conversations``, a list of ``{"from", "value"}`` turns
+- ``text``: plain ``text``; the whole text is learned (``kind="text"``)
+
+Optional columns: ``system`` (a system turn for the instruction-style shapes) and a task label from
+``task``, ``category`` or ``source`` (first one present).  Chat turns may arrive as a JSON string
+(e.g. from a CSV cell).  For chats the answer is the last assistant turn, the prompt is everything
+before it; turns after it are dropped.
+
+A column mapping overrides detection.  Its keys are ``prompt``, ``input``, ``answer``, ``system``,
+``task``, ``messages`` (or ``conversations``) and ``text``; values are column names.  Empty values
+are ignored, so a form can pass all keys.
+
+Not supported: multi-modal content other than text parts, tool/function-call turns, pre-tokenised
+rows.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import numbers
+from dataclasses import dataclass, field
+
+from p2d.errors import UserError
+
+FORMATS = ("alpaca", "prompt_response", "question_answer", "messages", "sharegpt", "text")
+
+# Accepted names, shown in error messages.
+ACCEPTED = (
+    "instruction+output (alpaca), prompt+response|completion|answer, question+answer, "
+    "messages (chat turns), conversations (ShareGPT), text"
+)
+
+ANSWER_NAMES = ("response", "completion", "answer")
+TASK_NAMES = ("task", "category", "source")
+MAPPING_KEYS = ("prompt", "input", "answer", "system", "task", "messages", "conversations", "text")
+
+ROLE_MAP = {
+    "user": "user",
+    "human": "user",
+    "system": "system",
+    "assistant": "assistant",
+    "gpt": "assistant",
+    "bot": "assistant",
+    "model": "assistant",
+    "chatgpt": "assistant",
+}
+
+
+class SkipRow(Exception):
+    """Raised by `row_to_sample` for a row that cannot be used; `reason` is a short label."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass
+class Sample:
+    """One training/evaluation example.
+
+    prompt: chat turns before the answer (``[]`` for plain text); answer: the text to learn;
+    task: optional label; row: the source row, unchanged; index: 0-based position in the source
+    (counting rows that were skipped); kind: ``"chat"`` or ``"text"``.
+    """
+
+    prompt: list[dict]
+    answer: str
+    task: str | None
+    row: dict = field(repr=False)
+    index: int
+    kind: str = "chat"
+
+    @property
+    def prompt_text(self) -> str:
+        """The last user turn's content (for previews); ``""`` if there is none."""
+        for turn in reversed(self.prompt):
+            if turn.get("role") == "user":
+                return turn.get("content", "")
+        return ""
+
+
+def _norm(name) -> str:
+    return str(name).strip().lower()
+
+
+def _column_index(columns) -> dict[str, str]:
+    """Normalised name -> original name (first occurrence wins)."""
+    out: dict[str, str] = {}
+    for col in columns:
+        out.setdefault(_norm(col), col)
+    return out
+
+
+def detect_format(columns: list[str]) -> str:
+    """Name of the shape the columns match (see the module docstring); UserError if none does."""
+    cols = set(_column_index(columns))
+    if "messages" in cols:
+        return "messages"
+    if "conversations" in cols:
+        return "sharegpt"
+    if "instruction" in cols and "output" in cols:
+        return "alpaca"
+    if "prompt" in cols and any(n in cols for n in ANSWER_NAMES):
+        return "prompt_response"
+    if "question" in cols and "answer" in cols:
+        return "question_answer"
+    if "text" in cols:
+        return "text"
+    found = ", ".join(str(c) for c in columns) or "none"
+    raise UserError(
+        f"unrecognised data shape: columns found: {found}; accepted: {ACCEPTED}; "
+        "or pass a column mapping such as prompt=COL answer=COL"
+    )
+
+
+def check_mapping(mapping: dict | None, columns: list[str]) -> dict[str, str]:
+    """Validate a column mapping against the columns; return it with empty entries removed and
+    column names resolved (exact match first, then case-insensitive)."""
+    if not mapping:
+        return {}
+    index = _column_index(columns)
+    found = ", ".join(str(c) for c in columns) or "none"
+    out: dict[str, str] = {}
+    for key, col in mapping.items():
+        k = _norm(key)
+        if k not in MAPPING_KEYS:
+            raise UserError(
+                f"unknown mapping key '{key}'; use {', '.join(MAPPING_KEYS)}"
+            )
+        if col is None or str(col).strip() == "":
+            continue
+        if col in columns:
+            resolved = col
+        elif _norm(col) in index:
+            resolved = index[_norm(col)]
+        else:
+            raise UserError(f"mapped column '{col}' (for {k}) not found; columns found: {found}")
+        if k == "conversations":
+            k = "messages"
+        out[k] = resolved
+    content = {k for k in out if k in ("prompt", "answer", "messages", "text", "input")}
+    if content:
+        ok = ("messages" in out) or ("text" in out) or ("prompt" in out and "answer" in out)
+        if not ok:
+            raise UserError(
+                "incomplete column mapping: map both prompt and answer, or messages, or text"
+            )
+    return out
+
+
+def mapping_has_content(mapping: dict[str, str]) -> bool:
+    """True if the (checked) mapping says where the prompt/answer/chat/text live."""
+    return any(k in mapping for k in ("prompt", "answer", "messages", "text"))
+
+
+# --- values -----------------------------------------------------------------
+
+
+def _text(value, what: str, required: bool = True) -> str:
+    """Coerce a cell to text. Numbers are str()-ed; None/NaN/blank is missing; dicts/lists are not
+    text."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        text = ""
+    elif isinstance(value, str):
+        text = value
+    elif isinstance(value, bool):
+        text = str(value)
+    elif isinstance(value, numbers.Number):
+        text = str(value)
+    else:
+        raise SkipRow("not text")
+    if required and not text.strip():
+        raise SkipRow(f"missing or empty {what}")
+    return text
+
+
+def _turn_content(content) -> str:
+    if isinstance(content, list):  # OpenAI-style content parts
+        parts = []
+        for part in content:
+            if isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str):
+                parts.append(part["text"])
+            elif isinstance(part, str):
+                parts.append(part)
+            else:
+                raise SkipRow("not text")
+        return "".join(parts)
+    return _text(content, "turn", required=False)
+
+
+def parse_turns(value) -> list[dict]:
+    """Chat turns from a list (or JSON string) of ``{role, content}`` or ``{from, value}`` dicts,
+    normalised to ``{"role", "content"}`` with roles user/assistant/system."""
+    if isinstance(value, (str, bytes)):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise SkipRow("malformed chat turns") from None
+    if value is None:
+        raise SkipRow("missing or empty messages")
+    if not isinstance(value, (list, tuple)):
+        raise SkipRow("malformed chat turns")
+    turns = []
+    for turn in value:
+        if not isinstance(turn, dict):
+            raise SkipRow("malformed chat turns")
+        t = {_norm(k): v for k, v in turn.items()}
+        role = t.get("role", t.get("from"))
+        content = t["content"] if "content" in t else t.get("value", t.get("text"))
+        role = ROLE_MAP.get(_norm(role)) if role is not None else None
+        if role is None:
+            raise SkipRow("unknown chat role")
+        turns.append({"role": role, "content": _turn_content(content)})
+    if not turns:
+        raise SkipRow("missing or empty messages")
+    return turns
+
+
+def _chat_sample(turns: list[dict], system: str | None) -> tuple[list[dict], str]:
+    last = max((i for i, t in enumerate(turns) if t["role"] == "assistant"), default=None)
+    if last is None:
+        raise SkipRow("no assistant turn")
+    answer = turns[last]["content"]
+    if not answer.strip():
+        raise SkipRow("missing or empty answer")
+    prompt = [dict(t) for t in turns[:last]]
+    if not any(t["role"] == "user" and t["content"].strip() for t in prompt):
+        raise SkipRow("no user turn before the answer")
+    if system and not any(t["role"] == "system" for t in prompt):
+        prompt.insert(0, {"role": "system", "content": system})
+    return prompt, answer
+
+
+# --- rows -------------------------------------------------------------------
+
+
+def _task(value) -> str | None:
+    if value is None or isinstance(value, (dict, list)):
+        return None
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    text = str(value).strip()
+    return text or None
+
+
+def row_to_sample(row: dict, index: int, fmt: str, mapping: dict | None = None) -> Sample:
+    """Convert one row. ``fmt`` is one of FORMATS or ``"mapped"`` (then ``mapping``, already
+    checked by `check_mapping`, says where things are; it may also just add task/system columns to
+    a detected format). Raises SkipRow(reason) for unusable rows. Never mutates ``row``."""
+    if not isinstance(row, dict):
+        raise SkipRow("not a JSON object")
+    mapping = mapping or {}
+    index_of = _column_index(row.keys())
+
+    def get(name):
+        if name in mapping:
+            return row.get(mapping[name])
+        key = index_of.get(name)
+        return None if key is None else row.get(key)
+
+    def first(names):
+        for n in names:
+            if n in mapping or n in index_of:
+                return get(n)
+        return None
+
+    task = _task(row.get(mapping["task"])) if "task" in mapping else _task(first(TASK_NAMES))
+    system_raw = get("system")
+    system = _text(system_raw, "system", required=False).strip() if system_raw is not None else ""
+
+    if fmt == "mapped":
+        if "messages" in mapping:
+            fmt = "messages"
+        elif "text" in mapping:
+            fmt = "text"
+        else:
+            fmt = "mapped_prompt"
+
+    if fmt in ("messages", "sharegpt"):
+        raw = get("messages") if fmt == "messages" or "messages" in mapping else get("conversations")
+        prompt, answer = _chat_sample(parse_turns(raw), system)
+        return Sample(prompt, answer, task, row, index, "chat")
+
+    if fmt == "text":
+        answer = _text(get("text"), "text")
+        return Sample([], answer, task, row, index, "text")
+
+    if fmt == "alpaca":
+        user = _text(get("instruction"), "instruction")
+        extra = _text(get("input"), "input", required=False)
+        answer = _text(get("output"), "answer")
+    elif fmt == "prompt_response":
+        user = _text(get("prompt"), "prompt")
+        extra = ""
+        answer = _text(first(ANSWER_NAMES), "answer")
+    elif fmt == "question_answer":
+        user = _text(get("question"), "prompt")
+        extra = ""
+        answer = _text(get("answer"), "answer")
+    elif fmt == "mapped_prompt":
+        user = _text(get("prompt"), "prompt")
+        extra = _text(get("input"), "input", required=False) if "input" in mapping else ""
+        answer = _text(get("answer"), "answer")
+    else:
+        raise ValueError(f"unknown format {fmt!r}")
+
+    if extra.strip():
+        user = f"{user}\n\n{extra}"
+    prompt = ([{"role": "system", "content": system}] if system else []) + [
+        {"role": "user", "content": user}
+    ]
+    return Sample(prompt, answer, task, row, index, "chat")

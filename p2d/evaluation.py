@@ -1,0 +1,159 @@
+"""Evaluation: exact-match accuracy of greedy answers and mean answer-token loss.
+
+Answers are generated greedily from the prompt (chat template when the tokenizer has one), at most
+``max_new_tokens`` new tokens (default: the longest gold answer in tokens + 8, capped at 64), and
+compared to the gold answer after normalisation (case, whitespace, trailing punctuation).
+``contains`` also reports how often the normalised gold answer appears inside the prediction as a
+whole word — a model that answers in full sentences scores there before it learns the format.
+Plain-text samples (no prompt) count towards the loss only.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from .data.encoding import IGNORE_INDEX, collate, encode, encode_prompts
+from .data.formats import Sample
+from .errors import UserError
+from .progress import ProgressFn, report
+
+_TRAILING = ".!?,;:。"
+
+
+def normalize_answer(text: str) -> str:
+    """Lowercase, collapse whitespace, strip surrounding quotes and trailing punctuation."""
+    text = " ".join(str(text).lower().split())
+    previous = None
+    while text != previous:
+        previous = text
+        text = text.strip().strip("\"'`")
+        while text and text[-1] in _TRAILING:
+            text = text[:-1].rstrip()
+    return text
+
+
+def exact_match(pred: str, gold: str) -> bool:
+    return normalize_answer(pred) == normalize_answer(gold)
+
+
+def contains_answer(pred: str, gold: str) -> bool:
+    g = normalize_answer(gold)
+    if not g:
+        return False
+    return re.search(r"(?<!\w)" + re.escape(g) + r"(?!\w)", normalize_answer(pred)) is not None
+
+
+@dataclass
+class EvalResult:
+    accuracy: float | None
+    loss: float | None
+    n: int
+    contains: float | None = None
+    n_generated: int = 0
+    examples: list[dict] = field(default_factory=list)
+
+    def to_dict(self, with_examples: bool = False) -> dict:
+        d = asdict(self)
+        if not with_examples:
+            d.pop("examples")
+        return d
+
+
+def _stop_ids(tokenizer) -> list[int]:
+    ids = {tokenizer.eos_token_id}
+    for tok in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|endoftext|>"):
+        tid = tokenizer.convert_tokens_to_ids(tok) if tok in tokenizer.get_vocab() else None
+        if tid is not None:
+            ids.add(tid)
+    return sorted(i for i in ids if i is not None)
+
+
+@torch.no_grad()
+def generate_answers(lm, samples: list[Sample], batch_size: int = 16, max_new_tokens: int = 32,
+                     max_length: int = 512, progress: ProgressFn = None, desc: str = "generate") -> list[str]:
+    """Greedy answers for chat samples, batched with left padding (sorted by length)."""
+    tok, model = lm.tokenizer, lm.model
+    prompts = encode_prompts(samples, tok, max_length=max_length)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    answers = [""] * len(prompts)
+    pad = tok.pad_token_id
+    stops = _stop_ids(tok)
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            width = max(len(prompts[i]) for i in idx)
+            ids = torch.full((len(idx), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(idx), width), dtype=torch.long)
+            for row, i in enumerate(idx):
+                p = prompts[i]
+                ids[row, width - len(p):] = torch.tensor(p, dtype=torch.long)
+                mask[row, width - len(p):] = 1
+            out = model.generate(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device),
+                                 max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                                 pad_token_id=pad, eos_token_id=stops)
+            for row, i in enumerate(idx):
+                answers[i] = tok.decode(out[row, width:], skip_special_tokens=True).strip()
+            report(progress, min(start + batch_size, len(order)), len(order), desc)
+    finally:
+        model.train(was_training)
+    return answers
+
+
+@torch.no_grad()
+def answer_loss(lm, samples: list[Sample], batch_size: int = 16, max_length: int = 256,
+                progress: ProgressFn = None) -> float | None:
+    """Mean cross-entropy over all answer tokens of the samples (token-weighted)."""
+    encoded = encode(samples, lm.tokenizer, max_length=max_length)
+    encoded = sorted(encoded, key=lambda e: len(e["input_ids"]))
+    total, count = 0.0, 0
+    model = lm.model
+    for start in range(0, len(encoded), batch_size):
+        batch = collate(encoded[start:start + batch_size], lm.tokenizer.pad_token_id)
+        batch = {k: v.to(lm.device) for k, v in batch.items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        shift_logits = logits[:, :-1].float()
+        shift_labels = batch["labels"][:, 1:]
+        loss = torch.nn.functional.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]),
+                                                 shift_labels.reshape(-1), ignore_index=IGNORE_INDEX,
+                                                 reduction="sum")
+        total += float(loss)
+        count += int((shift_labels != IGNORE_INDEX).sum())
+        report(progress, min(start + batch_size, len(encoded)), len(encoded), "eval loss")
+    return total / count if count else None
+
+
+def default_max_new_tokens(lm, samples: list[Sample], cap: int = 64) -> int:
+    longest = max((len(lm.tokenizer(s.answer, add_special_tokens=False)["input_ids"]) for s in samples), default=8)
+    return max(1, min(cap, longest + 8))
+
+
+def evaluate(lm, samples: list[Sample], batch_size: int = 16, max_new_tokens: int | None = None,
+             limit: int | None = None, max_length: int = 256, n_examples: int = 5,
+             progress: ProgressFn = None) -> EvalResult:
+    """Exact-match accuracy, contains-accuracy and answer loss of `lm` on `samples`."""
+    samples = list(samples)[:limit] if limit else list(samples)
+    if not samples:
+        raise UserError("the eval set is empty: give an eval file with at least one usable row")
+    chat = [s for s in samples if s.kind != "text"]
+    loss = answer_loss(lm, samples, batch_size=batch_size, max_length=max_length, progress=progress)
+    accuracy = contains = None
+    examples: list[dict] = []
+    if chat:
+        mnt = max_new_tokens or default_max_new_tokens(lm, chat)
+        preds = generate_answers(lm, chat, batch_size=batch_size, max_new_tokens=mnt,
+                                 max_length=max_length, progress=progress)
+        hits = [exact_match(p, s.answer) for p, s in zip(preds, chat)]
+        accuracy = sum(hits) / len(chat)
+        contains = sum(contains_answer(p, s.answer) for p, s in zip(preds, chat)) / len(chat)
+        for s, p, h in list(zip(chat, preds, hits))[:n_examples]:
+            prompt = s.prompt[-1]["content"] if s.prompt else ""
+            examples.append({"index": s.index, "prompt": prompt, "gold": s.answer, "prediction": p, "correct": h})
+    if loss is not None and not math.isfinite(loss):
+        loss = None
+    return EvalResult(accuracy, loss, len(samples), contains, len(chat), examples)

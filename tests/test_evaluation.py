@@ -1,0 +1,60 @@
+import pytest
+
+from p2d.data.loading import load_records
+from p2d.errors import UserError
+from p2d.evaluation import contains_answer, evaluate, exact_match, generate_answers, normalize_answer
+
+
+def test_normalisation():
+    assert normalize_answer("  The   Answer.  ") == "the answer"
+    assert normalize_answer('"42"!') == "42"
+    assert exact_match("Paris.", "paris")
+    assert not exact_match("Paris is nice", "paris")
+    assert contains_answer("The capital is Paris.", "Paris")
+    assert not contains_answer("Parisian food", "Paris")
+    assert not contains_answer("anything", "")
+
+
+def _samples(rows):
+    return load_records(rows).samples
+
+
+def test_evaluate_tiny_model_shapes(tiny_llama):
+    samples = _samples([{"question": f"What is {i}+1?", "answer": str(i + 1)} for i in range(5)]
+                       + [{"text": "just some plain text for the loss"}][:0])
+    res = evaluate(tiny_llama, samples, batch_size=2, max_new_tokens=4, n_examples=3)
+    assert res.n == 5 and res.n_generated == 5
+    assert res.accuracy == 0.0  # a random model does not answer correctly
+    assert res.loss is not None and res.loss > 5  # near log(vocab) for random weights
+    assert len(res.examples) == 3 and {"prompt", "gold", "prediction", "correct"} <= set(res.examples[0])
+    d = res.to_dict()
+    assert {"accuracy", "loss", "n"} <= set(d) and "examples" not in d
+
+
+def test_batched_generation_matches_unbatched(tiny_llama):
+    samples = _samples([{"prompt": "Hi" + " there" * i, "response": "ok"} for i in range(4)])
+    batched = generate_answers(tiny_llama, samples, batch_size=4, max_new_tokens=5)
+    single = [generate_answers(tiny_llama, [s], batch_size=1, max_new_tokens=5)[0] for s in samples]
+    assert batched == single
+
+
+def test_text_only_samples_give_loss_only(tiny_llama):
+    res = evaluate(tiny_llama, _samples([{"text": "hello world, this is plain text"}]), batch_size=1)
+    assert res.accuracy is None and res.loss is not None and res.n == 1
+
+
+def test_empty_eval_set_is_user_error(tiny_llama):
+    with pytest.raises(UserError, match="empty"):
+        evaluate(tiny_llama, [])
+
+
+def test_embedded_model_knows_paris(embedded):
+    samples = _samples([{"question": "What is the capital of France?", "answer": "Paris"}])
+    pred = generate_answers(embedded, samples, max_new_tokens=20)[0]
+    assert "Paris" in pred
+    res = evaluate(embedded, samples, max_new_tokens=20)
+    assert res.contains == 1.0
+    q = "What is the capital of France?"
+    right = evaluate(embedded, _samples([{"question": q, "answer": "The capital of France is Paris."}]), max_new_tokens=1)
+    wrong = evaluate(embedded, _samples([{"question": q, "answer": "The capital of France is Madrid."}]), max_new_tokens=1)
+    assert right.loss < wrong.loss
