@@ -68,11 +68,12 @@ def full_finetune_cost(lm, pool: list[Sample], epochs: float, batch_size: int = 
         raise UserError("cannot estimate full fine-tuning cost on an empty pool")
     model = lm.model
     steps = reference_steps(len(pool), batch_size, epochs)
-    n_timed = steps if mode == "measure" else min(max(1, timed_steps), steps)
+    # estimate: one warm-up step + `timed_steps` timed ones; measure: every reference step, all timed
+    n_runs = steps if mode == "measure" else min(max(1, timed_steps), steps) + 1
     rng = random.Random(seed)
     order = list(range(len(pool)))
     rng.shuffle(order)
-    need = (n_timed + 1) * batch_size
+    need = n_runs * batch_size
     picks = [pool[order[i % len(order)]] for i in range(need)]
     encoded = encode(picks, lm.tokenizer, max_length=max_length)
     if not encoded:
@@ -86,7 +87,7 @@ def full_finetune_cost(lm, pool: list[Sample], epochs: float, batch_size: int = 
     durations: list[float] = []
     try:
         model.train()
-        for i in range(n_timed + 1):
+        for i in range(n_runs):
             if should_stop is not None and should_stop():
                 break
             chunk = [encoded[(i * batch_size + j) % len(encoded)] for j in range(batch_size)]
@@ -100,9 +101,8 @@ def full_finetune_cost(lm, pool: list[Sample], epochs: float, batch_size: int = 
             opt.zero_grad(set_to_none=True)
             if lm.device.type == "cuda":
                 torch.cuda.synchronize()
-            if i > 0:  # step 0 is warm-up (allocations, kernel selection)
-                durations.append(time.perf_counter() - start)
-            report(progress, i + 1, n_timed + 1, "full fine-tuning reference")
+            durations.append(time.perf_counter() - start)
+            report(progress, i + 1, n_runs, "full fine-tuning reference")
     except torch.cuda.OutOfMemoryError as exc:
         raise UserError(f"out of memory timing full fine-tuning at batch size {batch_size}: lower --batch-size "
                         "or --max-length (the reference needs all weights, gradients and AdamW state)") from exc
@@ -115,18 +115,15 @@ def full_finetune_cost(lm, pool: list[Sample], epochs: float, batch_size: int = 
             p.grad = None
             p.requires_grad_(flag)
         model.train(was_training)
-    if not durations:
+    if mode == "measure" and len(durations) == steps:
+        return FullFinetuneCost(sum(durations), "measured", steps, statistics.median(durations), len(durations),
+                                epochs, len(pool), batch_size, n_params, state_bytes)
+    timed = durations[1:]  # step 0 is warm-up (allocations, kernel selection)
+    if not timed:
         raise UserError("full fine-tuning reference was stopped before one step was timed")
-    s_per_step = statistics.median(durations)
-    if mode == "measure" and len(durations) == steps - 1:
-        durations.append(s_per_step)  # the warm-up step is real work too; count it at the median
-        total = sum(durations)
-        used_mode = "measured"
-    else:
-        total = s_per_step * steps
-        used_mode = "estimated"
-    return FullFinetuneCost(total, used_mode, steps, s_per_step, len(durations), epochs, len(pool), batch_size,
-                            n_params, state_bytes)
+    s_per_step = statistics.median(timed)
+    return FullFinetuneCost(s_per_step * steps, "estimated", steps, s_per_step, len(timed), epochs, len(pool),
+                            batch_size, n_params, state_bytes)
 
 
 def aer(t_heads: float, t_select: float, t_train: float, t_full: float) -> dict:
