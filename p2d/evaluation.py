@@ -25,8 +25,9 @@ _TRAILING = ".!?,;:。"
 
 
 def normalize_answer(text: str) -> str:
-    """Lowercase, collapse whitespace, strip surrounding quotes and trailing punctuation."""
-    text = " ".join(str(text).lower().split())
+    """Lowercase, collapse whitespace (and around commas), strip surrounding quotes and trailing
+    punctuation."""
+    text = re.sub(r"\s*,\s*", ", ", " ".join(str(text).lower().split()))
     previous = None
     while text != previous:
         previous = text

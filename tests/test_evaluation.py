@@ -8,6 +8,7 @@ from p2d.evaluation import contains_answer, evaluate, exact_match, generate_answ
 def test_normalisation():
     assert normalize_answer("  The   Answer.  ") == "the answer"
     assert normalize_answer('"42"!') == "42"
+    assert exact_match("7,19, 42", "7, 19, 42")
     assert exact_match("Paris.", "paris")
     assert not exact_match("Paris is nice", "paris")
     assert contains_answer("The capital is Paris.", "Paris")
