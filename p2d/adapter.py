@@ -1,0 +1,443 @@
+"""Head adapter: small trainable deltas on the weight slices of selected attention heads.
+
+"Training query head h of layer l" (NOTES §1, Stage 3) means training
+- q: rows h*d:(h+1)*d of q_proj,
+- k, v: rows g*d:(g+1)*d of k_proj and v_proj, g = geometry.kv_head(h) (GQA/MQA: a kv head shared by
+  several selected query heads is trained once),
+- o: columns h*d:(h+1)*d of o_proj.
+For GPT-2 (fused Conv1D) the same slices are the matching output columns of c_attn and input rows of
+c_proj.
+
+The adapter holds one zero-initialised delta per (layer, projection) covering only those slices and
+adds it with forward hooks, so the base weights are never modified (they get requires_grad=False
+while training), optimizer state exists only for the deltas, and autograd never visits layers below
+the lowest selected layer.  Delta shapes are layout independent ("Linear orientation"):
+q/k/v deltas are [n_rows, hidden] (rows of W in ``y = x @ W.T``), o deltas are [hidden, n_cols].
+
+Supported: the layouts of `p2d.geometry` (split q/k/v/o_proj Linear, GPT-2 Conv1D); any subset of
+the projections q, k, v, o.  Not supported / not trained: biases (Qwen2 q/k/v bias, GPT-2 c_attn /
+c_proj bias stay frozen), norms, MLPs, embeddings; quantised (bitsandbytes) base weights cannot be
+merged into.
+
+Files (PEFT-like names): ``adapter_model.safetensors`` with tensors ``layers.{l}.{q|k|v|o}`` (only
+the trained slices) and ``adapter_config.json`` (base model spec, geometry, heads, projections,
+training settings, P2D version, format version).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import weakref
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from .errors import UserError
+from .geometry import HeadGeometry
+
+PROJECTIONS = ("q", "k", "v", "o")
+ADAPTER_FORMAT = "p2d-head-adapter"
+FORMAT_VERSION = 1
+WEIGHTS_NAME = "adapter_model.safetensors"
+CONFIG_NAME = "adapter_config.json"
+
+_GEOMETRY_KEYS = ("layout", "n_layers", "n_q_heads", "n_kv_heads", "head_dim", "hidden_size")
+
+
+def normalize_heads(heads, geometry: HeadGeometry | None = None) -> list[list[int]]:
+    """Sorted, de-duplicated ``[[layer, head], ...]`` from a list or a HeadScores-like object
+    (anything with ``.selected``).  Checks ranges against ``geometry`` when given (UserError)."""
+    if hasattr(heads, "selected"):
+        heads = heads.selected
+    if heads is None:
+        heads = []
+    out = set()
+    for item in heads:
+        try:
+            layer, head = (int(v) for v in item)
+        except (TypeError, ValueError):
+            raise UserError(f"bad head {item!r}: heads are [layer, head] pairs of integers") from None
+        if geometry is not None:
+            geometry.check_head(layer, head)
+        out.add((layer, head))
+    return [[l, h] for l, h in sorted(out)]
+
+
+def normalize_projections(projections) -> tuple[str, ...]:
+    if isinstance(projections, str):
+        projections = [p for p in projections.replace(",", " ").split() if p]
+    projs = tuple(p for p in PROJECTIONS if p in set(projections))
+    bad = sorted(set(projections) - set(PROJECTIONS))
+    if bad:
+        raise UserError(f"unknown projection(s) {', '.join(map(str, bad))}: choose from q, k, v, o")
+    if not projs:
+        raise UserError("no projection to train: choose at least one of q, k, v, o")
+    return projs
+
+
+def geometry_mismatch(a: HeadGeometry, b: HeadGeometry) -> str | None:
+    """A short description of how two geometries differ, or None if an adapter fits both."""
+    diffs = [f"{k} {getattr(a, k)} vs {getattr(b, k)}" for k in _GEOMETRY_KEYS if getattr(a, k) != getattr(b, k)]
+    return ", ".join(diffs) or None
+
+
+def _describe(g: HeadGeometry) -> str:
+    return (f"{g.architecture} ({g.n_layers} layers x {g.n_q_heads} q heads, {g.n_kv_heads} kv heads, "
+            f"head_dim {g.head_dim}, hidden {g.hidden_size})")
+
+
+def _rows(heads: list[int], d: int, offset: int = 0) -> list[int]:
+    return [offset + h * d + j for h in heads for j in range(d)]
+
+
+class HeadAdapter(nn.Module):
+    """Trainable deltas for the q/k/v/o slices of selected heads (see the module docstring).
+
+    Parameters are named ``"{layer}_{proj}"`` in ``self.deltas`` (a ParameterDict).  The adapter is
+    never registered inside the model: ``model.parameters()`` / ``state_dict()`` stay unchanged.
+    """
+
+    def __init__(self, geometry: HeadGeometry, heads, projections=PROJECTIONS, dtype=torch.float32,
+                 device="cpu"):
+        super().__init__()
+        self.geometry = geometry
+        self.heads = normalize_heads(heads, geometry)
+        if not self.heads:
+            raise UserError("no heads selected: give at least one [layer, head]")
+        self.projections = normalize_projections(projections)
+        g, d = geometry, geometry.head_dim
+        self.deltas = nn.ParameterDict()
+        self._layers: dict[int, dict] = {}
+        for layer in sorted({l for l, _ in self.heads}):
+            q_heads = [h for l, h in self.heads if l == layer]
+            kv_heads = sorted({g.kv_head(h) for h in q_heads})
+            self._layers[layer] = {"q_heads": q_heads, "kv_heads": kv_heads}
+            for p in self.projections:
+                if p == "q":
+                    shape = (len(q_heads) * d, g.hidden_size)
+                elif p in ("k", "v"):
+                    shape = (len(kv_heads) * d, g.hidden_size)
+                else:
+                    shape = (g.hidden_size, len(q_heads) * d)
+                self.deltas[f"{layer}_{p}"] = nn.Parameter(torch.zeros(shape, dtype=dtype, device=device))
+                self.register_buffer(f"_idx_{layer}_{p}", torch.tensor(self.target_indices(layer, p),
+                                                                       dtype=torch.long, device=device),
+                                     persistent=False)
+                if g.layout == "fused" and p != "o":
+                    self.register_buffer(f"_fidx_{layer}_{p}", torch.tensor(self._fused_cols(layer, p),
+                                                                            dtype=torch.long, device=device),
+                                         persistent=False)
+        self._handles: list = []
+        self._model_ref = None
+        self.config: dict = {}  # the adapter_config.json dict when loaded from files
+
+    # -- bookkeeping --------------------------------------------------------------------------
+    @property
+    def layers(self) -> list[int]:
+        return sorted(self._layers)
+
+    def kv_heads(self, layer: int) -> list[int]:
+        """The kv heads whose k/v rows are trained in ``layer`` (deduplicated)."""
+        return list(self._layers[layer]["kv_heads"])
+
+    def target_indices(self, layer: int, proj: str) -> list[int]:
+        """Indices into the base projection covered by the delta, in Linear orientation:
+        q/k/v -> output rows of q_proj/k_proj/v_proj (per-projection numbering, also for GPT-2),
+        o -> input columns of o_proj (GPT-2: input rows of c_proj)."""
+        info, d = self._layers[layer], self.geometry.head_dim
+        if proj in ("q", "o"):
+            return _rows(info["q_heads"], d)
+        return _rows(info["kv_heads"], d)
+
+    def _fused_cols(self, layer: int, proj: str) -> list[int]:
+        """GPT-2 c_attn output columns for q/k/v of this layer."""
+        n = self.geometry.n_q_heads * self.geometry.head_dim
+        offset = {"q": 0, "k": n, "v": 2 * n}[proj]
+        return [offset + i for i in self.target_indices(layer, proj)]
+
+    def delta(self, layer: int, proj: str) -> nn.Parameter:
+        return self.deltas[f"{layer}_{proj}"]
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.deltas.values())
+
+    @property
+    def attached_to(self) -> nn.Module | None:
+        return self._model_ref() if self._model_ref is not None else None
+
+    def _check_model(self, model: nn.Module) -> None:
+        actual = HeadGeometry.from_model(model)
+        diff = geometry_mismatch(self.geometry, actual)
+        if diff:
+            raise UserError(f"adapter was made for {_describe(self.geometry)} but the model is "
+                            f"{_describe(actual)} ({diff}): use the model it was trained on")
+
+    # -- hooks --------------------------------------------------------------------------------
+    def attach(self, model: nn.Module) -> None:
+        """Register forward hooks on ``model``'s projections.  Attaching twice to the same model is
+        a no-op; attaching while attached to another model, or to a model that already carries
+        another P2D adapter, raises RuntimeError.  Moves the adapter to the model's device."""
+        current = self.attached_to
+        if current is model:
+            return
+        if current is not None or self._handles:
+            raise RuntimeError("this HeadAdapter is already attached to another model: detach() it first")
+        other = getattr(model, "_p2d_adapter_ref", None)
+        if other is not None and other() is not None:
+            raise RuntimeError("the model already has another HeadAdapter attached: detach() that one first")
+        self._check_model(model)
+        g = self.geometry
+        dev = next(iter(g.projections(model, self.layers[0]).values())).weight.device
+        if any(p.device != dev for p in self.deltas.values()):
+            self.to(dev)
+        for layer in self.layers:
+            mods = g.projections(model, layer)
+            out_projs = [p for p in self.projections if p != "o"]
+            if g.layout == "split":
+                for p in out_projs:
+                    self._handles.append(mods[p].register_forward_hook(self._out_hook(layer, [p], "_idx")))
+            elif out_projs:
+                self._handles.append(mods["qkv"].register_forward_hook(self._out_hook(layer, out_projs, "_fidx")))
+            if "o" in self.projections:
+                self._handles.append(mods["o"].register_forward_hook(self._o_hook(layer)))
+        self._model_ref = weakref.ref(model)
+        model._p2d_adapter_ref = weakref.ref(self)
+
+    def _out_hook(self, layer: int, projs: list[str], idx_prefix: str):
+        names = [f"{layer}_{p}" for p in projs]
+        idx_names = [f"{idx_prefix}_{layer}_{p}" for p in projs]
+
+        def hook(module, args, output):
+            x = args[0]
+            if len(names) == 1:
+                delta, idx = self.deltas[names[0]], getattr(self, idx_names[0])
+            else:
+                delta = torch.cat([self.deltas[n] for n in names], 0)
+                idx = torch.cat([getattr(self, n) for n in idx_names], 0)
+            return output.index_add(-1, idx, x @ delta.to(x.dtype).T)
+
+        return hook
+
+    def _o_hook(self, layer: int):
+        name, idx_name = f"{layer}_o", f"_idx_{layer}_o"
+
+        def hook(module, args, output):
+            x = args[0]
+            delta = self.deltas[name]
+            return output + x.index_select(-1, getattr(self, idx_name)) @ delta.to(x.dtype).T
+
+        return hook
+
+    def detach(self) -> None:
+        """Remove the hooks: the model computes exactly what it computed before `attach`."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        model = self.attached_to
+        if model is not None and getattr(model, "_p2d_adapter_ref", None) is not None:
+            if model._p2d_adapter_ref() is self:
+                del model._p2d_adapter_ref
+        self._model_ref = None
+
+    # -- merging ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def merge_into(self, model: nn.Module) -> None:
+        """Add the deltas into ``model``'s base weights in place.  If the adapter is attached to
+        ``model`` it is detached first, so nothing is applied twice."""
+        if self.attached_to is model:
+            self.detach()
+        self._check_model(model)
+        g = self.geometry
+        for layer in self.layers:
+            mods = g.projections(model, layer)
+            for p in self.projections:
+                delta = self.delta(layer, p)
+                if g.layout == "split":
+                    w = mods[p].weight
+                    idx = torch.tensor(self.target_indices(layer, p), device=w.device)
+                    if p == "o":
+                        w.index_add_(1, idx, delta.to(device=w.device, dtype=w.dtype))
+                    else:
+                        w.index_add_(0, idx, delta.to(device=w.device, dtype=w.dtype))
+                else:  # GPT-2 Conv1D: weight [in, out]
+                    if p == "o":
+                        w = mods["o"].weight
+                        idx = torch.tensor(self.target_indices(layer, p), device=w.device)
+                        w.index_add_(0, idx, delta.T.to(device=w.device, dtype=w.dtype))
+                    else:
+                        w = mods["qkv"].weight
+                        idx = torch.tensor(self._fused_cols(layer, p), device=w.device)
+                        w.index_add_(1, idx, delta.T.to(device=w.device, dtype=w.dtype))
+
+    def _base_slices(self, model: nn.Module) -> list[tuple[torch.Tensor, int, torch.Tensor, torch.Tensor]]:
+        """(weight, dim, index, copy of the slice) for every slice `merge_into` touches."""
+        g, out = self.geometry, []
+        for layer in self.layers:
+            mods = g.projections(model, layer)
+            for p in self.projections:
+                if g.layout == "split":
+                    w, dim, idx = mods[p].weight, (1 if p == "o" else 0), self.target_indices(layer, p)
+                elif p == "o":
+                    w, dim, idx = mods["o"].weight, 0, self.target_indices(layer, p)
+                else:
+                    w, dim, idx = mods["qkv"].weight, 1, self._fused_cols(layer, p)
+                idx_t = torch.tensor(idx, device=w.device)
+                out.append((w, dim, idx_t, w.detach().index_select(dim, idx_t).clone()))
+        return out
+
+    # -- files --------------------------------------------------------------------------------
+    def save(self, out_dir, base_model: str, training: dict | None = None) -> Path:
+        """Write ``adapter_model.safetensors`` + ``adapter_config.json`` into ``out_dir`` (created;
+        existing adapter files there are replaced).  Returns ``out_dir``."""
+        from safetensors.torch import save_file
+
+        from . import __version__
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        tensors = {f"layers.{l}.{p}": self.delta(l, p).detach().to("cpu").contiguous()
+                   for l in self.layers for p in self.projections}
+        dtype = str(next(iter(tensors.values())).dtype).replace("torch.", "")
+        config = {
+            "format": ADAPTER_FORMAT,
+            "format_version": FORMAT_VERSION,
+            "p2d_version": __version__,
+            "base_model": str(base_model),
+            "geometry": self.geometry.to_dict(),
+            "heads": self.heads,
+            "projections": list(self.projections),
+            "dtype": dtype,
+            "num_params": self.num_params(),
+            "layers": {str(l): {"q_heads": self._layers[l]["q_heads"], "kv_heads": self._layers[l]["kv_heads"]}
+                       for l in self.layers},
+            "training": training or {},
+        }
+        _atomic_write(out / WEIGHTS_NAME, lambda path: save_file(tensors, str(path), metadata={"format": "pt"}))
+        _atomic_write(out / CONFIG_NAME, lambda path: Path(path).write_text(json.dumps(config, indent=2) + "\n"))
+        return out
+
+    @staticmethod
+    def read_config(adapter_dir) -> dict:
+        """The adapter's config dict; UserError when missing or unreadable."""
+        folder = Path(adapter_dir)
+        cfg_path = folder / CONFIG_NAME
+        if not folder.is_dir():
+            raise UserError(f"adapter folder not found: {adapter_dir}")
+        if not cfg_path.is_file():
+            raise UserError(f"{adapter_dir} has no {CONFIG_NAME}: point to a folder written by `p2d train` "
+                            "(its adapter/ subfolder)")
+        try:
+            cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise UserError(f"{cfg_path} is corrupt ({exc}); retrain or restore the file") from None
+        if not isinstance(cfg, dict) or cfg.get("format") != ADAPTER_FORMAT:
+            raise UserError(f"{cfg_path} is not a P2D head adapter config (a PEFT/LoRA adapter?)")
+        if int(cfg.get("format_version", 0)) > FORMAT_VERSION:
+            raise UserError(f"{cfg_path} has adapter format {cfg.get('format_version')}, newer than this P2D "
+                            f"understands ({FORMAT_VERSION}): upgrade p2d")
+        return cfg
+
+    @classmethod
+    def load(cls, adapter_dir, device="cpu", dtype=None) -> "HeadAdapter":
+        """Read an adapter written by `save`.  UserError for missing or corrupt files."""
+        from safetensors.torch import load_file
+
+        cfg = cls.read_config(adapter_dir)
+        weights = Path(adapter_dir) / WEIGHTS_NAME
+        if not weights.is_file():
+            raise UserError(f"{adapter_dir} has no {WEIGHTS_NAME}: the adapter was not saved completely; retrain")
+        try:
+            geometry = HeadGeometry.from_dict(cfg["geometry"])
+            heads, projections = cfg["heads"], cfg["projections"]
+        except (KeyError, TypeError) as exc:
+            raise UserError(f"{Path(adapter_dir) / CONFIG_NAME} is corrupt (missing {exc}); retrain") from None
+        try:
+            tensors = load_file(str(weights))
+        except Exception as exc:  # safetensors raises its own error types
+            raise UserError(f"{weights} is corrupt ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__});"
+                            " retrain or restore the file") from None
+        if dtype is None:
+            dtype = next(iter(tensors.values())).dtype if tensors else torch.float32
+        adapter = cls(geometry, heads, projections, dtype=dtype, device=device)
+        expected = {f"layers.{l}.{p}": adapter.delta(l, p) for l in adapter.layers for p in adapter.projections}
+        if set(tensors) != set(expected):
+            raise UserError(f"{weights} does not match its {CONFIG_NAME} (tensors "
+                            f"{sorted(set(tensors) ^ set(expected))[:4]} differ); retrain")
+        with torch.no_grad():
+            for name, param in expected.items():
+                t = tensors[name]
+                if tuple(t.shape) != tuple(param.shape):
+                    raise UserError(f"{weights}: tensor {name} has shape {tuple(t.shape)}, expected "
+                                    f"{tuple(param.shape)}; the adapter files do not belong together")
+                param.copy_(t.to(dtype=param.dtype, device=param.device))
+        adapter.config = cfg
+        return adapter
+
+
+def _atomic_write(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load_adapter(lm, adapter_dir) -> HeadAdapter:
+    """Load an adapter for the LoadedModel ``lm``, check that its geometry matches, and attach it."""
+    adapter = HeadAdapter.load(adapter_dir, device=lm.device)
+    diff = geometry_mismatch(adapter.geometry, lm.geometry)
+    if diff:
+        base = adapter.config.get("base_model", "?")
+        raise UserError(f"adapter {adapter_dir} was trained on {base!r}, {_describe(adapter.geometry)}, but the "
+                        f"loaded model {lm.spec!r} is {_describe(lm.geometry)} ({diff}): load it with --model {base}")
+    adapter.attach(lm.model)
+    return adapter
+
+
+def merge_and_save(lm, adapter_dir, out_dir) -> Path:
+    """Write ``lm``'s model with the adapter merged in, plus its tokenizer, to ``out_dir``
+    (save_pretrained, safetensors) and a copy of the adapter config as ``p2d_adapter_config.json``.
+
+    ``out_dir`` must not exist or be empty (UserError otherwise).  Written into a temporary folder
+    next to it and renamed at the end, so a failure leaves no half-written model.  ``lm.model`` is
+    left exactly as it was (the touched weight slices are restored bit for bit).
+    """
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"{out_dir} already exists and is not empty: choose a new folder or delete it first")
+    adapter = HeadAdapter.load(adapter_dir, device=lm.device)
+    diff = geometry_mismatch(adapter.geometry, lm.geometry)
+    if diff:
+        raise UserError(f"adapter {adapter_dir} does not fit model {lm.spec!r} ({diff}): merge it into "
+                        f"{adapter.config.get('base_model', 'the model it was trained on')}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.merge-", dir=out.parent))
+    backup = adapter._base_slices(lm.model)
+    try:
+        adapter.merge_into(lm.model)
+        lm.model.save_pretrained(tmp)
+        if lm.tokenizer is not None:
+            lm.tokenizer.save_pretrained(tmp)
+        (tmp / "p2d_adapter_config.json").write_text(json.dumps(adapter.config, indent=2) + "\n")
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f"could not write the merged model to {out_dir}: {exc}") from exc
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        with torch.no_grad():
+            for w, dim, idx, saved in backup:
+                w.index_copy_(dim, idx, saved)
+    return out
