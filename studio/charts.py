@@ -1,0 +1,281 @@
+"""Pure Plotly figure builders for the app (no Gradio, no model: plain numbers in, figures out).
+
+Every builder returns a `plotly.graph_objects.Figure`, including for empty input (a figure with a
+centred "nothing yet" note), so the page never shows a blank or broken plot.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable, Sequence
+
+import plotly.graph_objects as go
+
+TEMPLATE = "plotly_white"
+COLORS = {
+    "heads": "#6366f1",      # indigo
+    "select": "#f59e0b",     # amber
+    "train": "#10b981",      # emerald
+    "projected": "rgba(16,185,129,0.25)",
+    "full": "#ef4444",       # red
+    "pool": "#94a3b8",       # slate
+    "selected": "#6366f1",
+    "random": "#f59e0b",
+    "raw": "rgba(99,102,241,0.35)",
+    "smooth": "#4338ca",
+    "before": "#94a3b8",
+    "after": "#10b981",
+}
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _layout(fig: go.Figure, title: str | None = None, height: int = 360, **kw) -> go.Figure:
+    fig.update_layout(template=TEMPLATE, height=height, margin=dict(l=50, r=20, t=50 if title else 20, b=45),
+                      title=dict(text=title, x=0.01, font=dict(size=15)) if title else None, **kw)
+    return fig
+
+
+def empty_figure(message: str = "Nothing to show yet", height: int = 300) -> go.Figure:
+    """A blank figure with a centred note (used before a stage has run)."""
+    fig = go.Figure()
+    fig.add_annotation(text=message, x=0.5, y=0.5, xref="paper", yref="paper", showarrow=False,
+                       font=dict(size=14, color="#64748b"))
+    fig.update_xaxes(visible=False)
+    fig.update_yaxes(visible=False)
+    return _layout(fig, height=height)
+
+
+# ------------------------------------------------------------------------------------------- heads
+
+
+def head_ranks(scores: Sequence[Sequence[float]]) -> list[list[int | None]]:
+    """Rank of every head (1 = best; NaN scores get None), ties broken by (layer, head)."""
+    flat = [(float(s), l, h) for l, row in enumerate(scores) for h, s in enumerate(row) if _finite(s)]
+    flat.sort(key=lambda t: (-t[0], t[1], t[2]))
+    ranks: list[list[int | None]] = [[None] * len(row) for row in scores]
+    for r, (_, l, h) in enumerate(flat, start=1):
+        ranks[l][h] = r
+    return ranks
+
+
+def heads_heatmap(scores: Sequence[Sequence[float]], selected: Iterable[Sequence[int]] = (),
+                  title: str | None = None) -> go.Figure:
+    """Heatmap of head scores, layers (rows, layer 0 at the bottom) x query heads (columns).
+
+    Selected heads are marked with open squares (trace name "selected heads"); hover shows layer,
+    head, score and rank (1 = highest score).
+    """
+    if not scores or not len(scores[0]):
+        return empty_figure("Run head scoring to see the heatmap")
+    n_layers, n_heads = len(scores), len(scores[0])
+    z = [[float(s) if _finite(s) else None for s in row] for row in scores]
+    ranks = head_ranks(scores)
+    total = n_layers * n_heads
+    custom = [[[ranks[l][h] if ranks[l][h] is not None else "-", total] for h in range(n_heads)]
+              for l in range(n_layers)]
+    fig = go.Figure(go.Heatmap(
+        z=z, x=list(range(n_heads)), y=list(range(n_layers)), customdata=custom, colorscale="Viridis",
+        colorbar=dict(title=dict(text="score"), thickness=12), name="head scores",
+        hovertemplate="layer %{y}, head %{x}<br>score %{z:.4g}<br>rank %{customdata[0]} of %{customdata[1]}"
+                      "<extra></extra>"))
+    sel = [(int(l), int(h)) for l, h in selected]
+    if sel:
+        fig.add_trace(go.Scatter(
+            x=[h for _, h in sel], y=[l for l, _ in sel], mode="markers", name="selected heads", showlegend=True,
+            marker=dict(symbol="square-open", size=max(8, min(22, int(300 / max(n_layers, n_heads)))),
+                        color="#f43f5e", line=dict(width=2.5)),
+            customdata=[[ranks[l][h] if ranks[l][h] is not None else "-",
+                         z[l][h] if z[l][h] is not None else float("nan")] for l, h in sel],
+            hovertemplate="selected: layer %{y}, head %{x}<br>score %{customdata[1]:.4g}<br>rank %{customdata[0]}"
+                          "<extra></extra>"))
+    fig.update_xaxes(title="query head", dtick=1 if n_heads <= 32 else None, showgrid=False, zeroline=False,
+                     range=[-0.5, n_heads - 0.5])
+    fig.update_yaxes(title="layer", dtick=1 if n_layers <= 16 else (2 if n_layers <= 40 else None), showgrid=False,
+                     zeroline=False, range=[-0.5, n_layers - 0.5])
+    height = max(320, min(760, 22 * n_layers + 120))
+    _layout(fig, title or f"Head scores ({n_layers} layers x {n_heads} heads, {len(sel)} selected)", height=height,
+            legend=dict(orientation="h", y=1.02, x=1, xanchor="right", yanchor="bottom"))
+    return fig
+
+
+def heads_per_layer(selected: Iterable[Sequence[int]], n_layers: int, n_heads: int | None = None) -> go.Figure:
+    """Bar chart: number of selected heads in each layer."""
+    sel = [(int(l), int(h)) for l, h in selected]
+    if not sel or n_layers < 1:
+        return empty_figure("Run head scoring to see selected heads per layer", height=260)
+    counts = [0] * n_layers
+    for l, _ in sel:
+        if 0 <= l < n_layers:
+            counts[l] += 1
+    fig = go.Figure(go.Bar(x=list(range(n_layers)), y=counts, marker_color=COLORS["heads"], name="selected heads",
+                           hovertemplate="layer %{x}: %{y} selected<extra></extra>"))
+    fig.update_xaxes(title="layer", dtick=1 if n_layers <= 32 else None)
+    top = max(counts)
+    fig.update_yaxes(title="selected heads", rangemode="tozero", dtick=1 if top <= 6 else None,
+                     range=[0, min(n_heads, top + 1) if n_heads else top + 1])
+    return _layout(fig, "Selected heads per layer", height=260)
+
+
+# -------------------------------------------------------------------------------------------- data
+
+
+def score_histogram(scores: Sequence[float | None], selected: Iterable[int] = (), bins: int = 40) -> go.Figure:
+    """Histogram of pool sample scores, all samples vs the selected ones (overlaid)."""
+    vals = [float(s) for s in scores if _finite(s)]
+    if not vals:
+        return empty_figure("Run data selection to see the score histogram")
+    sel_vals = [float(scores[i]) for i in selected if 0 <= i < len(scores) and _finite(scores[i])]
+    lo, hi = min(vals), max(vals)
+    size = (hi - lo) / bins if hi > lo else 1.0
+    xbins = dict(start=lo, end=hi + size, size=size)
+    counts = [0] * (bins + 1)
+    for v in vals:
+        counts[min(bins, int((v - lo) / size))] += 1
+    fig = go.Figure()
+    fig.add_trace(go.Histogram(x=vals, xbins=xbins, name=f"pool ({len(vals)})", marker_color=COLORS["pool"],
+                               opacity=0.75, hovertemplate="score %{x}<br>%{y} samples<extra>pool</extra>"))
+    if sel_vals:
+        fig.add_trace(go.Histogram(x=sel_vals, xbins=xbins, name=f"selected ({len(sel_vals)})",
+                                   marker_color=COLORS["selected"], opacity=0.85,
+                                   hovertemplate="score %{x}<br>%{y} samples<extra>selected</extra>"))
+        cut = min(sel_vals)
+        fig.add_trace(go.Scatter(x=[cut, cut], y=[0, max(counts) * 1.05], mode="lines", name=f"cut-off {cut:.3g}",
+                                 line=dict(color="#f43f5e", dash="dash", width=2), hoverinfo="skip"))
+    fig.update_layout(barmode="overlay", legend=dict(orientation="h", y=1.02, x=1, xanchor="right", yanchor="bottom"))
+    fig.update_xaxes(title="sample score (higher = more wanted)")
+    fig.update_yaxes(title="samples", rangemode="tozero")
+    return _layout(fig, "Pool sample scores", height=320)
+
+
+def task_mix(groups: dict[str, dict[str, int] | None], title: str = "Task mix") -> go.Figure:
+    """Grouped bars of task shares (%) for several sets, e.g. {"pool": {...}, "selected": {...},
+    "random pick": {...}}. Sets whose counts are None are left out."""
+    groups = {k: v for k, v in groups.items() if v}
+    if not groups:
+        return empty_figure("No task labels in this data", height=300)
+    tasks: list[str] = []
+    for counts in groups.values():
+        for t in counts:
+            if t not in tasks:
+                tasks.append(t)
+    first = next(iter(groups.values()))
+    tasks.sort(key=lambda t: (-first.get(t, 0), t))
+    palette = [COLORS["pool"], COLORS["selected"], COLORS["random"], COLORS["train"], COLORS["full"]]
+    fig = go.Figure()
+    for i, (name, counts) in enumerate(groups.items()):
+        n = sum(counts.values()) or 1
+        fig.add_trace(go.Bar(
+            x=tasks, y=[100.0 * counts.get(t, 0) / n for t in tasks], name=f"{name} (n={sum(counts.values())})",
+            marker_color=palette[i % len(palette)], customdata=[counts.get(t, 0) for t in tasks],
+            hovertemplate="%{x}: %{y:.1f}% (%{customdata} rows)<extra>" + name + "</extra>"))
+    fig.update_layout(barmode="group", legend=dict(orientation="h", y=1.02, x=1, xanchor="right", yanchor="bottom"))
+    fig.update_yaxes(title="share of set (%)", rangemode="tozero")
+    fig.update_xaxes(tickangle=-30 if len(tasks) > 6 else 0)
+    return _layout(fig, title, height=340)
+
+
+# ------------------------------------------------------------------------------------------- train
+
+
+def smooth(values: Sequence[float], beta: float = 0.8) -> list[float]:
+    """Bias-corrected exponential moving average (as TensorBoard's smoothing)."""
+    out, avg = [], 0.0
+    for i, v in enumerate(values, start=1):
+        avg = beta * avg + (1 - beta) * float(v)
+        out.append(avg / (1 - beta ** i))
+    return out
+
+
+def loss_chart(records: Sequence[dict], planned_steps: int | None = None, beta: float = 0.8) -> go.Figure:
+    """Training loss per step from train_log.jsonl records: raw (thin) and smoothed (bold)."""
+    pts = [(int(r["step"]), float(r["loss"])) for r in records if "step" in r and _finite(r.get("loss"))]
+    if not pts:
+        return empty_figure("Start training to see the loss curve", height=320)
+    steps = [s for s, _ in pts]
+    losses = [l for _, l in pts]
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(x=steps, y=losses, mode="lines+markers" if len(pts) < 40 else "lines", name="loss",
+                             line=dict(color=COLORS["raw"], width=1.5), marker=dict(size=4),
+                             hovertemplate="step %{x}<br>loss %{y:.4f}<extra>raw</extra>"))
+    fig.add_trace(go.Scatter(x=steps, y=smooth(losses, beta), mode="lines", name="smoothed",
+                             line=dict(color=COLORS["smooth"], width=3),
+                             hovertemplate="step %{x}<br>smoothed %{y:.4f}<extra></extra>"))
+    last = max(planned_steps or 0, steps[-1])
+    if planned_steps:
+        fig.update_xaxes(range=[0.5, last + 0.5])
+    fig.update_xaxes(title="step", dtick=1 if last <= 15 else None, tickformat="d")
+    fig.update_yaxes(title="answer-token loss")
+    fig.update_layout(legend=dict(orientation="h", y=1.02, x=1, xanchor="right", yanchor="bottom"))
+    return _layout(fig, f"Training loss (step {steps[-1]}{f' of {planned_steps}' if planned_steps else ''}, "
+                        f"last {losses[-1]:.4f})", height=340)
+
+
+def aer_value(t_heads: float, t_select: float, t_train: float, t_full: float | None) -> float | None:
+    """(heads + selection + training time) / full fine-tuning time; None when t_full is unknown."""
+    if not t_full or not _finite(t_full) or t_full <= 0:
+        return None
+    return (t_heads + t_select + t_train) / t_full
+
+
+def aer_chart(t_heads: float = 0.0, t_select: float = 0.0, t_train: float = 0.0, t_full: float | None = None,
+              t_train_left: float = 0.0, full_label: str = "full fine-tuning") -> go.Figure:
+    """Stacked horizontal bars: P2D's head/selection/training time against full fine-tuning time.
+
+    ``t_train_left`` (projected remaining training time) is drawn as a faint segment. The title
+    gives the running AER (so far) and, while training, the projected AER at the end.
+    """
+    t_heads, t_select, t_train = (max(0.0, float(x or 0.0)) for x in (t_heads, t_select, t_train))
+    t_left = max(0.0, float(t_train_left or 0.0))
+    if t_heads + t_select + t_train + t_left == 0 and not t_full:
+        return empty_figure("Stage times and AER appear here", height=260)
+    rows = ["P2D", full_label]
+    fig = go.Figure()
+    for name, value, color in (("head scoring", t_heads, COLORS["heads"]), ("data selection", t_select, COLORS["select"]),
+                               ("head training", t_train, COLORS["train"])):
+        fig.add_trace(go.Bar(y=[rows[0]], x=[value], name=name, orientation="h", marker_color=color,
+                             hovertemplate=f"{name}: %{{x:.1f}} s<extra></extra>"))
+    if t_left > 0:
+        fig.add_trace(go.Bar(y=[rows[0]], x=[t_left], name="training left (projected)", orientation="h",
+                             marker=dict(color=COLORS["projected"], line=dict(color=COLORS["train"], width=1)),
+                             hovertemplate="projected remaining: %{x:.1f} s<extra></extra>"))
+    if t_full:
+        fig.add_trace(go.Bar(y=[rows[1]], x=[t_full], name=full_label, orientation="h", marker_color=COLORS["full"],
+                             hovertemplate=f"{full_label}: %{{x:.1f}} s<extra></extra>"))
+    now = aer_value(t_heads, t_select, t_train, t_full)
+    if now is None:
+        title = "Time per stage (full fine-tuning reference not available yet)"
+    else:
+        title = f"AER {now:.3f} so far (speed-up {1 / now:.1f}x)" if now > 0 else "AER 0"
+        if t_left > 0:
+            end = aer_value(t_heads, t_select, t_train + t_left, t_full)
+            title += f" · projected {end:.3f} ({1 / end:.1f}x)"
+    fig.update_layout(barmode="stack", legend=dict(orientation="h", y=-0.3, x=0, yanchor="top", traceorder="normal"),
+                      yaxis=dict(categoryorder="array", categoryarray=rows[::-1]))
+    fig.update_xaxes(title=dict(text="seconds", standoff=4), rangemode="tozero")
+    fig = _layout(fig, title, height=340)
+    fig.update_layout(margin=dict(b=110))
+    return fig
+
+
+# ----------------------------------------------------------------------------------------- results
+
+
+def eval_chart(before: dict | None, after: dict | None) -> go.Figure:
+    """Grouped bars: exact-match and contains accuracy (%) before vs after training."""
+    if not before and not after:
+        return empty_figure("Evaluation results appear here after training", height=300)
+    metrics = [("accuracy", "exact match"), ("contains", "contains answer")]
+    fig = go.Figure()
+    for name, res, color in (("before", before, COLORS["before"]), ("after", after, COLORS["after"])):
+        if not res:
+            continue
+        ys = [100.0 * res[k] if _finite(res.get(k)) else None for k, _ in metrics]
+        fig.add_trace(go.Bar(x=[label for _, label in metrics], y=ys, name=name, marker_color=color,
+                             text=[f"{y:.0f}%" if y is not None else "n/a" for y in ys], textposition="outside",
+                             hovertemplate="%{x}: %{y:.1f}%<extra>" + name + "</extra>"))
+    fig.update_yaxes(title="accuracy on the eval set (%)", range=[0, 110])
+    fig.update_layout(barmode="group", legend=dict(orientation="h", y=1.02, x=1, xanchor="right", yanchor="bottom"))
+    return _layout(fig, "Accuracy before vs after", height=320)

@@ -1,0 +1,250 @@
+"""The job runner: library calls run here, in one background worker thread, one job at a time.
+
+Why a runner (and not the Gradio event itself): a training run outlives the browser request that
+started it. Jobs stay in a registry, so a reloaded page asks for its workspace's current or latest
+job and resumes showing it; other sessions' jobs wait in a FIFO queue and see their position.
+
+- ``submit(kind, owner, fn)`` queues a job; ``fn(job)`` runs in the worker. A ``UserError`` ends the
+  job as ``failed`` with its message; any other exception too, with the type in the message and the
+  traceback on the server log.
+- ``job.progress(done, total, desc)`` and ``job.should_stop()`` are the library's callbacks.
+- ``stop(job)`` sets the stop flag: a queued job is cancelled, a running one stops after the current
+  step (training keeps the adapter).
+- ``model(...)`` loads models through a small cache shared by all sessions (jobs run one at a time
+  and the library restores a model's weights and flags after every step, so sharing is safe).
+"""
+
+from __future__ import annotations
+
+import itertools
+import secrets
+import sys
+import threading
+import time
+import traceback
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from p2d.errors import UserError
+
+ACTIVE = ("queued", "running")
+FINISHED = ("done", "failed", "stopped")
+
+
+@dataclass
+class Job:
+    """One unit of work (load, heads, select, train, evaluate, merge) owned by a workspace."""
+
+    id: str
+    kind: str
+    owner: str
+    label: str
+    fn: Callable[["Job"], Any] = field(repr=False)
+    status: str = "queued"  # queued, running, done, failed, stopped
+    created: float = field(default_factory=time.time)
+    started: float | None = None
+    finished: float | None = None
+    phase: str = ""
+    done: int = 0
+    total: int = 0
+    desc: str = ""
+    error: str | None = None
+    result: Any = field(default=None, repr=False)
+    stop_event: threading.Event = field(default_factory=threading.Event, repr=False)
+    info: dict = field(default_factory=dict)
+
+    # library callbacks -------------------------------------------------------------------------
+    def progress(self, done: int, total: int, desc: str) -> None:
+        self.done, self.total, self.desc = int(done), int(total), str(desc)
+
+    def should_stop(self) -> bool:
+        return self.stop_event.is_set()
+
+    def set_phase(self, phase: str) -> None:
+        self.phase = phase
+        self.done = self.total = 0
+        self.desc = phase
+
+    # state -------------------------------------------------------------------------------------
+    @property
+    def active(self) -> bool:
+        return self.status in ACTIVE
+
+    @property
+    def stop_requested(self) -> bool:
+        return self.stop_event.is_set()
+
+    def elapsed(self) -> float:
+        if self.started is None:
+            return 0.0
+        return (self.finished or time.time()) - self.started
+
+    def summary(self) -> dict:
+        return {"id": self.id, "kind": self.kind, "label": self.label, "status": self.status, "phase": self.phase,
+                "done": self.done, "total": self.total, "desc": self.desc, "error": self.error,
+                "elapsed_s": round(self.elapsed(), 2), "stop_requested": self.stop_requested, **self.info}
+
+
+class Runner:
+    """A FIFO of jobs executed by one worker thread, with a registry of finished jobs."""
+
+    def __init__(self, max_models: int = 1, keep_finished: int = 200):
+        self._cond = threading.Condition()
+        self._queue: list[Job] = []
+        self._current: Job | None = None
+        self._jobs: OrderedDict[str, Job] = OrderedDict()
+        self._keep = keep_finished
+        self._counter = itertools.count(1)
+        self._models: OrderedDict[tuple, Any] = OrderedDict()
+        self._max_models = max(1, max_models)
+        self._closed = False
+        self._worker = threading.Thread(target=self._loop, name="p2d-studio-runner", daemon=True)
+        self._worker.start()
+
+    # -- queue -----------------------------------------------------------------------------------
+    def submit(self, kind: str, owner: str, fn: Callable[[Job], Any], label: str | None = None) -> Job:
+        """Queue ``fn`` for workspace ``owner``. One active job per workspace (UserError otherwise)."""
+        with self._cond:
+            if self._closed:
+                raise UserError("the app is shutting down")
+            busy = self.active_job(owner)
+            if busy is not None:
+                raise UserError(f"this session already has a {busy.label} job {busy.status}: wait for it or "
+                                "press Stop")
+            job = Job(id=f"{next(self._counter):04d}-{secrets.token_hex(3)}", kind=kind, owner=owner,
+                      label=label or kind, fn=fn)
+            self._jobs[job.id] = job
+            self._queue.append(job)
+            self._trim()
+            self._cond.notify_all()
+            return job
+
+    def _trim(self) -> None:
+        finished = [j for j in self._jobs.values() if not j.active]
+        for j in finished[:max(0, len(finished) - self._keep)]:
+            self._jobs.pop(j.id, None)
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._closed:
+                    self._cond.wait()
+                if self._closed:
+                    return
+                job = self._queue.pop(0)
+                self._current = job
+                if job.stop_event.is_set():  # cancelled while queued
+                    job.status, job.finished = "stopped", time.time()
+                    job.error = "cancelled before it started"
+                    self._current = None
+                    self._cond.notify_all()
+                    continue
+                job.status, job.started = "running", time.time()
+            try:
+                job.result = job.fn(job)
+                status = "stopped" if job.stop_event.is_set() else "done"
+                error = None
+            except UserError as exc:
+                status, error = ("stopped" if job.stop_event.is_set() else "failed"), str(exc)
+            except Exception as exc:  # noqa: BLE001 - a bug: keep the worker alive, log the traceback
+                traceback.print_exc(file=sys.stderr)
+                status, error = "failed", f"internal error ({type(exc).__name__}: {exc}); see the server log"
+            with self._cond:
+                job.status, job.error, job.finished = status, error, time.time()
+                self._current = None
+                self._cond.notify_all()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            for job in self._queue:
+                job.stop_event.set()
+            if self._current is not None:
+                self._current.stop_event.set()
+            self._cond.notify_all()
+
+    # -- queries ---------------------------------------------------------------------------------
+    def get(self, job_id: str | None) -> Job | None:
+        return self._jobs.get(job_id) if job_id else None
+
+    def active_job(self, owner: str) -> Job | None:
+        for job in list(self._jobs.values()):
+            if job.owner == owner and job.active:
+                return job
+        return None
+
+    def latest(self, owner: str | None = None, kind: str | None = None) -> Job | None:
+        for job in reversed(list(self._jobs.values())):
+            if (owner is None or job.owner == owner) and (kind is None or job.kind == kind):
+                return job
+        return None
+
+    def position(self, job: Job) -> int:
+        """0 when running (or finished), else 1 + the number of jobs ahead of it."""
+        with self._cond:
+            if job in self._queue:
+                return self._queue.index(job) + 1 + (1 if self._current is not None else 0)
+            return 0
+
+    def busy(self) -> int:
+        """Number of jobs queued or running (all sessions)."""
+        with self._cond:
+            return len(self._queue) + (1 if self._current is not None else 0)
+
+    def stop(self, job: Job | None) -> bool:
+        if job is None or not job.active:
+            return False
+        job.stop_event.set()
+        return True
+
+    def wait(self, job: Job, timeout: float | None = None) -> bool:
+        """Block until ``job`` has finished; False on timeout."""
+        end = None if timeout is None else time.time() + timeout
+        with self._cond:
+            while job.active:
+                left = None if end is None else end - time.time()
+                if left is not None and left <= 0:
+                    return False
+                self._cond.wait(timeout=min(left, 1.0) if left is not None else 1.0)
+        return True
+
+    def describe(self, job: Job | None) -> str:
+        """One line for the page: queue position, phase/progress, or how it ended."""
+        if job is None:
+            return ""
+        if job.status == "queued":
+            pos = self.position(job)
+            ahead = max(0, pos - 1)
+            return (f"… {job.label}: queued, {ahead} job{'s' if ahead != 1 else ''} ahead "
+                    f"(one job runs at a time; position {pos})")
+        if job.status == "running":
+            what = job.desc or job.phase or job.label
+            if what == "train":
+                what = "step"
+            prog = f" {job.done}/{job.total}" if job.total else ""
+            stop = " · stopping after the current step…" if job.stop_requested else ""
+            return f"▶ {job.label}: {what}{prog} · {job.elapsed():.0f} s{stop}"
+        if job.status == "done":
+            return f"✓ {job.label} done in {job.elapsed():.1f} s"
+        if job.status == "stopped":
+            return f"■ {job.label} stopped after {job.elapsed():.1f} s" + (f" ({job.error})" if job.error else "")
+        return f"✗ {job.label} failed: {job.error}"
+
+    # -- models ----------------------------------------------------------------------------------
+    def model(self, spec: str, device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False):
+        """Load (or reuse) a model; call from inside a job. Keeps at most ``max_models`` loaded."""
+        from p2d.models import load_model
+
+        key = (str(spec), str(device), str(dtype), bool(trust_remote_code))
+        if key in self._models:
+            self._models.move_to_end(key)
+            return self._models[key]
+        while len(self._models) >= self._max_models:
+            self._models.popitem(last=False)
+        lm = load_model(spec, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+        self._models[key] = lm
+        return lm
+
+    def drop_models(self) -> None:
+        self._models.clear()

@@ -1,0 +1,144 @@
+"""Browser test of the app: Playwright (sync API) on Debian's chromium.
+
+Opens the page, walks the tabs on a tiny model and the built-in pool, starts a short run, and checks
+that the heatmap (a Plotly div), the preview table and the loss chart render, that a page reload
+re-attaches to the run, and saves a screenshot of each tab. The screenshot folder is printed
+(``test-artifacts/screenshots/`` at the repository root; override with P2D_SCREENSHOTS).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = "/usr/bin/chromium"
+ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]
+SHOTS = Path(os.environ.get("P2D_SCREENSHOTS") or Path(__file__).resolve().parents[1] / "test-artifacts" / "screenshots")
+
+pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"{CHROMIUM} not installed (apt-get install chromium)")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app_url(tmp_path_factory):
+    from studio.app import build_app
+
+    app = build_app(demo=False, runs_root=tmp_path_factory.mktemp("browser-runs"))
+    _, url, _ = app.launch(prevent_thread_lock=True, server_port=_free_port(), quiet=True)
+    yield url
+    app.close()
+    app.studio.runner.close()
+
+
+def _fill(page, elem_id: str, value) -> None:
+    box = page.locator(f"#{elem_id}").locator("input, textarea").first
+    box.fill(str(value))
+    box.press("Tab")
+
+
+def _plotly(page, elem_id: str, timeout: float = 30_000):
+    loc = page.locator(f"#{elem_id} .js-plotly-plot")
+    loc.first.wait_for(state="visible", timeout=timeout)
+    return loc.first
+
+
+def test_walk_tabs_train_and_reload(app_url, tiny_llama_dir, capsys):
+    from playwright.sync_api import expect, sync_playwright
+
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    with capsys.disabled():
+        print(f"\n[test_app_browser] screenshots: {SHOTS}")
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.set_default_timeout(60_000)
+            page.goto(app_url)
+            expect(page.get_by_text("P2D Studio", exact=False).first).to_be_visible()
+
+            # 1 - model & data: the tiny model, the built-in pool at tiny sizes
+            page.get_by_label("Local folder or .gguf file").check()
+            _fill(page, "model-name", tiny_llama_dir)
+            _fill(page, "pool-size", 40)
+            _fill(page, "probe-size", 8)
+            _fill(page, "eval-size", 8)
+            page.locator("#load-btn").click()
+            expect(page.locator("#md-status")).to_contain_text("Load done", timeout=90_000)
+            expect(page.locator("#data-table")).to_contain_text("pool")
+            _plotly(page, "pool-mix")
+            page.screenshot(path=str(SHOTS / "1-model-data.png"), full_page=True)
+
+            # 2 - heads: heatmap with the selected heads marked
+            page.get_by_role("tab", name="2 · Heads").click()
+            page.locator("#heads-btn").click()
+            expect(page.locator("#heads-status")).to_contain_text("done", timeout=90_000)
+            heat = _plotly(page, "heads-heatmap")
+            expect(heat.locator(".heatmaplayer, .hm image, image").first).to_be_attached()
+            expect(page.locator("#heads-heatmap")).to_contain_text("selected heads")
+            expect(heat.locator(".scatterlayer .point")).to_have_count(2)  # 10% of 16 heads, marked
+            expect(page.locator("#heads-table")).to_contain_text("layer")
+            page.screenshot(path=str(SHOTS / "2-heads.png"), full_page=True)
+
+            # 3 - data: histogram, task mix, preview table, search
+            page.get_by_role("tab", name="3 · Data").click()
+            page.locator("#select-btn").click()
+            expect(page.locator("#data-status")).to_contain_text("done", timeout=90_000)
+            _plotly(page, "score-hist")
+            _plotly(page, "task-mix")
+            expect(page.locator("#preview-table")).to_contain_text("Answer with")
+            page.screenshot(path=str(SHOTS / "3-data.png"), full_page=True)
+
+            # 4 - train a few steps: live loss chart and AER chart
+            page.get_by_role("tab", name="4 · Train").click()
+            _fill(page, "steps", 3)
+            _fill(page, "batch-size", 4)
+            page.locator("#train-btn").click()
+            expect(page.locator("#train-progress")).to_contain_text("Training finished", timeout=120_000)
+            loss = _plotly(page, "loss-chart")
+            expect(loss).to_contain_text("Training loss")
+            _plotly(page, "aer-chart")
+            expect(page.locator("#aer-chart")).to_contain_text("AER")
+            page.screenshot(path=str(SHOTS / "4-train.png"), full_page=True)
+
+            # reload: the page re-attaches to this browser's workspace and redraws the run
+            page.reload()
+            page.get_by_role("tab", name="4 · Train").click()
+            expect(page.locator("#train-progress")).to_contain_text("Training finished", timeout=30_000)
+            expect(_plotly(page, "loss-chart")).to_contain_text("Training loss")
+            page.screenshot(path=str(SHOTS / "4-train-after-reload.png"), full_page=True)
+
+            # 5 - results
+            page.get_by_role("tab", name="5 · Results & export").click()
+            expect(page.locator("#eval-table")).to_contain_text("exact match")
+            expect(page.locator("#results-summary")).to_contain_text("AER")
+            expect(page.locator("#examples-table")).to_contain_text("Answer with")
+            page.screenshot(path=str(SHOTS / "5-results.png"), full_page=True)
+
+            # a longer run: live progress (elapsed/remaining), then Stop keeps the adapter
+            page.get_by_role("tab", name="4 · Train").click()
+            _fill(page, "steps", 400)
+            page.locator("#train-btn").click()
+            expect(page.locator("#train-progress")).to_contain_text("remaining", timeout=60_000)
+            page.wait_for_timeout(1500)
+            page.screenshot(path=str(SHOTS / "4-train-live.png"), full_page=True)
+            page.locator("#stop-btn").click()
+            expect(page.locator("#train-progress")).to_contain_text("Training stopped (adapter kept)", timeout=60_000)
+            expect(page.locator("#train-status")).to_contain_text("stopped")
+
+            # settings: YAML and the equivalent command
+            page.locator("#settings-accordion").get_by_text("Settings file & equivalent command").click()
+            page.locator("#show-command").click()
+            expect(page.locator("#command")).to_contain_text("python -m p2d run", timeout=15_000)
+            page.screenshot(path=str(SHOTS / "6-settings.png"), full_page=False)
+        finally:
+            browser.close()
+    assert (SHOTS / "4-train.png").stat().st_size > 10_000
