@@ -164,11 +164,18 @@ class Run:
         _save_json(self.out / f"eval_{when}.json", res.to_dict(with_examples=True))
         return res
 
-    def full_finetune_reference(self) -> FullFinetuneCost:
+    def trained_epochs(self) -> float:
+        """Epochs over the selected data that training did (or will do, before it ran)."""
         c = self.config
-        tr = self.train_result
         n_sel = max(1, len(self.selection.selected))
-        epochs = tr.steps_done * c.batch_size / n_sel if tr and tr.steps_done else c.epochs
+        tr = self.train_result
+        steps = tr.steps_done if tr and tr.steps_done else self.train_config().planned_steps(n_sel)
+        return steps * c.batch_size / n_sel
+
+    def full_finetune_reference(self, epochs: float | None = None) -> FullFinetuneCost:
+        """Time full fine-tuning on the whole pool for `epochs` (default: the epochs trained)."""
+        c = self.config
+        epochs = self.trained_epochs() if epochs is None else epochs
         self.full = full_finetune_cost(self.lm, self.data.pool.samples, epochs=epochs, batch_size=c.batch_size,
                                        max_length=c.max_length, mode=c.full_ft, seed=c.seed,
                                        progress=self.progress, should_stop=self.should_stop)
