@@ -1,0 +1,453 @@
+"""Stage 1: score every (layer, query head) for how task-specific it is, and keep the top ones.
+
+Methods (NOTES §1):
+
+- ``shift`` (paper-style proxy, as ALPS): a short proxy fine-tune (``proxy_steps`` AdamW steps,
+  ``proxy_lr``, no weight decay, dropout off) of *all* attention projections on the probe set, with
+  everything else frozen; then each query head is scored by the Wasserstein-1 distance between
+  softmax(flattened head weights) before and after. The model's weights are restored bit-identically
+  afterwards (only the attention projections are copied).
+
+  A query head's weight vector is, in this order: its ``q_proj`` rows ``[d, hidden]``, its kv head's
+  ``k_proj`` rows and ``v_proj`` rows (GQA: kv head ``h // (n_q / n_kv)``), and its ``o_proj``
+  columns transposed to ``[d, hidden]``; each block flattened row-major. For GPT-2 the same blocks
+  are cut from the fused ``c_attn`` columns (q, k, v thirds) and ``c_proj`` rows.
+
+  W1 formulation: the one in ALPS's released code ("wasserstein_normalized": scipy's
+  ``wasserstein_distance(x, x, p, q)`` with ``x = linspace(0, 1, N)``), i.e. the two softmax vectors
+  are distributions over the *same index support* placed evenly on [0, 1] in the flattening order
+  above, and ``W1 = sum_i |CDF_p(i) - CDF_q(i)| / (N - 1)``. Computed in float64 (the CDF of ~10^5
+  values near 1/N would drown the signal in float32 rounding). ``extra["update_norm"]`` also holds
+  the cheaper relative update norm ``||W_after - W_before|| / ||W_before||`` per head.
+
+- ``gradient`` (Michel et al. 2019): a gate on each head's output; importance = mean over samples of
+  |dL_i/dgate| (per-sample gates, so it is the per-sample absolute value, one backward per batch),
+  L_i = the sample's mean answer-token loss. With ``contrast=True`` (default) and a pool, the same
+  importance is measured on a seeded sample of the pool (``max(len(probe), 64)`` rows, or the whole
+  pool if smaller) and the score is the *difference of normalised importances*::
+
+      score[l, h] = probe_imp[l, h] / sum(probe_imp) - pool_imp[l, h] / sum(pool_imp)
+
+  so heads every task needs (high on both) do not dominate (NOTES §6). Without a pool (or
+  ``contrast=False``) the score is the normalised probe importance; ``extra["contrast"]`` says which.
+  ``extra`` keeps both raw importance maps so other contrasts can be computed without rerunning.
+
+- ``random``: a seeded control (uniform scores from ``torch.Generator().manual_seed(seed)``).
+
+During scoring every model parameter is frozen (only the proxy run unfreezes the attention
+projections) and the model is in eval mode; previous ``requires_grad`` flags and training mode are
+restored afterwards, also on errors. ``progress(done, total, desc)`` is called as work proceeds;
+``should_stop()`` returning True ends the run early with the scores measured so far and
+``extra["stopped"] = True``.
+
+Not supported: shift with a model held in bf16/fp16 moves weights by less than their resolution for
+small ``proxy_lr`` (most updates round away): use fp32 for ``shift``, or ``gradient``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .data.encoding import collate, encode, iter_batches
+from .data.formats import Sample
+from .errors import UserError
+from .gating import HeadGate, answer_losses
+from .geometry import HeadGeometry
+
+HEAD_METHODS = ("shift", "gradient", "random")
+#: Chosen with bench/select_quality.py (embedded SmolLM2-135M, built-in pool of 400, 10% target, top 10% kept):
+#: contrasted gradient heads gave the best target precision with either selection score on both targets tried
+#: (addition: activation 0.675 / alignment 0.625; units: 0.75 / 0.725), shift heads 0.675 / 0.5 with
+#: alignment but ~0 with activation, random heads 0.575 / 0.5 with alignment and 0 with activation.
+DEFAULT_HEAD_METHOD = "gradient"
+HEADS_FILE = "heads.json"
+
+__all__ = ["HEAD_METHODS", "DEFAULT_HEAD_METHOD", "HeadScores", "select_top", "score_heads",
+           "attention_snapshot", "head_weight_vector", "weight_shift_scores", "w1_index"]
+
+
+# ------------------------------------------------------------------------------------------ result
+
+
+@dataclass
+class HeadScores:
+    """Per-head scores (n_layers x n_q_heads) and the selected heads, best first."""
+
+    method: str
+    ratio: float
+    scores: list[list[float]]
+    selected: list[list[int]]
+    time_s: float
+    model: str
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.scores)
+
+    @property
+    def n_q_heads(self) -> int:
+        return len(self.scores[0]) if self.scores else 0
+
+    def to_dict(self) -> dict:
+        return {"method": self.method, "ratio": self.ratio, "scores": self.scores, "selected": self.selected,
+                "time_s": self.time_s, "model": self.model, "extra": self.extra}
+
+    def save(self, out_dir) -> Path:
+        """Write ``out_dir/heads.json``; returns its path."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        path = out / HEADS_FILE
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(_jsonable(self.to_dict()), indent=1))
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path) -> "HeadScores":
+        """Read a heads.json (``path`` is the file or its folder); UserError if missing or invalid."""
+        p = Path(path).expanduser()
+        if p.is_dir():
+            p = p / HEADS_FILE
+        if not p.is_file():
+            raise UserError(f"heads file not found: {p} (run the heads stage first, or point to its heads.json)")
+        try:
+            d = json.loads(p.read_text())
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise UserError(f"{p} is not a valid heads.json ({exc}); rerun the heads stage") from exc
+        missing = [k for k in ("method", "ratio", "scores", "selected") if not isinstance(d, dict) or k not in d]
+        if missing:
+            raise UserError(f"{p} is not a valid heads.json: missing {', '.join(missing)}; rerun the heads stage")
+        scores, selected = d["scores"], d["selected"]
+        ok = (isinstance(scores, list) and scores and all(isinstance(r, list) and r for r in scores)
+              and len({len(r) for r in scores}) == 1
+              and all(x is None or isinstance(x, (int, float)) for r in scores for x in r)
+              and isinstance(selected, list)
+              and all(isinstance(s, list) and len(s) == 2 and all(isinstance(i, int) for i in s) for s in selected))
+        if not ok:
+            raise UserError(f"{p} is not a valid heads.json: 'scores' must be a layers x heads table of numbers and "
+                            "'selected' a list of [layer, head] pairs; rerun the heads stage")
+        n_l, n_h = len(scores), len(scores[0])
+        bad = [s for s in selected if not (0 <= s[0] < n_l and 0 <= s[1] < n_h)]
+        if bad:
+            raise UserError(f"{p}: selected head {bad[0]} is outside the {n_l} x {n_h} score table")
+        scores = [[float("nan") if x is None else float(x) for x in r] for r in scores]
+        return cls(method=str(d["method"]), ratio=float(d["ratio"]), scores=scores, selected=selected,
+                   time_s=float(d.get("time_s") or 0.0), model=str(d.get("model") or ""), extra=dict(d.get("extra") or {}))
+
+
+def _jsonable(obj):
+    """NaN/inf -> None so the file is strict JSON."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    return obj
+
+
+# ------------------------------------------------------------------------------------------ top-k
+
+
+def check_ratio(ratio: float, what: str = "ratio") -> float:
+    try:
+        r = float(ratio)
+    except (TypeError, ValueError):
+        raise UserError(f"{what} must be a number in (0, 1], got {ratio!r}") from None
+    if not (0.0 < r <= 1.0):
+        raise UserError(f"{what} must be in (0, 1] (e.g. 0.1 for 10%), got {ratio!r}")
+    return r
+
+
+def top_count(n: int, ratio: float) -> int:
+    """round(ratio * n) (halves up), at least 1, at most n."""
+    return max(1, min(n, int(math.floor(ratio * n + 0.5))))
+
+
+def select_top(scores, ratio: float) -> list[list[int]]:
+    """The top ``ratio`` of all query heads as [[layer, head], ...], best first (at least one).
+
+    Ties are broken by (layer, head) ascending; NaN scores rank last.
+    """
+    ratio = check_ratio(ratio)
+    rows = scores.tolist() if isinstance(scores, torch.Tensor) else scores
+    flat = [(float(s), layer, head) for layer, row in enumerate(rows) for head, s in enumerate(row)]
+    if not flat:
+        return []
+
+    flat.sort(key=lambda t: (math.isnan(t[0]), 0.0 if math.isnan(t[0]) else -t[0], t[1], t[2]))
+    return [[layer, head] for _, layer, head in flat[:top_count(len(flat), ratio)]]
+
+
+# ------------------------------------------------------------------------------------- shift maths
+
+
+def _attention_params(model: torch.nn.Module, geometry: HeadGeometry) -> list[tuple[str, torch.nn.Parameter]]:
+    out = []
+    for layer in range(geometry.n_layers):
+        for name, module in geometry.projections(model, layer).items():
+            for pname, p in module.named_parameters(recurse=False):
+                out.append((f"{layer}.{name}.{pname}", p))
+    return out
+
+
+def attention_snapshot(model: torch.nn.Module, geometry: HeadGeometry) -> dict[int, dict[str, torch.Tensor]]:
+    """Copies of every layer's attention projection weights: {layer: {"q","k","v","o"} or {"qkv","o"}}."""
+    with torch.no_grad():
+        return {layer: {name: m.weight.detach().clone() for name, m in geometry.projections(model, layer).items()}
+                for layer in range(geometry.n_layers)}
+
+
+def head_weight_vector(geometry: HeadGeometry, weights: dict[str, torch.Tensor], head: int) -> torch.Tensor:
+    """Flattened weights of one query head (see the module docstring for the order), float64."""
+    d = geometry.head_dim
+    qs = slice(head * d, (head + 1) * d)
+    g = geometry.kv_head(head)
+    ks = slice(g * d, (g + 1) * d)
+    if geometry.layout == "split":
+        parts = [weights["q"][qs], weights["k"][ks], weights["v"][ks], weights["o"][:, qs].T]
+    else:
+        hd = geometry.n_q_heads * d
+        w = weights["qkv"]  # Conv1D [in, 3 * H * d]
+        parts = [w[:, qs].T, w[:, hd + ks.start:hd + ks.stop].T, w[:, 2 * hd + ks.start:2 * hd + ks.stop].T,
+                 weights["o"][qs]]  # c_proj Conv1D [H * d, out]
+    return torch.cat([p.reshape(-1).to(torch.float64) for p in parts])
+
+
+def w1_index(p: torch.Tensor, q: torch.Tensor) -> float:
+    """W1 between two distributions on the same N support points evenly spaced on [0, 1]."""
+    n = p.numel()
+    if n < 2:
+        return 0.0
+    cdf = torch.cumsum(p.to(torch.float64) - q.to(torch.float64), dim=0)
+    return float(cdf[:-1].abs().sum() / (n - 1))
+
+
+def weight_shift_scores(geometry: HeadGeometry, before: dict, after: dict) -> tuple[list[list[float]], list[list[float]]]:
+    """(W1 scores, relative update norms), each n_layers x n_q_heads, from two `attention_snapshot`s
+    (or any {layer: weights} mapping with the same keys)."""
+    w1, rel = [], []
+    for layer in range(geometry.n_layers):
+        row_w1, row_rel = [], []
+        for head in range(geometry.n_q_heads):
+            a = head_weight_vector(geometry, before[layer], head)
+            b = head_weight_vector(geometry, after[layer], head)
+            row_w1.append(w1_index(torch.softmax(a, 0), torch.softmax(b, 0)))
+            row_rel.append(float((b - a).norm() / a.norm().clamp_min(1e-30)))
+        w1.append(row_w1)
+        rel.append(row_rel)
+    return w1, rel
+
+
+# ------------------------------------------------------------------------------------ bookkeeping
+
+
+@contextlib.contextmanager
+def frozen(model: torch.nn.Module):
+    """Freeze every parameter and switch to eval mode; restore flags and mode afterwards."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    training = model.training
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        model.eval()
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        model.train(training)
+
+
+def _batches(lm, samples: list[Sample], batch_size: int, max_length: int, shuffle=False, seed=0):
+    """Encoded, length-bucketed batches (dicts of tensors on the model's device)."""
+    encoded = encode(samples, lm.tokenizer, max_length)
+    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
+    out = []
+    for items in iter_batches(encoded, batch_size, shuffle=shuffle, seed=seed, sort_by_length=True):
+        b = collate(items, pad)
+        out.append({k: v.to(lm.device) for k, v in b.items()} | {"index": [it["index"] for it in items]})
+    return out
+
+
+def _model_inputs(batch: dict) -> dict:
+    return {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
+
+
+def _check_samples(samples, what: str) -> list[Sample]:
+    samples = list(samples or [])
+    if not samples:
+        raise UserError(f"the {what} set is empty: give at least one sample")
+    return samples
+
+
+# ---------------------------------------------------------------------------------------- methods
+
+
+def _score_shift(lm, probe, batch_size, max_length, seed, proxy_steps, proxy_lr, tick, should_stop):
+    model, geo = lm.model, lm.geometry
+    params = _attention_params(model, geo)
+    saved = {name: p.detach().clone() for name, p in params}  # the only copy: attention weights (+ biases)
+    before = {layer: {name: saved[f"{layer}.{name}.weight"] for name in geo.projections(model, layer)}
+              for layer in range(geo.n_layers)}
+    batches = _batches(lm, probe, batch_size, max_length)
+    if not batches:
+        raise UserError("no probe sample has answer tokens within the max length; raise max_length")
+    order_rng = random.Random(seed)
+    steps_done, losses, stopped = 0, [], False
+    try:
+        for _, p in params:
+            p.requires_grad_(True)
+        opt = torch.optim.AdamW([p for _, p in params], lr=proxy_lr, weight_decay=0.0)
+        queue: list[int] = []
+        for step in range(proxy_steps):
+            if should_stop is not None and should_stop():
+                stopped = True
+                break
+            if not queue:
+                queue = list(range(len(batches)))
+                order_rng.shuffle(queue)
+            batch = batches[queue.pop()]
+            with torch.enable_grad():
+                loss = answer_losses(model, _model_inputs(batch)).mean()
+                loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(float(loss.detach()))
+            steps_done += 1
+            tick(f"proxy step {steps_done}/{proxy_steps}, loss {losses[-1]:.3f}")
+        del opt
+        with torch.no_grad():
+            after = {layer: {name: m.weight.detach() for name, m in geo.projections(model, layer).items()}
+                     for layer in range(geo.n_layers)}
+            scores, rel = weight_shift_scores(geo, before, after)
+    finally:
+        with torch.no_grad():
+            for name, p in params:
+                p.grad = None
+                p.copy_(saved[name])
+                p.requires_grad_(False)
+    extra = {"proxy_steps": steps_done, "proxy_steps_requested": proxy_steps, "proxy_lr": proxy_lr,
+             "proxy_loss_first": losses[0] if losses else None, "proxy_loss_last": losses[-1] if losses else None,
+             "optimizer": "AdamW(weight_decay=0)", "distance": "W1, index support on [0,1] (ALPS)",
+             "update_norm": rel}
+    return scores, extra, stopped
+
+
+def gate_importance(lm, batches, tick=None, should_stop=None, layers=None) -> tuple[torch.Tensor, int, bool]:
+    """Sum over samples of |dL_i/dgate| per head ([n_layers, n_q], float64), samples seen, stopped."""
+    model, geo = lm.model, lm.geometry
+    layers = list(range(geo.n_layers)) if layers is None else list(layers)
+    total = torch.zeros(geo.n_layers, geo.n_q_heads, dtype=torch.float64)
+    seen = 0
+    with torch.enable_grad(), HeadGate(model, geo, layers=layers) as gate:
+        for batch in batches:
+            if should_stop is not None and should_stop():
+                return total, seen, True
+            n = batch["input_ids"].shape[0]
+            gates = {layer: torch.ones(n, geo.n_q_heads, device=lm.device, dtype=torch.float32, requires_grad=True)
+                     for layer in layers}
+            for layer, g in gates.items():
+                gate.set_gate(layer, g)
+            loss = answer_losses(model, _model_inputs(batch)).sum()
+            grads = torch.autograd.grad(loss, [gates[layer] for layer in layers], allow_unused=True)
+            for layer, gr in zip(layers, grads):
+                if gr is not None:
+                    total[layer] += gr.detach().abs().sum(0).double().cpu()
+            gate.clear_gates()
+            seen += n
+            if tick is not None:
+                tick(f"gate gradients: {seen} samples")
+    return total, seen, False
+
+
+def _score_gradient(lm, probe, pool, contrast, batch_size, max_length, seed, tick, should_stop):
+    probe_batches = _batches(lm, probe, batch_size, max_length)
+    if not probe_batches:
+        raise UserError("no probe sample has answer tokens within the max length; raise max_length")
+    pool_sample: list[Sample] = []
+    if contrast and pool:
+        n = min(len(pool), max(len(probe), 64))
+        pool_sample = [pool[i] for i in sorted(random.Random(seed).sample(range(len(pool)), n))]
+    pool_batches = _batches(lm, pool_sample, batch_size, max_length) if pool_sample else []
+    tick.total = len(probe_batches) + len(pool_batches)
+    probe_imp, n_probe, stopped = gate_importance(lm, probe_batches, tick, should_stop)
+    pool_imp, n_pool = None, 0
+    if pool_batches and not stopped:
+        pool_imp, n_pool, stopped = gate_importance(lm, pool_batches, tick, should_stop)
+    probe_mean = probe_imp / max(n_probe, 1)
+    probe_share = probe_mean / probe_mean.sum().clamp_min(1e-30)
+    if pool_imp is not None and n_pool > 0:
+        pool_mean = pool_imp / n_pool
+        scores = probe_share - pool_mean / pool_mean.sum().clamp_min(1e-30)
+        mode = "difference of normalised importances (probe - pool)"
+    else:
+        pool_mean = None
+        scores = probe_share
+        mode = "none (no pool given)" if contrast and not pool else "none"
+    extra = {"contrast": mode, "probe_samples": n_probe, "pool_samples": n_pool,
+             "probe_importance": probe_mean.tolist(),
+             "pool_importance": pool_mean.tolist() if pool_mean is not None else None}
+    return scores.tolist(), extra, stopped
+
+
+class _Tick:
+    """Counts work units and forwards them to a progress callback."""
+
+    def __init__(self, progress, total: int):
+        self.progress, self.total, self.done = progress, total, 0
+
+    def __call__(self, desc: str) -> None:
+        self.done += 1
+        if self.progress is not None:
+            self.progress(self.done, max(self.total, self.done), desc)
+
+
+def score_heads(lm, probe: list[Sample], method: str = DEFAULT_HEAD_METHOD, ratio: float = 0.1,
+                pool: list[Sample] | None = None, seed: int = 0, batch_size: int = 8, max_length: int = 256,
+                proxy_steps: int = 20, proxy_lr: float = 1e-4, contrast: bool = True,
+                progress=None, should_stop=None) -> HeadScores:
+    """Score every query head of ``lm`` (a `p2d.models.LoadedModel`) and keep the top ``ratio``.
+
+    See the module docstring for the methods. ``pool`` is only used by ``gradient`` (contrast).
+    """
+    if method not in HEAD_METHODS:
+        raise UserError(f"unknown head method {method!r}: use one of {', '.join(HEAD_METHODS)}")
+    ratio = check_ratio(ratio, "head ratio")
+    if batch_size < 1:
+        raise UserError(f"batch size must be at least 1 (got {batch_size})")
+    geo: HeadGeometry = lm.geometry
+    start = time.perf_counter()
+    stopped = False
+    if method == "random":
+        gen = torch.Generator().manual_seed(int(seed))
+        scores = torch.rand(geo.n_layers, geo.n_q_heads, generator=gen, dtype=torch.float64).tolist()
+        extra: dict = {"seed": seed}
+        if progress is not None:
+            progress(1, 1, "random head scores")
+    else:
+        probe = _check_samples(probe, "probe")
+        with frozen(lm.model):
+            if method == "shift":
+                if proxy_steps < 1:
+                    raise UserError(f"proxy steps must be at least 1 (got {proxy_steps})")
+                tick = _Tick(progress, proxy_steps)
+                scores, extra, stopped = _score_shift(lm, probe, batch_size, max_length, seed, proxy_steps,
+                                                      proxy_lr, tick, should_stop)
+            else:
+                tick = _Tick(progress, 0)
+                scores, extra, stopped = _score_gradient(lm, probe, pool, contrast, batch_size, max_length, seed,
+                                                         tick, should_stop)
+        extra["probe_size"] = len(probe)
+    extra["stopped"] = stopped
+    extra["geometry"] = geo.to_dict()
+    return HeadScores(method=method, ratio=ratio, scores=scores, selected=select_top(scores, ratio),
+                      time_s=round(time.perf_counter() - start, 3), model=str(lm.spec), extra=extra)

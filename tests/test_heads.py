@@ -1,0 +1,211 @@
+"""Stage 1 head scoring on tiny models."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from p2d.data.loading import load_records
+from p2d.errors import UserError
+from p2d.heads import (HEAD_METHODS, HeadScores, attention_snapshot, score_heads, select_top, w1_index,
+                       weight_shift_scores)
+
+ROWS_A = [{"instruction": f"Add {a} and {b}.", "output": str(a + b), "task": "addition"}
+          for a, b in [(12, 7), (30, 45), (8, 91), (23, 23), (5, 60), (77, 11)]]
+ROWS_B = [{"instruction": f"What is the capital of {c}?", "output": cap, "task": "capitals"}
+          for c, cap in [("France", "Paris"), ("Peru", "Lima"), ("Japan", "Tokyo"), ("Chad", "N'Djamena")]]
+
+
+@pytest.fixture(scope="module")
+def probe():
+    return load_records(ROWS_A).samples
+
+
+@pytest.fixture(scope="module")
+def pool():
+    return load_records(ROWS_A[:3] + ROWS_B).samples
+
+
+def _state(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("method", HEAD_METHODS)
+def test_methods_shape_ratio_and_restore(tiny_llama, probe, pool, method):
+    lm = tiny_llama
+    lm.model.lm_head.weight.requires_grad_(True)
+    flags = {n: p.requires_grad for n, p in lm.model.named_parameters()}
+    flags["model.layers.0.mlp.up_proj.weight"] = False
+    lm.model.model.layers[0].mlp.up_proj.weight.requires_grad_(False)
+    lm.model.train()
+    before = _state(lm.model)
+    hs = score_heads(lm, probe, method, ratio=0.25, pool=pool, batch_size=4, proxy_steps=2, proxy_lr=1e-3)
+    assert hs.method == method and hs.ratio == 0.25
+    assert len(hs.scores) == 4 and all(len(r) == 4 for r in hs.scores)
+    assert all(math.isfinite(x) for r in hs.scores for x in r)
+    assert len(hs.selected) == 4  # 25% of 16
+    flat = sorted(((hs.scores[l][h], l, h) for l in range(4) for h in range(4)), key=lambda t: (-t[0], t[1], t[2]))
+    assert hs.selected == [[l, h] for _, l, h in flat[:4]]
+    # weights bit-identical, flags and mode restored
+    after = lm.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert {n: p.requires_grad for n, p in lm.model.named_parameters()} == flags
+    assert lm.model.training
+    assert all(p.grad is None for p in lm.model.parameters())
+    assert hs.extra["stopped"] is False
+
+
+def test_ratio_to_count_and_tiebreak():
+    scores = [[0.0] * 4 for _ in range(3)]
+    assert select_top(scores, 0.01) == [[0, 0]]  # at least one
+    assert select_top(scores, 0.25) == [[0, 0], [0, 1], [0, 2]]  # 12 * .25 = 3, ties by (layer, head)
+    assert len(select_top(scores, 1.0)) == 12
+    s = [[0.1, float("nan")], [0.5, 0.3]]
+    assert select_top(s, 1.0) == [[1, 0], [1, 1], [0, 0], [0, 1]]
+    with pytest.raises(UserError):
+        select_top(scores, 0.0)
+    with pytest.raises(UserError):
+        select_top(scores, 1.5)
+
+
+def test_random_reproducible_by_seed(tiny_llama, probe):
+    a = score_heads(tiny_llama, probe, "random", seed=3)
+    b = score_heads(tiny_llama, probe, "random", seed=3)
+    c = score_heads(tiny_llama, probe, "random", seed=4)
+    assert a.scores == b.scores and a.selected == b.selected
+    assert a.scores != c.scores
+
+
+def test_shift_restores_weights_bit_identically(tiny_llama, probe):
+    lm = tiny_llama
+    before = _state(lm.model)
+    hs = score_heads(lm, probe, "shift", proxy_steps=3, proxy_lr=1e-2, batch_size=2)
+    assert hs.extra["proxy_steps"] == 3
+    assert max(max(r) for r in hs.scores) > 0  # something moved during the proxy run
+    after = lm.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_shift_restores_weights_on_error(tiny_llama, probe):
+    lm = tiny_llama
+    before = _state(lm.model)
+    calls = []
+
+    def boom(done, total, desc):
+        calls.append(done)
+        if done == 2:
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        score_heads(lm, probe, "shift", proxy_steps=5, proxy_lr=1e-2, batch_size=2, progress=boom)
+    after = lm.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not any(p.requires_grad is False for p in lm.model.parameters())  # flags back to trainable
+
+
+def test_shift_gqa_uses_kv_head(tiny_llama):
+    lm = tiny_llama
+    g = lm.geometry
+    assert g.n_q_heads == 4 and g.n_kv_heads == 2
+    before = attention_snapshot(lm.model, g)
+    after = {layer: {k: v.clone() for k, v in w.items()} for layer, w in before.items()}
+    d = g.head_dim
+    after[2]["k"][1 * d:2 * d] += 0.5  # only kv head 1's k rows in layer 2
+    w1, rel = weight_shift_scores(g, before, after)
+    for layer in range(g.n_layers):
+        for head in range(g.n_q_heads):
+            moved = layer == 2 and head in (2, 3)
+            assert (w1[layer][head] > 0) == moved, (layer, head, w1[layer][head])
+            assert (rel[layer][head] > 0) == moved
+    # and the q rows of query head 1 only move query head 1
+    after = {layer: {k: v.clone() for k, v in w.items()} for layer, w in before.items()}
+    after[0]["q"][1 * d:2 * d] += 0.5
+    w1, _ = weight_shift_scores(g, before, after)
+    assert [h for h in range(4) if w1[0][h] > 0] == [1]
+
+
+def test_shift_fused_gpt2_columns(tiny_gpt2, probe):
+    lm = tiny_gpt2
+    g = lm.geometry
+    before = attention_snapshot(lm.model, g)
+    after = {layer: {k: v.clone() for k, v in w.items()} for layer, w in before.items()}
+    d, hd = g.head_dim, g.n_q_heads * g.head_dim
+    after[1]["qkv"][:, 2 * hd + 3 * d:2 * hd + 4 * d] += 0.5  # v columns of head 3
+    after[0]["o"][0:d] += 0.5  # c_proj rows of head 0
+    w1, _ = weight_shift_scores(g, before, after)
+    moved = {(l, h) for l in range(g.n_layers) for h in range(g.n_q_heads) if w1[l][h] > 0}
+    assert moved == {(1, 3), (0, 0)}
+    state = _state(lm.model)
+    hs = score_heads(lm, probe, "shift", proxy_steps=2, proxy_lr=1e-2, batch_size=3)
+    assert len(hs.scores) == 3 and all(len(r) == 4 for r in hs.scores)
+    assert all(torch.equal(state[k], v) for k, v in lm.model.state_dict().items())
+
+
+def test_w1_index_matches_cdf_definition():
+    p = torch.tensor([0.5, 0.5, 0.0])
+    q = torch.tensor([0.0, 0.5, 0.5])
+    # support 0, .5, 1: all mass moves by 0.5 -> W1 = 0.5
+    assert w1_index(p, q) == pytest.approx(0.5)
+    assert w1_index(p, p) == 0.0
+
+
+def test_gradient_contrast_and_no_pool(tiny_llama, probe, pool):
+    with_pool = score_heads(tiny_llama, probe, "gradient", pool=pool, batch_size=4)
+    assert with_pool.extra["contrast"].startswith("difference")
+    assert with_pool.extra["pool_samples"] == len(pool)
+    assert abs(sum(map(sum, with_pool.scores))) < 1e-6  # difference of two shares sums to 0
+    alone = score_heads(tiny_llama, probe, "gradient", pool=None, batch_size=4)
+    assert alone.extra["contrast"].startswith("none") and alone.extra["pool_importance"] is None
+    assert sum(map(sum, alone.scores)) == pytest.approx(1.0)
+    off = score_heads(tiny_llama, probe, "gradient", pool=pool, contrast=False, batch_size=4)
+    assert sum(off.scores, []) == pytest.approx(sum(alone.scores, []))
+
+
+def test_should_stop_returns_partial(tiny_llama, probe, pool):
+    calls = {"n": 0}
+
+    def stop():
+        calls["n"] += 1
+        return calls["n"] > 1
+    hs = score_heads(tiny_llama, probe, "gradient", pool=pool, batch_size=2, should_stop=stop)
+    assert hs.extra["stopped"] is True
+    assert hs.extra["probe_samples"] == 2
+    seen = []
+    hs = score_heads(tiny_llama, probe, "shift", proxy_steps=4, batch_size=2,
+                     progress=lambda d, t, s: seen.append((d, t)), should_stop=lambda: len(seen) >= 2)
+    assert hs.extra["stopped"] and hs.extra["proxy_steps"] == 2 and seen == [(1, 4), (2, 4)]
+
+
+def test_save_load_round_trip(tiny_llama, probe, tmp_path):
+    hs = score_heads(tiny_llama, probe, "random", ratio=0.2, seed=1)
+    path = hs.save(tmp_path / "run")
+    assert path.name == "heads.json"
+    d = json.loads(path.read_text())
+    assert {"method", "ratio", "scores", "selected", "time_s", "model"} <= set(d)
+    back = HeadScores.load(tmp_path / "run")
+    assert back.scores == hs.scores and back.selected == hs.selected and back.method == "random"
+    assert HeadScores.load(path).ratio == 0.2
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        HeadScores.load(tmp_path)
+    (tmp_path / "heads.json").write_text("{not json")
+    with pytest.raises(UserError, match="not a valid"):
+        HeadScores.load(tmp_path)
+    (tmp_path / "heads.json").write_text(json.dumps({"method": "x", "ratio": 0.1, "scores": [[1.0]]}))
+    with pytest.raises(UserError, match="selected"):
+        HeadScores.load(tmp_path)
+    (tmp_path / "heads.json").write_text(json.dumps({"method": "x", "ratio": 0.1, "scores": [[1.0]],
+                                                     "selected": [[0, 5]]}))
+    with pytest.raises(UserError, match="outside"):
+        HeadScores.load(tmp_path)
+
+
+def test_bad_arguments(tiny_llama, probe):
+    with pytest.raises(UserError):
+        score_heads(tiny_llama, probe, "nope")
+    with pytest.raises(UserError):
+        score_heads(tiny_llama, [], "gradient")
+    with pytest.raises(UserError):
+        score_heads(tiny_llama, probe, "gradient", ratio=0)

@@ -1,0 +1,177 @@
+"""Stage 2 data selection on tiny models, plus one quick run on the embedded model."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from p2d.data.loading import load_records
+from p2d.errors import UserError
+from p2d.heads import HeadScores, score_heads
+from p2d.selection import SELECT_METHODS, Selection, select_data
+
+ROWS = (
+    [{"instruction": f"Add {a} and {b}.", "output": str(a + b), "task": "addition", "id": f"a{a}"}
+     for a, b in [(12, 7), (30, 45), (8, 91), (23, 23), (5, 60)]]
+    + [{"instruction": f"What is the capital of {c}?", "output": cap, "task": "capitals", "id": c}
+       for c, cap in [("France", "Paris"), ("Peru", "Lima"), ("Japan", "Tokyo"), ("Chad", "N'Djamena"),
+                      ("Italy", "Rome")]]
+)
+PROBE = [{"instruction": f"Add {a} and {b}.", "output": str(a + b)} for a, b in [(40, 2), (13, 13), (70, 21)]]
+HEADS = [[1, 0], [3, 2], [3, 3]]
+
+
+@pytest.fixture(scope="module")
+def pool():
+    return load_records(ROWS).samples
+
+
+@pytest.fixture(scope="module")
+def probe():
+    return load_records(PROBE).samples
+
+
+@pytest.mark.parametrize("method", SELECT_METHODS)
+def test_each_method_scores_every_sample(tiny_llama, pool, probe, method):
+    before = {k: v.clone() for k, v in tiny_llama.model.state_dict().items()}
+    sel = select_data(tiny_llama, HEADS, pool, method, ratio=0.3, probe=probe, batch_size=4)
+    assert sel.method == method and sel.n_pool == len(pool) == len(sel.scores)
+    assert all(math.isfinite(s) for s in sel.scores)
+    assert sel.n_selected == len(sel.selected) == 3  # round(0.3 * 10)
+    ranked = sorted(range(len(pool)), key=lambda i: (-sel.scores[i], i))
+    assert sel.selected == ranked[:3]
+    assert all(torch.equal(before[k], v) for k, v in tiny_llama.model.state_dict().items())
+    assert all(p.requires_grad for p in tiny_llama.model.parameters())
+
+
+def test_scores_independent_of_batching(tiny_llama, pool, probe):
+    for method in ("ablation", "alignment", "activation"):
+        a = select_data(tiny_llama, HEADS, pool, method, probe=probe, batch_size=1)
+        b = select_data(tiny_llama, HEADS, pool, method, probe=probe, batch_size=5)
+        assert a.scores == pytest.approx(b.scores, abs=1e-4), method
+
+
+def test_ablation_of_unused_heads_is_zero(tiny_llama, pool):
+    # zeroing every head's o_proj columns makes gating them a no-op -> score 0
+    lm = tiny_llama
+    with torch.no_grad():
+        lm.geometry.output_projection(lm.model, 3).weight[:, 2 * 16:4 * 16] = 0
+    sel = select_data(lm, [[3, 2], [3, 3]], pool, "ablation", ratio=0.5)
+    assert all(abs(s) < 1e-6 for s in sel.scores)
+
+
+def test_at_least_one_and_headscores_input(tiny_llama, pool, probe):
+    hs = score_heads(tiny_llama, probe, "random", ratio=0.2, seed=0)
+    sel = select_data(tiny_llama, hs, pool, "activation", ratio=0.01)
+    assert sel.n_selected == 1
+    assert sel.extra["head_method"] == "random" and sel.extra["heads"] == sorted(hs.selected)
+
+
+def test_alignment_needs_probe(tiny_llama, pool):
+    with pytest.raises(UserError, match="probe"):
+        select_data(tiny_llama, HEADS, pool, "alignment", probe=None)
+
+
+def test_bad_inputs(tiny_llama, pool):
+    with pytest.raises(UserError):
+        select_data(tiny_llama, HEADS, pool, "nope")
+    with pytest.raises(UserError):
+        select_data(tiny_llama, [[9, 0]], pool, "ablation")
+    with pytest.raises(UserError):
+        select_data(tiny_llama, [], pool, "ablation")
+    with pytest.raises(UserError):
+        select_data(tiny_llama, HEADS, [], "ablation")
+    with pytest.raises(UserError):
+        select_data(tiny_llama, HEADS, pool, "random", ratio=2)
+
+
+def test_random_reproducible(tiny_llama, pool):
+    a = select_data(tiny_llama, HEADS, pool, "random", seed=5)
+    b = select_data(tiny_llama, HEADS, pool, "random", seed=5)
+    c = select_data(tiny_llama, HEADS, pool, "random", seed=6)
+    assert a.scores == b.scores and a.selected == b.selected
+    assert a.scores != c.scores
+
+
+def test_should_stop_partial(tiny_llama, pool):
+    calls = []
+    sel = select_data(tiny_llama, HEADS, pool, "ablation", ratio=1.0, batch_size=4,
+                      should_stop=lambda: len(calls) >= 1, progress=lambda d, t, s: calls.append((d, t)))
+    assert sel.extra["stopped"] is True
+    assert sum(math.isfinite(s) for s in sel.scores) == 4
+    assert sel.n_selected == 4 and all(math.isfinite(sel.scores[i]) for i in sel.selected)
+    assert calls == [(1, 3)]
+
+
+def test_save_writes_three_files(tiny_llama, pool, tmp_path):
+    sel = select_data(tiny_llama, HEADS, pool, "ablation", ratio=0.3)
+    paths = sel.save(tmp_path / "sel", pool)
+    assert set(paths) == {"selected", "scores", "selection"}
+    rows = [json.loads(x) for x in paths["selected"].read_text().splitlines()]
+    assert len(rows) == 3
+    for pos, row in zip(sel.selected, rows):
+        assert {k: v for k, v in row.items() if k != "p2d_score"} == pool[pos].row
+        assert row["p2d_score"] == pytest.approx(sel.scores[pos])
+    scores = [json.loads(x) for x in paths["scores"].read_text().splitlines()]
+    assert len(scores) == len(pool)
+    assert all(set(s) == {"index", "score", "task"} for s in scores)
+    assert [s["index"] for s in scores] == [p.index for p in pool]
+    summary = json.loads(paths["selection"].read_text())
+    for key in ("method", "ratio", "n_pool", "n_selected", "time_s", "task_counts", "pool_task_counts"):
+        assert key in summary
+    assert sum(summary["task_counts"].values()) == 3
+    assert summary["pool_task_counts"] == {"addition": 5, "capitals": 5}
+    assert sel.task_counts(pool) == summary["task_counts"]
+
+
+def test_no_labels(tiny_llama, probe, tmp_path):
+    unlabeled = load_records([{"prompt": f"Say {w}.", "response": w} for w in ("yes", "no", "maybe")]).samples
+    sel = select_data(tiny_llama, HEADS, unlabeled, "random", ratio=0.5)
+    assert sel.task_counts(unlabeled) is None
+    summary = json.loads(sel.save(tmp_path, unlabeled)["selection"].read_text())
+    assert "task_counts" not in summary and "pool_task_counts" not in summary
+
+
+def test_gpt2_selection(tiny_gpt2, pool, probe):
+    for method in ("ablation", "alignment", "activation"):
+        sel = select_data(tiny_gpt2, [[0, 1], [2, 3]], pool, method, ratio=0.2, probe=probe)
+        assert sel.n_selected == 2 and all(math.isfinite(s) for s in sel.scores)
+
+
+def test_embedded_end_to_end(embedded, tmp_path):
+    """Real SmolLM2 on a 24-row pool: contrasted gradient heads -> activation selection.
+
+    About 10 s on an idle 2-core CPU (4 gate-gradient batches + 3 truncated forwards).
+    """
+    from p2d.data.builtin import build_task_pool
+
+    tp = build_task_pool(target="addition", pool_size=24, target_share=0.25, probe_size=8, eval_size=0,
+                         tasks=["addition", "capitals", "dates", "sentiment"])
+    pool = load_records(tp.pool).samples
+    probe = load_records(tp.probe).samples
+    state = {k: v.clone() for k, v in list(embedded.model.state_dict().items())[:20]}
+    flags = [p.requires_grad for p in embedded.model.parameters()]
+    hs = score_heads(embedded, probe, "gradient", ratio=0.1, pool=pool, batch_size=8, max_length=96)
+    assert len(hs.scores) == 30 and all(len(r) == 9 for r in hs.scores) and len(hs.selected) == 27
+    assert hs.extra["pool_samples"] == 24
+    sel = select_data(embedded, hs, pool, "activation", ratio=0.25, batch_size=8, max_length=96)
+    assert sel.n_selected == 6 and all(math.isfinite(s) for s in sel.scores)
+    sel.save(tmp_path, pool)
+    hs.save(tmp_path)
+    assert HeadScores.load(tmp_path).selected == hs.selected
+    assert sum(sel.task_counts(pool).values()) == 6
+    after = embedded.model.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in state.items())
+    assert [p.requires_grad for p in embedded.model.parameters()] == flags
+    assert isinstance(sel, Selection)
+
+
+def test_gradient_scores_work_under_no_grad(tiny_llama, pool, probe):
+    ref = select_data(tiny_llama, HEADS, pool, "alignment", probe=probe)
+    with torch.no_grad():
+        sel = select_data(tiny_llama, HEADS, pool, "alignment", probe=probe)
+        hs = score_heads(tiny_llama, probe, "gradient", pool=pool)
+        shift = score_heads(tiny_llama, probe, "shift", proxy_steps=1)
+    assert sel.scores == pytest.approx(ref.scores)
+    assert all(math.isfinite(x) for r in hs.scores + shift.scores for x in r)
