@@ -20,28 +20,32 @@ def report(progress: ProgressFn, done: int, total: int, desc: str) -> None:
 
 
 class ConsoleProgress:
-    """A progress callback that renders tqdm bars on stderr, one per `desc`."""
+    """A progress callback that renders one tqdm bar on stderr.
+
+    A new bar starts when the total changes or the count goes back (a new phase); otherwise the
+    bar advances and shows the latest description.
+    """
 
     def __init__(self, disable: bool = False):
-        self._bars: dict[str, object] = {}
-        self.disable = disable or not sys.stderr
+        self._bar = None
+        self.disable = disable
 
     def __call__(self, done: int, total: int, desc: str) -> None:
         from tqdm.auto import tqdm
 
         if self.disable:
             return
-        bar = self._bars.get(desc)
-        if bar is None or bar.total != total:
-            if bar is not None:
-                bar.close()
-            bar = self._bars[desc] = tqdm(total=total, desc=desc, file=sys.stderr, leave=True, dynamic_ncols=True)
+        bar = self._bar
+        if bar is None or bar.total != total or done < bar.n:
+            self.close()
+            bar = self._bar = tqdm(total=total, desc=desc, file=sys.stderr, leave=True, dynamic_ncols=True)
+        elif desc != bar.desc:
+            bar.set_description(desc, refresh=False)
         bar.update(done - bar.n)
         if done >= total:
-            bar.close()
-            self._bars.pop(desc, None)
+            self.close()
 
     def close(self) -> None:
-        for bar in self._bars.values():
-            bar.close()
-        self._bars.clear()
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
