@@ -37,7 +37,7 @@ import torch
 import torch.nn as nn
 
 from .errors import UserError
-from .geometry import HeadGeometry
+from .geometry import HeadGeometry, normalize_heads
 
 PROJECTIONS = ("q", "k", "v", "o")
 ADAPTER_FORMAT = "p2d-head-adapter"
@@ -46,25 +46,6 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
 
 _GEOMETRY_KEYS = ("layout", "n_layers", "n_q_heads", "n_kv_heads", "head_dim", "hidden_size")
-
-
-def normalize_heads(heads, geometry: HeadGeometry | None = None) -> list[list[int]]:
-    """Sorted, de-duplicated ``[[layer, head], ...]`` from a list or a HeadScores-like object
-    (anything with ``.selected``).  Checks ranges against ``geometry`` when given (UserError)."""
-    if hasattr(heads, "selected"):
-        heads = heads.selected
-    if heads is None:
-        heads = []
-    out = set()
-    for item in heads:
-        try:
-            layer, head = (int(v) for v in item)
-        except (TypeError, ValueError):
-            raise UserError(f"bad head {item!r}: heads are [layer, head] pairs of integers") from None
-        if geometry is not None:
-            geometry.check_head(layer, head)
-        out.add((layer, head))
-    return [[l, h] for l, h in sorted(out)]
 
 
 def normalize_projections(projections) -> tuple[str, ...]:

@@ -158,3 +158,22 @@ class HeadGeometry:
     @classmethod
     def from_dict(cls, d: dict) -> "HeadGeometry":
         return cls(**{k: d[k] for k in cls.__dataclass_fields__})
+
+
+def normalize_heads(heads, geometry: HeadGeometry | None = None) -> list[list[int]]:
+    """Sorted, de-duplicated ``[[layer, head], ...]`` from a list or a HeadScores-like object
+    (anything with ``.selected``).  Checks ranges against ``geometry`` when given (UserError)."""
+    if hasattr(heads, "selected"):
+        heads = heads.selected
+    if heads is None:
+        heads = []
+    out = set()
+    for item in heads:
+        try:
+            layer, head = (int(v) for v in item)
+        except (TypeError, ValueError):
+            raise UserError(f"bad head {item!r}: heads are [layer, head] pairs of integers") from None
+        if geometry is not None:
+            geometry.check_head(layer, head)
+        out.add((layer, head))
+    return [[l, h] for l, h in sorted(out)]

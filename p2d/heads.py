@@ -61,6 +61,7 @@ from .data.formats import Sample
 from .errors import UserError
 from .gating import HeadGate, answer_losses
 from .geometry import HeadGeometry
+from .progress import Ticker
 
 HEAD_METHODS = ("shift", "gradient", "random")
 #: Chosen with bench/select_quality.py (embedded SmolLM2-135M, built-in pool of 400, 10% target, top 10% kept):
@@ -399,18 +400,6 @@ def _score_gradient(lm, probe, pool, contrast, batch_size, max_length, seed, tic
     return scores.tolist(), extra, stopped
 
 
-class _Tick:
-    """Counts work units and forwards them to a progress callback."""
-
-    def __init__(self, progress, total: int):
-        self.progress, self.total, self.done = progress, total, 0
-
-    def __call__(self, desc: str) -> None:
-        self.done += 1
-        if self.progress is not None:
-            self.progress(self.done, max(self.total, self.done), desc)
-
-
 def score_heads(lm, probe: list[Sample], method: str = DEFAULT_HEAD_METHOD, ratio: float = 0.1,
                 pool: list[Sample] | None = None, seed: int = 0, batch_size: int = 8, max_length: int = 256,
                 proxy_steps: int = 20, proxy_lr: float = 1e-4, contrast: bool = True,
@@ -439,11 +428,11 @@ def score_heads(lm, probe: list[Sample], method: str = DEFAULT_HEAD_METHOD, rati
             if method == "shift":
                 if proxy_steps < 1:
                     raise UserError(f"proxy steps must be at least 1 (got {proxy_steps})")
-                tick = _Tick(progress, proxy_steps)
+                tick = Ticker(progress, proxy_steps)
                 scores, extra, stopped = _score_shift(lm, probe, batch_size, max_length, seed, proxy_steps,
                                                       proxy_lr, tick, should_stop)
             else:
-                tick = _Tick(progress, 0)
+                tick = Ticker(progress, 0)
                 scores, extra, stopped = _score_gradient(lm, probe, pool, contrast, batch_size, max_length, seed,
                                                          tick, should_stop)
         extra["probe_size"] = len(probe)

@@ -19,6 +19,19 @@ def report(progress: ProgressFn, done: int, total: int, desc: str) -> None:
         progress(done, total, desc)
 
 
+class Ticker:
+    """Counts units of work and reports each to a progress callback (total grows if exceeded)."""
+
+    def __init__(self, progress: ProgressFn, total: int):
+        self.progress, self.total, self.done = progress, total, 0
+
+    def __call__(self, desc: str) -> None:
+        self.done += 1
+        report(self.progress, self.done, max(self.total, self.done), desc)
+
+    step = __call__
+
+
 class ConsoleProgress:
     """A progress callback that renders one tqdm bar on stderr.
 

@@ -45,7 +45,9 @@ from .data.encoding import collate, encode, iter_batches
 from .data.formats import Sample
 from .errors import UserError
 from .gating import HeadGate, answer_losses, answer_positions, heads_by_layer
+from .geometry import normalize_heads
 from .heads import HeadScores, _jsonable, check_ratio, frozen, top_count
+from .progress import Ticker
 
 SELECT_METHODS = ("ablation", "alignment", "activation", "random")
 #: Chosen with bench/select_quality.py (embedded SmolLM2-135M, built-in pool of 400, 10% target, top 10% kept):
@@ -146,30 +148,12 @@ class Selection:
 
 def head_list(heads, geometry) -> list[list[int]]:
     """[[layer, head], ...] from a HeadScores or a list of pairs, validated, deduplicated, sorted."""
-    pairs = heads.selected if isinstance(heads, HeadScores) else heads
-    if pairs is None:
+    if heads is None:
         raise UserError("no heads given: run the heads stage first or pass [[layer, head], ...]")
-    out = set()
-    for item in pairs:
-        try:
-            layer, head = (int(x) for x in item)
-        except (TypeError, ValueError):
-            raise UserError(f"a head must be a [layer, head] pair, got {item!r}") from None
-        geometry.check_head(layer, head)
-        out.add((layer, head))
+    out = normalize_heads(heads, geometry)
     if not out:
         raise UserError("the head list is empty: select at least one head")
-    return [list(p) for p in sorted(out)]
-
-
-class _Progress:
-    def __init__(self, progress, total: int):
-        self.progress, self.total, self.done = progress, total, 0
-
-    def step(self, desc: str) -> None:
-        self.done += 1
-        if self.progress is not None:
-            self.progress(self.done, max(self.total, self.done), desc)
+    return out
 
 
 def _gate_vectors(lm, gate: HeadGate, by_layer: dict[int, list[int]], batch: dict) -> torch.Tensor:
@@ -251,7 +235,7 @@ def select_data(lm, heads, pool: list[Sample], method: str = DEFAULT_SELECT_METH
             if not penc:
                 raise UserError("no probe sample has answer tokens within the max length; raise max_length")
             probe_batches = list(iter_batches(penc, batch_size, sort_by_length=True))
-        bar = _Progress(progress, len(groups) + len(probe_batches))
+        bar = Ticker(progress, len(groups) + len(probe_batches))
 
         with frozen(lm.model):
             if method == "ablation":
