@@ -534,3 +534,36 @@ def test_row_to_sample_direct():
     with pytest.raises(SkipRow) as info:
         row_to_sample({"prompt": "p", "answer": ""}, 0, "prompt_response")
     assert info.value.reason == "missing or empty answer"
+
+
+# -- common real-world shapes beyond the core six ---------------------------------------------------
+def _jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("row, fmt, prompt, answer", [
+    ({"instruction": "Who wrote Hamlet?", "context": "Plays", "response": "Shakespeare", "category": "qa"},
+     "alpaca", "Who wrote Hamlet?\n\nPlays", "Shakespeare"),                      # Dolly
+    ({"input": "2+2", "output": "4"}, "prompt_response", "2+2", "4"),            # input/output
+    ({"query": "2+3", "response": "5"}, "prompt_response", "2+3", "5"),          # query/response
+    ({"prompt": "hi", "chosen": "hello", "rejected": "go away"}, "prompt_response", "hi", "hello"),  # preference pair
+    ({"question": "capital of Peru?", "response": "Lima"}, "question_answer", "capital of Peru?", "Lima"),
+])
+def test_common_real_shapes(tmp_path, row, fmt, prompt, answer):
+    data = load_data(_jsonl(tmp_path / "d.jsonl", [row]))
+    assert data.format == fmt
+    s = data.samples[0]
+    assert s.prompt[-1]["content"] == prompt and s.answer == answer
+
+
+def test_dolly_category_is_task_label(tmp_path):
+    rows = [{"instruction": "a", "context": "", "response": "b", "category": "open_qa"}] * 2
+    assert load_data(_jsonl(tmp_path / "d.jsonl", rows)).summary()["tasks"] == {"open_qa": 2}
+
+
+def test_semicolon_csv(tmp_path):
+    p = tmp_path / "excel.csv"
+    p.write_text("question;answer\nwhat, then?;that\n", encoding="utf-8")
+    data = load_data(p)
+    assert data.format == "question_answer" and data.samples[0].prompt[-1]["content"] == "what, then?"

@@ -2,9 +2,12 @@
 
 Supported shapes (column names are matched case-insensitively, surrounding spaces ignored):
 
-- ``alpaca``: ``instruction``, optional ``input``, ``output``
-- ``prompt_response``: ``prompt`` + one of ``response`` / ``completion`` / ``answer``
-- ``question_answer``: ``question`` + ``answer``
+- ``alpaca``: ``instruction``, optional ``input`` (or ``context``, as in Dolly), and ``output`` (or
+  ``response`` / ``answer`` / ``completion``)
+- ``prompt_response``: ``prompt`` (or ``query``, or ``input`` when there is no instruction) + one of
+  ``response`` / ``completion`` / ``answer`` / ``output``, or ``chosen`` of a preference pair
+  (``prompt``/``chosen``/``rejected``: the chosen answer is learned, ``rejected`` is ignored)
+- ``question_answer``: ``question`` + ``answer`` (or ``response`` / ``output``)
 - ``messages``: a list of ``{"role", "content"}`` turns (OpenAI / HF chat style)
 - ``sharegpt``: ``conversations``, a list of ``{"from", "value"}`` turns
 - ``text``: plain ``text``; the whole text is learned (``kind="text"``)
@@ -35,11 +38,15 @@ FORMATS = ("alpaca", "prompt_response", "question_answer", "messages", "sharegpt
 
 # Accepted names, shown in error messages.
 ACCEPTED = (
-    "instruction+output (alpaca), prompt+response|completion|answer, question+answer, "
-    "messages (chat turns), conversations (ShareGPT), text"
+    "instruction+output|response (alpaca/dolly), prompt|query|input+response|completion|answer|output|chosen, "
+    "question+answer, messages (chat turns), conversations (ShareGPT), text"
 )
 
-ANSWER_NAMES = ("response", "completion", "answer")
+ANSWER_NAMES = ("response", "completion", "answer", "output", "chosen")
+PROMPT_NAMES = ("prompt", "query", "input")
+ALPACA_INPUT_NAMES = ("input", "context")
+ALPACA_OUTPUT_NAMES = ("output", "response", "answer", "completion")
+QA_ANSWER_NAMES = ("answer", "response", "output")
 TASK_NAMES = ("task", "category", "source")
 MAPPING_KEYS = ("prompt", "input", "answer", "system", "task", "messages", "conversations", "text")
 
@@ -107,12 +114,12 @@ def detect_format(columns: list[str]) -> str:
         return "messages"
     if "conversations" in cols:
         return "sharegpt"
-    if "instruction" in cols and "output" in cols:
+    if "instruction" in cols and any(n in cols for n in ALPACA_OUTPUT_NAMES):
         return "alpaca"
-    if "prompt" in cols and any(n in cols for n in ANSWER_NAMES):
-        return "prompt_response"
-    if "question" in cols and "answer" in cols:
+    if "question" in cols and any(n in cols for n in QA_ANSWER_NAMES):
         return "question_answer"
+    if any(n in cols for n in PROMPT_NAMES) and any(n in cols for n in ANSWER_NAMES):
+        return "prompt_response"
     if "text" in cols:
         return "text"
     found = ", ".join(str(c) for c in columns) or "none"
@@ -296,16 +303,16 @@ def row_to_sample(row: dict, index: int, fmt: str, mapping: dict | None = None) 
 
     if fmt == "alpaca":
         user = _text(get("instruction"), "instruction")
-        extra = _text(get("input"), "input", required=False)
-        answer = _text(get("output"), "answer")
+        extra = _text(first(ALPACA_INPUT_NAMES), "input", required=False)
+        answer = _text(first(ALPACA_OUTPUT_NAMES), "answer")
     elif fmt == "prompt_response":
-        user = _text(get("prompt"), "prompt")
+        user = _text(first(PROMPT_NAMES), "prompt")
         extra = ""
         answer = _text(first(ANSWER_NAMES), "answer")
     elif fmt == "question_answer":
         user = _text(get("question"), "prompt")
         extra = ""
-        answer = _text(get("answer"), "answer")
+        answer = _text(first(QA_ANSWER_NAMES), "answer")
     elif fmt == "mapped_prompt":
         user = _text(get("prompt"), "prompt")
         extra = _text(get("input"), "input", required=False) if "input" in mapping else ""

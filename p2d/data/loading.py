@@ -229,7 +229,8 @@ def _file_records(path: Path, split: str) -> Iterator[Record]:
         return _jsonl_records(data)
     if kind == "json":
         return _json_records(data, path, split)
-    return _csv_records(_decode(data, path), path, "\t" if kind == "tsv" else ",")
+    text = _decode(data, path)
+    return _csv_records(text, path, "\t" if kind == "tsv" else _csv_delimiter(text))
 
 
 def _jsonl_records(data: bytes) -> Iterator[Record]:
@@ -293,6 +294,12 @@ def _rows_in_object(obj: dict, path: Path, split: str) -> list:
                         "objects or an object like {\"data\": [...]}")
     raise UserError(f"{path} has several list fields ({', '.join(lists)}); keep only the one with "
                     "the rows")
+
+
+def _csv_delimiter(text: str) -> str:
+    """',' unless the header line has none and uses ';' (European Excel exports) instead."""
+    header = text.split("\n", 1)[0]
+    return ";" if "," not in header and ";" in header else ","
 
 
 def _csv_records(text: str, path: Path, delimiter: str) -> Iterator[Record]:
