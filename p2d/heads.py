@@ -102,6 +102,12 @@ class HeadScores:
         return {"method": self.method, "ratio": self.ratio, "scores": self.scores, "selected": self.selected,
                 "time_s": self.time_s, "model": self.model, "extra": self.extra}
 
+    def with_ratio(self, ratio: float) -> "HeadScores":
+        """The same scores with a different share of heads selected (no rescoring)."""
+        import dataclasses
+
+        return dataclasses.replace(self, ratio=ratio, selected=select_top(self.scores, ratio))
+
     def save(self, out_dir) -> Path:
         """Write ``out_dir/heads.json``; returns its path."""
         out = Path(out_dir)

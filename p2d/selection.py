@@ -110,6 +110,11 @@ class Selection:
             return None
         return _count(pool[i].task for i in self.selected)
 
+    def with_ratio(self, ratio: float) -> "Selection":
+        """The same scores with a different share kept (no rescoring)."""
+        selected = top_samples(self.scores, check_ratio(ratio, "data ratio"))
+        return dataclasses.replace(self, ratio=ratio, selected=selected, n_selected=len(selected))
+
     def selected_samples(self, pool: list[Sample]) -> list[Sample]:
         return [pool[i] for i in self.selected]
 
@@ -247,10 +252,15 @@ def select_data(lm, heads, pool: list[Sample], method: str = DEFAULT_SELECT_METH
                 extra.update(info)
 
     extra["stopped"] = stopped
-    order = sorted((i for i in range(n) if math.isfinite(scores[i])), key=lambda i: (-scores[i], i))
-    selected = order[:top_count(n, ratio)]
+    selected = top_samples(scores, ratio)
     return Selection(method=method, ratio=ratio, n_pool=n, n_selected=len(selected),
                      time_s=round(time.perf_counter() - start, 3), scores=scores, selected=selected, extra=extra)
+
+
+def top_samples(scores: list[float], ratio: float) -> list[int]:
+    """Positions of the top ``ratio`` of ``scores`` (at least one), best first; NaN never kept."""
+    order = sorted((i for i, v in enumerate(scores) if math.isfinite(v)), key=lambda i: (-scores[i], i))
+    return order[:top_count(len(scores), ratio)]
 
 
 def _ablation(lm, by_layer, groups, tensors, scores, bar, should_stop) -> bool:

@@ -242,16 +242,14 @@ class Studio:
 
     def ensure_heads(self, ws: Workspace, run, job: Job, rerun: bool = False):
         """Head scores for the run's settings. Scores are reused when only the ratio changed."""
-        from p2d.heads import select_top
-
         cfg = run.config
         key = self._heads_key(cfg)
         if run.heads is not None and ws.cache.get("heads_key") == key and not rerun:
             if run.heads.ratio != cfg.head_ratio:
-                selected = select_top(run.heads.scores, cfg.head_ratio)
-                if selected != run.heads.selected:
+                previous = run.heads.selected
+                run.heads = run.heads.with_ratio(cfg.head_ratio)
+                if run.heads.selected != previous:
                     ws.clear_from("select")
-                run.heads = dataclasses.replace(run.heads, ratio=cfg.head_ratio, selected=selected)
                 run.heads.save(run.out)
             return run.heads
         job.set_phase("scoring heads")
@@ -264,20 +262,14 @@ class Studio:
 
     def ensure_selection(self, ws: Workspace, run, job: Job, rerun: bool = False):
         """Pool scores for the run's heads. Scores are reused when only the data ratio changed."""
-        from p2d.heads import top_count
-
         cfg = run.config
         key = self._select_key(cfg, run)
         sel = run.selection
         if sel is not None and ws.cache.get("select_key") == key and not rerun:
             if sel.ratio != cfg.data_ratio:
-                order = sorted((i for i, s in enumerate(sel.scores) if math.isfinite(s)),
-                               key=lambda i: (-sel.scores[i], i))
-                chosen = order[:top_count(sel.n_pool, cfg.data_ratio)]
-                if chosen != sel.selected:
+                run.selection = sel.with_ratio(cfg.data_ratio)
+                if run.selection.selected != sel.selected:
                     ws.clear_from("train")
-                run.selection = dataclasses.replace(sel, ratio=cfg.data_ratio, selected=chosen,
-                                                    n_selected=len(chosen))
                 run.selection.save(run.out, run.data.pool.samples)
                 ws.cache.pop("random_counts", None)
             return run.selection

@@ -209,3 +209,10 @@ def test_bad_arguments(tiny_llama, probe):
         score_heads(tiny_llama, [], "gradient")
     with pytest.raises(UserError):
         score_heads(tiny_llama, probe, "gradient", ratio=0)
+
+
+def test_head_scores_with_ratio():
+    from p2d.heads import HeadScores
+
+    hs = HeadScores("random", 0.25, [[0.1, 0.9], [0.5, 0.2]], [[0, 1]], 0.0, "m", {})
+    assert hs.with_ratio(0.5).selected == [[0, 1], [1, 0]] and hs.with_ratio(0.5).ratio == 0.5

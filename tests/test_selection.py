@@ -175,3 +175,12 @@ def test_gradient_scores_work_under_no_grad(tiny_llama, pool, probe):
         shift = score_heads(tiny_llama, probe, "shift", proxy_steps=1)
     assert sel.scores == pytest.approx(ref.scores)
     assert all(math.isfinite(x) for r in hs.scores + shift.scores for x in r)
+
+
+def test_with_ratio_reselects_without_rescoring():
+    from p2d.selection import Selection
+
+    sel = Selection("random", 0.5, 4, 2, 0.0, [0.1, float("nan"), 0.9, 0.5], [2, 3])
+    assert sel.with_ratio(0.25).selected == [2]
+    assert sel.with_ratio(1.0).selected == [2, 3, 0]  # NaN is never kept
+    assert sel.with_ratio(0.25).n_selected == 1 and sel.selected == [2, 3]
