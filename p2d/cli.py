@@ -13,7 +13,7 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-from .errors import UserError
+from .errors import OOM_ADVICE, UserError, is_out_of_memory
 
 
 def _mapping(text: str | None) -> dict | None:
@@ -298,8 +298,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except MemoryError:
-        print("error: out of memory: lower --batch-size or --max-length, or use a smaller model", file=sys.stderr)
+    except (MemoryError, RuntimeError) as exc:
+        if not is_out_of_memory(exc):
+            raise
+        print(f"error: {OOM_ADVICE}", file=sys.stderr)
         return 2
     return 0
 

@@ -25,7 +25,7 @@ import torch
 
 from .data.encoding import collate, encode
 from .data.formats import Sample
-from .errors import UserError
+from .errors import UserError, is_out_of_memory
 from .progress import ProgressFn, StopFn, report
 
 
@@ -103,7 +103,9 @@ def full_finetune_cost(lm, pool: list[Sample], epochs: float, batch_size: int = 
                 torch.cuda.synchronize()
             durations.append(time.perf_counter() - start)
             report(progress, i + 1, n_runs, "full fine-tuning reference")
-    except torch.cuda.OutOfMemoryError as exc:
+    except (RuntimeError, MemoryError) as exc:
+        if not is_out_of_memory(exc):
+            raise
         raise UserError(f"out of memory timing full fine-tuning at batch size {batch_size}: lower --batch-size "
                         "or --max-length (the reference needs all weights, gradients and AdamW state)") from exc
     finally:

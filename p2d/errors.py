@@ -8,3 +8,17 @@ Anything else is a bug and may crash with a traceback.
 
 class UserError(Exception):
     """An error caused by user input; its message says what to do."""
+
+
+OOM_ADVICE = ("out of memory: lower --batch-size or --max-length, use --dtype bf16 on a GPU, "
+              "or pick a smaller model")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """True for CUDA/MPS/CPU allocation failures (they arrive as different exception types)."""
+    if isinstance(exc, MemoryError):
+        return True
+    if type(exc).__name__ == "OutOfMemoryError":  # torch.cuda.OutOfMemoryError, without importing torch
+        return True
+    msg = str(exc).lower()
+    return isinstance(exc, RuntimeError) and ("out of memory" in msg or "can't allocate memory" in msg)

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from .adapter import PROJECTIONS, WEIGHTS_NAME, HeadAdapter, normalize_heads, normalize_projections
 from .data.encoding import IGNORE_INDEX, collate, encode, iter_batches
-from .errors import UserError
+from .errors import UserError, is_out_of_memory
 
 LOG_NAME = "train_log.jsonl"
 ADAPTER_SUBDIR = "adapter"
@@ -190,13 +190,6 @@ class _Stop:
         return False
 
 
-def _is_oom(exc: BaseException) -> bool:
-    if isinstance(exc, torch.cuda.OutOfMemoryError):
-        return True
-    msg = str(exc).lower()
-    return isinstance(exc, RuntimeError) and ("out of memory" in msg or "can't allocate memory" in msg)
-
-
 def _batches_forever(encoded, config: TrainConfig):
     epoch = 0
     while True:
@@ -287,7 +280,7 @@ def train_heads(lm, heads, samples: list, config: TrainConfig, out_dir, progress
                             (loss / max(1, n_answer)).backward()
                             loss_sum += loss_value
                     except Exception as exc:
-                        if _is_oom(exc):
+                        if is_out_of_memory(exc):
                             optimizer.zero_grad(set_to_none=True)
                             if device.type == "cuda":
                                 torch.cuda.empty_cache()

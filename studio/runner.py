@@ -26,7 +26,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from p2d.errors import UserError
+from p2d.errors import UserError, is_out_of_memory
 
 ACTIVE = ("queued", "running")
 FINISHED = ("done", "failed", "stopped")
@@ -148,12 +148,34 @@ class Runner:
             except UserError as exc:
                 status, error = ("stopped" if job.stop_event.is_set() else "failed"), str(exc)
             except Exception as exc:  # noqa: BLE001 - a bug: keep the worker alive, log the traceback
+                if is_out_of_memory(exc):
+                    status, error = "failed", ("out of memory: lower the batch size or max length, use dtype "
+                                               "bf16 on a GPU, or pick a smaller model")
+                    self._release_memory()
+                    with self._cond:
+                        job.status, job.error, job.finished = status, error, time.time()
+                        self._current = None
+                        self._cond.notify_all()
+                    continue
                 traceback.print_exc(file=sys.stderr)
                 status, error = "failed", f"internal error ({type(exc).__name__}: {exc}); see the server log"
             with self._cond:
                 job.status, job.error, job.finished = status, error, time.time()
                 self._current = None
                 self._cond.notify_all()
+
+    @staticmethod
+    def _release_memory() -> None:
+        import gc
+
+        gc.collect()
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        except Exception:  # noqa: BLE001 - best effort only
+            pass
 
     def close(self) -> None:
         with self._cond:

@@ -102,3 +102,23 @@ def test_run_tiny_end_to_end(capsys, tmp_path, tiny_llama_dir):
     assert len((out_dir / "selected.jsonl").read_text().splitlines()) == 12
     saved = yaml.safe_load((out_dir / "config.yaml").read_text())
     assert saved["head_method"] == "random" and saved["steps"] == 3
+
+
+def test_out_of_memory_is_one_line_exit_2(capsys, monkeypatch):
+    import p2d.cli as cli
+
+    def boom(args):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")
+
+    monkeypatch.setattr(cli, "cmd_info", boom)
+    code, _, err = _run(capsys, "info")
+    assert code == 2 and err.startswith("error: out of memory") and len(err.strip().splitlines()) == 1
+
+
+def test_is_out_of_memory_kinds():
+    from p2d.errors import is_out_of_memory
+
+    assert is_out_of_memory(MemoryError())
+    assert is_out_of_memory(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert not is_out_of_memory(RuntimeError("shape mismatch"))
+    assert not is_out_of_memory(ValueError("out of memory"))
