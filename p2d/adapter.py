@@ -391,7 +391,11 @@ def merge_and_save(lm, adapter_dir, out_dir) -> Path:
     next to it and renamed at the end, so a failure leaves no half-written model.  ``lm.model`` is
     left exactly as it was (the touched weight slices are restored bit for bit).
     """
+    from .models import is_quantized
+
     out = Path(out_dir)
+    if is_quantized(lm.model):
+        raise UserError("cannot save a merged model from a quantised base: load the model without --quantize")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"{out_dir} already exists and is not empty: choose a new folder or delete it first")
     adapter = HeadAdapter.load(adapter_dir, device=lm.device)

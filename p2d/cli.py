@@ -45,12 +45,15 @@ def _model_args(p: argparse.ArgumentParser, required: bool = False) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, else fp32), fp32, bf16 or fp16")
     p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the hub")
+    p.add_argument("--quantize", choices=("8bit", "4bit"),
+                   help="load the frozen MLPs with bitsandbytes (saves GPU memory; slower on CPU)")
 
 
 def _load_lm(args):
     from .models import load_model
 
-    return load_model(args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+    return load_model(args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
+                      quantize=getattr(args, "quantize", None))
 
 
 # -- commands ------------------------------------------------------------------------------------

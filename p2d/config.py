@@ -28,6 +28,8 @@ class RunConfig:
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:N or mps"})
     dtype: str = field(default="auto", metadata={"help": "auto (bf16 on CUDA, else fp32), fp32, bf16, fp16"})
     trust_remote_code: bool = field(default=False, metadata={"help": "allow custom model code from the hub"})
+    quantize: str | None = field(default=None, metadata={"help": "8bit or 4bit: bitsandbytes for the frozen "
+                                                                 "MLPs (GPU memory; slower on CPU)"})
     # data: files, or the built-in task pool when `pool` is empty
     pool: str | None = field(default=None, metadata={"help": "training pool file (empty: built-in task pool)"})
     probe: str | None = field(default=None, metadata={"help": "~100 target examples used to find the heads"})
@@ -86,6 +88,8 @@ class RunConfig:
         bad = [p for p in self.projections if p not in PROJECTIONS]
         if bad or not self.projections:
             raise UserError(f"projections must be a non-empty subset of q, k, v, o (got {self.projections})")
+        if self.quantize not in (None, "", "none", "8bit", "4bit"):
+            raise UserError(f"quantize must be 8bit or 4bit (or empty), got {self.quantize!r}")
         if self.full_ft not in ("estimate", "measure"):
             raise UserError(f"full-ft must be estimate or measure, got {self.full_ft!r}")
         return self

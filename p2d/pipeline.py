@@ -104,7 +104,8 @@ class Run:
         self.out.mkdir(parents=True, exist_ok=True)
         c.save(self.out / "config.yaml")
         if self.lm is None:
-            self.lm = load_model(c.model, device=c.device, dtype=c.dtype, trust_remote_code=c.trust_remote_code)
+            self.lm = load_model(c.model, device=c.device, dtype=c.dtype, trust_remote_code=c.trust_remote_code,
+                                 quantize=c.quantize)
         self.data = load_run_data(c, self.out)
         _save_json(self.out / "data_summary.json", self.data.summary())
         return self.data
