@@ -220,7 +220,7 @@ class Studio:
         job.set_phase("loading model")
         job.desc = f"loading model {cfg.model}" + (" (first use converts the embedded model, ~30 s)"
                                                      if cfg.model == "default" else "")
-        lm = self.runner.model(cfg.model, cfg.device, cfg.dtype, cfg.trust_remote_code)
+        lm = self.runner.model(cfg.model, cfg.device, cfg.dtype, cfg.trust_remote_code, cfg.quantize)
         if job.should_stop():
             raise UserError("stopped before the data was loaded")
         auto_out = not cfg.out

@@ -17,7 +17,7 @@ from .limits import looks_like_local_path
 
 #: form inputs in API order; every event that needs the settings takes all of them
 FIELD_NAMES: tuple[str, ...] = (
-    "model_source", "model_name", "device", "dtype", "trust_remote_code",
+    "model_source", "model_name", "device", "dtype", "trust_remote_code", "quantize",
     "data_source", "target", "pool_size", "probe_size", "eval_size", "seed",
     "pool_path", "probe_path", "eval_path", "columns", "max_length",
     "head_method", "head_ratio",
@@ -32,7 +32,7 @@ MODEL_SOURCES = (("Embedded default (SmolLM2-135M-Instruct)", "embedded"), ("Hug
 DATA_SOURCES = (("Built-in task pool", "builtin"), ("My files", "files"))
 
 #: the settings that require loading again when they change (model + data)
-LOAD_KEYS = ("model", "device", "dtype", "trust_remote_code", "pool", "probe", "eval", "columns", "target",
+LOAD_KEYS = ("model", "device", "dtype", "trust_remote_code", "quantize", "pool", "probe", "eval", "columns", "target",
              "pool_size", "probe_size", "eval_size", "seed")
 
 
@@ -107,6 +107,7 @@ def values_to_config(values: dict, validate: bool = True) -> RunConfig:
     cfg.device = v.get("device") or d.device
     cfg.dtype = v.get("dtype") or d.dtype
     cfg.trust_remote_code = bool(v.get("trust_remote_code", d.trust_remote_code))
+    cfg.quantize = v.get("quantize") if v.get("quantize") in ("8bit", "4bit") else None
     if (v.get("data_source") or "builtin") == "files":
         cfg.pool, cfg.probe, cfg.eval = (_path(v.get(k)) for k in ("pool_path", "probe_path", "eval_path"))
         if not cfg.pool:
@@ -168,7 +169,7 @@ def config_to_values(cfg: RunConfig, out_auto: bool = False) -> dict:
 
     return {
         "model_source": source, "model_name": name, "device": cfg.device, "dtype": cfg.dtype,
-        "trust_remote_code": bool(cfg.trust_remote_code),
+        "trust_remote_code": bool(cfg.trust_remote_code), "quantize": cfg.quantize or "none",
         "data_source": "files" if cfg.pool else "builtin",
         "target": cfg.target or DEFAULT_TARGET,
         "pool_size": cfg.pool_size, "probe_size": cfg.probe_size, "eval_size": cfg.eval_size, "seed": cfg.seed,

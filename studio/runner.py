@@ -254,17 +254,18 @@ class Runner:
         return f"✗ {job.label} failed: {job.error}"
 
     # -- models ----------------------------------------------------------------------------------
-    def model(self, spec: str, device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False):
+    def model(self, spec: str, device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False,
+              quantize: str | None = None):
         """Load (or reuse) a model; call from inside a job. Keeps at most ``max_models`` loaded."""
         from p2d.models import load_model
 
-        key = (str(spec), str(device), str(dtype), bool(trust_remote_code))
+        key = (str(spec), str(device), str(dtype), bool(trust_remote_code), quantize or None)
         if key in self._models:
             self._models.move_to_end(key)
             return self._models[key]
         while len(self._models) >= self._max_models:
             self._models.popitem(last=False)
-        lm = load_model(spec, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+        lm = load_model(spec, device=device, dtype=dtype, trust_remote_code=trust_remote_code, quantize=quantize)
         self._models[key] = lm
         return lm
 

@@ -128,7 +128,7 @@ def test_form_config_round_trip(tmp_path):
     from studio.fields import FIELD_NAMES, config_to_values, values_to_config
 
     cfg = RunConfig(model="HuggingFaceTB/SmolLM2-360M-Instruct", target="dates", pool_size=123, probe_size=17,
-                    eval_size=9, seed=3, head_method="shift", head_ratio=0.2, select_method="ablation",
+                    eval_size=9, seed=3, quantize="4bit", head_method="shift", head_ratio=0.2, select_method="ablation",
                     data_ratio=0.3, steps=None, epochs=2.0, lr=5e-4, batch_size=2, projections=["q", "o"],
                     eval_limit=5, max_new_tokens=12, out=str(tmp_path / "r")).validate()
     values = config_to_values(cfg)

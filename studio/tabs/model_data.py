@@ -33,6 +33,8 @@ def build(limits: Limits) -> SimpleNamespace:
                                        allow_custom_value=True, info="auto: CUDA, then Apple MPS, then CPU")
                 c.dtype = gr.Dropdown(["auto", "fp32", "bf16", "fp16"], value=d.dtype, label="Precision",
                                       info="auto: bf16 on CUDA, else fp32")
+            c.quantize = gr.Dropdown(["none", "8bit", "4bit"], value="none", label="Quantise frozen MLPs",
+                                     info="bitsandbytes; saves GPU memory on larger models, slower on CPU")
             c.trust_remote_code = gr.Checkbox(value=False, label="Trust remote code (custom model code from the hub)",
                                               visible=local)
         with gr.Column(scale=2):
