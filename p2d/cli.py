@@ -68,13 +68,12 @@ def cmd_data(args) -> None:
 
 
 def cmd_demo_data(args) -> None:
-    from .data.builtin import DEFAULT_TARGET, build_task_pool, write_demo_data
+    from .data.builtin import DEFAULT_TARGET, build_task_pool
 
-    paths = write_demo_data(args.out, target=args.target or DEFAULT_TARGET, seed=args.seed, pool_size=args.pool_size,
-                            probe_size=args.probe_size, eval_size=args.eval_size)
     tp = build_task_pool(target=args.target or DEFAULT_TARGET, seed=args.seed, pool_size=args.pool_size,
                          probe_size=args.probe_size, eval_size=args.eval_size)
-    _print({"files": {k: str(v) for k, v in paths.items()}, "target": tp.target, "pool_tasks": tp.counts(),
+    paths = tp.write(args.out)
+    _print({"files": paths, "target": tp.target, "pool_tasks": tp.counts(),
             "probe": len(tp.probe), "eval": len(tp.eval)})
 
 

@@ -44,13 +44,6 @@ class RunData:
                 if d is not None}
 
 
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-
-
 def load_run_data(config: RunConfig, out_dir: Path | None = None) -> RunData:
     """The pool, probe and eval sets of a config: files, or the built-in task pool."""
     if not config.pool:
@@ -59,8 +52,7 @@ def load_run_data(config: RunConfig, out_dir: Path | None = None) -> RunData:
         tp = build_task_pool(target=config.target, seed=config.seed, pool_size=config.pool_size,
                              probe_size=config.probe_size, eval_size=config.eval_size)
         if out_dir is not None:
-            for name in ("pool", "probe", "eval"):
-                _write_jsonl(out_dir / "data" / f"{name}.jsonl", getattr(tp, name))
+            tp.write(out_dir / "data")
         return RunData(load_records(tp.pool, source=f"built-in pool ({config.target})"),
                        load_records(tp.probe, source="built-in probe"),
                        load_records(tp.eval, source="built-in eval"))

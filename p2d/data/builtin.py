@@ -450,6 +450,17 @@ class TaskPool:
             c[row["task"]] = c.get(row["task"], 0) + 1
         return dict(sorted(c.items(), key=lambda kv: (-kv[1], kv[0])))
 
+    def write(self, out_dir) -> dict[str, str]:
+        """Write pool.jsonl, probe.jsonl and eval.jsonl into ``out_dir``; returns name -> path."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        paths: dict[str, str] = {}
+        for name, rows in (("pool", self.pool), ("probe", self.probe), ("eval", self.eval)):
+            path = out / f"{name}.jsonl"
+            _write_jsonl(path, rows)
+            paths[name] = str(path)
+        return paths
+
 
 def _permutation(task: str, seed: int, salt: str) -> list[_Row]:
     space = list(_space(task) or ())
@@ -577,12 +588,4 @@ def write_demo_data(out_dir, **build_kwargs) -> dict[str, str]:
 
     Returns {"pool": path, "probe": path, "eval": path} (paths as strings).
     """
-    tp = build_task_pool(**build_kwargs)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths: dict[str, str] = {}
-    for name, rows in (("pool", tp.pool), ("probe", tp.probe), ("eval", tp.eval)):
-        path = out / f"{name}.jsonl"
-        _write_jsonl(path, rows)
-        paths[name] = str(path)
-    return paths
+    return build_task_pool(**build_kwargs).write(out_dir)
