@@ -16,9 +16,10 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .data.encoding import IGNORE_INDEX, collate, encode, encode_prompts
+from .data.encoding import collate, encode, encode_prompts
 from .data.formats import Sample
 from .errors import UserError
+from .gating import answer_token_losses
 from .progress import ProgressFn, report
 
 _TRAILING = ".!?,;:。"
@@ -107,7 +108,7 @@ def generate_answers(lm, samples: list[Sample], batch_size: int = 16, max_new_to
 
 
 @torch.no_grad()
-def answer_loss(lm, samples: list[Sample], batch_size: int = 16, max_length: int = 256,
+def mean_answer_loss(lm, samples: list[Sample], batch_size: int = 16, max_length: int = 256,
                 progress: ProgressFn = None) -> float | None:
     """Mean cross-entropy over all answer tokens of the samples (token-weighted)."""
     encoded = encode(samples, lm.tokenizer, max_length=max_length)
@@ -117,14 +118,9 @@ def answer_loss(lm, samples: list[Sample], batch_size: int = 16, max_length: int
     for start in range(0, len(encoded), batch_size):
         batch = collate(encoded[start:start + batch_size], lm.tokenizer.pad_token_id)
         batch = {k: v.to(lm.device) for k, v in batch.items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        shift_logits = logits[:, :-1].float()
-        shift_labels = batch["labels"][:, 1:]
-        loss = torch.nn.functional.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]),
-                                                 shift_labels.reshape(-1), ignore_index=IGNORE_INDEX,
-                                                 reduction="sum")
-        total += float(loss)
-        count += int((shift_labels != IGNORE_INDEX).sum())
+        token_loss, _ = answer_token_losses(model, batch)
+        total += float(token_loss.sum())
+        count += token_loss.numel()
         report(progress, min(start + batch_size, len(encoded)), len(encoded), "eval loss")
     return total / count if count else None
 
@@ -142,7 +138,7 @@ def evaluate(lm, samples: list[Sample], batch_size: int = 16, max_new_tokens: in
     if not samples:
         raise UserError("the eval set is empty: give an eval file with at least one usable row")
     chat = [s for s in samples if s.kind != "text"]
-    loss = answer_loss(lm, samples, batch_size=batch_size, max_length=max_length, progress=progress)
+    loss = mean_answer_loss(lm, samples, batch_size=batch_size, max_length=max_length, progress=progress)
     accuracy = contains = None
     examples: list[dict] = []
     if chat:

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from .data.encoding import IGNORE_INDEX
 from .geometry import HeadGeometry
 
-__all__ = ["HeadGate", "StopForward", "answer_losses", "answer_positions", "heads_by_layer"]
+__all__ = ["HeadGate", "StopForward", "answer_losses", "answer_token_losses", "answer_positions", "heads_by_layer"]
 
 
 class StopForward(Exception):
@@ -203,12 +203,14 @@ def _logit_postprocess(model, logits: torch.Tensor) -> torch.Tensor:
     return logits
 
 
-def answer_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Per-sample mean cross-entropy on the answer tokens ([B], float32).
+def answer_token_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor],
+                        fast: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy of every answer token (flat ``[N]``, float32) and the batch row of each.
 
-    Runs the model body, then the LM head only at the positions that predict answer tokens (the full
-    [B, T, vocab] logits are never built). Samples without answer tokens get loss 0. Falls back to a
-    full forward for models whose body or head cannot be reached this way.
+    With ``fast`` the model body runs once and the LM head only at the positions that predict answer
+    tokens (the full [B, T, vocab] logits are never built); output scalings (Gemma soft-capping,
+    Granite/Cohere logit scales) are applied after it. ``fast=False``, or a model whose body or head
+    cannot be reached, takes the plain full forward.
     """
     input_ids, attention_mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     pos = answer_positions(labels)  # [B, T]
@@ -216,14 +218,19 @@ def answer_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tor
     targets = labels[rows, cols + 1]
     body = getattr(model, "base_model", None)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if body is not None and body is not model and head is not None:
+    if fast and body is not None and body is not model and head is not None:
         out = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
         logits = _logit_postprocess(model, head(hidden[rows, cols]))
     else:
         logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[rows, cols]
-    token_loss = F.cross_entropy(logits.float(), targets, reduction="none")
-    n = input_ids.shape[0]
+    return F.cross_entropy(logits.float(), targets, reduction="none"), rows
+
+
+def answer_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Per-sample mean cross-entropy on the answer tokens ([B], float32); 0 for samples without any."""
+    token_loss, rows = answer_token_losses(model, batch)
+    n = batch["input_ids"].shape[0]
     sums = torch.zeros(n, dtype=torch.float32, device=token_loss.device).index_add(0, rows, token_loss)
     counts = torch.zeros(n, dtype=torch.float32, device=token_loss.device).index_add(
         0, rows, torch.ones_like(token_loss))

@@ -36,11 +36,11 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 from .adapter import PROJECTIONS, WEIGHTS_NAME, HeadAdapter, normalize_heads, normalize_projections
 from .data.encoding import IGNORE_INDEX, collate, encode, iter_batches
 from .errors import UserError, is_out_of_memory
+from .gating import answer_token_losses
 
 LOG_NAME = "train_log.jsonl"
 ADAPTER_SUBDIR = "adapter"
@@ -129,38 +129,11 @@ def lr_factor(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def _fast_head_ok(model) -> bool:
-    """Whether logits can be computed as output_embeddings(base_model(...)) on answer positions."""
-    cfg = getattr(model, "config", None)
-    if cfg is None:
-        return False
-    for attr in ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale"):
-        if getattr(cfg, attr, None) not in (None, 1, 1.0):
-            return False
-    base = getattr(model, "base_model", None)
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    return base is not None and base is not model and isinstance(head, torch.nn.Linear)
-
-
-def answer_loss(model, batch: dict, fast: bool | None = None) -> tuple[torch.Tensor, int]:
-    """(sum of token cross-entropies over answer tokens, number of answer tokens).
-
-    The fast path runs the decoder once and the LM head only at answer positions (saves the full
-    vocab projection of prompt and padding tokens); ``fast=None`` picks it when the model allows.
-    """
-    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
-    target = labels[:, 1:]
-    sel = target != IGNORE_INDEX
-    n = int(sel.sum())
-    if fast is None:
-        fast = _fast_head_ok(model)
-    if fast:
-        hidden = model.base_model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-        logits = model.get_output_embeddings()(hidden[:, :-1][sel])
-    else:
-        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1][sel]
-    loss = F.cross_entropy(logits.float(), target[sel], reduction="sum")
-    return loss, n
+def answer_loss(model, batch: dict, fast: bool = True) -> tuple[torch.Tensor, int]:
+    """(sum of token cross-entropies over answer tokens, number of answer tokens); see
+    `p2d.gating.answer_token_losses` for the fast path (LM head only at answer positions)."""
+    token_loss, _ = answer_token_losses(model, batch, fast=fast)
+    return token_loss.sum(), token_loss.numel()
 
 
 class _Stop:
@@ -242,7 +215,6 @@ def train_heads(lm, heads, samples: list, config: TrainConfig, out_dir, progress
     device = next(model.parameters()).device
     adapter = HeadAdapter(lm.geometry, heads, config.projections, dtype=torch.float32, device=device)
     optimizer = torch.optim.AdamW(adapter.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    fast = _fast_head_ok(model)
     saved_flags = [(p, p.requires_grad) for p in model.parameters()]
     was_training = model.training
     batches = _batches_forever(encoded, config)
@@ -273,7 +245,7 @@ def train_heads(lm, heads, samples: list, config: TrainConfig, out_dir, progress
                     try:
                         for b in micro:
                             b = {k: v.to(device) for k, v in b.items()}
-                            loss, _ = answer_loss(model, b, fast)
+                            loss, _ = answer_loss(model, b)
                             loss_value = float(loss.detach())
                             if not math.isfinite(loss_value):
                                 raise UserError(_nan_message("loss", step, config, lm.dtype))
