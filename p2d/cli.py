@@ -10,23 +10,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import fields
+from dataclasses import asdict, fields
 from pathlib import Path
 
+from .data.formats import parse_mapping
 from .errors import OOM_ADVICE, UserError, is_out_of_memory
-
-
-def _mapping(text: str | None) -> dict | None:
-    """Parse `prompt=q,answer=a` into a column mapping."""
-    if not text:
-        return None
-    out = {}
-    for part in text.split(","):
-        if "=" not in part:
-            raise UserError(f"--columns expects key=column pairs like prompt=question,answer=reply (got {part!r})")
-        k, v = part.split("=", 1)
-        out[k.strip()] = v.strip()
-    return out
 
 
 def _print(obj) -> None:
@@ -64,7 +52,7 @@ def cmd_info(args) -> None:
 def cmd_data(args) -> None:
     from .data.loading import load_data
 
-    _print(load_data(args.file, mapping=_mapping(args.columns), split=args.split, limit=args.limit).summary())
+    _print(load_data(args.file, mapping=parse_mapping(args.columns), split=args.split, limit=args.limit).summary())
 
 
 def cmd_demo_data(args) -> None:
@@ -81,7 +69,7 @@ def cmd_eval(args) -> None:
     from .data.loading import load_data
     from .evaluation import evaluate
 
-    data = load_data(args.eval, mapping=_mapping(args.columns))
+    data = load_data(args.eval, mapping=parse_mapping(args.columns))
     lm = _load_lm(args)
     if args.adapter:
         from .adapter import load_adapter
@@ -98,8 +86,8 @@ def cmd_heads(args) -> None:
     from .data.loading import load_data
     from .heads import score_heads
 
-    probe = load_data(args.probe, mapping=_mapping(args.columns))
-    pool = load_data(args.pool, mapping=_mapping(args.columns)) if args.pool else None
+    probe = load_data(args.probe, mapping=parse_mapping(args.columns))
+    pool = load_data(args.pool, mapping=parse_mapping(args.columns)) if args.pool else None
     lm = _load_lm(args)
     hs = score_heads(lm, probe.samples, method=args.method, ratio=args.ratio,
                      pool=pool.samples if pool else None, seed=args.seed, batch_size=args.batch_size,
@@ -114,8 +102,8 @@ def cmd_select(args) -> None:
     from .selection import select_data
 
     heads = HeadScores.load(args.heads)
-    pool = load_data(args.pool, mapping=_mapping(args.columns))
-    probe = load_data(args.probe, mapping=_mapping(args.columns)) if args.probe else None
+    pool = load_data(args.pool, mapping=parse_mapping(args.columns))
+    probe = load_data(args.probe, mapping=parse_mapping(args.columns)) if args.probe else None
     lm = _load_lm(args)
     sel = select_data(lm, heads, pool.samples, method=args.method, ratio=args.ratio,
                       probe=probe.samples if probe else None, batch_size=args.batch_size,
@@ -131,13 +119,11 @@ def cmd_train(args) -> None:
     from .training import TrainConfig, train_heads
 
     heads = HeadScores.load(args.heads)
-    data = load_data(args.data, mapping=_mapping(args.columns))
+    data = load_data(args.data, mapping=parse_mapping(args.columns))
     lm = _load_lm(args)
     cfg = TrainConfig(steps=args.steps, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
                       max_length=args.max_length, projections=tuple(args.projections.split(",")), seed=args.seed)
     res = train_heads(lm, heads, data.samples, cfg, args.out, progress=_progress(), overwrite=args.overwrite)
-    from dataclasses import asdict
-
     _print(asdict(res))
     if res.stopped:
         print(f"stopped early ({res.stop_reason}); adapter and log saved in {args.out}", file=sys.stderr)
@@ -159,7 +145,7 @@ def cmd_run(args) -> None:
         value = getattr(args, f.name, None)
         if value is not None:
             if f.name == "columns":
-                value = _mapping(value)
+                value = parse_mapping(value)
             elif f.name == "projections":
                 value = [p.strip() for p in value.split(",") if p.strip()]
             setattr(config, f.name, value)

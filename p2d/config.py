@@ -34,7 +34,7 @@ class RunConfig:
     pool: str | None = field(default=None, metadata={"help": "training pool file (empty: built-in task pool)"})
     probe: str | None = field(default=None, metadata={"help": "~100 target examples used to find the heads"})
     eval: str | None = field(default=None, metadata={"help": "eval set for before/after accuracy"})
-    columns: dict | None = field(default=None, metadata={"help": "column mapping, e.g. {prompt: q, answer: a}"})
+    columns: dict | None = field(default=None, metadata={"help": "column mapping: prompt=q,answer=a on the command line, a mapping in YAML"})
     target: str | None = field(default=None, metadata={"help": "built-in pool: target task"})
     pool_size: int = field(default=1000, metadata={"help": "built-in pool: rows in the pool"})
     probe_size: int = field(default=100, metadata={"help": "built-in pool: probe rows"})

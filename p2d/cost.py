@@ -19,7 +19,7 @@ import random
 import statistics
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
@@ -54,6 +54,11 @@ class FullFinetuneCost:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def for_epochs(self, epochs: float) -> "FullFinetuneCost":
+        """The same per-step timing extrapolated to another number of epochs ("estimated")."""
+        steps = reference_steps(self.n_pool, self.batch_size, epochs)
+        return replace(self, time_s=self.s_per_step * steps, mode="estimated", steps=steps, epochs=epochs)
 
 
 def reference_steps(n_pool: int, batch_size: int, epochs: float) -> int:

@@ -88,7 +88,6 @@ class Run:
         self.eval_after: EvalResult | None = None
         self.full: FullFinetuneCost | None = None
         self.times: dict[str, float] = {}
-        self.stages_done: list[str] = []
 
     # -- steps ------------------------------------------------------------------------------------
     def load(self) -> RunData:
@@ -158,24 +157,38 @@ class Run:
         return res
 
     def trained_epochs(self) -> float:
-        """Epochs over the selected data that training did (or will do, before it ran)."""
-        c = self.config
+        """Epochs over the selected data that training did (or, before it ran, will do)."""
         n_sel = max(1, len(self.selection.selected))
         tr = self.train_result
         steps = tr.steps_done if tr and tr.steps_done else self.train_config().planned_steps(n_sel)
-        return steps * c.batch_size / n_sel
+        return steps * self.config.batch_size / n_sel
 
     def full_finetune_reference(self, epochs: float | None = None) -> FullFinetuneCost:
-        """Time full fine-tuning on the whole pool for `epochs` (default: the epochs trained)."""
+        """Full fine-tuning on the whole pool for `epochs` (default: the epochs trained).
+
+        An earlier estimate (e.g. timed before training for a live AER) is rescaled to the new epochs
+        instead of being timed again; `full_ft: measure` always runs every reference step.
+        """
         c = self.config
         epochs = self.trained_epochs() if epochs is None else epochs
-        self.full = full_finetune_cost(self.lm, self.data.pool.samples, epochs=epochs, batch_size=c.batch_size,
-                                       max_length=c.max_length, mode=c.full_ft, seed=c.seed,
-                                       progress=self.progress, should_stop=self.should_stop)
+        if self.full is not None and self.full.mode == "estimated" and c.full_ft == "estimate":
+            self.full = self.full.for_epochs(epochs)
+        else:
+            self.full = full_finetune_cost(self.lm, self.data.pool.samples, epochs=epochs, batch_size=c.batch_size,
+                                           max_length=c.max_length, mode=c.full_ft, seed=c.seed,
+                                           progress=self.progress, should_stop=self.should_stop)
         _save_json(self.out / "full_ft.json", self.full.to_dict())
         return self.full
 
     # -- summary ----------------------------------------------------------------------------------
+    @property
+    def stages_done(self) -> list[str]:
+        """Steps whose results this run holds, in pipeline order."""
+        results = [("load", self.data), ("heads", self.heads), ("select", self.selection),
+                   ("eval before", self.eval_before), ("train", self.train_result), ("eval after", self.eval_after),
+                   ("full reference", self.full)]
+        return [name for name, result in results if result is not None]
+
     def metrics(self) -> dict:
         t_heads = self.times.get("heads", 0.0)
         t_select = self.times.get("select", 0.0)
@@ -218,15 +231,13 @@ class Run:
         """All steps in order; returns (and writes) metrics.json. A stop request ends after the
         current step (training: after the current optimizer step) and still writes metrics.json."""
         start = time.perf_counter()
-        steps = [("load", self.load), ("heads", self.find_heads), ("select", self.select),
-                 ("eval before", lambda: self.evaluate("before")), ("train", self.train),
-                 ("eval after", lambda: self.evaluate("after")), ("full reference", self.full_finetune_reference)]
-        for name, step in steps:
+        steps = [self.load, self.find_heads, self.select, lambda: self.evaluate("before"), self.train,
+                 lambda: self.evaluate("after"), self.full_finetune_reference]
+        for step in steps:
             if self.should_stop is not None and self.should_stop():
-                break  # a stop request keeps what is done; metrics.json says what ran
+                break  # a stop request keeps what is done; metrics.json lists the stages that ran
             step()
-            self.stages_done.append(name)
-        m = self.write_metrics()
+        m = self.metrics()
         m["time_total_s"] = time.perf_counter() - start
         _save_json(self.out / "metrics.json", m)
         return m

@@ -183,14 +183,14 @@ class Studio:
         The description (format, rows, skipped rows, tasks) or the loader's error is the markdown."""
         from p2d.data.loading import load_data
 
-        from .fields import parse_columns
+        from p2d.data.formats import parse_mapping
 
         src = Path(file)
         ws.upload_dir.mkdir(parents=True, exist_ok=True)
         dest = ws.upload_dir / f"{kind}-{time.strftime('%H%M%S')}-{src.name}"
         shutil.copyfile(src, dest)
         try:
-            summ = load_data(str(dest), mapping=parse_columns(columns)).summary()
+            summ = load_data(str(dest), mapping=parse_mapping(columns)).summary()
         except UserError as exc:
             return str(dest), f"✗ **{kind}** `{src.name}`: {exc}"
         tasks = ", ".join(f"{k} {v}" for k, v in list(summ["tasks"].items())[:6]) or "no task labels"
@@ -304,8 +304,6 @@ class Studio:
     def job_train(self, ws: Workspace, cfg: RunConfig):
         """Load/heads/selection when missing, evaluate before, estimate the full fine-tuning reference
         (for the live AER), train (live log), evaluate after, write metrics.json."""
-        from p2d.cost import full_finetune_cost
-
         def body(job: Job):
             run = self.ensure_loaded(ws, cfg, job)
             self.ensure_heads(ws, run, job)
@@ -333,46 +331,32 @@ class Studio:
                 _gpu_evaluate(run, "before")
                 if job.should_stop():
                     return None
-            epochs = planned * c.batch_size / n_sel
             if c.full_ft == "estimate":
                 job.set_phase("timing full fine-tuning (reference for AER)")
-                run.full = full_finetune_cost(run.lm, run.data.pool.samples, epochs=epochs, batch_size=c.batch_size,
-                                              max_length=c.max_length, mode="estimate", seed=c.seed,
-                                              progress=job.progress, should_stop=job.should_stop)
+                run.full_finetune_reference(epochs=planned * c.batch_size / n_sel)
                 if job.should_stop():
                     return None
             job.set_phase("training")
             job.info["train_started"] = time.time()
             result = _gpu_train(run)
-            run.stages_done = ["load", "heads", "select"] + (["eval before"] if run.eval_before else []) + ["train"]
             if not result.stopped and run.data.eval is not None:
                 job.set_phase("evaluating after training")
                 _gpu_evaluate(run, "after")
-                run.stages_done.append("eval after")
             self._finish_reference(run, job)
             run.write_metrics()
             return result
         return body
 
     def _finish_reference(self, run, job: Job) -> None:
-        """The full fine-tuning reference for the epochs actually trained."""
-        from p2d.cost import reference_steps
-
-        c = run.config
-        tr = run.train_result
-        if tr is None:
+        """The full fine-tuning reference for the epochs actually trained (the up-front estimate is
+        rescaled; `measure` times every step unless the job was stopped)."""
+        if run.train_result is None:
             return
-        if c.full_ft == "measure" and not job.should_stop():
+        if run.config.full_ft == "measure" and not job.should_stop():
             job.set_phase("measuring full fine-tuning (reference for AER)")
-            run.full_finetune_reference()
-        elif run.full is not None:
-            n_sel = max(1, len(run.selection.selected))
-            epochs = tr.steps_done * c.batch_size / n_sel if tr.steps_done else run.full.epochs
-            steps = reference_steps(run.full.n_pool, c.batch_size, epochs)
-            run.full = dataclasses.replace(run.full, epochs=epochs, steps=steps, time_s=run.full.s_per_step * steps)
-            (run.out / "full_ft.json").write_text(json.dumps(run.full.to_dict(), indent=1), encoding="utf-8")
-        if run.full is not None:
-            run.stages_done.append("full reference")
+        elif run.full is None:
+            return
+        run.full_finetune_reference()
 
     def job_evaluate(self, ws: Workspace):
         def body(job: Job):

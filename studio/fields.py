@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import fields as dc_fields
 
 from p2d.config import RunConfig
+from p2d.data.formats import parse_mapping
 from p2d.errors import UserError
 
 from .limits import looks_like_local_path
@@ -34,24 +35,6 @@ DATA_SOURCES = (("Built-in task pool", "builtin"), ("My files", "files"))
 #: the settings that require loading again when they change (model + data)
 LOAD_KEYS = ("model", "device", "dtype", "trust_remote_code", "quantize", "pool", "probe", "eval", "columns", "target",
              "pool_size", "probe_size", "eval_size", "seed")
-
-
-def parse_columns(text: str | None) -> dict | None:
-    """``prompt=question, answer=reply`` -> {"prompt": "question", "answer": "reply"} (None if empty)."""
-    text = (text or "").strip()
-    if not text:
-        return None
-    out = {}
-    for part in text.replace("\n", ",").split(","):
-        part = part.strip()
-        if not part:
-            continue
-        if "=" not in part:
-            raise UserError(f"column mapping expects key=column pairs like prompt=question, answer=reply "
-                            f"(got {part!r})")
-        k, v = part.split("=", 1)
-        out[k.strip()] = v.strip()
-    return out or None
 
 
 def format_columns(mapping: dict | None) -> str:
@@ -116,7 +99,7 @@ def values_to_config(values: dict, validate: bool = True) -> RunConfig:
     else:
         cfg.pool = cfg.probe = cfg.eval = None
         cfg.target = v.get("target") or None
-    cfg.columns = parse_columns(v.get("columns"))
+    cfg.columns = parse_mapping(v.get("columns"))
     for key in ("pool_size", "probe_size", "eval_size"):
         if v.get(key) not in (None, ""):
             setattr(cfg, key, _int(v[key], key.replace("_", " "), minimum=1 if key == "pool_size" else 0))

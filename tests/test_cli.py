@@ -93,6 +93,8 @@ def test_run_tiny_end_to_end(capsys, tmp_path, tiny_llama_dir):
                 "eval_before", "eval_after", "trainable_params", "total_params", "selected_heads", "n_selected"):
         assert key in on_disk and key in metrics, key
     assert on_disk["aer_mode"] == "estimated" and on_disk["aer"] > 0
+    assert on_disk["stages_done"] == ["load", "heads", "select", "eval before", "train", "eval after",
+                                      "full reference"]
     assert on_disk["n_selected"] == 12 and len(on_disk["selected_heads"]) == 4
     assert on_disk["trainable_params"] < on_disk["total_params"]
     assert {"accuracy", "loss", "n"} <= set(on_disk["eval_after"])

@@ -81,3 +81,11 @@ def test_full_finetune_measured(tiny_llama):
     pool = load_records([{"question": f"q{i}", "answer": f"a{i}"} for i in range(8)]).samples
     m = full_finetune_cost(tiny_llama, pool, epochs=1, batch_size=4, max_length=32, mode="measure")
     assert m.mode == "measured" and m.steps == 2 and m.time_s > 0
+
+
+def test_estimate_rescales_to_other_epochs(tiny_llama):
+    pool = load_records([{"question": f"q{i}", "answer": f"a{i}"} for i in range(16)]).samples
+    est = full_finetune_cost(tiny_llama, pool, epochs=1, batch_size=4, max_length=32, timed_steps=1)
+    three = est.for_epochs(3)
+    assert three.steps == 12 and three.epochs == 3 and three.mode == "estimated"
+    assert three.time_s == pytest.approx(est.s_per_step * 12) and three.s_per_step == est.s_per_step

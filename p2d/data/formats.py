@@ -129,6 +129,20 @@ def detect_format(columns: list[str]) -> str:
     )
 
 
+def parse_mapping(text: str | None) -> dict[str, str] | None:
+    """``prompt=question, answer=reply`` (commas or newlines) -> {"prompt": "question", ...}; None if empty."""
+    out: dict[str, str] = {}
+    for part in (text or "").replace("\n", ",").split(","):
+        part = part.strip()
+        if not part:
+            continue
+        if "=" not in part:
+            raise UserError(f"a column mapping is key=column pairs like prompt=question,answer=reply (got {part!r})")
+        key, col = part.split("=", 1)
+        out[key.strip()] = col.strip()
+    return out or None
+
+
 def check_mapping(mapping: dict | None, columns: list[str]) -> dict[str, str]:
     """Validate a column mapping against the columns; return it with empty entries removed and
     column names resolved (exact match first, then case-insensitive)."""
