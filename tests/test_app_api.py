@@ -28,7 +28,7 @@ def _free_port() -> int:
 
 
 def _launch(tmp_path_factory, demo: bool):
-    from studio.app import build_app
+    from p2d.studio.app import build_app
 
     app = build_app(demo=demo, runs_root=tmp_path_factory.mktemp("demo-runs" if demo else "runs"))
     _, url, _ = app.launch(prevent_thread_lock=True, server_port=_free_port(), quiet=True)
@@ -72,7 +72,7 @@ def _plot(value) -> dict:
 
 
 def test_heatmap_marks_selected_heads_and_hover():
-    from studio import charts
+    from p2d.studio import charts
 
     scores = [[0.1, 0.9, 0.3], [0.5, float("nan"), 0.7]]
     fig = charts.heads_heatmap(scores, [[0, 1], [1, 2]])
@@ -90,7 +90,7 @@ def test_heatmap_marks_selected_heads_and_hover():
 
 
 def test_data_train_and_result_charts():
-    from studio import charts
+    from p2d.studio import charts
 
     hist = charts.score_histogram([0.1, 0.5, None, 0.9, 0.7], selected=[3, 4])
     names = [t.name for t in hist.data]
@@ -112,7 +112,7 @@ def test_data_train_and_result_charts():
 
 
 def test_progress_html_and_log_reader(tmp_path):
-    from studio.actions import progress_html, read_log
+    from p2d.studio.actions import progress_html, read_log
 
     html = progress_html(0.42, "Training: step 42 of 100", "elapsed 0:42 · remaining ~0:58")
     assert "width:42.0%" in html and "remaining ~0:58" in html
@@ -125,7 +125,7 @@ def test_progress_html_and_log_reader(tmp_path):
 
 
 def test_form_config_round_trip(tmp_path):
-    from studio.fields import FIELD_NAMES, config_to_values, values_to_config
+    from p2d.studio.fields import FIELD_NAMES, config_to_values, values_to_config
 
     cfg = RunConfig(model="HuggingFaceTB/SmolLM2-360M-Instruct", target="dates", pool_size=123, probe_size=17,
                     eval_size=9, seed=3, quantize="4bit", head_method="shift", head_ratio=0.2, select_method="ablation",
@@ -147,7 +147,7 @@ def test_form_config_round_trip(tmp_path):
 
 def test_demo_caps_and_paths(tmp_path):
     from p2d.errors import UserError
-    from studio.limits import DEMO, LOCAL, apply_caps, check_paths, current_limits
+    from p2d.studio.limits import DEMO, LOCAL, apply_caps, check_paths, current_limits
 
     cfg = RunConfig(pool_size=100_000, probe_size=500, eval_size=500, steps=10_000, batch_size=64, max_length=4096,
                     full_ft="measure").validate()
@@ -168,8 +168,8 @@ def test_demo_caps_and_paths(tmp_path):
 
 
 def test_workspace_reattach(tmp_path):
-    from studio.actions import Studio
-    from studio.limits import LOCAL
+    from p2d.studio.actions import Studio
+    from p2d.studio.limits import LOCAL
 
     st = Studio(LOCAL, tmp_path)
     try:
@@ -269,7 +269,7 @@ def test_full_run_through_the_api(served, client, tiny_llama_dir, tmp_path):
 
 
 def test_settings_save_and_load_round_trip(client, tiny_llama_dir):
-    from studio.fields import FIELD_NAMES
+    from p2d.studio.fields import FIELD_NAMES
 
     kw = _kw(tiny_llama_dir, target="dates", seed=7, head_method="random", select_method="activation", lr=0.002,
              projections=["q", "v"], eval_limit=4, full_ft="measure")
@@ -352,7 +352,7 @@ def test_demo_mode_caps_and_refuses_local_paths(served_demo, tiny_llama_dir, tmp
     assert "local model paths are disabled in the public demo" in status
     with pytest.raises(AppError, match="greater than maximum"):  # the form's own limits
         c.predict(model_source="embedded", pool_size=100_000, api_name="/show_command")
-    from studio.fields import FIELD_NAMES
+    from p2d.studio.fields import FIELD_NAMES
 
     values = c.predict("pool_size: 100000\nsteps: 10000\nfull_ft: measure\n", api_name="/apply_config")
     form = dict(zip(FIELD_NAMES, values))

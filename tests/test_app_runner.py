@@ -1,7 +1,7 @@
 """The app's job runner on its own: one job at a time, user errors and out-of-memory as messages."""
 
 from p2d.errors import UserError
-from studio.runner import Runner
+from p2d.studio.runner import Runner
 
 
 def _run_one(fn):

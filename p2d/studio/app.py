@@ -4,7 +4,7 @@
 API (every event has an explicit ``api_name``; gradio_client can drive the app):
 
 - ``/load``, ``/heads``, ``/select``: run a stage (earlier stages run on demand) and return the
-  tab's outputs. They take the settings form (``studio.fields.FIELD_NAMES``) as keyword arguments.
+  tab's outputs. They take the settings form (``p2d.studio.fields.FIELD_NAMES``) as keyword arguments.
 - ``/preview``: a page of the selected samples (search, page).
 - ``/train``: start training (returns at once); ``/train_status`` polls it (same outputs the page's
   timer uses); ``/stop`` stops it; ``/wait_job`` blocks until the session's job ends (summary dict).
@@ -14,6 +14,7 @@ API (every event has an explicit ``api_name``; gradio_client can drive the app):
 
 from __future__ import annotations
 
+import argparse
 import inspect
 import os
 import time
@@ -464,3 +465,18 @@ def build_app(demo: bool | None = None, runs_root: str | os.PathLike | None = No
     app.studio = st  # for tests and app.py
     app.queue(default_concurrency_limit=4)
     return app
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description="P2D Studio (Gradio app)")
+    p.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME") or "127.0.0.1",
+                   help="interface to listen on (env GRADIO_SERVER_NAME; default 127.0.0.1, 0.0.0.0 for all)")
+    p.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT") or 7860),
+                   help="port (env GRADIO_SERVER_PORT; default 7860)")
+    p.add_argument("--demo", action="store_true", default=None, help="public demo limits (env P2D_DEMO=1)")
+    p.add_argument("--runs", default=None, help="folder for per-session run folders (env P2D_STUDIO_RUNS)")
+    p.add_argument("--share", action="store_true", help="create a public gradio.live link")
+    args = p.parse_args(argv)
+    app = build_app(demo=args.demo, runs_root=args.runs)
+    app.launch(server_name=args.host, server_port=args.port, share=args.share or None,
+               footer_links=["api", "gradio"])
