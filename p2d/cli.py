@@ -1,24 +1,48 @@
 """`python -m p2d <command>`: every library job on the command line.
 
+Flags are generated from dataclass fields (`p2d.config.RunConfig`, and each command's own options),
+so a setting has one flag name everywhere (``--head-ratio``, ``--select-method``, ...) and every
+command takes ``--config FILE.yaml`` (the file the app saves). Precedence: flags, then ``--config``,
+then (stage commands only) the run folder's own ``config.yaml``, then the defaults.
+
 Results are printed to stdout as one JSON object; progress goes to stderr. Errors the user can fix
-print one line (`error: ...`) on stderr and exit with code 2; Ctrl-C exits with 130 after the
+print one line (``error: ...``) on stderr and exit with code 2; Ctrl-C exits with 130 after the
 current step has been saved.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
+import typing
 from dataclasses import asdict, fields
 from pathlib import Path
 
-from .data.formats import parse_mapping
+from .config import RunConfig, choices_of
 from .errors import OOM_ADVICE, UserError, is_out_of_memory
+
+# which RunConfig groups each command takes
+MODEL = ("model",)
+STAGE_GROUPS = ("model", "data", "heads", "select", "train", "eval", "cost", "output")
+COMMAND_GROUPS = {
+    "info": ("model",),
+    "eval": ("model", "data", "eval"),
+    "heads": ("model", "data", "heads", "output"),
+    "select": ("model", "data", "heads", "select", "output"),
+    "train": ("model", "data", "heads", "select", "train", "output"),
+    "merge": ("model",),
+    "run": STAGE_GROUPS,
+}
+EVAL_DATA = ("pool", "probe", "eval", "columns", "target", "pool_size", "probe_size", "eval_size", "seed",
+             "max_length", "batch_size")
 
 
 def _print(obj) -> None:
-    print(json.dumps(obj, indent=1, ensure_ascii=False, default=str))
+    from .files import dumps
+
+    print(dumps(obj, indent=1))
 
 
 def _progress():
@@ -27,153 +51,247 @@ def _progress():
     return ConsoleProgress()
 
 
-def _model_args(p: argparse.ArgumentParser, required: bool = False) -> None:
-    p.add_argument("--model", default="default", required=required,
-                   help="model spec: default (embedded SmolLM2-135M-Instruct), hub id, folder or .gguf file")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
-    p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, else fp32), fp32, bf16 or fp16")
-    p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the hub")
-    p.add_argument("--quantize", choices=("8bit", "4bit"),
-                   help="load the frozen MLPs with bitsandbytes (saves GPU memory; slower on CPU)")
+# -- flags from dataclasses ----------------------------------------------------------------------
+def _metavar(name: str, hint) -> str:
+    special = {"model": "SPEC", "pool": "FILE", "probe": "FILE", "eval": "FILE", "out": "DIR", "runs": "DIR"}
+    if name in special:
+        return special[name]
+    text = str(hint)
+    if "int" in text:
+        return "N"
+    if "float" in text:
+        return "X"
+    if "list" in text:
+        return "A,B"
+    if "dict" in text:
+        return "K=V,..."
+    return "NAME"
 
 
-def _load_lm(args):
-    from .models import load_model
+def add_dataclass_flags(parser: argparse.ArgumentParser, cls, names=None, required=()) -> None:
+    """One flag per field of ``cls`` (those in ``names``, default all); unset flags stay None so a
+    config file or the defaults fill them. Help texts come from the field metadata."""
+    hints = typing.get_type_hints(cls)
+    for f in fields(cls):
+        if names is not None and f.name not in names:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        meta = f.metadata
+        help_ = meta.get("help", "").replace("%", "%%")
+        choices = choices_of(f) if meta.get("choices") is not None else None
+        if choices:
+            help_ += f" [{', '.join(choices)}]"
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if hints[f.name] is bool:
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
+                                help=f"{help_} (default: {'on' if default else 'off'})")
+            continue
+        shown = ",".join(map(str, default)) if isinstance(default, (list, tuple)) else default
+        suffix = f" (default: {shown})" if shown not in (None, "") else ""
+        parser.add_argument(flag, dest=f.name, default=None, metavar=_metavar(f.name, hints[f.name]), required=f.name in required,
+                            help=help_ + suffix)
 
-    return load_model(args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
-                      quantize=getattr(args, "quantize", None))
+
+def _group_fields(groups) -> list[str]:
+    return [f.name for f in fields(RunConfig) if f.metadata["group"] in groups]
+
+
+def _given(args, names) -> dict:
+    return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+
+
+def config_from_args(args, names, folder_config: bool = False) -> RunConfig:
+    """Defaults < the run folder's config.yaml (``folder_config``) < --config < flags."""
+    from .pipeline import CONFIG_FILE
+
+    given = _given(args, names)
+    file_values = _raw_yaml(args.config) if getattr(args, "config", None) else {}
+    merged: dict = {}
+    if folder_config:
+        out = given.get("out") or file_values.get("out") or RunConfig().out
+        own = Path(out) / CONFIG_FILE
+        if own.is_file():
+            merged.update(_raw_yaml(own))
+    merged.update(file_values)
+    merged.update(given)
+    return RunConfig.from_dict(merged).validate()
+
+
+def _raw_yaml(path) -> dict:
+    """The settings a YAML file sets (only those; unknown names are an error)."""
+    cfg_path = Path(path)
+    loaded = RunConfig.load(cfg_path)  # validates names and values
+    import yaml
+
+    data = yaml.safe_load(cfg_path.read_text(encoding="utf-8")) or {}
+    return {k: getattr(loaded, k) for k in data}
+
+
+def _announce(config: RunConfig, command: str) -> None:
+    print("# settings used (save as YAML and pass with --config to rerun):", file=sys.stderr)
+    print(config.to_yaml(), file=sys.stderr)
+    print(f"# equivalent command: {config.to_command(command)}", file=sys.stderr)
+
+
+def _load_lm(config: RunConfig):
+    from .pipeline import _default_loader
+
+    return _default_loader(config)
 
 
 # -- commands ------------------------------------------------------------------------------------
 def cmd_info(args) -> None:
-    _print(_load_lm(args).info())
+    _print(_load_lm(config_from_args(args, _group_fields(MODEL))).info())
 
 
 def cmd_data(args) -> None:
     from .data.loading import load_data
 
-    _print(load_data(args.file, mapping=parse_mapping(args.columns), split=args.split, limit=args.limit).summary())
+    config = config_from_args(args, ["columns"])
+    _print(load_data(args.file, mapping=config.columns, split=args.split, limit=args.limit).summary())
 
 
 def cmd_demo_data(args) -> None:
-    from .data.builtin import DEFAULT_TARGET, build_task_pool
+    from .data.builtin import build_task_pool
 
-    tp = build_task_pool(target=args.target or DEFAULT_TARGET, seed=args.seed, pool_size=args.pool_size,
-                         probe_size=args.probe_size, eval_size=args.eval_size)
+    config = config_from_args(args, ["target", "pool_size", "probe_size", "eval_size", "seed"])
+    tp = build_task_pool(target=config.target, seed=config.seed, pool_size=config.pool_size,
+                         probe_size=config.probe_size, eval_size=config.eval_size)
     paths = tp.write(args.out)
-    _print({"files": paths, "target": tp.target, "pool_tasks": tp.counts(),
-            "probe": len(tp.probe), "eval": len(tp.eval)})
+    _print({"files": paths, "target": tp.target, "pool_tasks": tp.counts(), "probe": len(tp.probe),
+            "eval": len(tp.eval)})
 
 
 def cmd_eval(args) -> None:
-    from .data.loading import load_data
     from .evaluation import evaluate
+    from .pipeline import load_run_data
 
-    data = load_data(args.eval, mapping=parse_mapping(args.columns))
-    lm = _load_lm(args)
+    config = config_from_args(args, _group_fields(COMMAND_GROUPS["eval"]))
+    if config.pool and not config.eval:
+        raise UserError("give the eval file (--eval FILE); without files the built-in eval set is used")
+    if config.eval:
+        from .data.loading import load_data
+
+        data = load_data(config.eval, mapping=config.columns)
+        samples, skipped = data.samples, sum(data.skipped.values())
+    else:
+        ev = load_run_data(config).eval
+        if ev is None:
+            raise UserError("the built-in eval set is empty (eval_size 0): raise eval_size or give --eval FILE")
+        samples, skipped = ev.samples, 0
+    lm = _load_lm(config)
     if args.adapter:
         from .adapter import load_adapter
 
         load_adapter(lm, args.adapter)
-    res = evaluate(lm, data.samples, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                   limit=args.limit, max_length=args.max_length, progress=_progress())
+    res = evaluate(lm, samples, batch_size=max(config.batch_size, 16), max_new_tokens=config.max_new_tokens,
+                   limit=config.eval_limit, max_length=config.max_length, progress=_progress())
     out = res.to_dict(with_examples=args.examples)
-    out["skipped"] = sum(data.skipped.values())
+    out["skipped"] = skipped
     _print(out)
 
 
-def cmd_heads(args) -> None:
-    from .data.loading import load_data
-    from .heads import score_heads
+def _stage_run(args, command: str):
+    """The run in the folder of the settings, with what it already finished."""
+    from .pipeline import CONFIG_FILE, Run
 
-    probe = load_data(args.probe, mapping=parse_mapping(args.columns))
-    pool = load_data(args.pool, mapping=parse_mapping(args.columns)) if args.pool else None
-    lm = _load_lm(args)
-    hs = score_heads(lm, probe.samples, method=args.method, ratio=args.ratio,
-                     pool=pool.samples if pool else None, seed=args.seed, batch_size=args.batch_size,
-                     max_length=args.max_length, proxy_steps=args.proxy_steps, progress=_progress())
-    path = hs.save(args.out)
-    _print({"heads": str(path), "method": hs.method, "selected": hs.selected, "time_s": hs.time_s})
+    config = config_from_args(args, _group_fields(COMMAND_GROUPS[command]), folder_config=True)
+    _announce(config, command)
+    if (Path(config.out) / CONFIG_FILE).is_file():
+        run = Run.open(config.out, config=config, progress=_progress())
+    else:
+        run = Run(config, progress=_progress())
+    run.resume = bool(getattr(args, "resume", False))
+    return run
+
+
+def cmd_heads(args) -> None:
+    run = _stage_run(args, "heads")
+    run.run(["heads"])
+    hs = run.heads
+    _print({"heads": str(run.out / "heads.json"), "method": hs.method, "selected": hs.selected,
+            "time_s": hs.time_s, "partial": "heads" in run.stages_partial})
 
 
 def cmd_select(args) -> None:
-    from .data.loading import load_data
     from .heads import HeadScores
-    from .selection import select_data
 
-    heads = HeadScores.load(args.heads)
-    pool = load_data(args.pool, mapping=parse_mapping(args.columns))
-    probe = load_data(args.probe, mapping=parse_mapping(args.columns)) if args.probe else None
-    lm = _load_lm(args)
-    sel = select_data(lm, heads, pool.samples, method=args.method, ratio=args.ratio,
-                      probe=probe.samples if probe else None, batch_size=args.batch_size,
-                      max_length=args.max_length, seed=args.seed, progress=_progress())
-    paths = sel.save(args.out, pool.samples)
-    _print({"files": {k: str(v) for k, v in paths.items()}, "method": sel.method, "n_pool": sel.n_pool,
-            "n_selected": sel.n_selected, "time_s": sel.time_s, "task_counts": sel.task_counts(pool.samples)})
+    run = _stage_run(args, "select")
+    if args.heads:
+        run.use_heads(HeadScores.load(args.heads), source=args.heads)
+    run.run(["select"])
+    sel = run.selection
+    _print({"files": {k: str(run.out / k) for k in ("selected.jsonl", "scores.jsonl", "selection.json")},
+            "method": sel.method, "n_pool": sel.n_pool, "n_selected": sel.n_selected, "time_s": sel.time_s,
+            "task_counts": sel.task_counts(run.data.pool.samples), "partial": "select" in run.stages_partial})
 
 
 def cmd_train(args) -> None:
-    from .data.loading import load_data
     from .heads import HeadScores
-    from .training import TrainConfig, train_heads
 
-    heads = HeadScores.load(args.heads)
-    data = load_data(args.data, mapping=parse_mapping(args.columns))
-    lm = _load_lm(args)
-    cfg = TrainConfig(steps=args.steps, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
-                      max_length=args.max_length, projections=tuple(args.projections.split(",")), seed=args.seed)
-    res = train_heads(lm, heads, data.samples, cfg, args.out, progress=_progress(), overwrite=args.overwrite)
+    if args.data:  # train on a given file instead of the run's selection
+        from .data.loading import load_data
+        from .pipeline import Run
+        from .training import train_heads
+
+        config = config_from_args(args, _group_fields(COMMAND_GROUPS["train"]), folder_config=True)
+        _announce(config, "train")
+        heads = HeadScores.load(args.heads or Path(config.out) / "heads.json")
+        data = load_data(args.data, mapping=config.columns)
+        run = Run(config)
+        res = train_heads(_load_lm(config), heads, data.samples, run.train_config(), config.out,
+                          progress=_progress(), overwrite=True, resume=args.resume,
+                          checkpoint_every=config.checkpoint_every)
+    else:
+        run = _stage_run(args, "train")
+        if args.heads:
+            run.use_heads(HeadScores.load(args.heads), source=args.heads)
+        run.run(["train"])
+        res = run.train_result
     _print(asdict(res))
     if res.stopped:
-        print(f"stopped early ({res.stop_reason}); adapter and log saved in {args.out}", file=sys.stderr)
+        print(f"stopped early ({res.stop_reason}); adapter and log saved in {res.adapter_dir}; continue with "
+              "--resume", file=sys.stderr)
 
 
 def cmd_merge(args) -> None:
     from .adapter import merge_and_save
 
-    lm = _load_lm(args)
+    lm = _load_lm(config_from_args(args, _group_fields(MODEL)))
     _print({"merged_model": str(merge_and_save(lm, args.adapter, args.out))})
 
 
 def cmd_run(args) -> None:
-    from .config import RunConfig
-    from .pipeline import Run
+    from .pipeline import Run, fresh_folder
 
-    config = RunConfig.load(args.config) if args.config else RunConfig()
-    for f in fields(RunConfig):
-        value = getattr(args, f.name, None)
-        if value is not None:
-            if f.name == "columns":
-                value = parse_mapping(value)
-            elif f.name == "projections":
-                value = [p.strip() for p in value.split(",") if p.strip()]
-            setattr(config, f.name, value)
-    config.validate()
-    print("# config used (save as YAML and pass with --config to rerun):", file=sys.stderr)
-    print(config.to_yaml(), file=sys.stderr)
-    print(f"# equivalent command: {config.to_command()}", file=sys.stderr)
-    metrics = Run(config, progress=_progress()).run_all()
+    if args.resume:
+        run = _stage_run(args, "run")
+    else:
+        config = config_from_args(args, _group_fields(COMMAND_GROUPS["run"]))
+        _announce(config, "run")
+        fresh_folder(config.out)
+        run = Run(config, progress=_progress())
+    metrics = run.run_all()
     _print(metrics)
+    if metrics.get("stages_partial"):
+        print(f"stopped during {', '.join(metrics['stages_partial'])}; continue with --resume", file=sys.stderr)
+
+
+def options_from_args(cls, args):
+    """An options dataclass (StudioOptions, BenchConfig) from --config and the flags."""
+    from .config import options_from
+
+    return options_from(cls, getattr(args, "config", None), _given(args, [f.name for f in fields(cls)]))
+
+
+def cmd_studio(args) -> None:
+    from .studio.app import launch
+    from .studio.options import StudioOptions
+
+    launch(options_from_args(StudioOptions, args))
 
 
 # -- parser --------------------------------------------------------------------------------------
-def _run_flags(p: argparse.ArgumentParser) -> None:
-    """One flag per RunConfig field; unset flags keep the config file's (or default) value."""
-    from .config import RunConfig
-
-    for f in fields(RunConfig):
-        flag = "--" + f.name.replace("_", "-")
-        help_ = f.metadata.get("help", "")
-        default = f.default if f.default is not None and not callable(f.default) else None
-        if f.type in ("bool", bool):
-            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_)
-            continue
-        kind = {"int": int, "float": float, "int | None": int, "float | None": float}.get(str(f.type), str)
-        suffix = f" (default: {default})" if default not in (None, "") and not isinstance(default, bool) else ""
-        p.add_argument(flag, dest=f.name, type=kind, default=None, help=help_ + suffix)
-
-
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -182,95 +300,59 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"p2d {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("info", help="model facts and head geometry as JSON")
-    _model_args(p)
-    p.set_defaults(func=cmd_info)
+    def command(name: str, help_: str, func, groups=None, names=None):
+        p = sub.add_parser(name, help=help_, description=help_)
+        p.add_argument("--config", metavar="FILE.yaml", help="settings file (as the app saves it); flags override it")
+        wanted = names if names is not None else _group_fields(groups or ())
+        add_dataclass_flags(p, RunConfig, wanted)
+        p.set_defaults(func=func)
+        return p
 
-    p = sub.add_parser("data", help="load a dataset file and print its detected format and counts")
+    command("info", "model facts and head geometry as JSON", cmd_info, MODEL)
+
+    p = command("data", "load a dataset file and print its detected format and counts", cmd_data, names=["columns"])
     p.add_argument("file", help="JSONL, JSON, CSV, TSV, Parquet, a save_to_disk folder or a hub dataset id")
-    p.add_argument("--columns", help="column mapping, e.g. prompt=question,answer=reply,task=label")
     p.add_argument("--split", default="train", help="split for folders / hub datasets (default: train)")
     p.add_argument("--limit", type=int, help="read at most this many usable rows")
-    p.set_defaults(func=cmd_data)
 
-    p = sub.add_parser("demo-data", help="write the built-in task pool as pool/probe/eval JSONL")
-    p.add_argument("--out", required=True, help="folder to write pool.jsonl, probe.jsonl, eval.jsonl into")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--target", help="target task (default: the built-in default)")
-    p.add_argument("--pool-size", type=int, default=1000)
-    p.add_argument("--probe-size", type=int, default=100)
-    p.add_argument("--eval-size", type=int, default=100)
-    p.set_defaults(func=cmd_demo_data)
+    p = command("demo-data", "write the built-in task pool as pool/probe/eval JSONL", cmd_demo_data,
+                names=["target", "pool_size", "probe_size", "eval_size", "seed"])
+    p.add_argument("--out", required=True, metavar="DIR", help="folder to write pool.jsonl, probe.jsonl, eval.jsonl "
+                   "into")
 
-    p = sub.add_parser("eval", help="exact-match accuracy and answer loss on an eval file")
-    _model_args(p)
-    p.add_argument("--eval", required=True, help="eval file (any format `data` reads)")
+    p = command("eval", "accuracy (exact match, contains) and answer loss on the eval set", cmd_eval,
+                names=_group_fields(MODEL + ("eval",)) + list(EVAL_DATA))
     p.add_argument("--adapter", help="head adapter folder to apply first")
-    p.add_argument("--limit", type=int, help="evaluate at most N rows")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-new-tokens", type=int, help="generation cap (default: longest gold answer + 8, max 64)")
-    p.add_argument("--max-length", type=int, default=256)
-    p.add_argument("--columns", help="column mapping, e.g. prompt=question,answer=reply")
     p.add_argument("--examples", action="store_true", help="include a few predictions in the output")
-    p.set_defaults(func=cmd_eval)
 
-    from .adapter import PROJECTIONS
-    from .heads import DEFAULT_HEAD_METHOD, HEAD_METHODS
-    from .selection import DEFAULT_SELECT_METHOD, SELECT_METHODS
+    p = command("heads", "stage 1: score every attention head on the probe set (heads.json in the run folder)",
+                cmd_heads, COMMAND_GROUPS["heads"])
+    p = command("select", "stage 2: score the pool with the selected heads and keep the top share", cmd_select,
+                COMMAND_GROUPS["select"])
+    p.add_argument("--heads", metavar="HEADS.json", help="use these heads (e.g. another run's) instead of the run "
+                   "folder's")
+    p = command("train", "stage 3: train only the selected heads (adapter/ and train_log.jsonl)", cmd_train,
+                COMMAND_GROUPS["train"])
+    p.add_argument("--heads", metavar="HEADS.json", help="use these heads instead of the run folder's")
+    p.add_argument("--data", metavar="FILE", help="train on this file instead of the run's selected data")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in the run folder")
 
-    p = sub.add_parser("heads", help="stage 1: score every attention head on a probe set")
-    _model_args(p)
-    p.add_argument("--probe", required=True, help="~100 examples of the target task")
-    p.add_argument("--pool", help="pool file (used by the gradient method's task contrast)")
-    p.add_argument("--method", choices=HEAD_METHODS, default=DEFAULT_HEAD_METHOD)
-    p.add_argument("--ratio", type=float, default=0.1, help="share of all query heads to select (default 0.1)")
-    p.add_argument("--proxy-steps", type=int, default=20, help="shift method: proxy fine-tuning steps")
-    p.add_argument("--out", required=True, help="folder for heads.json")
-    _common_run_args(p)
-    p.set_defaults(func=cmd_heads)
-
-    p = sub.add_parser("select", help="stage 2: score a pool with the selected heads and keep the top ratio")
-    _model_args(p)
-    p.add_argument("--heads", required=True, help="heads.json from `heads` (or its folder)")
-    p.add_argument("--pool", required=True, help="pool file to select from")
-    p.add_argument("--probe", help="probe file (needed by the alignment method)")
-    p.add_argument("--method", choices=SELECT_METHODS, default=DEFAULT_SELECT_METHOD)
-    p.add_argument("--ratio", type=float, default=0.1, help="share of the pool to keep (default 0.1)")
-    p.add_argument("--out", required=True, help="folder for selected.jsonl, scores.jsonl, selection.json")
-    _common_run_args(p)
-    p.set_defaults(func=cmd_select)
-
-    p = sub.add_parser("train", help="stage 3: train only the selected heads; writes adapter/ and train_log.jsonl")
-    _model_args(p)
-    p.add_argument("--heads", required=True, help="heads.json from `heads` (or its folder)")
-    p.add_argument("--data", required=True, help="training data (e.g. selected.jsonl from `select`)")
-    p.add_argument("--steps", type=int, help="optimizer steps (default: from --epochs)")
-    p.add_argument("--epochs", type=float, default=1.0)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--projections", default=",".join(PROJECTIONS), help="subset of q,k,v,o to train")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing adapter/log in --out")
-    p.add_argument("--out", required=True, help="folder for adapter/ and train_log.jsonl")
-    _common_run_args(p)
-    p.set_defaults(func=cmd_train)
-
-    p = sub.add_parser("merge", help="merge a head adapter into the base model and save_pretrained it")
-    _model_args(p)
+    p = command("merge", "merge a head adapter into the base model and save it (save_pretrained)", cmd_merge, MODEL)
     p.add_argument("--adapter", required=True, help="adapter folder")
-    p.add_argument("--out", required=True, help="new folder for the merged model")
-    p.set_defaults(func=cmd_merge)
+    p.add_argument("--out", required=True, metavar="DIR", help="new folder for the merged model")
 
-    p = sub.add_parser("run", help="the whole pipeline: heads, select, train, eval before/after, AER")
-    p.add_argument("--config", help="YAML config (as saved by the app); flags override it")
-    _run_flags(p)
-    p.set_defaults(func=cmd_run)
+    p = command("run", "the whole pipeline: heads, select, train, eval before/after, AER", cmd_run,
+                COMMAND_GROUPS["run"])
+    p.add_argument("--resume", action="store_true", help="keep the finished stages of the run folder and continue "
+                   "training from its last checkpoint")
+
+    from .studio.options import StudioOptions
+
+    p = sub.add_parser("studio", help="start the P2D Studio app (Gradio)", description="start the P2D Studio app")
+    p.add_argument("--config", metavar="FILE.yaml", help="settings to fill the form with")
+    add_dataclass_flags(p, StudioOptions)
+    p.set_defaults(func=cmd_studio)
     return parser
-
-
-def _common_run_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-length", type=int, default=256)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--columns", help="column mapping, e.g. prompt=question,answer=reply")
 
 
 def main(argv: list[str] | None = None) -> int:

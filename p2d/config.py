@@ -1,157 +1,430 @@
-"""Run settings: one dataclass, saved and loaded as YAML, shared by `python -m p2d run` and the app.
+"""Run settings: one dataclass that owns every value of a P2D run.
 
-Every field maps to a `run` flag of the same name (underscores become dashes), so a config file and
-a command line are interchangeable; `to_command()` prints the equivalent command.
+`RunConfig` is the only place a setting is normalised and checked: its fields carry their type,
+allowed choices, range, a label and the pipeline stages they affect (field metadata). Everything
+else builds on it:
+
+- YAML files (`save` / `load`), the file `python -m p2d run --config` takes and the app saves;
+- the command line: every subcommand's flags are generated from these fields (`p2d.cli`), one flag
+  name per setting (``head_ratio`` is ``--head-ratio`` everywhere);
+- `to_command()`, the equivalent command line of a config (round-trips through the CLI parser);
+- the app's settings form, whose inputs are named after the fields;
+- `p2d.pipeline.Run`, which knows from ``stages`` which results a changed setting invalidates.
+
+Values arrive as typed Python values (YAML, the API) or as strings (command line, form): both go
+through the same normalisation. Optional numbers accept ``none`` (or an empty value) for "not set";
+``steps``, ``max_steps``, ``eval_limit`` and ``max_new_tokens`` also read 0 as "not set", which is
+how the app's number boxes say it.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import shlex
-from dataclasses import asdict, dataclass, field, fields
+import typing
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import yaml
 
-from .errors import UserError
-
 from .adapter import PROJECTIONS
+from .cost import REFERENCE_MODES
+from .errors import UserError
+from .files import write_text
 from .heads import DEFAULT_HEAD_METHOD, HEAD_METHODS
+from .models import DTYPES, QUANTIZE
 from .selection import DEFAULT_SELECT_METHOD, SELECT_METHODS
+
+#: the pipeline stages, in the order a run executes them (see p2d.pipeline)
+STAGES = ("load", "heads", "select", "eval_before", "reference", "train", "eval_after")
+
+
+def _targets():
+    from .data.builtin import TASKS
+
+    return TASKS
+
+
+def setting(default, group: str, label: str, help: str, stages: tuple = (), choices=None, minimum=None,
+            maximum=None, above: float | None = None, none_if_zero: bool = False, factory=None):
+    """A RunConfig field with its metadata.
+
+    ``choices`` may be a callable (resolved lazily, so stage modules can own their method names);
+    ``minimum``/``maximum`` are inclusive bounds, ``above`` an exclusive lower bound.
+    """
+    meta = {"group": group, "label": label, "help": help, "stages": tuple(stages), "choices": choices,
+            "minimum": minimum, "maximum": maximum, "above": above, "none_if_zero": none_if_zero}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+_SCORE = ("heads", "select", "train", "reference")  # stages whose batches depend on batch size / max length
+_EVAL = ("eval_before", "eval_after")
 
 
 @dataclass
 class RunConfig:
-    """All settings of one P2D run (model, data, the three stages, evaluation, output)."""
+    """All settings of one P2D run (model, data, the three stages, evaluation, cost, output)."""
 
-    # model
-    model: str = field(default="default", metadata={"help": "model spec: default, hub id, folder or .gguf"})
-    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:N or mps"})
-    dtype: str = field(default="auto", metadata={"help": "auto (bf16 on CUDA, else fp32), fp32, bf16, fp16"})
-    trust_remote_code: bool = field(default=False, metadata={"help": "allow custom model code from the hub"})
-    quantize: str | None = field(default=None, metadata={"help": "8bit or 4bit: bitsandbytes for the frozen "
-                                                                 "MLPs (GPU memory; slower on CPU)"})
-    # data: files, or the built-in task pool when `pool` is empty
-    pool: str | None = field(default=None, metadata={"help": "training pool file (empty: built-in task pool)"})
-    probe: str | None = field(default=None, metadata={"help": "~100 target examples used to find the heads"})
-    eval: str | None = field(default=None, metadata={"help": "eval set for before/after accuracy"})
-    columns: dict | None = field(default=None, metadata={"help": "column mapping: prompt=q,answer=a on the command line, a mapping in YAML"})
-    target: str | None = field(default=None, metadata={"help": "built-in pool: target task"})
-    pool_size: int = field(default=1000, metadata={"help": "built-in pool: rows in the pool"})
-    probe_size: int = field(default=100, metadata={"help": "built-in pool: probe rows"})
-    eval_size: int = field(default=100, metadata={"help": "built-in pool: eval rows"})
-    seed: int = field(default=0, metadata={"help": "seed for the pool, random controls and training order"})
-    max_length: int = field(default=256, metadata={"help": "max tokens per sample"})
-    # stage 1: heads
-    head_method: str | None = field(default=None, metadata={"help": "shift, gradient or random"})
-    head_ratio: float = field(default=0.1, metadata={"help": "share of all query heads to select"})
-    # stage 2: data
-    select_method: str | None = field(default=None, metadata={"help": "ablation, alignment, activation or random"})
-    data_ratio: float = field(default=0.1, metadata={"help": "share of the pool to keep"})
-    # stage 3: training
-    steps: int | None = field(default=100, metadata={"help": "optimizer steps (empty: from epochs)"})
-    epochs: float = field(default=1.0, metadata={"help": "epochs over the selected data when steps is empty"})
-    lr: float = field(default=1e-3, metadata={"help": "learning rate of the head deltas"})
-    batch_size: int = field(default=8, metadata={"help": "samples per step"})
-    projections: list[str] = field(default_factory=lambda: list(PROJECTIONS),
-                                   metadata={"help": "which head projections to train (q, k, v, o)"})
-    # evaluation and cost
-    eval_limit: int | None = field(default=None, metadata={"help": "evaluate on at most this many rows"})
-    max_new_tokens: int | None = field(default=None, metadata={"help": "generation cap (empty: from gold answers)"})
-    full_ft: str = field(default="estimate", metadata={"help": "full fine-tuning reference: estimate or measure"})
-    # output
-    out: str = field(default="runs/latest", metadata={"help": "run folder"})
+    # model ---------------------------------------------------------------------------------------
+    model: str = setting("default", "model", "Model",
+                         "model spec: default (embedded SmolLM2-135M-Instruct), a hub id, a local folder or a .gguf "
+                         "file", stages=("load",))
+    device: str = setting("auto", "model", "Device", "auto (CUDA, then Apple MPS, then CPU), cpu, cuda, cuda:N or mps",
+                          stages=("load",))
+    dtype: str = setting("auto", "model", "Precision", "auto (bf16 on CUDA, else fp32), fp32, bf16 or fp16",
+                         stages=("load",), choices=DTYPES)
+    trust_remote_code: bool = setting(False, "model", "Trust remote code", "allow custom model code from the hub",
+                                      stages=("load",))
+    quantize: str | None = setting(None, "model", "Quantise frozen MLPs",
+                                   "8bit or 4bit: load the frozen MLPs with bitsandbytes (saves GPU memory, slower on "
+                                   "CPU); none: dense", stages=("load",), choices=QUANTIZE)
+    # data ------------------------------------------------------------------------------------------
+    pool: str | None = setting(None, "data", "Pool file", "training pool file (none: the built-in task pool)",
+                               stages=("load",))
+    probe: str | None = setting(None, "data", "Probe file", "~100 examples of the target task, used to find the heads",
+                                stages=("load",))
+    eval: str | None = setting(None, "data", "Eval file", "eval set for accuracy before/after training",
+                               stages=("load",))
+    columns: dict | None = setting(None, "data", "Column mapping",
+                                   "column mapping such as prompt=question,answer=reply,task=label (formats are "
+                                   "detected otherwise)", stages=("load",))
+    target: str | None = setting(None, "data", "Target task", "built-in pool: the target task (default addition)",
+                                 stages=("load",), choices=_targets)
+    pool_size: int = setting(1000, "data", "Pool size", "built-in pool: rows in the pool", stages=("load",), minimum=1)
+    probe_size: int = setting(100, "data", "Probe size", "built-in pool: probe rows (target task)", stages=("load",),
+                              minimum=1)
+    eval_size: int = setting(100, "data", "Eval size", "built-in pool: eval rows (target task)", stages=("load",),
+                             minimum=0)
+    seed: int = setting(0, "data", "Seed", "seed of the built-in pool, the random controls and the training order",
+                        stages=("load", "heads", "select", "train", "reference"), minimum=0)
+    max_length: int = setting(256, "data", "Max tokens per sample", "samples are truncated to this many tokens",
+                              stages=_SCORE + _EVAL, minimum=8)
+    batch_size: int = setting(8, "data", "Batch size", "samples per batch (scoring, training and the reference)",
+                              stages=_SCORE, minimum=1)
+    # stage 1: heads ----------------------------------------------------------------------------------
+    head_method: str = setting(DEFAULT_HEAD_METHOD, "heads", "Head scoring method", "how heads are scored",
+                               stages=("heads",), choices=HEAD_METHODS)
+    head_ratio: float = setting(0.1, "heads", "Share of heads", "share of all query heads to select (0.1 = 10%)",
+                                stages=("heads",), above=0.0, maximum=1.0)
+    # stage 2: data -----------------------------------------------------------------------------------
+    select_method: str = setting(DEFAULT_SELECT_METHOD, "select", "Selection method", "how pool samples are scored",
+                                 stages=("select",), choices=SELECT_METHODS)
+    data_ratio: float = setting(0.1, "select", "Share of the pool", "share of the pool to keep (0.1 = 10%)",
+                                stages=("select",), above=0.0, maximum=1.0)
+    # stage 3: training -------------------------------------------------------------------------------
+    epochs: float | None = setting(None, "train", "Epochs",
+                                   "passes over the selected data (none: the reference epochs, so both sides of the "
+                                   "AER see the same number of passes over their data)", stages=("train",), above=0.0)
+    steps: int | None = setting(None, "train", "Steps", "exact number of optimizer steps; overrides epochs (0 or none: "
+                                "from epochs)", stages=("train",), minimum=1, none_if_zero=True)
+    max_steps: int | None = setting(None, "train", "Max steps", "stop training after at most this many optimizer "
+                                    "steps (0 or none: no cap)", stages=("train",), minimum=1, none_if_zero=True)
+    lr: float = setting(1e-3, "train", "Learning rate", "peak learning rate of the head deltas", stages=("train",),
+                        above=0.0)
+    grad_accum: int = setting(1, "train", "Gradient accumulation", "batches per optimizer step (the effective batch "
+                              "is batch size x this)", stages=("train",), minimum=1)
+    warmup_ratio: float = setting(0.05, "train", "Warmup share", "share of the steps with linear warmup (then cosine "
+                                  "decay)", stages=("train",), minimum=0.0, maximum=0.99)
+    weight_decay: float = setting(0.0, "train", "Weight decay", "AdamW weight decay of the head deltas only",
+                                  stages=("train",), minimum=0.0)
+    max_grad_norm: float = setting(1.0, "train", "Max gradient norm", "clip the gradient norm (0: no clipping)",
+                                   stages=("train",), minimum=0.0)
+    checkpoint_every: int = setting(50, "train", "Checkpoint every", "save the training state every N steps so a "
+                                    "killed run can resume (0: never)", minimum=0)
+    projections: list[str] = setting(None, "train", "Projections", "which slices of each selected head to train "
+                                     "(subset of q,k,v,o)", stages=("train",), choices=PROJECTIONS,
+                                     factory=lambda: list(PROJECTIONS))
+    # evaluation ----------------------------------------------------------------------------------------
+    eval_limit: int | None = setting(None, "eval", "Eval rows", "evaluate on at most this many rows (0 or none: all)",
+                                     stages=_EVAL, minimum=1, none_if_zero=True)
+    max_new_tokens: int | None = setting(None, "eval", "Max new tokens", "generation cap (0 or none: longest gold "
+                                         "answer + 8, at most 64)", stages=_EVAL, minimum=1, none_if_zero=True)
+    # cost (AER) ------------------------------------------------------------------------------------------
+    reference_epochs: float = setting(3.0, "cost", "Reference epochs",
+                                      "epochs of the full fine-tuning reference over the whole pool (fixed; never "
+                                      "derived from how long P2D trains)", stages=("reference",), above=0.0)
+    full_ft: str = setting("estimate", "cost", "Full fine-tuning reference",
+                           "estimate (time a length-stratified sample of reference batches) or measure (run every "
+                           "reference step; as slow as full fine-tuning)", stages=("reference",),
+                           choices=REFERENCE_MODES)
+    # output -------------------------------------------------------------------------------------------
+    out: str = setting("runs/latest", "output", "Run folder", "folder for every file of the run")
 
-    # -- validation -----------------------------------------------------------------------------
+    def __post_init__(self):
+        self.normalize()
+
+    def normalize(self) -> "RunConfig":
+        """Coerce every field to its type and check its choices and range (UserError on a bad value)."""
+        return normalize_fields(self)
+
     def validate(self) -> "RunConfig":
-        from .data.builtin import DEFAULT_TARGET, TASKS
+        """`normalize` plus the checks that involve several settings or the built-in pool."""
+        from .data.builtin import DEFAULT_TARGET
 
-        self.head_method = self.head_method or DEFAULT_HEAD_METHOD
-        self.select_method = self.select_method or DEFAULT_SELECT_METHOD
+        self.normalize()
         if not self.pool:
             self.target = self.target or DEFAULT_TARGET
-            if self.target not in TASKS:
-                raise UserError(f"unknown target task {self.target!r}: choose one of {', '.join(TASKS)}")
-        if self.head_method not in HEAD_METHODS:
-            raise UserError(f"unknown head method {self.head_method!r}: choose {', '.join(HEAD_METHODS)}")
-        if self.select_method not in SELECT_METHODS:
-            raise UserError(f"unknown select method {self.select_method!r}: choose {', '.join(SELECT_METHODS)}")
-        for name in ("head_ratio", "data_ratio"):
-            v = getattr(self, name)
-            if not 0 < v <= 1:
-                raise UserError(f"{name.replace('_', '-')} must be in (0, 1], got {v}")
-        if self.pool and not self.probe:
-            raise UserError("a custom --pool needs a --probe file (~100 examples of the target task)")
-        if self.steps is not None and self.steps < 1:
-            raise UserError(f"steps must be at least 1, got {self.steps}")
-        if self.batch_size < 1 or self.max_length < 8:
-            raise UserError("batch size must be >= 1 and max length >= 8")
-        bad = [p for p in self.projections if p not in PROJECTIONS]
-        if bad or not self.projections:
-            raise UserError(f"projections must be a non-empty subset of q, k, v, o (got {self.projections})")
-        if self.quantize not in (None, "", "none", "8bit", "4bit"):
-            raise UserError(f"quantize must be 8bit or 4bit (or empty), got {self.quantize!r}")
-        if self.full_ft not in ("estimate", "measure"):
-            raise UserError(f"full-ft must be estimate or measure, got {self.full_ft!r}")
+        elif not self.probe:
+            raise UserError("a pool file needs a probe file (probe: ~100 examples of the target task) to find heads")
         return self
 
-    # -- YAML -----------------------------------------------------------------------------------
+    # -- derived values ----------------------------------------------------------------------------
+    @property
+    def train_epochs(self) -> float:
+        """Epochs of head training over the selected data (default: the reference epochs)."""
+        return self.epochs if self.epochs is not None else self.reference_epochs
+
+    def stage_settings(self, stage: str) -> dict:
+        """The settings a stage's result depends on directly (see `p2d.pipeline` for upstream)."""
+        return {f.name: _plain(getattr(self, f.name)) for f in fields(self) if stage in f.metadata["stages"]}
+
+    # -- YAML ------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {f.name: _plain(getattr(self, f.name)) for f in fields(self)}
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
 
     def save(self, path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(self.to_yaml(), encoding="utf-8")
-        return path
+        return write_text(path, self.to_yaml())
+
+    def replace(self, **changes) -> "RunConfig":
+        return dataclasses.replace(self, **changes)
 
     @classmethod
     def from_dict(cls, data: dict | None) -> "RunConfig":
         data = dict(data or {})
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(set(data) - set(known))
         if unknown:
-            raise UserError(f"unknown setting(s) {', '.join(unknown)} in config; known: {', '.join(sorted(known))}")
-        cfg = cls(**data)
-        if isinstance(cfg.projections, str):
-            cfg.projections = [p.strip() for p in cfg.projections.split(",") if p.strip()]
-        return cfg
+            raise UserError(f"unknown setting(s) {', '.join(map(str, unknown))}; known settings: {', '.join(known)}")
+        return cls(**data)
 
     @classmethod
     def from_yaml(cls, text: str) -> "RunConfig":
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as exc:
-            raise UserError(f"config is not valid YAML: {str(exc).splitlines()[0]}") from exc
+            raise UserError(f"the settings file is not valid YAML: {str(exc).splitlines()[0]}") from exc
         if data is not None and not isinstance(data, dict):
-            raise UserError("config must be a YAML mapping of setting: value")
+            raise UserError("the settings file must be a YAML mapping of setting: value")
         return cls.from_dict(data)
 
     @classmethod
     def load(cls, path) -> "RunConfig":
         path = Path(path)
         if not path.is_file():
-            raise UserError(f"config file not found: {path}")
-        return cls.from_yaml(path.read_text(encoding="utf-8"))
+            raise UserError(f"settings file not found: {path}")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UserError(f"could not read the settings file {path}: {exc}") from None
+        return cls.from_yaml(text)
 
-    # -- command line ---------------------------------------------------------------------------
-    def to_command(self) -> str:
-        """The `python -m p2d run ...` command that reproduces this config (non-default fields only)."""
+    # -- command line ----------------------------------------------------------------------------
+    def to_command(self, command: str = "run") -> str:
+        """The `python -m p2d run ...` command that reproduces this config (settings that differ from
+        the defaults; unset optional values are written as ``none``)."""
         default = RunConfig()
-        parts = ["python", "-m", "p2d", "run"]
+        parts = ["python", "-m", "p2d", command]
         for f in fields(self):
             value = getattr(self, f.name)
-            if value == getattr(default, f.name) or value is None:
+            if _plain(value) == _plain(getattr(default, f.name)):
                 continue
-            flag = "--" + f.name.replace("_", "-")
-            if isinstance(value, bool):
-                parts.append(flag if value else "--no-" + f.name.replace("_", "-"))
-            elif isinstance(value, (list, tuple)):
-                parts += [flag, ",".join(map(str, value))]
-            elif isinstance(value, dict):
-                parts += [flag, ",".join(f"{k}={v}" for k, v in value.items())]
-            else:
-                parts += [flag, str(value)]
+            parts += flag_tokens(f.name, value)
         return " ".join(shlex.quote(p) for p in parts)
+
+
+# ------------------------------------------------------------------------------------- helpers
+
+
+def label(name: str, cls=None) -> str:
+    """'Share of heads (head_ratio)': how messages name a setting, for CLI and app users alike."""
+    f = config_field(name, cls)
+    return _label(f)
+
+
+def _label(f: dataclasses.Field) -> str:
+    return f"{f.metadata.get('label', f.name)} ({f.name})"
+
+
+def normalize_fields(obj):
+    """Coerce every field of a dataclass declared with `setting` to its type, check choices and ranges
+    (the one normalisation of RunConfig and the other option classes); returns ``obj``."""
+    hints = typing.get_type_hints(type(obj))
+    for f in fields(obj):
+        setattr(obj, f.name, _normalize_value(f, hints[f.name], getattr(obj, f.name)))
+    return obj
+
+
+def options_from(cls, yaml_path: str | None = None, given: dict | None = None):
+    """An options dataclass from its defaults, a YAML file (``yaml_path``) and explicit values."""
+    data: dict = {}
+    if yaml_path:
+        path = Path(yaml_path)
+        if not path.is_file():
+            raise UserError(f"settings file not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+            raise UserError(f"could not read the settings file {path}: {str(exc).splitlines()[0]}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise UserError(f"{path} must be a YAML mapping of setting: value")
+        data.update(loaded or {})
+    data.update(given or {})
+    known = [f.name for f in fields(cls)]
+    unknown = sorted(set(map(str, data)) - set(known))
+    if unknown:
+        raise UserError(f"unknown setting(s) {', '.join(unknown)}; known settings: {', '.join(known)}")
+    return cls(**data)
+
+
+def config_field(name: str, cls=None) -> dataclasses.Field:
+    for f in fields(cls or RunConfig):
+        if f.name == name:
+            return f
+    raise KeyError(name)
+
+
+def choices_of(f: dataclasses.Field) -> tuple | None:
+    c = f.metadata.get("choices")
+    return tuple(c()) if callable(c) else (tuple(c) if c is not None else None)
+
+
+def flag_tokens(name: str, value) -> list[str]:
+    """Command-line tokens that set ``name`` to ``value``."""
+    flag = "--" + name.replace("_", "-")
+    if isinstance(value, bool):
+        return [flag if value else "--no-" + name.replace("_", "-")]
+    if value is None:
+        return [flag, "none"]
+    if isinstance(value, (list, tuple)):
+        return [flag, ",".join(map(str, value))]
+    if isinstance(value, dict):
+        return [flag, ",".join(f"{k}={v}" for k, v in value.items())]
+    return [flag, str(value)]
+
+
+def _plain(value):
+    if isinstance(value, tuple):
+        return list(value)
+    if isinstance(value, dict):
+        return dict(value)
+    return value
+
+
+def _base_type(hint):
+    """(type, optional) of an annotation such as ``int | None``."""
+    args = typing.get_args(hint)
+    origin = typing.get_origin(hint)
+    if args and type(None) in args and origin is not list and origin is not dict:
+        inner = [a for a in args if a is not type(None)]
+        return _base_type(inner[0])[0], True
+    if origin is list:
+        return list, False
+    if origin is dict:
+        return dict, False
+    return hint, False
+
+
+_NONE_WORDS = ("", "none", "null", "~")
+
+
+def _normalize_value(f: dataclasses.Field, hint, value):
+    kind, optional = _base_type(hint)
+    meta = f.metadata
+    name = f.name
+    if isinstance(value, str):
+        value = value.strip()
+    if (optional or kind is dict) and (value is None or (isinstance(value, str) and value.lower() in _NONE_WORDS)):
+        return None
+    if value is None:
+        raise UserError(f"{_label(f)} needs a value")
+    if kind is bool:
+        if isinstance(value, str):
+            low = value.lower()
+            if low not in ("true", "false", "yes", "no", "1", "0", "on", "off"):
+                raise UserError(f"{_label(f)} must be true or false, got {value!r}")
+            return low in ("true", "yes", "1", "on")
+        return bool(value)
+    if kind is int:
+        value = _to_int(value, _label(f))
+        if meta["none_if_zero"] and value == 0:
+            return None
+        _check_range(value, meta, _label(f))
+        return value
+    if kind is float:
+        value = _to_float(value, _label(f))
+        _check_range(value, meta, _label(f))
+        return value
+    if kind is list:
+        items = value.replace(",", " ").split() if isinstance(value, str) else list(value)
+        items = [str(x).strip().lower() for x in items if str(x).strip()]
+        allowed = choices_of(f)
+        bad = [x for x in items if allowed and x not in allowed]
+        if bad or not items:
+            raise UserError(f"{_label(f)} must be a non-empty subset of {', '.join(allowed)}, got {value!r}")
+        return [c for c in allowed if c in items] if allowed else items
+    if kind is dict:
+        if isinstance(value, str):
+            from .data.formats import parse_mapping
+
+            return parse_mapping(value)
+        if not isinstance(value, dict):
+            raise UserError(f"{_label(f)} must be key=column pairs (prompt=question,answer=reply), got {value!r}")
+        return {str(k): str(v) for k, v in value.items()} or None
+    # str
+    value = str(value)
+    allowed = choices_of(f)
+    if allowed is not None:
+        low = value.lower()
+        if name == "quantize" and low in ("none", "no", "off"):
+            return None
+        if low not in allowed:
+            raise UserError(f"{_label(f)} must be one of {', '.join(allowed)}, got {value!r}")
+        return low
+    if name == "device":
+        low = value.lower()
+        if not (low in ("auto", "cpu", "cuda", "mps") or (low.startswith("cuda:") and low[5:].isdigit())):
+            raise UserError(f"{_label(f)} must be auto, cpu, cuda, cuda:N or mps, got {value!r}")
+        return low
+    if not value and name in ("model", "out"):
+        raise UserError(f"{_label(f)} must not be empty")
+    return value
+
+
+def _to_int(value, what: str) -> int:
+    if isinstance(value, bool):
+        raise UserError(f"{what} must be a whole number, got {value!r}")
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        raise UserError(f"{what} must be a whole number, got {value!r}") from None
+    if not math.isfinite(f) or f != int(f):
+        raise UserError(f"{what} must be a whole number, got {value!r}")
+    return int(f)
+
+
+def _to_float(value, what: str) -> float:
+    if isinstance(value, bool):
+        raise UserError(f"{what} must be a number, got {value!r}")
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        raise UserError(f"{what} must be a number, got {value!r}") from None
+    if not math.isfinite(f):
+        raise UserError(f"{what} must be a finite number, got {value!r}")
+    return f
+
+
+def _check_range(value, meta: dict, what: str) -> None:
+    lo, hi, above = meta["minimum"], meta["maximum"], meta["above"]
+    if above is not None and not value > above:
+        raise UserError(f"{what} must be above {above:g}, got {value:g}")
+    if lo is not None and value < lo:
+        raise UserError(f"{what} must be at least {lo:g}, got {value:g}")
+    if hi is not None and value > hi:
+        raise UserError(f"{what} must be at most {hi:g}, got {value:g}")

@@ -1,25 +1,30 @@
-"""Cost accounting: stage timers, the full fine-tuning reference, and the Alignment Efficiency Ratio.
+"""Cost accounting: the full fine-tuning reference and the Alignment Efficiency Ratio.
 
-AER = (t_heads + t_select + t_train) / t_full, where t_full is the time full fine-tuning (all
-parameters, AdamW) would take on the whole pool for the same number of epochs with the same batch
-settings. Speed-up = 1 / AER.
+AER = (t_heads + t_select + t_train) / t_full; speed-up = 1 / AER; lower AER is better.
 
-t_full is either
-- "estimated": a few real full fine-tuning steps (forward, backward, AdamW step) on random pool
-  batches are timed after one warm-up step; the median seconds/step times the reference step count;
-- "measured": every reference step is run and timed (slow: as long as full fine-tuning itself).
-Both run AdamW with lr=0, which costs the same as a real step but leaves every weight bit-identical,
-so the caller's model is not changed.
+t_full, the reference, is full fine-tuning of all parameters (AdamW) on the *whole pool* for a fixed
+number of epochs (``reference_epochs``, default 3), with the same batch size, max length,
+length-grouped batching and loss path (LM head only at answer positions, `p2d.training.loss_backward`,
+gradient clipping) as head training. It never depends on how long P2D itself trains.
+
+- ``estimate``: the reference's batches are built exactly as training would build them; a sample of
+  them, stratified over their padded size (tokens), is timed (after one warm-up step), a
+  seconds-per-token line ``t = a + b * tokens`` is fitted by least squares, and the time of every
+  reference step is predicted from its size. The standard error of that prediction is reported
+  (``stderr_s``); it covers the fit, not machine noise between runs.
+- ``measure``: every reference step is run and timed (as slow as full fine-tuning itself).
+
+Both step with AdamW at lr=0, which costs what a real step costs and leaves every weight
+bit-identical. A step whose gradient is not finite is timed but its optimizer step is skipped (an
+lr=0 step would still write NaN into the weights), so a shared model is never changed. Evaluation and
+the timing of the reference itself are not part of the AER.
 """
 
 from __future__ import annotations
 
 import math
-import random
-import statistics
 import time
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field
 
 import torch
 
@@ -28,109 +33,177 @@ from .data.formats import Sample
 from .errors import UserError, is_out_of_memory
 from .progress import ProgressFn, StopFn, report
 
-
-@contextmanager
-def timed(record: dict, key: str):
-    """`with timed(times, "heads"): ...` stores the wall-clock seconds in times["heads"]."""
-    start = time.perf_counter()
-    try:
-        yield
-    finally:
-        record[key] = time.perf_counter() - start
+REFERENCE_MODES = ("estimate", "measure")
+REFERENCE_FILE = "full_ft.json"
 
 
 @dataclass
 class FullFinetuneCost:
-    time_s: float            # seconds full fine-tuning would take (or took) on the whole pool
+    """The full fine-tuning reference of a run."""
+
+    time_s: float            # seconds full fine-tuning takes (or took) on the whole pool
     mode: str                # "estimated" or "measured"
-    steps: int               # reference optimizer steps: ceil(n_pool / batch_size) * epochs
-    s_per_step: float        # median seconds per full step
-    timed_steps: int         # how many steps were actually timed
-    epochs: float
-    n_pool: int
+    epochs: float            # reference epochs over the whole pool
+    steps: int               # reference optimizer steps: ceil(batches per epoch * epochs)
+    n_pool: int              # pool samples with answer tokens (what full fine-tuning trains on)
     batch_size: int
+    max_length: int
+    tokens: int              # padded tokens over all reference steps
+    s_per_step: float        # mean seconds per reference step
+    timed_steps: int         # steps actually timed (warm-up excluded)
+    stderr_s: float | None   # standard error of time_s (estimate; None when measured)
     trainable_params: int
     optimizer_state_bytes: int
+    skipped_steps: int = 0   # steps whose gradient was not finite (optimizer step skipped)
+    fit: dict = field(default_factory=dict)  # {"intercept_s", "s_per_token"} of the estimate
 
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def for_epochs(self, epochs: float) -> "FullFinetuneCost":
-        """The same per-step timing extrapolated to another number of epochs ("estimated")."""
-        steps = reference_steps(self.n_pool, self.batch_size, epochs)
-        return replace(self, time_s=self.s_per_step * steps, mode="estimated", steps=steps, epochs=epochs)
+    @classmethod
+    def from_dict(cls, d: dict) -> "FullFinetuneCost":
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in d.items() if k in known})
 
 
-def reference_steps(n_pool: int, batch_size: int, epochs: float) -> int:
-    return max(1, math.ceil(math.ceil(n_pool / batch_size) * epochs))
+def reference_steps(n_batches_per_epoch: int, epochs: float) -> int:
+    """Optimizer steps of the reference: ceil(batches per epoch * epochs), at least 1."""
+    return max(1, math.ceil(n_batches_per_epoch * epochs))
 
 
-def full_finetune_cost(lm, pool: list[Sample], epochs: float, batch_size: int = 8, max_length: int = 256,
-                       mode: str = "estimate", timed_steps: int = 3, seed: int = 0,
+def reference_batches(encoded, batch_size: int, epochs: float, seed: int = 0, group_by_length: bool = True):
+    """Every reference step's batch, in order (epoch after epoch, as `p2d.training` draws them)."""
+    from .training import epoch_batches
+
+    per_epoch = math.ceil(len(encoded) / batch_size)
+    steps = reference_steps(per_epoch, epochs)
+    out, epoch = [], 0
+    while len(out) < steps:
+        out += epoch_batches(encoded, batch_size, seed, epoch, group_by_length)
+        epoch += 1
+    return out[:steps]
+
+
+def padded_tokens(batch: list[dict]) -> int:
+    return len(batch) * max(len(it["input_ids"]) for it in batch)
+
+
+def stratified_sample(sizes: list[int], k: int) -> list[int]:
+    """Indices of ``k`` items spread evenly over the sorted ``sizes`` (smallest and largest included)."""
+    order = sorted(range(len(sizes)), key=lambda i: (sizes[i], i))
+    if k >= len(order):
+        return order
+    if k == 1:
+        return [order[len(order) // 2]]
+    picks = sorted({order[round(j * (len(order) - 1) / (k - 1))] for j in range(k)})
+    return picks
+
+
+def fit_line(x: list[float], y: list[float]) -> tuple[float, float, list[list[float]], float]:
+    """Least squares ``y = a + b x``: (a, b, covariance of (a, b), residual variance).
+
+    With fewer than three points, or no spread in ``x``, the line is flat (b = 0, a = mean)."""
+    n = len(x)
+    mean_y = sum(y) / n
+    sxx = sum((xi - sum(x) / n) ** 2 for xi in x)
+    if n < 3 or sxx <= 0:
+        var = sum((yi - mean_y) ** 2 for yi in y) / max(1, n - 1)
+        return mean_y, 0.0, [[var / n, 0.0], [0.0, 0.0]], var
+    mean_x = sum(x) / n
+    b = sum((xi - mean_x) * (yi - mean_y) for xi, yi in zip(x, y)) / sxx
+    a = mean_y - b * mean_x
+    resid = sum((yi - a - b * xi) ** 2 for xi, yi in zip(x, y)) / (n - 2)
+    cov_bb = resid / sxx
+    cov_ab = -mean_x * cov_bb
+    cov_aa = resid / n + mean_x ** 2 * cov_bb
+    return a, b, [[cov_aa, cov_ab], [cov_ab, cov_bb]], resid
+
+
+def full_finetune_cost(lm, pool: list[Sample], epochs: float = 3.0, batch_size: int = 8, max_length: int = 256,
+                       mode: str = "estimate", timed_steps: int = 6, seed: int = 0, max_grad_norm: float = 1.0,
                        progress: ProgressFn = None, should_stop: StopFn = None) -> FullFinetuneCost:
-    """Time full fine-tuning steps (all parameters, AdamW, lr=0 so weights stay identical)."""
+    """Time full fine-tuning on ``pool`` (see the module docstring). The model is left unchanged."""
+    from .models import trainable
+    from .training import NonFinite, clip_gradients, loss_backward
+
+    if mode not in REFERENCE_MODES:
+        raise UserError(f"full fine-tuning reference must be one of {', '.join(REFERENCE_MODES)}, got {mode!r}")
     if not pool:
-        raise UserError("cannot estimate full fine-tuning cost on an empty pool")
-    model = lm.model
-    steps = reference_steps(len(pool), batch_size, epochs)
-    # estimate: one warm-up step + `timed_steps` timed ones; measure: every reference step, all timed
-    n_runs = steps if mode == "measure" else min(max(1, timed_steps), steps) + 1
-    rng = random.Random(seed)
-    order = list(range(len(pool)))
-    rng.shuffle(order)
-    need = n_runs * batch_size
-    picks = [pool[order[i % len(order)]] for i in range(need)]
-    encoded = encode(picks, lm.tokenizer, max_length=max_length)
+        raise UserError("cannot time full fine-tuning on an empty pool")
+    model, tok = lm.model, lm.tokenizer
+    encoded = encode(pool, tok, max_length)
     if not encoded:
-        raise UserError("no pool sample has answer tokens within max length: raise --max-length")
-    params = [p for p in model.parameters()]
-    old_flags = [p.requires_grad for p in params]
-    was_training = model.training
-    for p in params:
-        p.requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=0.0, weight_decay=0.0)
+        raise UserError("no pool sample has answer tokens within the max length: raise the max length")
+    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    batches = reference_batches(encoded, batch_size, epochs, seed)
+    sizes = [padded_tokens(b) for b in batches]
+    if mode == "measure":
+        runs = list(range(len(batches)))
+        warmup = None
+    else:
+        per_epoch = batches[:math.ceil(len(encoded) / batch_size)]
+        picks = stratified_sample([padded_tokens(b) for b in per_epoch], max(1, timed_steps))
+        runs = picks
+        warmup = stratified_sample(sizes, 1)[0]
+    params = list(model.parameters())
     durations: list[float] = []
+    skipped = 0
+    sync = torch.cuda.synchronize if lm.device.type == "cuda" else (lambda: None)
+    opt = torch.optim.AdamW(params, lr=0.0, weight_decay=0.0)
+    todo = ([warmup] if warmup is not None else []) + runs
     try:
-        model.train()
-        for i in range(n_runs):
-            if should_stop is not None and should_stop():
-                break
-            chunk = [encoded[(i * batch_size + j) % len(encoded)] for j in range(batch_size)]
-            batch = {k: v.to(lm.device) for k, v in collate(chunk, lm.tokenizer.pad_token_id).items()}
-            if lm.device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
-            out.loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            if lm.device.type == "cuda":
-                torch.cuda.synchronize()
-            durations.append(time.perf_counter() - start)
-            report(progress, i + 1, n_runs, "full fine-tuning reference")
+        with trainable(model, params):
+            for n, i in enumerate(todo):
+                if should_stop is not None and should_stop():
+                    break
+                micro = [collate(batches[i], pad)]
+                sync()
+                start = time.perf_counter()
+                ok = True
+                try:
+                    loss_backward(model, micro, lm.device)
+                    ok = math.isfinite(clip_gradients(params, max_grad_norm))
+                except NonFinite:
+                    ok = False
+                if ok:
+                    opt.step()
+                else:
+                    skipped += 1
+                opt.zero_grad(set_to_none=True)
+                sync()
+                if not (warmup is not None and n == 0):
+                    durations.append(time.perf_counter() - start)
+                report(progress, n + 1, len(todo), "full fine-tuning reference")
     except (RuntimeError, MemoryError) as exc:
         if not is_out_of_memory(exc):
             raise
-        raise UserError(f"out of memory timing full fine-tuning at batch size {batch_size}: lower --batch-size "
-                        "or --max-length (the reference needs all weights, gradients and AdamW state)") from exc
+        raise UserError(f"out of memory timing full fine-tuning at batch size {batch_size}: lower the batch size or "
+                        "the max length (the reference needs all weights, gradients and AdamW state)") from exc
     finally:
-        n_params = sum(p.numel() for p in params)
-        state_bytes = sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values()
-                          if torch.is_tensor(t) and t.dim() > 0)
         del opt
-        for p, flag in zip(params, old_flags):
-            p.grad = None
-            p.requires_grad_(flag)
-        model.train(was_training)
-    if mode == "measure" and len(durations) == steps:
-        return FullFinetuneCost(sum(durations), "measured", steps, statistics.median(durations), len(durations),
-                                epochs, len(pool), batch_size, n_params, state_bytes)
-    timed = durations[1:]  # step 0 is warm-up (allocations, kernel selection)
-    if not timed:
-        raise UserError("full fine-tuning reference was stopped before one step was timed")
-    s_per_step = statistics.median(timed)
-    return FullFinetuneCost(s_per_step * steps, "estimated", steps, s_per_step, len(timed), epochs, len(pool),
-                            batch_size, n_params, state_bytes)
+    n_params = sum(p.numel() for p in params)
+    state_bytes = 2 * sum(p.numel() * p.element_size() for p in params)  # AdamW: exp_avg + exp_avg_sq
+    steps = len(batches)
+    common = dict(epochs=epochs, steps=steps, n_pool=len(encoded), batch_size=batch_size, max_length=max_length,
+                  tokens=sum(sizes), trainable_params=n_params, optimizer_state_bytes=state_bytes,
+                  skipped_steps=skipped)
+    if mode == "measure":
+        if len(durations) < steps:
+            raise UserError("the full fine-tuning reference was stopped before every step was measured")
+        total = sum(durations)
+        return FullFinetuneCost(time_s=total, mode="measured", s_per_step=total / steps, timed_steps=steps,
+                                stderr_s=None, **common)
+    if not durations:
+        raise UserError("the full fine-tuning reference was stopped before one step was timed")
+    x = [float(sizes[i]) for i in runs[:len(durations)]]
+    a, b, cov, _ = fit_line(x, durations)
+    if b < 0:  # noise on a narrow size range: fall back to a flat mean
+        a, b, cov, _ = fit_line([0.0] * len(x), durations)
+    total_tokens = float(sum(sizes))
+    time_s = max(1e-9, a * steps + b * total_tokens)
+    var = steps ** 2 * cov[0][0] + 2 * steps * total_tokens * cov[0][1] + total_tokens ** 2 * cov[1][1]
+    return FullFinetuneCost(time_s=time_s, mode="estimated", s_per_step=time_s / steps, timed_steps=len(durations),
+                            stderr_s=math.sqrt(max(0.0, var)), fit={"intercept_s": a, "s_per_token": b}, **common)
 
 
 def aer(t_heads: float, t_select: float, t_train: float, t_full: float) -> dict:

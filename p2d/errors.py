@@ -10,8 +10,9 @@ class UserError(Exception):
     """An error caused by user input; its message says what to do."""
 
 
-OOM_ADVICE = ("out of memory: lower --batch-size or --max-length, use --dtype bf16 on a GPU, "
-              "or pick a smaller model")
+OOM_ADVICE = ("out of memory: lower the batch size (batch_size) or the max length (max_length), raise "
+              "gradient accumulation (grad_accum) to keep the effective batch, use bf16 on a GPU (dtype), or pick "
+              "a smaller model")
 
 
 def is_out_of_memory(exc: BaseException) -> bool:

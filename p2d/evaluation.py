@@ -20,7 +20,7 @@ from .data.encoding import collate, encode, encode_prompts
 from .data.formats import Sample
 from .errors import UserError
 from .gating import answer_token_losses
-from .progress import ProgressFn, report
+from .progress import ProgressFn, StopFn, report
 
 _TRAILING = ".!?,;:。"
 
@@ -49,6 +49,9 @@ def contains_answer(pred: str, gold: str) -> bool:
     return re.search(r"(?<!\w)" + re.escape(g) + r"(?!\w)", normalize_answer(pred)) is not None
 
 
+EVAL_FILES = {"before": "eval_before.json", "after": "eval_after.json"}
+
+
 @dataclass
 class EvalResult:
     accuracy: float | None
@@ -57,12 +60,19 @@ class EvalResult:
     contains: float | None = None
     n_generated: int = 0
     examples: list[dict] = field(default_factory=list)
+    by_task: dict = field(default_factory=dict)  # task -> {"accuracy", "contains", "n"} (labelled rows only)
+    partial: bool = False  # stopped before every row was generated: the figures cover the rows done
 
     def to_dict(self, with_examples: bool = False) -> dict:
         d = asdict(self)
         if not with_examples:
             d.pop("examples")
         return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "EvalResult":
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in d.items() if k in known})
 
 
 def _stop_ids(tokenizer) -> list[int]:
@@ -76,18 +86,22 @@ def _stop_ids(tokenizer) -> list[int]:
 
 @torch.no_grad()
 def generate_answers(lm, samples: list[Sample], batch_size: int = 16, max_new_tokens: int = 32,
-                     max_length: int = 512, progress: ProgressFn = None, desc: str = "generate") -> list[str]:
-    """Greedy answers for chat samples, batched with left padding (sorted by length)."""
+                     max_length: int = 512, progress: ProgressFn = None, desc: str = "generate",
+                     should_stop: StopFn = None) -> list[str | None]:
+    """Greedy answers for chat samples, batched with left padding (sorted by length). A stop request
+    ends after the current batch; the samples not reached get None."""
     tok, model = lm.tokenizer, lm.model
     prompts = encode_prompts(samples, tok, max_length=max_length)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    answers = [""] * len(prompts)
+    answers: list[str | None] = [None] * len(prompts)
     pad = tok.pad_token_id
     stops = _stop_ids(tok)
     was_training = model.training
     model.eval()
     try:
         for start in range(0, len(order), batch_size):
+            if should_stop is not None and should_stop():
+                break
             idx = order[start:start + batch_size]
             width = max(len(prompts[i]) for i in idx)
             ids = torch.full((len(idx), width), pad, dtype=torch.long)
@@ -109,13 +123,15 @@ def generate_answers(lm, samples: list[Sample], batch_size: int = 16, max_new_to
 
 @torch.no_grad()
 def mean_answer_loss(lm, samples: list[Sample], batch_size: int = 16, max_length: int = 256,
-                progress: ProgressFn = None) -> float | None:
+                     progress: ProgressFn = None, should_stop: StopFn = None) -> float | None:
     """Mean cross-entropy over all answer tokens of the samples (token-weighted)."""
     encoded = encode(samples, lm.tokenizer, max_length=max_length)
     encoded = sorted(encoded, key=lambda e: len(e["input_ids"]))
     total, count = 0.0, 0
     model = lm.model
     for start in range(0, len(encoded), batch_size):
+        if should_stop is not None and should_stop():
+            break
         batch = collate(encoded[start:start + batch_size], lm.tokenizer.pad_token_id)
         batch = {k: v.to(lm.device) for k, v in batch.items()}
         token_loss, _ = answer_token_losses(model, batch)
@@ -132,25 +148,44 @@ def default_max_new_tokens(lm, samples: list[Sample], cap: int = 64) -> int:
 
 def evaluate(lm, samples: list[Sample], batch_size: int = 16, max_new_tokens: int | None = None,
              limit: int | None = None, max_length: int = 256, n_examples: int = 5,
-             progress: ProgressFn = None) -> EvalResult:
-    """Exact-match accuracy, contains-accuracy and answer loss of `lm` on `samples`."""
+             progress: ProgressFn = None, should_stop: StopFn = None) -> EvalResult:
+    """Exact-match accuracy, contains-accuracy and answer loss of `lm` on `samples` (per task too,
+    when rows carry task labels). A stop request ends early with ``partial=True``."""
     samples = list(samples)[:limit] if limit else list(samples)
     if not samples:
         raise UserError("the eval set is empty: give an eval file with at least one usable row")
     chat = [s for s in samples if s.kind != "text"]
-    loss = mean_answer_loss(lm, samples, batch_size=batch_size, max_length=max_length, progress=progress)
+    loss = mean_answer_loss(lm, samples, batch_size=batch_size, max_length=max_length, progress=progress,
+                            should_stop=should_stop)
     accuracy = contains = None
     examples: list[dict] = []
-    if chat:
+    by_task: dict[str, dict] = {}
+    partial = should_stop is not None and should_stop()
+    if chat and not partial:
         mnt = max_new_tokens or default_max_new_tokens(lm, chat)
         preds = generate_answers(lm, chat, batch_size=batch_size, max_new_tokens=mnt,
-                                 max_length=max_length, progress=progress)
-        hits = [exact_match(p, s.answer) for p, s in zip(preds, chat)]
-        accuracy = sum(hits) / len(chat)
-        contains = sum(contains_answer(p, s.answer) for p, s in zip(preds, chat)) / len(chat)
-        for s, p, h in list(zip(chat, preds, hits))[:n_examples]:
+                                 max_length=max_length, progress=progress, should_stop=should_stop)
+        done = [(s, p) for s, p in zip(chat, preds) if p is not None]
+        partial = len(done) < len(chat)
+        hits = [exact_match(p, s.answer) for s, p in done]
+        has = [contains_answer(p, s.answer) for s, p in done]
+        if done:
+            accuracy = sum(hits) / len(done)
+            contains = sum(has) / len(done)
+        for (s, p), h, c in zip(done, hits, has):
+            if s.task is not None:
+                row = by_task.setdefault(s.task, {"hits": 0, "contains": 0, "n": 0})
+                row["hits"] += h
+                row["contains"] += c
+                row["n"] += 1
+        by_task = {k: {"accuracy": v["hits"] / v["n"], "contains": v["contains"] / v["n"], "n": v["n"]}
+                   for k, v in sorted(by_task.items())}
+        for (s, p), h in list(zip(done, hits))[:n_examples]:
             prompt = s.prompt[-1]["content"] if s.prompt else ""
             examples.append({"index": s.index, "prompt": prompt, "gold": s.answer, "prediction": p, "correct": h})
+        n_generated = len(done)
+    else:
+        n_generated = 0
     if loss is not None and not math.isfinite(loss):
         loss = None
-    return EvalResult(accuracy, loss, len(samples), contains, len(chat), examples)
+    return EvalResult(accuracy, loss, len(samples), contains, n_generated, examples, by_task, partial)

@@ -21,6 +21,7 @@ A quantised model cannot be merged with an adapter (load it without ``quantize``
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import shutil
@@ -41,6 +42,7 @@ EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 QUANTIZE = ("8bit", "4bit")
+DTYPES = ("auto", "fp32", "bf16", "fp16")
 #: modules never quantised: P2D scores and trains the attention projections; the LM head stays exact
 KEEP_DENSE = ["q_proj", "k_proj", "v_proj", "o_proj", "c_attn", "c_proj", "lm_head"]
 
@@ -318,3 +320,38 @@ def load_model(spec: str | os.PathLike | None = DEFAULT_SPEC, device: str | torc
     if model.config.pad_token_id is None and tokenizer.pad_token_id is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return LoadedModel(model, tokenizer, geometry, str(spec or DEFAULT_SPEC), dev, dt)
+
+
+@contextlib.contextmanager
+def trainable(model: torch.nn.Module, params=()):
+    """Only ``params`` require grad and the model is in train mode; flags and mode are restored on
+    exit (also on errors). ``trainable(model, [])`` freezes everything (hooks may still train)."""
+    keep = {id(p) for p in params}
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    training = model.training
+    try:
+        for p, _ in flags:
+            p.requires_grad_(id(p) in keep)
+        model.train()
+        yield
+    finally:
+        for p, flag in flags:
+            p.grad = None if id(p) in keep else p.grad
+            p.requires_grad_(flag)
+        model.train(training)
+
+
+@contextlib.contextmanager
+def frozen(model: torch.nn.Module):
+    """Freeze every parameter and switch to eval mode; restore flags and mode afterwards."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    training = model.training
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        model.eval()
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        model.train(training)

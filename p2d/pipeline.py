@@ -1,43 +1,103 @@
-"""The whole P2D run: load -> heads -> select -> train -> evaluate before/after -> metrics.
+"""The whole P2D run: one step sequence that the command line and the app both drive.
 
-`Run` executes one `RunConfig` in its output folder, one step at a time (the app calls the steps
-from its tabs) or all at once (`run_all`, used by `python -m p2d run`). Every step writes its files
-as soon as it finishes, so a crash or a stop keeps what was done:
+`Run` executes a `RunConfig` in its run folder, stage by stage, in the order of `STAGES`:
 
-    config.yaml         the settings used
-    data/               pool/probe/eval as JSONL (the built-in pool only)
-    heads.json          stage 1
-    selected.jsonl, scores.jsonl, selection.json   stage 2
-    train_log.jsonl, adapter/                      stage 3
-    eval_before.json, eval_after.json, full_ft.json
-    metrics.json        AER, times, accuracy before/after, parameter counts
+    load         model and data                   data/, data_summary.json
+    heads        stage 1: head scores             heads.json
+    select       stage 2: pool scores, selection  selected.jsonl, scores.jsonl, selection.json
+    eval_before  the base model on the eval set   eval_before.json
+    reference    full fine-tuning reference       full_ft.json
+    train        stage 3: head training           train_log.jsonl, adapter/ (checkpoint/ while running)
+    eval_after   base + trained heads             eval_after.json
+
+plus ``config.yaml``, ``metrics.json`` (AER, times, accuracy; rewritten after every stage) and
+``stages.json``, the manifest that makes the folder trustworthy. A stage clears its own outputs when
+it starts and is entered in the manifest last, with the settings it used and whether it finished or
+was stopped (``partial``). A result counts as done only when its entry is complete and matches the
+current settings and the results it was built on; anything else is rerun, never silently reused.
+
+- `run(stages)` executes the given stages (and any upstream stage not done yet) in sequence order;
+  it stops after a stage that was stopped or a stop request.
+- `reconfigure(config)` switches to new settings and drops exactly the results they invalidate
+  (a new head or data share re-cuts the existing scores instead of rescoring).
+- `reset_from(stage)` drops a stage and everything built on it.
+- `Run.open(folder)` reads a run folder back (results, settings) without loading the model;
+  ``resume=True`` continues a killed or stopped run from its last checkpoint.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
 import time
-from dataclasses import dataclass
+import uuid
+from dataclasses import asdict
 from pathlib import Path
+from typing import Callable
 
-from .config import RunConfig
-from .cost import FullFinetuneCost, aer, full_finetune_cost
+from .config import STAGES, RunConfig
+from .cost import REFERENCE_FILE, FullFinetuneCost, aer, full_finetune_cost
 from .data.formats import Sample
 from .data.loading import LoadedData, load_data, load_records
 from .errors import UserError
-from .evaluation import EvalResult, evaluate
-from .heads import HeadScores, score_heads
+from .evaluation import EVAL_FILES, EvalResult, evaluate
+from .files import read_json, write_json
+from .heads import HEADS_FILE, HeadScores, score_heads
 from .models import LoadedModel, count_params, load_model
 from .progress import ProgressFn, StopFn
-from .selection import Selection, select_data
-from .training import TrainConfig, TrainResult, train_heads
+from .selection import SCORES_FILE, SELECTED_FILE, SELECTION_FILE, Selection, select_data
+from .training import ADAPTER_SUBDIR, CHECKPOINT_SUBDIR, LOG_NAME, TrainConfig, TrainResult, train_heads
+
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.json"
+MANIFEST_FILE = "stages.json"
+DATA_DIR = "data"
+DATA_SUMMARY_FILE = "data_summary.json"
+
+#: the results each stage is built on
+UPSTREAM: dict[str, tuple[str, ...]] = {
+    "load": (), "heads": ("load",), "select": ("heads",), "eval_before": ("load",), "reference": ("load",),
+    "train": ("select",), "eval_after": ("train",),
+}
+#: the files (or folders) each stage writes in the run folder
+OUTPUTS: dict[str, tuple[str, ...]] = {
+    "load": (DATA_DIR, DATA_SUMMARY_FILE),
+    "heads": (HEADS_FILE,),
+    "select": (SELECTION_FILE, SELECTED_FILE, SCORES_FILE),
+    "eval_before": (EVAL_FILES["before"],),
+    "reference": (REFERENCE_FILE,),
+    "train": (LOG_NAME, ADAPTER_SUBDIR, CHECKPOINT_SUBDIR),
+    "eval_after": (EVAL_FILES["after"],),
+}
+LABELS = {"load": "loading model and data", "heads": "scoring heads", "select": "selecting data",
+          "eval_before": "evaluating the base model", "reference": "timing full fine-tuning (AER reference)",
+          "train": "training the heads", "eval_after": "evaluating the trained heads"}
+
+assert tuple(UPSTREAM) == STAGES and tuple(OUTPUTS) == STAGES
 
 
-@dataclass
+def downstream(stage: str) -> list[str]:
+    """``stage`` and every stage built on it, in sequence order."""
+    out = {stage}
+    for s in STAGES:
+        if any(u in out for u in UPSTREAM[s]):
+            out.add(s)
+    return [s for s in STAGES if s in out]
+
+
+def upstream_closure(stages) -> list[str]:
+    """The given stages plus everything they are built on, in sequence order."""
+    need = set(stages)
+    for s in reversed(STAGES):
+        if s in need:
+            need.update(UPSTREAM[s])
+    return [s for s in STAGES if s in need]
+
+
 class RunData:
-    pool: LoadedData
-    probe: LoadedData
-    eval: LoadedData | None
+    def __init__(self, pool: LoadedData, probe: LoadedData, eval: LoadedData | None):
+        self.pool, self.probe, self.eval = pool, probe, eval
 
     def summary(self) -> dict:
         return {name: d.summary() for name, d in (("pool", self.pool), ("probe", self.probe), ("eval", self.eval))
@@ -52,10 +112,10 @@ def load_run_data(config: RunConfig, out_dir: Path | None = None) -> RunData:
         tp = build_task_pool(target=config.target, seed=config.seed, pool_size=config.pool_size,
                              probe_size=config.probe_size, eval_size=config.eval_size)
         if out_dir is not None:
-            tp.write(out_dir / "data")
+            tp.write(out_dir / DATA_DIR)
         return RunData(load_records(tp.pool, source=f"built-in pool ({config.target})"),
                        load_records(tp.probe, source="built-in probe"),
-                       load_records(tp.eval, source="built-in eval"))
+                       load_records(tp.eval, source="built-in eval") if tp.eval else None)
     mapping = config.columns
     pool = load_data(config.pool, mapping=mapping)
     probe = load_data(config.probe, mapping=mapping)
@@ -63,83 +123,218 @@ def load_run_data(config: RunConfig, out_dir: Path | None = None) -> RunData:
     return RunData(pool, probe, ev)
 
 
-def _save_json(path: Path, obj: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=str), encoding="utf-8")
-    tmp.replace(path)
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _file_stamp(path: str | None):
+    """Size and modification time of a data file, so an edited file invalidates what was built on it."""
+    if not path:
+        return None
+    try:
+        st = Path(path).expanduser().stat()
+        return [st.st_size, int(st.st_mtime)]
+    except OSError:
+        return None
 
 
 class Run:
-    """One P2D run of `config` in folder `config.out`. Steps must be called in pipeline order."""
+    """One P2D run of ``config`` in the folder ``config.out``.
+
+    ``model_loader(config) -> LoadedModel`` is how the model is loaded (default: `load_model`; the app
+    passes its shared cache). ``progress`` and ``should_stop`` are the library callbacks; `bind`
+    changes them between jobs.
+    """
 
     def __init__(self, config: RunConfig, progress: ProgressFn = None, should_stop: StopFn = None,
-                 lm: LoadedModel | None = None):
+                 model_loader: Callable[[RunConfig], LoadedModel] | None = None, lm: LoadedModel | None = None):
         self.config = config.validate()
-        self.out = Path(config.out)
+        self.out = Path(self.config.out)
         self.progress = progress
         self.should_stop = should_stop
+        self.model_loader = model_loader or _default_loader
         self.lm = lm
         self.data: RunData | None = None
-        self.heads: HeadScores | None = None
-        self.selection: Selection | None = None
-        self.train_result: TrainResult | None = None
-        self.eval_before: EvalResult | None = None
-        self.eval_after: EvalResult | None = None
-        self.full: FullFinetuneCost | None = None
-        self.times: dict[str, float] = {}
+        self.results: dict[str, object] = {}
+        self.manifest: dict[str, dict] = {}
+        self.resume = False
 
-    # -- steps ------------------------------------------------------------------------------------
-    def load(self) -> RunData:
-        c = self.config
-        self.out.mkdir(parents=True, exist_ok=True)
-        c.save(self.out / "config.yaml")
+    # -- results by name ---------------------------------------------------------------------------
+    heads: HeadScores | None = property(lambda self: self.results.get("heads"))
+    selection: Selection | None = property(lambda self: self.results.get("select"))
+    eval_before: EvalResult | None = property(lambda self: self.results.get("eval_before"))
+    eval_after: EvalResult | None = property(lambda self: self.results.get("eval_after"))
+    full: FullFinetuneCost | None = property(lambda self: self.results.get("reference"))
+    train_result: TrainResult | None = property(lambda self: self.results.get("train"))
+
+    def bind(self, progress: ProgressFn = None, should_stop: StopFn = None) -> None:
+        self.progress, self.should_stop = progress, should_stop
+
+    # -- state ---------------------------------------------------------------------------------------
+    def is_done(self, stage: str) -> bool:
+        """A complete result for the current settings, built on the current upstream results."""
+        entry = self.manifest.get(stage)
+        if not entry or entry.get("partial"):
+            return False
+        if entry.get("settings") != self._settings(stage):
+            return False
+        return all(entry.get("inputs", {}).get(u) == self._result_digest(u) for u in UPSTREAM[stage])
+
+    @property
+    def stages_done(self) -> list[str]:
+        return [s for s in STAGES if self.is_done(s)]
+
+    @property
+    def stages_partial(self) -> list[str]:
+        return [s for s in STAGES if self.manifest.get(s, {}).get("partial")]
+
+    def _result_digest(self, stage: str) -> str | None:
+        return self.manifest[stage]["digest"] if self.is_done(stage) else None
+
+    def _settings(self, stage: str) -> dict:
+        s = self.config.stage_settings(stage)
+        if stage == "load":
+            s["files"] = [_file_stamp(self.config.pool), _file_stamp(self.config.probe), _file_stamp(self.config.eval)]
+        entry = self.manifest.get(stage) or {}
+        if entry.get("external"):  # a result given from outside (a heads.json, a training file)
+            return entry["settings"]
+        return s
+
+    # -- the sequence --------------------------------------------------------------------------------
+    def run(self, stages=STAGES) -> dict:
+        """Execute ``stages`` and whatever they need that is not done, in sequence order; return the
+        metrics. Stops after a stage that ended partial (stopped) or when a stop is requested."""
+        for stage in upstream_closure(stages):
+            if self.is_done(stage):
+                continue
+            if self.should_stop is not None and self.should_stop():
+                break
+            self.execute(stage)
+            if not self.is_done(stage):  # stopped part-way
+                break
+        return self.write_metrics()
+
+    def run_all(self) -> dict:
+        start = time.perf_counter()
+        m = self.run(STAGES)
+        m["time_total_s"] = time.perf_counter() - start
+        write_json(self.out / METRICS_FILE, m)
+        return m
+
+    def execute(self, stage: str):
+        """Run one stage now (its upstream stages must be done): clear its outputs, compute, record."""
+        missing = [u for u in UPSTREAM[stage] if not self.is_done(u)]
+        if missing:
+            raise UserError(f"cannot run {stage} before {', '.join(missing)}")
+        if stage != "load":
+            self.require_loaded()
+        self._clear(stage, keep=(CHECKPOINT_SUBDIR, LOG_NAME) if stage == "train" and self.resume else ())
+        result, partial = getattr(self, f"_stage_{stage}")()
+        self.results[stage] = result
+        self._record(stage, partial=partial, result=result)
+        self.write_metrics()
+        return result
+
+    # -- invalidation ----------------------------------------------------------------------------
+    def reset_from(self, stage: str) -> list[str]:
+        """Drop ``stage`` and every stage built on it (results, files, manifest entries)."""
+        dropped = []
+        for s in downstream(stage):
+            if s in self.manifest or s in self.results:
+                dropped.append(s)
+            self._clear(s)
+        self.write_metrics()
+        return dropped
+
+    def reconfigure(self, config: RunConfig) -> list[str]:
+        """Switch to ``config``; drop the results it invalidates and return their stages.
+
+        A changed head share or data share re-cuts the existing scores (no rescoring); the later
+        stages are kept when the selected heads or rows come out the same. The run folder stays.
+        """
+        config = config.replace(out=str(self.out)).validate()
+        old = self.config
+        self.config = config
+        if any(old.stage_settings("load").get(k) != v for k, v in config.stage_settings("load").items()):
+            self.lm = None if (old.model, old.device, old.dtype, old.quantize, old.trust_remote_code) != \
+                (config.model, config.device, config.dtype, config.quantize, config.trust_remote_code) else self.lm
+            self.data = None
+        self._recut("heads", "head_ratio")
+        self._recut("select", "data_ratio")
+        dropped = []
+        for s in STAGES:
+            if s in self.manifest and not self.is_done(s) and not self.manifest[s].get("partial"):
+                dropped += [d for d in self.reset_from(s) if d not in dropped]
+        self.config.save(self.out / CONFIG_FILE)
+        return dropped
+
+    def _recut(self, stage: str, ratio_field: str) -> None:
+        entry = self.manifest.get(stage)
+        result = self.results.get(stage)
+        if entry is None or result is None or entry.get("partial") or entry.get("external"):
+            return
+        wanted = self._settings(stage)
+        if {k: v for k, v in entry["settings"].items() if k != ratio_field} != \
+                {k: v for k, v in wanted.items() if k != ratio_field}:
+            return
+        if not all(entry.get("inputs", {}).get(u) == self._result_digest(u) for u in UPSTREAM[stage]):
+            return
+        new = result.with_ratio(getattr(self.config, ratio_field))
+        if stage == "heads":
+            new.save(self.out)
+        else:
+            self.require_loaded()
+            new.save(self.out, self.data.pool.samples)
+        self.results[stage] = new
+        self._record(stage, partial=False, result=new)
+
+    # -- giving results from outside ------------------------------------------------------------------
+    def use_heads(self, heads: HeadScores, source: str) -> None:
+        """Use head scores made elsewhere (e.g. another run's heads.json) instead of scoring heads."""
+        self.require_loaded()
+        self._clear("heads")
+        heads.save(self.out)
+        self.results["heads"] = heads
+        self._record("heads", partial=False, result=heads, external={"source": str(source)})
+        self.write_metrics()
+
+    # -- stages -------------------------------------------------------------------------------------
+    def require_loaded(self) -> None:
+        """Load the model and the data if they are not in memory (a reopened or reconfigured run)."""
         if self.lm is None:
-            self.lm = load_model(c.model, device=c.device, dtype=c.dtype, trust_remote_code=c.trust_remote_code,
-                                 quantize=c.quantize)
-        self.data = load_run_data(c, self.out)
-        _save_json(self.out / "data_summary.json", self.data.summary())
-        return self.data
+            self.lm = self.model_loader(self.config)
+        if self.data is None:
+            self.data = load_run_data(self.config, self.out)
 
-    def find_heads(self) -> HeadScores:
+    def _stage_load(self):
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.config.save(self.out / CONFIG_FILE)
+        if self.lm is None:
+            self.lm = self.model_loader(self.config)
+        self.data = load_run_data(self.config, self.out)
+        summary = self.data.summary()
+        write_json(self.out / DATA_SUMMARY_FILE, summary)
+        return summary, False
+
+    def _stage_heads(self):
         c = self.config
-        self.heads = score_heads(self.lm, self.data.probe.samples, method=c.head_method, ratio=c.head_ratio,
-                                 pool=self.data.pool.samples, seed=c.seed, batch_size=c.batch_size,
-                                 max_length=c.max_length, progress=self.progress, should_stop=self.should_stop)
-        self.times["heads"] = self.heads.time_s
-        self.heads.save(self.out)
-        return self.heads
+        hs = score_heads(self.lm, self.data.probe.samples, method=c.head_method, ratio=c.head_ratio,
+                         pool=self.data.pool.samples, seed=c.seed, batch_size=c.batch_size, max_length=c.max_length,
+                         progress=self.progress, should_stop=self.should_stop)
+        hs.save(self.out)
+        return hs, bool(hs.extra.get("stopped"))
 
-    def select(self) -> Selection:
+    def _stage_select(self):
         c = self.config
-        pool = self.data.pool.samples
-        self.selection = select_data(self.lm, self.heads, pool, method=c.select_method, ratio=c.data_ratio,
-                                     probe=self.data.probe.samples, batch_size=c.batch_size,
-                                     max_length=c.max_length, seed=c.seed, progress=self.progress,
-                                     should_stop=self.should_stop)
-        self.times["select"] = self.selection.time_s
-        self.selection.save(self.out, pool)
-        return self.selection
+        sel = select_data(self.lm, self.heads, self.data.pool.samples, method=c.select_method, ratio=c.data_ratio,
+                          probe=self.data.probe.samples, batch_size=c.batch_size, max_length=c.max_length,
+                          seed=c.seed, progress=self.progress, should_stop=self.should_stop)
+        sel.save(self.out, self.data.pool.samples)
+        return sel, bool(sel.extra.get("stopped"))
 
-    def selected_samples(self) -> list[Sample]:
-        return self.selection.selected_samples(self.data.pool.samples)
-
-    def train_config(self) -> TrainConfig:
-        c = self.config
-        return TrainConfig(steps=c.steps, epochs=c.epochs, lr=c.lr, batch_size=c.batch_size, max_length=c.max_length,
-                           projections=tuple(c.projections), seed=c.seed)
-
-    def train(self, on_log=None) -> TrainResult:
-        self.train_result = train_heads(self.lm, self.heads, self.selected_samples(), self.train_config(), self.out,
-                                        progress=self.progress, should_stop=self.should_stop, on_log=on_log,
-                                        overwrite=True)
-        self.times["train"] = self.train_result.time_s
-        return self.train_result
-
-    def evaluate(self, when: str) -> EvalResult | None:
-        """Evaluate the base model (`when="before"`) or base + trained adapter (`"after"`)."""
+    def _evaluate(self, when: str):
         if self.data.eval is None:
-            return None
+            return None, False
         c = self.config
         adapter = None
         if when == "after":
@@ -148,96 +343,193 @@ class Run:
             adapter = load_adapter(self.lm, self.train_result.adapter_dir)
         try:
             res = evaluate(self.lm, self.data.eval.samples, batch_size=max(c.batch_size, 16), limit=c.eval_limit,
-                           max_new_tokens=c.max_new_tokens, max_length=c.max_length, progress=self.progress)
+                           max_new_tokens=c.max_new_tokens, max_length=c.max_length, progress=self.progress,
+                           should_stop=self.should_stop)
         finally:
             if adapter is not None:
                 adapter.detach()
-        setattr(self, f"eval_{when}", res)
-        _save_json(self.out / f"eval_{when}.json", res.to_dict(with_examples=True))
-        return res
+        write_json(self.out / EVAL_FILES[when], res.to_dict(with_examples=True))
+        return res, res.partial
 
-    def trained_epochs(self) -> float:
-        """Epochs over the selected data that training did (or, before it ran, will do)."""
-        n_sel = max(1, len(self.selection.selected))
-        tr = self.train_result
-        steps = tr.steps_done if tr and tr.steps_done else self.train_config().planned_steps(n_sel)
-        return steps * self.config.batch_size / n_sel
+    def _stage_eval_before(self):
+        return self._evaluate("before")
 
-    def full_finetune_reference(self, epochs: float | None = None) -> FullFinetuneCost:
-        """Full fine-tuning on the whole pool for `epochs` (default: the epochs trained).
+    def _stage_eval_after(self):
+        return self._evaluate("after")
 
-        An earlier estimate (e.g. timed before training for a live AER) is rescaled to the new epochs
-        instead of being timed again; `full_ft: measure` always runs every reference step.
-        """
+    def _stage_reference(self):
         c = self.config
-        epochs = self.trained_epochs() if epochs is None else epochs
-        if self.full is not None and self.full.mode == "estimated" and c.full_ft == "estimate":
-            self.full = self.full.for_epochs(epochs)
-        else:
-            self.full = full_finetune_cost(self.lm, self.data.pool.samples, epochs=epochs, batch_size=c.batch_size,
-                                           max_length=c.max_length, mode=c.full_ft, seed=c.seed,
-                                           progress=self.progress, should_stop=self.should_stop)
-        _save_json(self.out / "full_ft.json", self.full.to_dict())
-        return self.full
+        full = full_finetune_cost(self.lm, self.data.pool.samples, epochs=c.reference_epochs, batch_size=c.batch_size,
+                                  max_length=c.max_length, mode=c.full_ft, seed=c.seed,
+                                  max_grad_norm=c.max_grad_norm, progress=self.progress, should_stop=self.should_stop)
+        write_json(self.out / REFERENCE_FILE, full.to_dict())
+        return full, False
 
-    # -- summary ----------------------------------------------------------------------------------
-    @property
-    def stages_done(self) -> list[str]:
-        """Steps whose results this run holds, in pipeline order."""
-        results = [("load", self.data), ("heads", self.heads), ("select", self.selection),
-                   ("eval before", self.eval_before), ("train", self.train_result), ("eval after", self.eval_after),
-                   ("full reference", self.full)]
-        return [name for name, result in results if result is not None]
+    def train_config(self) -> TrainConfig:
+        c = self.config
+        return TrainConfig(steps=c.steps, epochs=c.train_epochs, max_steps=c.max_steps, lr=c.lr,
+                           batch_size=c.batch_size, grad_accum=c.grad_accum, max_length=c.max_length,
+                           projections=tuple(c.projections), weight_decay=c.weight_decay,
+                           warmup_ratio=c.warmup_ratio, max_grad_norm=c.max_grad_norm, seed=c.seed)
 
+    def training_samples(self) -> list[Sample]:
+        return self.selection.selected_samples(self.data.pool.samples)
+
+    def planned_steps(self) -> int | None:
+        """Optimizer steps training will do (known once the data is selected)."""
+        if self.selection is None:
+            return None
+        return self.train_config().planned_steps(max(1, len(self.selection.selected)))
+
+    def _stage_train(self):
+        tr = train_heads(self.lm, self.heads, self.training_samples(), self.train_config(), self.out,
+                         progress=self.progress, should_stop=self.should_stop, overwrite=True,
+                         resume=self.resume, checkpoint_every=self.config.checkpoint_every)
+        return tr, tr.stopped
+
+    # -- files and the manifest ---------------------------------------------------------------------
+    def _clear(self, stage: str, keep: tuple = ()) -> None:
+        self.results.pop(stage, None)
+        if stage in self.manifest:
+            del self.manifest[stage]
+            self._write_manifest()
+        for name in OUTPUTS[stage]:
+            if name in keep:
+                continue
+            p = self.out / name
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            elif p.exists():
+                p.unlink()
+
+    def _record(self, stage: str, partial: bool, result, external: dict | None = None) -> None:
+        entry = {"settings": external and {"external": external} or self._settings(stage),
+                 "inputs": {u: self._result_digest(u) for u in UPSTREAM[stage]},
+                 "partial": bool(partial), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                 "digest": self._digest_of(stage, result)}
+        if external:
+            entry["external"] = external
+        if stage == "train" and result is not None:
+            entry["result"] = asdict(result)
+        self.manifest[stage] = entry
+        self._write_manifest()
+
+    def _digest_of(self, stage: str, result) -> str:
+        if stage == "heads":
+            return _digest(result.selected)
+        if stage == "select":
+            return _digest([result.method, result.selected, result.n_pool])
+        if stage == "load":
+            return _digest(self._settings("load"))
+        return uuid.uuid4().hex[:16]
+
+    def _write_manifest(self) -> None:
+        write_json(self.out / MANIFEST_FILE, {"stages": self.manifest})
+
+    # -- reopening a folder -----------------------------------------------------------------------------
+    @classmethod
+    def open(cls, folder, config: RunConfig | None = None, **kwargs) -> "Run":
+        """The run in ``folder`` with its finished results (from its files; the model is loaded later,
+        when a stage needs it). ``config`` (default: the folder's config.yaml) decides which results
+        still count as done."""
+        folder = Path(folder)
+        if config is None:
+            if not (folder / CONFIG_FILE).is_file():
+                raise UserError(f"{folder} is not a P2D run folder (no {CONFIG_FILE})")
+            config = RunConfig.load(folder / CONFIG_FILE)
+        run = cls(config.replace(out=str(folder)), **kwargs)
+        manifest = read_json(folder / MANIFEST_FILE)
+        run.manifest = dict((manifest or {}).get("stages") or {})
+        for stage in STAGES:
+            if stage in run.manifest:
+                try:
+                    result = run._read_result(stage)
+                except UserError:
+                    result = None
+                if result is None and stage != "load":
+                    del run.manifest[stage]
+                else:
+                    run.results[stage] = result
+        return run
+
+    def _read_result(self, stage: str):
+        out = self.out
+        if stage == "load":
+            return read_json(out / DATA_SUMMARY_FILE)
+        if stage == "heads":
+            return HeadScores.load(out / HEADS_FILE)
+        if stage == "select":
+            return Selection.load(out)
+        if stage in ("eval_before", "eval_after"):
+            d = read_json(out / EVAL_FILES[stage.split("_")[1]])
+            return EvalResult.from_dict(d) if d else None
+        if stage == "reference":
+            d = read_json(out / REFERENCE_FILE)
+            return FullFinetuneCost.from_dict(d) if d else None
+        d = self.manifest[stage].get("result")
+        if not d or not (out / ADAPTER_SUBDIR / "adapter_config.json").is_file():
+            return None
+        return TrainResult(**d)
+
+    # -- summary --------------------------------------------------------------------------------------
     def metrics(self) -> dict:
-        t_heads = self.times.get("heads", 0.0)
-        t_select = self.times.get("select", 0.0)
-        t_train = self.times.get("train", 0.0)
-        m: dict = {"model": self.config.model, "time_heads_s": t_heads, "time_select_s": t_select,
-                   "time_train_s": t_train, "stages_done": list(self.stages_done)}
-        if self.full is not None:
-            m.update(aer(t_heads, t_select, t_train, self.full.time_s))
-            m["aer_mode"] = self.full.mode
-            m["time_full_s"] = self.full.time_s
-            m["full_ft"] = self.full.to_dict()
+        hs, sel, tr, full = self.heads, self.selection, self.train_result, self.full
+        t_heads = hs.time_s if hs is not None else 0.0
+        t_select = sel.time_s if sel is not None else 0.0
+        t_train = tr.time_s if tr is not None else 0.0
+        m: dict = {"model": self.config.model, "run_dir": str(self.out), "time_heads_s": t_heads,
+                   "time_select_s": t_select, "time_train_s": t_train, "stages_done": self.stages_done,
+                   "stages_partial": self.stages_partial}
+        if full is not None:
+            m.update(aer(t_heads, t_select, t_train, full.time_s))
+            m.update(aer_mode=full.mode, time_full_s=full.time_s, time_full_stderr_s=full.stderr_s,
+                     reference_epochs=full.epochs, full_ft=full.to_dict())
         for when in ("before", "after"):
-            res = getattr(self, f"eval_{when}")
+            res = self.results.get(f"eval_{when}")
             m[f"eval_{when}"] = res.to_dict() if res is not None else None
-        tr = self.train_result
         m["total_params"] = count_params(self.lm.model) if self.lm is not None else None
         if tr is not None:
             m.update({"trainable_params": tr.trainable_params, "optimizer_state_bytes": tr.optimizer_state_bytes,
-                      "steps_done": tr.steps_done, "stopped": tr.stopped, "final_loss": tr.final_loss})
-            if self.full is not None:
-                m["full_optimizer_state_bytes"] = self.full.optimizer_state_bytes
-        if self.heads is not None:
-            m["selected_heads"] = self.heads.selected
-            m["head_method"] = self.heads.method
-        if self.selection is not None:
-            m["n_selected"] = self.selection.n_selected
-            m["n_pool"] = self.selection.n_pool
-            m["select_method"] = self.selection.method
-            counts = self.selection.task_counts(self.data.pool.samples)
+                      "steps_done": tr.steps_done, "steps_planned": tr.steps_planned, "stopped": tr.stopped,
+                      "final_loss": tr.final_loss, "train_epochs": self.config.train_epochs})
+            if full is not None:
+                m["full_optimizer_state_bytes"] = full.optimizer_state_bytes
+        if hs is not None:
+            m["selected_heads"] = hs.selected
+            m["head_method"] = hs.method
+        if sel is not None:
+            m.update(n_selected=sel.n_selected, n_pool=sel.n_pool, select_method=sel.method)
+            if self.data is not None:
+                counts = sel.task_counts(self.data.pool.samples)
+            else:
+                counts = (read_json(self.out / SELECTION_FILE) or {}).get("task_counts")
             if counts is not None:
                 m["selected_task_counts"] = counts
         return m
 
     def write_metrics(self) -> dict:
         m = self.metrics()
-        _save_json(self.out / "metrics.json", m)
+        if self.out.exists():
+            write_json(self.out / METRICS_FILE, m)
         return m
 
-    def run_all(self) -> dict:
-        """All steps in order; returns (and writes) metrics.json. A stop request ends after the
-        current step (training: after the current optimizer step) and still writes metrics.json."""
-        start = time.perf_counter()
-        steps = [self.load, self.find_heads, self.select, lambda: self.evaluate("before"), self.train,
-                 lambda: self.evaluate("after"), self.full_finetune_reference]
-        for step in steps:
-            if self.should_stop is not None and self.should_stop():
-                break  # a stop request keeps what is done; metrics.json lists the stages that ran
-            step()
-        m = self.metrics()
-        m["time_total_s"] = time.perf_counter() - start
-        _save_json(self.out / "metrics.json", m)
-        return m
+
+def _default_loader(config: RunConfig) -> LoadedModel:
+    return load_model(config.model, device=config.device, dtype=config.dtype,
+                      trust_remote_code=config.trust_remote_code, quantize=config.quantize)
+
+
+def fresh_folder(out) -> None:
+    """Remove what a previous run left in ``out`` (its stage outputs, manifest and metrics); other
+    files stay."""
+    out = Path(out)
+    for stage in STAGES:
+        for name in OUTPUTS[stage]:
+            p = out / name
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            elif p.exists():
+                p.unlink()
+    for name in (MANIFEST_FILE, METRICS_FILE):
+        if (out / name).exists():
+            (out / name).unlink()

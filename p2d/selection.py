@@ -59,6 +59,10 @@ DEFAULT_SELECT_METHOD = "activation"
 
 __all__ = ["SELECT_METHODS", "DEFAULT_SELECT_METHOD", "Selection", "select_data", "head_list"]
 
+SELECTED_FILE = "selected.jsonl"    # the kept pool rows (with their score as p2d_score), best first
+SCORES_FILE = "scores.jsonl"        # every pool row's score, in pool order
+SELECTION_FILE = "selection.json"   # method, counts, kept positions, extra
+
 
 # ------------------------------------------------------------------------------------------ result
 
@@ -125,18 +129,13 @@ class Selection:
         """
         if len(pool) != self.n_pool:
             raise ValueError(f"pool has {len(pool)} samples but the selection was made on {self.n_pool}")
+        from .files import write_json, write_jsonl
+
         out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        paths = {"selected": out / "selected.jsonl", "scores": out / "scores.jsonl",
-                 "selection": out / "selection.json"}
-        with open(paths["selected"], "w", encoding="utf-8") as f:
-            for i in self.selected:
-                row = dict(pool[i].row)
-                row["p2d_score"] = self.scores[i]
-                f.write(_dump(row) + "\n")
-        with open(paths["scores"], "w", encoding="utf-8") as f:
-            for s, score in zip(pool, self.scores):
-                f.write(_dump({"index": s.index, "score": score, "task": s.task}) + "\n")
+        paths = {"selected": out / SELECTED_FILE, "scores": out / SCORES_FILE, "selection": out / SELECTION_FILE}
+        write_jsonl(paths["selected"], ({**pool[i].row, "p2d_score": self.scores[i]} for i in self.selected))
+        write_jsonl(paths["scores"], ({"index": s.index, "score": score, "task": s.task}
+                                      for s, score in zip(pool, self.scores)))
         summary = {"method": self.method, "ratio": self.ratio, "n_pool": self.n_pool, "n_selected": self.n_selected,
                    "time_s": self.time_s}
         counts = self.task_counts(pool)
@@ -144,8 +143,27 @@ class Selection:
             summary["task_counts"] = counts
             summary["pool_task_counts"] = _count(s.task for s in pool)
         summary["extra"] = self.extra
-        paths["selection"].write_text(json.dumps(_jsonable(summary), indent=1, default=_default))
+        summary["selected"] = self.selected
+        write_json(paths["selection"], summary)  # written last: its presence means the files are complete
         return paths
+
+    @classmethod
+    def load(cls, out_dir) -> "Selection":
+        """Read what `save` wrote into ``out_dir`` (UserError when missing or inconsistent)."""
+        out = Path(out_dir)
+        try:
+            summary = json.loads((out / SELECTION_FILE).read_text(encoding="utf-8"))
+            scores = [json.loads(line)["score"] for line in (out / SCORES_FILE).read_text(encoding="utf-8").splitlines()
+                      if line.strip()]
+            selected = [int(i) for i in summary["selected"]]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise UserError(f"{out} holds no complete selection ({exc}); run the selection stage again") from None
+        scores = [float("nan") if s is None else float(s) for s in scores]
+        if len(scores) != summary.get("n_pool") or any(not 0 <= i < len(scores) for i in selected):
+            raise UserError(f"{out}: {SCORES_FILE} does not match {SELECTION_FILE}; run the selection stage again")
+        return cls(method=summary["method"], ratio=float(summary["ratio"]), n_pool=len(scores),
+                   n_selected=len(selected), time_s=float(summary.get("time_s") or 0.0), scores=scores,
+                   selected=selected, extra=dict(summary.get("extra") or {}))
 
 
 # ---------------------------------------------------------------------------------------- helpers

@@ -16,17 +16,25 @@ The model runs in train mode (dropout as its config says; 0 for Llama/SmolLM2, 0
 Deltas and optimizer state are kept in fp32 whatever the model dtype (they are tiny); the forward
 runs in the model dtype.  fp16 models get a warning (fp16 losses overflow to NaN; prefer bf16).
 
+`train_loop` is the loop itself, shared with the benchmark's full and LoRA fine-tuning: the same
+batching (`epoch_batches`), loss path (`loss_backward`, the LM head only at answer positions),
+clipping and schedule, whatever is trained. The full fine-tuning reference (`p2d.cost`) times steps
+of the same functions.
+
 Supported: any model `p2d.geometry` supports, on CPU, CUDA or MPS; stop via ``should_stop()`` or
-Ctrl-C (the current step finishes, adapter and log are saved, ``stopped=True``).  A NaN/inf loss or
-gradient raises UserError without saving an adapter (the log so far stays on disk).
-Not supported: resuming a stopped run, gradient checkpointing, multi-GPU, mixed-precision autocast,
-training biases/MLPs/norms.
+Ctrl-C (the current step finishes, adapter and log are saved, ``stopped=True``); checkpoints every
+N steps and resuming after a kill (`Checkpointer`: same settings and data give the same adapter as an
+uninterrupted run).  A NaN/inf loss or gradient raises UserError without saving an adapter (the log
+so far stays on disk).
+Not supported: gradient checkpointing, multi-GPU, mixed-precision autocast, training
+biases/MLPs/norms.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import shutil
 import signal
 import threading
 import time
@@ -40,7 +48,9 @@ import torch
 from .adapter import PROJECTIONS, WEIGHTS_NAME, HeadAdapter, normalize_heads, normalize_projections
 from .data.encoding import IGNORE_INDEX, collate, encode, iter_batches
 from .errors import UserError, is_out_of_memory
+from .files import atomic_dir, write_text
 from .gating import answer_token_losses
+from .models import trainable
 
 LOG_NAME = "train_log.jsonl"
 ADAPTER_SUBDIR = "adapter"
@@ -52,7 +62,8 @@ class TrainConfig:
 
     steps: int | None = None  # None: ceil(ceil(len(data) / batch_size) * epochs / grad_accum)
     epochs: float = 1.0
-    lr: float = 1e-3  # NOTES §6: 1e-3 worked for heads on the embedded model
+    max_steps: int | None = None  # cap on the planned steps (the public demo uses it)
+    lr: float = 1e-3
     batch_size: int = 8
     grad_accum: int = 1
     max_length: int = 256
@@ -65,9 +76,11 @@ class TrainConfig:
 
     def planned_steps(self, n_items: int) -> int:
         if self.steps is not None:
-            return int(self.steps)
-        batches = math.ceil(n_items / self.batch_size)
-        return max(1, math.ceil(batches * self.epochs / self.grad_accum))
+            steps = int(self.steps)
+        else:
+            batches = math.ceil(n_items / self.batch_size)
+            steps = max(1, math.ceil(batches * self.epochs / self.grad_accum))
+        return min(steps, self.max_steps) if self.max_steps else steps
 
     def check(self) -> None:
         if self.steps is not None and int(self.steps) < 1:
@@ -163,25 +176,250 @@ class _Stop:
         return False
 
 
-def _batches_forever(encoded, config: TrainConfig):
+def epoch_batches(encoded, batch_size: int, seed: int, epoch: int, group_by_length: bool = True) -> list[list]:
+    """The batches of one epoch, exactly as training draws them: shuffled with ``seed + epoch`` and,
+    with ``group_by_length``, grouped by length (the order of the groups is shuffled)."""
+    return list(iter_batches(encoded, batch_size, shuffle=True, seed=seed + epoch, sort_by_length=group_by_length))
+
+
+def batch_stream(encoded, batch_size: int, seed: int, group_by_length: bool = True, skip: int = 0):
+    """Endless batches, epoch after epoch (see `epoch_batches`), after skipping the first ``skip``."""
     epoch = 0
     while True:
-        yield from iter_batches(encoded, config.batch_size, shuffle=True, seed=config.seed + epoch,
-                                sort_by_length=config.group_by_length)
+        batches = epoch_batches(encoded, batch_size, seed, epoch, group_by_length)
+        if skip >= len(batches):
+            skip -= len(batches)
+        else:
+            yield from batches[skip:]
+            skip = 0
         epoch += 1
+
+
+class NonFinite(Exception):
+    """A loss or gradient became NaN/inf (``what`` says which)."""
+
+    def __init__(self, what: str):
+        super().__init__(what)
+        self.what = what
+
+
+def loss_backward(model, micro: list[dict], device) -> tuple[float, int, int]:
+    """Forward and backward of one optimizer step: the mean cross-entropy over all answer tokens of
+    the micro-batches (collated dicts). Returns (summed token loss, answer tokens, non-padding
+    tokens). Raises NonFinite("loss"). This is the loss path of head training, of the benchmark's
+    full and LoRA fine-tuning and of the full fine-tuning reference."""
+    n_answer = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
+    n_tokens = sum(int(b["attention_mask"].sum()) for b in micro)
+    loss_sum = 0.0
+    for b in micro:
+        b = {k: v.to(device) for k, v in b.items()}
+        loss, _ = answer_loss(model, b)
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise NonFinite("loss")
+        (loss / max(1, n_answer)).backward()
+        loss_sum += value
+    return loss_sum, n_answer, n_tokens
+
+
+def clip_gradients(params: list, max_grad_norm: float | None) -> float:
+    """Clip to ``max_grad_norm`` (0/None: no clipping) and return the total norm before clipping."""
+    grads = [p for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    if max_grad_norm:
+        return float(torch.nn.utils.clip_grad_norm_(grads, max_grad_norm))
+    return float(torch.linalg.vector_norm(torch.stack([p.grad.detach().float().norm() for p in grads])))
+
+
+@dataclass
+class LoopResult:
+    steps_done: int
+    steps_planned: int
+    time_s: float
+    final_loss: float | None
+    stopped: bool
+    stop_reason: str | None
+    tokens: int
+    answer_tokens: int
+    state_bytes: int
+    resumed_from: int | None = None
+
+
+CHECKPOINT_SUBDIR = "checkpoint"
+
+
+def train_loop(model, params: list, encoded, config: TrainConfig, log_path, pad_id: int, device,
+               progress: Callable | None = None, should_stop: Callable | None = None,
+               on_log: Callable | None = None, checkpoint: "Checkpointer | None" = None) -> LoopResult:
+    """Train ``params`` of ``model`` (already trainable and in train mode) on ``encoded`` items.
+
+    The shared loop of head training and the benchmark's full/LoRA cells: AdamW, warmup + cosine
+    schedule, `loss_backward`, gradient clipping, one log line per step in ``log_path``, progress,
+    stop requests and Ctrl-C (the current step finishes). A NaN/inf loss or gradient raises
+    NonFinite; out of memory raises UserError with advice. With ``checkpoint``, the state is saved
+    every ``checkpoint.every`` steps and, if a checkpoint exists, training continues from it.
+    """
+    total = config.planned_steps(len(encoded))
+    warmup = math.ceil(config.warmup_ratio * total)
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    steps_done, tokens, answer_tokens, final_loss, resumed_from = 0, 0, 0, None, None
+    elapsed_before = 0.0
+    torch.manual_seed(config.seed)
+    if checkpoint is not None:
+        state = checkpoint.load(params, optimizer)
+        if state is not None:
+            steps_done = resumed_from = state["step"]
+            tokens, answer_tokens = state["tokens"], state["answer_tokens"]
+            final_loss, elapsed_before = state["final_loss"], state["elapsed_s"]
+            _truncate_log(log_path, steps_done)
+    batches = batch_stream(encoded, config.batch_size, config.seed, config.group_by_length,
+                           skip=steps_done * config.grad_accum)
+    stopped, stop_reason = False, None
+    t0 = time.perf_counter() - elapsed_before
+    if progress:
+        progress(steps_done, total, "train")
+    with open(log_path, "a" if resumed_from else "w", encoding="utf-8") as log, _Stop() as ctrl_c:
+        try:
+            while steps_done < total:
+                step = steps_done + 1
+                t_step = time.perf_counter()
+                lr = config.lr * lr_factor(steps_done, total, warmup)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                micro = [collate(next(batches), pad_id) for _ in range(config.grad_accum)]
+                optimizer.zero_grad(set_to_none=True)
+                try:
+                    loss_sum, n_answer, n_tokens = loss_backward(model, micro, device)
+                except Exception as exc:
+                    optimizer.zero_grad(set_to_none=True)
+                    if is_out_of_memory(exc):
+                        if device.type == "cuda":
+                            torch.cuda.empty_cache()
+                        raise UserError(f"out of memory at batch size {config.batch_size} x {config.max_length} "
+                                        f"tokens on {device}: lower the batch size (raise gradient accumulation "
+                                        "to keep the effective batch) or the max length") from exc
+                    if isinstance(exc, NonFinite):
+                        raise NonFinite(f"loss at step {step}") from None
+                    raise
+                grad_norm = clip_gradients(params, config.max_grad_norm)
+                if not math.isfinite(grad_norm):
+                    raise NonFinite(f"gradient at step {step}")
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                steps_done = step
+                tokens += n_tokens
+                answer_tokens += n_answer
+                final_loss = loss_sum / max(1, n_answer)
+                now = time.perf_counter()
+                record = {"step": step, "loss": round(final_loss, 6), "lr": lr,
+                          "tokens_per_s": round(n_tokens / max(now - t_step, 1e-9), 2),
+                          "elapsed_s": round(now - t0, 3), "grad_norm": round(grad_norm, 6), "tokens": n_tokens}
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+                if checkpoint is not None and checkpoint.due(step, total):
+                    checkpoint.save(params, optimizer, {"step": step, "tokens": tokens, "answer_tokens": answer_tokens,
+                                                        "final_loss": final_loss, "elapsed_s": now - t0})
+                if progress:
+                    progress(steps_done, total, "train")
+                if on_log:
+                    on_log(record)
+                if ctrl_c.requested:
+                    stopped, stop_reason = True, "interrupted (Ctrl-C)"
+                    break
+                if should_stop is not None and steps_done < total and should_stop():
+                    stopped, stop_reason = True, "stop requested"
+                    break
+        except KeyboardInterrupt:
+            optimizer.zero_grad(set_to_none=True)  # a half-done step is discarded
+            stopped, stop_reason = True, "interrupted (Ctrl-C)"
+    if not all(torch.isfinite(p).all() for p in params):
+        raise NonFinite(f"weights at step {steps_done}")
+    return LoopResult(steps_done=steps_done, steps_planned=total, time_s=time.perf_counter() - t0,
+                      final_loss=final_loss, stopped=stopped, stop_reason=stop_reason, tokens=tokens,
+                      answer_tokens=answer_tokens, state_bytes=optimizer_state_bytes(optimizer),
+                      resumed_from=resumed_from)
+
+
+def _truncate_log(log_path, step: int) -> None:
+    """Keep the log lines of steps 1..step (a resumed run rewrites what came after its checkpoint)."""
+    path = Path(log_path)
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if int(json.loads(line)["step"]) <= step:
+                keep.append(line)
+        except (ValueError, KeyError, TypeError):
+            break
+    write_text(path, "".join(line + "\n" for line in keep))
+
+
+class Checkpointer:
+    """Saves and restores the training state in ``folder`` every ``every`` steps (and at the end).
+
+    The state: the trained tensors, the optimizer state, the step, token counters and the torch RNG
+    state; the data position follows from the step (batches are a function of seed and epoch). A
+    checkpoint is written to a temporary folder and renamed, so it is whole or absent; it records the
+    settings it was made with (``signature``) and is only used when they match.
+    """
+
+    def __init__(self, folder, every: int, signature: dict):
+        self.folder = Path(folder)
+        self.every = int(every)
+        self.signature = signature
+
+    def due(self, step: int, total: int) -> bool:
+        return self.every > 0 and step < total and step % self.every == 0
+
+    def save(self, params: list, optimizer, state: dict) -> None:
+        from .files import atomic_dir, write_json
+
+        with atomic_dir(self.folder) as tmp:
+            torch.save({"params": [p.detach().cpu() for p in params], "optimizer": optimizer.state_dict(),
+                        "rng": torch.get_rng_state(),
+                        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+                       tmp / "state.pt")
+            write_json(tmp / "checkpoint.json", {**state, "signature": self.signature})
+
+    def load(self, params: list, optimizer) -> dict | None:
+        """Restore into ``params`` and ``optimizer``; the saved counters, or None without a usable
+        checkpoint (missing, or made with other settings)."""
+        from .files import read_json
+
+        meta = read_json(self.folder / "checkpoint.json")
+        if not meta or meta.get("signature") != self.signature or not (self.folder / "state.pt").is_file():
+            return None
+        saved = torch.load(self.folder / "state.pt", map_location="cpu", weights_only=False)
+        if len(saved["params"]) != len(params) or any(a.shape != b.shape for a, b in zip(saved["params"], params)):
+            return None
+        with torch.no_grad():
+            for p, value in zip(params, saved["params"]):
+                p.copy_(value.to(device=p.device, dtype=p.dtype))
+        optimizer.load_state_dict(saved["optimizer"])
+        torch.set_rng_state(saved["rng"])
+        if saved.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(saved["cuda_rng"])
+        return meta
+
+    def clear(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def train_heads(lm, heads, samples: list, config: TrainConfig, out_dir, progress: Callable | None = None,
                 should_stop: Callable | None = None, on_log: Callable | None = None,
-                overwrite: bool = False) -> TrainResult:
+                overwrite: bool = False, resume: bool = False, checkpoint_every: int = 0) -> TrainResult:
     """Train only the selected heads of ``lm`` (a LoadedModel) on ``samples`` (list of Sample).
 
     ``heads``: ``[[layer, head], ...]`` or a HeadScores-like object with ``.selected``.
     Writes ``out_dir/train_log.jsonl`` as it goes (one line per step: step, loss, lr, tokens_per_s,
-    elapsed_s, plus grad_norm and tokens) and ``out_dir/adapter/`` at the end.  Calls
+    elapsed_s, grad_norm, tokens) and ``out_dir/adapter/`` at the end (whole or not at all).  Calls
     ``progress(done, total, "train")`` and ``on_log(record)`` after each step; stops after the
     current step when ``should_stop()`` returns True or on Ctrl-C.  An existing adapter in
-    ``out_dir`` is a UserError unless ``overwrite``.
+    ``out_dir`` is a UserError unless ``overwrite`` or ``resume``.  ``checkpoint_every`` N saves the
+    state every N steps in ``out_dir/checkpoint/``; ``resume`` continues from it (same settings and
+    data required; otherwise training starts over).
     """
     config.check()
     model, tok = lm.model, lm.tokenizer
@@ -191,136 +429,75 @@ def train_heads(lm, heads, samples: list, config: TrainConfig, out_dir, progress
                         "training; training always starts from the base weights")
     heads = normalize_heads(heads, lm.geometry)
     if not heads:
-        raise UserError("no heads selected: run head scoring first or give --heads")
+        raise UserError("no heads selected: run head scoring first or give a heads.json")
     samples = list(samples or [])
     if not samples:
         raise UserError("no training samples: the training data is empty")
     out = Path(out_dir)
     adapter_dir, log_path = out / ADAPTER_SUBDIR, out / LOG_NAME
-    if (adapter_dir / WEIGHTS_NAME).exists() and not overwrite:
+    if (adapter_dir / WEIGHTS_NAME).exists() and not (overwrite or resume):
         raise UserError(f"{adapter_dir} already holds an adapter: choose another output folder or delete it")
     encoded = encode(samples, tok, config.max_length)
     if not encoded:
         raise UserError(f"none of the {len(samples)} samples has an answer token left after encoding "
-                        f"(max length {config.max_length}): raise --max-length or check the data")
+                        f"(max length {config.max_length}): raise the max length or check the data")
     if lm.dtype == torch.float16 or next(model.parameters()).dtype == torch.float16:
-        warnings.warn("training with an fp16 model: losses can overflow to NaN; use --dtype bf16 (or fp32)",
+        warnings.warn("training with an fp16 model: losses can overflow to NaN; use dtype bf16 (or fp32)",
                       stacklevel=2)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-    total = config.planned_steps(len(encoded))
-    warmup = math.ceil(config.warmup_ratio * total)
     out.mkdir(parents=True, exist_ok=True)
-
-    torch.manual_seed(config.seed)
     device = next(model.parameters()).device
+    torch.manual_seed(config.seed)
     adapter = HeadAdapter(lm.geometry, heads, config.projections, dtype=torch.float32, device=device)
-    optimizer = torch.optim.AdamW(adapter.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    saved_flags = [(p, p.requires_grad) for p in model.parameters()]
-    was_training = model.training
-    batches = _batches_forever(encoded, config)
-
-    steps_done, tokens, answer_tokens, final_loss = 0, 0, 0, None
-    stopped, stop_reason = False, None
-    t0 = time.perf_counter()
-    if progress:
-        progress(0, total, "train")
+    signature = {"config": config.to_dict(), "heads": heads, "data": _fingerprint(encoded)}
+    ckpt = Checkpointer(out / CHECKPOINT_SUBDIR, checkpoint_every, signature) if (checkpoint_every or resume) else None
+    if ckpt is not None and not resume:
+        ckpt.clear()
     try:
-        for p, _ in saved_flags:
-            p.requires_grad_(False)
-        model.train()
-        adapter.attach(model)
-        with open(log_path, "w", encoding="utf-8") as log, _Stop() as ctrl_c:
-            try:
-                while steps_done < total:
-                    step = steps_done + 1
-                    t_step = time.perf_counter()
-                    lr = config.lr * lr_factor(steps_done, total, warmup)
-                    for group in optimizer.param_groups:
-                        group["lr"] = lr
-                    micro = [collate(next(batches), pad_id) for _ in range(config.grad_accum)]
-                    n_answer = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
-                    n_tokens = sum(int(b["attention_mask"].sum()) for b in micro)
-                    optimizer.zero_grad(set_to_none=True)
-                    loss_sum = 0.0
-                    try:
-                        for b in micro:
-                            b = {k: v.to(device) for k, v in b.items()}
-                            loss, _ = answer_loss(model, b)
-                            loss_value = float(loss.detach())
-                            if not math.isfinite(loss_value):
-                                raise UserError(_nan_message("loss", step, config, lm.dtype))
-                            (loss / max(1, n_answer)).backward()
-                            loss_sum += loss_value
-                    except Exception as exc:
-                        if is_out_of_memory(exc):
-                            optimizer.zero_grad(set_to_none=True)
-                            if device.type == "cuda":
-                                torch.cuda.empty_cache()
-                            raise UserError(f"out of memory at batch size {config.batch_size} x {config.max_length} "
-                                            f"tokens on {device}: lower --batch-size (raise --grad-accum to keep "
-                                            "the effective batch) or --max-length") from exc
-                        raise
-                    if config.max_grad_norm:
-                        grad_norm = float(torch.nn.utils.clip_grad_norm_(adapter.parameters(), config.max_grad_norm))
-                    else:
-                        grad_norm = float(torch.linalg.vector_norm(
-                            torch.stack([p.grad.norm() for p in adapter.parameters() if p.grad is not None])))
-                    if not math.isfinite(grad_norm):
-                        raise UserError(_nan_message("gradient", step, config, lm.dtype))
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    steps_done = step
-                    tokens += n_tokens
-                    answer_tokens += n_answer
-                    final_loss = loss_sum / max(1, n_answer)
-                    now = time.perf_counter()
-                    record = {"step": step, "loss": round(final_loss, 6), "lr": lr,
-                              "tokens_per_s": round(n_tokens / max(now - t_step, 1e-9), 2),
-                              "elapsed_s": round(now - t0, 3), "grad_norm": round(grad_norm, 6),
-                              "tokens": n_tokens}
-                    log.write(json.dumps(record) + "\n")
-                    log.flush()
-                    if progress:
-                        progress(steps_done, total, "train")
-                    if on_log:
-                        on_log(record)
-                    if ctrl_c.requested:
-                        stopped, stop_reason = True, "interrupted (Ctrl-C)"
-                        break
-                    if should_stop is not None and steps_done < total and should_stop():
-                        stopped, stop_reason = True, "stop requested"
-                        break
-            except KeyboardInterrupt:
-                optimizer.zero_grad(set_to_none=True)  # a half-done step is discarded
-                stopped, stop_reason = True, "interrupted (Ctrl-C)"
-        elapsed = time.perf_counter() - t0
-        if not all(torch.isfinite(p).all() for p in adapter.parameters()):
-            raise UserError(_nan_message("weights", steps_done, config, lm.dtype))
-        state_bytes = optimizer_state_bytes(optimizer)
-        training = {
-            "config": config.to_dict(), "steps_done": steps_done, "steps_planned": total,
-            "final_loss": final_loss, "stopped": stopped, "stop_reason": stop_reason,
-            "time_s": round(elapsed, 3), "samples": len(samples), "encoded": len(encoded),
-            "dropped": len(encoded.dropped), "truncated": encoded.truncated, "tokens": tokens,
-            "answer_tokens": answer_tokens, "device": str(device), "model_dtype": str(lm.dtype).replace("torch.", ""),
-        }
-        adapter.save(adapter_dir, base_model=lm.spec, training=training)
+        with trainable(model, []):
+            adapter.attach(model)
+            loop = train_loop(model, list(adapter.parameters()), encoded, config, log_path, pad_id, device,
+                              progress=progress, should_stop=should_stop, on_log=on_log, checkpoint=ckpt)
+            training = {
+                "config": config.to_dict(), "steps_done": loop.steps_done, "steps_planned": loop.steps_planned,
+                "final_loss": loop.final_loss, "stopped": loop.stopped, "stop_reason": loop.stop_reason,
+                "time_s": round(loop.time_s, 3), "samples": len(samples), "encoded": len(encoded),
+                "dropped": len(encoded.dropped), "truncated": encoded.truncated, "tokens": loop.tokens,
+                "answer_tokens": loop.answer_tokens, "device": str(device), "resumed_from": loop.resumed_from,
+                "model_dtype": str(lm.dtype).replace("torch.", ""),
+            }
+            with atomic_dir(adapter_dir) as tmp:
+                adapter.save(tmp, base_model=lm.spec, training=training)
+    except NonFinite as exc:
+        raise UserError(_nan_message(str(exc), config, lm.dtype)) from None
     finally:
         adapter.detach()
-        for p, flag in saved_flags:
-            p.requires_grad_(flag)
-        model.train(was_training)
+    if ckpt is not None and not loop.stopped:
+        ckpt.clear()
     return TrainResult(
-        steps_done=steps_done, steps_planned=total, time_s=elapsed, final_loss=final_loss, stopped=stopped,
-        stop_reason=stop_reason, tokens=tokens, trainable_params=adapter.num_params(),
-        optimizer_state_bytes=state_bytes, adapter_dir=str(adapter_dir), log_path=str(log_path),
+        steps_done=loop.steps_done, steps_planned=loop.steps_planned, time_s=loop.time_s, final_loss=loop.final_loss,
+        stopped=loop.stopped, stop_reason=loop.stop_reason, tokens=loop.tokens,
+        trainable_params=adapter.num_params(), optimizer_state_bytes=loop.state_bytes, adapter_dir=str(adapter_dir),
+        log_path=str(log_path),
         extra={"n_samples": len(samples), "n_encoded": len(encoded), "dropped": list(encoded.dropped),
-               "truncated": encoded.truncated, "answer_tokens": answer_tokens, "heads": heads},
+               "truncated": encoded.truncated, "answer_tokens": loop.answer_tokens, "heads": heads,
+               "resumed_from": loop.resumed_from},
     )
 
 
-def _nan_message(what: str, step: int, config: TrainConfig, dtype) -> str:
+def _fingerprint(encoded) -> str:
+    """A short hash of the encoded training items (a checkpoint only resumes on the same data)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for item in encoded:
+        h.update(bytes(str(item["input_ids"]), "ascii"))
+        h.update(bytes(str(item["labels"]), "ascii"))
+    return h.hexdigest()[:16]
+
+
+def _nan_message(what: str, config: TrainConfig, dtype) -> str:
     lower = f"{min(config.lr / 10, 1e-3):g}"
-    tail = " or load the model in fp32/bf16 (--dtype fp32)" if dtype == torch.float16 else ""
-    return (f"{what} became NaN/inf at step {step}: lower --lr (e.g. {lower}){tail}; "
+    tail = " or load the model in fp32 or bf16 (dtype)" if dtype == torch.float16 else ""
+    return (f"{what} became NaN/inf: lower the learning rate (lr, e.g. {lower}){tail}; "
             "no adapter was saved, the log up to the previous step is kept")

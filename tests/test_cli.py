@@ -18,7 +18,7 @@ def _run(capsys, *argv):
 
 
 def test_every_command_has_help():
-    for cmd in ("info", "data", "demo-data", "eval", "heads", "select", "train", "merge", "run"):
+    for cmd in ("info", "data", "demo-data", "eval", "heads", "select", "train", "merge", "run", "studio"):
         proc = subprocess.run([sys.executable, "-m", "p2d", cmd, "--help"], capture_output=True, text=True)
         assert proc.returncode == 0 and "usage:" in proc.stdout, cmd
 
@@ -68,7 +68,7 @@ def test_data_and_demo_data(capsys, tmp_path):
 def test_eval_command(capsys, tmp_path, tiny_llama_dir):
     f = tmp_path / "eval.jsonl"
     f.write_text("\n".join(json.dumps({"question": f"{i}+{i}?", "answer": str(2 * i)}) for i in range(6)) + "\n")
-    code, out, _ = _run(capsys, "eval", "--model", tiny_llama_dir, "--eval", str(f), "--limit", "4",
+    code, out, _ = _run(capsys, "eval", "--model", tiny_llama_dir, "--eval", str(f), "--eval-limit", "4",
                         "--max-new-tokens", "3")
     res = json.loads(out)
     assert code == 0 and res["n"] == 4 and res["accuracy"] == 0.0 and res["loss"] > 0
@@ -93,8 +93,8 @@ def test_run_tiny_end_to_end(capsys, tmp_path, tiny_llama_dir):
                 "eval_before", "eval_after", "trainable_params", "total_params", "selected_heads", "n_selected"):
         assert key in on_disk and key in metrics, key
     assert on_disk["aer_mode"] == "estimated" and on_disk["aer"] > 0
-    assert on_disk["stages_done"] == ["load", "heads", "select", "eval before", "train", "eval after",
-                                      "full reference"]
+    assert on_disk["stages_done"] == ["load", "heads", "select", "eval_before", "reference", "train", "eval_after"]
+    assert on_disk["stages_partial"] == [] and on_disk["reference_epochs"] == 3.0
     assert on_disk["n_selected"] == 12 and len(on_disk["selected_heads"]) == 4
     assert on_disk["trainable_params"] < on_disk["total_params"]
     assert {"accuracy", "loss", "n"} <= set(on_disk["eval_after"])

@@ -170,7 +170,7 @@ def test_real_ctrl_c_finishes_the_current_step(tiny_llama, tmp_path):
 
 
 def test_nan_loss_is_a_user_error_without_adapter(tiny_llama, tmp_path):
-    with pytest.raises(UserError, match=r"NaN/inf at step \d+: lower --lr"):
+    with pytest.raises(UserError, match=r"at step \d+ became NaN/inf: lower the learning rate"):
         train_heads(tiny_llama, [[1, 0], [2, 2], [3, 3]], _samples(), TrainConfig(steps=6, lr=1e30, batch_size=4),
                     tmp_path)
     assert not (tmp_path / "adapter").exists()

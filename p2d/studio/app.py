@@ -14,8 +14,8 @@ API (every event has an explicit ``api_name``; gradio_client can drive the app):
 
 from __future__ import annotations
 
-import argparse
 import inspect
+import sys
 import os
 import time
 from pathlib import Path
@@ -467,16 +467,15 @@ def build_app(demo: bool | None = None, runs_root: str | os.PathLike | None = No
     return app
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description="P2D Studio (Gradio app)")
-    p.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME") or "127.0.0.1",
-                   help="interface to listen on (env GRADIO_SERVER_NAME; default 127.0.0.1, 0.0.0.0 for all)")
-    p.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT") or 7860),
-                   help="port (env GRADIO_SERVER_PORT; default 7860)")
-    p.add_argument("--demo", action="store_true", default=None, help="public demo limits (env P2D_DEMO=1)")
-    p.add_argument("--runs", default=None, help="folder for per-session run folders (env P2D_STUDIO_RUNS)")
-    p.add_argument("--share", action="store_true", help="create a public gradio.live link")
-    args = p.parse_args(argv)
-    app = build_app(demo=args.demo, runs_root=args.runs)
-    app.launch(server_name=args.host, server_port=args.port, share=args.share or None,
+def launch(options) -> None:
+    """Serve the app with `p2d.studio.options.StudioOptions` (blocks until stopped)."""
+    app = build_app(demo=options.demo, runs_root=options.runs)
+    app.launch(server_name=options.host, server_port=options.port, share=options.share or None,
                footer_links=["api", "gradio"])
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python app.py [flags]`: the same flags as `python -m p2d studio`."""
+    from p2d.cli import main as cli_main
+
+    raise SystemExit(cli_main(["studio", *(sys.argv[1:] if argv is None else argv)]))

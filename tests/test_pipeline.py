@@ -1,0 +1,151 @@
+"""`p2d.pipeline.Run`: one step sequence, stage invalidation, honest run folders, resume after a kill."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from p2d.config import STAGES, RunConfig
+from p2d.pipeline import MANIFEST_FILE, Run, downstream, upstream_closure
+
+TINY = dict(pool_size=40, probe_size=8, eval_size=4, batch_size=4, max_length=64, head_ratio=0.25, data_ratio=0.2,
+            steps=2, max_new_tokens=3, device="cpu", head_method="random", select_method="random")
+
+
+def _run(tiny_llama, tmp_path, **kw):
+    cfg = RunConfig(**{**TINY, "model": tiny_llama.spec, "out": str(tmp_path / "run"), **kw})
+    return Run(cfg, lm=tiny_llama)
+
+
+def test_stage_graph():
+    assert downstream("heads") == ["heads", "select", "train", "eval_after"]
+    assert downstream("eval_before") == ["eval_before"]
+    assert upstream_closure(["train"]) == ["load", "heads", "select", "train"]
+    assert upstream_closure(["eval_after"]) == ["load", "heads", "select", "train", "eval_after"]
+
+
+def test_run_executes_only_what_is_needed(tiny_llama, tmp_path):
+    run = _run(tiny_llama, tmp_path)
+    run.run(["select"])
+    assert run.stages_done == ["load", "heads", "select"]
+    manifest = json.loads((run.out / MANIFEST_FILE).read_text())["stages"]
+    assert set(manifest) == {"load", "heads", "select"} and not any(e["partial"] for e in manifest.values())
+    heads_time = run.heads.time_s
+    run.run(STAGES)
+    assert run.stages_done == list(STAGES)
+    assert run.heads.time_s == heads_time  # not rerun
+    metrics = json.loads((run.out / "metrics.json").read_text())
+    assert metrics["stages_done"] == list(STAGES) and metrics["aer"] > 0
+
+
+def test_reconfigure_drops_exactly_what_changed(tiny_llama, tmp_path):
+    run = _run(tiny_llama, tmp_path)
+    run.run(STAGES)
+    reference = run.full
+    # P2D's own training length never moves the reference
+    assert run.reconfigure(run.config.replace(steps=3)) == ["train", "eval_after"]
+    assert run.full is reference and run.is_done("reference")
+    run.run(STAGES)
+    assert run.reconfigure(run.config.replace(reference_epochs=1.0)) == ["reference"]
+    assert run.reconfigure(run.config.replace(eval_limit=2)) == ["eval_before", "eval_after"]
+    # a new head share re-cuts the scores: no rescoring, later stages dropped only if the heads change
+    scores = run.heads.scores
+    dropped = run.reconfigure(run.config.replace(head_ratio=0.5))
+    assert run.heads.scores == scores and len(run.heads.selected) == 8 and run.is_done("heads")
+    assert dropped == ["select", "train"]
+    run.run(["select"])
+    assert run.reconfigure(run.config.replace(head_ratio=0.49)) == []  # same 8 heads: selection kept
+    dropped = run.reconfigure(run.config.replace(head_method="gradient"))
+    assert dropped == ["heads", "select"]
+    assert not (run.out / "heads.json").exists()
+
+
+def test_stopped_stage_is_partial_and_never_reused(tiny_llama, tmp_path):
+    calls = {"n": 0}
+
+    def stop_soon():
+        calls["n"] += 1
+        return calls["n"] > 3
+
+    run = _run(tiny_llama, tmp_path, head_method="gradient")
+    run.bind(should_stop=stop_soon)
+    run.run(STAGES)
+    assert "heads" in run.stages_partial and not run.is_done("heads")
+    assert run.heads.extra["stopped"] is True
+    assert json.loads((run.out / "metrics.json").read_text())["stages_partial"] == ["heads"]
+    again = Run.open(run.out, lm=tiny_llama)
+    assert again.stages_done == ["load"] and again.stages_partial == ["heads"]
+    again.run(["heads"])
+    assert again.is_done("heads") and not again.heads.extra["stopped"]
+
+
+def test_open_reads_results_and_checks_settings(tiny_llama, tmp_path):
+    run = _run(tiny_llama, tmp_path)
+    run.run(STAGES)
+    back = Run.open(run.out)
+    assert back.lm is None  # reading a folder loads no model
+    assert back.stages_done == list(STAGES)
+    assert back.heads.selected == run.heads.selected and back.selection.selected == run.selection.selected
+    assert back.train_result.steps_done == 2 and back.eval_after.n == run.eval_after.n
+    other = Run.open(run.out, config=run.config.replace(lr=5e-4))
+    assert other.stages_done == ["load", "heads", "select", "eval_before", "reference"]
+
+
+def test_edited_data_file_invalidates(tiny_llama, tmp_path):
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text("".join(json.dumps({"question": f"q{i}", "answer": f"a{i}"}) + "\n" for i in range(20)))
+    run = _run(tiny_llama, tmp_path, pool=str(pool), probe=str(pool), eval=None)
+    run.run(["heads"])
+    assert run.is_done("heads")
+    time.sleep(1.1)
+    pool.write_text(pool.read_text() + json.dumps({"question": "q", "answer": "a"}) + "\n")
+    assert not run.is_done("load") and not run.is_done("heads")
+
+
+def _tiny_run_argv(model_dir, out, steps):
+    return [sys.executable, "-m", "p2d", "run", "--model", model_dir, "--out", str(out), "--device", "cpu",
+            "--pool-size", "60", "--probe-size", "8", "--eval-size", "0", "--batch-size", "2", "--max-length", "48",
+            "--head-method", "random", "--select-method", "random", "--head-ratio", "0.25", "--data-ratio", "0.5",
+            "--steps", str(steps), "--checkpoint-every", "3", "--lr", "0.01"]
+
+
+def test_sigkill_during_training_then_resume_gives_the_same_adapter(tiny_llama_dir, tmp_path):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    steps = 40
+    full = tmp_path / "uninterrupted"
+    subprocess.run(_tiny_run_argv(tiny_llama_dir, full, steps), check=True, env=env, capture_output=True)
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_tiny_run_argv(tiny_llama_dir, killed, steps), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    log = killed / "train_log.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if log.exists() and len(log.read_text().splitlines()) >= 8:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed; raise the steps"
+    assert (killed / "checkpoint" / "checkpoint.json").is_file() and not (killed / "adapter").exists()
+    done = subprocess.run(_tiny_run_argv(tiny_llama_dir, killed, steps) + ["--resume"], env=env, capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr
+    metrics = json.loads(done.stdout)
+    assert metrics["stages_partial"] == [] and metrics["steps_done"] == steps
+    resumed_from = json.loads((killed / "adapter" / "adapter_config.json").read_text())["training"]["resumed_from"]
+    assert resumed_from is not None and 3 <= resumed_from < steps
+    a = load_file(str(full / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(killed / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6)
+    lines = [json.loads(line)["step"] for line in (killed / "train_log.jsonl").read_text().splitlines()]
+    assert lines == list(range(1, steps + 1))
+    assert not (killed / "checkpoint").exists()
