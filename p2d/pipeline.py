@@ -221,17 +221,21 @@ class Run:
         write_json(self.out / METRICS_FILE, m)
         return m
 
-    def execute(self, stage: str):
-        """Run one stage now (its upstream stages must be done): clear its outputs, compute, record."""
-        missing = [u for u in UPSTREAM[stage] if not self.is_done(u)]
+    def execute(self, stage: str, on_partial: bool = False):
+        """Run one stage now: clear its outputs, compute, record. Its upstream stages must be done;
+        with ``on_partial`` a stopped (partial) upstream result is accepted too (e.g. to evaluate the
+        adapter of a stopped training), and the new result is recorded as partial."""
+        missing = [u for u in UPSTREAM[stage] if not self.is_done(u)
+                   and not (on_partial and u in self.results and self.manifest.get(u, {}).get("partial"))]
         if missing:
-            raise UserError(f"cannot run {stage} before {', '.join(missing)}")
+            raise UserError(f"{LABELS[stage]} needs {', '.join(LABELS[m] for m in missing)} first")
+        built_on_partial = any(not self.is_done(u) for u in UPSTREAM[stage])
         if stage != "load":
             self.require_loaded()
         self._clear(stage, keep=(CHECKPOINT_SUBDIR, LOG_NAME) if stage == "train" and self.resume else ())
         result, partial = getattr(self, f"_stage_{stage}")()
         self.results[stage] = result
-        self._record(stage, partial=partial, result=result)
+        self._record(stage, partial=partial or built_on_partial, result=result)
         self.write_metrics()
         return result
 
