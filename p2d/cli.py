@@ -284,6 +284,13 @@ def options_from_args(cls, args):
     return options_from(cls, getattr(args, "config", None), _given(args, [f.name for f in fields(cls)]))
 
 
+def cmd_bench(args) -> None:
+    from .bench.config import BenchConfig
+    from .bench.runner import run_bench
+
+    _print(run_bench(options_from_args(BenchConfig, args), progress=_progress()))
+
+
 def cmd_studio(args) -> None:
     from .studio.app import launch
     from .studio.options import StudioOptions
@@ -352,6 +359,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", metavar="FILE.yaml", help="settings to fill the form with")
     add_dataclass_flags(p, StudioOptions)
     p.set_defaults(func=cmd_studio)
+
+    from .bench.config import BenchConfig
+
+    p = sub.add_parser("bench", help="benchmark P2D against full fine-tuning, LoRA and its controls",
+                       description=BenchConfig.__doc__.replace("%", "%%"))
+    p.add_argument("--config", metavar="FILE.yaml", help="benchmark settings file; flags override it")
+    add_dataclass_flags(p, BenchConfig)
+    p.set_defaults(func=cmd_bench)
     return parser
 
 

@@ -251,7 +251,8 @@ CHECKPOINT_SUBDIR = "checkpoint"
 
 def train_loop(model, params: list, encoded, config: TrainConfig, log_path, pad_id: int, device,
                progress: Callable | None = None, should_stop: Callable | None = None,
-               on_log: Callable | None = None, checkpoint: "Checkpointer | None" = None) -> LoopResult:
+               on_log: Callable | None = None, checkpoint: "Checkpointer | None" = None,
+               between_steps: Callable[[int], None] | None = None) -> LoopResult:
     """Train ``params`` of ``model`` (already trainable and in train mode) on ``encoded`` items.
 
     The shared loop of head training and the benchmark's full/LoRA cells: AdamW, warmup + cosine
@@ -259,6 +260,8 @@ def train_loop(model, params: list, encoded, config: TrainConfig, log_path, pad_
     stop requests and Ctrl-C (the current step finishes). A NaN/inf loss or gradient raises
     NonFinite; out of memory raises UserError with advice. With ``checkpoint``, the state is saved
     every ``checkpoint.every`` steps and, if a checkpoint exists, training continues from it.
+    ``between_steps(step)`` runs after each step off the clock (its time is not training time; the
+    benchmark evaluates learning curves there).
     """
     total = config.planned_steps(len(encoded))
     warmup = math.ceil(config.warmup_ratio * total)
@@ -324,6 +327,10 @@ def train_loop(model, params: list, encoded, config: TrainConfig, log_path, pad_
                     progress(steps_done, total, "train")
                 if on_log:
                     on_log(record)
+                if between_steps is not None:
+                    paused = time.perf_counter()
+                    between_steps(step)
+                    t0 += time.perf_counter() - paused
                 if ctrl_c.requested:
                     stopped, stop_reason = True, "interrupted (Ctrl-C)"
                     break

@@ -442,6 +442,7 @@ class TaskPool:
     target: str
     seed: int
     sources: dict[str, str] = field(default_factory=dict)
+    other_eval: list[dict] = field(default_factory=list)  # held-out rows of the other tasks (forgetting)
 
     def counts(self) -> dict[str, int]:
         """task -> number of rows in the pool, largest first (ties by name)."""
@@ -497,12 +498,15 @@ def build_task_pool(
     probe_size: int = 100,
     eval_size: int = 100,
     tasks: list[str] | None = None,
+    other_eval_size: int = 0,
 ) -> TaskPool:
     """Build a deterministic mixed-task pool with `target_share` of target rows, plus probe and eval sets.
 
     `tasks` restricts the pool to these tasks (the target is always added); by default every available
-    task is used. With no other task the pool is all target rows, whatever `target_share` says. Packaged-data tasks whose package is missing are skipped with a warning. Probe, eval
-    and pool never share an (instruction, input) pair.
+    task is used. With no other task the pool is all target rows, whatever `target_share` says.
+    Packaged-data tasks whose package is missing are skipped with a warning. Probe, eval and pool
+    never share an (instruction, input) pair. ``other_eval_size`` > 0 also holds out up to that many
+    rows of every other task (``other_eval``, never in the pool), to measure forgetting.
     """
     if target not in TASKS:
         raise UserError(f"Unknown target task {target!r}; valid tasks: {', '.join(TASKS)}")
@@ -549,19 +553,22 @@ def build_task_pool(
 
     held_out = {(r["instruction"], r["input"]) for r in eval_rows + probe_rows + pool_rows}
     alloc = _spread(pool_size - n_target, {t: task_capacity(t) for t in others}) if others else {}
+    other_eval: list[dict] = []
     for task in others:
         n = alloc[task]
-        if n == 0:
-            continue
-        taken = 0
+        taken, extra = 0, 0
         for r in _permutation(task, seed, "pool"):
+            if taken == n and extra == other_eval_size:
+                break
             if (r[0], r[1]) in held_out:  # never happens with the built-in templates; kept as a guarantee
                 continue
             held_out.add((r[0], r[1]))
-            pool_rows.append(_to_dict(r, task))
-            taken += 1
-            if taken == n:
-                break
+            if taken < n:
+                pool_rows.append(_to_dict(r, task))
+                taken += 1
+            else:
+                other_eval.append(_to_dict(r, task))
+                extra += 1
 
     random.Random(f"p2d-builtin:{seed}:shuffle").shuffle(pool_rows)
     used = {target, *alloc}
@@ -572,6 +579,7 @@ def build_task_pool(
         target=target,
         seed=seed,
         sources={t: SOURCES[t] for t in TASKS if t in used},
+        other_eval=other_eval,
     )
 
 
