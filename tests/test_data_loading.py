@@ -850,3 +850,15 @@ def test_damaged_parquet(tmp_path):
     assert "could not read Parquet file" in user_error(load_data, p)
     p.write_bytes(b"PAR1 not really")
     assert "could not read Parquet file" in user_error(load_data, p)
+
+
+def test_messages_stay_on_one_line(tmp_path):
+    # found by tests/test_data_fuzz.py: a column name with a line break broke the one-line message
+    msg = user_error(load_records, [{"bad\ncolumn": 1, "x" * 100: 2}])
+    assert "bad\\ncolumn" in msg and "x" * 37 + "..." in msg
+    msg = user_error(load_records, [{f"c{i}": i for i in range(30)}])
+    assert "c19 and 10 more" in msg
+    p = tmp_path / "two\nlines.jsonl"
+    p.write_text("{oops\n", encoding="utf-8")
+    assert "no usable rows" in user_error(load_data, p)
+    assert "'no\\nsuch'" in user_error(load_records, [{"q": 1, "a": 2}], mapping={"prompt": "no\nsuch", "answer": "a"})

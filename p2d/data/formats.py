@@ -139,14 +139,27 @@ def match_format(columns) -> str | None:
     return None
 
 
+def _show(name, limit: int = 40) -> str:
+    text = str(name)
+    if not text.isprintable():
+        text = repr(text)[1:-1]  # escapes line breaks and other control characters
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def show_columns(columns, limit: int = 20) -> str:
+    """Column names for a one-line message: escaped, shortened, at most ``limit`` of them."""
+    names = [_show(c) for c in list(columns)[:limit]]
+    more = len(columns) - limit
+    return (", ".join(names) + (f" and {more} more" if more > 0 else "")) or "none"
+
+
 def detect_format(columns: list[str]) -> str:
     """Name of the shape the columns match (see the module docstring); UserError if none does."""
     fmt = match_format(columns)
     if fmt is not None:
         return fmt
-    found = ", ".join(str(c) for c in columns) or "none"
     raise UserError(
-        f"unrecognised data shape: columns found: {found}; accepted: {ACCEPTED}; "
+        f"unrecognised data shape: columns found: {show_columns(columns)}; accepted: {ACCEPTED}; "
         "or pass a column mapping such as prompt=COL answer=COL"
     )
 
@@ -210,7 +223,7 @@ def check_mapping(mapping: dict | None, columns: list[str]) -> dict[str, str]:
     if not mapping:
         return {}
     index = _column_index(columns)
-    found = ", ".join(str(c) for c in columns) or "none"
+    found = show_columns(columns)
     out: dict[str, str] = {}
     for key, col in mapping.items():
         k = _norm(key)
@@ -225,7 +238,7 @@ def check_mapping(mapping: dict | None, columns: list[str]) -> dict[str, str]:
         elif _norm(col) in index:
             resolved = index[_norm(col)]
         else:
-            raise UserError(f"mapped column '{col}' (for {k}) not found; columns found: {found}")
+            raise UserError(f"mapped column '{_show(col)}' (for {k}) not found; columns found: {found}")
         if k == "conversations":
             k = "messages"
         out[k] = resolved

@@ -47,6 +47,7 @@ Limits (both optional, for untrusted input):
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import gzip
 import io
@@ -127,7 +128,8 @@ def load_records(rows: Iterable[dict], source: str = "<memory>", mapping: dict |
     max_rows = _check_max_rows(max_rows, limit)
     records = ((i, dict(r) if isinstance(r, dict) else SkipRow("not a JSON object"))
                for i, r in enumerate(rows))
-    return _build(records, source, mapping, max_rows)
+    with _one_line_errors():
+        return _build(records, source, mapping, max_rows)
 
 
 def load_data(source: str | os.PathLike, mapping: dict | None = None, split: str = "train",
@@ -139,6 +141,11 @@ def load_data(source: str | os.PathLike, mapping: dict | None = None, split: str
     and hub ids; max_rows (alias ``limit``): keep at most this many usable samples; max_bytes:
     refuse sources that need more bytes read (see the module docstring).
     """
+    with _one_line_errors():
+        return _load_data(source, mapping, split, max_rows, max_bytes, limit)
+
+
+def _load_data(source, mapping, split, max_rows, max_bytes, limit) -> LoadedData:
     max_rows = _check_max_rows(max_rows, limit)
     if max_bytes is not None and max_bytes < 1:
         raise UserError(f"max_bytes must be at least 1 (got {max_bytes})")
@@ -156,6 +163,19 @@ def load_data(source: str | os.PathLike, mapping: dict | None = None, split: str
     else:
         raise UserError(f"file not found: {name}")
     return _build(records, name, mapping, max_rows)
+
+
+@contextlib.contextmanager
+def _one_line_errors():
+    """UserError messages stay on one line even when they quote a file name or cell with a line
+    break."""
+    try:
+        yield
+    except UserError as e:
+        lines = str(e).splitlines()
+        if len(lines) > 1:
+            raise UserError(" ".join(line.strip() for line in lines)) from None
+        raise
 
 
 def _check_max_rows(max_rows: int | None, limit: int | None) -> int | None:
