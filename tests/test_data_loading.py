@@ -793,6 +793,18 @@ def test_jsonl_blank_lines_and_truncated_last_line(tmp_path):
     assert load_data(p).skipped == {}
 
 
+@pytest.mark.parametrize("indent", [None, 2])
+def test_json_document_saved_as_jsonl(tmp_path, indent):
+    p = tmp_path / "d.jsonl"
+    p.write_text(json.dumps(ALPACA, indent=indent), encoding="utf-8")
+    assert len(load_data(p)) == 3
+    p.write_text(json.dumps({"data": ALPACA}, indent=indent), encoding="utf-8")
+    assert len(load_data(p)) == 3
+    p.write_text("[1, 2]\n" + "".join(json.dumps(r) + "\n" for r in ALPACA), encoding="utf-8")  # really lines
+    data = load_data(p)
+    assert len(data) == 3 and data.skipped == {"not a JSON object": 1}
+
+
 def test_bad_lines_before_the_first_row(tmp_path):
     p = tmp_path / "late.jsonl"
     p.write_text("{oops\n" * 1500 + OK_LINE + "\n", encoding="utf-8")

@@ -4,7 +4,9 @@ Supported sources:
 
 - ``.jsonl`` / ``.ndjson``: read line by line (streamed); malformed lines ("malformed JSON line"),
   lines that are not UTF-8 ("not UTF-8") and lines that are not objects ("not a JSON object") are
-  skipped and counted.  Blank lines are not rows.
+  skipped and counted.  Blank lines are not rows.  A JSON document saved as ``.jsonl`` (the first
+  line opens an array or an unfinished object, or is an object like ``{"data": [...]}``) is read as
+  ``.json`` when it parses so.
 - ``.json``: an array of objects, an object with a single list field (``{"data": [...]}``; with
   several list fields the one named like ``split`` is used), or a single record.  A ``.json`` file
   that is really JSON Lines is read as such.  The whole file is read before parsing.
@@ -67,6 +69,7 @@ from p2d.data.formats import (
     check_mapping,
     detect_format,
     mapping_has_content,
+    match_format,
     row_shape,
     row_to_sample,
     shape_conflict,
@@ -456,6 +459,13 @@ def _file_records(path: Path, split: str, max_bytes: int | None) -> Iterator[Rec
     if kind == "parquet":
         return _parquet_records(path, max_bytes)
     head = _sniff(path, kind, max_bytes)
+    if kind == "jsonl" and _looks_like_one_document(head):
+        with _open_bytes(path, max_bytes) as f:
+            data = f.read()
+        try:  # a JSON array or pretty-printed object saved as .jsonl
+            return _json_document_records(_loads(_decode(data, path)), path, split)
+        except (ValueError, UserError):
+            return _jsonl_records(io.BytesIO(data))
     if kind == "jsonl":
         return _jsonl_records(_open_bytes(path, max_bytes))
     if kind == "json":
@@ -605,6 +615,25 @@ def _json_records(data: bytes, path: Path, split: str) -> Iterator[Record]:
             return _jsonl_records(io.BytesIO(data))
         raise UserError(f"{path} is not valid JSON ({_one_line(e)}); fix the file or save it as "
                         "JSON Lines") from None
+    return _json_document_records(obj, path, split)
+
+
+def _looks_like_one_document(head: bytes) -> bool:
+    """The first line of a .jsonl file opens an array, or opens an object it does not close, or
+    is an object of no row shape holding a list (like ``{"data": [...]}``)."""
+    body = head.lstrip(b"\xef\xbb\xbf \t\r\n")
+    first = body.split(b"\n", 1)[0]
+    if first.startswith(b"["):
+        return True
+    if not first.startswith(b"{") or (b"\n" not in body and len(head) == _SNIFF_BYTES):
+        return False  # not an object, or a first line too long to judge from the head
+    row = _parse_line(first)
+    if isinstance(row, SkipRow):
+        return True
+    return match_format(list(row)) is None and any(isinstance(v, list) for v in row.values())
+
+
+def _json_document_records(obj, path: Path, split: str) -> Iterator[Record]:
     if isinstance(obj, dict):
         obj = _rows_in_object(obj, path, split)
     if not isinstance(obj, list):
