@@ -2,49 +2,43 @@
 
 Supported sources:
 
-- ``.jsonl`` / ``.ndjson``: read line by line (streamed); malformed lines ("malformed JSON line"),
-  lines that are not UTF-8 ("not UTF-8") and lines that are not objects ("not a JSON object") are
-  skipped and counted.  Blank lines are not rows.  A JSON document saved as ``.jsonl`` (the first
-  line opens an array or an unfinished object, or is an object like ``{"data": [...]}``) is read as
-  ``.json`` when it parses so.
-- ``.json``: an array of objects, an object with a single list field (``{"data": [...]}``; with
-  several list fields the one named like ``split`` is used), or a single record.  A ``.json`` file
-  that is really JSON Lines is read as such.  The whole file is read before parsing.
-- ``.csv`` / ``.tsv``: header row required; every cell is read as text (empty cells are empty);
-  quoted cells may span lines; ``;`` is the delimiter when the header has no ``,``.  Streamed.
-- ``.parquet``: read in batches.
-- any of the text formats above compressed as ``.gz`` (e.g. ``data.jsonl.gz``), streamed.
-- a folder written by ``datasets.Dataset.save_to_disk`` (a ``DatasetDict`` folder: ``split`` is
-  taken).
-- a hub dataset id (``org/name``), via ``datasets.load_dataset(id, split=split)``; fails with a
-  UserError when offline or not found.
+- ``.jsonl`` / ``.ndjson``, streamed line by line; malformed lines ("malformed JSON line"), lines
+  that are not UTF-8 ("not UTF-8") or not objects ("not a JSON object") are skipped and counted;
+  blank lines are not rows.  A JSON document saved as ``.jsonl`` (first line opens an array or an
+  unfinished object, or is like ``{"data": [...]}``) is read as ``.json`` when it parses so.
+- ``.json`` (read whole): an array of objects, an object with a single list field
+  (``{"data": [...]}``; with several, the one named like ``split``), or a single record; JSON
+  Lines saved as ``.json`` is read as such.
+- ``.csv`` / ``.tsv``, streamed: header row required; cells are text (empty cells are empty);
+  quoted cells may span lines; ``;`` is the delimiter when the header has no ``,``.
+- ``.parquet``, read in batches.
+- the text formats above compressed as ``.gz`` (e.g. ``data.jsonl.gz``), streamed.
+- a ``datasets`` ``save_to_disk`` folder (of a ``DatasetDict``: ``split`` is taken).
+- a hub dataset id (``org/name``) via ``datasets.load_dataset(id, split=split)``.
 
-Text files must be UTF-8 (a BOM is fine; CRLF line ends are fine).  Binary files, ZIP/Excel
-workbooks, UTF-16 text and gzip data without ``.gz`` are refused with a UserError saying so.  Every
-user-caused problem raises `p2d.errors.UserError` with a one-line message; unusable rows are skipped
-and counted in `LoadedData.skipped`, and loading fails only when no usable row remains.  Without
-``max_rows``, ``len(samples) + sum(skipped.values())`` is the number of rows in the source (JSONL:
-non-blank lines; CSV: non-blank records after the header; JSON: list items).
+Not supported: Excel workbooks, ZIP archives, text that is not UTF-8 (UTF-16, Latin-1),
+``.parquet.gz``, several row shapes in one file.  Such files fail with a UserError saying so.
 
-Row checks: a row nested deeper than ``MAX_DEPTH`` levels is skipped as "too deeply nested" (in a
-JSONL line, a JSON list item or a chat cell of a CSV); lone UTF-16 surrogates (JSON escapes such as
-``"\\ud800"``, which cannot be written as UTF-8) are replaced by U+FFFD and the kept rows so changed
-are counted in `LoadedData.repaired`.
+Text must be UTF-8 (a BOM and CRLF line ends are fine).  User-caused problems raise
+`p2d.errors.UserError` with a one-line message; unusable rows are skipped and counted in
+`LoadedData.skipped`, and loading fails only when no usable row remains.  Without ``max_rows``,
+``len(samples) + sum(skipped.values())`` is the number of rows read (JSONL: non-blank lines; CSV:
+non-blank records after the header; JSON: list items).  Rows nested deeper than ``MAX_DEPTH`` are
+skipped ("too deeply nested"); lone UTF-16 surrogates (JSON escapes like ``"\\ud800"``, which
+cannot be written as UTF-8) are replaced by U+FFFD and the kept rows so changed are counted in
+`LoadedData.repaired`.  The row shape is the one most of the first 1000 rows match (see
+`p2d.data.formats`); rows of another recognised shape are counted as "different shape (X) than
+the file's (Y)".
 
-The row shape is detected from the first 1000 rows (the shape most of them match, see
-`p2d.data.formats`); rows of another recognised shape are skipped and counted as
-"different shape (X) than the file's (Y)".
+Limits (optional, for untrusted input):
 
-Limits (both optional, for untrusted input):
-
-- ``max_rows``: keep at most this many usable samples; reading stops there (``limit`` is the old name
-  of the same argument) and `LoadedData.truncated` says whether rows were left unread.  Skip counts
-  then cover only the rows read, and shape detection looks at the first ``min(1000, max_rows)`` rows.
-- ``max_bytes``: refuse, with a UserError, sources that need more than this many bytes read: the
-  decompressed bytes of text files (at most ``max_bytes`` are ever read, so a gzip bomb stops at
-  the cap; a JSONL/CSV file larger than the cap is fine when ``max_rows`` is reached before it; a
-  JSON file is read whole), the file size of Parquet files and the total size of a
-  ``save_to_disk`` folder.  Not applied to hub ids.
+- ``max_rows`` (``limit`` is its old name): keep at most this many usable samples; reading stops
+  there and `LoadedData.truncated` says whether rows were left unread (skip counts cover the rows
+  read; the shape is detected from the first ``min(1000, max_rows)`` rows).
+- ``max_bytes``: UserError for a source that needs more bytes read: text files count decompressed
+  bytes and never read past the cap (a gzip bomb stops there; a larger JSONL/CSV file is fine when
+  ``max_rows`` is reached first; JSON is read whole); Parquet files and ``save_to_disk`` folders
+  count their size on disk.  Not applied to hub ids.
 """
 
 from __future__ import annotations
