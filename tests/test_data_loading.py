@@ -367,7 +367,8 @@ def test_task_label_columns(col):
 def test_summary():
     data = load_records([{"text": "a"}, {"text": ""}], source="pool")
     assert data.summary() == {"source": "pool", "rows": 1, "skipped": 1,
-                              "skipped_reasons": {"missing or empty text": 1}, "format": "text",
+                              "skipped_reasons": {"missing or empty text": 1}, "repaired": {},
+                              "truncated": False, "format": "text",
                               "columns": ["text"], "tasks": {}}
 
 
@@ -567,3 +568,309 @@ def test_semicolon_csv(tmp_path):
     p.write_text("question;answer\nwhat, then?;that\n", encoding="utf-8")
     data = load_data(p)
     assert data.format == "question_answer" and data.samples[0].prompt[-1]["content"] == "what, then?"
+
+
+# --- robustness: hostile and odd input -------------------------------------------------------------
+
+DEEP = "[" * 100_000 + "]" * 100_000  # far past Python's recursion limit
+OK_LINE = json.dumps({"prompt": "p", "response": "r"})
+
+
+def test_deep_jsonl_lines_are_skipped(tmp_path):
+    p = tmp_path / "deep.jsonl"
+    p.write_text("\n".join([
+        OK_LINE,
+        DEEP,                                              # a deep line
+        '{"prompt": ' + DEEP + ', "response": "r"}',       # a deep field value
+        '{"prompt": ' + "[" * 500 + "]" * 500 + ', "response": "r"}',  # parses, but deeper than MAX_DEPTH
+        OK_LINE,
+    ]), encoding="utf-8")
+    data = load_data(p)
+    assert [s.index for s in data.samples] == [0, 4]
+    assert data.skipped == {"too deeply nested": 3}
+
+
+def test_deep_json_items_are_skipped(tmp_path):
+    p = tmp_path / "deep.json"
+    p.write_text("[" + OK_LINE + "," + DEEP + "," + OK_LINE + "]", encoding="utf-8")
+    data = load_data(p)
+    assert len(data) == 2 and data.skipped == {"too deeply nested": 1}
+    p.write_text('{"meta": {"v": 1}, "data": [' + DEEP + ", " + OK_LINE + ', {"prompt": [' + DEEP + '], '
+                 '"response": "r"}]}', encoding="utf-8")
+    data = load_data(p)
+    assert len(data) == 1 and data.skipped == {"too deeply nested": 2}
+    p.write_text('{"prompt": ' + DEEP + ', "response": "r"}', encoding="utf-8")  # one deep record
+    assert "1 too deeply nested" in user_error(load_data, p)
+    p.write_text('[' + OK_LINE + ', {"prompt": "' + "[" * 5000 + '", "response": "r"}]', encoding="utf-8")
+    assert len(load_data(p)) == 2  # brackets inside text are just text
+    p.write_text("[" + OK_LINE + ", " + DEEP[:60_000], encoding="utf-8")  # deep and cut short
+    assert "not valid JSON" in user_error(load_data, p)
+
+
+def test_deep_chat_cell_in_csv_is_skipped(tmp_path):
+    chat = json.dumps(CHAT[0]["messages"])
+    p = write_csv(tmp_path / "deep.csv", ["messages"], [[DEEP], [chat]])
+    data = load_data(p)
+    assert len(data) == 1 and data.skipped == {"too deeply nested": 1}
+
+
+def test_deep_rows_from_memory():
+    nested: list = []
+    for _ in range(200):
+        nested = [nested]
+    data = load_records([{"text": "ok"}, {"text": "x", "extra": nested}])
+    assert len(data) == 1 and data.skipped == {"too deeply nested": 1}
+
+
+def test_mixed_shapes_are_counted_not_silent(tmp_path):
+    chat = {"messages": CHAT[0]["messages"]}
+    rows = ALPACA * 3 + [chat, chat]  # 9 alpaca rows, 2 chat rows
+    data = load_data(write_jsonl(tmp_path / "mixed.jsonl", rows))
+    assert data.format == "alpaca" and len(data) == 9
+    assert data.skipped == {"different shape (messages) than the file's (alpaca)": 2}
+    # the majority decides, whatever comes first
+    data = load_data(write_jsonl(tmp_path / "mixed2.jsonl", [ALPACA[0]] + [chat] * 3))
+    assert data.format == "messages" and len(data) == 3
+    assert data.skipped == {"different shape (alpaca) than the file's (messages)": 1}
+
+
+def test_mixed_shapes_in_csv_with_empty_cells(tmp_path):
+    chat = json.dumps(CHAT[0]["messages"])
+    p = write_csv(tmp_path / "mixed.csv", ["instruction", "output", "messages"],
+                  [["i1", "o1", ""], ["i2", "o2", ""], ["", "", chat]])
+    data = load_data(p)
+    assert data.format == "alpaca" and len(data) == 2
+    assert data.skipped == {"different shape (messages) than the file's (alpaca)": 1}
+
+
+def test_damaged_rows_keep_their_own_reason(tmp_path):
+    rows = [
+        {"instruction": "i", "input": "x", "output": "o"},
+        {"instruction": "i", "input": "x", "output": "o"},
+        {"instruction": "", "input": "x", "output": "o"},     # looks like input/output, but is a damaged alpaca row
+        {"instruction": "i", "output": None, "text": "t"},    # has text, but is an alpaca row without output
+        {"prompt": "p", "response": "r"},                     # a different shape
+    ]
+    data = load_data(write_jsonl(tmp_path / "d.jsonl", rows))
+    assert data.format == "alpaca" and len(data) == 2
+    assert data.skipped == {"missing or empty instruction": 1, "missing or empty answer": 1,
+                            "different shape (prompt_response) than the file's (alpaca)": 1}
+    qa = [{"question": "q", "answer": "a"}] * 2 + [{"prompt": "p", "answer": "a"}]
+    assert load_records(qa).skipped == {"different shape (prompt_response) than the file's (question_answer)": 1}
+
+
+def test_mapping_skips_the_shape_check():
+    rows = [{"q": "1", "a": "2"}, {"q": "3", "a": "4", "messages": CHAT[0]["messages"]}]
+    assert len(load_records(rows, mapping={"prompt": "q", "answer": "a"})) == 2
+
+
+def test_lone_surrogates_are_replaced_and_counted(tmp_path, tokenizer):
+    from p2d.selection import Selection
+
+    p = tmp_path / "s.jsonl"
+    chat_cell = r'[{"role": "user", "content": "hi \udc80"}, {"role": "assistant", "content": "yo"}]'
+    p.write_text("\n".join([
+        '{"prompt": "a\\ud800b", "response": "r"}',          # json.loads accepts lone surrogates
+        '{"prompt": "ok", "response": "r", "note\\udfff": 1}',  # in a key
+        '{"prompt": "emoji \\ud83d\\ude00", "response": "r"}',  # a valid pair stays as it is
+        json.dumps({"prompt": "fine", "response": "r"}),
+    ]), encoding="utf-8")
+    data = load_data(p)
+    assert len(data) == 4 and data.skipped == {}
+    assert data.repaired == {"invalid characters (lone surrogates) replaced with U+FFFD": 2}
+    assert data.summary()["repaired"] == data.repaired
+    assert data.samples[0].prompt_text == "a\ufffdb" and data.samples[0].row["prompt"] == "a\ufffdb"
+    assert "note\ufffd" in data.samples[1].row and data.samples[2].prompt_text == "emoji \U0001F600"
+    # what used to crash later: tokenising, and writing selected.jsonl as UTF-8
+    for s in data.samples:
+        tokenizer(s.prompt_text + s.answer)
+    sel = Selection("test", 1.0, 4, 4, 0.0, [1.0, 0.5, 0.2, 0.1], [0, 1, 2, 3])
+    out = sel.save(tmp_path / "out", data.samples)
+    assert "\ufffd" in out["selected"].read_text(encoding="utf-8")
+    # a chat cell whose JSON escapes decode to a lone surrogate
+    csv_data = load_data(write_csv(tmp_path / "c.csv", ["messages"], [[chat_cell]]))
+    assert csv_data.samples[0].prompt_text == "hi \ufffd" and csv_data.repaired
+
+
+# --- limits ------------------------------------------------------------------------------------------
+
+
+def _gzip_bomb(path, mb: int, line: bytes):
+    chunk = line * (2**20 // len(line) + 1)
+    with gzip.open(path, "wb", compresslevel=1) as f:
+        if path.name.endswith(".csv.gz"):
+            f.write(b"text\n")
+        for _ in range(mb):
+            f.write(chunk)
+    return path
+
+
+@pytest.mark.parametrize("name,line", [
+    ("bomb.jsonl.gz", (json.dumps({"text": "a" * 200}) + "\n").encode()),
+    ("bomb.csv.gz", b"a" * 200 + b"\n"),
+])
+def test_gzip_bomb_stops_at_the_cap(tmp_path, name, line):
+    import tracemalloc
+
+    p = _gzip_bomb(tmp_path / name, 64, line)  # expands to 64 MB
+    tracemalloc.start()
+    try:
+        msg = user_error(load_data, p, max_bytes=2**20)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert msg == f"{p} expands beyond 1 MB: use a smaller file"
+    assert peak < 16 * 2**20  # streamed: never holds the 64 MB
+    # enough rows before the cap is fine
+    data = load_data(p, max_rows=10, max_bytes=2**20)
+    assert len(data) == 10 and data.truncated
+
+
+def test_max_bytes_for_each_kind(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"text": os.urandom(60).hex()} for i in range(200)]  # about 26 KB, also as Parquet
+    jl = write_jsonl(tmp_path / "a.jsonl", rows)
+    js = tmp_path / "a.json"
+    js.write_text(json.dumps(rows), encoding="utf-8")
+    cs = write_csv(tmp_path / "a.csv", ["text"], [[r["text"]] for r in rows])
+    pa_ = tmp_path / "a.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), pa_)
+    for p in (jl, js, cs, pa_):
+        assert user_error(load_data, p, max_bytes=10_000) == f"{p} is larger than 9.77 KB: use a smaller file"
+        assert len(load_data(p, max_bytes=1_000_000)) == 200
+    assert len(load_data(jl, max_rows=5, max_bytes=10_000)) == 5  # stops before the cap
+    assert "larger than" in user_error(load_data, js, max_rows=5, max_bytes=10_000)  # JSON is read whole
+    assert "at least 1" in user_error(load_data, jl, max_bytes=0)
+
+
+def test_max_bytes_for_dataset_folders(tmp_path):
+    import datasets
+
+    datasets.Dataset.from_list(ALPACA * 50).save_to_disk(str(tmp_path / "ds"))
+    assert "larger than 100 bytes" in user_error(load_data, tmp_path / "ds", max_bytes=100)
+    assert len(load_data(tmp_path / "ds", max_bytes=10**7)) == 150
+
+
+def test_max_rows_is_limit(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"text": f"t{i}"} for i in range(5000)]
+    p = write_jsonl(tmp_path / "t.jsonl", rows)
+    data = load_data(p, max_rows=3)
+    assert [s.answer for s in data.samples] == ["t0", "t1", "t2"] and data.truncated
+    assert load_data(p, limit=3).samples == data.samples
+    assert load_data(p, max_rows=3, limit=3).truncated
+    assert not load_data(p, max_rows=5000).truncated and not load_data(p).truncated
+    assert "same setting" in user_error(load_data, p, max_rows=3, limit=4)
+    assert "max_rows must be at least 1" in user_error(load_data, p, max_rows=0)
+    assert "limit must be at least 1" in user_error(load_records, rows, limit=-1)
+    assert len(load_records(rows, max_rows=7)) == 7
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "t.parquet", row_group_size=1000)
+    data = load_data(tmp_path / "t.parquet", max_rows=2)
+    assert len(data) == 2 and data.truncated
+
+
+# --- files people actually bring ---------------------------------------------------------------------
+
+
+def test_csv_bom_crlf_and_multiline_cell(tmp_path):
+    p = tmp_path / "excel.csv"
+    p.write_bytes(b'\xef\xbb\xbfprompt,response\r\n"line one\r\nline two",r1\r\np2,"say ""hi"""\r\n')
+    data = load_data(p)
+    assert data.columns == ["prompt", "response"] and len(data) == 2 and data.skipped == {}
+    assert data.samples[0].prompt_text == "line one\r\nline two" and data.samples[1].answer == 'say "hi"'
+
+
+def test_jsonl_blank_lines_and_truncated_last_line(tmp_path):
+    p = tmp_path / "cut.jsonl"
+    p.write_text(OK_LINE + "\n\n" + OK_LINE + "\n   \n" + '{"prompt": "p", "resp', encoding="utf-8")
+    data = load_data(p)
+    assert len(data) == 2 and data.skipped == {"malformed JSON line": 1}
+    p.write_text(OK_LINE + "\n" + OK_LINE + "\n\n", encoding="utf-8")
+    assert load_data(p).skipped == {}
+
+
+@pytest.mark.parametrize("indent", [None, 2])
+def test_json_document_saved_as_jsonl(tmp_path, indent):
+    p = tmp_path / "d.jsonl"
+    p.write_text(json.dumps(ALPACA, indent=indent), encoding="utf-8")
+    assert len(load_data(p)) == 3
+    p.write_text(json.dumps({"data": ALPACA}, indent=indent), encoding="utf-8")
+    assert len(load_data(p)) == 3
+    p.write_text("[1, 2]\n" + "".join(json.dumps(r) + "\n" for r in ALPACA), encoding="utf-8")  # really lines
+    data = load_data(p)
+    assert len(data) == 3 and data.skipped == {"not a JSON object": 1}
+
+
+def test_bad_lines_before_the_first_row(tmp_path):
+    p = tmp_path / "late.jsonl"
+    p.write_text("{oops\n" * 1500 + OK_LINE + "\n", encoding="utf-8")
+    data = load_data(p)
+    assert len(data) == 1 and data.skipped == {"malformed JSON line": 1500}
+
+
+@pytest.mark.parametrize("name,content,expected", [
+    ("empty.jsonl", b"", "is empty"),
+    ("bom-only.csv", b"\xef\xbb\xbf\r\n", "is empty"),
+    ("binary.jsonl", bytes(range(256)) * 64, "looks like a binary file, not JSON Lines text"),
+    ("binary.json", bytes(range(256)) * 4, "looks like a binary file, not JSON text"),
+    ("data.csv", b"PK\x03\x04" + b"\x00" * 100, "ZIP archive or Excel workbook, not CSV text"),
+    ("data.tsv", b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1" + b"\x00" * 100, "old Excel"),
+    ("data.jsonl", gzip.compress(OK_LINE.encode()), "name it data.jsonl.gz"),
+    ("data.jsonl.gz", OK_LINE.encode(), "not a valid gzip file"),
+    ("data.csv", "prompt,response\na,b\n".encode("utf-16"), "UTF-16 text; re-save it as UTF-8"),
+    ("lines.csv", (OK_LINE + "\n").encode(), "looks like JSON, not CSV: rename it to .jsonl"),
+    ("scalar.json", b"42", "holds a JSON number; expected an array of objects"),
+    ("null.json", b"null", "holds a JSON null"),
+    ("text.json", b'"just text"', "holds a JSON string"),
+])
+def test_wrong_files_give_one_clear_line(tmp_path, name, content, expected):
+    p = tmp_path / name
+    p.write_bytes(content)
+    assert expected in user_error(load_data, p)
+
+
+def test_xlsx_renamed_csv(tmp_path):
+    import zipfile
+
+    p = tmp_path / "sheet.csv"
+    with zipfile.ZipFile(p, "w") as z:  # the layout of an .xlsx workbook
+        z.writestr("[Content_Types].xml", "<Types/>")
+        z.writestr("xl/workbook.xml", "<workbook/>")
+    msg = user_error(load_data, p)
+    assert "Excel workbook, not CSV text" in msg and ".csv" in msg
+
+
+def test_truncated_gzip(tmp_path):
+    p = tmp_path / "cut.jsonl.gz"
+    p.write_bytes(gzip.compress(("".join(json.dumps({"text": f"t{i}"}) + "\n" for i in range(5000))).encode())[:-200])
+    assert "not a valid gzip file or is cut short" in user_error(load_data, p)
+
+
+def test_damaged_parquet(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    p = tmp_path / "bad.parquet"
+    pq.write_table(pa.Table.from_pylist([{"text": f"t{i}" * 20} for i in range(5000)]), p, row_group_size=500)
+    raw = bytearray(p.read_bytes())
+    raw[4000:6000] = b"\xff" * 2000  # a damaged data page; the footer is intact
+    p.write_bytes(bytes(raw))
+    assert "could not read Parquet file" in user_error(load_data, p)
+    p.write_bytes(b"PAR1 not really")
+    assert "could not read Parquet file" in user_error(load_data, p)
+
+
+def test_messages_stay_on_one_line(tmp_path):
+    # found by tests/test_data_fuzz.py: a column name with a line break broke the one-line message
+    msg = user_error(load_records, [{"bad\ncolumn": 1, "x" * 100: 2}])
+    assert "bad\\ncolumn" in msg and "x" * 37 + "..." in msg
+    msg = user_error(load_records, [{f"c{i}": i for i in range(30)}])
+    assert "c19 and 10 more" in msg
+    p = tmp_path / "two\nlines.jsonl"
+    p.write_text("{oops\n", encoding="utf-8")
+    assert "no usable rows" in user_error(load_data, p)
+    assert "'no\\nsuch'" in user_error(load_records, [{"q": 1, "a": 2}], mapping={"prompt": "no\nsuch", "answer": "a"})

@@ -158,15 +158,28 @@ def test_keyboard_interrupt_from_callback_ends_cleanly(tiny_llama, tmp_path):
     assert all(not m._forward_hooks for m in tiny_llama.model.modules())
 
 
-def test_real_ctrl_c_finishes_the_current_step(tiny_llama, tmp_path):
+def _own_handler(signum, frame):
+    raise AssertionError("the handler in place before training must not run during it")
+
+
+# SIGINT is ignored (SIG_IGN) when the suite runs as a background job (`nohup ... &`): the handler in
+# place before training must come back, whichever it was.
+@pytest.mark.parametrize("before", [signal.default_int_handler, signal.SIG_IGN, _own_handler],
+                         ids=["default", "ignored", "custom"])
+def test_real_ctrl_c_finishes_the_current_step(tiny_llama, tmp_path, before):
     def on_log(record):
         if record["step"] == 2:
             os.kill(os.getpid(), signal.SIGINT)
 
-    res = train_heads(tiny_llama, [[3, 0]], _samples(), TrainConfig(steps=10, batch_size=2), tmp_path,
-                      on_log=on_log)
+    outer = signal.signal(signal.SIGINT, before)
+    try:
+        res = train_heads(tiny_llama, [[3, 0]], _samples(), TrainConfig(steps=10, batch_size=2), tmp_path,
+                          on_log=on_log)
+        after = signal.getsignal(signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGINT, outer)
     assert res.stopped and res.steps_done == 2 and "Ctrl-C" in res.stop_reason
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert after == before
 
 
 def test_nan_loss_is_a_user_error_without_adapter(tiny_llama, tmp_path):

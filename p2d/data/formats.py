@@ -17,7 +17,15 @@ Optional columns: ``system`` (a system turn for the instruction-style shapes) an
 (e.g. from a CSV cell).  For chats the answer is the last assistant turn, the prompt is everything
 before it; turns after it are dropped.
 
-A column mapping overrides detection.  Its keys are ``prompt``, ``input``, ``answer``, ``system``,
+A file holds one shape: the shape most rows of its first 1000 rows match.  A row that clearly has
+another recognised shape (it lacks the file shape's key column, e.g. ``instruction`` for alpaca, and
+has another shape's, e.g. ``messages``) is skipped and counted as "different shape (messages) than
+the file's (alpaca)" rather than read with its own shape: one shape per file keeps the column
+mapping meaningful and avoids misreading a damaged row as another shape (an alpaca row without its
+output but with a ``text`` column would otherwise be learned whole as plain text).  Convert mixed
+files to one shape, or load the parts separately.
+
+A column mapping overrides detection (and the shape check).  Its keys are ``prompt``, ``input``, ``answer``, ``system``,
 ``task``, ``messages`` (or ``conversations``) and ``text``; values are column names.  Empty values
 are ignored, so a form can pass all keys.
 
@@ -27,6 +35,7 @@ rows.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import numbers
@@ -96,7 +105,12 @@ class Sample:
 
 
 def _norm(name) -> str:
-    return str(name).strip().lower()
+    return _norm_str(name) if isinstance(name, str) else str(name).strip().lower()
+
+
+@functools.lru_cache(maxsize=4096)  # column names repeat on every row
+def _norm_str(name: str) -> str:
+    return name.strip().lower()
 
 
 def _column_index(columns) -> dict[str, str]:
@@ -107,8 +121,8 @@ def _column_index(columns) -> dict[str, str]:
     return out
 
 
-def detect_format(columns: list[str]) -> str:
-    """Name of the shape the columns match (see the module docstring); UserError if none does."""
+def match_format(columns) -> str | None:
+    """Name of the shape the columns match, or None (see `detect_format`)."""
     cols = set(_column_index(columns))
     if "messages" in cols:
         return "messages"
@@ -122,11 +136,71 @@ def detect_format(columns: list[str]) -> str:
         return "prompt_response"
     if "text" in cols:
         return "text"
-    found = ", ".join(str(c) for c in columns) or "none"
+    return None
+
+
+def _show(name, limit: int = 40) -> str:
+    text = str(name)
+    if not text.isprintable():
+        text = repr(text)[1:-1]  # escapes line breaks and other control characters
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def show_columns(columns, limit: int = 20) -> str:
+    """Column names for a one-line message: escaped, shortened, at most ``limit`` of them."""
+    names = [_show(c) for c in list(columns)[:limit]]
+    more = len(columns) - limit
+    return (", ".join(names) + (f" and {more} more" if more > 0 else "")) or "none"
+
+
+def detect_format(columns: list[str]) -> str:
+    """Name of the shape the columns match (see the module docstring); UserError if none does."""
+    fmt = match_format(columns)
+    if fmt is not None:
+        return fmt
     raise UserError(
-        f"unrecognised data shape: columns found: {found}; accepted: {ACCEPTED}; "
+        f"unrecognised data shape: columns found: {show_columns(columns)}; accepted: {ACCEPTED}; "
         "or pass a column mapping such as prompt=COL answer=COL"
     )
+
+
+# The column that marks a row as being of a shape (input/output rows count as prompt_response but
+# "input" is shared with alpaca, so it marks nothing).
+_KEY_COLUMNS = {
+    "alpaca": ("instruction",),
+    "prompt_response": ("prompt", "query"),
+    "question_answer": ("question",),
+    "messages": ("messages",),
+    "sharegpt": ("conversations",),
+    "text": ("text",),
+}
+
+
+def _present(value) -> bool:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return False
+    return not (isinstance(value, str) and not value.strip())
+
+
+def row_shape(row: dict) -> str | None:
+    """The shape one row matches on its own, looking only at columns with a value (not
+    None/NaN/blank); None if it matches none."""
+    return match_format([k for k, v in row.items() if _present(v)])
+
+
+def shape_conflict(row: dict, fmt: str) -> str | None:
+    """The other shape a row clearly has when the file's shape is ``fmt``, else None: the row has
+    none of ``fmt``'s key column and does have the key column of the shape it matches."""
+    keys = _KEY_COLUMNS.get(fmt)
+    if keys is None or any(_norm(k) in keys and _present(v) for k, v in row.items()):
+        return None
+    other = row_shape(row)
+    if other is None or other == fmt:
+        return None
+    present = {_norm(k) for k, v in row.items() if _present(v)}
+    if present.intersection(_KEY_COLUMNS[fmt]) or not present.intersection(_KEY_COLUMNS[other]):
+        return None
+    return other
 
 
 def parse_mapping(text: str | None) -> dict[str, str] | None:
@@ -149,7 +223,7 @@ def check_mapping(mapping: dict | None, columns: list[str]) -> dict[str, str]:
     if not mapping:
         return {}
     index = _column_index(columns)
-    found = ", ".join(str(c) for c in columns) or "none"
+    found = show_columns(columns)
     out: dict[str, str] = {}
     for key, col in mapping.items():
         k = _norm(key)
@@ -164,7 +238,7 @@ def check_mapping(mapping: dict | None, columns: list[str]) -> dict[str, str]:
         elif _norm(col) in index:
             resolved = index[_norm(col)]
         else:
-            raise UserError(f"mapped column '{col}' (for {k}) not found; columns found: {found}")
+            raise UserError(f"mapped column '{_show(col)}' (for {k}) not found; columns found: {found}")
         if k == "conversations":
             k = "messages"
         out[k] = resolved
@@ -224,6 +298,8 @@ def parse_turns(value) -> list[dict]:
     if isinstance(value, (str, bytes)):
         try:
             value = json.loads(value)
+        except RecursionError:
+            raise SkipRow("too deeply nested") from None
         except ValueError:
             raise SkipRow("malformed chat turns") from None
     if value is None:
