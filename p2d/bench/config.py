@@ -19,7 +19,7 @@ CELLS = {
     "heads-rhdata": ("heads", "rh_data", "P2D heads / data picked by random heads"),
     "p2d": ("heads", "p2d", "P2D heads / P2D data (P2D)"),
 }
-PARTS = ("sweep", "cells", "target_rows")
+PARTS = ("sweep", "cells", "target_rows", "components")
 SMALL_TARGETS = ("addition", "capitals", "chat")
 
 

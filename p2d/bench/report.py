@@ -79,6 +79,8 @@ def collect(root: Path, cfg, machine: dict, model: dict, lrs: dict) -> dict:
             per_seed.append(row)
         out["targets"][target] = {"seeds": per_seed, "summary": _summarise(per_seed)}
     out["summary"] = {t: v["summary"].get("headline") for t, v in out["targets"].items()}
+    comp = read_json(root / "components.json")
+    out["components"] = comp["result"] if comp else None
     return out
 
 
@@ -183,6 +185,10 @@ def markdown(results: dict) -> str:
             lines += ["", "Accuracy vs target rows in the training data (P2D heads, same budget and epochs): "
                       + ", ".join(f"{p['target_rows']} rows: {100 * (p['accuracy'] or 0):.0f}%" for p in curves[0]) + "."]
         lines.append("")
+    if results.get("components"):
+        from .components import components_markdown
+
+        lines.append(components_markdown(results["components"]))
     return "\n".join(lines)
 
 

@@ -189,6 +189,15 @@ class Bench:
                            "loss": ev.loss, "train_s": r.train_s})
         return self.units.put({"points": points}, *key)
 
+    def components(self, split: Split, heads: HeadScores) -> dict:
+        from .components import component_figures
+
+        done = self.units.get("components")
+        if done is None:
+            _say(f"component figures on {split.target} seed {split.seed}")
+            done = self.units.put(component_figures(self.lm, split, self.cfg, heads.selected), "components")
+        return done
+
     # -- learning rates ---------------------------------------------------------------------------
     def sweep(self, lm_split: Split, heads: HeadScores) -> dict[str, float]:
         """Best learning rate per trainable kind: each grid value trains on a random data-budget sample of
@@ -254,6 +263,8 @@ class Bench:
                         self.cell(split, name, data, heads, lrs)
                 if "target_rows" in cfg.parts and seed == cfg.first_seed:
                     self.target_rows(split, p2d_heads, lrs["heads"])
+                if "components" in cfg.parts and target == targets[0] and seed == cfg.first_seed:
+                    self.components(split, p2d_heads)
         from .report import collect, write_report
 
         results = collect(self.out / "units", cfg, machine(), model_facts(self.lm), lrs or {})
