@@ -16,7 +16,6 @@ import gc
 import math
 import random
 import threading
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -148,8 +147,9 @@ def trained(kind: str, base: LoadedModel, samples: list[Sample], tc: TrainConfig
         finally:
             adapter.detach()
         return
-    lm = load_model(base.spec, device=str(base.device), dtype=_dtype_name(base.dtype))
+    lm = None
     try:
+        lm = load_model(base.spec, device=str(base.device), dtype=_dtype_name(base.dtype))
         model = lm.model
         if kind == "lora":
             from peft import LoraConfig, inject_adapter_in_model
@@ -182,7 +182,7 @@ def trained(kind: str, base: LoadedModel, samples: list[Sample], tc: TrainConfig
         yield lm, CellResult(loop.time_s, loop.steps_done, sum(p.numel() for p in params), loop.state_bytes,
                              mem.peak_mb, loop.final_loss, curve)
     finally:
-        del lm
+        lm = None  # drop the trained copy before the next cell loads its own
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -259,5 +259,3 @@ def model_facts(lm: LoadedModel) -> dict:
             "dtype": str(lm.dtype).replace("torch.", ""), **lm.geometry.to_dict()}
 
 
-def now() -> float:
-    return time.perf_counter()
