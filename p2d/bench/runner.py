@@ -28,6 +28,10 @@ from .config import CELLS, BenchConfig
 KIND_LR = {"heads": "lr_heads", "random_heads": "lr_heads", "lora": "lr_lora", "full": "lr_full"}
 
 
+class OutOfTime(Exception):
+    """The time limit (max_minutes) is reached: no new unit starts."""
+
+
 def _say(msg: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
@@ -43,9 +47,10 @@ def machine() -> dict:
 class Units:
     """Finished units as JSON files; a unit is reused only when its settings signature matches."""
 
-    def __init__(self, root: Path, signature: dict):
+    def __init__(self, root: Path, signature: dict, deadline: float | None = None):
         self.root = root
         self.signature = signature
+        self.deadline = deadline
 
     def path(self, *parts: str) -> Path:
         return self.root.joinpath(*parts[:-1], parts[-1] + ".json")
@@ -54,6 +59,8 @@ class Units:
         data = read_json(self.path(*parts))
         if data and data.get("signature") == self.signature:
             return data["result"]
+        if self.deadline is not None and time.perf_counter() > self.deadline:
+            raise OutOfTime()  # not done, and no time to start it
         return None
 
     def put(self, result, *parts: str):
@@ -82,8 +89,10 @@ class Bench:
         self.cfg = cfg
         self.progress = progress
         self.out = Path(cfg.out)
-        self.units = Units(self.out / "units", _signature(cfg))
+        deadline = time.perf_counter() + 60 * cfg.max_minutes if cfg.max_minutes else None
+        self.units = Units(self.out / "units", _signature(cfg), deadline)
         self.lm = None
+        self.lrs: dict | None = None
 
     # -- per split ------------------------------------------------------------------------------
     def base(self, split: Split) -> dict:
@@ -240,6 +249,25 @@ class Bench:
         _say(f"model {self.lm.spec} on {self.lm.device} ({self.lm.dtype}); targets {cfg.targets}, seeds "
              f"{cfg.seed_list}, cells {cfg.cells}")
         targets = ["custom"] if cfg.custom_data else cfg.targets
+        complete = True
+        try:
+            self._all(targets)
+        except OutOfTime:
+            complete = False
+            _say(f"time limit of {cfg.max_minutes:g} min reached: reporting what finished; rerun to continue")
+        from .report import collect, write_report
+
+        results = collect(self.out / "units", cfg, machine(), model_facts(self.lm), self.lrs or {})
+        results["time_s"] = time.perf_counter() - start
+        results["complete"] = complete
+        write_report(self.out, results)
+        _say(f"done in {results['time_s']:.0f} s: {self.out / 'results.md'}")
+        return {"results": str(self.out / "results.json"), "report": str(self.out / "results.md"),
+                "figure": str(self.out / "aer_vs_accuracy.html"), "time_s": results["time_s"], "complete": complete,
+                "summary": results.get("summary")}
+
+    def _all(self, targets) -> None:
+        cfg = self.cfg
         lrs = None
         for target in targets:
             for seed in cfg.seed_list:
@@ -249,6 +277,7 @@ class Bench:
                 if lrs is None:
                     lrs = self.sweep(split, p2d_heads)
                     lrs["random_heads"] = lrs["heads"]
+                    self.lrs = lrs
                     _say(f"learning rates: {lrs}")
                 rnd_heads = self.heads(split, "random", 10_000 * seed, "heads_random")
                 p2d_sel = self.selection(split, p2d_heads, "select_p2d")
@@ -265,15 +294,6 @@ class Bench:
                     self.target_rows(split, p2d_heads, lrs["heads"])
                 if "components" in cfg.parts and target == targets[0] and seed == cfg.first_seed:
                     self.components(split, p2d_heads)
-        from .report import collect, write_report
-
-        results = collect(self.out / "units", cfg, machine(), model_facts(self.lm), lrs or {})
-        results["time_s"] = time.perf_counter() - start
-        write_report(self.out, results)
-        _say(f"done in {results['time_s']:.0f} s: {self.out / 'results.md'}")
-        return {"results": str(self.out / "results.json"), "report": str(self.out / "results.md"),
-                "figure": str(self.out / "aer_vs_accuracy.html"), "time_s": results["time_s"],
-                "summary": results.get("summary")}
 
 
 def run_bench(cfg: BenchConfig, progress=None) -> dict:
