@@ -156,6 +156,9 @@ def markdown(results: dict) -> str:
              f"({cfg['head_ratio']:.0%}), selection {cfg['select_method']} ({cfg['data_ratio']:.0%}).  ",
              f"Learning rates (sweep on the probe set): {results['learning_rates']}.  ",
              f"Total time of this invocation: {results.get('time_s', 0):.0f} s.", ""]
+    if results.get("complete") is False:
+        lines += ["**Incomplete:** the time limit stopped the run before every unit finished; the tables cover "
+                  "what did (rerun the same command to continue).", ""]
     for target, t in results["targets"].items():
         s = t["summary"]
         lines += [f"## Target `{target}`", "",
