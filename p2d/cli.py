@@ -260,6 +260,17 @@ def cmd_merge(args) -> None:
     _print({"merged_model": str(merge_and_save(lm, args.adapter, args.out))})
 
 
+def cmd_export(args) -> None:
+    from .adapter import HeadAdapter
+    from .export import export_peft
+
+    if getattr(args, "model", None) is None:  # default: the model the adapter was trained on
+        args.model = HeadAdapter.read_config(args.adapter).get("base_model") or "default"
+    config = config_from_args(args, _group_fields(MODEL))
+    out = export_peft(_load_lm(config), args.adapter, args.out, base_model_name=args.base_model_name)
+    _print({"format": args.format, "folder": str(out), "files": sorted(p.name for p in out.iterdir())})
+
+
 def cmd_run(args) -> None:
     from .pipeline import Run, fresh_folder
 
@@ -346,6 +357,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("merge", "merge a head adapter into the base model and save it (save_pretrained)", cmd_merge, MODEL)
     p.add_argument("--adapter", required=True, help="adapter folder")
     p.add_argument("--out", required=True, metavar="DIR", help="new folder for the merged model")
+
+    from .export import EXPORT_FORMATS
+
+    p = command("export", "convert a head adapter to another format (peft: a LoRA adapter PEFT, vLLM and TGI load)",
+                cmd_export, MODEL)
+    p.add_argument("--adapter", required=True, help="P2D adapter folder (a run's adapter/)")
+    p.add_argument("--format", default="peft", choices=EXPORT_FORMATS, help="output format (default: peft)")
+    p.add_argument("--out", required=True, metavar="DIR", help="new folder for the exported adapter")
+    p.add_argument("--base-model-name", help="base model id recorded in adapter_config.json (default: --model)")
 
     p = command("run", "the whole pipeline: heads, select, train, eval before/after, AER", cmd_run,
                 COMMAND_GROUPS["run"])
