@@ -35,6 +35,7 @@ from .files import write_text
 from .heads import DEFAULT_HEAD_METHOD, HEAD_METHODS
 from .models import DTYPES, QUANTIZE
 from .selection import DEFAULT_SELECT_METHOD, SELECT_METHODS
+from .training import SCHEDULERS
 
 #: the pipeline stages, in the order a run executes them (see p2d.pipeline)
 STAGES = ("load", "heads", "select", "eval_before", "reference", "train", "eval_after")
@@ -132,6 +133,15 @@ class RunConfig:
                                   stages=("train",), minimum=0.0)
     max_grad_norm: float = setting(1.0, "train", "Max gradient norm", "clip the gradient norm (0: no clipping)",
                                    stages=("train",), minimum=0.0)
+    scheduler: str = setting("cosine", "train", "Scheduler", "learning-rate decay after the warmup",
+                             stages=("train",), choices=SCHEDULERS)
+    gradient_checkpointing: bool = setting(False, "train", "Gradient checkpointing", "recompute activations in the "
+                                           "backward: less memory, about a third slower", stages=("train",))
+    val_ratio: float = setting(0.0, "train", "Validation share", "share of the training data held out for a "
+                               "validation loss on the live chart (0: none)", stages=("train",), minimum=0.0,
+                               maximum=0.5)
+    val_every: int = setting(0, "train", "Validate every", "validation loss every N steps (0: ten times per run)",
+                             stages=("train",), minimum=0)
     checkpoint_every: int = setting(50, "train", "Checkpoint every", "save the training state every N steps so a "
                                     "killed run can resume (0: never)", minimum=0)
     projections: list[str] = setting(None, "train", "Projections", "which slices of each selected head to train "

@@ -374,7 +374,9 @@ class Run:
         return TrainConfig(steps=c.steps, epochs=c.train_epochs, max_steps=c.max_steps, lr=c.lr,
                            batch_size=c.batch_size, grad_accum=c.grad_accum, max_length=c.max_length,
                            projections=tuple(c.projections), weight_decay=c.weight_decay,
-                           warmup_ratio=c.warmup_ratio, max_grad_norm=c.max_grad_norm, seed=c.seed)
+                           warmup_ratio=c.warmup_ratio, max_grad_norm=c.max_grad_norm, seed=c.seed,
+                           scheduler=c.scheduler, gradient_checkpointing=c.gradient_checkpointing,
+                           val_ratio=c.val_ratio, val_every=c.val_every)
 
     def training_samples(self) -> list[Sample]:
         return self.selection.selected_samples(self.data.pool.samples)

@@ -7,7 +7,9 @@ requires_grad flags and train/eval mode are what they were, and no adapter is at
 `p2d.adapter.load_adapter` to evaluate the result).
 
 Schedule: linear warmup over ``ceil(warmup_ratio * steps)`` steps (step i of W uses lr*(i+1)/(W+1),
-so no step has lr 0), then cosine decay towards 0 over the remaining steps.  One step = one
+so no step has lr 0), then cosine (default) or linear decay towards 0, or a constant lr.
+Options: gradient checkpointing; a validation share of the training samples whose answer loss is
+logged (``val_loss``) every ``val_every`` steps, off the training clock.  One step = one
 optimizer update over ``grad_accum`` batches; the loss is the mean over all answer tokens of those
 batches.  Weight decay (AdamW) acts on the deltas only, never on frozen weights.  Batches are
 shuffled per epoch (seed + epoch) and, by default, grouped by length to cut padding.
@@ -32,6 +34,7 @@ biases/MLPs/norms.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
@@ -69,7 +72,11 @@ class TrainConfig:
     max_length: int = 256
     projections: tuple = PROJECTIONS
     weight_decay: float = 0.0  # decays the deltas only
-    warmup_ratio: float = 0.05  # linear warmup, then cosine decay to 0
+    warmup_ratio: float = 0.05  # linear warmup, then the scheduler's decay
+    scheduler: str = "cosine"  # cosine, linear or constant after the warmup
+    gradient_checkpointing: bool = False  # recompute activations in the backward (less memory, ~30% slower)
+    val_ratio: float = 0.0  # share of the training samples held out for a validation loss (0: none)
+    val_every: int = 0  # validation loss every N steps (0: ten times per run); off the training clock
     max_grad_norm: float = 1.0  # 0 or None: no clipping
     seed: int = 0
     group_by_length: bool = True  # batches of similar length (less padding); batch order shuffled
@@ -99,6 +106,10 @@ class TrainConfig:
             raise UserError(f"warmup ratio must be in [0, 1) (got {self.warmup_ratio})")
         if self.weight_decay < 0:
             raise UserError(f"weight decay must not be negative (got {self.weight_decay})")
+        if not 0 <= self.val_ratio <= 0.5:
+            raise UserError(f"validation share must be in [0, 0.5] (got {self.val_ratio})")
+        if self.scheduler not in SCHEDULERS:
+            raise UserError(f"scheduler must be one of {', '.join(SCHEDULERS)} (got {self.scheduler!r})")
         normalize_projections(self.projections)
 
     def to_dict(self) -> dict:
@@ -134,12 +145,20 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     return total
 
 
-def lr_factor(step: int, total: int, warmup: int) -> float:
-    """Multiplier of the base lr at 0-based ``step`` (see the module docstring)."""
+SCHEDULERS = ("cosine", "linear", "constant")
+
+
+def lr_factor(step: int, total: int, warmup: int, scheduler: str = "cosine") -> float:
+    """Multiplier of the base lr at 0-based ``step``: linear warmup (step i of W uses (i+1)/(W+1), so
+    no step has lr 0), then cosine or linear decay towards 0, or constant."""
     if step < warmup:
         return (step + 1) / (warmup + 1)
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if scheduler == "constant":
+        return 1.0
+    if scheduler == "linear":
+        return 1.0 - progress
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def answer_loss(model, batch: dict, fast: bool = True) -> tuple[torch.Tensor, int]:
@@ -252,7 +271,7 @@ CHECKPOINT_SUBDIR = "checkpoint"
 def train_loop(model, params: list, encoded, config: TrainConfig, log_path, pad_id: int, device,
                progress: Callable | None = None, should_stop: Callable | None = None,
                on_log: Callable | None = None, checkpoint: "Checkpointer | None" = None,
-               between_steps: Callable[[int], None] | None = None) -> LoopResult:
+               between_steps: Callable[[int], None] | None = None, val_encoded=None) -> LoopResult:
     """Train ``params`` of ``model`` (already trainable and in train mode) on ``encoded`` items.
 
     The shared loop of head training and the benchmark's full/LoRA cells: AdamW, warmup + cosine
@@ -261,10 +280,13 @@ def train_loop(model, params: list, encoded, config: TrainConfig, log_path, pad_
     NonFinite; out of memory raises UserError with advice. With ``checkpoint``, the state is saved
     every ``checkpoint.every`` steps and, if a checkpoint exists, training continues from it.
     ``between_steps(step)`` runs after each step off the clock (its time is not training time; the
-    benchmark evaluates learning curves there).
+    benchmark evaluates learning curves there). With ``val_encoded`` items, the validation loss is
+    computed every ``config.val_every`` steps (and at the last), also off the clock, and logged as
+    ``val_loss`` in that step's line.
     """
     total = config.planned_steps(len(encoded))
     warmup = math.ceil(config.warmup_ratio * total)
+    val_every = config.val_every or max(1, math.ceil(total / 10))
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     steps_done, tokens, answer_tokens, final_loss, resumed_from = 0, 0, 0, None, None
     elapsed_before = 0.0
@@ -287,7 +309,7 @@ def train_loop(model, params: list, encoded, config: TrainConfig, log_path, pad_
             while steps_done < total:
                 step = steps_done + 1
                 t_step = time.perf_counter()
-                lr = config.lr * lr_factor(steps_done, total, warmup)
+                lr = config.lr * lr_factor(steps_done, total, warmup, config.scheduler)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 micro = [collate(next(batches), pad_id) for _ in range(config.grad_accum)]
@@ -318,6 +340,9 @@ def train_loop(model, params: list, encoded, config: TrainConfig, log_path, pad_
                 record = {"step": step, "loss": round(final_loss, 6), "lr": lr,
                           "tokens_per_s": round(n_tokens / max(now - t_step, 1e-9), 2),
                           "elapsed_s": round(now - t0, 3), "grad_norm": round(grad_norm, 6), "tokens": n_tokens}
+                if val_encoded and (step % val_every == 0 or step == total):
+                    record["val_loss"] = round(validation_loss(model, val_encoded, config.batch_size, pad_id, device), 6)
+                    t0 += time.perf_counter() - now  # off the clock
                 log.write(json.dumps(record) + "\n")
                 log.flush()
                 if checkpoint is not None and checkpoint.due(step, total):
@@ -346,6 +371,47 @@ def train_loop(model, params: list, encoded, config: TrainConfig, log_path, pad_
                       final_loss=final_loss, stopped=stopped, stop_reason=stop_reason, tokens=tokens,
                       answer_tokens=answer_tokens, state_bytes=optimizer_state_bytes(optimizer),
                       resumed_from=resumed_from)
+
+
+def validation_loss(model, encoded, batch_size: int, pad_id: int, device) -> float:
+    """Mean cross-entropy over all answer tokens of ``encoded`` (no grad, eval mode for the call)."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        with torch.no_grad():
+            for items in iter_batches(encoded, batch_size, sort_by_length=True):
+                b = {k: v.to(device) for k, v in collate(items, pad_id).items()}
+                loss, n = answer_loss(model, b)
+                total, count = total + float(loss), count + n
+    finally:
+        model.train(was_training)
+    return total / max(1, count)
+
+
+def split_validation(samples: list, ratio: float, seed: int) -> tuple[list, list]:
+    """(training samples, validation samples): a seeded ``ratio`` share held out (at least one when
+    ratio > 0 and there are two or more samples)."""
+    if ratio <= 0 or len(samples) < 2:
+        return list(samples), []
+    import random
+
+    n_val = min(len(samples) - 1, max(1, round(ratio * len(samples))))
+    idx = set(random.Random(f"p2d-val:{seed}").sample(range(len(samples)), n_val))
+    return [s for i, s in enumerate(samples) if i not in idx], [s for i, s in enumerate(samples) if i in idx]
+
+
+@contextlib.contextmanager
+def checkpointing(model, enabled: bool):
+    """Gradient checkpointing (non-reentrant, so frozen inputs still pass gradients) for the block."""
+    if not enabled or not hasattr(model, "gradient_checkpointing_enable"):
+        yield
+        return
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    try:
+        yield
+    finally:
+        model.gradient_checkpointing_disable()
 
 
 def _truncate_log(log_path, step: int) -> None:
@@ -444,10 +510,12 @@ def train_heads(lm, heads, samples: list, config: TrainConfig, out_dir, progress
     adapter_dir, log_path = out / ADAPTER_SUBDIR, out / LOG_NAME
     if (adapter_dir / WEIGHTS_NAME).exists() and not (overwrite or resume):
         raise UserError(f"{adapter_dir} already holds an adapter: choose another output folder or delete it")
+    samples, val_samples = split_validation(samples, config.val_ratio, config.seed)
     encoded = encode(samples, tok, config.max_length)
     if not encoded:
         raise UserError(f"none of the {len(samples)} samples has an answer token left after encoding "
                         f"(max length {config.max_length}): raise the max length or check the data")
+    val_encoded = encode(val_samples, tok, config.max_length) if val_samples else None
     if lm.dtype == torch.float16 or next(model.parameters()).dtype == torch.float16:
         warnings.warn("training with an fp16 model: losses can overflow to NaN; use dtype bf16 (or fp32)",
                       stacklevel=2)
@@ -461,16 +529,18 @@ def train_heads(lm, heads, samples: list, config: TrainConfig, out_dir, progress
     if ckpt is not None and not resume:
         ckpt.clear()
     try:
-        with trainable(model, []):
+        with trainable(model, []), checkpointing(model, config.gradient_checkpointing):
             adapter.attach(model)
             loop = train_loop(model, list(adapter.parameters()), encoded, config, log_path, pad_id, device,
-                              progress=progress, should_stop=should_stop, on_log=on_log, checkpoint=ckpt)
+                              progress=progress, should_stop=should_stop, on_log=on_log, checkpoint=ckpt,
+                              val_encoded=val_encoded)
             training = {
                 "config": config.to_dict(), "steps_done": loop.steps_done, "steps_planned": loop.steps_planned,
                 "final_loss": loop.final_loss, "stopped": loop.stopped, "stop_reason": loop.stop_reason,
                 "time_s": round(loop.time_s, 3), "samples": len(samples), "encoded": len(encoded),
                 "dropped": len(encoded.dropped), "truncated": encoded.truncated, "tokens": loop.tokens,
                 "answer_tokens": loop.answer_tokens, "device": str(device), "resumed_from": loop.resumed_from,
+                "validation_samples": len(val_samples),
                 "model_dtype": str(lm.dtype).replace("torch.", ""),
             }
             with atomic_dir(adapter_dir) as tmp:

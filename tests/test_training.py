@@ -272,3 +272,34 @@ def test_embedded_model_two_steps(embedded, tmp_path):
     finally:
         adapter.detach()
     assert all(not m._forward_hooks for m in embedded.model.modules())
+
+
+def test_schedulers():
+    assert lr_factor(5, 10, 0, "constant") == 1.0
+    assert lr_factor(5, 10, 0, "linear") == pytest.approx(0.5) and lr_factor(9, 10, 0, "linear") == pytest.approx(0.1)
+    assert lr_factor(5, 10, 0, "cosine") == pytest.approx(0.5)
+    with pytest.raises(UserError, match="scheduler"):
+        TrainConfig(scheduler="step").check()
+
+
+def test_gradient_checkpointing_gives_the_same_adapter(tiny_llama, tmp_path):
+    from safetensors.torch import load_file
+
+    cfg = dict(steps=3, lr=1e-2, batch_size=4, warmup_ratio=0.0)
+    a = train_heads(tiny_llama, [[1, 0], [3, 2]], _samples(8), TrainConfig(**cfg), tmp_path / "a")
+    b = train_heads(tiny_llama, [[1, 0], [3, 2]], _samples(8), TrainConfig(**cfg, gradient_checkpointing=True),
+                    tmp_path / "b")
+    ta = load_file(str(tmp_path / "a" / "adapter" / "adapter_model.safetensors"))
+    tb = load_file(str(tmp_path / "b" / "adapter" / "adapter_model.safetensors"))
+    for k in ta:
+        torch.testing.assert_close(tb[k], ta[k], rtol=0, atol=1e-6)
+    assert not tiny_llama.model.is_gradient_checkpointing and a.final_loss == pytest.approx(b.final_loss, abs=1e-6)
+
+
+def test_validation_share_is_held_out_and_logged(tiny_llama, tmp_path):
+    res = train_heads(tiny_llama, [[2, 1]], _samples(10), TrainConfig(steps=6, batch_size=4, val_ratio=0.2,
+                                                                         val_every=2), tmp_path)
+    log = _log(res)
+    assert [r["step"] for r in log if "val_loss" in r] == [2, 4, 6]
+    assert all(r["val_loss"] > 0 for r in log if "val_loss" in r)
+    assert res.extra["n_samples"] == 8  # 2 of 10 held out
