@@ -35,6 +35,7 @@ from .files import write_text
 from .heads import DEFAULT_HEAD_METHOD, HEAD_METHODS
 from .models import DTYPES, QUANTIZE
 from .selection import DEFAULT_SELECT_METHOD, SELECT_METHODS
+from .tracking import REPORT_TO
 from .training import SCHEDULERS
 
 #: the pipeline stages, in the order a run executes them (see p2d.pipeline)
@@ -161,6 +162,9 @@ class RunConfig:
                            "reference step; as slow as full fine-tuning)", stages=("reference",),
                            choices=REFERENCE_MODES)
     # output -------------------------------------------------------------------------------------------
+    report_to: str = setting("auto", "output", "Report to", "experiment tracker: auto (TensorBoard files in the run "
+                             "folder when tensorboard is installed), none, tensorboard, trackio or wandb",
+                             choices=REPORT_TO)
     out: str = setting("runs/latest", "output", "Run folder", "folder for every file of the run")
 
     def __post_init__(self):

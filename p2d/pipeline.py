@@ -67,7 +67,7 @@ OUTPUTS: dict[str, tuple[str, ...]] = {
     "select": (SELECTION_FILE, SELECTED_FILE, SCORES_FILE),
     "eval_before": (EVAL_FILES["before"],),
     "reference": (REFERENCE_FILE,),
-    "train": (LOG_NAME, ADAPTER_SUBDIR, CHECKPOINT_SUBDIR),
+    "train": (LOG_NAME, ADAPTER_SUBDIR, CHECKPOINT_SUBDIR),  # tensorboard/ accumulates across stages
     "eval_after": (EVAL_FILES["after"],),
 }
 LABELS = {"load": "loading model and data", "heads": "scoring heads", "select": "selecting data",
@@ -158,6 +158,7 @@ class Run:
         self.results: dict[str, object] = {}
         self.manifest: dict[str, dict] = {}
         self.resume = False
+        self.tracker = None  # opened on the first stage that reports (p2d.tracking)
 
     # -- results by name ---------------------------------------------------------------------------
     heads: HeadScores | None = property(lambda self: self.results.get("heads"))
@@ -204,15 +205,34 @@ class Run:
     def run(self, stages=STAGES) -> dict:
         """Execute ``stages`` and whatever they need that is not done, in sequence order; return the
         metrics. Stops after a stage that ended partial (stopped) or when a stop is requested."""
-        for stage in upstream_closure(stages):
-            if self.is_done(stage):
-                continue
-            if self.should_stop is not None and self.should_stop():
-                break
-            self.execute(stage)
-            if not self.is_done(stage):  # stopped part-way
-                break
-        return self.write_metrics()
+        try:
+            for stage in upstream_closure(stages):
+                if self.is_done(stage):
+                    continue
+                if self.should_stop is not None and self.should_stop():
+                    break
+                self.execute(stage)
+                if not self.is_done(stage):  # stopped part-way
+                    break
+            m = self.write_metrics()
+            if self.tracker is not None:
+                self._track({"cost/aer": m.get("aer"), "cost/speedup": m.get("speedup"),
+                             "cost/time_p2d_s": m.get("time_p2d_s")})
+            return m
+        finally:
+            self.close_tracker()
+
+    def _track(self, values: dict, step: int | None = None) -> None:
+        from .tracking import open_tracker
+
+        if self.tracker is None:
+            self.tracker = open_tracker(self.config.report_to, self.out, self.config.to_dict())
+        self.tracker.log({k: v for k, v in values.items() if v is not None}, step=step)
+
+    def close_tracker(self) -> None:
+        if self.tracker is not None:
+            self.tracker.close()
+            self.tracker = None
 
     def run_all(self) -> dict:
         start = time.perf_counter()
@@ -237,6 +257,10 @@ class Run:
         self.results[stage] = result
         self._record(stage, partial=partial or built_on_partial, result=result)
         self.write_metrics()
+        if stage != "load":
+            from .tracking import stage_values
+
+            self._track(stage_values(stage, result))
         return result
 
     # -- invalidation ----------------------------------------------------------------------------
@@ -388,8 +412,12 @@ class Run:
         return self.train_config().planned_steps(max(1, len(self.selection.selected)))
 
     def _stage_train(self):
+        def on_log(record: dict) -> None:
+            self._track({f"train/{k}": record.get(k) for k in ("loss", "lr", "tokens_per_s", "grad_norm", "val_loss")},
+                        step=record["step"])
+
         tr = train_heads(self.lm, self.heads, self.training_samples(), self.train_config(), self.out,
-                         progress=self.progress, should_stop=self.should_stop, overwrite=True,
+                         progress=self.progress, should_stop=self.should_stop, on_log=on_log, overwrite=True,
                          resume=self.resume, checkpoint_every=self.config.checkpoint_every)
         return tr, tr.stopped
 
