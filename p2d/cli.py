@@ -271,6 +271,15 @@ def cmd_export(args) -> None:
     _print({"format": args.format, "folder": str(out), "files": sorted(p.name for p in out.iterdir())})
 
 
+def cmd_push(args) -> None:
+    from .hub import model_card, push_run
+
+    if args.card_only:
+        print(model_card(args.run, args.repo))
+        return
+    _print(push_run(args.run, args.repo, merged=args.merged, private=args.private))
+
+
 def cmd_run(args) -> None:
     from .pipeline import Run, fresh_folder
 
@@ -366,6 +375,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="peft", choices=EXPORT_FORMATS, help="output format (default: peft)")
     p.add_argument("--out", required=True, metavar="DIR", help="new folder for the exported adapter")
     p.add_argument("--base-model-name", help="base model id recorded in adapter_config.json (default: --model)")
+
+    p = sub.add_parser("push", help="upload a run's adapter (PEFT format) and a model card to the Hugging Face Hub",
+                       description="upload a run's adapter (PEFT format) and a model card to the Hugging Face Hub")
+    p.add_argument("--run", required=True, metavar="DIR", help="run folder (with adapter/, config.yaml, metrics.json)")
+    p.add_argument("--repo", required=True, metavar="ID", help="hub repo id, e.g. you/smollm2-addition-p2d")
+    p.add_argument("--merged", action="store_true", help="also upload the merged model (subfolder merged/)")
+    p.add_argument("--private", action="store_true", help="create the repo as private")
+    p.add_argument("--card-only", action="store_true", help="print the model card and upload nothing")
+    p.set_defaults(func=cmd_push)
 
     p = command("run", "the whole pipeline: heads, select, train, eval before/after, AER", cmd_run,
                 COMMAND_GROUPS["run"])
