@@ -27,9 +27,6 @@ training settings, P2D version, format version).
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 import weakref
 from pathlib import Path
 
@@ -274,7 +271,9 @@ class HeadAdapter(nn.Module):
     def save(self, out_dir, base_model: str, training: dict | None = None) -> Path:
         """Write ``adapter_model.safetensors`` + ``adapter_config.json`` into ``out_dir`` (created;
         existing adapter files there are replaced).  Returns ``out_dir``."""
-        from safetensors.torch import save_file
+        from safetensors.torch import save as to_bytes
+
+        from .files import atomic_write, write_json
 
         from . import __version__
 
@@ -297,8 +296,9 @@ class HeadAdapter(nn.Module):
                        for l in self.layers},
             "training": training or {},
         }
-        _atomic_write(out / WEIGHTS_NAME, lambda path: save_file(tensors, str(path), metadata={"format": "pt"}))
-        _atomic_write(out / CONFIG_NAME, lambda path: Path(path).write_text(json.dumps(config, indent=2) + "\n"))
+        data = to_bytes(tensors, metadata={"format": "pt"})  # plain file I/O below: a full disk is an OSError
+        atomic_write(out / WEIGHTS_NAME, lambda path: Path(path).write_bytes(data))
+        write_json(out / CONFIG_NAME, config, indent=2)
         return out
 
     @staticmethod
@@ -359,18 +359,6 @@ class HeadAdapter(nn.Module):
         return adapter
 
 
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def load_adapter(lm, adapter_dir) -> HeadAdapter:
     """Load an adapter for the LoadedModel ``lm``, check that its geometry matches, and attach it."""
     adapter = HeadAdapter.load(adapter_dir, device=lm.device)
@@ -403,24 +391,24 @@ def merge_and_save(lm, adapter_dir, out_dir) -> Path:
     if diff:
         raise UserError(f"adapter {adapter_dir} does not fit model {lm.spec!r} ({diff}): merge it into "
                         f"{adapter.config.get('base_model', 'the model it was trained on')}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.merge-", dir=out.parent))
+    from .files import atomic_dir
+
+    if out.exists():
+        out.rmdir()  # empty (checked above): atomic_dir creates it whole
     backup = adapter._base_slices(lm.model)
     try:
         adapter.merge_into(lm.model)
-        lm.model.save_pretrained(tmp)
-        if lm.tokenizer is not None:
-            lm.tokenizer.save_pretrained(tmp)
-        (tmp / "p2d_adapter_config.json").write_text(json.dumps(adapter.config, indent=2) + "\n")
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise UserError(f"could not write the merged model to {out_dir}: {exc}") from exc
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with atomic_dir(out) as tmp:
+            try:
+                lm.model.save_pretrained(tmp)
+                if lm.tokenizer is not None:
+                    lm.tokenizer.save_pretrained(tmp)
+            except Exception as exc:  # safetensors reports a full disk as its own error type
+                if "os error" in str(exc) and not isinstance(exc, OSError):
+                    raise UserError(f"could not write the merged model to {out_dir}: {str(exc).splitlines()[0]}; "
+                                    "free some disk space or choose another folder") from None
+                raise
+            (tmp / "p2d_adapter_config.json").write_text(json.dumps(adapter.config, indent=2) + "\n")
     finally:
         with torch.no_grad():
             for w, dim, idx, saved in backup:

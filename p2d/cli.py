@@ -425,6 +425,14 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {OOM_ADVICE}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        import errno
+
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise
+        print(f"error: {exc.strerror or 'no space left'} writing {exc.filename or 'a file'}: free some disk space or "
+              "choose another folder, then continue with --resume", file=sys.stderr)
+        return 2
     return 0
 
 

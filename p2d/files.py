@@ -8,6 +8,7 @@ NTFS within one folder.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -19,6 +20,18 @@ from typing import Callable, Iterable
 
 __all__ = ["atomic_write", "write_text", "write_json", "write_jsonl", "atomic_dir", "read_json", "jsonable"]
 
+_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def _disk_full(exc: BaseException, path) -> BaseException:
+    """A UserError for a full disk (or a file size limit), else ``exc`` itself."""
+    if isinstance(exc, OSError) and exc.errno in _FULL:
+        from .errors import UserError
+
+        return UserError(f"could not write {path}: {os.strerror(exc.errno).lower()}; free some disk space or choose "
+                         "another folder (what was written before is intact)")
+    return exc
+
 
 def atomic_write(path, write: Callable[[str], None]) -> Path:
     """Call ``write(tmp_path)`` and rename the result to ``path`` (parents are created)."""
@@ -29,9 +42,12 @@ def atomic_write(path, write: Callable[[str], None]) -> Path:
     try:
         write(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        err = _disk_full(exc, path)
+        if err is not exc:
+            raise err from exc
         raise
     return path
 
@@ -104,8 +120,11 @@ def atomic_dir(path):
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        err = _disk_full(exc, path)
+        if err is not exc:
+            raise err from exc
         raise
     old = None
     if path.exists():

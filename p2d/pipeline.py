@@ -27,9 +27,12 @@ current settings and the results it was built on; anything else is rerun, never 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
 import shutil
+import signal
 import time
 import uuid
 from dataclasses import asdict
@@ -253,7 +256,8 @@ class Run:
         if stage != "load":
             self.require_loaded()
         self._clear(stage, keep=(CHECKPOINT_SUBDIR, LOG_NAME) if stage == "train" and self.resume else ())
-        result, partial = getattr(self, f"_stage_{stage}")()
+        with _fault_injection(self, stage):
+            result, partial = getattr(self, f"_stage_{stage}")()
         self.results[stage] = result
         self._record(stage, partial=partial or built_on_partial, result=result)
         self.write_metrics()
@@ -546,6 +550,31 @@ class Run:
         if self.out.exists():
             write_json(self.out / METRICS_FILE, m)
         return m
+
+
+@contextlib.contextmanager
+def _fault_injection(run: "Run", stage: str):
+    """Crash tests: with ``P2D_FAULT=kill:<stage>[:<n>]`` in the environment the process SIGKILLs
+    itself at the n-th progress report (default 2) of that stage, as a power cut would."""
+    fault = os.environ.get("P2D_FAULT", "")
+    parts = fault.split(":")
+    if len(parts) < 2 or parts[0] != "kill" or parts[1] != stage:
+        yield
+        return
+    at, seen, inner = int(parts[2]) if len(parts) > 2 else 2, [0], run.progress
+
+    def progress(done, total, desc):
+        seen[0] += 1
+        if seen[0] >= at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        if inner is not None:
+            inner(done, total, desc)
+
+    run.progress = progress
+    try:
+        yield
+    finally:
+        run.progress = inner
 
 
 def _default_loader(config: RunConfig) -> LoadedModel:
