@@ -123,16 +123,27 @@ def test_walk_tabs_train_and_reload(app_url, tiny_llama_dir, capsys):
             expect(page.locator("#examples-table")).to_contain_text("Answer with")
             page.screenshot(path=str(SHOTS / "5-results.png"), full_page=True)
 
-            # a longer run: live progress (elapsed/remaining), then Stop keeps the adapter
+            # a longer run: live progress (elapsed/remaining) and a loss chart that grows, then Stop keeps
+            # the adapter
             page.get_by_role("tab", name="4 · Train").click()
             _fill(page, "steps", 400)
             page.locator("#train-btn").click()
             expect(page.locator("#train-progress")).to_contain_text("remaining", timeout=60_000)
-            page.wait_for_timeout(1500)
+            steps_drawn = "(document.querySelector('#loss-chart .js-plotly-plot')?.data?.[0]?.x || []).length"
+            page.wait_for_function(f"{steps_drawn} > 0", timeout=30_000)
+            seen = page.evaluate(steps_drawn)
+            page.wait_for_function(f"{steps_drawn} > {seen}", timeout=30_000)
             page.screenshot(path=str(SHOTS / "4-train-live.png"), full_page=True)
             page.locator("#stop-btn").click()
             expect(page.locator("#train-progress")).to_contain_text("Training stopped (adapter kept)", timeout=60_000)
             expect(page.locator("#train-status")).to_contain_text("stopped")
+
+            # "Evaluate now" evaluates the heads of the stopped training, and says so
+            page.get_by_role("tab", name="5 · Results & export").click()
+            page.locator("#results-eval").click()
+            expect(page.locator("#results-status")).to_contain_text("Evaluation done", timeout=90_000)
+            expect(page.locator("#results-summary")).to_contain_text("for a stopped training")
+            page.screenshot(path=str(SHOTS / "5-results-stopped.png"), full_page=True)
 
             # settings: YAML and the equivalent command
             page.locator("#settings-accordion").get_by_text("Settings file & equivalent command").click()

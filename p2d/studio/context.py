@@ -85,7 +85,10 @@ class Context:
         def failed(exc: BaseException):
             message = describe_error(exc)
             gr.Warning(message)
-            return pack({status: views.error_md(message)} if status else {})
+            if status is None:
+                return pack({})
+            code = isinstance(outputs[status], gr.Code)  # a code box shows the message as a comment
+            return pack({status: f"# ✗ {message}" if code else views.error_md(message)})
 
         if inspect.isgeneratorfunction(fn):
             def handler(*args):

@@ -21,8 +21,6 @@ from __future__ import annotations
 
 from dataclasses import fields
 
-import gradio as gr
-
 from p2d.config import RunConfig, choices_of, config_field, label
 from p2d.errors import UserError
 
@@ -119,6 +117,8 @@ def _label(name: str, hint: str = "") -> str:
 
 def build_inputs(limits: Limits, initial: dict) -> dict:
     """Every settings input, by name, created unrendered (each tab renders the ones it shows)."""
+    import gradio as gr
+
     from p2d.data.builtin import available_tasks
 
     local = limits.allow_local_paths

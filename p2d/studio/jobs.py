@@ -104,6 +104,8 @@ def stage(studio, ws, cfg: RunConfig, name: str):
         run = session_run(studio, ws, cfg, job)
         follow(job, run, [name])
         _run_short(run, [name])
+        if not job.should_stop():
+            run.require_loaded()  # a reopened run with nothing left to compute: its data for the page
         return _settled(run, name)
     return body
 

@@ -71,23 +71,22 @@ def build(ctx) -> SimpleNamespace:
         sent = dict(poll.get("sent") or {}) if poll.get("job") == job_id else {}
         out: dict = {}
 
-        def offer(name, key, make):
+        def offer(name, key, make=None):
+            """Send ``name`` only when its key (the value itself, or what it is made from) changed."""
             if sent.get(name) != key:
                 sent[name] = key
-                out[name] = make()
+                out[name] = make() if make is not None else key
 
         records = ws.log()
         run = ws.run
         active = job is not None and job.active
-        status = views.job_line(st, job)
-        offer("banner", views.banner(st, ws), lambda: sent["banner"])
-        offer("status", status, lambda: status)
-        offer("progress", views.train_progress(st, ws, job, records), lambda: sent["progress"])
+        offer("banner", views.banner(st, ws))
+        offer("status", views.job_line(st, job))
+        offer("progress", views.train_progress(st, ws, job, records))
         offer("loss", [len(records), views.planned_steps(run)], lambda: views.loss_figure(ws, records))
-        stage_key = [len(records), job.status if job else None, job.phase if job else None,
-                     run.full is not None if run is not None else None,
-                     run.train_result is not None if run is not None else None]
-        offer("aer", stage_key, lambda: views.aer_figure(st, ws, job, records))
+        offer("aer", [len(records), job.status if job else None, job.phase if job else None,
+                      run is not None and run.full is not None, run is not None and run.train_result is not None],
+              lambda: views.aer_figure(st, ws, job, records))
         offer("timer", active, lambda: gr.Timer(active=active))
         if job is not None and not active and poll.get("ended") != job_id:
             poll["ended"] = job_id
