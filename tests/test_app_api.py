@@ -144,10 +144,11 @@ def test_form_config_round_trip(tmp_path):
                     out=str(tmp_path / "r")).validate()
     values = to_values(cfg)
     assert set(values) == set(FIELD_NAMES) and len(FORM_ONLY) == 6  # every other input is a RunConfig field
-    assert values["model_source"] == "hub" and values["steps"] == 0 and values["epochs"] == 2.0
+    assert values["model_source"] == "hub" and values["steps"] == 0 and values["epochs"] == "2"
     assert to_config(values) == cfg
     # empty epochs means "the reference epochs"; 0 steps means "from epochs"
-    plain = to_config({**to_values(RunConfig()), "epochs": None, "steps": 0})
+    assert to_values(RunConfig())["epochs"] == ""
+    plain = to_config({**to_values(RunConfig()), "epochs": "", "steps": 0})
     assert plain.epochs is None and plain.steps is None and plain.train_epochs == plain.reference_epochs
     # files + column mapping
     cfg2 = RunConfig(model=str(tmp_path), pool=str(tmp_path / "p.jsonl"), probe=str(tmp_path / "q.csv"),
@@ -203,12 +204,12 @@ def test_equivalent_command_reproduces_the_config(tmp_path):
         {**base, "target": "dates", "pool_size": 300, "seed": 4, "head_ratio": 0.2, "data_ratio": 0.05},
         {**base, "data_source": "files", "pool_path": str(pool), "probe_path": str(probe), "eval_path": str(pool),
          "columns": "prompt=question, answer=answer", "model_source": "hub", "model_name": "org/some-model"},
-        {**base, "epochs": 1.5, "steps": 0, "max_steps": 9, "lr": 3e-4, "batch_size": 3, "grad_accum": 2,
+        {**base, "epochs": "1.5", "steps": 0, "max_steps": 9, "lr": 3e-4, "batch_size": 3, "grad_accum": 2,
          "warmup_ratio": 0.2, "weight_decay": 0.1, "max_grad_norm": 0.0, "projections": ["k", "v"],
          "checkpoint_every": 0, "eval_limit": 7, "max_new_tokens": 5, "reference_epochs": 1.0, "full_ft": "measure",
          "head_method": "shift", "select_method": "ablation", "max_length": 128, "dtype": "fp32", "device": "cpu",
          "quantize": "8bit", "out": str(tmp_path / "typed-run")},
-        {**base, "steps": 25, "epochs": None, "eval_limit": 0, "max_new_tokens": 0},
+        {**base, "steps": 25, "epochs": "", "eval_limit": 0, "max_new_tokens": 0},
     ]
     for limits in (LOCAL, DEMO):
         st = Studio(limits, tmp_path / f"runs-{limits.demo}")

@@ -93,6 +93,7 @@ def to_values(cfg: RunConfig, out_auto: bool = False) -> dict:
     values = {name: getattr(cfg, name) for name in CONFIG_NAMES}
     for name in ZERO_IS_UNSET:
         values[name] = values[name] or 0
+    values["epochs"] = "" if cfg.epochs is None else f"{cfg.epochs:g}"  # a text box (see build_inputs)
     if cfg.model in (None, "", "default"):
         values.update(model_source="embedded", model_name="")
     else:
@@ -178,7 +179,10 @@ def build_inputs(limits: Limits, initial: dict) -> dict:
         "data_ratio": gr.Slider(0.01, 1.0, value=v["data_ratio"], step=0.01, label=_label("data_ratio"),
                                 info=_help("data_ratio"), elem_id="data-ratio", **num),
         # stage 3
-        "epochs": number("epochs", "empty = the reference epochs", integer=False),
+        # a text box: a number box cannot stay empty in the browser, and empty means "the reference epochs"
+        "epochs": gr.Textbox(v["epochs"], label=_label("epochs", "empty = the reference epochs"), info=_help("epochs"),
+                             placeholder=f"empty: the reference epochs ({RunConfig().reference_epochs:g})",
+                             elem_id="epochs", **num),
         "steps": number("steps", "0 = from epochs"),
         "max_steps": number("max_steps", "0 = no cap"),
         "lr": number("lr", integer=False, step=1e-4),
