@@ -234,8 +234,9 @@ class Runner:
                 self._cond.wait(timeout=min(left, 1.0) if left is not None else 1.0)
         return True
 
-    def describe(self, job: Job | None) -> str:
-        """One line for the page: queue position, phase/progress, or how it ended."""
+    def describe(self, job: Job | None, clock: bool = True) -> str:
+        """One line for the page: queue position, phase/progress, or how it ended (``clock``: with the
+        seconds a running job has run, so the line changes every second)."""
         if job is None:
             return ""
         if job.status == "queued":
@@ -249,7 +250,7 @@ class Runner:
                 what = "step"
             prog = f" {job.done}/{job.total}" if job.total else ""
             stop = " · stopping after the current step…" if job.stop_requested else ""
-            return f"▶ {job.label}: {what}{prog} · {job.elapsed():.0f} s{stop}"
+            return f"▶ {job.label}: {what}{prog}" + (f" · {job.elapsed():.0f} s" if clock else "") + stop
         if job.status == "done":
             return f"✓ {job.label} done in {job.elapsed():.1f} s"
         if job.status == "stopped":

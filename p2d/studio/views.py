@@ -89,15 +89,15 @@ def banner(studio, ws) -> str:
     """One line above the tabs: this session's job and how many jobs of other sessions wait or run."""
     job = studio.current_job(ws)
     others = studio.runner.busy() - (1 if job is not None and job.active else 0)
-    parts = [studio.runner.describe(job)] if job is not None else []
+    parts = [studio.runner.describe(job, clock=False)] if job is not None else []
     if others > 0:
         parts.append(f"{others} job{'s' if others != 1 else ''} of other sessions queued or running")
     return " · ".join(parts)
 
 
-def job_line(studio, job: Job | None, notes: list[str] = ()) -> str:
-    """The status line under a tab's buttons."""
-    text = studio.runner.describe(job) if job is not None else ""
+def job_line(studio, job: Job | None, notes: list[str] = (), clock: bool = True) -> str:
+    """The status line under a tab's buttons (``clock``: with the seconds a running job has run)."""
+    text = studio.runner.describe(job, clock) if job is not None else ""
     return text + (("  \n" + "; ".join(notes)) if notes else "")
 
 
@@ -164,7 +164,7 @@ def heads(studio, ws) -> dict:
           f"`{hs.method}`{f' ({contrast})' if contrast else ''} in {hs.time_s:.1f} s · layers "
           f"{', '.join(str(l) for l in sorted({l for l, _ in hs.selected}))}")
     if _partial(run, "heads"):
-        md += ("  \n⏸ **Partial:** head scoring was stopped part-way, so these scores cover only the work done. "
+        md += ("  \n■ **Partial:** head scoring was stopped part-way, so these scores cover only the work done. "
                "Press **Find heads** to score them all.")
     return {"info": md, "heatmap": charts.heads_heatmap(hs.scores, hs.selected),
             "per_layer": charts.heads_per_layer(hs.selected, hs.n_layers, hs.n_q_heads), "table": pd.DataFrame(rows)}
@@ -247,7 +247,7 @@ def data(studio, ws, query: str = "", page=1) -> dict:
           f"in {sel.time_s:.1f} s{hit}" + (f" · {unscored} samples could not be scored (no answer tokens "
                                               "within max length)" if unscored else ""))
     if _partial(run, "select"):
-        md += ("  \n⏸ **Partial:** data selection was stopped part-way; samples not scored yet rank last. "
+        md += ("  \n■ **Partial:** data selection was stopped part-way; samples not scored yet rank last. "
                "Press **Select data** to score them all.")
     return {"info": md, "hist": charts.score_histogram(sel.scores, sel.selected), "mix": mix,
             "download": studio.download(ws, run.out / "selected.jsonl"), **preview(studio, ws, query, page)}
@@ -400,13 +400,13 @@ def results(studio, ws) -> dict:
     elif run.train_result is None:
         lines.append("No results yet: train on the **Train** tab (evaluation runs before and after).")
     if _partial(run, "train") and after is not None:
-        lines.append("⏸ **The “after” column is for a stopped training:** the heads as trained up to the stop "
+        lines.append("■ **The “after” column is for a stopped training:** the heads as trained up to the stop "
                      f"(step {m.get('steps_done')} of {m.get('steps_planned')}).")
     elif _partial(run, "train"):
-        lines.append("⏸ Training was stopped: press **Evaluate now** to evaluate the heads trained so far.")
+        lines.append("■ Training was stopped: press **Evaluate now** to evaluate the heads trained so far.")
     for when, res in (("before", run.eval_before), ("after", run.eval_after)):
         if res is not None and res.partial:
-            lines.append(f"⏸ The evaluation {when} training was stopped part-way: it covers {res.n_generated} "
+            lines.append(f"■ The evaluation {when} training was stopped part-way: it covers {res.n_generated} "
                          f"of {res.n} rows.")
     if run.data is not None and run.data.eval is None:
         lines.append("This run has no eval set, so there is no accuracy to compare.")

@@ -3,16 +3,20 @@
 
 Start returns at once; the page then polls once a second (``/train_status``) and sends only what
 changed since its last poll: the loss chart only when new log lines arrived (the log is read
-incrementally), the AER chart only when a step or the stage changed.
+incrementally), the AER chart when a stage ended and every few seconds while training. Redrawing a
+chart is what costs the browser most (measured with bench/studio_load.py).
 """
 
 from __future__ import annotations
 
+import time
 from types import SimpleNamespace
 
 import gradio as gr
 
 from .. import jobs, views
+
+AER_EVERY = 5.0  # seconds between AER chart redraws during training (a redraw costs the browser more than a step)
 
 
 def build(ctx) -> SimpleNamespace:
@@ -81,11 +85,12 @@ def build(ctx) -> SimpleNamespace:
         run = ws.run
         active = job is not None and job.active
         offer("banner", views.banner(st, ws))
-        offer("status", views.job_line(st, job))
+        offer("status", views.job_line(st, job, clock=False))  # the progress bar has the clock
         offer("progress", views.train_progress(st, ws, job, records))
         offer("loss", [len(records), views.planned_steps(run)], lambda: views.loss_figure(ws, records))
-        offer("aer", [len(records), job.status if job else None, job.phase if job else None,
-                      run is not None and run.full is not None, run is not None and run.train_result is not None],
+        # the AER chart moves slowly while training: redrawn every AER_EVERY seconds, and when a stage ends
+        offer("aer", [job.status if job else None, job.phase if job else None, run is not None and run.full is not None,
+                      run is not None and run.train_result is not None, int(time.time() // AER_EVERY) if records else 0],
               lambda: views.aer_figure(st, ws, job, records))
         offer("timer", active, lambda: gr.Timer(active=active))
         if job is not None and not active and poll.get("ended") != job_id:
