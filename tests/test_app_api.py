@@ -500,7 +500,15 @@ def test_demo_mode_caps_and_refuses_local_paths(served_demo, tiny_llama_dir, tmp
     merge = c.predict(str(tmp_path / "m"), api_name="/merge")
     assert "disabled in the public demo" in merge
     api = c.view_api(print_info=False, return_format="dict")["named_endpoints"]
-    assert "/load" in api and "/train" in api
+    assert {f"/{n}" for n in ("load", "heads", "select", "preview", "train", "train_status", "stop", "wait_job",
+                              "results", "evaluate", "merge", "upload_pool", "upload_probe", "upload_eval",
+                              "show_command", "save_config", "apply_config")} <= set(api)
+    for name in ("/load", "/heads", "/select", "/train", "/show_command", "/save_config"):
+        params = [p["parameter_name"] for p in api[name]["parameters"]]
+        assert params == list(FIELD_NAMES), name  # the settings, by keyword, all optional
+        assert all(p["parameter_has_default"] for p in api[name]["parameters"]), name
+    assert [p["parameter_name"] for p in api["/preview"]["parameters"]] == ["search", "page"]
+    assert [p["parameter_name"] for p in api["/upload_pool"]["parameters"]] == ["file", "columns"]
     config = served_demo.app.config
     kinds = {comp.get("type") for comp in config["components"]}
     assert "duplicatebutton" in kinds or any(comp.get("props", {}).get("elem_id") == "duplicate-btn"

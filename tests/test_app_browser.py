@@ -51,7 +51,7 @@ def _plotly(page, elem_id: str, timeout: float = 30_000):
     return loc.first
 
 
-def test_walk_tabs_train_and_reload(app_url, tiny_llama_dir, capsys):
+def test_walk_tabs_train_and_reload(app_url, tiny_llama_dir, capsys, tmp_path):
     from playwright.sync_api import expect, sync_playwright
 
     SHOTS.mkdir(parents=True, exist_ok=True)
@@ -150,6 +150,16 @@ def test_walk_tabs_train_and_reload(app_url, tiny_llama_dir, capsys):
             page.locator("#show-command").click()
             expect(page.locator("#command")).to_contain_text("python -m p2d run", timeout=15_000)
             page.screenshot(path=str(SHOTS / "6-settings.png"), full_page=False)
+
+            # a saved settings file fills the form
+            from p2d.config import RunConfig
+
+            settings = RunConfig(target="dates", pool_size=33, lr=0.004).save(tmp_path / "settings.yaml")
+            with page.expect_file_chooser() as chooser:
+                page.locator("#load-config").click()
+            chooser.value.set_files(str(settings))
+            expect(page.locator("#settings-status")).to_contain_text("settings applied", timeout=15_000)
+            expect(page.locator("#pool-size input")).to_have_value("33")
         finally:
             browser.close()
     assert (SHOTS / "4-train.png").stat().st_size > 10_000

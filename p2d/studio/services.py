@@ -3,8 +3,8 @@
 - the job runner (one job at a time, the shared model cache) and the per-session workspaces;
 - `run_config`: the form -> the RunConfig a job runs (demo caps applied once, run folder decided),
   which is also what the settings file and the equivalent command show;
-- `upload` and `download`: the one way a file comes into a workspace and the one way a file is
-  handed to the browser.
+- `receive` and `download`: the one way a file comes into a workspace (`upload` describes a data
+  file after receiving it) and the one way a file is handed to the browser.
 """
 
 from __future__ import annotations
@@ -92,15 +92,21 @@ class Studio:
         return form.to_values(run.config, out_auto=auto)
 
     # -- files in and out ----------------------------------------------------------------------
-    def upload(self, ws: Workspace, kind: str, file, columns: str | None = None) -> tuple[str, str]:
-        """Copy an uploaded data file into the workspace and describe it: (stored path, markdown).
-        The description (format, rows, skipped rows, tasks) or the loader's error is the markdown."""
-        from p2d.data.loading import load_data
-
+    def receive(self, ws: Workspace, kind: str, file) -> Path:
+        """Every uploaded file comes in here: copied into the workspace's uploads folder."""
         src = Path(file)
         ws.upload_dir.mkdir(parents=True, exist_ok=True)
         dest = ws.upload_dir / f"{kind}-{time.strftime('%H%M%S')}-{src.name}"
         shutil.copyfile(src, dest)
+        return dest
+
+    def upload(self, ws: Workspace, kind: str, file, columns: str | None = None) -> tuple[str, str]:
+        """Store an uploaded data file (`receive`) and describe it: (stored path, markdown). The
+        description (format, rows, skipped rows, tasks) or the loader's error is the markdown."""
+        from p2d.data.loading import load_data
+
+        src = Path(file)
+        dest = self.receive(ws, kind, file)
         try:
             mapping = RunConfig(columns=columns).columns
             summ = load_data(str(dest), mapping=mapping).summary()

@@ -3,7 +3,6 @@ takes, and the equivalent command line (``/show_command``, ``/save_config``, ``/
 
 from __future__ import annotations
 
-from pathlib import Path
 from types import SimpleNamespace
 
 import gradio as gr
@@ -70,7 +69,7 @@ def build(ctx) -> SimpleNamespace:
     def load_config_file(request, file):
         """Fill the form from an uploaded settings file."""
         try:
-            text = Path(file).read_text(encoding="utf-8")
+            text = st.receive(st.workspace(request), "settings", file).read_text(encoding="utf-8")
         except (OSError, TypeError, UnicodeDecodeError) as exc:
             raise UserError(f"could not read the settings file: {exc}") from None
         return {**apply_config(request, text), "yaml": text}

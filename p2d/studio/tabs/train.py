@@ -88,10 +88,13 @@ def build(ctx) -> SimpleNamespace:
         offer("status", views.job_line(st, job, clock=False))  # the progress bar has the clock
         offer("progress", views.train_progress(st, ws, job, records))
         offer("loss", [len(records), views.planned_steps(run)], lambda: views.loss_figure(ws, records))
-        # the AER chart moves slowly while training: redrawn every AER_EVERY seconds, and when a stage ends
-        offer("aer", [job.status if job else None, job.phase if job else None, run is not None and run.full is not None,
-                      run is not None and run.train_result is not None, int(time.time() // AER_EVERY) if records else 0],
-              lambda: views.aer_figure(st, ws, job, records))
+        # the AER chart: when a stage ended or started, and at most every AER_EVERY seconds as steps arrive
+        stage_key = [job.status if job else None, job.phase if job else None,
+                     run is not None and run.full is not None, run is not None and run.train_result is not None]
+        if sent.get("aer") != stage_key or (sent.get("aer_steps") != len(records)
+                                            and time.time() - sent.get("aer_at", 0) >= AER_EVERY):
+            sent.update(aer=stage_key, aer_steps=len(records), aer_at=time.time())
+            out["aer"] = views.aer_figure(st, ws, job, records)
         offer("timer", active, lambda: gr.Timer(active=active))
         if job is not None and not active and poll.get("ended") != job_id:
             poll["ended"] = job_id
