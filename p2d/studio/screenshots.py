@@ -66,6 +66,7 @@ def capture(url: str, out: Path, a) -> None:
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 900})
             page.set_default_timeout(a.timeout * 1000)
+            expect.set_options(timeout=a.timeout * 1000)
             page.goto(url)
             for elem_id, value in (("pool-size", a.pool), ("probe-size", a.probe), ("eval-size", a.eval)):
                 fill(elem_id, value)
