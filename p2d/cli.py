@@ -311,10 +311,12 @@ def cmd_bench(args) -> None:
 
 
 def cmd_studio(args) -> None:
+    from .config import options_from
     from .studio.app import launch
     from .studio.options import StudioOptions
 
-    launch(options_from_args(StudioOptions, args))
+    # --config here is the run settings the form starts with (StudioOptions.config), not serving options
+    launch(options_from(StudioOptions, None, _given(args, [f.name for f in fields(StudioOptions)])))
 
 
 # -- parser --------------------------------------------------------------------------------------
@@ -393,8 +395,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .studio.options import StudioOptions
 
     p = sub.add_parser("studio", help="start the P2D Studio app (Gradio)", description="start the P2D Studio app")
-    p.add_argument("--config", metavar="FILE.yaml", help="settings to fill the form with")
-    add_dataclass_flags(p, StudioOptions)
+    p.add_argument("--config", metavar="FILE.yaml", help="run settings (the YAML the app saves) to fill the form with")
+    add_dataclass_flags(p, StudioOptions, [f.name for f in fields(StudioOptions) if f.name != "config"])
     p.set_defaults(func=cmd_studio)
 
     from .bench.config import BenchConfig

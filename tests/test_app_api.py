@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import socket
 import time
 from pathlib import Path
@@ -111,51 +112,135 @@ def test_data_train_and_result_charts():
     assert [t.name for t in ev.data] == ["before", "after"] and list(ev.data[1].y) == [60.0, 90.0]
 
 
-def test_progress_html_and_log_reader(tmp_path):
-    from p2d.studio.actions import progress_html, read_log
+def test_progress_html_and_log_tail(tmp_path):
+    from p2d.studio.views import progress_html
+    from p2d.studio.workspace import LogTail
 
     html = progress_html(0.42, "Training: step 42 of 100", "elapsed 0:42 · remaining ~0:58")
     assert "width:42.0%" in html and "remaining ~0:58" in html
     p = tmp_path / "train_log.jsonl"
     p.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')  # half-written line
-    assert [r["step"] for r in read_log(p)] == [1, 2]
+    tail = LogTail(p)
+    assert [r["step"] for r in tail.read()] == [1, 2]
+    with open(p, "a") as f:  # the line is finished, another one follows: only the new bytes are parsed
+        f.write('ss": 1.2}\n{"step": 4, "loss": 1.1}\n')
+    assert [r["step"] for r in tail.read()] == [1, 2, 3, 4]
+    p.unlink()
+    p.write_text('{"step": 1, "loss": 9.0}\n')  # a new training: a new log
+    assert [r["loss"] for r in tail.read()] == [9.0]
 
 
 # ------------------------------------------------------------------------------------ settings form
 
 
 def test_form_config_round_trip(tmp_path):
-    from p2d.studio.fields import FIELD_NAMES, config_to_values, values_to_config
+    from p2d.studio.form import FIELD_NAMES, FORM_ONLY, to_config, to_values
 
     cfg = RunConfig(model="HuggingFaceTB/SmolLM2-360M-Instruct", target="dates", pool_size=123, probe_size=17,
                     eval_size=9, seed=3, quantize="4bit", head_method="shift", head_ratio=0.2, select_method="ablation",
                     data_ratio=0.3, steps=None, epochs=2.0, lr=5e-4, batch_size=2, projections=["q", "o"],
-                    eval_limit=5, max_new_tokens=12, out=str(tmp_path / "r")).validate()
-    values = config_to_values(cfg)
-    assert set(values) == set(FIELD_NAMES)
-    assert values["model_source"] == "hub" and values["steps"] == 0
-    back = values_to_config(values)
-    assert back.to_dict() == cfg.to_dict()
+                    eval_limit=5, max_new_tokens=12, grad_accum=2, warmup_ratio=0.1, weight_decay=0.01,
+                    max_grad_norm=0.5, reference_epochs=2.0, max_steps=30, checkpoint_every=7,
+                    out=str(tmp_path / "r")).validate()
+    values = to_values(cfg)
+    assert set(values) == set(FIELD_NAMES) and len(FORM_ONLY) == 6  # every other input is a RunConfig field
+    assert values["model_source"] == "hub" and values["steps"] == 0 and values["epochs"] == "2"
+    assert to_config(values) == cfg
+    # empty epochs means "the reference epochs"; 0 steps means "from epochs"
+    assert to_values(RunConfig())["epochs"] == ""
+    plain = to_config({**to_values(RunConfig()), "epochs": "", "steps": 0})
+    assert plain.epochs is None and plain.steps is None and plain.train_epochs == plain.reference_epochs
     # files + column mapping
     cfg2 = RunConfig(model=str(tmp_path), pool=str(tmp_path / "p.jsonl"), probe=str(tmp_path / "q.csv"),
                      columns={"prompt": "question", "answer": "reply"}).validate()
-    v2 = config_to_values(cfg2)
+    v2 = to_values(cfg2)
     assert v2["model_source"] == "local" and v2["data_source"] == "files"
     assert v2["columns"] == "prompt=question, answer=reply"
-    assert values_to_config(v2).to_dict() == cfg2.to_dict()
+    assert to_config(v2) == cfg2
+
+
+def test_form_errors_name_the_setting():
+    from p2d.errors import UserError
+    from p2d.studio.form import to_config, to_values
+
+    base = to_values(RunConfig())
+    for change, words in (({"head_ratio": 1.5}, "Share of heads (head_ratio) must be at most 1"),
+                          ({"lr": -1}, "Learning rate (lr) must be above 0"),
+                          ({"steps": 2.5}, "Steps (steps) must be a whole number"),
+                          ({"model_source": "hub", "model_name": ""}, "Model (model)"),
+                          ({"data_source": "files", "pool_path": ""}, "Pool file (pool)"),
+                          ({"data_source": "files", "pool_path": "p.jsonl", "probe_path": ""}, "needs a probe file")):
+        with pytest.raises(UserError, match=re.escape(words)):
+            to_config({**base, **change})
+        try:
+            to_config({**base, **change})
+        except UserError as exc:
+            assert " --" not in str(exc), exc  # settings are named by label and field, never by flag
+
+
+def _command_config(command: str) -> RunConfig:
+    """The RunConfig the CLI builds from an equivalent command."""
+    import shlex
+
+    from p2d.cli import COMMAND_GROUPS, _group_fields, build_parser, config_from_args
+
+    argv = shlex.split(command)
+    assert argv[:4] == ["python", "-m", "p2d", "run"], argv
+    args = build_parser().parse_args(argv[3:])
+    return config_from_args(args, _group_fields(COMMAND_GROUPS["run"]))
+
+
+def test_equivalent_command_reproduces_the_config(tmp_path):
+    from p2d.studio.form import to_values
+    from p2d.studio.limits import DEMO, LOCAL
+    from p2d.studio.services import Studio
+
+    pool, probe = tmp_path / "pool.csv", tmp_path / "probe.jsonl"
+    pool.write_text("question,answer\n1+1,2\n")
+    probe.write_text('{"prompt": "1+2", "response": "3"}\n')
+    base = to_values(RunConfig())
+    forms = [
+        base,  # the built-in pool, all defaults
+        {**base, "target": "dates", "pool_size": 300, "seed": 4, "head_ratio": 0.2, "data_ratio": 0.05},
+        {**base, "data_source": "files", "pool_path": str(pool), "probe_path": str(probe), "eval_path": str(pool),
+         "columns": "prompt=question, answer=answer", "model_source": "hub", "model_name": "org/some-model"},
+        {**base, "epochs": "1.5", "steps": 0, "max_steps": 9, "lr": 3e-4, "batch_size": 3, "grad_accum": 2,
+         "warmup_ratio": 0.2, "weight_decay": 0.1, "max_grad_norm": 0.0, "projections": ["k", "v"],
+         "checkpoint_every": 0, "eval_limit": 7, "max_new_tokens": 5, "reference_epochs": 1.0, "full_ft": "measure",
+         "head_method": "shift", "select_method": "ablation", "max_length": 128, "dtype": "fp32", "device": "cpu",
+         "quantize": "8bit", "out": str(tmp_path / "typed-run")},
+        {**base, "steps": 25, "epochs": "", "eval_limit": 0, "max_new_tokens": 0},
+    ]
+    for limits in (LOCAL, DEMO):
+        st = Studio(limits, tmp_path / f"runs-{limits.demo}")
+        try:
+            ws = st.workspace(SimpleNamespace(session_hash="s"))
+            for values in forms:
+                if limits.demo and values.get("data_source") == "files":
+                    continue  # the demo takes uploaded files only (test_upload_files_and_load_them)
+                cfg, _ = st.run_config(values, ws)
+                assert _command_config(cfg.to_command()) == cfg, values
+                assert RunConfig.from_yaml(cfg.to_yaml()) == cfg
+                if limits.demo:
+                    assert cfg.max_steps <= DEMO.max_steps and cfg.full_ft == "estimate"
+        finally:
+            st.runner.close()
 
 
 def test_demo_caps_and_paths(tmp_path):
     from p2d.errors import UserError
-    from p2d.studio.limits import DEMO, LOCAL, apply_caps, check_paths, current_limits
+    from p2d.studio.limits import DEMO, LOCAL, check_paths, current_limits
 
     cfg = RunConfig(pool_size=100_000, probe_size=500, eval_size=500, steps=10_000, batch_size=64, max_length=4096,
                     full_ft="measure").validate()
-    capped, notes = apply_caps(cfg, DEMO)
+    capped, notes = DEMO.apply(cfg)
     assert (capped.pool_size, capped.probe_size, capped.eval_size) == (DEMO.max_pool, DEMO.max_probe, DEMO.max_eval)
-    assert (capped.steps, capped.batch_size, capped.max_length) == (DEMO.max_steps, DEMO.max_batch, DEMO.max_length)
+    assert (capped.batch_size, capped.max_length) == (DEMO.max_batch, DEMO.max_length)
+    assert capped.max_steps == DEMO.max_steps and capped.steps == 10_000  # the library stops at max_steps
     assert capped.full_ft == "estimate" and len(notes) == 7
-    assert apply_caps(cfg, LOCAL) == (cfg, [])
+    assert any("Pool size (pool_size) capped at 400" in n for n in notes)
+    assert DEMO.apply(RunConfig(max_steps=5))[0].max_steps == 5
+    assert LOCAL.apply(cfg) == (cfg, [])
     with pytest.raises(UserError, match="local model paths are disabled"):
         check_paths(RunConfig(model=str(tmp_path)), DEMO, tmp_path / "uploads")
     with pytest.raises(UserError, match="typed paths are disabled"):
@@ -168,8 +253,8 @@ def test_demo_caps_and_paths(tmp_path):
 
 
 def test_workspace_reattach(tmp_path):
-    from p2d.studio.actions import Studio
     from p2d.studio.limits import LOCAL
+    from p2d.studio.services import Studio
 
     st = Studio(LOCAL, tmp_path)
     try:
@@ -182,6 +267,27 @@ def test_workspace_reattach(tmp_path):
         assert other is not first and other.root != first.root
     finally:
         st.runner.close()
+
+
+def test_studio_config_file_fills_the_form(tmp_path):
+    from p2d.cli import build_parser
+    from p2d.config import options_from
+    from p2d.studio.app import build_app
+    from p2d.studio.options import StudioOptions
+
+    path = RunConfig(target="dates", pool_size=77, lr=0.005, steps=6, projections=["q"]).save(tmp_path / "c.yaml")
+    args = build_parser().parse_args(["studio", "--config", str(path), "--port", "7999"])
+    assert args.config == str(path)
+    app = build_app(runs_root=tmp_path / "runs", config=path)
+    try:
+        values = app.studio.initial
+        assert (values["target"], values["pool_size"], values["lr"], values["steps"]) == ("dates", 77, 0.005, 6)
+        assert values["projections"] == ["q"]
+        defaults = {c["props"].get("elem_id"): c["props"].get("value") for c in app.config["components"]}
+        assert defaults["pool-size"] == 77 and defaults["steps"] == 6
+    finally:
+        app.studio.runner.close()
+    assert options_from(StudioOptions, None, {"config": str(path)}).config == str(path)
 
 
 # ------------------------------------------------------------------------------------ the live app
@@ -266,10 +372,18 @@ def test_full_run_through_the_api(served, client, tiny_llama_dir, tmp_path):
     cfg = RunConfig.from_yaml(yaml_text)
     assert cfg.model == tiny_llama_dir and cfg.pool_size == 40 and cfg.steps == 3 and cfg.out == str(run_dir)
     assert command.startswith("python -m p2d run") and "--pool-size 40" in command
+    assert _command_config(command) == cfg == RunConfig.load(run_dir / "config.yaml")  # what the run ran
+
+    # a new share of heads re-cuts the scores (no rescoring) and drops what was built on the old heads
+    status, info, *_ = client.predict(**{**kw, "head_ratio": 0.5}, api_name="/heads")
+    assert "done" in status and "8 of 16 heads" in info
+    summary = client.predict(10, api_name="/wait_job")
+    assert summary["run_dir"] == str(run_dir) and "train" not in summary["stages_done"]
+    assert {"load", "eval_before", "reference"} <= set(summary["stages_done"])
 
 
 def test_settings_save_and_load_round_trip(client, tiny_llama_dir):
-    from p2d.studio.fields import FIELD_NAMES
+    from p2d.studio.form import FIELD_NAMES
 
     kw = _kw(tiny_llama_dir, target="dates", seed=7, head_method="random", select_method="activation", lr=0.002,
              projections=["q", "v"], eval_limit=4, full_ft="measure")
@@ -333,11 +447,35 @@ def test_stop_keeps_adapter_and_other_sessions_queue(served, tiny_llama_dir):
     assert b.predict(30, api_name="/wait_job")["status"] == "stopped"
     bar = a.predict({}, api_name="/train_status")[2]
     assert "Training stopped (adapter kept)" in bar
-    # "Evaluate now" evaluates what was trained before the stop
+    # "Evaluate now" evaluates what was trained before the stop, and says so
     status, summary_md, table, *_ = a.predict(api_name="/evaluate")
     assert "Evaluation done" in status, status
+    assert "for a stopped training" in summary_md
     assert (run_dir / "eval_after.json").exists()
-    assert json.loads((run_dir / "metrics.json").read_text())["eval_after"] is not None
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["eval_after"] is not None and {"train", "eval_after"} <= set(metrics["stages_partial"])
+
+
+def test_stopped_stage_is_partial_then_rerun(client, tiny_llama_dir, monkeypatch):
+    from p2d.studio.runner import Job
+
+    kw = _kw(tiny_llama_dir, head_method="gradient")
+    original = Job.progress
+
+    def stop_at_once(self, done, total, desc):
+        original(self, done, total, desc)
+        if self.kind == "heads":
+            self.stop_event.set()
+
+    monkeypatch.setattr(Job, "progress", stop_at_once)
+    status, info, heatmap, *_ = client.predict(**kw, api_name="/heads")
+    assert "Head scoring stopped" in status and "failed" not in status, status
+    assert "Partial" in info and _plot(heatmap)["data"][0]["type"] == "heatmap"  # shown, marked partial
+    assert client.predict(10, api_name="/wait_job")["stages_partial"] == ["heads"]
+    monkeypatch.setattr(Job, "progress", original)
+    status, info, *_ = client.predict(**kw, api_name="/heads")  # the next press scores again
+    assert "Head scoring done" in status and "Partial" not in info
+    assert client.predict(10, api_name="/wait_job")["stages_partial"] == []
 
 
 def test_demo_mode_caps_and_refuses_local_paths(served_demo, tiny_llama_dir, tmp_path):
@@ -350,21 +488,27 @@ def test_demo_mode_caps_and_refuses_local_paths(served_demo, tiny_llama_dir, tmp
         c.predict(**_kw(tiny_llama_dir), api_name="/load")
     status, *_ = c.predict(**_kw(tiny_llama_dir, model_source="hub"), api_name="/load")
     assert "local model paths are disabled in the public demo" in status
-    with pytest.raises(AppError, match="greater than maximum"):  # the form's own limits
-        c.predict(model_source="embedded", pool_size=100_000, api_name="/show_command")
-    from p2d.studio.fields import FIELD_NAMES
+    yaml_text, command = c.predict(model_source="embedded", pool_size=100_000, steps=500, api_name="/show_command")
+    cfg = RunConfig.from_yaml(yaml_text)  # the caps are part of the config a job runs, and of its command
+    assert cfg.pool_size == 400 and cfg.max_steps == 40 and "--max-steps 40" in command
+    from p2d.studio.form import FIELD_NAMES
 
     values = c.predict("pool_size: 100000\nsteps: 10000\nfull_ft: measure\n", api_name="/apply_config")
     form = dict(zip(FIELD_NAMES, values))
-    assert (form["pool_size"], form["steps"], form["full_ft"]) == (400, 40, "estimate")
-    assert "capped" in values[-1]
-    yaml_text, command = c.predict(model_source="embedded", pool_size=400, steps=40, api_name="/show_command")
-    cfg = RunConfig.from_yaml(yaml_text)
-    assert cfg.pool_size == 400 and cfg.steps == 40
+    assert (form["pool_size"], form["max_steps"], form["full_ft"]) == (400, 40, "estimate")
+    assert "Pool size (pool_size) capped at 400" in values[-1]
     merge = c.predict(str(tmp_path / "m"), api_name="/merge")
     assert "disabled in the public demo" in merge
     api = c.view_api(print_info=False, return_format="dict")["named_endpoints"]
-    assert "/load" in api and "/train" in api
+    assert {f"/{n}" for n in ("load", "heads", "select", "preview", "train", "train_status", "stop", "wait_job",
+                              "results", "evaluate", "merge", "upload_pool", "upload_probe", "upload_eval",
+                              "show_command", "save_config", "apply_config")} <= set(api)
+    for name in ("/load", "/heads", "/select", "/train", "/show_command", "/save_config"):
+        params = [p["parameter_name"] for p in api[name]["parameters"]]
+        assert params == list(FIELD_NAMES), name  # the settings, by keyword, all optional
+        assert all(p["parameter_has_default"] for p in api[name]["parameters"]), name
+    assert [p["parameter_name"] for p in api["/preview"]["parameters"]] == ["search", "page"]
+    assert [p["parameter_name"] for p in api["/upload_pool"]["parameters"]] == ["file", "columns"]
     config = served_demo.app.config
     kinds = {comp.get("type") for comp in config["components"]}
     assert "duplicatebutton" in kinds or any(comp.get("props", {}).get("elem_id") == "duplicate-btn"

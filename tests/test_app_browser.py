@@ -51,7 +51,7 @@ def _plotly(page, elem_id: str, timeout: float = 30_000):
     return loc.first
 
 
-def test_walk_tabs_train_and_reload(app_url, tiny_llama_dir, capsys):
+def test_walk_tabs_train_and_reload(app_url, tiny_llama_dir, capsys, tmp_path):
     from playwright.sync_api import expect, sync_playwright
 
     SHOTS.mkdir(parents=True, exist_ok=True)
@@ -123,22 +123,43 @@ def test_walk_tabs_train_and_reload(app_url, tiny_llama_dir, capsys):
             expect(page.locator("#examples-table")).to_contain_text("Answer with")
             page.screenshot(path=str(SHOTS / "5-results.png"), full_page=True)
 
-            # a longer run: live progress (elapsed/remaining), then Stop keeps the adapter
+            # a longer run: live progress (elapsed/remaining) and a loss chart that grows, then Stop keeps
+            # the adapter
             page.get_by_role("tab", name="4 · Train").click()
             _fill(page, "steps", 400)
             page.locator("#train-btn").click()
             expect(page.locator("#train-progress")).to_contain_text("remaining", timeout=60_000)
-            page.wait_for_timeout(1500)
+            steps_drawn = "(document.querySelector('#loss-chart .js-plotly-plot')?.data?.[0]?.x || []).length"
+            page.wait_for_function(f"{steps_drawn} > 0", timeout=30_000)
+            seen = page.evaluate(steps_drawn)
+            page.wait_for_function(f"{steps_drawn} > {seen}", timeout=30_000)
             page.screenshot(path=str(SHOTS / "4-train-live.png"), full_page=True)
             page.locator("#stop-btn").click()
             expect(page.locator("#train-progress")).to_contain_text("Training stopped (adapter kept)", timeout=60_000)
             expect(page.locator("#train-status")).to_contain_text("stopped")
+
+            # "Evaluate now" evaluates the heads of the stopped training, and says so
+            page.get_by_role("tab", name="5 · Results & export").click()
+            page.locator("#results-eval").click()
+            expect(page.locator("#results-status")).to_contain_text("Evaluation done", timeout=90_000)
+            expect(page.locator("#results-summary")).to_contain_text("for a stopped training")
+            page.screenshot(path=str(SHOTS / "5-results-stopped.png"), full_page=True)
 
             # settings: YAML and the equivalent command
             page.locator("#settings-accordion").get_by_text("Settings file & equivalent command").click()
             page.locator("#show-command").click()
             expect(page.locator("#command")).to_contain_text("python -m p2d run", timeout=15_000)
             page.screenshot(path=str(SHOTS / "6-settings.png"), full_page=False)
+
+            # a saved settings file fills the form
+            from p2d.config import RunConfig
+
+            settings = RunConfig(target="dates", pool_size=33, lr=0.004).save(tmp_path / "settings.yaml")
+            with page.expect_file_chooser() as chooser:
+                page.locator("#load-config").click()
+            chooser.value.set_files(str(settings))
+            expect(page.locator("#settings-status")).to_contain_text("settings applied", timeout=15_000)
+            expect(page.locator("#pool-size input")).to_have_value("33")
         finally:
             browser.close()
     assert (SHOTS / "4-train.png").stat().st_size > 10_000

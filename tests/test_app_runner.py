@@ -40,3 +40,38 @@ def test_jobs_run_one_at_a_time_in_order():
     finally:
         runner.close()
     assert order == [0, 1, 2]
+
+
+def test_shared_model_cache_is_the_runs_model_loader(monkeypatch):
+    """Run(model_loader=runner.load_model): one load per model setting, the job's phase says so."""
+    from types import SimpleNamespace
+
+    import p2d.pipeline
+    from p2d.config import RunConfig
+
+    loads, phases, running = [], [], {}
+
+    def fake_loader(config):
+        phases.append(running["job"].phase)
+        loads.append(config.model)
+        return SimpleNamespace(info=lambda: {"model": config.model, "layers": 2})
+
+    monkeypatch.setattr(p2d.pipeline, "_default_loader", fake_loader)
+    runner = Runner(max_models=1)
+    try:
+        cfg = RunConfig(model="org/a", device="cpu")
+
+        def body(job):
+            running["job"] = job
+            job.phase = "scoring heads"
+            first = runner.load_model(cfg)
+            assert job.phase == "scoring heads"  # restored after the load
+            return first is runner.load_model(cfg.replace(lr=0.5))  # same model settings: reused
+
+        job = runner.submit("heads", "ws", body)
+        assert runner.wait(job, timeout=30) and job.status == "done" and job.result is True
+        assert loads == ["org/a"] and phases == ["loading model org/a"]
+        assert runner.model_info(cfg) == {"model": "org/a", "layers": 2}
+        assert runner.model_info(cfg.replace(model="org/b")) is None
+    finally:
+        runner.close()

@@ -1,16 +1,25 @@
 """P2D Studio: the Gradio app over the `p2d` library.
 
-Layout (LlamaBoard-like, kept apart from the library):
+Layout (LlamaBoard-like, kept apart from the library; the app lays out and wires, the library runs):
 
-- ``studio/tabs/*.py``   one module per tab; each ``build()`` returns its named components
-- ``studio/charts.py``   pure Plotly figure builders (no Gradio, testable without a browser)
-- ``studio/runner.py``   background job runner: one job at a time, a visible queue, stop flags,
-                         a job registry so a reloaded page re-attaches to its run
-- ``studio/workspace.py`` per-session workspaces (own run folder, own `p2d.pipeline.Run`)
-- ``studio/fields.py``   the settings form <-> `p2d.config.RunConfig` (the YAML `python -m p2d run
-                         --config` takes)
-- ``studio/actions.py``  what the buttons do (library calls through the runner, rendering)
-- ``studio/app.py``      ``build_app() -> gr.Blocks`` wires it together
+- ``studio/app.py``        ``build_app() -> gr.Blocks``: header, settings accordion and tabs, composed
+- ``studio/context.py``    what each tab's ``build(ctx)`` gets: the services, the shared components and
+                           ``ctx.bind``, the one way an event is wired (named inputs/outputs, one error
+                           handler); re-renders the other tabs when a job ends; the page load
+- ``studio/tabs/*.py``     one module per tab: its layout and its events
+- ``studio/form.py``       the settings inputs (one per `p2d.config.RunConfig` field) <-> RunConfig
+- ``studio/services.py``   `Studio`: runner, workspaces, form -> the RunConfig a job runs, uploads and
+                           downloads (one function each)
+- ``studio/jobs.py``       job bodies: `p2d.pipeline.Run` driven through its public API
+- ``studio/views.py``      a workspace rendered into a tab's output values (dicts by output name)
+- ``studio/charts.py``     pure Plotly figure builders (no Gradio, testable without a browser)
+- ``studio/runner.py``     background job runner: one job at a time, a visible queue, stop flags, a job
+                           registry so a reloaded page re-attaches; the shared model cache
+- ``studio/workspace.py``  per-session workspaces (run folders run-NNN, uploads, downloads)
+- ``studio/limits.py``     local vs public demo mode; the demo caps, applied once to the RunConfig
+- ``studio/options.py``    how the app is served (`python -m p2d studio` flags)
+- ``studio/gpu.py``        ZeroGPU's decorator where the ``spaces`` package exists
+- ``studio/screenshots.py`` regenerates the README's screenshots (``assets/``) from a real run
 """
 
 __all__ = ["build_app"]

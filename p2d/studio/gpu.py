@@ -1,10 +1,10 @@
 """``@gpu(duration=...)``: Hugging Face ZeroGPU's ``spaces.GPU`` when the ``spaces`` package is
 importable, a no-op decorator everywhere else.
 
-Note: ZeroGPU attaches a GPU to a decorated call made from a Gradio request. The studio runs its
-jobs in a background worker thread (so training survives page reloads); on ZeroGPU hardware that
-may not get a GPU. Dedicated GPU hardware (``suggested_hardware`` in README_SPACE.md) or CPU Spaces
-work as everywhere else.
+ZeroGPU lends a GPU only for the duration of a call to a decorated function, and only when that call
+comes from a Gradio request. The studio runs its jobs in a background worker thread (so a training
+survives a page reload), so on ZeroGPU hardware a job may get no GPU and run on the CPU. A Space with
+dedicated GPU hardware, or a CPU Space, runs the jobs as everywhere else.
 """
 
 from __future__ import annotations

@@ -1,17 +1,19 @@
 """Local vs public demo mode (``P2D_DEMO=1``) and what the demo caps.
 
-The demo mode is meant for a public Hugging Face Space: it caps pool size and steps so a visitor's run
-stays short, refuses local filesystem paths (model folders/.gguf files, typed data paths, merged-model
-export), always writes into a per-session run folder, and shows a "Duplicate this Space" button.
+The demo mode is meant for a public Hugging Face Space: it caps sizes and training steps so a
+visitor's run stays short, refuses local filesystem paths (model folders/.gguf files, typed data
+paths, merged-model export), always writes into a per-session run folder, and shows a "Duplicate this
+Space" button. The caps are applied in one place, `Limits.apply`, to the RunConfig a job runs (the
+step cap is RunConfig's own ``max_steps``, so the library enforces it).
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
-from p2d.config import RunConfig
+from p2d.config import RunConfig, label
 from p2d.errors import UserError
 
 
@@ -28,7 +30,6 @@ class Limits:
     max_probe: int | None = None
     max_eval: int | None = None
     max_steps: int | None = None
-    max_epochs: float | None = None
     max_batch: int | None = None
     max_length: int | None = None
 
@@ -36,10 +37,42 @@ class Limits:
     def allow_local_paths(self) -> bool:
         return not self.demo
 
+    def apply(self, config: RunConfig) -> tuple[RunConfig, list[str]]:
+        """``config`` with the caps applied, plus one note per value that was lowered."""
+        if not self.demo:
+            return config, []
+        notes: list[str] = []
+        changes: dict = {}
+
+        def cap(name: str, limit: int | None, unset_means_unlimited: bool = False) -> None:
+            value = getattr(config, name)
+            if limit is None:
+                return
+            if value is None and unset_means_unlimited:
+                changes[name] = limit
+            elif value is not None and value > limit:
+                changes[name] = limit
+                notes.append(f"{label(name)} capped at {limit} in the public demo (asked {value})")
+
+        cap("pool_size", self.max_pool)
+        cap("probe_size", self.max_probe)
+        cap("eval_size", self.max_eval)
+        cap("eval_limit", self.max_eval)
+        cap("batch_size", self.max_batch)
+        cap("max_length", self.max_length)
+        cap("max_steps", self.max_steps, unset_means_unlimited=True)
+        if config.steps is not None and self.max_steps is not None and config.steps > self.max_steps:
+            notes.append(f"{label('steps')}: training stops after {self.max_steps} steps in the public demo "
+                         f"(asked {config.steps})")
+        if config.full_ft != "estimate":
+            changes["full_ft"] = "estimate"
+            notes.append(f"{label('full_ft')}: always estimated in the public demo")
+        changes["trust_remote_code"] = False
+        return config.replace(**changes), notes
+
 
 LOCAL = Limits()
-DEMO = Limits(demo=True, max_pool=400, max_probe=64, max_eval=32, max_steps=40, max_epochs=2.0, max_batch=16,
-              max_length=256)
+DEMO = Limits(demo=True, max_pool=400, max_probe=64, max_eval=32, max_steps=40, max_batch=16, max_length=256)
 
 
 def current_limits(demo: bool | None = None) -> Limits:
@@ -47,36 +80,6 @@ def current_limits(demo: bool | None = None) -> Limits:
     if demo is None:
         demo = env_flag("P2D_DEMO")
     return DEMO if demo else LOCAL
-
-
-def _cap(value, cap, name: str, notes: list[str]):
-    if cap is None or value is None or value <= cap:
-        return value
-    notes.append(f"{name} capped at {cap} in the demo (asked {value})")
-    return cap
-
-
-def apply_caps(config: RunConfig, limits: Limits) -> tuple[RunConfig, list[str]]:
-    """A copy of ``config`` with the demo caps applied, plus one note per value that was lowered."""
-    if not limits.demo:
-        return config, []
-    notes: list[str] = []
-    c = replace(config)
-    c.pool_size = _cap(c.pool_size, limits.max_pool, "pool size", notes)
-    c.probe_size = _cap(c.probe_size, limits.max_probe, "probe size", notes)
-    c.eval_size = _cap(c.eval_size, limits.max_eval, "eval size", notes)
-    if c.steps is None and limits.max_steps is not None:
-        c.epochs = _cap(c.epochs, limits.max_epochs, "epochs", notes)
-    c.steps = _cap(c.steps, limits.max_steps, "steps", notes)
-    c.batch_size = _cap(c.batch_size, limits.max_batch, "batch size", notes)
-    c.max_length = _cap(c.max_length, limits.max_length, "max length", notes)
-    if c.eval_limit is not None:
-        c.eval_limit = _cap(c.eval_limit, limits.max_eval, "eval limit", notes)
-    if c.full_ft != "estimate":
-        notes.append("the full fine-tuning reference is always estimated in the demo")
-        c.full_ft = "estimate"
-    c.trust_remote_code = False
-    return c, notes
 
 
 def looks_like_local_path(spec: str) -> bool:
@@ -92,8 +95,8 @@ def check_paths(config: RunConfig, limits: Limits, upload_dir: Path | None) -> N
     if limits.allow_local_paths:
         return
     if looks_like_local_path(config.model):
-        raise UserError("local model paths are disabled in the public demo: use the embedded default or a hub id "
-                        "(duplicate the Space to use your own files)")
+        raise UserError(f"{label('model')}: local model paths are disabled in the public demo; use the embedded "
+                        "default or a hub id (duplicate the Space to use your own files)")
     for name in ("pool", "probe", "eval"):
         value = getattr(config, name)
         if not value:
@@ -106,5 +109,5 @@ def check_paths(config: RunConfig, limits: Limits, upload_dir: Path | None) -> N
             except (OSError, ValueError):
                 inside = False
         if not inside:
-            raise UserError(f"{name} file {value!r}: typed paths are disabled in the public demo; upload the file "
+            raise UserError(f"{label(name)} {value!r}: typed paths are disabled in the public demo; upload the file "
                             "instead")

@@ -32,6 +32,8 @@ class StudioOptions:
                           "limits unless --trusted)")
     trusted: bool = setting(False, "serve", "Trusted", "with --share: keep the local (unlimited) mode; only for "
                             "links you give to people you trust")
+    config: str | None = setting(None, "serve", "Settings file", "run settings (the YAML the app saves and `python "
+                                 "-m p2d run` takes) to fill the form with")
 
     def __post_init__(self):
         normalize_fields(self)

@@ -10,8 +10,10 @@ job and resumes showing it; other sessions' jobs wait in a FIFO queue and see th
 - ``job.progress(done, total, desc)`` and ``job.should_stop()`` are the library's callbacks.
 - ``stop(job)`` sets the stop flag: a queued job is cancelled, a running one stops after the current
   step (training keeps the adapter).
-- ``model(...)`` loads models through a small cache shared by all sessions (jobs run one at a time
-  and the library restores a model's weights and flags after every step, so sharing is safe).
+- ``load_model(config)`` is the ``model_loader`` every session's `p2d.pipeline.Run` gets: a small
+  cache shared by all sessions (jobs run one at a time and the library restores a model's weights and
+  flags after every step, so sharing is safe). ``model_info(config)`` keeps the facts of every model
+  loaded so far, for the page.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from p2d.errors import UserError, is_out_of_memory
+from p2d.errors import OOM_ADVICE, UserError, is_out_of_memory
 
 ACTIVE = ("queued", "running")
 FINISHED = ("done", "failed", "stopped")
@@ -97,6 +99,8 @@ class Runner:
         self._keep = keep_finished
         self._counter = itertools.count(1)
         self._models: OrderedDict[tuple, Any] = OrderedDict()
+        self._info: dict[tuple, dict] = {}
+        self._model_lock = threading.Lock()
         self._max_models = max(1, max_models)
         self._closed = False
         self._worker = threading.Thread(target=self._loop, name="p2d-studio-runner", daemon=True)
@@ -149,8 +153,7 @@ class Runner:
                 status, error = ("stopped" if job.stop_event.is_set() else "failed"), str(exc)
             except Exception as exc:  # noqa: BLE001 - a bug: keep the worker alive, log the traceback
                 if is_out_of_memory(exc):
-                    status, error = "failed", ("out of memory: lower the batch size or max length, use dtype "
-                                               "bf16 on a GPU, or pick a smaller model")
+                    status, error = "failed", OOM_ADVICE
                     self._release_memory()
                     with self._cond:
                         job.status, job.error, job.finished = status, error, time.time()
@@ -231,8 +234,9 @@ class Runner:
                 self._cond.wait(timeout=min(left, 1.0) if left is not None else 1.0)
         return True
 
-    def describe(self, job: Job | None) -> str:
-        """One line for the page: queue position, phase/progress, or how it ended."""
+    def describe(self, job: Job | None, clock: bool = True) -> str:
+        """One line for the page: queue position, phase/progress, or how it ended (``clock``: with the
+        seconds a running job has run, so the line changes every second)."""
         if job is None:
             return ""
         if job.status == "queued":
@@ -246,7 +250,7 @@ class Runner:
                 what = "step"
             prog = f" {job.done}/{job.total}" if job.total else ""
             stop = " · stopping after the current step…" if job.stop_requested else ""
-            return f"▶ {job.label}: {what}{prog} · {job.elapsed():.0f} s{stop}"
+            return f"▶ {job.label}: {what}{prog}" + (f" · {job.elapsed():.0f} s" if clock else "") + stop
         if job.status == "done":
             return f"✓ {job.label} done in {job.elapsed():.1f} s"
         if job.status == "stopped":
@@ -254,20 +258,37 @@ class Runner:
         return f"✗ {job.label} failed: {job.error}"
 
     # -- models ----------------------------------------------------------------------------------
-    def model(self, spec: str, device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False,
-              quantize: str | None = None):
-        """Load (or reuse) a model; call from inside a job. Keeps at most ``max_models`` loaded."""
-        from p2d.models import load_model
+    @staticmethod
+    def model_key(config) -> tuple:
+        return (str(config.model), config.device, config.dtype, bool(config.trust_remote_code), config.quantize)
 
-        key = (str(spec), str(device), str(dtype), bool(trust_remote_code), quantize or None)
-        if key in self._models:
-            self._models.move_to_end(key)
-            return self._models[key]
-        while len(self._models) >= self._max_models:
-            self._models.popitem(last=False)
-        lm = load_model(spec, device=device, dtype=dtype, trust_remote_code=trust_remote_code, quantize=quantize)
-        self._models[key] = lm
-        return lm
+    def load_model(self, config):
+        """The model of ``config`` (a `p2d.config.RunConfig`), loaded or reused; called by `Run` from
+        inside a job, whose phase says so while it loads. Keeps at most ``max_models`` loaded."""
+        from p2d.pipeline import _default_loader
+
+        key = self.model_key(config)
+        with self._model_lock:
+            if key in self._models:
+                self._models.move_to_end(key)
+                return self._models[key]
+            job = self._current
+            before = job.phase if job is not None else ""
+            if job is not None:
+                job.set_phase(f"loading model {config.model}" + (" (the first use converts the embedded model, "
+                                                                  "~30 s)" if config.model == "default" else ""))
+            while len(self._models) >= self._max_models:
+                self._models.popitem(last=False)
+            lm = _default_loader(config)
+            self._models[key] = lm
+            self._info[key] = lm.info()
+            if job is not None:
+                job.set_phase(before)
+            return lm
+
+    def model_info(self, config) -> dict | None:
+        """Facts (layers, heads, parameters, device, ...) of the model of ``config`` once it was loaded."""
+        return self._info.get(self.model_key(config))
 
     def drop_models(self) -> None:
         self._models.clear()

@@ -1,4 +1,8 @@
-"""Per-session workspaces: each browser session works in its own run folder with its own `Run`.
+"""Per-session workspaces: each browser session works in its own folder with its own `p2d.pipeline.Run`.
+
+A workspace folder holds the session's run folders (``run-001``, ``run-002``, ...: a new one for
+every new model/data setting), its uploads (``uploads/``) and what the app made for download
+(``downloads/``). The app never writes into a run folder itself: the `Run` owns it.
 
 A workspace is found by the Gradio session hash of the request. The page also keeps the workspace
 id in the browser's localStorage (``gr.BrowserState``); after a reload the new session hash is
@@ -7,76 +11,97 @@ mapped back to the same workspace, so charts and a running job come back.
 
 from __future__ import annotations
 
+import json
 import secrets
-import shutil
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-# files a stage writes into the run folder; re-running a stage removes what the later stages wrote
-STAGE_FILES = {
-    "heads": ["heads.json"],
-    "select": ["selected.jsonl", "scores.jsonl", "selection.json"],
-    "train": ["train_log.jsonl", "adapter", "adapter.zip", "full_ft.json", "eval_after.json", "metrics.json"],
-}
+
+class LogTail:
+    """The records of a growing JSONL file (train_log.jsonl), read incrementally: each `read` parses
+    only the bytes added since the last one (a half-written last line waits for the next read)."""
+
+    def __init__(self, path: Path, key=None):
+        self.path, self.key = Path(path), key
+        self.records: list[dict] = []
+        self._offset = 0
+        self._inode = None
+        self._lock = threading.Lock()
+
+    def read(self) -> list[dict]:
+        with self._lock:
+            try:
+                st = self.path.stat()
+            except OSError:
+                self.records, self._offset, self._inode = [], 0, None
+                return self.records
+            if st.st_ino != self._inode or st.st_size < self._offset:  # a new file: start over
+                self.records, self._offset, self._inode = [], 0, st.st_ino
+            if st.st_size > self._offset:
+                with open(self.path, "rb") as f:
+                    f.seek(self._offset)
+                    chunk = f.read()
+                end = chunk.rfind(b"\n") + 1
+                for line in chunk[:end].splitlines():
+                    try:
+                        self.records.append(json.loads(line))
+                    except ValueError:
+                        pass
+                self._offset += end
+                self.records = list(self.records)  # a new list: readers holding the old one keep theirs
+            return self.records
 
 
 @dataclass
 class Workspace:
     id: str
     root: Path
-    run: Any = None                      # p2d.pipeline.Run once loaded
-    loaded: dict | None = None           # the model/data settings the run was loaded with
+    run: Any = None                      # the session's p2d.pipeline.Run (set by a job)
     run_index: int = 0
     job_id: str | None = None            # latest job of this workspace
     created: float = field(default_factory=time.time)
     touched: float = field(default_factory=time.time)
     lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
-    cache: dict = field(default_factory=dict, repr=False)  # derived values (random pick counts, ...)
+    cache: dict = field(default_factory=dict, repr=False)  # derived values (random-pick counts, log tails)
 
     @property
     def upload_dir(self) -> Path:
         return self.root / "uploads"
 
     @property
+    def download_dir(self) -> Path:
+        return self.root / "downloads"
+
+    @property
     def out(self) -> Path | None:
         return Path(self.run.out) if self.run is not None else None
 
-    def new_run_dir(self) -> Path:
-        self.run_index += 1
-        path = self.root / f"run-{self.run_index:03d}"
-        while path.exists():
-            self.run_index += 1
-            path = self.root / f"run-{self.run_index:03d}"
-        return path
+    def next_run_dir(self) -> Path:
+        """The folder the next new run gets (not created)."""
+        i = self.run_index + 1
+        while (self.root / f"run-{i:03d}").exists():
+            i += 1
+        return self.root / f"run-{i:03d}"
 
-    def clear_from(self, stage: str) -> None:
-        """Forget the results of ``stage`` and every later stage (objects and files)."""
-        order = ["heads", "select", "train"]
-        run = self.run
-        if run is None:
-            return
-        for st in order[order.index(stage):]:
-            if st == "heads":
-                run.heads = None
-                run.times.pop("heads", None)
-            elif st == "select":
-                run.selection = None
-                run.times.pop("select", None)
-                self.cache.pop("random_counts", None)
-            else:
-                run.train_result = None
-                run.eval_after = None
-                run.full = None
-                run.times.pop("train", None)
-            for name in STAGE_FILES[st]:
-                p = Path(run.out) / name
-                if p.is_dir():
-                    shutil.rmtree(p, ignore_errors=True)
-                elif p.exists():
-                    p.unlink()
+    def claim_run_dir(self, path: Path) -> None:
+        """Note that ``path`` (from `next_run_dir`) is used now."""
+        name = Path(path).name
+        if Path(path).parent == self.root and name.startswith("run-") and name[4:].isdigit():
+            self.run_index = max(self.run_index, int(name[4:]))
+
+    def log(self) -> list[dict]:
+        """The training log records of the current run (read incrementally; read afresh after each
+        new job, since a new training starts a new log)."""
+        if self.run is None:
+            return []
+        path = self.out / "train_log.jsonl"
+        tail = self.cache.get("log")
+        if tail is None or tail.path != path or tail.key != self.job_id:
+            tail = self.cache["log"] = LogTail(path, self.job_id)
+        return tail.read()
 
 
 class Registry:

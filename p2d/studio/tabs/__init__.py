@@ -1,3 +1,3 @@
-"""One module per tab. Each ``build(limits)`` lays out its tab inside the current Blocks context and
-returns its components as a ``SimpleNamespace`` (settings inputs use the names in
-`p2d.studio.fields.FIELD_NAMES`)."""
+"""One module per tab. Each ``build(ctx)`` lays out its tab inside the current Blocks context, places
+the settings inputs it shows (``ctx.form``), binds its own events through ``ctx.bind`` and returns its
+components as a ``SimpleNamespace``."""

@@ -1,4 +1,4 @@
-"""Tab 2 - Heads: scoring method and ratio; heatmap of head scores, heads per layer, the list."""
+"""Tab 2 - Heads: scoring method and share; heatmap of head scores, heads per layer, the list (``/heads``)."""
 
 from __future__ import annotations
 
@@ -6,10 +6,9 @@ from types import SimpleNamespace
 
 import gradio as gr
 
-from p2d.config import RunConfig
-from p2d.heads import DEFAULT_HEAD_METHOD, HEAD_METHODS
+from p2d.heads import HEAD_METHODS
 
-from ..limits import Limits
+from .. import jobs
 
 METHOD_HELP = {
     "gradient": "gradient: |dL/dgate| of a gate on each head, probe set contrasted with the pool (no weight update)",
@@ -18,19 +17,16 @@ METHOD_HELP = {
 }
 
 
-def build(limits: Limits) -> SimpleNamespace:
-    d = RunConfig()
-    c = SimpleNamespace()
+def build(ctx) -> SimpleNamespace:
+    f, c = ctx.form, SimpleNamespace()
     gr.Markdown("Stage 1 finds the attention heads that are most specific to the target task. "
-                + " · ".join(METHOD_HELP[m] for m in HEAD_METHODS))
+                + " · ".join(METHOD_HELP.get(m, m) for m in HEAD_METHODS))
     with gr.Row(equal_height=True):
-        c.head_method = gr.Dropdown(list(HEAD_METHODS), value=DEFAULT_HEAD_METHOD, label="Scoring method",
-                                    elem_id="head-method")
-        c.head_ratio = gr.Slider(0.01, 1.0, value=d.head_ratio, step=0.01, label="Share of heads to select",
-                                 info="0.1 = the top 10% of all query heads")
+        f["head_method"].render()
+        f["head_ratio"].render()
         c.run_btn = gr.Button("Find heads", variant="primary", elem_id="heads-btn", scale=0, min_width=160)
     c.status = gr.Markdown(elem_id="heads-status")
-    c.info = gr.Markdown()
+    c.info = gr.Markdown(elem_id="heads-info")
     c.heatmap = gr.Plot(label="Head scores", elem_id="heads-heatmap")
     with gr.Row(equal_height=False):
         with gr.Column(scale=3):
@@ -38,4 +34,13 @@ def build(limits: Limits) -> SimpleNamespace:
         with gr.Column(scale=2):
             c.table = gr.Dataframe(label="Selected heads (best first)", interactive=False, max_height=300,
                                    elem_id="heads-table")
+    view = {"info": c.info, "heatmap": c.heatmap, "per_layer": c.per_layer, "table": c.table}
+    ctx.register_view("heads", view)
+
+    def find_heads(request, settings):
+        """Score the heads (loading first if needed); a new share only re-cuts the existing scores."""
+        yield from ctx.run_job(request, "heads", "Head scoring", jobs.stage, "heads", settings, name="heads")
+
+    ctx.bind(c.run_btn.click, find_heads, settings=True, outputs={"status": c.status, **view, "job_end": ctx.job_end},
+             status="status", api_name="heads", concurrency_limit=None, show_progress="hidden")
     return c

@@ -1,38 +1,48 @@
-"""Tab 4 - Train: steps/epochs, learning rate, batch size, projections; start/stop, live charts."""
+"""Tab 4 - Train: training, evaluation and cost settings; start/stop, live progress, loss and AER charts
+(``/train``, ``/train_status``, ``/stop``, ``/wait_job``).
+
+Start returns at once; the page then polls once a second (``/train_status``) and sends only what
+changed since its last poll: the loss chart only when new log lines arrived (the log is read
+incrementally), the AER chart when a stage ended and every few seconds while training. Redrawing a
+chart is what costs the browser most (measured with bench/studio_load.py).
+"""
 
 from __future__ import annotations
 
+import time
 from types import SimpleNamespace
 
 import gradio as gr
 
-from p2d.adapter import PROJECTIONS
-from p2d.config import RunConfig
+from .. import jobs, views
 
-from ..limits import Limits
+AER_EVERY = 5.0  # seconds between AER chart redraws during training (a redraw costs the browser more than a step)
 
 
-def build(limits: Limits) -> SimpleNamespace:
-    d = RunConfig()
-    c = SimpleNamespace()
+def build(ctx) -> SimpleNamespace:
+    f, c, st = ctx.form, SimpleNamespace(), ctx.studio
     gr.Markdown("Stage 3 trains only the selected heads (their q/k/v/o slices); everything else stays frozen. "
-                "**Start** runs any stage not done yet, evaluates before and after, and times a few full "
-                "fine-tuning steps as the AER reference." + (f" Demo limit: {limits.max_steps} steps."
-                                                             if limits.max_steps else ""))
+                "**Start training** runs any earlier stage not done yet, evaluates the base model, times full "
+                "fine-tuning of the whole pool (the AER reference), trains, and evaluates the trained heads."
+                + (f" Public demo: at most {ctx.limits.max_steps} steps." if ctx.limits.max_steps else ""))
     with gr.Row():
-        c.steps = gr.Number(min(d.steps or 0, limits.max_steps or 10**9), label="Steps (0 = from epochs)",
-                            precision=0, minimum=0, maximum=limits.max_steps, elem_id="steps")
-        c.epochs = gr.Number(d.epochs, label="Epochs (when steps is 0)", minimum=0)
-        c.lr = gr.Number(d.lr, label="Learning rate", minimum=0)
-        c.batch_size = gr.Number(d.batch_size, label="Batch size", elem_id="batch-size", precision=0, minimum=1, maximum=limits.max_batch)
-        c.projections = gr.CheckboxGroup(list(PROJECTIONS), value=list(d.projections), label="Projections to train")
-    with gr.Accordion("Evaluation and cost reference", open=False):
+        for name in ("epochs", "steps", "lr", "batch_size"):
+            f[name].render()
+    f["projections"].render()
+    with gr.Accordion("More training settings", open=False, elem_id="train-more"):
         with gr.Row():
-            c.eval_limit = gr.Number(0, label="Evaluate on at most (0 = whole eval set)", precision=0, minimum=0)
-            c.max_new_tokens = gr.Number(0, label="Max new tokens (0 = from gold answers)", precision=0, minimum=0)
-            c.full_ft = gr.Radio([("estimate (time a few steps)", "estimate"), ("measure (run it all; slow)", "measure")],
-                                 value="estimate", label="Full fine-tuning reference for AER",
-                                 interactive=not limits.demo)
+            for name in ("grad_accum", "warmup_ratio", "weight_decay", "max_grad_norm"):
+                f[name].render()
+        with gr.Row():
+            f["max_steps"].render()
+            f["checkpoint_every"].render()
+    with gr.Accordion("Evaluation and the cost reference (AER)", open=False, elem_id="train-cost"):
+        with gr.Row():
+            f["eval_limit"].render()
+            f["max_new_tokens"].render()
+        with gr.Row():
+            f["reference_epochs"].render()
+            f["full_ft"].render()
     with gr.Row():
         c.start_btn = gr.Button("Start training", variant="primary", elem_id="train-btn")
         c.stop_btn = gr.Button("Stop", variant="stop", elem_id="stop-btn")
@@ -41,5 +51,85 @@ def build(limits: Limits) -> SimpleNamespace:
     with gr.Row(equal_height=False):
         c.loss = gr.Plot(label="Loss", elem_id="loss-chart")
         c.aer = gr.Plot(label="AER", elem_id="aer-chart")
-    c.timer = gr.Timer(1.0, active=False)
+    view = {"status": c.status, "progress": c.progress, "loss": c.loss, "aer": c.aer}
+    ctx.register_view("train", view)
+
+    def train(request, settings):
+        """Start training (returns at once; follow it with /train_status or /wait_job)."""
+        ws = st.workspace(request)
+        cfg, notes = st.run_config(settings, ws)
+        job = st.submit(ws, "train", jobs.train(st, ws, cfg), "Training")
+        return {"status": views.job_line(st, job, notes), "timer": gr.Timer(active=True),
+                "progress": views.train_progress(st, ws, job, []), "banner": views.banner(st, ws)}
+
+    ctx.bind(c.start_btn.click, train, settings=True,
+             outputs={"status": c.status, "timer": ctx.timer, "progress": c.progress, "banner": ctx.banner},
+             status="status", api_name="train", concurrency_limit=None)
+
+    def train_status(request, poll):
+        """What changed since the last poll: banner, status, progress bar, loss and AER charts."""
+        ws = st.workspace(request)
+        job = st.current_job(ws)
+        job_id = job.id if job is not None else None
+        poll = dict(poll or {})
+        sent = dict(poll.get("sent") or {}) if poll.get("job") == job_id else {}
+        out: dict = {}
+
+        def offer(name, key, make=None):
+            """Send ``name`` only when its key (the value itself, or what it is made from) changed."""
+            if sent.get(name) != key:
+                sent[name] = key
+                out[name] = make() if make is not None else key
+
+        records = ws.log()
+        run = ws.run
+        active = job is not None and job.active
+        offer("banner", views.banner(st, ws))
+        offer("status", views.job_line(st, job, clock=False))  # the progress bar has the clock
+        offer("progress", views.train_progress(st, ws, job, records))
+        offer("loss", [len(records), views.planned_steps(run)], lambda: views.loss_figure(ws, records))
+        # the AER chart: when a stage ended or started, and at most every AER_EVERY seconds as steps arrive
+        stage_key = [job.status if job else None, job.phase if job else None,
+                     run is not None and run.full is not None, run is not None and run.train_result is not None]
+        if sent.get("aer") != stage_key or (sent.get("aer_steps") != len(records)
+                                            and time.time() - sent.get("aer_at", 0) >= AER_EVERY):
+            sent.update(aer=stage_key, aer_steps=len(records), aer_at=time.time())
+            out["aer"] = views.aer_figure(st, ws, job, records)
+        offer("timer", active, lambda: gr.Timer(active=active))
+        if job is not None and not active and poll.get("ended") != job_id:
+            poll["ended"] = job_id
+            out["job_end"] = {"job": job_id, "rendered": "train"}
+            if job.status == "failed":
+                gr.Warning(job.error or "failed")
+        out["poll"] = {**poll, "job": job_id, "sent": sent}
+        return out
+
+    ctx.bind(ctx.timer.tick, train_status, inputs={"poll": ctx.poll_state},
+             outputs={"banner": ctx.banner, "status": c.status, "progress": c.progress, "loss": c.loss, "aer": c.aer,
+                      "timer": ctx.timer, "poll": ctx.poll_state, "job_end": ctx.job_end},
+             api_name="train_status", show_progress="hidden", concurrency_limit=None)
+
+    def stop(request):
+        """Stop this session's job (a queued one is cancelled; training keeps the heads trained so far)."""
+        ws = st.workspace(request)
+        job = st.current_job(ws)
+        if st.runner.stop(job):
+            msg = (f"■ Stop requested: {job.label} ends after the current step"
+                   + (" (the heads trained so far are kept)" if job.kind == "train" else ""))
+        else:
+            msg = "Nothing is running in this session."
+        return {"status": msg, "banner": views.banner(st, ws)}
+
+    ctx.bind(c.stop_btn.click, stop, outputs={"status": c.status, "banner": ctx.banner}, status="status",
+             api_name="stop", concurrency_limit=None)
+
+    def wait_job(timeout: float = 600.0, request: gr.Request = None) -> dict:
+        """Block until this session's job has ended (or ``timeout`` seconds); its summary."""
+        ws = st.workspace(request)
+        job = st.current_job(ws)
+        if job is not None:
+            st.runner.wait(job, timeout=float(timeout))
+        return views.job_summary(st, ws)
+
+    gr.api(wait_job, api_name="wait_job", concurrency_limit=None)
     return c

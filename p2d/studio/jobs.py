@@ -1,0 +1,163 @@
+"""Job bodies: what the runner executes for each button (``make(...)`` returns ``body(job)``).
+
+They drive `p2d.pipeline.Run` through its public API only: ``Run(...)``/``Run.open``, ``reconfigure``,
+``reset_from``, ``run(stages)``, ``execute(stage, on_partial=True)``, ``require_loaded`` and the result
+properties. The Run decides what to compute, reuse, re-cut or drop, and owns every file of its run
+folder; the model comes through the runner's shared cache (``model_loader``). A stage that was
+stopped ends ``partial`` in the Run and the job ``stopped``; the next press runs that stage again.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from p2d.config import RunConfig
+from p2d.errors import UserError
+from p2d.pipeline import CONFIG_FILE, LABELS, Run, upstream_closure
+
+from .gpu import gpu
+from .runner import Job
+
+#: what the Train button runs (the reference before training, so the AER chart is live)
+TRAIN_STAGES = ["eval_before", "reference", "train", "eval_after"]
+
+
+# ZeroGPU attaches a GPU to calls of functions decorated at import time; elsewhere these are plain calls.
+@gpu(duration=120)
+def _run_short(run: Run, stages: list[str]):
+    return run.run(stages)
+
+
+@gpu(duration=300)
+def _run_long(run: Run, stages: list[str]):
+    return run.run(stages)
+
+
+@gpu(duration=120)
+def _execute(run: Run, stage: str):
+    return run.execute(stage, on_partial=True)
+
+
+def session_run(studio, ws, cfg: RunConfig, job: Job) -> Run:
+    """The workspace's Run for ``cfg`` (whose ``out`` is already decided, see `Studio.run_config`): the
+    current Run reconfigured when model, data and folder are the same, else a Run in ``cfg.out`` (a
+    new ``run-NNN`` folder, or a folder typed in the form, reopened if it holds a run)."""
+    run = ws.run
+    if run is not None and Path(cfg.out) == run.out and \
+            run.config.stage_settings("load") == cfg.stage_settings("load"):
+        run.reconfigure(cfg)
+    else:
+        out = Path(cfg.out)
+        loader = studio.runner.load_model
+        if (out / CONFIG_FILE).is_file():
+            run = Run.open(out, config=cfg, model_loader=loader)
+        else:
+            run = Run(cfg, model_loader=loader)
+        with ws.lock:
+            ws.claim_run_dir(out)
+            ws.run = run
+    follow(job, run)
+    return run
+
+
+def follow(job: Job, run: Run, stages=None) -> None:
+    """Bind the job's progress and stop flag to ``run``; with ``stages``, the job's phase names the
+    stage being computed (found when the library's progress description changes)."""
+    if stages is None:
+        run.bind(job.progress, job.should_stop)
+        return
+    plan = [s for s in upstream_closure(stages) if not run.is_done(s)]
+    last = {"desc": None}
+
+    def progress(done: int, total: int, desc: str) -> None:
+        if desc != last["desc"]:
+            last["desc"] = desc
+            current = next((s for s in plan if not run.is_done(s) and s not in run.stages_partial), None)
+            if current is not None:
+                job.phase = LABELS[current]
+        job.progress(done, total, desc)
+
+    job.phase = LABELS[plan[0]] if plan else ""
+    job.info["plan"] = plan
+    run.bind(progress, job.should_stop)
+
+
+def _settled(run: Run, stage: str) -> str:
+    """How ``stage`` ended: done, partial (stopped part-way) or not run (stopped before it)."""
+    return "done" if run.is_done(stage) else ("partial" if stage in run.stages_partial else "not run")
+
+
+def load(studio, ws, cfg: RunConfig):
+    def body(job: Job):
+        run = session_run(studio, ws, cfg, job)
+        follow(job, run, ["load"])
+        run.run(["load"])
+        run.require_loaded()  # a reopened or reconfigured run: the model and data in memory for the page
+        return _settled(run, "load")
+    return body
+
+
+def stage(studio, ws, cfg: RunConfig, name: str):
+    """Heads or Select: switch to the form's settings, then compute ``name`` (and whatever it needs)
+    unless the Run already has it (a new share of heads or data only re-cuts the scores)."""
+    def body(job: Job):
+        run = session_run(studio, ws, cfg, job)
+        follow(job, run, [name])
+        _run_short(run, [name])
+        if not job.should_stop():
+            run.require_loaded()  # a reopened run with nothing left to compute: its data for the page
+        return _settled(run, name)
+    return body
+
+
+def train(studio, ws, cfg: RunConfig):
+    """Train: always a fresh training (and evaluation after it); heads, selection, the evaluation
+    before and the AER reference are computed only when missing or out of date."""
+    def body(job: Job):
+        run = session_run(studio, ws, cfg, job)
+        run.reset_from("train")
+        follow(job, run, TRAIN_STAGES)
+        _run_long(run, TRAIN_STAGES)
+        return _settled(run, "train")
+    return body
+
+
+def evaluate(studio, ws):
+    """Evaluate now: the base model when its result is missing, and the trained heads - also those
+    of a stopped training (the result is marked partial, as the training is)."""
+    def body(job: Job):
+        run = ws.run
+        if run is None:
+            raise UserError("nothing loaded yet: press Load on the Model & data tab first")
+        follow(job, run, ["eval_before"])
+        _run_short(run, ["eval_before"])
+        if job.should_stop():
+            return None
+        if run.eval_before is None and run.is_done("eval_before"):
+            raise UserError("this run has no eval set: add an eval file, or an eval size above 0, on the Model & "
+                            "data tab")
+        if run.train_result is None:
+            return "before only"
+        if run.is_done("train"):
+            follow(job, run, ["eval_after"])
+            _run_short(run, ["eval_after"])
+            return "after"
+        job.phase = LABELS["eval_after"] + " (of the stopped training)"
+        follow(job, run)
+        _execute(run, "eval_after")
+        return "after (stopped training)"
+    return body
+
+
+def merge(studio, ws, folder: str):
+    from p2d.adapter import merge_and_save
+
+    def body(job: Job):
+        run = ws.run
+        trained = run.train_result if run is not None else None
+        if trained is None:
+            raise UserError("no trained heads yet: train on the Train tab first")
+        job.set_phase("merging the trained heads into the model and saving it")
+        lm = studio.runner.load_model(run.config)
+        return str(merge_and_save(lm, trained.adapter_dir, Path(folder).expanduser()))
+    return body
