@@ -101,6 +101,8 @@ def test_data_train_and_result_charts():
     assert list(mix.data[0].y) == [80.0, 20.0] and list(mix.data[1].y) == [100.0, 0.0]
     log = [{"step": i, "loss": 2.0 / i} for i in range(1, 6)]
     loss = charts.loss_chart(log, planned_steps=10)
+    with_val = charts.loss_chart(log + [{"step": 6, "loss": 1.0, "val_loss": 1.2}], planned_steps=10)
+    assert [tr.name for tr in with_val.data][-1] == "validation" and "validation" not in [tr.name for tr in loss.data]
     assert [t.name for t in loss.data] == ["loss", "smoothed"]
     assert list(loss.data[0].y) == [r["loss"] for r in log] and len(loss.data[1].y) == 5
     assert charts.smooth([1.0, 1.0, 1.0]) == pytest.approx([1.0, 1.0, 1.0])

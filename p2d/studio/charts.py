@@ -203,6 +203,11 @@ def loss_chart(records: Sequence[dict], planned_steps: int | None = None, beta: 
     fig.add_trace(go.Scatter(x=steps, y=smooth(losses, beta), mode="lines", name="smoothed",
                              line=dict(color=COLORS["smooth"], width=3),
                              hovertemplate="step %{x}<br>smoothed %{y:.4f}<extra></extra>"))
+    val = [(int(r["step"]), float(r["val_loss"])) for r in records if "step" in r and _finite(r.get("val_loss"))]
+    if val:
+        fig.add_trace(go.Scatter(x=[s for s, _ in val], y=[v for _, v in val], mode="lines+markers",
+                                 name="validation", line=dict(color=COLORS.get("val", "#f59e0b"), width=2, dash="dot"),
+                                 marker=dict(size=7), hovertemplate="step %{x}<br>validation %{y:.4f}<extra></extra>"))
     last = max(planned_steps or 0, steps[-1])
     if planned_steps:
         fig.update_xaxes(range=[0.5, last + 0.5])

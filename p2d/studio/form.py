@@ -37,7 +37,7 @@ FIELD_NAMES: tuple[str, ...] = (
     "eval_limit", "max_new_tokens", "full_ft",
     "out",
     "max_steps", "grad_accum", "warmup_ratio", "weight_decay", "max_grad_norm", "checkpoint_every",
-    "reference_epochs",
+    "reference_epochs", "scheduler", "gradient_checkpointing", "val_ratio", "val_every", "report_to",
 )
 FORM_ONLY = ("model_source", "model_name", "data_source", "pool_path", "probe_path", "eval_path")
 #: RunConfig fields the form sets directly (under their own name)
@@ -191,6 +191,13 @@ def build_inputs(limits: Limits, initial: dict) -> dict:
         "weight_decay": number("weight_decay", integer=False, step=0.01),
         "max_grad_norm": number("max_grad_norm", integer=False, step=0.1),
         "checkpoint_every": number("checkpoint_every", "0 = never"),
+        "scheduler": dropdown("scheduler"),
+        "gradient_checkpointing": gr.Checkbox(v["gradient_checkpointing"], label=_label("gradient_checkpointing"),
+                                              info=_help("gradient_checkpointing"), elem_id="gradient-checkpointing",
+                                              **num),
+        "val_ratio": number("val_ratio", "0 = none", integer=False, step=0.05),
+        "val_every": number("val_every", "0 = ten times per run"),
+        "report_to": dropdown("report_to"),
         "projections": gr.CheckboxGroup(list(choices_of(config_field("projections"))), value=v["projections"],
                                         label=_label("projections"), info=_help("projections"),
                                         elem_id="projections", **num),

@@ -34,8 +34,14 @@ def build(ctx) -> SimpleNamespace:
             for name in ("grad_accum", "warmup_ratio", "weight_decay", "max_grad_norm"):
                 f[name].render()
         with gr.Row():
+            f["scheduler"].render()
             f["max_steps"].render()
             f["checkpoint_every"].render()
+            f["gradient_checkpointing"].render()
+        with gr.Row():
+            f["val_ratio"].render()
+            f["val_every"].render()
+            f["report_to"].render()
     with gr.Accordion("Evaluation and the cost reference (AER)", open=False, elem_id="train-cost"):
         with gr.Row():
             f["eval_limit"].render()
