@@ -51,6 +51,15 @@ def test_bench_runs_every_cell_and_resumes(tiny_llama_dir, tmp_path):
     again = run_bench(cfg)
     assert again["time_s"] < res["time_s"]
     assert all(p.stat().st_mtime_ns == stamps[p] for p in units)
+    # another head method reruns what depends on the heads, and only that
+    seed0 = tmp_path / "bench" / "units" / "addition" / "seed0"
+    run_bench(_cfg(tiny_llama_dir, tmp_path / "bench", head_method="gradient", seeds=1))
+    for unit in ("cell-full-pool", "cell-lora-random", "cell-full-random", "base", "heads_random"):
+        assert (seed0 / f"{unit}.json").stat().st_mtime_ns == stamps[seed0 / f"{unit}.json"], unit
+    for unit in ("cell-p2d", "heads_p2d", "select_p2d", "cell-heads-random"):
+        assert (seed0 / f"{unit}.json").stat().st_mtime_ns != stamps[seed0 / f"{unit}.json"], unit
+    redone = json.loads((tmp_path / "bench" / "results.json").read_text())["targets"]["addition"]["seeds"]
+    assert len(redone) == 1 and set(redone[0]["cells"]) == set(CELLS)
 
 
 def test_bench_config_quick_and_errors():

@@ -16,6 +16,7 @@ import gc
 import math
 import random
 import threading
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -125,6 +126,7 @@ class CellResult:
     peak_mem_mb: float | None
     final_loss: float | None
     curve: list[dict] = field(default_factory=list)  # [{"step", "train_s", "accuracy", "contains"}]
+    curve_cpu_s: float = 0.0  # CPU seconds spent evaluating the curve (not training)
 
 
 @contextmanager
@@ -169,10 +171,14 @@ def trained(kind: str, base: LoadedModel, samples: list[Sample], tc: TrainConfig
         curve: list[dict] = []
         last = {"elapsed_s": 0.0}
 
+        paused = [0.0]
+
         def between(step):
             if step in curve_steps and curve_eval is not None:
+                cpu0 = time.process_time()
                 with torch.no_grad():
                     res = curve_eval(lm)
+                paused[0] += time.process_time() - cpu0
                 curve.append({"step": step, "train_s": last["elapsed_s"], "accuracy": res.accuracy,
                               "contains": res.contains, "loss": res.loss})
 
@@ -180,7 +186,7 @@ def trained(kind: str, base: LoadedModel, samples: list[Sample], tc: TrainConfig
             loop = train_loop(model, params, encoded, tc, out / "train_log.jsonl", pad, lm.device,
                               progress=progress, on_log=lambda r: last.update(r), between_steps=between)
         yield lm, CellResult(loop.time_s, loop.steps_done, sum(p.numel() for p in params), loop.state_bytes,
-                             mem.peak_mb, loop.final_loss, curve)
+                             mem.peak_mb, loop.final_loss, curve, paused[0])
     finally:
         lm = None  # drop the trained copy before the next cell loads its own
         gc.collect()

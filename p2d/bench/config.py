@@ -82,6 +82,8 @@ class BenchConfig:
     parts: list[str] = setting(None, "output", "Parts", "what to run", choices=PARTS, factory=lambda: list(PARTS))
     quick: bool = setting(False, "output", "Quick", "smoke size: 1 target, 1 seed, small pool, no sweep (< 15 min on "
                           "2 CPU cores)")
+    threads: int = setting(0, "output", "Threads", "torch CPU threads (0: torch's default); with 1 the CPU seconds "
+                           "of each unit are robust to other load on the machine", minimum=0)
     max_minutes: float | None = setting(None, "output", "Time limit", "start no new unit after this many minutes; "
                                         "the report covers what finished (rerun to continue)", above=0.0)
     out: str = setting("runs/bench", "output", "Output folder", "results and finished units (rerun to resume)")

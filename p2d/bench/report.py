@@ -21,11 +21,6 @@ from .config import CELLS
 BUDGET_BASELINES = ("full-random", "lora-random", "heads-random")
 
 
-def _unit(root: Path, target: str, seed: int, name: str):
-    d = read_json(root / target / f"seed{seed}" / f"{name}.json")
-    return d["result"] if d else None
-
-
 def _stat(values) -> dict | None:
     vals = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
     if not vals:
@@ -39,20 +34,22 @@ def _cost(cell: str, res: dict, heads_s: float, select_s: float, rh_select_s: fl
     return res["train_s"] + extra
 
 
-def collect(root: Path, cfg, machine: dict, model: dict, lrs: dict) -> dict:
+def collect(bench, machine: dict, model: dict) -> dict:
+    """Every finished unit of ``bench`` (a `p2d.bench.runner.Bench`) that matches its settings."""
+    cfg, root = bench.cfg, bench.out / "units"
     targets = ["custom"] if cfg.custom_data else cfg.targets
-    out = {"config": asdict(cfg), "machine": machine, "model": model, "learning_rates": lrs,
+    out = {"config": asdict(cfg), "machine": machine, "model": model, "learning_rates": bench.lrs or {},
            "sweep": {k: (read_json(root / "sweep" / f"{k}.json") or {}).get("result") for k in ("heads", "lora", "full")},
            "targets": {}}
     for target in targets:
         per_seed = []
         for seed in cfg.seed_list:
-            base = _unit(root, target, seed, "base")
-            hp = _unit(root, target, seed, "heads_p2d") or {}
-            sp = _unit(root, target, seed, "select_p2d") or {}
-            sr = _unit(root, target, seed, "select_random_heads") or {}
-            draws = (_unit(root, target, seed, "random_head_draws") or {}).get("draws", [])
-            cells = {name: _unit(root, target, seed, f"cell-{name}") for name in CELLS}
+            base = bench.result(target, seed, "base")
+            hp = bench.result(target, seed, "heads_p2d") or {}
+            sp = bench.result(target, seed, "select_p2d") or {}
+            sr = bench.result(target, seed, "select_random_heads") or {}
+            draws = (bench.result(target, seed, "random_head_draws") or {}).get("draws", [])
+            cells = {name: bench.result(target, seed, f"cell-{name}") for name in CELLS}
             cells = {k: v for k, v in cells.items() if v}
             ref = cells.get("full-pool")
             row = {"seed": seed, "base": base, "heads_s": hp.get("time_s"), "select_s": sp.get("time_s"),
@@ -66,6 +63,10 @@ def collect(root: Path, cfg, machine: dict, model: dict, lrs: dict) -> dict:
                      "trainable_params": res["trainable_params"], "optimizer_state_bytes": res["optimizer_state_bytes"],
                      "peak_mem_mb": res.get("peak_mem_mb"), "lr": res.get("lr"),
                      "aer": cost / ref["train_s"] if ref else None}
+                if ref and ref.get("cpu_s") and res.get("cpu_s") is not None:
+                    extra_cpu = _cost(name, {"train_s": 0.0}, hp.get("cpu_s") or 0.0, sp.get("cpu_s") or 0.0,
+                                      sr.get("cpu_s") or 0.0)
+                    c["aer_cpu"] = (res["cpu_s"] + extra_cpu) / ref["cpu_s"]
                 if base and base.get("other_accuracy") is not None and res.get("other_accuracy") is not None:
                     c["forgetting"] = res["other_accuracy"] - base["other_accuracy"]
                 if name == "p2d" and ref:
@@ -75,7 +76,7 @@ def collect(root: Path, cfg, machine: dict, model: dict, lrs: dict) -> dict:
                 row["cells"][name] = c
             if ref:
                 row["reference_curve"] = ref.get("curve")
-            row["target_rows"] = (_unit(root, target, seed, "target_rows") or {}).get("points")
+            row["target_rows"] = (bench.result(target, seed, "target_rows") or {}).get("points")
             per_seed.append(row)
         out["targets"][target] = {"seeds": per_seed, "summary": _summarise(per_seed)}
     out["summary"] = {t: v["summary"].get("headline") for t, v in out["targets"].items()}
@@ -90,7 +91,7 @@ def _summarise(rows: list[dict]) -> dict:
     for c in cells:
         vals = [r["cells"][c] for r in rows if c in r["cells"]]
         s["cells"][c] = {k: _stat(v.get(k) for v in vals) for k in
-                         ("accuracy", "contains", "loss", "forgetting", "aer", "cost_s", "train_s",
+                         ("accuracy", "contains", "loss", "forgetting", "aer", "aer_cpu", "cost_s", "train_s",
                           "trainable_params", "optimizer_state_bytes", "peak_mem_mb", "aer_at_equal_accuracy")}
     s["base_accuracy"] = _stat((r["base"] or {}).get("accuracy") for r in rows)
     s["p2d_precision"] = _stat(r["p2d_selection"].get("precision") for r in rows)
@@ -114,7 +115,7 @@ def _summarise(rows: list[dict]) -> dict:
     s["headline"] = {
         "p2d_accuracy": p2d.get("accuracy"), "base_accuracy": s["base_accuracy"],
         "p2d_minus_best_budget_baseline_pp": _scale(s["p2d_minus_best_budget_baseline"], 100),
-        "p2d_aer": p2d.get("aer"), "p2d_speedup": _inv(p2d.get("aer")),
+        "p2d_aer": p2d.get("aer"), "p2d_speedup": _inv(p2d.get("aer")), "p2d_aer_cpu": p2d.get("aer_cpu"),
         "p2d_aer_at_equal_accuracy": p2d.get("aer_at_equal_accuracy"),
         "p2d_precision": s["p2d_precision"], "random_heads_precision": s["random_heads_precision"],
         "pool_share": s["pool_share"],
@@ -166,13 +167,14 @@ def markdown(results: dict) -> str:
                   f"{_fmt(s['p2d_precision'], pct=True)}% target rows (AUROC {_fmt(s['p2d_auroc'])}); data picked "
                   f"by random heads {_fmt(s['random_heads_precision'], pct=True)}%; the pool "
                   f"{_fmt(s['pool_share'], pct=True)}%.", "",
-                  "| cell | exact match % | contains % | answer loss | forgetting (pp) | AER | trainable params | "
-                  "optimizer state MB | peak mem MB |", "|---|---|---|---|---|---|---|---|---|"]
+                  "| cell | exact match % | contains % | answer loss | forgetting (pp) | AER (wall) | AER (CPU time) | "
+                  "trainable params | optimizer state MB | peak mem MB |", "|---|---|---|---|---|---|---|---|---|---|"]
         for c, st in s["cells"].items():
             opt = st["optimizer_state_bytes"]
             opt_mb = "–" if opt is None else f"{opt['mean'] / 2 ** 20:,.1f}"
             lines.append(f"| {CELLS[c][2]} | {_fmt(st['accuracy'], pct=True)} | {_fmt(st['contains'], pct=True)} | "
                          f"{_fmt(st['loss'])} | {_fmt(st['forgetting'], pct=True)} | {_fmt(st['aer'])} | "
+                         f"{_fmt(st['aer_cpu'])} | "
                          f"{_fmt_int(st['trainable_params'])} | "
                          f"{opt_mb} | {_fmt(st['peak_mem_mb'])} |")
         d = s["p2d_minus"]
