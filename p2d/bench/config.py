@@ -20,7 +20,7 @@ CELLS = {
     "p2d": ("heads", "p2d", "P2D heads / P2D data (P2D)"),
 }
 PARTS = ("sweep", "cells", "target_rows", "components")
-SMALL_TARGETS = ("addition", "capitals", "chat")
+DEFAULT_TARGETS = ("addition", "capitals")  # a numeric and a word answer (exact match is meaningful)
 
 
 @dataclass
@@ -42,14 +42,14 @@ class BenchConfig:
     target_label: str | None = setting(None, "data", "Target label", "your files: the pool's task label of the target "
                                        "rows (gives selection precision and AUROC)")
     targets: list[str] = setting(None, "data", "Targets", "built-in targets, each benchmarked on its own pool",
-                                 factory=lambda: list(SMALL_TARGETS))
+                                 factory=lambda: list(DEFAULT_TARGETS))
     seeds: int = setting(3, "data", "Seeds", "seeds per target (pool, training order, random controls)", minimum=1)
     first_seed: int = setting(0, "data", "First seed", "seeds are first_seed, first_seed+1, ...", minimum=0)
-    pool_size: int = setting(600, "data", "Pool size", "built-in pool rows (10% target)", minimum=20)
+    pool_size: int = setting(400, "data", "Pool size", "built-in pool rows (10% target)", minimum=20)
     probe_size: int = setting(64, "data", "Probe size", "target rows used to find heads and to sweep learning rates",
                               minimum=4)
-    eval_size: int = setting(60, "data", "Eval size", "target rows the accuracy is measured on", minimum=4)
-    other_eval_size: int = setting(10, "data", "Forgetting rows", "held-out rows of every other task (forgetting)",
+    eval_size: int = setting(50, "data", "Eval size", "target rows the accuracy is measured on", minimum=4)
+    other_eval_size: int = setting(5, "data", "Forgetting rows", "held-out rows of every other task (forgetting)",
                                    minimum=0)
     max_length: int = setting(256, "data", "Max tokens per sample", "samples are truncated to this many tokens",
                               minimum=8)
