@@ -91,7 +91,7 @@ import torch
 from .data.encoding import collate, encode, iter_batches
 from .data.formats import Sample
 from .errors import UserError
-from .gating import HeadGate, answer_losses
+from .gating import POSITIONS, HeadGate, answer_losses, position_mask, special_token_ids
 from .geometry import HeadGeometry
 from .progress import Ticker
 
@@ -319,19 +319,28 @@ def frozen(model: torch.nn.Module):
         model.train(training)
 
 
-def _batches(lm, samples: list[Sample], batch_size: int, max_length: int, shuffle=False, seed=0):
-    """Encoded, length-bucketed batches (dicts of tensors on the model's device)."""
+def _batches(lm, samples: list[Sample], batch_size: int, max_length: int, shuffle=False, seed=0,
+             positions: str = "all"):
+    """Encoded, length-bucketed batches (dicts of tensors on the model's device); ``"positions"`` is
+    the bool mask of the answer positions the loss is taken at (see `p2d.gating.POSITIONS`)."""
     encoded = encode(samples, lm.tokenizer, max_length)
     pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
+    special = special_token_ids(lm.tokenizer) if positions == "content" else None
     out = []
     for items in iter_batches(encoded, batch_size, shuffle=shuffle, seed=seed, sort_by_length=True):
         b = collate(items, pad)
+        b["positions"] = position_mask(b["labels"], positions, special)
         out.append({k: v.to(lm.device) for k, v in b.items()} | {"index": [it["index"] for it in items]})
     return out
 
 
 def _model_inputs(batch: dict) -> dict:
     return {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
+
+
+def _loss(model, batch: dict) -> torch.Tensor:
+    """Per-sample mean answer loss of a `_batches` batch, at its chosen positions ([B])."""
+    return answer_losses(model, _model_inputs(batch), positions=batch.get("positions"))
 
 
 def _check_samples(samples, what: str) -> list[Sample]:
@@ -345,13 +354,13 @@ def _check_samples(samples, what: str) -> list[Sample]:
 
 
 def _score_shift(lm, probe, batch_size, max_length, seed, proxy_steps, proxy_lr, tick, should_stop,
-                 optimizer: str = "adamw"):
+                 optimizer: str = "adamw", positions: str = "all"):
     model, geo = lm.model, lm.geometry
     params = _attention_params(model, geo)
     saved = {name: p.detach().clone() for name, p in params}  # the only copy: attention weights (+ biases)
     before = {layer: {name: saved[f"{layer}.{name}.weight"] for name in geo.projections(model, layer)}
               for layer in range(geo.n_layers)}
-    batches = _batches(lm, probe, batch_size, max_length)
+    batches = _batches(lm, probe, batch_size, max_length, positions=positions)
     if not batches:
         raise UserError("no probe sample has answer tokens within the max length; raise max_length")
     order_rng = random.Random(seed)
@@ -373,7 +382,7 @@ def _score_shift(lm, probe, batch_size, max_length, seed, proxy_steps, proxy_lr,
                 order_rng.shuffle(queue)
             batch = batches[queue.pop()]
             with torch.enable_grad():
-                loss = answer_losses(model, _model_inputs(batch)).mean()
+                loss = _loss(model, batch).mean()
                 loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -416,7 +425,7 @@ def gate_importance(lm, batches, tick=None, should_stop=None, layers=None) -> tu
                      for layer in layers}
             for layer, g in gates.items():
                 gate.set_gate(layer, g)
-            loss = answer_losses(model, _model_inputs(batch)).sum()
+            loss = _loss(model, batch).sum()
             grads = torch.autograd.grad(loss, [gates[layer] for layer in layers], allow_unused=True)
             for layer, gr in zip(layers, grads):
                 if gr is not None:
@@ -469,7 +478,7 @@ def taylor_importance(lm, batches, tick=None, should_stop=None) -> tuple[torch.T
             for batch in batches:
                 if should_stop is not None and should_stop():
                     return total, n_batches, seen, True
-                loss = answer_losses(model, _model_inputs(batch)).mean()
+                loss = _loss(model, batch).mean()
                 grads = torch.autograd.grad(loss, flat)
                 it = iter(grads)
                 with torch.no_grad():
@@ -530,7 +539,8 @@ def _pool_sample(pool, probe, seed) -> list[Sample]:
     return [pool[i] for i in sorted(random.Random(seed).sample(range(len(pool)), n))]
 
 
-def _score_importance(lm, method, probe, pool, contrast, batch_size, max_length, seed, tick, should_stop):
+def _score_importance(lm, method, probe, pool, contrast, batch_size, max_length, seed, tick, should_stop,
+                      positions: str = "all"):
     """gradient / gradient_layer / gradient_logratio / taylor: probe map, pool map, contrast."""
     default = METHOD_CONTRAST[method]
     if isinstance(contrast, str):
@@ -544,11 +554,11 @@ def _score_importance(lm, method, probe, pool, contrast, batch_size, max_length,
         kind = default if contrast else None
     if method in ("gradient_layer", "gradient_logratio") and (kind is None or not pool):
         raise UserError(f"{method} contrasts the probe with the pool: give a pool (--pool)")
-    probe_batches = _batches(lm, probe, batch_size, max_length)
+    probe_batches = _batches(lm, probe, batch_size, max_length, positions=positions)
     if not probe_batches:
         raise UserError("no probe sample has answer tokens within the max length; raise max_length")
     pool_sample = _pool_sample(pool, probe, seed) if kind is not None and pool else []
-    pool_batches = _batches(lm, pool_sample, batch_size, max_length) if pool_sample else []
+    pool_batches = _batches(lm, pool_sample, batch_size, max_length, positions=positions) if pool_sample else []
     tick.total = len(probe_batches) + len(pool_batches)
     extra: dict = {}
     if method == "taylor":
@@ -582,10 +592,10 @@ def _score_importance(lm, method, probe, pool, contrast, batch_size, max_length,
     return scores.tolist(), extra, stopped
 
 
-def _score_lofit(lm, probe, batch_size, max_length, seed, steps, lr, l1, tick, should_stop):
+def _score_lofit(lm, probe, batch_size, max_length, seed, steps, lr, l1, tick, should_stop, positions="all"):
     """LoFiT-style head scaling: scales [n_layers, n_q] at 1, Adam on answer loss + l1 * |scale - 1|."""
     model, geo = lm.model, lm.geometry
-    batches = _batches(lm, probe, batch_size, max_length)
+    batches = _batches(lm, probe, batch_size, max_length, positions=positions)
     if not batches:
         raise UserError("no probe sample has answer tokens within the max length; raise max_length")
     scales = torch.ones(geo.n_layers, geo.n_q_heads, dtype=torch.float32, device=lm.device, requires_grad=True)
@@ -605,7 +615,7 @@ def _score_lofit(lm, probe, batch_size, max_length, seed, steps, lr, l1, tick, s
             batch = batches[queue.pop()]
             for layer in range(geo.n_layers):
                 gate.set_gate(layer, scales[layer])
-            loss = answer_losses(model, _model_inputs(batch)).mean()
+            loss = _loss(model, batch).mean()
             total = loss + l1 * (scales - 1.0).abs().sum()
             opt.zero_grad(set_to_none=True)
             total.backward()
@@ -624,17 +634,20 @@ def _score_lofit(lm, probe, batch_size, max_length, seed, steps, lr, l1, tick, s
 def score_heads(lm, probe: list[Sample], method: str = DEFAULT_HEAD_METHOD, ratio: float = 0.1,
                 pool: list[Sample] | None = None, seed: int = 0, batch_size: int = 8, max_length: int = 256,
                 proxy_steps: int = 20, proxy_lr: float | None = None, contrast: bool | str = True,
-                l1: float = LOFIT_L1, progress=None, should_stop=None) -> HeadScores:
+                l1: float = LOFIT_L1, progress=None, should_stop=None, positions: str = "all") -> HeadScores:
     """Score every query head of ``lm`` (a `p2d.models.LoadedModel`) and keep the top ``ratio``.
 
     See the module docstring for the methods. ``pool`` is used by the contrasted methods
     (``gradient*``, ``taylor``). ``proxy_steps`` / ``proxy_lr`` are the steps and learning rate of
     ``shift``, ``shift_sgd`` and ``lofit`` (``proxy_lr=None``: ``PROXY_LR[method]``). ``contrast``:
     True (the method's default, ``METHOD_CONTRAST``), False (none), or one of ``HEAD_CONTRASTS``.
-    ``l1``: lofit's L1 weight.
+    ``l1``: lofit's L1 weight. ``positions`` (one of `p2d.gating.POSITIONS`): the answer positions
+    every loss is taken at ("content" drops end-of-turn / template positions).
     """
     if method not in HEAD_METHODS:
         raise UserError(f"unknown head method {method!r}: use one of {', '.join(HEAD_METHODS)}")
+    if positions not in POSITIONS:
+        raise UserError(f"unknown answer positions {positions!r}: use one of {', '.join(POSITIONS)}")
     ratio = check_ratio(ratio, "head ratio")
     if batch_size < 1:
         raise UserError(f"batch size must be at least 1 (got {batch_size})")
@@ -659,19 +672,20 @@ def score_heads(lm, probe: list[Sample], method: str = DEFAULT_HEAD_METHOD, rati
             if method in ("shift", "shift_sgd"):
                 tick = Ticker(progress, proxy_steps)
                 scores, extra, stopped = _score_shift(lm, probe, batch_size, max_length, seed, proxy_steps, lr,
-                                                      tick, should_stop,
+                                                      tick, should_stop, positions=positions,
                                                       optimizer="sgd" if method == "shift_sgd" else "adamw")
             elif method == "lofit":
                 if not (l1 >= 0 and math.isfinite(l1)):
                     raise UserError(f"the L1 weight must be a non-negative number (got {l1})")
                 tick = Ticker(progress, proxy_steps)
                 scores, extra, stopped = _score_lofit(lm, probe, batch_size, max_length, seed, proxy_steps, lr,
-                                                      float(l1), tick, should_stop)
+                                                      float(l1), tick, should_stop, positions)
             else:
                 tick = Ticker(progress, 0)
                 scores, extra, stopped = _score_importance(lm, method, probe, pool, contrast, batch_size,
-                                                           max_length, seed, tick, should_stop)
+                                                           max_length, seed, tick, should_stop, positions)
         extra["probe_size"] = len(probe)
+        extra["positions"] = positions
     extra["stopped"] = stopped
     extra["geometry"] = geo.to_dict()
     return HeadScores(method=method, ratio=ratio, scores=scores, selected=select_top(scores, ratio),
