@@ -37,7 +37,7 @@ from typing import Callable
 
 import torch
 
-from .adapter import PROJECTIONS, WEIGHTS_NAME, HeadAdapter, normalize_heads, normalize_projections
+from .adapter import ADAPTER_KINDS, PROJECTIONS, WEIGHTS_NAME, make_adapter, normalize_heads, normalize_projections
 from .data.encoding import IGNORE_INDEX, collate, encode, iter_batches
 from .errors import UserError, is_out_of_memory
 from .gating import answer_token_losses
@@ -62,6 +62,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0  # 0 or None: no clipping
     seed: int = 0
     group_by_length: bool = True  # batches of similar length (less padding); batch order shuffled
+    adapter: str = "heads"  # p2d.adapter.ADAPTER_KINDS: "heads" (q/k/v/o slices) or "offset" (LoFiT bias)
 
     def planned_steps(self, n_items: int) -> int:
         if self.steps is not None:
@@ -87,6 +88,8 @@ class TrainConfig:
         if self.weight_decay < 0:
             raise UserError(f"weight decay must not be negative (got {self.weight_decay})")
         normalize_projections(self.projections)
+        if self.adapter not in ADAPTER_KINDS:
+            raise UserError(f"unknown adapter kind {self.adapter!r}: use one of {', '.join(ADAPTER_KINDS)}")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -213,7 +216,7 @@ def train_heads(lm, heads, samples: list, config: TrainConfig, out_dir, progress
 
     torch.manual_seed(config.seed)
     device = next(model.parameters()).device
-    adapter = HeadAdapter(lm.geometry, heads, config.projections, dtype=torch.float32, device=device)
+    adapter = make_adapter(config.adapter, lm.geometry, heads, config.projections, dtype=torch.float32, device=device)
     optimizer = torch.optim.AdamW(adapter.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     saved_flags = [(p, p.requires_grad) for p in model.parameters()]
     was_training = model.training
