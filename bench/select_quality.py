@@ -35,6 +35,7 @@ Prints a table, then the whole result as JSON (also written to ``--json``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -123,6 +124,38 @@ def _metrics(scores, is_target, ratio) -> dict:
             "auroc": None if a is None else round(a, 4)}
 
 
+def norms_for_positions(lm, samples, batch_size, max_length, positions_list) -> dict:
+    """No-grad head features (norms only) for several answer-position settings from ONE forward pass
+    (one capture hook per setting), batched as `select_data` batches. {positions: HeadFeatures}."""
+    from p2d.gating import HeadGate
+    from p2d.heads import frozen
+    from p2d.selection import HeadFeatures, _Encoded
+
+    geo = lm.geometry
+    L, H, n = geo.n_layers, geo.n_q_heads, len(samples)
+    encs = {pos: _Encoded(lm, samples, batch_size, max_length, pos) for pos in positions_list}
+    enc = encs[positions_list[0]]
+    out = {pos: (torch.full((n, L, H), float("nan")), torch.zeros(n, dtype=torch.long)) for pos in positions_list}
+    t = time.perf_counter()
+    body = getattr(lm.model, "base_model", None) or lm.model
+    with frozen(lm.model), torch.no_grad(), contextlib.ExitStack() as stack:
+        gates = {pos: stack.enter_context(HeadGate(lm.model, geo, stop_after=L - 1 if i == len(positions_list) - 1
+                                                   else None)) for i, pos in enumerate(positions_list)}
+        last = gates[positions_list[-1]]
+        for items in enc.groups:
+            batch = enc.tensors(items)
+            rows = torch.tensor([it["index"] for it in items])
+            masks = {pos: encs[pos].mask(batch) for pos in positions_list}
+            for pos in positions_list:
+                gates[pos].capture(masks[pos])
+            last.run(body, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+            for pos in positions_list:
+                out[pos][0][rows] = torch.stack([gates[pos].norms[layer].float().cpu() for layer in range(L)], 1)
+                out[pos][1][rows] = masks[pos].sum(dim=1).cpu()
+    dt = round(time.perf_counter() - t, 3)
+    return {pos: HeadFeatures(norms=v[0], grads=None, lengths=v[1], positions=pos, time_s=dt) for pos, v in out.items()}
+
+
 def _gradient_heads(probe_f, pool_f, pool_idx, kind, ratio) -> list[list[int]]:
     """The gradient head selection `score_heads` makes, from features (mean |dL/dgate|)."""
     probe_mean = probe_f.grads.abs().nanmean(dim=0).double()
@@ -139,10 +172,15 @@ def main_features(args, lm, pool, probe, is_target, log) -> dict:
     pool_idx = sorted(_random.Random(args.seed).sample(range(len(pool)), n_sample))  # as score_heads draws it
     positions_list = [p.strip() for p in args.positions.split(",") if p.strip()]
     feats, pfeats, sfeats, timing = {}, {}, {}, {}
+    if not args.alignment:  # norms of every setting from one forward
+        t = time.perf_counter()
+        feats = norms_for_positions(lm, pool, args.batch_size, args.max_length, positions_list)
+        timing["pool_norms_all_settings_s"] = round(time.perf_counter() - t, 1)
+        print(f"pool norms: {time.perf_counter() - t:.0f}s", file=sys.stderr, flush=True)
     for pos in positions_list:
         t = time.perf_counter()
-        feats[pos] = head_features(lm, pool, args.batch_size, args.max_length, positions=pos,
-                                   gradients=args.alignment, progress=log)
+        if args.alignment:
+            feats[pos] = head_features(lm, pool, args.batch_size, args.max_length, positions=pos, progress=log)
         timing[f"pool_features_{pos}_s"] = round(time.perf_counter() - t, 1)
         pfeats[pos] = head_features(lm, probe, args.batch_size, args.max_length, positions=pos, progress=log)
         if args.alignment:

@@ -1,6 +1,6 @@
 """Head adapter: small trainable deltas on the weight slices of selected attention heads.
 
-"Training query head h of layer l" (NOTES §1, Stage 3) means training
+"Training query head h of layer l" (P2D Stage 3; docs/METHOD.md) means training
 - q: rows h*d:(h+1)*d of q_proj,
 - k, v: rows g*d:(g+1)*d of k_proj and v_proj, g = geometry.kv_head(h) (GQA/MQA: a kv head shared by
   several selected query heads is trained once),

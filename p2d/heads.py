@@ -66,6 +66,10 @@ Methods (``HEAD_METHODS``; formulas and sources also in docs/METHOD_variants.md)
 
 - ``random``: a seeded control (uniform scores from ``torch.Generator().manual_seed(seed)``).
 
+Answer positions: every loss above is the per-sample mean cross-entropy over the answer positions
+chosen by ``positions`` (`p2d.gating.POSITIONS`): ``"all"`` (default) or ``"content"`` (without the
+end-of-turn marker and what the chat template adds after it).
+
 During scoring every model parameter is frozen (only the proxy runs unfreeze the attention
 projections, and ``taylor`` asks autograd for their gradients without storing ``.grad``) and the
 model is in eval mode; previous ``requires_grad`` flags and training mode are restored afterwards,

@@ -52,7 +52,7 @@ class TrainConfig:
 
     steps: int | None = None  # None: ceil(ceil(len(data) / batch_size) * epochs / grad_accum)
     epochs: float = 1.0
-    lr: float = 1e-3  # NOTES §6: 1e-3 worked for heads on the embedded model
+    lr: float = 1e-3  # worked for head training on the embedded model (docs/METHOD.md)
     batch_size: int = 8
     grad_accum: int = 1
     max_length: int = 256
