@@ -171,19 +171,19 @@ def main_features(args, lm, pool, probe, is_target, log) -> dict:
     n_sample = min(len(pool), max(len(probe), 64))
     pool_idx = sorted(_random.Random(args.seed).sample(range(len(pool)), n_sample))  # as score_heads draws it
     positions_list = [p.strip() for p in args.positions.split(",") if p.strip()]
+    align_positions = ([p.strip() for p in (args.alignment_positions or args.positions).split(",") if p.strip()]
+                       if args.alignment else [])
     feats, pfeats, sfeats, timing = {}, {}, {}, {}
-    if not args.alignment:  # norms of every setting from one forward
+    norm_positions = [p for p in positions_list if p not in align_positions]
+    if norm_positions:  # norms of these settings from one no-grad forward
         t = time.perf_counter()
-        feats = norms_for_positions(lm, pool, args.batch_size, args.max_length, positions_list)
-        timing["pool_norms_all_settings_s"] = round(time.perf_counter() - t, 1)
-        print(f"pool norms: {time.perf_counter() - t:.0f}s", file=sys.stderr, flush=True)
+        feats = norms_for_positions(lm, pool, args.batch_size, args.max_length, norm_positions)
+        timing["pool_norms_s"] = round(time.perf_counter() - t, 1)
+        print(f"pool norms {norm_positions}: {time.perf_counter() - t:.0f}s", file=sys.stderr, flush=True)
     for pos in positions_list:
         t = time.perf_counter()
-        if args.alignment:
+        if pos in align_positions:  # norms and gate gradients of the whole pool
             feats[pos] = head_features(lm, pool, args.batch_size, args.max_length, positions=pos, progress=log)
-        timing[f"pool_features_{pos}_s"] = round(time.perf_counter() - t, 1)
-        pfeats[pos] = head_features(lm, probe, args.batch_size, args.max_length, positions=pos, progress=log)
-        if args.alignment:
             sfeats[pos] = feats[pos]
         else:  # gate gradients of the pool sample only (the gradient heads' contrast)
             sub = head_features(lm, [pool[i] for i in pool_idx], args.batch_size, args.max_length, positions=pos,
@@ -191,6 +191,8 @@ def main_features(args, lm, pool, probe, is_target, log) -> dict:
             full = torch.full_like(feats[pos].norms, float("nan"))
             full[torch.tensor(pool_idx)] = sub.grads
             sfeats[pos] = type(sub)(feats[pos].norms, full, feats[pos].lengths, pos, 0.0, {})
+        pfeats[pos] = head_features(lm, probe, args.batch_size, args.max_length, positions=pos, progress=log)
+        timing[f"features_{pos}_s"] = round(time.perf_counter() - t, 1)
         print(f"features {pos}: {time.perf_counter() - t:.0f}s", file=sys.stderr, flush=True)
 
     head_sets: dict[tuple[str, str], list[list[int]]] = {}
@@ -218,7 +220,7 @@ def main_features(args, lm, pool, probe, is_target, log) -> dict:
             act = activation_from_features(f, heads)
             lengths = f.lengths.tolist()
             row_scores = {"activation": act, "activation_length_z": activation_from_features(f, heads, debias="length")}
-            if args.alignment:
+            if pos in align_positions:
                 ali = alignment_from_features(f, pfeats[pos], heads)
                 keep = set(top_samples(act, min(1.0, factor * args.data_ratio)))
                 rest = sorted((i for i in range(len(act)) if math.isfinite(act[i]) and i not in keep),
@@ -294,6 +296,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--positions", default="all,content", help="features mode: answer-position settings")
     ap.add_argument("--alignment", action=argparse.BooleanOptionalAction, default=True,
                     help="features mode: pool gate gradients for alignment / prefilter_alignment (costly)")
+    ap.add_argument("--alignment-positions", default="",
+                    help="features mode: settings that get whole-pool gate gradients (default: all of --positions)")
     ap.add_argument("--proxy-methods", default="", help="features mode: head methods run for real, e.g. taylor,lofit")
     ap.add_argument("--proxy-positions", default="content", help="features mode: positions for --proxy-methods")
     ap.add_argument("--random-draws", type=int, default=10)
