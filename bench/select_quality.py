@@ -117,11 +117,17 @@ def spearman(x: list[float], y: list[float]) -> float | None:
     return float((rx * ry).sum()) / den if den > 0 else None
 
 
-def _metrics(scores, is_target, ratio) -> dict:
+def _metrics(scores, is_target, ratio, tasks=None) -> dict:
     sel = top_samples(scores, ratio)
     a = auroc(scores, is_target)
-    return {"precision": round(sum(is_target[i] for i in sel) / max(len(sel), 1), 4),
-            "auroc": None if a is None else round(a, 4)}
+    out = {"precision": round(sum(is_target[i] for i in sel) / max(len(sel), 1), 4),
+           "auroc": None if a is None else round(a, 4)}
+    if tasks is not None:
+        counts: dict[str, int] = {}
+        for i in sel:
+            counts[tasks[i]] = counts.get(tasks[i], 0) + 1
+        out["top_tasks"] = dict(sorted(counts.items(), key=lambda kv: -kv[1])[:3])
+    return out
 
 
 def norms_for_positions(lm, samples, batch_size, max_length, positions_list) -> dict:
@@ -232,7 +238,7 @@ def main_features(args, lm, pool, probe, is_target, log) -> dict:
                 row_scores["prefilter_alignment"] = pre
             for sm, sc in row_scores.items():
                 row = {"heads": hname, "head_positions": hpos, "select": sm, "positions": pos,
-                       **_metrics(sc, is_target, args.data_ratio)}
+                       **_metrics(sc, is_target, args.data_ratio, [s_.task for s_ in pool])}
                 if sm == "activation":
                     rho = spearman(act, [float(x) for x in lengths])
                     row["spearman_length"] = None if rho is None else round(rho, 3)
