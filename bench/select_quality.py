@@ -272,6 +272,12 @@ def main_features(args, lm, pool, probe, is_target, log) -> dict:
             cost[sm] = {"time_s": sel.time_s, "ratio_to_plain_forward": round(sel.time_s / plain, 2),
                         "precision": _metrics(sel.scores, is_target, args.data_ratio)["precision"]}
             print(f"cost {sm}: {sel.time_s:.0f}s = {sel.time_s / plain:.2f} plain forwards", file=sys.stderr, flush=True)
+        for m in [m.strip() for m in args.cost_head_methods.split(",") if m.strip()]:
+            hs = score_heads(lm, probe, m, ratio=args.head_ratio, pool=pool, seed=args.seed, batch_size=8,
+                             max_length=args.max_length, positions=pos)
+            cost[f"heads:{m}"] = {"time_s": hs.time_s, "ratio_to_plain_forward": round(hs.time_s / plain, 2)}
+            print(f"cost heads {m}: {hs.time_s:.0f}s = {hs.time_s / plain:.2f} plain forwards", file=sys.stderr,
+                  flush=True)
         plain2 = plain_forward_seconds(lm, pool, args.batch_size, args.max_length)  # drift check under load
         cost["plain_forward_again_s"] = round(plain2, 2)
         cost["heads"] = heads
@@ -309,6 +315,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--random-draws", type=int, default=10)
     ap.add_argument("--prefilter-factor", type=float, default=3.0)
     ap.add_argument("--cost", action="store_true", help="features mode: time plain forward and real selections")
+    ap.add_argument("--cost-head-methods", default="gradient,taylor,lofit,shift_sgd,shift",
+                    help="features mode with --cost: head methods timed for real (on the probe and pool sample)")
     ap.add_argument("--json", default=None, help="also write the result here (rewritten after every pair)")
     ap.add_argument("--heads-dir", default=None,
                     help="cache folder for head scores: reuse <dir>/<method>/heads.json when present, else save it")
