@@ -100,6 +100,17 @@ from .geometry import HeadGeometry
 from .progress import Ticker
 
 HEAD_METHODS = ("shift", "gradient", "random", "gradient_layer", "gradient_logratio", "taylor", "shift_sgd", "lofit")
+#: one line per head method, for UIs and CLI help
+HEAD_METHOD_HELP = {
+    "shift": "shift: a short AdamW proxy fine-tune of all attention weights on the probe set; how far each head moved",
+    "gradient": "gradient: |dL/dgate| of a gate on each head, probe share minus pool share (no weight update)",
+    "random": "random: a seeded control (falsification test)",
+    "gradient_layer": "gradient_layer: |dL/dgate|, probe vs pool shares taken within each layer (needs a pool)",
+    "gradient_logratio": "gradient_logratio: |dL/dgate|, log of the probe/pool share ratio (needs a pool)",
+    "taylor": "taylor: sum of |gradient x weight| over each head's weights, probe share minus pool share",
+    "shift_sgd": "shift_sgd: the shift proxy fine-tune with plain SGD (movement follows gradient size)",
+    "lofit": "lofit: a learned scale per head output (LoFiT), trained a few steps on the probe set; |scale - 1|",
+}
 #: how importance methods contrast the probe map with the pool map (see `contrast_scores`)
 HEAD_CONTRASTS = ("difference", "layer", "logratio")
 #: the contrast each importance-map method uses when ``contrast=True``
@@ -118,7 +129,7 @@ LOFIT_L1 = 1e-3
 DEFAULT_HEAD_METHOD = "gradient"
 HEADS_FILE = "heads.json"
 
-__all__ = ["HEAD_METHODS", "HEAD_CONTRASTS", "METHOD_CONTRAST", "LOGRATIO_EPS", "PROXY_LR", "LOFIT_L1",
+__all__ = ["HEAD_METHODS", "HEAD_METHOD_HELP", "HEAD_CONTRASTS", "METHOD_CONTRAST", "LOGRATIO_EPS", "PROXY_LR", "LOFIT_L1",
            "DEFAULT_HEAD_METHOD", "HeadScores", "select_top", "score_heads", "contrast_scores", "recontrast",
            "attention_snapshot", "head_weight_vector", "head_slice_sums", "weight_shift_scores", "w1_index",
            "gate_importance", "taylor_importance"]

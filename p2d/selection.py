@@ -72,6 +72,15 @@ from .heads import HeadScores, _jsonable, check_ratio, frozen, top_count
 from .progress import Ticker
 
 SELECT_METHODS = ("ablation", "alignment", "activation", "random", "activation_length_z", "prefilter_alignment")
+#: one line per selection method, for UIs and CLI help
+SELECT_METHOD_HELP = {
+    "ablation": "ablation: answer loss with the selected heads gated off minus with them on",
+    "alignment": "alignment: cosine between a sample's head-gate gradient and the probe set's mean",
+    "activation": "activation: output norm of the selected heads on the answer tokens (one forward)",
+    "random": "random: a seeded control",
+    "activation_length_z": "activation_length_z: activation z-scored among samples of similar answer length",
+    "prefilter_alignment": "prefilter_alignment: activation keeps the top 3x share, alignment ranks those",
+}
 #: answer positions used by default (see `p2d.gating.POSITIONS`)
 DEFAULT_POSITIONS = "all"
 #: prefilter_alignment: the first (activation) pass keeps this many times the final ratio
@@ -86,7 +95,7 @@ LENGTH_BUCKETS = 20
 #: falsification control works), while alignment keeps 0.5-0.575 with random heads.
 DEFAULT_SELECT_METHOD = "activation"
 
-__all__ = ["SELECT_METHODS", "DEFAULT_SELECT_METHOD", "POSITIONS", "DEFAULT_POSITIONS", "PREFILTER_FACTOR",
+__all__ = ["SELECT_METHODS", "SELECT_METHOD_HELP", "DEFAULT_SELECT_METHOD", "POSITIONS", "DEFAULT_POSITIONS", "PREFILTER_FACTOR",
            "Selection", "select_data", "head_list", "length_z", "HeadFeatures", "head_features",
            "activation_from_features", "alignment_from_features", "plain_forward_seconds"]
 

@@ -347,3 +347,10 @@ def test_positions_option_changes_the_loss(tiny_llama, probe, pool):
     assert sum(a.extra["probe_importance"], []) != pytest.approx(sum(c.extra["probe_importance"], []), rel=1e-3)
     with pytest.raises(UserError):
         score_heads(tiny_llama, probe, "gradient", positions="nope")
+
+
+def test_every_head_method_has_help():
+    from p2d.heads import HEAD_METHOD_HELP
+
+    assert set(HEAD_METHOD_HELP) == set(HEAD_METHODS)
+    assert all(HEAD_METHOD_HELP[m].startswith(m + ":") for m in HEAD_METHODS)

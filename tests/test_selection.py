@@ -276,3 +276,10 @@ def test_plain_forward_seconds(tiny_llama, pool):
     assert all(torch.equal(before[k], v) for k, v in tiny_llama.model.state_dict().items())
     with pytest.raises(UserError):
         plain_forward_seconds(tiny_llama, [])
+
+
+def test_every_select_method_has_help():
+    from p2d.selection import SELECT_METHOD_HELP
+
+    assert set(SELECT_METHOD_HELP) == set(SELECT_METHODS)
+    assert all(SELECT_METHOD_HELP[m].startswith(m + ":") for m in SELECT_METHODS)
