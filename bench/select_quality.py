@@ -1,27 +1,41 @@
 """How well does each (head method x selection method) pair concentrate the target task?
 
-Builds the built-in mixed task pool (`p2d.data.builtin.build_task_pool`), scores heads with each head
-method on the probe set, selects the top ``--data-ratio`` of the pool with each selection method, and
-reports for every pair:
+Builds the built-in mixed task pool (`p2d.data.builtin.build_task_pool`), scores heads on the probe
+set, selects the top ``--data-ratio`` of the pool, and reports for every pair:
 
 - precision: fraction of the selected rows whose task is the target (random selection ~ target share);
 - auroc: how well the scores rank target rows above the others (0.5 = chance);
-- time of the heads stage and of the selection stage, and selection seconds per 1,000 pool samples.
+- times, and (``--mode features``) cost as a ratio to one plain no-grad forward over the pool.
 
-Extra head variants (free to compute, they reuse the gradient run): ``gradient:ratio`` (log-ratio
-contrast of normalised importances instead of the difference), ``gradient:none`` (no contrast, plain
-Michel importance) and ``all`` (every head; a reference for the head-space scores).
+Two modes:
 
-Run (2-core CPU, ~15 min with the defaults)::
+``--mode runs`` (default): real `score_heads` / `select_data` runs for every listed pair. Extra head
+variants reuse a gradient run: ``gradient:ratio`` (old name of the log-ratio contrast),
+``gradient:none`` (no contrast) and ``all`` (every head).
+
+``--mode features``: one `p2d.selection.head_features` pass per answer-position setting (``all``,
+``content``) over the pool and the probe gives every head's activation statistic and gate gradient
+per sample; the gradient head scores (difference / layer / logratio contrasts, pool sample as
+`score_heads` draws it) and the activation, activation_length_z, alignment and prefilter_alignment
+scores of every head set (gradient variants, ``--proxy-methods`` run for real, ``--random-draws``
+random head sets) are then computed from those features without rerunning the model (they equal
+`select_data`'s scores to float rounding; tests/test_selection.py). Also reports the Spearman
+correlation of the activation score with the number of scored answer positions. ``--cost`` times one
+plain forward over the pool and real activation / alignment / prefilter_alignment runs.
+
+Examples (2-core CPU)::
 
     HF_HUB_OFFLINE=1 python bench/select_quality.py --pool-size 600 --json bench/select_quality.json
+    HF_HUB_OFFLINE=1 python bench/select_quality.py --mode features --target capitals --pool-size 300 \
+        --probe-size 50 --max-length 128 --batch-size 16 --proxy-methods taylor,lofit --cost --json out.json
 
-Prints one table row per pair, then the whole result as JSON (also written to ``--json``).
+Prints a table, then the whole result as JSON (also written to ``--json``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -37,9 +51,10 @@ import torch  # noqa: E402
 
 from p2d.data.builtin import build_task_pool  # noqa: E402
 from p2d.data.loading import load_records  # noqa: E402
-from p2d.heads import HeadScores, score_heads, select_top  # noqa: E402
+from p2d.heads import HEAD_METHODS, HeadScores, contrast_scores, score_heads, select_top  # noqa: E402
 from p2d.models import load_model  # noqa: E402
-from p2d.selection import select_data  # noqa: E402
+from p2d.selection import (activation_from_features, alignment_from_features, head_features,  # noqa: E402
+                           plain_forward_seconds, select_data, top_samples)
 
 
 def auroc(scores: list[float], positive: list[bool]) -> float | None:
@@ -80,6 +95,204 @@ def variant(base: HeadScores, name: str, ratio: float, geometry) -> HeadScores:
     return HeadScores(name, ratio, scores, select_top(scores, ratio), base.time_s, base.model, {})
 
 
+def spearman(x: list[float], y: list[float]) -> float | None:
+    """Rank correlation (average ranks for ties) over the pairs where both are finite."""
+    pairs = [(a, b) for a, b in zip(x, y) if math.isfinite(a) and math.isfinite(b)]
+    if len(pairs) < 3:
+        return None
+
+    def ranks(v):
+        t = torch.tensor(v, dtype=torch.float64)
+        order = torch.argsort(t)
+        r = torch.empty_like(t)
+        r[order] = torch.arange(len(v), dtype=torch.float64)
+        for val in torch.unique(t):  # average ties
+            m = t == val
+            r[m] = r[m].mean()
+        return r
+
+    rx, ry = ranks([a for a, _ in pairs]), ranks([b for _, b in pairs])
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    den = float(rx.norm() * ry.norm())
+    return float((rx * ry).sum()) / den if den > 0 else None
+
+
+def _metrics(scores, is_target, ratio, tasks=None) -> dict:
+    sel = top_samples(scores, ratio)
+    a = auroc(scores, is_target)
+    out = {"precision": round(sum(is_target[i] for i in sel) / max(len(sel), 1), 4),
+           "auroc": None if a is None else round(a, 4)}
+    if tasks is not None:
+        counts: dict[str, int] = {}
+        for i in sel:
+            counts[tasks[i]] = counts.get(tasks[i], 0) + 1
+        out["top_tasks"] = dict(sorted(counts.items(), key=lambda kv: -kv[1])[:3])
+    return out
+
+
+def norms_for_positions(lm, samples, batch_size, max_length, positions_list) -> dict:
+    """No-grad head features (norms only) for several answer-position settings from ONE forward pass
+    (one capture hook per setting), batched as `select_data` batches. {positions: HeadFeatures}."""
+    from p2d.gating import HeadGate
+    from p2d.heads import frozen
+    from p2d.selection import HeadFeatures, _Encoded
+
+    geo = lm.geometry
+    L, H, n = geo.n_layers, geo.n_q_heads, len(samples)
+    encs = {pos: _Encoded(lm, samples, batch_size, max_length, pos) for pos in positions_list}
+    enc = encs[positions_list[0]]
+    out = {pos: (torch.full((n, L, H), float("nan")), torch.zeros(n, dtype=torch.long)) for pos in positions_list}
+    t = time.perf_counter()
+    body = getattr(lm.model, "base_model", None) or lm.model
+    with frozen(lm.model), torch.no_grad(), contextlib.ExitStack() as stack:
+        gates = {pos: stack.enter_context(HeadGate(lm.model, geo, stop_after=L - 1 if i == len(positions_list) - 1
+                                                   else None)) for i, pos in enumerate(positions_list)}
+        last = gates[positions_list[-1]]
+        for items in enc.groups:
+            batch = enc.tensors(items)
+            rows = torch.tensor([it["index"] for it in items])
+            masks = {pos: encs[pos].mask(batch) for pos in positions_list}
+            for pos in positions_list:
+                gates[pos].capture(masks[pos])
+            last.run(body, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+            for pos in positions_list:
+                out[pos][0][rows] = torch.stack([gates[pos].norms[layer].float().cpu() for layer in range(L)], 1)
+                out[pos][1][rows] = masks[pos].sum(dim=1).cpu()
+    dt = round(time.perf_counter() - t, 3)
+    return {pos: HeadFeatures(norms=v[0], grads=None, lengths=v[1], positions=pos, time_s=dt) for pos, v in out.items()}
+
+
+def _gradient_heads(probe_f, pool_f, pool_idx, kind, ratio) -> list[list[int]]:
+    """The gradient head selection `score_heads` makes, from features (mean |dL/dgate|)."""
+    probe_mean = probe_f.grads.abs().nanmean(dim=0).double()
+    pool_mean = pool_f.grads[pool_idx].abs().nanmean(dim=0).double()
+    return select_top(contrast_scores(probe_mean, pool_mean, kind), ratio)
+
+
+def main_features(args, lm, pool, probe, is_target, log) -> dict:
+    """--mode features: see the module docstring."""
+    import random as _random
+
+    t0 = time.perf_counter()
+    n_sample = min(len(pool), max(len(probe), 64))
+    pool_idx = sorted(_random.Random(args.seed).sample(range(len(pool)), n_sample))  # as score_heads draws it
+    positions_list = [p.strip() for p in args.positions.split(",") if p.strip()]
+    align_positions = ([p.strip() for p in (args.alignment_positions or args.positions).split(",") if p.strip()]
+                       if args.alignment else [])
+    feats, pfeats, sfeats, timing = {}, {}, {}, {}
+    norm_positions = [p for p in positions_list if p not in align_positions]
+    if norm_positions:  # norms of these settings from one no-grad forward
+        t = time.perf_counter()
+        feats = norms_for_positions(lm, pool, args.batch_size, args.max_length, norm_positions)
+        timing["pool_norms_s"] = round(time.perf_counter() - t, 1)
+        print(f"pool norms {norm_positions}: {time.perf_counter() - t:.0f}s", file=sys.stderr, flush=True)
+    for pos in positions_list:
+        t = time.perf_counter()
+        if pos in align_positions:  # norms and gate gradients of the whole pool
+            feats[pos] = head_features(lm, pool, args.batch_size, args.max_length, positions=pos, progress=log)
+            sfeats[pos] = feats[pos]
+        else:  # gate gradients of the pool sample only (the gradient heads' contrast)
+            sub = head_features(lm, [pool[i] for i in pool_idx], args.batch_size, args.max_length, positions=pos,
+                                progress=log)
+            full = torch.full_like(feats[pos].norms, float("nan"))
+            full[torch.tensor(pool_idx)] = sub.grads
+            sfeats[pos] = type(sub)(feats[pos].norms, full, feats[pos].lengths, pos, 0.0, {})
+        pfeats[pos] = head_features(lm, probe, args.batch_size, args.max_length, positions=pos, progress=log)
+        timing[f"features_{pos}_s"] = round(time.perf_counter() - t, 1)
+        print(f"features {pos}: {time.perf_counter() - t:.0f}s", file=sys.stderr, flush=True)
+
+    head_sets: dict[tuple[str, str], list[list[int]]] = {}
+    for pos in positions_list:
+        for kind, name in (("difference", "gradient"), ("layer", "gradient_layer"), ("logratio", "gradient_logratio")):
+            head_sets[(name, pos)] = _gradient_heads(pfeats[pos], sfeats[pos], pool_idx, kind, args.head_ratio)
+    proxy_times = {}
+    for m in [m.strip() for m in args.proxy_methods.split(",") if m.strip()]:
+        for pos in [p.strip() for p in args.proxy_positions.split(",") if p.strip()]:
+            hs = score_heads(lm, probe, m, ratio=args.head_ratio, pool=pool, seed=args.seed, batch_size=8,
+                             max_length=args.max_length, positions=pos, progress=log)
+            head_sets[(m, pos)] = hs.selected
+            proxy_times[f"{m}/{pos}"] = hs.time_s
+            print(f"heads {m}/{pos}: {hs.time_s:.0f}s", file=sys.stderr, flush=True)
+    for r in range(args.random_draws):
+        gen = torch.Generator().manual_seed(1000 + r)
+        scores = torch.rand(lm.geometry.n_layers, lm.geometry.n_q_heads, generator=gen, dtype=torch.float64)
+        head_sets[(f"random{r}", "-")] = select_top(scores, args.head_ratio)
+
+    rows = []
+    factor = args.prefilter_factor
+    for (hname, hpos), heads in head_sets.items():
+        for pos in positions_list:
+            f = feats[pos]
+            act = activation_from_features(f, heads)
+            lengths = f.lengths.tolist()
+            row_scores = {"activation": act, "activation_length_z": activation_from_features(f, heads, debias="length")}
+            if pos in align_positions:
+                ali = alignment_from_features(f, pfeats[pos], heads)
+                keep = set(top_samples(act, min(1.0, factor * args.data_ratio)))
+                rest = sorted((i for i in range(len(act)) if math.isfinite(act[i]) and i not in keep),
+                              key=lambda i: (-act[i], i))
+                pre = list(ali)
+                for r_, i in enumerate(rest):  # as select_data encodes the filtered rows
+                    pre[i] = -2.0 - (r_ + 1) / (len(rest) + 1)
+                row_scores["alignment"] = ali
+                row_scores["prefilter_alignment"] = pre
+            for sm, sc in row_scores.items():
+                row = {"heads": hname, "head_positions": hpos, "select": sm, "positions": pos,
+                       **_metrics(sc, is_target, args.data_ratio, [s_.task for s_ in pool])}
+                if sm == "activation":
+                    rho = spearman(act, [float(x) for x in lengths])
+                    row["spearman_length"] = None if rho is None else round(rho, 3)
+                rows.append(row)
+    # random-head summary: mean and range over draws
+    summary = []
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        key = ("random" if r["heads"].startswith("random") else r["heads"], r["head_positions"], r["select"], r["positions"])
+        groups.setdefault(key, []).append(r)
+    for key, rs in groups.items():
+        prec = [r["precision"] for r in rs]
+        au = [r["auroc"] for r in rs if r["auroc"] is not None]
+        item = {"heads": key[0], "head_positions": key[1], "select": key[2], "positions": key[3], "n": len(rs),
+                "precision": round(sum(prec) / len(prec), 4), "precision_min": min(prec), "precision_max": max(prec),
+                "auroc": round(sum(au) / len(au), 4) if au else None}
+        rho = [r["spearman_length"] for r in rs if r.get("spearman_length") is not None]
+        if rho:
+            item["spearman_length"] = round(sum(rho) / len(rho), 3)
+        summary.append(item)
+
+    cost = {}
+    if args.cost:  # min over --cost-repeats rounds, each round timing everything once (robust to load spikes)
+        heads = head_sets[("gradient", positions_list[-1])]
+        pos = positions_list[-1]
+        times: dict[str, list[float]] = {}
+        precision = {}
+        head_methods = [m.strip() for m in args.cost_head_methods.split(",") if m.strip()]
+        for rep in range(args.cost_repeats):
+            times.setdefault("plain_forward", []).append(plain_forward_seconds(lm, pool, args.batch_size, args.max_length))
+            for sm in ("activation", "alignment", "prefilter_alignment"):
+                sel = select_data(lm, heads, pool, sm, ratio=args.data_ratio, probe=probe, batch_size=args.batch_size,
+                                  max_length=args.max_length, positions=pos, prefilter_factor=factor)
+                times.setdefault(sm, []).append(sel.time_s)
+                precision[sm] = _metrics(sel.scores, is_target, args.data_ratio)["precision"]
+            for m in head_methods:
+                hs = score_heads(lm, probe, m, ratio=args.head_ratio, pool=pool, seed=args.seed, batch_size=8,
+                                 max_length=args.max_length, positions=pos)
+                times.setdefault(f"heads:{m}", []).append(hs.time_s)
+            print(f"cost round {rep + 1}: " + ", ".join(f"{k} {v[-1]:.1f}s" for k, v in times.items()),
+                  file=sys.stderr, flush=True)
+        plain = min(times["plain_forward"])
+        cost = {"plain_forward_s": round(plain, 2), "repeats": args.cost_repeats, "all_times_s": times,
+                "heads": heads, "positions": pos}
+        for k, v in times.items():
+            if k != "plain_forward":
+                cost[k] = {"time_s": round(min(v), 2), "ratio_to_plain_forward": round(min(v) / plain, 2)}
+                if k in precision:
+                    cost[k]["precision"] = precision[k]
+    return {"rows": rows, "summary": summary, "head_sets": {f"{k[0]}/{k[1]}": v for k, v in head_sets.items()},
+            "timing": timing | {"proxy_heads_s": proxy_times, "features_total_s": round(time.perf_counter() - t0, 1)},
+            "cost": cost}
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="default")
@@ -90,14 +303,28 @@ def main(argv=None) -> dict:
     ap.add_argument("--head-ratio", type=float, default=0.1)
     ap.add_argument("--data-ratio", type=float, default=0.1)
     ap.add_argument("--head-methods", default="shift,gradient,random",
-                    help="comma list of shift,gradient,random and the variants gradient:ratio,gradient:none,all")
+                    help="comma list of p2d.heads.HEAD_METHODS and the variants gradient:ratio,gradient:none,all")
     ap.add_argument("--select-methods", default="alignment,ablation,activation")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--proxy-steps", type=int, default=20)
-    ap.add_argument("--proxy-lr", type=float, default=1e-4)
+    ap.add_argument("--proxy-lr", type=float, default=None, help="default: p2d.heads.PROXY_LR[method]")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--mode", choices=("runs", "features"), default="runs")
+    ap.add_argument("--positions", default="all,content", help="features mode: answer-position settings")
+    ap.add_argument("--alignment", action=argparse.BooleanOptionalAction, default=True,
+                    help="features mode: pool gate gradients for alignment / prefilter_alignment (costly)")
+    ap.add_argument("--alignment-positions", default="",
+                    help="features mode: settings that get whole-pool gate gradients (default: all of --positions)")
+    ap.add_argument("--proxy-methods", default="", help="features mode: head methods run for real, e.g. taylor,lofit")
+    ap.add_argument("--proxy-positions", default="content", help="features mode: positions for --proxy-methods")
+    ap.add_argument("--random-draws", type=int, default=10)
+    ap.add_argument("--prefilter-factor", type=float, default=3.0)
+    ap.add_argument("--cost", action="store_true", help="features mode: time plain forward and real selections")
+    ap.add_argument("--cost-repeats", type=int, default=3, help="--cost: rounds (the minimum time is kept)")
+    ap.add_argument("--cost-head-methods", default="gradient,taylor,lofit,shift_sgd,shift",
+                    help="features mode with --cost: head methods timed for real (on the probe and pool sample)")
     ap.add_argument("--json", default=None, help="also write the result here (rewritten after every pair)")
     ap.add_argument("--heads-dir", default=None,
                     help="cache folder for head scores: reuse <dir>/<method>/heads.json when present, else save it")
@@ -116,15 +343,31 @@ def main(argv=None) -> dict:
           f"({sum(is_target)} {args.target}), probe {len(probe)}; load {time.perf_counter() - t0:.1f}s",
           file=sys.stderr, flush=True)
 
-    methods = [m.strip() for m in args.head_methods.split(",") if m.strip()]
-    sel_methods = [m.strip() for m in args.select_methods.split(",") if m.strip()]
-    heads: dict[str, HeadScores] = {}
     def log(done, total, desc):
         if done == total or done % 10 == 0:
             print(f"  {desc} [{done}/{total}] {time.perf_counter() - t0:.0f}s", file=sys.stderr, flush=True)
 
+    if args.mode == "features":
+        res = main_features(args, lm, pool, probe, is_target, log)
+        result = {"args": vars(args), "model": lm.spec, "pool_task_counts": tp.counts(),
+                  "target_share": round(sum(is_target) / len(pool), 4), **res,
+                  "total_s": round(time.perf_counter() - t0, 1)}
+        print(f"\n{'heads':>18} {'hpos':>7} {'select':<20} {'pos':<8} {'prec':>6} {'min':>5} {'max':>5} {'auroc':>6} {'rho_len':>7}")
+        for r in res["summary"]:
+            print(f"{r['heads']:>18} {r['head_positions']:>7} {r['select']:<20} {r['positions']:<8} {r['precision']:6.3f} "
+                  f"{r['precision_min']:5.2f} {r['precision_max']:5.2f} {str(r['auroc']):>6} {str(r.get('spearman_length', '')):>7}")
+        if res["cost"]:
+            print(json.dumps(res["cost"], indent=1))
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=1))
+        return result
+
+    methods = [m.strip() for m in args.head_methods.split(",") if m.strip()]
+    sel_methods = [m.strip() for m in args.select_methods.split(",") if m.strip()]
+    heads: dict[str, HeadScores] = {}
+
     for m in methods:
-        if m in ("shift", "gradient", "random"):
+        if m in HEAD_METHODS:
             cached = Path(args.heads_dir, m.replace(":", "-"), "heads.json") if args.heads_dir else None
             if cached is not None and cached.is_file():
                 heads[m] = HeadScores.load(cached)

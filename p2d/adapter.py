@@ -1,6 +1,6 @@
 """Head adapter: small trainable deltas on the weight slices of selected attention heads.
 
-"Training query head h of layer l" (NOTES §1, Stage 3) means training
+"Training query head h of layer l" (P2D Stage 3; docs/METHOD.md) means training
 - q: rows h*d:(h+1)*d of q_proj,
 - k, v: rows g*d:(g+1)*d of k_proj and v_proj, g = geometry.kv_head(h) (GQA/MQA: a kv head shared by
   several selected query heads is trained once),
@@ -21,7 +21,20 @@ merged into.
 
 Files (PEFT-like names): ``adapter_model.safetensors`` with tensors ``layers.{l}.{q|k|v|o}`` (only
 the trained slices) and ``adapter_config.json`` (base model spec, geometry, heads, projections,
-training settings, P2D version, format version).
+training settings, P2D version, format version, ``kind``).
+
+Adapter kinds (``ADAPTER_KINDS``; ``kind`` in adapter_config.json, missing = ``"heads"``):
+
+- ``heads`` (`HeadAdapter`, above): deltas on the q/k/v/o slices of the selected heads;
+- ``offset`` (`OffsetAdapter`): LoFiT's second step (Yin, Ye & Durrett, NeurIPS 2024): one learned
+  vector ``b_h`` of size ``head_dim`` per selected head, zero-initialised, added to that head's output
+  (the input of o_proj / c_proj) at every position: ``head_h(x) + b_h``. ``head_dim`` parameters per
+  head; LoFiT trains them with lr 1e-2 (``TrainConfig.lr`` is not changed for you). Tensors
+  ``layers.{l}.offset`` of shape ``[n selected heads in l, head_dim]``. Not supported: merging into the
+  base weights (an offset before o_proj is a bias after it, and Llama's o_proj has none), so
+  `merge_and_save` refuses it; evaluate it attached (`load_adapter`).
+
+`load_adapter` and `HeadAdapter.load` read the kind and return the matching class.
 """
 
 from __future__ import annotations
@@ -37,6 +50,8 @@ from .errors import UserError
 from .geometry import HeadGeometry, normalize_heads
 
 PROJECTIONS = ("q", "k", "v", "o")
+#: adapter classes by ``kind`` (adapter_config.json; `p2d.training.TrainConfig.adapter`)
+ADAPTER_KINDS = ("heads", "offset")
 ADAPTER_FORMAT = "p2d-head-adapter"
 FORMAT_VERSION = 1
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -78,6 +93,8 @@ class HeadAdapter(nn.Module):
     Parameters are named ``"{layer}_{proj}"`` in ``self.deltas`` (a ParameterDict).  The adapter is
     never registered inside the model: ``model.parameters()`` / ``state_dict()`` stay unchanged.
     """
+
+    kind = "heads"
 
     def __init__(self, geometry: HeadGeometry, heads, projections=PROJECTIONS, dtype=torch.float32,
                  device="cpu"):
@@ -285,6 +302,7 @@ class HeadAdapter(nn.Module):
         config = {
             "format": ADAPTER_FORMAT,
             "format_version": FORMAT_VERSION,
+            "kind": self.kind,
             "p2d_version": __version__,
             "base_model": str(base_model),
             "geometry": self.geometry.to_dict(),
@@ -324,10 +342,16 @@ class HeadAdapter(nn.Module):
 
     @classmethod
     def load(cls, adapter_dir, device="cpu", dtype=None) -> "HeadAdapter":
-        """Read an adapter written by `save`.  UserError for missing or corrupt files."""
+        """Read an adapter written by `save`.  UserError for missing or corrupt files.  A folder
+        holding another kind (``kind`` in its config) is loaded with that kind's class."""
         from safetensors.torch import load_file
 
         cfg = cls.read_config(adapter_dir)
+        kind = cfg.get("kind", "heads")
+        if kind != "heads":
+            if kind not in ADAPTER_KINDS:
+                raise UserError(f"{Path(adapter_dir) / CONFIG_NAME} has unknown adapter kind {kind!r}: upgrade p2d")
+            return ADAPTER_CLASSES[kind].load(adapter_dir, device=device, dtype=dtype)
         weights = Path(adapter_dir) / WEIGHTS_NAME
         if not weights.is_file():
             raise UserError(f"{adapter_dir} has no {WEIGHTS_NAME}: the adapter was not saved completely; retrain")
@@ -359,8 +383,177 @@ class HeadAdapter(nn.Module):
         return adapter
 
 
-def load_adapter(lm, adapter_dir) -> HeadAdapter:
-    """Load an adapter for the LoadedModel ``lm``, check that its geometry matches, and attach it."""
+class OffsetAdapter(nn.Module):
+    """LoFiT-style offsets: a trainable ``head_dim`` vector added to each selected head's output.
+
+    Same interface as `HeadAdapter` (attach / detach / parameters / num_params / save / load; not
+    merge_into). Parameters: ``self.offsets["{layer}"]`` of shape ``[n selected heads in layer,
+    head_dim]``, zero-initialised (attached, the model computes exactly what it did before training).
+    """
+
+    kind = "offset"
+
+    def __init__(self, geometry: HeadGeometry, heads, projections=None, dtype=torch.float32, device="cpu"):
+        super().__init__()
+        self.geometry = geometry
+        self.heads = normalize_heads(heads, geometry)
+        if not self.heads:
+            raise UserError("no heads selected: give at least one [layer, head]")
+        self.projections: tuple[str, ...] = ()  # no weight slices are trained
+        d = geometry.head_dim
+        self.offsets = nn.ParameterDict()
+        self._layers: dict[int, list[int]] = {}
+        for layer in sorted({l for l, _ in self.heads}):
+            q_heads = [h for l, h in self.heads if l == layer]
+            self._layers[layer] = q_heads
+            self.offsets[str(layer)] = nn.Parameter(torch.zeros(len(q_heads), d, dtype=dtype, device=device))
+            self.register_buffer(f"_idx_{layer}", torch.tensor(_rows(q_heads, d), dtype=torch.long, device=device),
+                                 persistent=False)
+        self._handles: list = []
+        self._model_ref = None
+        self.config: dict = {}
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted(self._layers)
+
+    def offset(self, layer: int) -> nn.Parameter:
+        return self.offsets[str(layer)]
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.offsets.values())
+
+    @property
+    def attached_to(self) -> nn.Module | None:
+        return self._model_ref() if self._model_ref is not None else None
+
+    def _check_model(self, model: nn.Module) -> None:
+        actual = HeadGeometry.from_model(model)
+        diff = geometry_mismatch(self.geometry, actual)
+        if diff:
+            raise UserError(f"adapter was made for {_describe(self.geometry)} but the model is "
+                            f"{_describe(actual)} ({diff}): use the model it was trained on")
+
+    def attach(self, model: nn.Module) -> None:
+        """Register forward pre-hooks on the output projections of the selected heads' layers (same
+        rules as `HeadAdapter.attach`)."""
+        current = self.attached_to
+        if current is model:
+            return
+        if current is not None or self._handles:
+            raise RuntimeError("this adapter is already attached to another model: detach() it first")
+        other = getattr(model, "_p2d_adapter_ref", None)
+        if other is not None and other() is not None:
+            raise RuntimeError("the model already has another HeadAdapter attached: detach() that one first")
+        self._check_model(model)
+        g = self.geometry
+        dev = g.output_projection(model, self.layers[0]).weight.device
+        if any(p.device != dev for p in self.offsets.values()):
+            self.to(dev)
+        for layer in self.layers:
+            self._handles.append(g.output_projection(model, layer).register_forward_pre_hook(self._hook(layer)))
+        self._model_ref = weakref.ref(model)
+        model._p2d_adapter_ref = weakref.ref(self)
+
+    def _hook(self, layer: int):
+        key, idx_name = str(layer), f"_idx_{layer}"
+        width = self.geometry.n_q_heads * self.geometry.head_dim
+
+        def hook(module, args):
+            x = args[0]
+            full = torch.zeros(width, dtype=x.dtype, device=x.device).index_add(
+                0, getattr(self, idx_name), self.offsets[key].reshape(-1).to(x.dtype))
+            return (x + full, *args[1:])
+
+        return hook
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        model = self.attached_to
+        if model is not None and getattr(model, "_p2d_adapter_ref", None) is not None:
+            if model._p2d_adapter_ref() is self:
+                del model._p2d_adapter_ref
+        self._model_ref = None
+
+    def merge_into(self, model: nn.Module) -> None:
+        raise UserError("an offset adapter cannot be merged into the base weights (it is a bias after o_proj, "
+                        "which Llama-style models do not have): evaluate it attached (--adapter)")
+
+    def save(self, out_dir, base_model: str, training: dict | None = None) -> Path:
+        """Write ``adapter_model.safetensors`` + ``adapter_config.json`` (``kind: "offset"``)."""
+        from safetensors.torch import save as to_bytes
+
+        from .files import atomic_write, write_json
+
+        from . import __version__
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        tensors = {f"layers.{l}.offset": self.offset(l).detach().to("cpu").contiguous() for l in self.layers}
+        dtype = str(next(iter(tensors.values())).dtype).replace("torch.", "")
+        config = {
+            "format": ADAPTER_FORMAT, "format_version": FORMAT_VERSION, "kind": self.kind,
+            "p2d_version": __version__, "base_model": str(base_model), "geometry": self.geometry.to_dict(),
+            "heads": self.heads, "projections": [], "dtype": dtype, "num_params": self.num_params(),
+            "layers": {str(l): {"q_heads": self._layers[l]} for l in self.layers}, "training": training or {},
+        }
+        data = to_bytes(tensors, metadata={"format": "pt"})  # plain file I/O below: a full disk is an OSError
+        atomic_write(out / WEIGHTS_NAME, lambda path: Path(path).write_bytes(data))
+        write_json(out / CONFIG_NAME, config, indent=2)
+        return out
+
+    @classmethod
+    def load(cls, adapter_dir, device="cpu", dtype=None) -> "OffsetAdapter":
+        from safetensors.torch import load_file
+
+        cfg = HeadAdapter.read_config(adapter_dir)
+        if cfg.get("kind", "heads") != cls.kind:
+            raise UserError(f"{adapter_dir} holds a {cfg.get('kind', 'heads')!r} adapter, not an offset adapter")
+        weights = Path(adapter_dir) / WEIGHTS_NAME
+        if not weights.is_file():
+            raise UserError(f"{adapter_dir} has no {WEIGHTS_NAME}: the adapter was not saved completely; retrain")
+        try:
+            geometry = HeadGeometry.from_dict(cfg["geometry"])
+            heads = cfg["heads"]
+        except (KeyError, TypeError) as exc:
+            raise UserError(f"{Path(adapter_dir) / CONFIG_NAME} is corrupt (missing {exc}); retrain") from None
+        try:
+            tensors = load_file(str(weights))
+        except Exception as exc:  # safetensors raises its own error types
+            raise UserError(f"{weights} is corrupt ({type(exc).__name__}); retrain or restore the file") from None
+        if dtype is None:
+            dtype = next(iter(tensors.values())).dtype if tensors else torch.float32
+        adapter = cls(geometry, heads, dtype=dtype, device=device)
+        expected = {f"layers.{l}.offset": adapter.offset(l) for l in adapter.layers}
+        if set(tensors) != set(expected):
+            raise UserError(f"{weights} does not match its {CONFIG_NAME}; retrain")
+        with torch.no_grad():
+            for name, param in expected.items():
+                if tuple(tensors[name].shape) != tuple(param.shape):
+                    raise UserError(f"{weights}: tensor {name} has shape {tuple(tensors[name].shape)}, expected "
+                                    f"{tuple(param.shape)}; the adapter files do not belong together")
+                param.copy_(tensors[name].to(dtype=param.dtype, device=param.device))
+        adapter.config = cfg
+        return adapter
+
+
+#: adapter class per kind
+ADAPTER_CLASSES = {"heads": HeadAdapter, "offset": OffsetAdapter}
+
+
+def make_adapter(kind: str, geometry: HeadGeometry, heads, projections=PROJECTIONS, dtype=torch.float32,
+                 device="cpu"):
+    """A fresh adapter of ``kind`` (one of ``ADAPTER_KINDS``) for ``heads``."""
+    if kind not in ADAPTER_CLASSES:
+        raise UserError(f"unknown adapter kind {kind!r}: use one of {', '.join(ADAPTER_KINDS)}")
+    return ADAPTER_CLASSES[kind](geometry, heads, projections, dtype=dtype, device=device)
+
+
+def load_adapter(lm, adapter_dir) -> HeadAdapter | OffsetAdapter:
+    """Load an adapter (any kind) for the LoadedModel ``lm``, check that its geometry matches, and
+    attach it."""
     adapter = HeadAdapter.load(adapter_dir, device=lm.device)
     diff = geometry_mismatch(adapter.geometry, lm.geometry)
     if diff:
@@ -387,6 +580,8 @@ def merge_and_save(lm, adapter_dir, out_dir) -> Path:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"{out_dir} already exists and is not empty: choose a new folder or delete it first")
     adapter = HeadAdapter.load(adapter_dir, device=lm.device)
+    if isinstance(adapter, OffsetAdapter):
+        adapter.merge_into(lm.model)  # raises: offsets cannot be merged
     diff = geometry_mismatch(adapter.geometry, lm.geometry)
     if diff:
         raise UserError(f"adapter {adapter_dir} does not fit model {lm.spec!r} ({diff}): merge it into "

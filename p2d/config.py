@@ -28,13 +28,14 @@ from pathlib import Path
 
 import yaml
 
-from .adapter import PROJECTIONS
+from .adapter import ADAPTER_KINDS, PROJECTIONS
 from .cost import REFERENCE_MODES
 from .errors import UserError
 from .files import write_text
 from .heads import DEFAULT_HEAD_METHOD, HEAD_METHODS
 from .models import DTYPES, QUANTIZE
-from .selection import DEFAULT_SELECT_METHOD, SELECT_METHODS
+from .gating import POSITIONS
+from .selection import DEFAULT_POSITIONS, DEFAULT_SELECT_METHOD, SELECT_METHODS
 from .tracking import REPORT_TO
 from .training import SCHEDULERS
 
@@ -111,6 +112,9 @@ class RunConfig:
                                stages=("heads",), choices=HEAD_METHODS)
     head_ratio: float = setting(0.1, "heads", "Share of heads", "share of all query heads to select (0.1 = 10%)",
                                 stages=("heads",), above=0.0, maximum=1.0)
+    positions: str = setting(DEFAULT_POSITIONS, "heads", "Answer positions",
+                             "where head and sample statistics are taken: all answer positions, or content (without "
+                             "the end-of-turn and template tokens)", stages=("heads", "select"), choices=POSITIONS)
     # stage 2: data -----------------------------------------------------------------------------------
     select_method: str = setting(DEFAULT_SELECT_METHOD, "select", "Selection method", "how pool samples are scored",
                                  stages=("select",), choices=SELECT_METHODS)
@@ -145,6 +149,9 @@ class RunConfig:
                              stages=("train",), minimum=0)
     checkpoint_every: int = setting(50, "train", "Checkpoint every", "save the training state every N steps so a "
                                     "killed run can resume (0: never)", minimum=0)
+    adapter: str = setting("heads", "train", "Adapter", "what is trained on the selected heads: heads (their q/k/v/o "
+                           "slices) or offset (a LoFiT-style vector added to each head's output; cannot be merged)",
+                           stages=("train",), choices=ADAPTER_KINDS)
     projections: list[str] = setting(None, "train", "Projections", "which slices of each selected head to train "
                                      "(subset of q,k,v,o)", stages=("train",), choices=PROJECTIONS,
                                      factory=lambda: list(PROJECTIONS))

@@ -19,7 +19,23 @@ exceptions). Both head layouts of `p2d.geometry.HeadGeometry` are supported ("sp
 "fused" GPT-2), since both feed the concatenated head outputs to their output projection.
 
 `answer_losses` is the forward helper the scoring code shares: per-sample mean cross-entropy on the
-answer tokens, computing logits only at the positions that predict answer tokens.
+answer tokens, computing logits only at the positions that predict answer tokens (or at any other
+position mask passed as ``positions``).
+
+Which answer positions count (``POSITIONS``):
+
+- ``"all"``: every position that predicts an answer token (`answer_positions`). With a chat template
+  the answer tokens end with the template's end-of-turn marker and whatever the template adds after
+  it (SmolLM2's ChatML: ``<|im_end|>`` then ``"\n"``), so for a one-token answer two of its three
+  positions predict template tokens, not content;
+- ``"content"``: only the positions that predict an answer token *before the first special token of
+  the answer* (`content_positions`); special tokens are the tokenizer's ``all_special_ids``, its
+  eos/bos/pad ids and every added token marked special (`special_token_ids`). Everything from that
+  first special token on (end-of-turn, eos, the template's trailing newline) is dropped. A row whose
+  answer has no content token left (an empty answer) keeps all its answer positions.
+  Not handled: answers that legitimately contain a special token in the middle (the rest of the
+  answer is dropped too), and templates that append non-special text after the answer *without* a
+  special token first (their trailing text counts as content).
 """
 
 from __future__ import annotations
@@ -32,7 +48,11 @@ import torch.nn.functional as F
 from .data.encoding import IGNORE_INDEX
 from .geometry import HeadGeometry
 
-__all__ = ["HeadGate", "StopForward", "answer_losses", "answer_token_losses", "answer_positions", "heads_by_layer"]
+__all__ = ["HeadGate", "StopForward", "POSITIONS", "answer_losses", "answer_token_losses", "answer_positions",
+           "content_positions", "special_token_ids", "position_mask", "heads_by_layer"]
+
+#: which answer positions per-head statistics and losses are taken at (see the module docstring)
+POSITIONS = ("all", "content")
 
 
 class StopForward(Exception):
@@ -56,6 +76,52 @@ def answer_positions(labels: torch.Tensor) -> torch.Tensor:
     mask = torch.zeros_like(labels, dtype=torch.bool)
     mask[:, :-1] = labels[:, 1:] != IGNORE_INDEX
     return mask
+
+
+def special_token_ids(tokenizer) -> list[int]:
+    """Sorted ids of the tokenizer's special tokens: ``all_special_ids``, eos/bos/pad, and every
+    added token flagged special (chat-template markers such as ``<|im_end|>``)."""
+    ids = {int(i) for i in (getattr(tokenizer, "all_special_ids", None) or [])}
+    for attr in ("eos_token_id", "bos_token_id", "pad_token_id"):
+        value = getattr(tokenizer, attr, None)
+        if isinstance(value, int):
+            ids.add(value)
+    for idx, tok in (getattr(tokenizer, "added_tokens_decoder", None) or {}).items():
+        if getattr(tok, "special", False):
+            ids.add(int(idx))
+    return sorted(ids)
+
+
+def content_positions(labels: torch.Tensor, special_ids, fallback: bool = True) -> torch.Tensor:
+    """Bool mask [B, T]: the answer positions whose target comes before the first special token of
+    the row's answer (see the module docstring). ``special_ids``: an iterable of ids or a tensor.
+
+    With ``fallback`` a row left without any such position keeps all its answer positions.
+    """
+    ids = torch.as_tensor(list(special_ids) if not torch.is_tensor(special_ids) else special_ids,
+                          dtype=labels.dtype, device=labels.device)
+    targets = labels[:, 1:]
+    is_answer = targets != IGNORE_INDEX
+    special = is_answer & torch.isin(targets, ids)
+    seen_special = special.long().cumsum(dim=1) > 0
+    mask = torch.zeros_like(labels, dtype=torch.bool)
+    mask[:, :-1] = is_answer & ~seen_special
+    if fallback:
+        empty = ~mask.any(dim=1)
+        if empty.any():
+            mask[empty] = answer_positions(labels[empty])
+    return mask
+
+
+def position_mask(labels: torch.Tensor, positions: str = "all", special_ids=None) -> torch.Tensor:
+    """`answer_positions` for ``"all"``, `content_positions` for ``"content"`` (needs ``special_ids``)."""
+    if positions == "all":
+        return answer_positions(labels)
+    if positions == "content":
+        if special_ids is None:
+            raise ValueError("positions='content' needs the tokenizer's special ids (special_token_ids)")
+        return content_positions(labels, special_ids)
+    raise ValueError(f"positions must be one of {', '.join(POSITIONS)}, not {positions!r}")
 
 
 class HeadGate:
@@ -204,16 +270,17 @@ def _logit_postprocess(model, logits: torch.Tensor) -> torch.Tensor:
 
 
 def answer_token_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor],
-                        fast: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                        fast: bool = True, positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy of every answer token (flat ``[N]``, float32) and the batch row of each.
 
     With ``fast`` the model body runs once and the LM head only at the positions that predict answer
     tokens (the full [B, T, vocab] logits are never built); output scalings (Gemma soft-capping,
     Granite/Cohere logit scales) are applied after it. ``fast=False``, or a model whose body or head
-    cannot be reached, takes the plain full forward.
+    cannot be reached, takes the plain full forward. ``positions`` (bool [B, T], a subset of
+    `answer_positions`, e.g. `content_positions`) restricts the loss to those positions.
     """
     input_ids, attention_mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
-    pos = answer_positions(labels)  # [B, T]
+    pos = answer_positions(labels) if positions is None else positions.to(labels.device)  # [B, T]
     rows, cols = pos.nonzero(as_tuple=True)
     targets = labels[rows, cols + 1]
     body = getattr(model, "base_model", None)
@@ -227,9 +294,11 @@ def answer_token_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor],
     return F.cross_entropy(logits.float(), targets, reduction="none"), rows
 
 
-def answer_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Per-sample mean cross-entropy on the answer tokens ([B], float32); 0 for samples without any."""
-    token_loss, rows = answer_token_losses(model, batch)
+def answer_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor],
+                  positions: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-sample mean cross-entropy on the answer tokens ([B], float32); 0 for samples without any.
+    ``positions``: see `answer_token_losses`."""
+    token_loss, rows = answer_token_losses(model, batch, positions=positions)
     n = batch["input_ids"].shape[0]
     sums = torch.zeros(n, dtype=torch.float32, device=token_loss.device).index_add(0, rows, token_loss)
     counts = torch.zeros(n, dtype=torch.float32, device=token_loss.device).index_add(

@@ -1,12 +1,15 @@
 """Stage 1: score every (layer, query head) for how task-specific it is, and keep the top ones.
 
-Methods (NOTES §1):
+Methods (``HEAD_METHODS``; formulas and sources also in docs/METHOD_variants.md):
 
 - ``shift`` (paper-style proxy, as ALPS): a short proxy fine-tune (``proxy_steps`` AdamW steps,
-  ``proxy_lr``, no weight decay, dropout off) of *all* attention projections on the probe set, with
-  everything else frozen; then each query head is scored by the Wasserstein-1 distance between
-  softmax(flattened head weights) before and after. The model's weights are restored bit-identically
-  afterwards (only the attention projections are copied).
+  ``proxy_lr`` (default 1e-4), no weight decay, dropout off) of *all* attention projections on the
+  probe set, with everything else frozen; then each query head is scored by the Wasserstein-1
+  distance between softmax(flattened head weights) before and after. The model's weights are restored
+  bit-identically afterwards (only the attention projections are copied). Caveat: Adam divides each
+  step by the running gradient RMS, so after a few steps every coordinate with a consistent gradient
+  sign has moved by about ``steps * lr`` whatever its gradient size: the movement measures sign
+  consistency more than importance.
 
   A query head's weight vector is, in this order: its ``q_proj`` rows ``[d, hidden]``, its kv head's
   ``k_proj`` rows and ``v_proj`` rows (GQA: kv head ``h // (n_q / n_kv)``), and its ``o_proj``
@@ -20,28 +23,61 @@ Methods (NOTES §1):
   values near 1/N would drown the signal in float32 rounding). ``extra["update_norm"]`` also holds
   the cheaper relative update norm ``||W_after - W_before|| / ||W_before||`` per head.
 
+- ``shift_sgd``: the same proxy run and W1 score with plain SGD (no momentum, ``proxy_lr`` default
+  1e-2), so each weight moves by ``lr`` times its accumulated gradient: the movement reflects how
+  large the gradients are, not only their sign consistency.
+
 - ``gradient`` (Michel et al. 2019): a gate on each head's output; importance = mean over samples of
   |dL_i/dgate| (per-sample gates, so it is the per-sample absolute value, one backward per batch),
   L_i = the sample's mean answer-token loss. With ``contrast=True`` (default) and a pool, the same
   importance is measured on a seeded sample of the pool (``max(len(probe), 64)`` rows, or the whole
-  pool if smaller) and the score is the *difference of normalised importances*::
+  pool if smaller) and the score contrasts the two maps (``HEAD_CONTRASTS``, `contrast_scores`):
 
-      score[l, h] = probe_imp[l, h] / sum(probe_imp) - pool_imp[l, h] / sum(pool_imp)
+  * ``difference`` (``gradient``'s default): ``probe_imp / sum(probe_imp) - pool_imp / sum(pool_imp)``,
+    a difference of global shares; heads every task needs (high on both) do not dominate, but the
+    difference scales with a head's overall magnitude, so a layer of large-importance heads that are
+    only slightly enriched can outrank small heads that are strongly enriched;
+  * ``layer`` (method ``gradient_layer``): the same difference of shares, with shares taken *within
+    each layer* (each layer's importances divided by that layer's sum), so magnitude differences
+    between layers cancel;
+  * ``logratio`` (method ``gradient_logratio``): ``log(share_probe + eps) - log(share_pool + eps)``
+    with global shares and ``eps = LOGRATIO_EPS / (n_layers * n_q)`` (a thousandth of the mean
+    share); with eps -> 0 this is the log of the enrichment ratio, independent of magnitude.
 
-  so heads every task needs (high on both) do not dominate (NOTES §6). Without a pool (or
-  ``contrast=False``) the score is the normalised probe importance; ``extra["contrast"]`` says which.
-  ``extra`` keeps both raw importance maps so other contrasts can be computed without rerunning.
+  Without a pool (or ``contrast=False``) ``gradient`` scores the normalised probe importance;
+  ``gradient_layer`` / ``gradient_logratio`` need a pool (UserError without one). ``extra`` keeps
+  both raw importance maps (``probe_importance``, ``pool_importance``), so `recontrast` can compute
+  any other contrast without rerunning the model.
+
+- ``taylor`` (first-order Taylor importance, Molchanov et al. 2017/2019): no weight update;
+  importance = mean over probe batches of ``sum |g * w|`` over the head's weight slices (the same q,
+  k, v, o slices as ``shift``; with GQA a kv head's k/v terms count for each of its query heads),
+  ``g`` the gradient of the batch's mean answer loss. Contrasted with a pool sample exactly like
+  ``gradient`` (default ``difference``; ``contrast`` may name another of ``HEAD_CONTRASTS``).
+
+- ``lofit`` (head selection step of LoFiT, Yin, Ye & Durrett, NeurIPS 2024): one learnable
+  multiplicative scale per head output (initialised at 1, through the `p2d.gating.HeadGate` hooks),
+  all weights frozen, trained for ``proxy_steps`` Adam steps (``proxy_lr`` default 1e-2) on the probe
+  set with the loss ``mean answer loss + l1 * sum |scale - 1|`` (``l1`` default ``LOFIT_L1`` = 1e-3,
+  LoFiT's value); score = ``|scale - 1|``. Differences from LoFiT: LoFiT learns a ``head_dim`` vector
+  per head (score = its L2 norm), initialised N(0, 1e-3), for several epochs at lr 1e-3; here it is
+  one scalar per head and a few steps. Adam's sign-equalisation (see ``shift``) applies here too; the
+  L1 term makes heads whose gradient stays below ``l1`` hover around 1. No pool contrast.
 
 - ``random``: a seeded control (uniform scores from ``torch.Generator().manual_seed(seed)``).
 
-During scoring every model parameter is frozen (only the proxy run unfreezes the attention
-projections) and the model is in eval mode; previous ``requires_grad`` flags and training mode are
-restored afterwards, also on errors. ``progress(done, total, desc)`` is called as work proceeds;
-``should_stop()`` returning True ends the run early with the scores measured so far and
-``extra["stopped"] = True``.
+Answer positions: every loss above is the per-sample mean cross-entropy over the answer positions
+chosen by ``positions`` (`p2d.gating.POSITIONS`): ``"all"`` (default) or ``"content"`` (without the
+end-of-turn marker and what the chat template adds after it).
 
-Not supported: shift with a model held in bf16/fp16 moves weights by less than their resolution for
-small ``proxy_lr`` (most updates round away): use fp32 for ``shift``, or ``gradient``.
+During scoring every model parameter is frozen (only the proxy runs unfreeze the attention
+projections, and ``taylor`` asks autograd for their gradients without storing ``.grad``) and the
+model is in eval mode; previous ``requires_grad`` flags and training mode are restored afterwards,
+also on errors. ``progress(done, total, desc)`` is called as work proceeds; ``should_stop()``
+returning True ends the run early with the scores measured so far and ``extra["stopped"] = True``.
+
+Not supported: shift / shift_sgd with a model held in bf16/fp16 move weights by less than their
+resolution for small ``proxy_lr`` (most updates round away): use fp32 for them, or ``gradient``.
 """
 
 from __future__ import annotations
@@ -59,11 +95,33 @@ import torch
 from .data.encoding import collate, encode, iter_batches
 from .data.formats import Sample
 from .errors import UserError
-from .gating import HeadGate, answer_losses
+from .gating import POSITIONS, HeadGate, answer_losses, position_mask, special_token_ids
 from .geometry import HeadGeometry
 from .progress import Ticker
 
-HEAD_METHODS = ("shift", "gradient", "random")
+HEAD_METHODS = ("shift", "gradient", "random", "gradient_layer", "gradient_logratio", "taylor", "shift_sgd", "lofit")
+#: one line per head method, for UIs and CLI help
+HEAD_METHOD_HELP = {
+    "shift": "shift: a short AdamW proxy fine-tune of all attention weights on the probe set; how far each head moved",
+    "gradient": "gradient: |dL/dgate| of a gate on each head, probe share minus pool share (no weight update)",
+    "random": "random: a seeded control (falsification test)",
+    "gradient_layer": "gradient_layer: |dL/dgate|, probe vs pool shares taken within each layer (needs a pool)",
+    "gradient_logratio": "gradient_logratio: |dL/dgate|, log of the probe/pool share ratio (needs a pool)",
+    "taylor": "taylor: sum of |gradient x weight| over each head's weights, probe share minus pool share",
+    "shift_sgd": "shift_sgd: the shift proxy fine-tune with plain SGD (movement follows gradient size)",
+    "lofit": "lofit: a learned scale per head output (LoFiT), trained a few steps on the probe set; |scale - 1|",
+}
+#: how importance methods contrast the probe map with the pool map (see `contrast_scores`)
+HEAD_CONTRASTS = ("difference", "layer", "logratio")
+#: the contrast each importance-map method uses when ``contrast=True``
+METHOD_CONTRAST = {"gradient": "difference", "gradient_layer": "layer", "gradient_logratio": "logratio",
+                   "taylor": "difference"}
+#: ``logratio`` contrast: eps = LOGRATIO_EPS / (n_layers * n_q), added to both global shares
+LOGRATIO_EPS = 1e-3
+#: default ``proxy_lr`` per method that trains something
+PROXY_LR = {"shift": 1e-4, "shift_sgd": 1e-2, "lofit": 1e-2}
+#: ``lofit``: weight of the L1 penalty on (scale - 1), LoFiT's value
+LOFIT_L1 = 1e-3
 #: Chosen with bench/select_quality.py (embedded SmolLM2-135M, built-in pool of 400, 10% target, top 10% kept):
 #: contrasted gradient heads gave the best target precision with either selection score on both targets tried
 #: (addition: activation 0.675 / alignment 0.625; units: 0.75 / 0.725), shift heads 0.675 / 0.5 with
@@ -71,8 +129,10 @@ HEAD_METHODS = ("shift", "gradient", "random")
 DEFAULT_HEAD_METHOD = "gradient"
 HEADS_FILE = "heads.json"
 
-__all__ = ["HEAD_METHODS", "DEFAULT_HEAD_METHOD", "HeadScores", "select_top", "score_heads",
-           "attention_snapshot", "head_weight_vector", "weight_shift_scores", "w1_index"]
+__all__ = ["HEAD_METHODS", "HEAD_METHOD_HELP", "HEAD_CONTRASTS", "METHOD_CONTRAST", "LOGRATIO_EPS", "PROXY_LR", "LOFIT_L1",
+           "DEFAULT_HEAD_METHOD", "HeadScores", "select_top", "score_heads", "contrast_scores", "recontrast",
+           "attention_snapshot", "head_weight_vector", "head_slice_sums", "weight_shift_scores", "w1_index",
+           "gate_importance", "taylor_importance"]
 
 
 # ------------------------------------------------------------------------------------------ result
@@ -274,19 +334,28 @@ def frozen(model: torch.nn.Module):
         model.train(training)
 
 
-def _batches(lm, samples: list[Sample], batch_size: int, max_length: int, shuffle=False, seed=0):
-    """Encoded, length-bucketed batches (dicts of tensors on the model's device)."""
+def _batches(lm, samples: list[Sample], batch_size: int, max_length: int, shuffle=False, seed=0,
+             positions: str = "all"):
+    """Encoded, length-bucketed batches (dicts of tensors on the model's device); ``"positions"`` is
+    the bool mask of the answer positions the loss is taken at (see `p2d.gating.POSITIONS`)."""
     encoded = encode(samples, lm.tokenizer, max_length)
     pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
+    special = special_token_ids(lm.tokenizer) if positions == "content" else None
     out = []
     for items in iter_batches(encoded, batch_size, shuffle=shuffle, seed=seed, sort_by_length=True):
         b = collate(items, pad)
+        b["positions"] = position_mask(b["labels"], positions, special)
         out.append({k: v.to(lm.device) for k, v in b.items()} | {"index": [it["index"] for it in items]})
     return out
 
 
 def _model_inputs(batch: dict) -> dict:
     return {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
+
+
+def _loss(model, batch: dict) -> torch.Tensor:
+    """Per-sample mean answer loss of a `_batches` batch, at its chosen positions ([B])."""
+    return answer_losses(model, _model_inputs(batch), positions=batch.get("positions"))
 
 
 def _check_samples(samples, what: str) -> list[Sample]:
@@ -299,13 +368,14 @@ def _check_samples(samples, what: str) -> list[Sample]:
 # ---------------------------------------------------------------------------------------- methods
 
 
-def _score_shift(lm, probe, batch_size, max_length, seed, proxy_steps, proxy_lr, tick, should_stop):
+def _score_shift(lm, probe, batch_size, max_length, seed, proxy_steps, proxy_lr, tick, should_stop,
+                 optimizer: str = "adamw", positions: str = "all"):
     model, geo = lm.model, lm.geometry
     params = _attention_params(model, geo)
     saved = {name: p.detach().clone() for name, p in params}  # the only copy: attention weights (+ biases)
     before = {layer: {name: saved[f"{layer}.{name}.weight"] for name in geo.projections(model, layer)}
               for layer in range(geo.n_layers)}
-    batches = _batches(lm, probe, batch_size, max_length)
+    batches = _batches(lm, probe, batch_size, max_length, positions=positions)
     if not batches:
         raise UserError("no probe sample has answer tokens within the max length; raise max_length")
     order_rng = random.Random(seed)
@@ -313,7 +383,10 @@ def _score_shift(lm, probe, batch_size, max_length, seed, proxy_steps, proxy_lr,
     try:
         for _, p in params:
             p.requires_grad_(True)
-        opt = torch.optim.AdamW([p for _, p in params], lr=proxy_lr, weight_decay=0.0)
+        if optimizer == "sgd":
+            opt = torch.optim.SGD([p for _, p in params], lr=proxy_lr, momentum=0.0, weight_decay=0.0)
+        else:
+            opt = torch.optim.AdamW([p for _, p in params], lr=proxy_lr, weight_decay=0.0)
         queue: list[int] = []
         for step in range(proxy_steps):
             if should_stop is not None and should_stop():
@@ -324,7 +397,7 @@ def _score_shift(lm, probe, batch_size, max_length, seed, proxy_steps, proxy_lr,
                 order_rng.shuffle(queue)
             batch = batches[queue.pop()]
             with torch.enable_grad():
-                loss = answer_losses(model, _model_inputs(batch)).mean()
+                loss = _loss(model, batch).mean()
                 loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -344,9 +417,12 @@ def _score_shift(lm, probe, batch_size, max_length, seed, proxy_steps, proxy_lr,
                 p.requires_grad_(False)
     extra = {"proxy_steps": steps_done, "proxy_steps_requested": proxy_steps, "proxy_lr": proxy_lr,
              "proxy_loss_first": losses[0] if losses else None, "proxy_loss_last": losses[-1] if losses else None,
-             "optimizer": "AdamW(weight_decay=0)", "distance": "W1, index support on [0,1] (ALPS)",
-             "update_norm": rel}
+             "optimizer": "SGD(momentum=0)" if optimizer == "sgd" else "AdamW(weight_decay=0)",
+             "distance": "W1, index support on [0,1] (ALPS)", "update_norm": rel}
     return scores, extra, stopped
+
+
+# ---------------------------------------------------------------------------- importance maps
 
 
 def gate_importance(lm, batches, tick=None, should_stop=None, layers=None) -> tuple[torch.Tensor, int, bool]:
@@ -364,7 +440,7 @@ def gate_importance(lm, batches, tick=None, should_stop=None, layers=None) -> tu
                      for layer in layers}
             for layer, g in gates.items():
                 gate.set_gate(layer, g)
-            loss = answer_losses(model, _model_inputs(batch)).sum()
+            loss = _loss(model, batch).sum()
             grads = torch.autograd.grad(loss, [gates[layer] for layer in layers], allow_unused=True)
             for layer, gr in zip(layers, grads):
                 if gr is not None:
@@ -376,46 +452,217 @@ def gate_importance(lm, batches, tick=None, should_stop=None, layers=None) -> tu
     return total, seen, False
 
 
-def _score_gradient(lm, probe, pool, contrast, batch_size, max_length, seed, tick, should_stop):
-    probe_batches = _batches(lm, probe, batch_size, max_length)
+def head_slice_sums(geometry: HeadGeometry, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Per query head, the sum of a per-weight tensor (shaped like one layer's projection weights,
+    keys as `HeadGeometry.projections`) over that head's q, k, v, o slices: ``[n_q]`` float64.
+
+    GQA: the k/v rows of kv head g count for every query head that reads g.
+    """
+    g, d, n_q = geometry, geometry.head_dim, geometry.n_q_heads
+    kv = torch.tensor([g.kv_head(h) for h in range(n_q)])
+    if g.layout == "split":
+        q = tensors["q"].double().reshape(n_q, -1).sum(1)
+        k = tensors["k"].double().reshape(g.n_kv_heads, -1).sum(1)
+        v = tensors["v"].double().reshape(g.n_kv_heads, -1).sum(1)
+        o = tensors["o"].double().reshape(tensors["o"].shape[0], n_q, d).sum((0, 2))
+    else:  # GPT-2 Conv1D: c_attn [in, 3 * H * d], c_proj [H * d, out]
+        w = tensors["qkv"].double()
+        hd = n_q * d
+        q = w[:, :hd].reshape(w.shape[0], n_q, d).sum((0, 2))
+        k = w[:, hd:2 * hd].reshape(w.shape[0], n_q, d).sum((0, 2))
+        v = w[:, 2 * hd:].reshape(w.shape[0], n_q, d).sum((0, 2))
+        o = tensors["o"].double().reshape(n_q, -1).sum(1)
+    return (q + k[kv.to(k.device)] + v[kv.to(v.device)] + o).cpu()
+
+
+def taylor_importance(lm, batches, tick=None, should_stop=None) -> tuple[torch.Tensor, int, int, bool]:
+    """Sum over batches of ``sum |g * w|`` per head's weight slices ([n_layers, n_q], float64), batches
+    and samples seen, stopped. ``g`` = gradient of the batch's mean answer loss; the weights keep
+    ``requires_grad=False`` outside this call and ``.grad`` is never written."""
+    model, geo = lm.model, lm.geometry
+    mods = [geo.projections(model, layer) for layer in range(geo.n_layers)]
+    weights = [[m.weight for m in layer_mods.values()] for layer_mods in mods]
+    flat = [w for ws in weights for w in ws]
+    flags = [w.requires_grad for w in flat]
+    total = torch.zeros(geo.n_layers, geo.n_q_heads, dtype=torch.float64)
+    n_batches = seen = 0
+    try:
+        for w in flat:
+            w.requires_grad_(True)
+        with torch.enable_grad():
+            for batch in batches:
+                if should_stop is not None and should_stop():
+                    return total, n_batches, seen, True
+                loss = _loss(model, batch).mean()
+                grads = torch.autograd.grad(loss, flat)
+                it = iter(grads)
+                with torch.no_grad():
+                    for layer, layer_mods in enumerate(mods):
+                        prod = {name: (next(it) * m.weight).abs() for name, m in layer_mods.items()}
+                        total[layer] += head_slice_sums(geo, prod)
+                n_batches += 1
+                seen += batch["input_ids"].shape[0]
+                if tick is not None:
+                    tick(f"taylor |g*w|: {seen} samples")
+    finally:
+        for w, flag in zip(flat, flags):
+            w.requires_grad_(flag)
+    return total, n_batches, seen, False
+
+
+def contrast_scores(probe_mean, pool_mean, kind: str = "difference") -> torch.Tensor:
+    """Contrast two importance maps ([n_layers, n_q], any non-negative scale) into scores (float64).
+
+    ``difference``: global share of probe minus global share of pool; ``layer``: the same with shares
+    taken within each layer; ``logratio``: log(share_probe + eps) - log(share_pool + eps) with global
+    shares and ``eps = LOGRATIO_EPS / (n_layers * n_q)``.
+    """
+    if kind not in HEAD_CONTRASTS:
+        raise UserError(f"unknown contrast {kind!r}: use one of {', '.join(HEAD_CONTRASTS)}")
+    a = torch.as_tensor(probe_mean, dtype=torch.float64)
+    b = torch.as_tensor(pool_mean, dtype=torch.float64)
+    if kind == "layer":
+        return a / a.sum(dim=1, keepdim=True).clamp_min(1e-300) - b / b.sum(dim=1, keepdim=True).clamp_min(1e-300)
+    sa, sb = a / a.sum().clamp_min(1e-300), b / b.sum().clamp_min(1e-300)
+    if kind == "difference":
+        return sa - sb
+    eps = LOGRATIO_EPS / a.numel()
+    return torch.log(sa + eps) - torch.log(sb + eps)
+
+
+def recontrast(hs: "HeadScores", kind: str, ratio: float | None = None) -> "HeadScores":
+    """The same importance run (``gradient*`` or ``taylor``) re-scored with another contrast, from the
+    maps kept in ``hs.extra`` (no model pass). UserError if ``hs`` has no pool importance."""
+    import dataclasses
+
+    probe, pool = hs.extra.get("probe_importance"), hs.extra.get("pool_importance")
+    if probe is None or pool is None:
+        raise UserError(f"{hs.method} scores carry no probe/pool importance maps: rerun it with a pool")
+    scores = contrast_scores(probe, pool, kind).tolist()
+    ratio = hs.ratio if ratio is None else check_ratio(ratio, "head ratio")
+    extra = dict(hs.extra, contrast=_CONTRAST_TEXT[kind], contrast_kind=kind)
+    return dataclasses.replace(hs, ratio=ratio, scores=scores, selected=select_top(scores, ratio), extra=extra)
+
+
+_CONTRAST_TEXT = {"difference": "difference of normalised importances (probe - pool)",
+                  "layer": "difference of per-layer normalised importances (probe - pool)",
+                  "logratio": "log-ratio of normalised importances (probe / pool)"}
+
+
+def _pool_sample(pool, probe, seed) -> list[Sample]:
+    n = min(len(pool), max(len(probe), 64))
+    return [pool[i] for i in sorted(random.Random(seed).sample(range(len(pool)), n))]
+
+
+def _score_importance(lm, method, probe, pool, contrast, batch_size, max_length, seed, tick, should_stop,
+                      positions: str = "all"):
+    """gradient / gradient_layer / gradient_logratio / taylor: probe map, pool map, contrast."""
+    default = METHOD_CONTRAST[method]
+    if isinstance(contrast, str):
+        if contrast not in HEAD_CONTRASTS:
+            raise UserError(f"unknown contrast {contrast!r}: use one of {', '.join(HEAD_CONTRASTS)}")
+        if method in ("gradient_layer", "gradient_logratio") and contrast != default:
+            raise UserError(f"{method} always uses the {default!r} contrast (got contrast={contrast!r}); "
+                            f"use method 'gradient' or 'taylor' with contrast={contrast!r}")
+        kind: str | None = contrast
+    else:
+        kind = default if contrast else None
+    if method in ("gradient_layer", "gradient_logratio") and (kind is None or not pool):
+        raise UserError(f"{method} contrasts the probe with the pool: give a pool (--pool)")
+    probe_batches = _batches(lm, probe, batch_size, max_length, positions=positions)
     if not probe_batches:
         raise UserError("no probe sample has answer tokens within the max length; raise max_length")
-    pool_sample: list[Sample] = []
-    if contrast and pool:
-        n = min(len(pool), max(len(probe), 64))
-        pool_sample = [pool[i] for i in sorted(random.Random(seed).sample(range(len(pool)), n))]
-    pool_batches = _batches(lm, pool_sample, batch_size, max_length) if pool_sample else []
+    pool_sample = _pool_sample(pool, probe, seed) if kind is not None and pool else []
+    pool_batches = _batches(lm, pool_sample, batch_size, max_length, positions=positions) if pool_sample else []
     tick.total = len(probe_batches) + len(pool_batches)
-    probe_imp, n_probe, stopped = gate_importance(lm, probe_batches, tick, should_stop)
-    pool_imp, n_pool = None, 0
-    if pool_batches and not stopped:
-        pool_imp, n_pool, stopped = gate_importance(lm, pool_batches, tick, should_stop)
-    probe_mean = probe_imp / max(n_probe, 1)
-    probe_share = probe_mean / probe_mean.sum().clamp_min(1e-30)
-    if pool_imp is not None and n_pool > 0:
-        pool_mean = pool_imp / n_pool
-        scores = probe_share - pool_mean / pool_mean.sum().clamp_min(1e-30)
-        mode = "difference of normalised importances (probe - pool)"
+    extra: dict = {}
+    if method == "taylor":
+        probe_imp, n_probe_b, n_probe, stopped = taylor_importance(lm, probe_batches, tick, should_stop)
+        probe_mean = probe_imp / max(n_probe_b, 1)
+        pool_imp, n_pool_b, n_pool = None, 0, 0
+        if pool_batches and not stopped:
+            pool_imp, n_pool_b, n_pool, stopped = taylor_importance(lm, pool_batches, tick, should_stop)
+        pool_mean = pool_imp / n_pool_b if pool_imp is not None and n_pool_b > 0 else None
+        extra["importance"] = "mean over batches of sum |g * w| over the head's q/k/v/o slices"
     else:
-        pool_mean = None
-        scores = probe_share
+        probe_imp, n_probe, stopped = gate_importance(lm, probe_batches, tick, should_stop)
+        probe_mean = probe_imp / max(n_probe, 1)
+        pool_imp, n_pool = None, 0
+        if pool_batches and not stopped:
+            pool_imp, n_pool, stopped = gate_importance(lm, pool_batches, tick, should_stop)
+        pool_mean = pool_imp / n_pool if pool_imp is not None and n_pool > 0 else None
+        extra["importance"] = "mean over samples of |dL_i/dgate|"
+    if pool_mean is not None and kind is not None:
+        scores = contrast_scores(probe_mean, pool_mean, kind)
+        mode = _CONTRAST_TEXT[kind]
+    else:  # no pool, contrast off, or stopped before the pool map: the normalised probe map
+        scores = probe_mean / probe_mean.sum().clamp_min(1e-30)
         mode = "none (no pool given)" if contrast and not pool else "none"
-    extra = {"contrast": mode, "probe_samples": n_probe, "pool_samples": n_pool,
-             "probe_importance": probe_mean.tolist(),
-             "pool_importance": pool_mean.tolist() if pool_mean is not None else None}
+        kind = None
+    extra.update({"contrast": mode, "contrast_kind": kind, "probe_samples": n_probe, "pool_samples": n_pool,
+                  "probe_importance": probe_mean.tolist(),
+                  "pool_importance": pool_mean.tolist() if pool_mean is not None else None})
+    if kind == "logratio":
+        extra["logratio_eps"] = LOGRATIO_EPS / probe_mean.numel()
+    return scores.tolist(), extra, stopped
+
+
+def _score_lofit(lm, probe, batch_size, max_length, seed, steps, lr, l1, tick, should_stop, positions="all"):
+    """LoFiT-style head scaling: scales [n_layers, n_q] at 1, Adam on answer loss + l1 * |scale - 1|."""
+    model, geo = lm.model, lm.geometry
+    batches = _batches(lm, probe, batch_size, max_length, positions=positions)
+    if not batches:
+        raise UserError("no probe sample has answer tokens within the max length; raise max_length")
+    scales = torch.ones(geo.n_layers, geo.n_q_heads, dtype=torch.float32, device=lm.device, requires_grad=True)
+    opt = torch.optim.Adam([scales], lr=lr)
+    order_rng = random.Random(seed)
+    queue: list[int] = []
+    losses: list[float] = []
+    stopped = False
+    with torch.enable_grad(), HeadGate(model, geo) as gate:
+        for _ in range(steps):
+            if should_stop is not None and should_stop():
+                stopped = True
+                break
+            if not queue:
+                queue = list(range(len(batches)))
+                order_rng.shuffle(queue)
+            batch = batches[queue.pop()]
+            for layer in range(geo.n_layers):
+                gate.set_gate(layer, scales[layer])
+            loss = _loss(model, batch).mean()
+            total = loss + l1 * (scales - 1.0).abs().sum()
+            opt.zero_grad(set_to_none=True)
+            total.backward()
+            opt.step()
+            gate.clear_gates()
+            losses.append(float(loss.detach()))
+            tick(f"lofit step {len(losses)}/{steps}, loss {losses[-1]:.3f}")
+    final = scales.detach().double().cpu()
+    scores = (final - 1.0).abs()
+    extra = {"steps": len(losses), "steps_requested": steps, "lr": lr, "l1": l1, "optimizer": "Adam",
+             "init": 1.0, "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
+             "scales": final.tolist()}
     return scores.tolist(), extra, stopped
 
 
 def score_heads(lm, probe: list[Sample], method: str = DEFAULT_HEAD_METHOD, ratio: float = 0.1,
                 pool: list[Sample] | None = None, seed: int = 0, batch_size: int = 8, max_length: int = 256,
-                proxy_steps: int = 20, proxy_lr: float = 1e-4, contrast: bool = True,
-                progress=None, should_stop=None) -> HeadScores:
+                proxy_steps: int = 20, proxy_lr: float | None = None, contrast: bool | str = True,
+                l1: float = LOFIT_L1, progress=None, should_stop=None, positions: str = "all") -> HeadScores:
     """Score every query head of ``lm`` (a `p2d.models.LoadedModel`) and keep the top ``ratio``.
 
-    See the module docstring for the methods. ``pool`` is only used by ``gradient`` (contrast).
+    See the module docstring for the methods. ``pool`` is used by the contrasted methods
+    (``gradient*``, ``taylor``). ``proxy_steps`` / ``proxy_lr`` are the steps and learning rate of
+    ``shift``, ``shift_sgd`` and ``lofit`` (``proxy_lr=None``: ``PROXY_LR[method]``). ``contrast``:
+    True (the method's default, ``METHOD_CONTRAST``), False (none), or one of ``HEAD_CONTRASTS``.
+    ``l1``: lofit's L1 weight. ``positions`` (one of `p2d.gating.POSITIONS`): the answer positions
+    every loss is taken at ("content" drops end-of-turn / template positions).
     """
     if method not in HEAD_METHODS:
         raise UserError(f"unknown head method {method!r}: use one of {', '.join(HEAD_METHODS)}")
+    if positions not in POSITIONS:
+        raise UserError(f"unknown answer positions {positions!r}: use one of {', '.join(POSITIONS)}")
     ratio = check_ratio(ratio, "head ratio")
     if batch_size < 1:
         raise UserError(f"batch size must be at least 1 (got {batch_size})")
@@ -430,18 +677,30 @@ def score_heads(lm, probe: list[Sample], method: str = DEFAULT_HEAD_METHOD, rati
             progress(1, 1, "random head scores")
     else:
         probe = _check_samples(probe, "probe")
+        lr = PROXY_LR.get(method) if proxy_lr is None else float(proxy_lr)
+        if method in PROXY_LR:
+            if proxy_steps < 1:
+                raise UserError(f"proxy steps must be at least 1 (got {proxy_steps})")
+            if not (lr > 0 and math.isfinite(lr)):
+                raise UserError(f"proxy learning rate must be a positive number (got {proxy_lr})")
         with frozen(lm.model):
-            if method == "shift":
-                if proxy_steps < 1:
-                    raise UserError(f"proxy steps must be at least 1 (got {proxy_steps})")
+            if method in ("shift", "shift_sgd"):
                 tick = Ticker(progress, proxy_steps)
-                scores, extra, stopped = _score_shift(lm, probe, batch_size, max_length, seed, proxy_steps,
-                                                      proxy_lr, tick, should_stop)
+                scores, extra, stopped = _score_shift(lm, probe, batch_size, max_length, seed, proxy_steps, lr,
+                                                      tick, should_stop, positions=positions,
+                                                      optimizer="sgd" if method == "shift_sgd" else "adamw")
+            elif method == "lofit":
+                if not (l1 >= 0 and math.isfinite(l1)):
+                    raise UserError(f"the L1 weight must be a non-negative number (got {l1})")
+                tick = Ticker(progress, proxy_steps)
+                scores, extra, stopped = _score_lofit(lm, probe, batch_size, max_length, seed, proxy_steps, lr,
+                                                      float(l1), tick, should_stop, positions)
             else:
                 tick = Ticker(progress, 0)
-                scores, extra, stopped = _score_gradient(lm, probe, pool, contrast, batch_size, max_length, seed,
-                                                         tick, should_stop)
+                scores, extra, stopped = _score_importance(lm, method, probe, pool, contrast, batch_size,
+                                                           max_length, seed, tick, should_stop, positions)
         extra["probe_size"] = len(probe)
+        extra["positions"] = positions
     extra["stopped"] = stopped
     extra["geometry"] = geo.to_dict()
     return HeadScores(method=method, ratio=ratio, scores=scores, selected=select_top(scores, ratio),

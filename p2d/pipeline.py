@@ -352,7 +352,7 @@ class Run:
         c = self.config
         hs = score_heads(self.lm, self.data.probe.samples, method=c.head_method, ratio=c.head_ratio,
                          pool=self.data.pool.samples, seed=c.seed, batch_size=c.batch_size, max_length=c.max_length,
-                         progress=self.progress, should_stop=self.should_stop)
+                         progress=self.progress, should_stop=self.should_stop, positions=c.positions)
         hs.save(self.out)
         return hs, bool(hs.extra.get("stopped"))
 
@@ -360,7 +360,7 @@ class Run:
         c = self.config
         sel = select_data(self.lm, self.heads, self.data.pool.samples, method=c.select_method, ratio=c.data_ratio,
                           probe=self.data.probe.samples, batch_size=c.batch_size, max_length=c.max_length,
-                          seed=c.seed, progress=self.progress, should_stop=self.should_stop)
+                          seed=c.seed, progress=self.progress, should_stop=self.should_stop, positions=c.positions)
         sel.save(self.out, self.data.pool.samples)
         return sel, bool(sel.extra.get("stopped"))
 
@@ -404,7 +404,7 @@ class Run:
                            projections=tuple(c.projections), weight_decay=c.weight_decay,
                            warmup_ratio=c.warmup_ratio, max_grad_norm=c.max_grad_norm, seed=c.seed,
                            scheduler=c.scheduler, gradient_checkpointing=c.gradient_checkpointing,
-                           val_ratio=c.val_ratio, val_every=c.val_every)
+                           val_ratio=c.val_ratio, val_every=c.val_every, adapter=c.adapter)
 
     def training_samples(self) -> list[Sample]:
         return self.selection.selected_samples(self.data.pool.samples)

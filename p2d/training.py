@@ -48,7 +48,7 @@ from typing import Callable
 
 import torch
 
-from .adapter import PROJECTIONS, WEIGHTS_NAME, HeadAdapter, normalize_heads, normalize_projections
+from .adapter import ADAPTER_KINDS, PROJECTIONS, WEIGHTS_NAME, make_adapter, normalize_heads, normalize_projections
 from .data.encoding import IGNORE_INDEX, collate, encode, iter_batches
 from .errors import UserError, is_out_of_memory
 from .files import atomic_dir, write_text
@@ -80,6 +80,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0  # 0 or None: no clipping
     seed: int = 0
     group_by_length: bool = True  # batches of similar length (less padding); batch order shuffled
+    adapter: str = "heads"  # p2d.adapter.ADAPTER_KINDS: "heads" (q/k/v/o slices) or "offset" (LoFiT bias)
 
     def planned_steps(self, n_items: int) -> int:
         if self.steps is not None:
@@ -111,6 +112,8 @@ class TrainConfig:
         if self.scheduler not in SCHEDULERS:
             raise UserError(f"scheduler must be one of {', '.join(SCHEDULERS)} (got {self.scheduler!r})")
         normalize_projections(self.projections)
+        if self.adapter not in ADAPTER_KINDS:
+            raise UserError(f"unknown adapter kind {self.adapter!r}: use one of {', '.join(ADAPTER_KINDS)}")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -404,14 +407,16 @@ def split_validation(samples: list, ratio: float, seed: int) -> tuple[list, list
 @contextlib.contextmanager
 def checkpointing(model, enabled: bool):
     """Gradient checkpointing (non-reentrant, so frozen inputs still pass gradients) for the block."""
-    if not enabled or not hasattr(model, "gradient_checkpointing_enable"):
+    # transformers 5 renamed it activation checkpointing (the old names still work, with a warning)
+    name = "activation" if hasattr(model, "activation_checkpointing_enable") else "gradient"
+    if not enabled or not hasattr(model, f"{name}_checkpointing_enable"):
         yield
         return
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    getattr(model, f"{name}_checkpointing_enable")(**{f"{name}_checkpointing_kwargs": {"use_reentrant": False}})
     try:
         yield
     finally:
-        model.gradient_checkpointing_disable()
+        getattr(model, f"{name}_checkpointing_disable")()
 
 
 def _truncate_log(log_path, step: int) -> None:
@@ -523,7 +528,7 @@ def train_heads(lm, heads, samples: list, config: TrainConfig, out_dir, progress
     out.mkdir(parents=True, exist_ok=True)
     device = next(model.parameters()).device
     torch.manual_seed(config.seed)
-    adapter = HeadAdapter(lm.geometry, heads, config.projections, dtype=torch.float32, device=device)
+    adapter = make_adapter(config.adapter, lm.geometry, heads, config.projections, dtype=torch.float32, device=device)
     signature = {"config": config.to_dict(), "heads": heads, "data": _fingerprint(encoded)}
     ckpt = Checkpointer(out / CHECKPOINT_SUBDIR, checkpoint_every, signature) if (checkpoint_every or resume) else None
     if ckpt is not None and not resume:

@@ -144,3 +144,83 @@ def test_bad_gate_shape_and_helpers(tiny_llama):
             gate.set_gate(2, torch.ones(4))  # not hooked
     assert heads_by_layer([[2, 1], [0, 3], [2, 0]]) == {0: [3], 2: [0, 1]}
     assert issubclass(StopForward, Exception)
+
+
+# ------------------------------------------------------------------------- content positions
+
+
+def _encoded_batch(tokenizer, rows, max_length=256):
+    from p2d.data.encoding import collate, encode
+    from p2d.data.loading import load_records
+
+    samples = load_records(rows).samples
+    return samples, collate(encode(samples, tokenizer, max_length), tokenizer.pad_token_id)
+
+
+def test_content_positions_drop_exactly_the_chatml_tail(tokenizer):
+    """ChatML renders an answer as ``answer<|im_end|>\\n``: "all" counts the positions predicting
+    <|im_end|> and the newline, "content" keeps exactly the positions predicting the answer text
+    (including newlines *inside* it)."""
+    from p2d.gating import content_positions, special_token_ids
+
+    answers = ["5", "Paris", "def f(x):\n    return x + 1\n\nprint(f(2))", "I am fine, thank you."]
+    rows = [{"instruction": f"Question {i}?", "output": a} for i, a in enumerate(answers)]
+    _, batch = _encoded_batch(tokenizer, rows)
+    labels, ids = batch["labels"], batch["input_ids"]
+    special = special_token_ids(tokenizer)
+    assert tokenizer.convert_tokens_to_ids("<|im_end|>") in special and tokenizer.eos_token_id in special
+    allpos = answer_positions(labels)
+    content = content_positions(labels, special)
+    assert not (content & ~allpos).any()  # a subset of the answer positions
+    for row, answer in enumerate(answers):
+        kept = content[row].nonzero().flatten()
+        targets = ids[row, kept + 1].tolist()
+        assert tokenizer.decode(targets) == answer  # exactly the answer text
+        dropped = (allpos[row] & ~content[row]).nonzero().flatten()
+        assert tokenizer.convert_ids_to_tokens(ids[row, dropped + 1].tolist()) == ["<|im_end|>", "Ċ"]
+        assert kept.max() < dropped.min()  # the dropped ones are the tail
+
+
+def test_content_positions_plain_layout_and_fallback(tokenizer):
+    """Without a chat template the answer ends with eos, which is dropped; an answer with no content
+    token keeps all its positions (fallback) unless fallback=False."""
+    import copy
+
+    from p2d.gating import content_positions, position_mask, special_token_ids
+
+    plain = copy.deepcopy(tokenizer)
+    plain.chat_template = None
+    _, batch = _encoded_batch(plain, [{"instruction": "Say hi.", "output": "hi there"}])
+    content = content_positions(batch["labels"], special_token_ids(plain))
+    kept = content[0].nonzero().flatten()
+    assert plain.decode(batch["input_ids"][0, kept + 1].tolist()) == "hi there"
+    assert int(answer_positions(batch["labels"]).sum()) == len(kept) + 1  # + eos
+    labels = torch.tensor([[-100, -100, 2, 198], [-100, 700, 800, 2]])  # row 0: only <|im_end|> + "\n"
+    special = special_token_ids(tokenizer)
+    m = content_positions(labels, special)
+    assert m[0].tolist() == answer_positions(labels)[0].tolist()  # fallback: all answer positions
+    assert m[1].tolist() == [True, True, False, False]
+    assert content_positions(labels, special, fallback=False)[0].sum() == 0
+    assert torch.equal(position_mask(labels, "all"), answer_positions(labels))
+    with pytest.raises(ValueError):
+        position_mask(labels, "content")
+    with pytest.raises(ValueError):
+        position_mask(labels, "nope")
+
+
+def test_answer_losses_at_given_positions(tiny_llama, tokenizer):
+    from p2d.gating import content_positions, special_token_ids
+
+    lm = tiny_llama
+    rows = [{"instruction": "Name a city.", "output": "Paris"}, {"instruction": "Count.", "output": "one two three"}]
+    _, batch = _encoded_batch(tokenizer, rows)
+    mask = content_positions(batch["labels"], special_token_ids(tokenizer))
+    with torch.no_grad():
+        got = answer_losses(lm.model, batch, positions=mask)
+        logits = lm.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    for i in range(2):
+        pos = mask[i].nonzero().flatten()
+        ref = torch.nn.functional.cross_entropy(logits[i, pos], batch["input_ids"][i, pos + 1])
+        assert torch.allclose(got[i], ref, atol=1e-5)
+    with torch.no_grad():
+        assert not torch.allclose(answer_losses(lm.model, batch), got)

@@ -216,3 +216,141 @@ def test_head_scores_with_ratio():
 
     hs = HeadScores("random", 0.25, [[0.1, 0.9], [0.5, 0.2]], [[0, 1]], 0.0, "m", {})
     assert hs.with_ratio(0.5).selected == [[0, 1], [1, 0]] and hs.with_ratio(0.5).ratio == 0.5
+
+
+# ------------------------------------------------------------------------------- variants
+
+
+def test_contrast_magnitude_bias_synthetic():
+    """Layer 0 holds 10x-magnitude heads enriched 1.15x on the probe; layer 1 holds unit heads, two of
+    them enriched 1.5x. The global-share difference ranks the big heads first; per-layer shares and
+    the log-ratio rank the truly enriched heads first."""
+    from p2d.heads import contrast_scores
+
+    pool = torch.tensor([[10.0] * 4, [1.0] * 4], dtype=torch.float64)
+    probe = pool.clone()
+    probe[0, :2] *= 1.15  # big heads, mildly enriched
+    probe[1, 2:] *= 1.5  # small heads, strongly enriched
+    diff = contrast_scores(probe, pool, "difference")
+    assert select_top(diff, 2 / 8) == [[0, 0], [0, 1]]
+    for kind in ("layer", "logratio"):
+        assert select_top(contrast_scores(probe, pool, kind), 2 / 8) == [[1, 2], [1, 3]], kind
+    # log-ratio = log(1.5) - log(1.15) gap between the enriched groups, up to eps and the share shift
+    lr = contrast_scores(probe, pool, "logratio")
+    assert float(lr[1, 2] - lr[0, 0]) == pytest.approx(math.log(1.5 / 1.15), abs=5e-3)
+    # the layer contrast sums to zero within each layer
+    assert contrast_scores(probe, pool, "layer").sum(dim=1).abs().max() < 1e-12
+    with pytest.raises(UserError):
+        contrast_scores(probe, pool, "nope")
+
+
+def test_gradient_variants_share_one_importance_run(tiny_llama, probe, pool):
+    from p2d.heads import contrast_scores, recontrast
+
+    base = score_heads(tiny_llama, probe, "gradient", pool=pool, batch_size=4)
+    for method, kind in (("gradient_layer", "layer"), ("gradient_logratio", "logratio")):
+        hs = score_heads(tiny_llama, probe, method, pool=pool, batch_size=4)
+        assert hs.extra["contrast_kind"] == kind
+        assert sum(hs.extra["probe_importance"], []) == pytest.approx(sum(base.extra["probe_importance"], []), rel=1e-6)
+        expect = contrast_scores(hs.extra["probe_importance"], hs.extra["pool_importance"], kind).tolist()
+        assert sum(hs.scores, []) == pytest.approx(sum(expect, []))
+        again = recontrast(base, kind)
+        assert sum(again.scores, []) == pytest.approx(sum(hs.scores, []), rel=1e-5, abs=1e-9)
+        assert again.selected == hs.selected
+    # the gradient method may take any contrast by name; its own default stays the difference
+    named = score_heads(tiny_llama, probe, "gradient", pool=pool, batch_size=4, contrast="logratio")
+    assert named.extra["contrast_kind"] == "logratio"
+    assert base.extra["contrast_kind"] == "difference"
+
+
+def test_contrast_methods_need_a_pool(tiny_llama, probe, pool):
+    for method in ("gradient_layer", "gradient_logratio"):
+        with pytest.raises(UserError, match="pool"):
+            score_heads(tiny_llama, probe, method, pool=None)
+        with pytest.raises(UserError, match="pool"):
+            score_heads(tiny_llama, probe, method, pool=pool, contrast=False)
+    with pytest.raises(UserError, match="always uses"):
+        score_heads(tiny_llama, probe, "gradient_layer", pool=pool, contrast="logratio")
+    with pytest.raises(UserError):
+        score_heads(tiny_llama, probe, "gradient", pool=pool, contrast="nope")
+
+
+def test_head_slice_sums_gqa_and_fused(tiny_llama, tiny_gpt2):
+    from p2d.heads import head_slice_sums
+
+    g = tiny_llama.geometry  # 4 query heads, 2 kv heads, d = 16, hidden 64
+    d = g.head_dim
+    t = {k: torch.zeros_like(m.weight) for k, m in g.projections(tiny_llama.model, 0).items()}
+    t["q"][2 * d:3 * d] = 1.0  # query head 2's q rows: 16 x 64
+    t["v"][1 * d:2 * d] = 1.0  # kv head 1: read by query heads 2 and 3
+    t["o"][:, 0:d] = 2.0  # query head 0's o columns
+    sums = head_slice_sums(g, t)
+    assert sums.tolist() == [2.0 * 64 * d, 0.0, 64.0 * d + 64.0 * d, 64.0 * d]
+    f = tiny_gpt2.geometry
+    d, hd = f.head_dim, f.n_q_heads * f.head_dim
+    t = {k: torch.zeros_like(m.weight) for k, m in f.projections(tiny_gpt2.model, 0).items()}
+    t["qkv"][:, hd + 3 * d:hd + 4 * d] = 1.0  # k columns of head 3
+    t["o"][1 * d:2 * d] = 1.0  # c_proj rows of head 1
+    assert head_slice_sums(f, t).tolist() == [0.0, d * 64.0, 0.0, 64.0 * d]
+
+
+def test_taylor_matches_manual_g_times_w(tiny_llama, probe):
+    from p2d.gating import answer_losses
+    from p2d.heads import _batches, _model_inputs, head_slice_sums
+
+    lm = tiny_llama
+    hs = score_heads(lm, probe, "taylor", pool=None, batch_size=len(probe))
+    assert hs.extra["contrast"].startswith("none") and hs.extra["importance"].startswith("mean over batches")
+    (batch,) = _batches(lm, probe, len(probe), 256)
+    mods = lm.geometry.projections(lm.model, 2)
+    loss = answer_losses(lm.model, _model_inputs(batch)).mean()
+    grads = torch.autograd.grad(loss, [m.weight for m in mods.values()])
+    manual = head_slice_sums(lm.geometry, {k: (g * m.weight).abs() for (k, m), g in zip(mods.items(), grads)})
+    assert hs.extra["probe_importance"][2] == pytest.approx(manual.tolist(), rel=1e-4)
+    assert all(p.grad is None for p in lm.model.parameters())
+
+
+def test_lofit_records_and_moves_scales(tiny_llama, probe):
+    lm = tiny_llama
+    before = _state(lm.model)
+    hs = score_heads(lm, probe, "lofit", proxy_steps=3, batch_size=2, l1=0.0)
+    assert hs.extra["steps"] == 3 and hs.extra["lr"] == 1e-2 and hs.extra["l1"] == 0.0
+    scales = torch.tensor(hs.extra["scales"])
+    # Adam's first steps move every scale with a nonzero gradient by ~lr per step
+    assert torch.allclose((scales - 1).abs(), torch.tensor(hs.scores), atol=1e-7)
+    assert (scales - 1).abs().max() <= 3 * 1e-2 + 1e-6 and (scales - 1).abs().max() > 1e-3
+    for layer in range(4):  # no gate hook left behind
+        assert len(lm.geometry.output_projection(lm.model, layer)._forward_pre_hooks) == 0
+    assert all(torch.equal(before[k], v) for k, v in lm.model.state_dict().items())
+    big = score_heads(lm, probe, "lofit", proxy_steps=3, batch_size=2, l1=10.0)
+    assert max(max(r) for r in big.scores) < max(max(r) for r in hs.scores)  # L1 pins scales at 1
+
+
+def test_shift_sgd_moves_with_gradient_size(tiny_llama, probe):
+    """SGD movement is lr x gradient: halving the lr halves every update norm (Adam's would not)."""
+    a = score_heads(tiny_llama, probe, "shift_sgd", proxy_steps=1, proxy_lr=1e-2, batch_size=6)
+    b = score_heads(tiny_llama, probe, "shift_sgd", proxy_steps=1, proxy_lr=5e-3, batch_size=6)
+    assert a.extra["optimizer"].startswith("SGD")
+    ra, rb = torch.tensor(a.extra["update_norm"]), torch.tensor(b.extra["update_norm"])
+    assert torch.allclose(ra, 2 * rb, rtol=1e-3, atol=1e-12)
+    adam_a = score_heads(tiny_llama, probe, "shift", proxy_steps=1, proxy_lr=1e-2, batch_size=6)
+    # Adam's first step is lr * sign(g): all heads' update norms are nearly equal multiples of lr
+    na = torch.tensor(adam_a.extra["update_norm"])
+    assert adam_a.extra["optimizer"].startswith("AdamW")
+    assert na.std() / na.mean() < ra.std() / ra.mean()
+
+
+def test_positions_option_changes_the_loss(tiny_llama, probe, pool):
+    a = score_heads(tiny_llama, probe, "gradient", pool=pool, batch_size=4, positions="all")
+    c = score_heads(tiny_llama, probe, "gradient", pool=pool, batch_size=4, positions="content")
+    assert c.extra["positions"] == "content"
+    assert sum(a.extra["probe_importance"], []) != pytest.approx(sum(c.extra["probe_importance"], []), rel=1e-3)
+    with pytest.raises(UserError):
+        score_heads(tiny_llama, probe, "gradient", positions="nope")
+
+
+def test_every_head_method_has_help():
+    from p2d.heads import HEAD_METHOD_HELP
+
+    assert set(HEAD_METHOD_HELP) == set(HEAD_METHODS)
+    assert all(HEAD_METHOD_HELP[m].startswith(m + ":") for m in HEAD_METHODS)

@@ -184,3 +184,102 @@ def test_with_ratio_reselects_without_rescoring():
     assert sel.with_ratio(0.25).selected == [2]
     assert sel.with_ratio(1.0).selected == [2, 3, 0]  # NaN is never kept
     assert sel.with_ratio(0.25).n_selected == 1 and sel.selected == [2, 3]
+
+
+# ------------------------------------------------------------------------------- variants
+
+
+@pytest.mark.parametrize("positions", ["all", "content"])
+def test_features_reproduce_select_data(tiny_llama, pool, probe, positions):
+    """activation / alignment / activation_length_z of any head set from one all-heads feature pass
+    equal select_data's scores (tolerance 1e-5 absolute: same batches, float32 sums in another order)."""
+    from p2d.selection import activation_from_features, alignment_from_features, head_features
+
+    feats = head_features(tiny_llama, pool, batch_size=4, positions=positions)
+    pfeats = head_features(tiny_llama, probe, batch_size=4, positions=positions)
+    assert feats.norms.shape == (len(pool), 4, 4) and feats.grads.shape == (len(pool), 4, 4)
+    assert feats.positions == positions and (feats.lengths > 0).all()
+    for heads in (HEADS, [[0, 0]], [[2, 1], [2, 3], [0, 2]]):
+        act = select_data(tiny_llama, heads, pool, "activation", batch_size=4, positions=positions)
+        assert activation_from_features(feats, heads) == pytest.approx(act.scores, abs=1e-5)
+        lz = select_data(tiny_llama, heads, pool, "activation_length_z", batch_size=4, positions=positions)
+        assert activation_from_features(feats, heads, debias="length") == pytest.approx(lz.scores, abs=1e-4)
+        ali = select_data(tiny_llama, heads, pool, "alignment", probe=probe, batch_size=4, positions=positions)
+        assert alignment_from_features(feats, pfeats, heads) == pytest.approx(ali.scores, abs=1e-5)
+    no_grad = head_features(tiny_llama, pool, batch_size=4, positions=positions, gradients=False)
+    assert no_grad.grads is None
+    assert torch.allclose(no_grad.norms, feats.norms, atol=1e-5)
+    with pytest.raises(UserError):
+        alignment_from_features(no_grad, pfeats, HEADS)
+    with pytest.raises(UserError):
+        activation_from_features(feats, [[4, 0]])
+
+
+def test_content_positions_change_selection_scores(tiny_llama, pool, probe):
+    for method in ("ablation", "activation", "alignment"):
+        a = select_data(tiny_llama, HEADS, pool, method, probe=probe, positions="all")
+        c = select_data(tiny_llama, HEADS, pool, method, probe=probe, positions="content")
+        assert c.extra["positions"] == "content"
+        assert a.scores != pytest.approx(c.scores, abs=1e-4), method
+    with pytest.raises(UserError):
+        select_data(tiny_llama, HEADS, pool, "activation", positions="nope")
+
+
+def test_length_z_buckets():
+    from p2d.selection import length_z
+
+    # two length groups whose raw scores differ only by a length offset -> identical z-scores
+    lengths = [1] * 10 + [5] * 10
+    base = [float(i % 10) for i in range(20)]
+    raw = [v + (100.0 if n == 5 else 0.0) for v, n in zip(base, lengths)]
+    z = length_z(raw, lengths)
+    assert z[:10] == pytest.approx(z[10:])
+    assert sum(z[:10]) == pytest.approx(0.0, abs=1e-12)
+    # buckets below the minimum size merge with the next length; a remainder joins the last bucket
+    z2 = length_z([1.0, 2.0, 3.0, 4.0, float("nan")], [1, 2, 3, 4, 0], min_bucket=2)
+    assert z2[:2] == pytest.approx([-1.0, 1.0]) and z2[2:4] == pytest.approx([-1.0, 1.0])
+    assert math.isnan(z2[4])
+    z3 = length_z([1.0, 2.0, 3.0], [1, 1, 2], min_bucket=2)  # [1, 1] then remainder [2] -> one bucket of 3
+    assert z3 == pytest.approx([-1.2247, 0.0, 1.2247], abs=1e-4)
+    assert length_z([5.0, 5.0], [1, 1]) == [0.0, 0.0]
+
+
+def test_prefilter_alignment_is_alignment_on_the_activation_top(tiny_llama, pool, probe):
+    act = select_data(tiny_llama, HEADS, pool, "activation", batch_size=4)
+    ali = select_data(tiny_llama, HEADS, pool, "alignment", probe=probe, batch_size=4)
+    pre = select_data(tiny_llama, HEADS, pool, "prefilter_alignment", ratio=0.2, probe=probe, batch_size=4,
+                      prefilter_factor=3.0)
+    kept = sorted(range(len(pool)), key=lambda i: (-act.scores[i], i))[:6]  # 3 x 0.2 x 10
+    assert pre.extra["prefilter_kept"] == 6 and pre.extra["prefilter_share"] == pytest.approx(0.6)
+    for i in range(len(pool)):
+        if i in kept:
+            assert pre.scores[i] == pytest.approx(ali.scores[i], abs=1e-5)
+        else:
+            assert -3.0 < pre.scores[i] < -2.0
+    rest = [i for i in range(len(pool)) if i not in kept]
+    assert sorted(rest, key=lambda i: -pre.scores[i]) == sorted(rest, key=lambda i: (-act.scores[i], i))
+    assert set(pre.selected) <= set(kept) and len(pre.selected) == 2
+    everything = select_data(tiny_llama, HEADS, pool, "prefilter_alignment", ratio=0.5, probe=probe, batch_size=4)
+    assert everything.scores == pytest.approx(ali.scores, abs=1e-5)  # 3 x 0.5 >= 1: nothing filtered
+    with pytest.raises(UserError, match="probe"):
+        select_data(tiny_llama, HEADS, pool, "prefilter_alignment")
+    with pytest.raises(UserError, match="prefilter"):
+        select_data(tiny_llama, HEADS, pool, "prefilter_alignment", probe=probe, prefilter_factor=0.5)
+
+
+def test_plain_forward_seconds(tiny_llama, pool):
+    from p2d.selection import plain_forward_seconds
+
+    before = {k: v.clone() for k, v in tiny_llama.model.state_dict().items()}
+    t = plain_forward_seconds(tiny_llama, pool, batch_size=4)
+    assert 0 < t < 60
+    assert all(torch.equal(before[k], v) for k, v in tiny_llama.model.state_dict().items())
+    with pytest.raises(UserError):
+        plain_forward_seconds(tiny_llama, [])
+
+
+def test_every_select_method_has_help():
+    from p2d.selection import SELECT_METHOD_HELP
+
+    assert set(SELECT_METHOD_HELP) == set(SELECT_METHODS)
+    assert all(SELECT_METHOD_HELP[m].startswith(m + ":") for m in SELECT_METHODS)

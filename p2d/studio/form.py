@@ -38,6 +38,7 @@ FIELD_NAMES: tuple[str, ...] = (
     "out",
     "max_steps", "grad_accum", "warmup_ratio", "weight_decay", "max_grad_norm", "checkpoint_every",
     "reference_epochs", "scheduler", "gradient_checkpointing", "val_ratio", "val_every", "report_to",
+    "positions", "adapter",
 )
 FORM_ONLY = ("model_source", "model_name", "data_source", "pool_path", "probe_path", "eval_path")
 #: RunConfig fields the form sets directly (under their own name)
@@ -175,6 +176,7 @@ def build_inputs(limits: Limits, initial: dict) -> dict:
         "head_method": dropdown("head_method", info="how each head's importance for the probe set is measured"),
         "head_ratio": gr.Slider(0.01, 1.0, value=v["head_ratio"], step=0.01, label=_label("head_ratio"),
                                 info=_help("head_ratio"), elem_id="head-ratio", **num),
+        "positions": dropdown("positions"),
         "select_method": dropdown("select_method", info="how each pool sample is scored with the selected heads"),
         "data_ratio": gr.Slider(0.01, 1.0, value=v["data_ratio"], step=0.01, label=_label("data_ratio"),
                                 info=_help("data_ratio"), elem_id="data-ratio", **num),
@@ -192,6 +194,7 @@ def build_inputs(limits: Limits, initial: dict) -> dict:
         "max_grad_norm": number("max_grad_norm", integer=False, step=0.1),
         "checkpoint_every": number("checkpoint_every", "0 = never"),
         "scheduler": dropdown("scheduler"),
+        "adapter": dropdown("adapter"),
         "gradient_checkpointing": gr.Checkbox(v["gradient_checkpointing"], label=_label("gradient_checkpointing"),
                                               info=_help("gradient_checkpointing"), elem_id="gradient-checkpointing",
                                               **num),

@@ -24,6 +24,7 @@ def build(ctx) -> SimpleNamespace:
     with gr.Row(equal_height=True):
         f["head_method"].render()
         f["head_ratio"].render()
+        f["positions"].render()
         c.run_btn = gr.Button("Find heads", variant="primary", elem_id="heads-btn", scale=0, min_width=160)
     c.status = gr.Markdown(elem_id="heads-status")
     c.info = gr.Markdown(elem_id="heads-info")

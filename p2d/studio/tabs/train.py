@@ -34,6 +34,7 @@ def build(ctx) -> SimpleNamespace:
             for name in ("grad_accum", "warmup_ratio", "weight_decay", "max_grad_norm"):
                 f[name].render()
         with gr.Row():
+            f["adapter"].render()
             f["scheduler"].render()
             f["max_steps"].render()
             f["checkpoint_every"].render()
