@@ -1,6 +1,6 @@
 """Stage 1: score every (layer, query head) for how task-specific it is, and keep the top ones.
 
-Methods (``HEAD_METHODS``; formulas and sources also in docs/METHOD_variants.md):
+Methods (``HEAD_METHODS``; formulas and sources also in docs/METHOD.md):
 
 - ``shift`` (paper-style proxy, as ALPS): a short proxy fine-tune (``proxy_steps`` AdamW steps,
   ``proxy_lr`` (default 1e-4), no weight decay, dropout off) of *all* attention projections on the

@@ -1,6 +1,6 @@
 """Stage 2: score every pool sample with the selected heads H and keep the top ``ratio``.
 
-Scores (``SELECT_METHODS``; formulas and sources also in docs/METHOD_variants.md); higher = more wanted:
+Scores (``SELECT_METHODS``; formulas and sources also in docs/METHOD.md); higher = more wanted:
 
 - ``ablation``: answer-token loss with the heads of H gated to zero minus the loss of the full model
   (AttentionInfluence-style): how much the sample relies on H. Two no-grad forwards per batch on the
