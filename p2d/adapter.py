@@ -479,7 +479,7 @@ class OffsetAdapter(nn.Module):
 
     def merge_into(self, model: nn.Module) -> None:
         raise UserError("an offset adapter cannot be merged into the base weights (it is a bias after o_proj, "
-                        "which Llama-style models do not have): evaluate it attached (--adapter)")
+                        "which Llama-style models do not have): evaluate it attached to the base model instead")
 
     def save(self, out_dir, base_model: str, training: dict | None = None) -> Path:
         """Write ``adapter_model.safetensors`` + ``adapter_config.json`` (``kind: "offset"``)."""
@@ -559,7 +559,7 @@ def load_adapter(lm, adapter_dir) -> HeadAdapter | OffsetAdapter:
     if diff:
         base = adapter.config.get("base_model", "?")
         raise UserError(f"adapter {adapter_dir} was trained on {base!r}, {_describe(adapter.geometry)}, but the "
-                        f"loaded model {lm.spec!r} is {_describe(lm.geometry)} ({diff}): load it with --model {base}")
+                        f"loaded model {lm.spec!r} is {_describe(lm.geometry)} ({diff}): use the model it was trained on (model: {base})")
     adapter.attach(lm.model)
     return adapter
 
@@ -576,7 +576,7 @@ def merge_and_save(lm, adapter_dir, out_dir) -> Path:
 
     out = Path(out_dir)
     if is_quantized(lm.model):
-        raise UserError("cannot save a merged model from a quantised base: load the model without --quantize")
+        raise UserError("cannot save a merged model from a quantised base: load the model without quantisation (quantize none)")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"{out_dir} already exists and is not empty: choose a new folder or delete it first")
     adapter = HeadAdapter.load(adapter_dir, device=lm.device)

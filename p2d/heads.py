@@ -82,7 +82,6 @@ resolution for small ``proxy_lr`` (most updates round away): use fp32 for them, 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import random
@@ -97,6 +96,7 @@ from .data.formats import Sample
 from .errors import UserError
 from .gating import POSITIONS, HeadGate, answer_losses, position_mask, special_token_ids
 from .geometry import HeadGeometry
+from .models import frozen
 from .progress import Ticker
 
 HEAD_METHODS = ("shift", "gradient", "random", "gradient_layer", "gradient_logratio", "taylor", "shift_sgd", "lofit")
@@ -170,13 +170,9 @@ class HeadScores:
 
     def save(self, out_dir) -> Path:
         """Write ``out_dir/heads.json``; returns its path."""
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        path = out / HEADS_FILE
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(_jsonable(self.to_dict()), indent=1))
-        tmp.replace(path)
-        return path
+        from .files import write_json
+
+        return write_json(Path(out_dir) / HEADS_FILE, self.to_dict())
 
     @classmethod
     def load(cls, path) -> "HeadScores":
@@ -209,17 +205,6 @@ class HeadScores:
         scores = [[float("nan") if x is None else float(x) for x in r] for r in scores]
         return cls(method=str(d["method"]), ratio=float(d["ratio"]), scores=scores, selected=selected,
                    time_s=float(d.get("time_s") or 0.0), model=str(d.get("model") or ""), extra=dict(d.get("extra") or {}))
-
-
-def _jsonable(obj):
-    """NaN/inf -> None so the file is strict JSON."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    return obj
 
 
 # ------------------------------------------------------------------------------------------ top-k
@@ -316,22 +301,6 @@ def weight_shift_scores(geometry: HeadGeometry, before: dict, after: dict) -> tu
 
 
 # ------------------------------------------------------------------------------------ bookkeeping
-
-
-@contextlib.contextmanager
-def frozen(model: torch.nn.Module):
-    """Freeze every parameter and switch to eval mode; restore flags and mode afterwards."""
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    training = model.training
-    try:
-        for p, _ in flags:
-            p.requires_grad_(False)
-        model.eval()
-        yield
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
-        model.train(training)
 
 
 def _batches(lm, samples: list[Sample], batch_size: int, max_length: int, shuffle=False, seed=0,
@@ -568,7 +537,7 @@ def _score_importance(lm, method, probe, pool, contrast, batch_size, max_length,
     else:
         kind = default if contrast else None
     if method in ("gradient_layer", "gradient_logratio") and (kind is None or not pool):
-        raise UserError(f"{method} contrasts the probe with the pool: give a pool (--pool)")
+        raise UserError(f"{method} contrasts the probe with the pool: give a pool file (pool) or use the built-in pool")
     probe_batches = _batches(lm, probe, batch_size, max_length, positions=positions)
     if not probe_batches:
         raise UserError("no probe sample has answer tokens within the max length; raise max_length")

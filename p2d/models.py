@@ -281,7 +281,7 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
         return torch.device("cpu")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device {device} requested but CUDA is not available here: use --device cpu or auto")
+        raise UserError(f"device {device} requested but CUDA is not available here: set the device (device) to cpu or auto")
     return dev
 
 
@@ -313,7 +313,7 @@ def _friendly_load_error(resolved: ResolvedSpec, exc: Exception) -> UserError:
         return UserError(f"could not load model {resolved.spec!r} from the Hugging Face hub ({msg}); check the id, "
                          "your network/HF_TOKEN, or give a local folder or .gguf file")
     if "trust_remote_code" in msg:
-        return UserError(f"model {resolved.spec!r} needs custom code: pass --trust-remote-code if you trust it")
+        return UserError(f"model {resolved.spec!r} needs custom code: allow it with Trust remote code (trust_remote_code) if you trust it")
     return UserError(f"could not load model {resolved.spec!r}: {msg}")
 
 
@@ -407,7 +407,7 @@ def load_model(spec: str | os.PathLike | None = DEFAULT_SPEC, device: str | torc
     qconfig = quantization_config(quantize, dt)
     if qconfig is not None:
         if resolved.kind == "gguf":
-            raise UserError("a .gguf model is dequantised on load and cannot be re-quantised: drop --quantize")
+            raise UserError("a .gguf model is dequantised on load and cannot be re-quantised: set Quantise frozen MLPs (quantize) to none")
         kw["quantization_config"] = qconfig
         kw["device_map"] = {"": dev.index or 0} if dev.type == "cuda" else {"": str(dev)}
     if resolved.kind == "gguf":
@@ -416,8 +416,8 @@ def load_model(spec: str | os.PathLike | None = DEFAULT_SPEC, device: str | torc
         tokenizer = _load_tokenizer(resolved, trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(resolved.location, dtype=dt, **kw)
     except torch.cuda.OutOfMemoryError as exc:
-        raise UserError(f"out of memory loading {resolved.spec!r} on {dev}: pick a smaller model, --dtype bf16, "
-                        "or --device cpu") from exc
+        raise UserError(f"out of memory loading {resolved.spec!r} on {dev}: pick a smaller model, bf16 (dtype), "
+                        "or the CPU (device)") from exc
     except (OSError, ValueError, KeyError) as exc:
         if isinstance(exc, UserError):
             raise
@@ -429,8 +429,8 @@ def load_model(spec: str | os.PathLike | None = DEFAULT_SPEC, device: str | torc
         if qconfig is None:  # bitsandbytes models are placed by device_map and refuse .to()
             model.to(dev)
     except torch.cuda.OutOfMemoryError as exc:
-        raise UserError(f"out of memory moving {resolved.spec!r} to {dev}: pick a smaller model, --quantize 8bit "
-                        "or --dtype bf16") from exc
+        raise UserError(f"out of memory moving {resolved.spec!r} to {dev}: pick a smaller model, 8bit quantisation "
+                        "(quantize) or bf16 (dtype)") from exc
     model.eval()
     geometry = HeadGeometry.from_model(model)
     if model.config.pad_token_id is None and tokenizer.pad_token_id is not None:

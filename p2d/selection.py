@@ -68,7 +68,8 @@ from .data.formats import Sample
 from .errors import UserError
 from .gating import POSITIONS, HeadGate, answer_losses, heads_by_layer, position_mask, special_token_ids
 from .geometry import normalize_heads
-from .heads import HeadScores, _jsonable, check_ratio, frozen, top_count
+from .heads import HeadScores, check_ratio, top_count
+from .models import frozen
 from .progress import Ticker
 
 SELECT_METHODS = ("ablation", "alignment", "activation", "random", "activation_length_z", "prefilter_alignment")
@@ -114,25 +115,6 @@ def _count(labels) -> dict[str, int]:
             c[t] = c.get(t, 0) + 1
     return dict(sorted(c.items(), key=lambda kv: (-kv[1], kv[0])))
 
-
-def _default(obj):
-    """json.dumps fallback for values rows may carry (numpy scalars/arrays, dates, bytes...)."""
-    if hasattr(obj, "item") and callable(obj.item):
-        try:
-            return obj.item()
-        except (ValueError, TypeError):
-            pass
-    if hasattr(obj, "tolist"):
-        return obj.tolist()
-    if hasattr(obj, "isoformat"):
-        return obj.isoformat()
-    if isinstance(obj, bytes):
-        return obj.decode("utf-8", errors="replace")
-    return str(obj)
-
-
-def _dump(obj) -> str:
-    return json.dumps(_jsonable(obj), ensure_ascii=False, default=_default)
 
 
 @dataclass
@@ -301,7 +283,7 @@ def select_data(lm, heads, pool: list[Sample], method: str = DEFAULT_SELECT_METH
     hl = head_list(heads, geo)
     by_layer = heads_by_layer(hl)
     if method in ("alignment", "prefilter_alignment") and not probe:
-        raise UserError(f"the {method} score needs a probe set (a few target-task samples): pass --probe, "
+        raise UserError(f"the {method} score needs a probe set (a few target-task samples): give a probe file (probe), "
                         "or pick another selection method")
     start = time.perf_counter()
     n = len(pool)

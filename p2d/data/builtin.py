@@ -40,7 +40,6 @@ import functools
 import gzip
 import importlib.util
 import json
-import os
 import random
 import warnings
 from dataclasses import dataclass, field
@@ -48,6 +47,7 @@ from decimal import Decimal
 from pathlib import Path
 
 from p2d.errors import UserError
+from p2d.files import write_jsonl
 
 __all__ = [
     "TASKS",
@@ -458,7 +458,7 @@ class TaskPool:
         paths: dict[str, str] = {}
         for name, rows in (("pool", self.pool), ("probe", self.probe), ("eval", self.eval)):
             path = out / f"{name}.jsonl"
-            _write_jsonl(path, rows)
+            write_jsonl(path, rows)
             paths[name] = str(path)
         return paths
 
@@ -581,14 +581,6 @@ def build_task_pool(
         sources={t: SOURCES[t] for t in TASKS if t in used},
         other_eval=other_eval,
     )
-
-
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
 
 
 def write_demo_data(out_dir, **build_kwargs) -> dict[str, str]:
