@@ -50,10 +50,11 @@ def build(ctx) -> SimpleNamespace:
 
     def select(request, settings):
         """Select data (heads and loading first if needed); a new share only re-cuts the existing scores."""
-        yield from ctx.run_job(request, "select", "Data selection", jobs.stage, "data", settings, name="select")
+        yield from ctx.run_job(request, "select", "Data selection", jobs.stage, "data", settings, create=True,
+                               name="select")
 
     ctx.bind(c.run_btn.click, select, settings=True, outputs={"status": c.status, **view, "job_end": ctx.job_end},
-             status="status", api_name="select", concurrency_limit=None, show_progress="hidden")
+             status="status", api_name="select", **ctx.job_event)
 
     page_out = {"preview": c.preview, "page_label": c.page_label, "page": c.page}
 
