@@ -108,13 +108,13 @@ class Studio:
             self.registry.bind(session, ws)
         return ws
 
-    def attach(self, request, key: str | None) -> Workspace:
-        """Page load (or ``/attach``): the workspace of the key this browser kept (also after a server
-        restart, from disk), else - locally - the workspace of the job that is running now, else the
-        session's own, else a new one."""
+    def attach(self, request, key: str | None, page: bool = True) -> Workspace:
+        """Page load (or ``/attach`` with ``page=False``): the workspace of the key this browser kept
+        (also after a server restart, from disk), else - on a page load in local mode - the workspace
+        of the job that is running now, else the session's own, else a new one."""
         session = session_of(request)
         ws = self.registry.by_key(key) if key else None
-        if ws is None and not self.limits.demo:
+        if ws is None and page and not self.limits.demo:
             job = self.runner.latest()
             if job is not None and job.active:
                 ws = self.registry.get(job.owner)
@@ -352,7 +352,10 @@ class Studio:
         try:
             dest, summ = self.receive(ws, kind, file, check)
         except UserError as exc:
-            return None, f"✗ **{kind}** `{display}` was not stored: {exc}"
+            text = str(exc)
+            for where in {str(file), str(Path(str(file)).resolve())}:  # no server paths in the message
+                text = text.replace(where, display)
+            return None, f"✗ **{kind}** `{display}` was not stored: {text}"
         tasks = ", ".join(f"{k} {v}" for k, v in list(summ["tasks"].items())[:6]) or "no task labels"
         skipped = (f" ({', '.join(f'{n} {r}' for r, n in summ['skipped_reasons'].items())})"
                    if summ["skipped"] else "")

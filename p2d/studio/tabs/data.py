@@ -67,10 +67,13 @@ def build(ctx) -> SimpleNamespace:
         return show
 
     inputs = {"search": c.search, "page": c.page}
-    ctx.bind(c.page.submit, paging(0), inputs=inputs, outputs=page_out, api_name="preview")
-    ctx.bind(c.search.submit, paging(None), inputs=inputs, outputs=page_out, api_visibility="private")
-    ctx.bind(c.search.input, paging(None), inputs=inputs, outputs=page_out, api_visibility="private",
-             show_progress="hidden", trigger_mode="always_last")
-    ctx.bind(c.prev_btn.click, paging(-1), inputs=inputs, outputs=page_out, api_visibility="private")
-    ctx.bind(c.next_btn.click, paging(+1), inputs=inputs, outputs=page_out, api_visibility="private")
+    ctx.bind(c.page.submit, paging(0), inputs=inputs, outputs=page_out, status="page_label", api_name="preview")
+    ctx.bind(c.search.submit, paging(None), inputs=inputs, outputs=page_out, status="page_label",
+             api_visibility="private")
+    ctx.bind(c.search.input, paging(None), inputs=inputs, outputs=page_out, status="page_label",
+             api_visibility="private", show_progress="hidden", trigger_mode="always_last")
+    ctx.bind(c.prev_btn.click, paging(-1), inputs=inputs, outputs=page_out, status="page_label",
+             api_visibility="private")
+    ctx.bind(c.next_btn.click, paging(+1), inputs=inputs, outputs=page_out, status="page_label",
+             api_visibility="private")
     return c

@@ -9,8 +9,13 @@ from types import SimpleNamespace
 
 import gradio as gr
 
+from p2d.errors import UserError
+
 from .. import jobs, views
 
+#: what the loader reads (shown to the visitor). Not passed as ``file_types``: Gradio would then refuse
+#: other files in its preprocessing, before our handler, leaving its stored copy behind; the handler
+#: validates every upload itself and deletes what it rejects.
 DATA_TYPES = [".jsonl", ".ndjson", ".json", ".csv", ".tsv", ".parquet", ".gz"]
 
 
@@ -38,11 +43,12 @@ def build(ctx) -> SimpleNamespace:
                     f["eval_size"].render()
             with gr.Group(visible=not builtin) as c.files_group:
                 with gr.Row():
-                    c.pool_file = gr.File(label="Pool file", file_types=DATA_TYPES, height=110, elem_id="pool-file")
-                    c.probe_file = gr.File(label="Probe file (~100 target examples)", file_types=DATA_TYPES,
-                                           height=110, elem_id="probe-file")
-                    c.eval_file = gr.File(label="Eval file (optional)", file_types=DATA_TYPES, height=110,
-                                          elem_id="eval-file")
+                    c.pool_file = gr.File(label="Pool file", height=110, elem_id="pool-file")
+                    c.probe_file = gr.File(label="Probe file (~100 target examples)", height=110, elem_id="probe-file")
+                    c.eval_file = gr.File(label="Eval file (optional)", height=110, elem_id="eval-file")
+                gr.Markdown(f"Files: {', '.join(DATA_TYPES)} (`.gz` of the text formats too)"
+                            + (f"; up to {ctx.limits.max_file_bytes // (1024 * 1024)} MB each"
+                               if ctx.limits.max_file_bytes else ""), elem_id="upload-note")
                 with gr.Row():
                     f["pool_path"].render()
                     f["probe_path"].render()
@@ -114,7 +120,10 @@ def build(ctx) -> SimpleNamespace:
     def attach(key: str = "", request: gr.Request = None) -> dict:
         """This API session's workspace key (to come back to it from another client or after a server
         restart: pass it here); with a key, this session continues that workspace."""
-        ws = st.attach(request, (key or "").strip() or None)
+        try:
+            ws = st.attach(request, (key or "").strip() or None, page=False)
+        except UserError as exc:
+            raise gr.Error(str(exc)) from None
         return {"key": ws.key, "run": ws.out.name if ws.out is not None else None,
                 "runs": [r["run"] for r in st.runs_table(ws)]}
 

@@ -21,7 +21,8 @@ def build(ctx) -> SimpleNamespace:
         with gr.Row():
             c.show_btn = gr.Button("Show YAML & command", elem_id="show-command")
             c.save_btn = gr.Button("Save settings (YAML)", elem_id="save-config")
-            c.upload = gr.UploadButton("Load settings (YAML)", file_types=[".yaml", ".yml"], elem_id="load-config")
+            # no file_types: every upload reaches the handler, which reads it, checks it and never keeps it
+            c.upload = gr.UploadButton("Load settings (YAML)", elem_id="load-config")
             c.apply_btn = gr.Button("Apply YAML below", elem_id="apply-config")
         c.status = gr.Markdown(elem_id="settings-status")
         with gr.Row(equal_height=False):

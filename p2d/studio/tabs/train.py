@@ -14,6 +14,8 @@ from types import SimpleNamespace
 
 import gradio as gr
 
+from p2d.errors import UserError
+
 from .. import jobs, views
 
 AER_EVERY = 5.0  # seconds between AER chart redraws during training (a redraw costs the browser more than a step)
@@ -133,7 +135,10 @@ def build(ctx) -> SimpleNamespace:
         """Block until this session's job has ended, or ``timeout`` seconds (the server grants at most
         its own cap: 600 s locally, 60 s in the public demo; call again to keep waiting); the job's
         summary."""
-        granted = ctx.limits.wait_timeout(timeout)
+        try:
+            granted = ctx.limits.wait_timeout(timeout)
+        except UserError as exc:
+            raise gr.Error(str(exc)) from None
         ws = st.workspace(request)
         job = st.current_job(ws)
         if job is not None:
