@@ -42,6 +42,7 @@ def session_run(studio, ws, cfg: RunConfig, job: Job) -> Run:
         studio.save(ws)
     job.info["run"] = run.out.name
     follow(job, run)
+    studio.note_job(job)  # the job's run folder, on disk before the stages run
     return run
 
 
@@ -103,6 +104,7 @@ def train(studio, ws, cfg: RunConfig):
         run = session_run(studio, ws, cfg, job)
         run.reset_from("train")
         follow(job, run, TRAIN_STAGES)
+        studio.note_job(job)  # with its plan: what Resume continues after a restart
         run.run(TRAIN_STAGES)
         return _settled(run, "train")
     return body
@@ -188,6 +190,7 @@ def resume(studio, ws, name: str):
         run.resume = True
         try:
             follow(job, run, stages)
+            studio.note_job(job)
             run.run(stages)
         finally:
             run.resume = False

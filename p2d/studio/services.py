@@ -135,8 +135,7 @@ class Studio:
                             "the page)")
         with ws.lock:
             job = self.runner.submit(kind, ws.id, body, label=label, client=self.client(request) if request else ws.ip,
-                                     max_per_client=self.limits.max_jobs_per_ip,
-                                     info={"run": ws.out.name} if ws.out is not None else None)
+                                     max_per_client=self.limits.max_jobs_per_ip)
             ws.job_id = job.id
             self._owners[job.id] = ws
         return job
@@ -146,6 +145,10 @@ class Studio:
             ws.save()
         except OSError as exc:
             print(f"p2d studio: could not save workspace {ws.id}: {exc}", file=sys.stderr)
+
+    def note_job(self, job: Job) -> None:
+        """Record ``job`` in its workspace's file now (a job body calls this once it knows its run)."""
+        self._job_changed(job)
 
     def _job_changed(self, job: Job) -> None:
         """The runner's callback: keep the job in its workspace's file (a restart finds it)."""

@@ -107,11 +107,13 @@ def build(ctx) -> SimpleNamespace:
 
     def resume_run(request, name):
         """Resume the run folder ``name``: continue the stages it did not finish."""
+        last = {}
         for update in ctx.run_job(request, "resume", "Resume", jobs.resume, None, name=str(name or "")):
             update.pop("job_end", None)
+            last = update
             yield update
         ws = st.workspace(request)
-        yield {"job_end": {"job": ws.job_id, "at": time.time()}, **views.runs(st, ws)}
+        yield {**last, "job_end": {"job": ws.job_id, "at": time.time()}, **views.runs(st, ws)}
 
     ctx.bind(c.resume_btn.click, resume_run, inputs={"name": c.run_pick},
              outputs={"status": c.runs_status, "runs": c.runs_table, "run_pick": c.run_pick, "job_end": ctx.job_end},
