@@ -105,6 +105,7 @@ class Studio:
             if not create:
                 return self.registry.blank
             ws = self.registry.create(self.client(request))
+            self.save(ws)  # on disk from the start: an eviction from memory never loses a key
             self.registry.bind(session, ws)
         return ws
 
@@ -119,7 +120,10 @@ class Studio:
             if job is not None and job.active:
                 ws = self.registry.get(job.owner)
         if ws is None:
-            ws = self.registry.for_session(session) or self.registry.create(self.client(request))
+            ws = self.registry.for_session(session)
+        if ws is None:
+            ws = self.registry.create(self.client(request))
+            self.save(ws)  # on disk from the start: an eviction from memory never loses a key
         self.registry.bind(session, ws)
         return ws
 
