@@ -107,8 +107,11 @@ class RunData:
                 if d is not None}
 
 
-def load_run_data(config: RunConfig, out_dir: Path | None = None) -> RunData:
-    """The pool, probe and eval sets of a config: files, or the built-in task pool."""
+def load_run_data(config: RunConfig, out_dir: Path | None = None, max_rows: dict | None = None,
+                  max_bytes: int | None = None) -> RunData:
+    """The pool, probe and eval sets of a config: files, or the built-in task pool. For files,
+    ``max_rows`` ({"pool": n, "probe": n, "eval": n}) and ``max_bytes`` are `load_data`'s caps (a
+    server taking files from strangers sets them; the built-in pool has its own sizes)."""
     if not config.pool:
         from .data.builtin import build_task_pool
 
@@ -119,10 +122,10 @@ def load_run_data(config: RunConfig, out_dir: Path | None = None) -> RunData:
         return RunData(load_records(tp.pool, source=f"built-in pool ({config.target})"),
                        load_records(tp.probe, source="built-in probe"),
                        load_records(tp.eval, source="built-in eval") if tp.eval else None)
-    mapping = config.columns
-    pool = load_data(config.pool, mapping=mapping)
-    probe = load_data(config.probe, mapping=mapping)
-    ev = load_data(config.eval, mapping=mapping) if config.eval else None
+    mapping, rows = config.columns, max_rows or {}
+    pool = load_data(config.pool, mapping=mapping, max_rows=rows.get("pool"), max_bytes=max_bytes)
+    probe = load_data(config.probe, mapping=mapping, max_rows=rows.get("probe"), max_bytes=max_bytes)
+    ev = load_data(config.eval, mapping=mapping, max_rows=rows.get("eval"), max_bytes=max_bytes) if config.eval else None
     return RunData(pool, probe, ev)
 
 
@@ -146,17 +149,20 @@ class Run:
 
     ``model_loader(config) -> LoadedModel`` is how the model is loaded (default: `load_model`; the app
     passes its shared cache). ``progress`` and ``should_stop`` are the library callbacks; `bind`
-    changes them between jobs.
+    changes them between jobs. ``data_limits`` (``max_rows``, ``max_bytes``) cap what data files
+    are read (see `load_run_data`).
     """
 
     def __init__(self, config: RunConfig, progress: ProgressFn = None, should_stop: StopFn = None,
-                 model_loader: Callable[[RunConfig], LoadedModel] | None = None, lm: LoadedModel | None = None):
+                 model_loader: Callable[[RunConfig], LoadedModel] | None = None, lm: LoadedModel | None = None,
+                 data_limits: dict | None = None):
         self.config = config.validate()
         self.out = Path(self.config.out)
         self.progress = progress
         self.should_stop = should_stop
         self.model_loader = model_loader or _default_loader
         self.lm = lm
+        self.data_limits = dict(data_limits or {})
         self.data: RunData | None = None
         self.results: dict[str, object] = {}
         self.manifest: dict[str, dict] = {}
@@ -335,15 +341,19 @@ class Run:
         """Load the model and the data if they are not in memory (a reopened or reconfigured run)."""
         if self.lm is None:
             self.lm = self.model_loader(self.config)
+        self.require_data()
+
+    def require_data(self) -> None:
+        """Load the data (not the model) if it is not in memory: enough to show a reopened run."""
         if self.data is None:
-            self.data = load_run_data(self.config, self.out)
+            self.data = load_run_data(self.config, self.out, **self.data_limits)
 
     def _stage_load(self):
         self.out.mkdir(parents=True, exist_ok=True)
         self.config.save(self.out / CONFIG_FILE)
         if self.lm is None:
             self.lm = self.model_loader(self.config)
-        self.data = load_run_data(self.config, self.out)
+        self.data = load_run_data(self.config, self.out, **self.data_limits)
         summary = self.data.summary()
         write_json(self.out / DATA_SUMMARY_FILE, summary)
         return summary, False

@@ -260,15 +260,18 @@ def test_workspace_reattach(tmp_path):
 
     st = Studio(LOCAL, tmp_path)
     try:
-        first = st.workspace(SimpleNamespace(session_hash="tab-1"))
-        assert st.workspace(SimpleNamespace(session_hash="tab-1")) is first
-        # a reload gets a new session hash; the browser's stored workspace id brings the workspace back
-        assert st.attach(SimpleNamespace(session_hash="tab-1-reloaded"), first.id) is first
+        assert st.workspace(SimpleNamespace(session_hash="tab-1")).blank  # light requests never create one
+        first = st.attach(SimpleNamespace(session_hash="tab-1"), None)  # the page load does
+        assert not first.blank and st.workspace(SimpleNamespace(session_hash="tab-1")) is first
+        assert len(first.key) >= 32 and first.key not in str(first.root)  # the key is not the folder name
+        # a reload gets a new session hash; the key the browser stored brings the workspace back
+        assert st.attach(SimpleNamespace(session_hash="tab-1-reloaded"), first.key) is first
         assert st.workspace(SimpleNamespace(session_hash="tab-1-reloaded")) is first
-        other = st.attach(SimpleNamespace(session_hash="tab-2"), "unknown-id")
+        # the folder name (shown in the page) is no key
+        other = st.attach(SimpleNamespace(session_hash="tab-2"), first.id)
         assert other is not first and other.root != first.root
     finally:
-        st.runner.close()
+        st.close()
 
 
 def test_studio_config_file_fills_the_form(tmp_path):
@@ -353,7 +356,8 @@ def test_full_run_through_the_api(served, client, tiny_llama_dir, tmp_path):
     assert metrics["steps_done"] == 3 and metrics["n_selected"] == 8
     assert (run_dir / "eval_before.json").exists() and (run_dir / "adapter").is_dir()
 
-    status, summary_md, table, chart, examples, adapter_dl, metrics_dl = client.predict(api_name="/results")
+    status, summary_md, table, chart, examples, adapter_dl, metrics_dl, peft_dl = client.predict(api_name="/results")
+    assert peft_dl is None or not (peft_dl.get("value") if isinstance(peft_dl, dict) else peft_dl)  # not exported yet
     assert "AER" in summary_md
     rows = {r[0]: r for r in table["data"]}
     assert set(rows) >= {"exact match", "answer loss"} and rows["eval rows"][1] == "8"
@@ -364,6 +368,17 @@ def test_full_run_through_the_api(served, client, tiny_llama_dir, tmp_path):
     assert any(n.startswith("adapter/") for n in zipfile.ZipFile(zip_path).namelist())
     m_path = metrics_dl["value"] if isinstance(metrics_dl, dict) else metrics_dl
     assert json.loads(Path(m_path).read_text())["aer"] == pytest.approx(metrics["aer"])
+
+    # the adapter in PEFT format: a job, then a zip PEFT reads (adapter_config.json + safetensors)
+    status, peft_dl = client.predict(api_name="/export_peft")
+    assert "PEFT adapter ready" in status, status
+    peft_zip = peft_dl["value"] if isinstance(peft_dl, dict) else peft_dl
+    names = zipfile.ZipFile(peft_zip).namelist()
+    assert any(n.endswith("/adapter_config.json") for n in names), names
+    assert any(n.endswith("/adapter_model.safetensors") for n in names), names
+    peft_config = json.loads(zipfile.ZipFile(peft_zip).read(next(n for n in names if n.endswith("adapter_config.json"))))
+    assert peft_config["peft_type"] == "LORA" and peft_config["base_model_name_or_path"] == tiny_llama_dir
+    assert client.predict(api_name="/results")[-1]  # now offered with the results
 
     merged = tmp_path / "merged"
     assert "merged model saved" in client.predict(str(merged), api_name="/merge")

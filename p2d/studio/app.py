@@ -11,6 +11,13 @@ API (every event has an explicit ``api_name``; gradio_client can drive the app):
 - ``/results``, ``/evaluate``, ``/merge``: the Results tab.
 - ``/upload_pool``, ``/upload_probe``, ``/upload_eval``: store and describe a data file.
 - ``/show_command``, ``/save_config``, ``/apply_config``: settings as YAML and as a command.
+- ``/export_peft``, ``/push``: the adapter in PEFT format (zip), a push to the Hugging Face Hub.
+- ``/attach``, ``/runs``, ``/open_run``, ``/resume_run``: this session's key (to come back to it),
+  its run folders, reopening one, resuming one.
+
+Serving safety (`p2d.studio.limits` has every cap): no folder of the app is a static path, so no
+run or upload file is reachable by URL; files go out only through `Studio.download` (files of the
+requesting session). The queue has a size and every event a concurrency limit.
 """
 
 from __future__ import annotations
@@ -24,7 +31,8 @@ import gradio as gr
 from p2d.config import RunConfig
 
 from .context import Context
-from .limits import current_limits
+from .gpu import check_hardware
+from .limits import Limits, current_limits
 from .services import Studio
 from .tabs import data as data_tab
 from .tabs import heads as heads_tab
@@ -49,21 +57,47 @@ def default_runs_root() -> Path:
     return Path(os.environ.get("P2D_STUDIO_RUNS") or Path("runs") / "studio").expanduser().resolve()
 
 
+def browser_secret(root: Path) -> str:
+    """The secret the page's stored workspace key is encrypted with (Gradio's BrowserState), kept in the
+    runs folder so a restarted server can still read what browsers stored."""
+    import secrets
+
+    path = root / ".studio-secret"
+    try:
+        text = path.read_text(encoding="utf-8").strip()
+        if len(text) >= 16:
+            return text
+    except OSError:
+        pass
+    text = secrets.token_urlsafe(24)
+    path.write_text(text, encoding="utf-8")
+    try:
+        path.chmod(0o600)
+    except OSError:
+        pass
+    return text
+
+
 def build_app(demo: bool | None = None, runs_root: str | os.PathLike | None = None, studio: Studio | None = None,
-              config: RunConfig | str | os.PathLike | None = None) -> gr.Blocks:
-    """The Gradio app. ``demo`` (default: env P2D_DEMO) switches the public demo limits on;
-    ``runs_root`` (default: env P2D_STUDIO_RUNS, else runs/studio) holds one folder per session;
-    ``config`` (a RunConfig or a settings YAML file) is what the form starts with."""
-    limits = current_limits(demo)
+              config: RunConfig | str | os.PathLike | None = None, limits: Limits | None = None) -> gr.Blocks:
+    """The Gradio app. ``demo`` (default: env P2D_DEMO; on Hugging Face Spaces on unless P2D_DEMO=0)
+    switches the public demo limits on; ``limits`` gives them whole instead; ``runs_root`` (default:
+    env P2D_STUDIO_RUNS, else runs/studio) holds one folder per session; ``config`` (a RunConfig or a
+    settings YAML file) is what the form starts with. Refuses ZeroGPU hardware (`p2d.studio.gpu`)."""
+    check_hardware()
+    limits = studio.limits if studio is not None else (limits or current_limits(demo))
     root = Path(runs_root).expanduser().resolve() if runs_root else default_runs_root()
     if config is not None and not isinstance(config, RunConfig):
         config = RunConfig.load(config)
     st = studio or Studio(limits, root, config=config)
     for note in st.start_notes:
         print(f"p2d studio: {note}", file=sys.stderr)
-    gr.set_static_paths([str(st.runs_root)])
+    # No static paths: run folders and uploads are never served by URL (downloads: Studio.download).
+    # Gradio's own cache (downloads handed out, uploads until received) is emptied of old files.
+    ttl = int(limits.workspace_ttl_s or 0)
+    cache = (max(60, min(3600, ttl // 4)), ttl) if ttl else None
 
-    with gr.Blocks(title=TITLE, analytics_enabled=False) as app:
+    with gr.Blocks(title=TITLE, analytics_enabled=False, delete_cache=cache) as app:
         gr.HTML(STYLE, padding=False)
         with gr.Row(equal_height=True):
             gr.Markdown(f"# {TITLE}\nFind the attention heads that matter for a task, select training data with "
@@ -71,13 +105,18 @@ def build_app(demo: bool | None = None, runs_root: str | os.PathLike | None = No
             if limits.demo:
                 gr.DuplicateButton("Duplicate this Space", size="lg", scale=0, min_width=240, elem_id="duplicate-btn")
         if limits.demo:
+            models = ", ".join(m for m in (limits.model_allowlist or ()) if m != "default")
             gr.Markdown(f"**Public demo:** pool ≤ {limits.max_pool} rows, probe ≤ {limits.max_probe}, eval ≤ "
-                        f"{limits.max_eval}, ≤ {limits.max_steps} training steps, uploads only (no local paths, "
-                        "no merged-model export). One job runs at a time; others queue. Duplicate the Space for "
-                        "your own hardware and limits.", elem_id="demo-note")
+                        f"{limits.max_eval}, ≤ {limits.max_steps} training steps; models: the embedded one"
+                        + (f" or {models}" if models else "") + "; uploads up to "
+                        f"{(limits.max_file_bytes or 0) // (1024 * 1024)} MB (no local paths, no merged-model export)"
+                        + (f"; an unused session is deleted after {limits.workspace_ttl_s / 3600:g} h"
+                           if limits.workspace_ttl_s else "")
+                        + ". One job runs at a time; others queue. Duplicate the Space for your own hardware and "
+                        "limits.", elem_id="demo-note")
         ctx = Context(st)
         ctx.banner.render()
-        browser_ws = gr.BrowserState(None, storage_key="p2d-studio-workspace")
+        browser_ws = gr.BrowserState(None, storage_key="p2d-studio-workspace", secret=browser_secret(st.runs_root))
         settings_tab.build(ctx)
         with gr.Tabs(elem_id="tabs"):
             for title, key, tab in TABS:
@@ -86,15 +125,32 @@ def build_app(demo: bool | None = None, runs_root: str | os.PathLike | None = No
         ctx.finish(browser_ws, app)
 
     app.studio = st  # for tests and app.py
-    app.queue(default_concurrency_limit=4)
+    app.queue(max_size=limits.queue_size, default_concurrency_limit=limits.concurrency)
     return app
+
+
+def launch_kwargs(app: gr.Blocks, options=None) -> dict:
+    """What ``app.launch`` gets besides host and port: the upload size cap (Gradio's upload route
+    refuses bigger files before they are stored), the login, the share link."""
+    limits = app.studio.limits
+    kwargs = {"max_file_size": limits.max_file_bytes, "footer_links": ["api", "gradio"]}
+    if options is not None:
+        kwargs.update(share=options.share or None, auth=options.auth_pairs())
+    return kwargs
+
+
+def limits_of(options) -> Limits:
+    """The caps a `StudioOptions` asks for (mode, model allowlist, expiry, proxy hops)."""
+    from .limits import parse_allowlist
+
+    return current_limits(options.demo, model_allowlist=parse_allowlist(options.model_allowlist),
+                          workspace_ttl_s=float(options.expire_hours) * 3600.0, proxy_hops=options.proxy_hops)
 
 
 def launch(options) -> None:
     """Serve the app with `p2d.studio.options.StudioOptions` (blocks until stopped)."""
-    app = build_app(demo=options.demo, runs_root=options.runs, config=options.config)
-    app.launch(server_name=options.host, server_port=options.port, share=options.share or None,
-               footer_links=["api", "gradio"])
+    app = build_app(runs_root=options.runs, config=options.config, limits=limits_of(options))
+    app.launch(server_name=options.host, server_port=options.port, **launch_kwargs(app, options))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -3,7 +3,8 @@
 A tab lays out its part of the page and binds its own events with `Context.bind`, which
 
 - passes the inputs by name (with ``settings=True`` the whole settings form too, as keyword parameters
-  named after its inputs, so the API takes them by keyword);
+  named after its inputs, so the API takes them by keyword), after the one check every request gets
+  (`p2d.studio.limits.Limits.check_text`: no text argument over the server's cap);
 - takes the handler's result as a dict keyed by output name (names missing from it leave that
   output as it is; a download button gets a path);
 - is the one error handler: a `UserError` becomes a one-line message in the page (the ``status``
@@ -48,6 +49,9 @@ class Context:
         self.poll_state = gr.State({})
         self.job_end = gr.State(None)
         self.views: dict[str, dict] = {}  # tab -> {output name: component} its view fills
+        #: event settings of the handlers that submit a job and follow it (one shared concurrency limit)
+        self.job_event = dict(concurrency_limit=studio.limits.follow_concurrency, concurrency_id="jobs",
+                              show_progress="hidden")
 
     # -- wiring ----------------------------------------------------------------------------------
     def bind(self, trigger, fn, *, outputs: dict, inputs: dict | None = None, settings: bool = False,
@@ -74,9 +78,13 @@ class Context:
                 values.append(value)
             return values[0] if len(values) == 1 else values
 
+        limits = self.limits
+
         def call_args(args):
             request = args[len(names)] if len(args) > len(names) else None
             given = dict(zip(names, args[:len(names)]))
+            for name, value in given.items():
+                limits.check_text(name, value)
             kwargs = {n: given[n] for n in inputs}
             if settings:
                 kwargs["settings"] = {n: given[n] for n in form_names}
@@ -92,16 +100,16 @@ class Context:
 
         if inspect.isgeneratorfunction(fn):
             def handler(*args):
-                request, kwargs = call_args(args)
                 try:
+                    request, kwargs = call_args(args)
                     for result in fn(request, **kwargs):
                         yield pack(result)
                 except Exception as exc:  # noqa: BLE001 - the one error handler
                     yield failed(exc)
         else:
             def handler(*args):
-                request, kwargs = call_args(args)
                 try:
+                    request, kwargs = call_args(args)
                     return pack(fn(request, **kwargs))
                 except Exception as exc:  # noqa: BLE001 - the one error handler
                     return failed(exc)
@@ -120,18 +128,19 @@ class Context:
         self.views[tab] = outputs
 
     def run_job(self, request, kind: str, label: str, make, tab: str | None, settings: dict | None = None,
-                **make_args):
+                create: bool = False, **make_args):
         """Submit a job and follow it (a generator for a handler): ``make(studio, ws, [config,]
-        **make_args)`` gives its body; with ``settings`` the form becomes the job's RunConfig first."""
+        **make_args)`` gives its body; with ``settings`` the form becomes the job's RunConfig first.
+        ``create``: a session without a workspace gets one (the stage buttons; within the caps)."""
         st = self.studio
-        ws = st.workspace(request)
+        ws = st.workspace(request, create=create)
         notes: list[str] = []
         if settings is not None:
             cfg, notes = st.run_config(settings, ws)
             body = make(st, ws, cfg, **make_args)
         else:
             body = make(st, ws, **make_args)
-        job = st.submit(ws, kind, body, label)
+        job = st.submit(ws, kind, body, label, request)
         yield from self.follow_job(job, ws, tab, notes)
 
     def follow_job(self, job, ws, tab: str | None, notes=(), every: float = 1.0):
@@ -180,7 +189,7 @@ class Context:
             job = st.current_job(ws)
             active = job is not None and job.active
             values = st.form_of_run(ws) or {}
-            return {"browser_ws": ws.id, **{f"form.{k}": v for k, v in values.items()}, **rendered(ws),
+            return {"browser_ws": ws.key, **{f"form.{k}": v for k, v in values.items()}, **rendered(ws),
                     "banner": views.banner(st, ws), "timer": gr.Timer(active=active), "poll": {}}
 
         outputs = {"browser_ws": browser_ws, **{f"form.{k}": c for k, c in self.form.items()}, **all_views,

@@ -1,22 +1,41 @@
-"""``@gpu(duration=...)``: Hugging Face ZeroGPU's ``spaces.GPU`` when the ``spaces`` package is
-importable, a no-op decorator everywhere else.
+"""Hardware the app refuses: Hugging Face ZeroGPU.
 
-ZeroGPU lends a GPU only for the duration of a call to a decorated function, and only when that call
-comes from a Gradio request. The studio runs its jobs in a background worker thread (so a training
-survives a page reload), so on ZeroGPU hardware a job may get no GPU and run on the CPU. A Space with
-dedicated GPU hardware, or a CPU Space, runs the jobs as everywhere else.
+ZeroGPU (``SPACES_ZERO_GPU=true`` on the Space) lends a GPU only for a call of a function decorated
+with ``@spaces.GPU``, and only when that call is made inside the Gradio request that triggered it:
+the ``spaces`` package reads the request from a context variable, asks the scheduler for a GPU for
+that request, pickles the call's arguments to a forked worker process, runs the function there and
+pickles the result back (``spaces/zero/wrappers.py``). P2D Studio runs its jobs in one background
+worker thread (a training outlives the request that started it, survives page reloads, reports
+progress live and stops between steps), and its jobs work on objects that cannot cross a process
+boundary: the session's `p2d.pipeline.Run` with its progress and stop callbacks (closures, a
+threading.Event) and the model shared by all sessions. From that thread a decorated call has no
+request (so no GPU is granted to it) and its arguments do not pickle; even where they did, the
+worker's changes to the Run (results, manifest) and its progress would stay in the forked process.
+
+So the app refuses ZeroGPU hardware at start-up with one line saying what to pick instead, rather
+than start and run every job on the CPU (or fail mid-job). CPU and dedicated GPU hardware (T4, L4,
+A10G, ...) run the jobs as everywhere else. Not tested on a real ZeroGPU Space (no access here): the
+detection is the environment variable the ``spaces`` package itself reads (``spaces/config.py``).
 """
 
 from __future__ import annotations
 
-from typing import Callable
+import os
+
+from p2d.errors import UserError
+
+ZERO_GPU_MESSAGE = ("ZeroGPU hardware is not supported by P2D Studio: ZeroGPU lends a GPU only inside the request "
+                    "that asked for it, and the studio runs its jobs in a background worker (trainings outlive "
+                    "requests and page reloads). Pick CPU or a dedicated GPU (e.g. T4 small) in the Space's "
+                    "settings.")
 
 
-def gpu(duration: int = 60) -> Callable:
-    try:
-        import spaces  # type: ignore
-    except ImportError:
-        spaces = None
-    if spaces is None or not hasattr(spaces, "GPU"):
-        return lambda fn: fn
-    return spaces.GPU(duration=duration)
+def zero_gpu() -> bool:
+    """True on ZeroGPU hardware (the ``spaces`` package's own test: env SPACES_ZERO_GPU is true)."""
+    return os.environ.get("SPACES_ZERO_GPU", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def check_hardware() -> None:
+    """Refuse to start on ZeroGPU (UserError with what to pick instead)."""
+    if zero_gpu():
+        raise UserError(ZERO_GPU_MESSAGE)

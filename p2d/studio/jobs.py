@@ -15,27 +15,10 @@ from p2d.config import RunConfig
 from p2d.errors import UserError
 from p2d.pipeline import CONFIG_FILE, LABELS, Run, upstream_closure
 
-from .gpu import gpu
 from .runner import Job
 
 #: what the Train button runs (the reference before training, so the AER chart is live)
 TRAIN_STAGES = ["eval_before", "reference", "train", "eval_after"]
-
-
-# ZeroGPU attaches a GPU to calls of functions decorated at import time; elsewhere these are plain calls.
-@gpu(duration=120)
-def _run_short(run: Run, stages: list[str]):
-    return run.run(stages)
-
-
-@gpu(duration=300)
-def _run_long(run: Run, stages: list[str]):
-    return run.run(stages)
-
-
-@gpu(duration=120)
-def _execute(run: Run, stage: str):
-    return run.execute(stage, on_partial=True)
 
 
 def session_run(studio, ws, cfg: RunConfig, job: Job) -> Run:
@@ -48,15 +31,18 @@ def session_run(studio, ws, cfg: RunConfig, job: Job) -> Run:
         run.reconfigure(cfg)
     else:
         out = Path(cfg.out)
-        loader = studio.runner.load_model
+        loader, limits = studio.runner.load_model, studio.limits.data_limits()
         if (out / CONFIG_FILE).is_file():
-            run = Run.open(out, config=cfg, model_loader=loader)
+            run = Run.open(out, config=cfg, model_loader=loader, data_limits=limits)
         else:
-            run = Run(cfg, model_loader=loader)
+            run = Run(cfg, model_loader=loader, data_limits=limits)
         with ws.lock:
             ws.claim_run_dir(out)
             ws.run = run
+        studio.save(ws)
+    job.info["run"] = run.out.name
     follow(job, run)
+    studio.note_job(job)  # the job's run folder, on disk before the stages run
     return run
 
 
@@ -79,6 +65,7 @@ def follow(job: Job, run: Run, stages=None) -> None:
 
     job.phase = LABELS[plan[0]] if plan else ""
     job.info["plan"] = plan
+    job.info["run"] = run.out.name
     run.bind(progress, job.should_stop)
 
 
@@ -103,7 +90,7 @@ def stage(studio, ws, cfg: RunConfig, name: str):
     def body(job: Job):
         run = session_run(studio, ws, cfg, job)
         follow(job, run, [name])
-        _run_short(run, [name])
+        run.run([name])
         if not job.should_stop():
             run.require_loaded()  # a reopened run with nothing left to compute: its data for the page
         return _settled(run, name)
@@ -117,7 +104,8 @@ def train(studio, ws, cfg: RunConfig):
         run = session_run(studio, ws, cfg, job)
         run.reset_from("train")
         follow(job, run, TRAIN_STAGES)
-        _run_long(run, TRAIN_STAGES)
+        studio.note_job(job)  # with its plan: what Resume continues after a restart
+        run.run(TRAIN_STAGES)
         return _settled(run, "train")
     return body
 
@@ -130,9 +118,9 @@ def evaluate(studio, ws):
         if run is None:
             raise UserError("nothing loaded yet: press Load on the Model & data tab first")
         follow(job, run, ["eval_before"])
-        _run_short(run, ["eval_before"])
+        run.run(["eval_before"])
         if job.should_stop():
-            return None
+            return _settled(run, "eval_before")
         if run.eval_before is None and run.is_done("eval_before"):
             raise UserError("this run has no eval set: add an eval file, or an eval size above 0, on the Model & "
                             "data tab")
@@ -140,24 +128,71 @@ def evaluate(studio, ws):
             return "before only"
         if run.is_done("train"):
             follow(job, run, ["eval_after"])
-            _run_short(run, ["eval_after"])
-            return "after"
+            run.run(["eval_after"])
+            return "after" if run.is_done("eval_after") else _settled(run, "eval_after")
         job.phase = LABELS["eval_after"] + " (of the stopped training)"
         follow(job, run)
-        _execute(run, "eval_after")
+        run.execute("eval_after", on_partial=True)
         return "after (stopped training)"
     return body
+
+
+def _trained(ws):
+    run = ws.run
+    trained = run.train_result if run is not None else None
+    if trained is None:
+        raise UserError("no trained heads yet: train on the Train tab first")
+    return run, trained
 
 
 def merge(studio, ws, folder: str):
     from p2d.adapter import merge_and_save
 
     def body(job: Job):
-        run = ws.run
-        trained = run.train_result if run is not None else None
-        if trained is None:
-            raise UserError("no trained heads yet: train on the Train tab first")
+        run, trained = _trained(ws)
         job.set_phase("merging the trained heads into the model and saving it")
         lm = studio.runner.load_model(run.config)
         return str(merge_and_save(lm, trained.adapter_dir, Path(folder).expanduser()))
+    return body
+
+
+def export_peft(studio, ws):
+    """The trained heads as a PEFT LoRA adapter, zipped in the workspace's downloads folder (made
+    again only when the adapter is newer than the zip); the zip's path."""
+    def body(job: Job):
+        run, trained = _trained(ws)
+        job.set_phase("exporting the adapter in PEFT format")
+        return str(studio.peft_zip(ws, run, trained, make=True))
+    return body
+
+
+def push(studio, ws, repo_id: str, private: bool, merged: bool):
+    """Upload the run's adapter (PEFT format, optionally the merged model) and its model card."""
+    from p2d.hub import push_run
+
+    def body(job: Job):
+        run, _ = _trained(ws)
+        job.set_phase(f"pushing to the Hugging Face Hub ({repo_id})")
+        lm = studio.runner.load_model(run.config)
+        return push_run(run.out, repo_id, lm=lm, merged=merged, private=private)
+    return body
+
+
+def resume(studio, ws, name: str):
+    """Reopen the run folder ``name`` of the workspace and continue what it did not finish: the
+    stages of its last job that ended early (stopped, failed, cut off by a server restart) and any
+    partial stage; training continues from its last checkpoint."""
+    def body(job: Job):
+        run = studio.open_run(ws, name, in_job=True)
+        stages = studio.unfinished_stages(ws, run)
+        if not stages:
+            raise UserError(f"nothing to resume in {name}: every stage it started has finished")
+        run.resume = True
+        try:
+            follow(job, run, stages)
+            studio.note_job(job)
+            run.run(stages)
+        finally:
+            run.resume = False
+        return _settled(run, stages[-1])
     return body

@@ -4,9 +4,13 @@ Why a runner (and not the Gradio event itself): a training run outlives the brow
 started it. Jobs stay in a registry, so a reloaded page asks for its workspace's current or latest
 job and resumes showing it; other sessions' jobs wait in a FIFO queue and see their position.
 
-- ``submit(kind, owner, fn)`` queues a job; ``fn(job)`` runs in the worker. A ``UserError`` ends the
-  job as ``failed`` with its message; any other exception too, with the type in the message and the
-  traceback on the server log.
+- ``submit(kind, owner, fn, client=...)`` queues a job; ``fn(job)`` runs in the worker. A
+  ``UserError`` ends the job as ``failed`` with its message; any other exception too, with the type
+  in the message and the traceback on the server log. One active job per workspace (``owner``), and
+  at most ``max_per_client`` queued or running per client address.
+- ``on_change(job)`` (optional) is called when a job is queued, starts and ends (the app writes the
+  job into its workspace's file there, so a restarted server still lists it); ``adopt`` puts such a
+  past job back into the registry.
 - ``job.progress(done, total, desc)`` and ``job.should_stop()`` are the library's callbacks.
 - ``stop(job)`` sets the stop flag: a queued job is cancelled, a running one stops after the current
   step (training keeps the adapter).
@@ -55,6 +59,8 @@ class Job:
     result: Any = field(default=None, repr=False)
     stop_event: threading.Event = field(default_factory=threading.Event, repr=False)
     info: dict = field(default_factory=dict)
+    client: str = ""  # the client address that submitted it (per-address caps)
+    settled: threading.Event = field(default_factory=threading.Event, repr=False)  # ended and recorded
 
     # library callbacks -------------------------------------------------------------------------
     def progress(self, done: int, total: int, desc: str) -> None:
@@ -91,7 +97,8 @@ class Job:
 class Runner:
     """A FIFO of jobs executed by one worker thread, with a registry of finished jobs."""
 
-    def __init__(self, max_models: int = 1, keep_finished: int = 200):
+    def __init__(self, max_models: int = 1, keep_finished: int = 200,
+                 on_change: Callable[["Job"], None] | None = None):
         self._cond = threading.Condition()
         self._queue: list[Job] = []
         self._current: Job | None = None
@@ -103,12 +110,15 @@ class Runner:
         self._model_lock = threading.Lock()
         self._max_models = max(1, max_models)
         self._closed = False
+        self.on_change = on_change
         self._worker = threading.Thread(target=self._loop, name="p2d-studio-runner", daemon=True)
         self._worker.start()
 
     # -- queue -----------------------------------------------------------------------------------
-    def submit(self, kind: str, owner: str, fn: Callable[[Job], Any], label: str | None = None) -> Job:
-        """Queue ``fn`` for workspace ``owner``. One active job per workspace (UserError otherwise)."""
+    def submit(self, kind: str, owner: str, fn: Callable[[Job], Any], label: str | None = None,
+               client: str = "", max_per_client: int | None = None, info: dict | None = None) -> Job:
+        """Queue ``fn`` for workspace ``owner``. One active job per workspace, at most ``max_per_client``
+        active jobs per client address (UserError otherwise)."""
         with self._cond:
             if self._closed:
                 raise UserError("the app is shutting down")
@@ -116,13 +126,38 @@ class Runner:
             if busy is not None:
                 raise UserError(f"this session already has a {busy.label} job {busy.status}: wait for it or "
                                 "press Stop")
+            if max_per_client is not None:
+                mine = [j for j in self._jobs.values() if j.active and j.client == client]
+                if len(mine) >= max_per_client:
+                    raise UserError(f"your address already has {len(mine)} jobs queued or running (at most "
+                                    f"{max_per_client}): wait for one to finish")
             job = Job(id=f"{next(self._counter):04d}-{secrets.token_hex(3)}", kind=kind, owner=owner,
-                      label=label or kind, fn=fn)
+                      label=label or kind, fn=fn, client=client, info=dict(info or {}))
             self._jobs[job.id] = job
             self._queue.append(job)
             self._trim()
             self._cond.notify_all()
-            return job
+        self._changed(job)
+        return job
+
+    def adopt(self, job: Job) -> None:
+        """Put a finished job (read back from disk) into the registry, so `get` finds it."""
+        assert not job.active
+        job.settled.set()
+        with self._cond:
+            self._jobs.setdefault(job.id, job)
+
+    def _changed(self, job: Job) -> None:
+        try:
+            if self.on_change is not None:
+                self.on_change(job)
+        except Exception:  # noqa: BLE001 - bookkeeping must never take the worker down
+            traceback.print_exc(file=sys.stderr)
+        finally:
+            if not job.active:
+                with self._cond:
+                    job.settled.set()
+                    self._cond.notify_all()
 
     def _trim(self) -> None:
         finished = [j for j in self._jobs.values() if not j.active]
@@ -143,8 +178,10 @@ class Runner:
                     job.error = "cancelled before it started"
                     self._current = None
                     self._cond.notify_all()
+                    self._changed(job)
                     continue
                 job.status, job.started = "running", time.time()
+            self._changed(job)
             try:
                 job.result = job.fn(job)
                 status = "stopped" if job.stop_event.is_set() else "done"
@@ -159,6 +196,7 @@ class Runner:
                         job.status, job.error, job.finished = status, error, time.time()
                         self._current = None
                         self._cond.notify_all()
+                    self._changed(job)
                     continue
                 traceback.print_exc(file=sys.stderr)
                 status, error = "failed", f"internal error ({type(exc).__name__}: {exc}); see the server log"
@@ -166,6 +204,7 @@ class Runner:
                 job.status, job.error, job.finished = status, error, time.time()
                 self._current = None
                 self._cond.notify_all()
+            self._changed(job)
 
     @staticmethod
     def _release_memory() -> None:
@@ -227,7 +266,7 @@ class Runner:
         """Block until ``job`` has finished; False on timeout."""
         end = None if timeout is None else time.time() + timeout
         with self._cond:
-            while job.active:
+            while job.active or not job.settled.is_set():
                 left = None if end is None else end - time.time()
                 if left is not None and left <= 0:
                     return False

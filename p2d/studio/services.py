@@ -1,25 +1,59 @@
 """`Studio`: the app-wide services every tab uses (no Gradio layout here).
 
-- the job runner (one job at a time, the shared model cache) and the per-session workspaces;
-- `run_config`: the form -> the RunConfig a job runs (demo caps applied once, run folder decided),
-  which is also what the settings file and the equivalent command show;
-- `receive` and `download`: the one way a file comes into a workspace (`upload` describes a data
-  file after receiving it) and the one way a file is handed to the browser.
+- the job runner (one job at a time, the shared model cache) and the per-session workspaces: which
+  requests may create one (`workspace` with ``create=True``: the job and upload endpoints; `attach`:
+  a page load or ``/attach``), the client address caps, and the job registry kept on disk
+  (each workspace's ``workspace.json``; `restore` reads it back after a restart);
+- `run_config`: the form -> the RunConfig a job runs (demo caps applied once, the model allowlist and
+  paths checked, run folder decided), which is also what the settings file and the equivalent
+  command show;
+- `receive` and `download`: the one way a file comes into a workspace (checked and validated before
+  it is stored; Gradio's own copy is deleted) and the one way a file is handed to the browser (only a
+  file of the requesting session, copied to a private staging folder Gradio takes it from);
+- past runs of a session: `runs_table`, `open_run`, `unfinished_stages` (what Resume continues).
 """
 
 from __future__ import annotations
 
+import os
+import re
+import secrets
 import shutil
+import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
 
-from p2d.config import RunConfig
+from p2d.config import STAGES, RunConfig
 from p2d.errors import UserError
 
 from . import form
-from .limits import Limits, check_paths
-from .runner import Job, Runner
+from .limits import Limits, client_ip
+from .runner import ACTIVE, Job, Runner
 from .workspace import Registry, Workspace
+
+INTERRUPTED = "interrupted: the server restarted while it ran (Resume it under Runs of this session)"
+OUTBOX_KEEP_S = 3600.0  # staged downloads older than this are deleted (Gradio has its own copy by then)
+
+
+def session_of(request) -> str | None:
+    return getattr(request, "session_hash", None) or None
+
+
+def gradio_upload_folder() -> Path:
+    """Where Gradio's upload route stores files (its served cache; `gradio.utils.get_upload_folder`)."""
+    return Path(os.environ.get("GRADIO_TEMP_DIR") or Path(tempfile.gettempdir()) / "gradio").resolve()
+
+
+def fmt_mb(n: int) -> str:
+    return f"{n / (1024 * 1024):.1f} MB"
+
+
+def safe_name(name: str) -> str:
+    """A file name with only letters, digits, dot, dash and underscore (at most 80 characters)."""
+    cleaned = re.sub(r"[^A-Za-z0-9._-]", "_", Path(str(name)).name).lstrip(".") or "file"
+    return cleaned[-80:]
 
 
 class Studio:
@@ -28,36 +62,132 @@ class Studio:
     def __init__(self, limits: Limits, runs_root: Path, runner: Runner | None = None,
                  config: RunConfig | None = None):
         self.limits = limits
-        self.runs_root = Path(runs_root)
+        self.runs_root = Path(runs_root).resolve()
         self.runs_root.mkdir(parents=True, exist_ok=True)
         self.runner = runner or Runner(max_models=1)
-        self.registry = Registry(self.runs_root)
+        self.runner.on_change = self._job_changed
+        self.registry = Registry(self.runs_root, limits, busy=self._busy, restore=self.restore)
+        self.outbox = Path(tempfile.mkdtemp(prefix="p2d-studio-out-"))  # not served; Gradio copies from it
+        self._staged: dict[str, tuple] = {}
+        self._owners: dict[str, Workspace] = {}  # job id -> its workspace, until the job is recorded
         start, self.start_notes = limits.apply((config or RunConfig()).validate())
-        check_paths(start, limits, None)
+        limits.check(start, None)
         self.initial = form.to_values(start, out_auto=limits.demo)
+        self._closed = threading.Event()
+        if limits.workspace_ttl_s:
+            every = max(1.0, min(300.0, limits.workspace_ttl_s / 4))
+            threading.Thread(target=self._sweeper, args=(every,), name="p2d-studio-sweeper", daemon=True).start()
+
+    def close(self) -> None:
+        self._closed.set()
+        self.runner.close()
+        shutil.rmtree(self.outbox, ignore_errors=True)
+
+    def _sweeper(self, every: float) -> None:
+        while not self._closed.wait(every):
+            try:
+                self.registry.sweep()
+                self._prune_outbox()
+            except Exception as exc:  # noqa: BLE001 - the sweeper must keep running
+                print(f"p2d studio: sweep failed: {exc}", file=sys.stderr)
 
     # -- sessions ------------------------------------------------------------------------------
-    def workspace(self, request) -> Workspace:
-        return self.registry.for_session(getattr(request, "session_hash", None))
+    def client(self, request) -> str:
+        return client_ip(request, self.limits.proxy_hops)
 
-    def attach(self, request, browser_ws_id: str | None) -> Workspace:
-        """Page load: the workspace this browser used before (kept in localStorage), else - locally -
-        the workspace of the job that is running now, else a new one."""
-        session = getattr(request, "session_hash", None)
-        ws = self.registry.attach(session, browser_ws_id)
-        if ws is None and not self.limits.demo:
+    def workspace(self, request, create: bool = False) -> Workspace:
+        """The workspace of the request's session. Without one: a new one with ``create`` (the job and
+        upload endpoints, within the client address caps), else the blank stand-in (light endpoints
+        never create one)."""
+        session = session_of(request)
+        ws = self.registry.for_session(session)
+        if ws is None:
+            if not create:
+                return self.registry.blank
+            ws = self.registry.create(self.client(request))
+            self.save(ws)  # on disk from the start: an eviction from memory never loses a key
+            self.registry.bind(session, ws)
+        return ws
+
+    def attach(self, request, key: str | None, page: bool = True) -> Workspace:
+        """Page load (or ``/attach`` with ``page=False``): the workspace of the key this browser kept
+        (also after a server restart, from disk), else - on a page load in local mode - the workspace
+        of the job that is running now, else the session's own, else a new one."""
+        session = session_of(request)
+        ws = self.registry.by_key(key) if key else None
+        if ws is None and page and not self.limits.demo:
             job = self.runner.latest()
             if job is not None and job.active:
-                ws = self.registry.attach(session, job.owner)
-        return ws or self.registry.for_session(session)
+                ws = self.registry.get(job.owner)
+        if ws is None:
+            ws = self.registry.for_session(session)
+        if ws is None:
+            ws = self.registry.create(self.client(request))
+            self.save(ws)  # on disk from the start: an eviction from memory never loses a key
+        self.registry.bind(session, ws)
+        return ws
+
+    def _busy(self, ws: Workspace) -> bool:
+        return self.runner.active_job(ws.id) is not None
 
     def current_job(self, ws: Workspace) -> Job | None:
         return self.runner.get(ws.job_id)
 
-    def submit(self, ws: Workspace, kind: str, body, label: str) -> Job:
-        job = self.runner.submit(kind, ws.id, body, label=label)
-        ws.job_id = job.id
+    def submit(self, ws: Workspace, kind: str, body, label: str, request=None) -> Job:
+        if ws.blank:
+            raise UserError("this session has nothing to work on yet: press Load on the Model & data tab (or reload "
+                            "the page)")
+        with ws.lock:
+            job = self.runner.submit(kind, ws.id, body, label=label, client=self.client(request) if request else ws.ip,
+                                     max_per_client=self.limits.max_jobs_per_ip)
+            ws.job_id = job.id
+            self._owners[job.id] = ws
         return job
+
+    def save(self, ws: Workspace) -> None:
+        try:
+            ws.save()
+        except OSError as exc:
+            print(f"p2d studio: could not save workspace {ws.id}: {exc}", file=sys.stderr)
+
+    def note_job(self, job: Job) -> None:
+        """Record ``job`` in its workspace's file now (a job body calls this once it knows its run)."""
+        self._job_changed(job)
+
+    def _job_changed(self, job: Job) -> None:
+        """The runner's callback: keep the job in its workspace's file (a restart finds it)."""
+        ws = self._owners.get(job.id) or self.registry.get(job.owner)
+        if not job.active:
+            self._owners.pop(job.id, None)
+        if ws is None:
+            return
+        summary = job.summary()
+        summary.update(created=job.created, started=job.started, finished=job.finished)
+        ws.record_job(summary)
+        self.save(ws)
+
+    def restore(self, ws: Workspace) -> None:
+        """A workspace read back from disk (after a restart or an eviction): its jobs back into the
+        runner's registry (one that was queued or running is marked interrupted), its current run
+        reopened (results and data, not the model)."""
+        for d in ws.jobs:
+            job = self.runner.get(d.get("id"))
+            if job is None:
+                status, error = d.get("status", "done"), d.get("error")
+                if status in ACTIVE:
+                    status, error = "stopped", INTERRUPTED
+                    d.update(status=status, error=error)
+                job = Job(id=str(d.get("id")), kind=str(d.get("kind", "")), owner=ws.id, label=str(d.get("label", "")),
+                          fn=None, status=status, created=d.get("created") or time.time(), started=d.get("started"),
+                          finished=d.get("finished") or d.get("started"), phase=str(d.get("phase") or ""),
+                          done=int(d.get("done") or 0), total=int(d.get("total") or 0), error=error,
+                          info={k: d[k] for k in ("plan", "run") if k in d})
+                self.runner.adopt(job)
+            ws.job_id = job.id
+        saved = ws.cache.pop("saved_run", None)
+        if saved:
+            ws.run = self._open(ws, saved)
+            ws.claim_run_dir(Path(ws.run.out))
 
     # -- settings ------------------------------------------------------------------------------
     def run_config(self, values: dict, ws: Workspace) -> tuple[RunConfig, list[str]]:
@@ -66,7 +196,7 @@ class Studio:
         The run folder: the one typed in the form (local mode), else the session's current run folder
         while model and data stay the same, else a new ``run-NNN`` folder in the workspace."""
         cfg, notes = self.limits.apply(form.to_config(values))
-        check_paths(cfg, self.limits, ws.upload_dir)
+        self.limits.check(cfg, ws.upload_dir)
         typed = None if self.limits.demo else form.explicit_out(values)
         run = ws.run
         if typed:
@@ -79,8 +209,9 @@ class Studio:
 
     def form_from_yaml(self, text: str, ws: Workspace | None) -> tuple[dict, list[str]]:
         """A settings file -> form values (demo caps applied), with notes."""
+        self.limits.check_text("settings", text)
         cfg, notes = self.limits.apply(RunConfig.from_yaml(text).validate())
-        check_paths(cfg, self.limits, ws.upload_dir if ws is not None else None)
+        self.limits.check(cfg, ws.upload_dir if ws is not None else None)
         return form.to_values(cfg, out_auto=self.limits.demo), notes
 
     def form_of_run(self, ws: Workspace) -> dict | None:
@@ -91,39 +222,209 @@ class Studio:
         auto = self.limits.demo or Path(run.out).parent == ws.root
         return form.to_values(run.config, out_auto=auto)
 
-    # -- files in and out ----------------------------------------------------------------------
-    def receive(self, ws: Workspace, kind: str, file) -> Path:
-        """Every uploaded file comes in here: copied into the workspace's uploads folder."""
-        src = Path(file)
-        ws.upload_dir.mkdir(parents=True, exist_ok=True)
-        dest = ws.upload_dir / f"{kind}-{time.strftime('%H%M%S')}-{src.name}"
-        shutil.copyfile(src, dest)
-        return dest
+    # -- past runs -----------------------------------------------------------------------------
+    def _run_folder(self, ws: Workspace, name: str) -> Path:
+        """The run folder ``name`` of ``ws`` (a ``run-NNN`` of its own; locally also the current run's
+        folder by its full path)."""
+        name = str(name or "").strip()
+        if not self.limits.demo:  # local mode: also a run folder typed in the form, by its full path
+            if ws.run is not None and name in (str(ws.run.out), ws.run.out.name):
+                return Path(ws.run.out)
+            if Path(name).is_absolute() and (Path(name) / "config.yaml").is_file():
+                return Path(name)
+        if not re.fullmatch(r"run-\d{3,6}", name) or not (ws.root / name / "config.yaml").is_file():
+            raise UserError(f"no run folder {name!r} in this session: pick one from the list")
+        return ws.root / name
 
-    def upload(self, ws: Workspace, kind: str, file, columns: str | None = None) -> tuple[str, str]:
-        """Store an uploaded data file (`receive`) and describe it: (stored path, markdown). The
-        description (format, rows, skipped rows, tasks) or the loader's error is the markdown."""
+    def _open(self, ws: Workspace, name: str):
+        from p2d.pipeline import CONFIG_FILE, Run
+
+        folder = self._run_folder(ws, name)
+        cfg, _ = self.limits.apply(RunConfig.load(folder / CONFIG_FILE))
+        self.limits.check(cfg, ws.upload_dir)
+        run = Run.open(folder, config=cfg.replace(out=str(folder)), model_loader=self.runner.load_model,
+                       data_limits=self.limits.data_limits())
+        try:
+            run.require_data()  # the data (not the model): enough for every tab's view
+        except UserError as exc:
+            print(f"p2d studio: the data of {folder} could not be read back: {exc}", file=sys.stderr)
+        return run
+
+    def open_run(self, ws: Workspace, name: str, in_job: bool = False):
+        """Make the run folder ``name`` the session's current run (read back, no model loaded)."""
+        if not in_job and self._busy(ws):
+            raise UserError("this session has a job queued or running: wait for it or press Stop, then open the run")
+        run = self._open(ws, name)
+        with ws.lock:
+            ws.run = run
+            ws.claim_run_dir(Path(run.out))
+            ws.cache.pop("log", None)
+        self.save(ws)
+        return run
+
+    def unfinished_stages(self, ws: Workspace, run) -> list[str]:
+        """What Resume continues: the stages of the run's last job if it did not end done, and any
+        stage left partial; those not done, in order."""
+        last = next((j for j in reversed(ws.jobs) if j.get("run") == run.out.name), None)
+        want = set(run.stages_partial)
+        if last is not None and last.get("status") != "done":
+            want.update(last.get("plan") or [])
+        return [s for s in STAGES if s in want and not run.is_done(s)]
+
+    def runs_table(self, ws: Workspace) -> list[dict]:
+        """One row per run folder of the session: name, model, data, stages done and partial, last job."""
+        from p2d.files import read_json
+
+        rows = []
+        for folder in ws.run_dirs():
+            manifest = (read_json(folder / "stages.json") or {}).get("stages") or {}
+            try:
+                cfg = RunConfig.load(folder / "config.yaml")
+                model = cfg.model
+                data = Path(cfg.pool).name.split("-", 2)[-1] if cfg.pool else f"built-in ({cfg.target})"
+            except UserError:
+                model, data = "?", "?"
+            last = next((j for j in reversed(ws.jobs) if j.get("run") == folder.name), None)
+            rows.append({"run": folder.name, "model": model, "data": data,
+                         "done": ", ".join(s for s in STAGES if s in manifest and not manifest[s].get("partial")),
+                         "partial": ", ".join(s for s in STAGES if manifest.get(s, {}).get("partial")),
+                         "last job": f"{last.get('label')}: {last.get('status')}" if last else "",
+                         "current": ws.run is not None and Path(ws.run.out) == folder})
+        return rows
+
+    # -- files in and out ----------------------------------------------------------------------
+    def receive(self, ws: Workspace, kind: str, file, check=None, store: bool = True):
+        """Every uploaded file comes in here: its size checked (per file, per session), ``check(path)``
+        run on it where Gradio put it (a UserError rejects it), then - with ``store`` - copied into the
+        workspace's uploads folder (not served). Gradio's copy is deleted in every case, so an upload
+        is never left in a folder the server serves. Returns (stored path or None, check's result)."""
+        src = Path(str(file))
+        name = safe_name(src.name)
+        lim = self.limits
+        try:
+            if not src.is_file():
+                raise UserError("the upload did not arrive: upload the file again")
+            size = src.stat().st_size
+            if lim.max_file_bytes is not None and size > lim.max_file_bytes:
+                raise UserError(f"{name} is {fmt_mb(size)}: this server takes files up to {fmt_mb(lim.max_file_bytes)}")
+            if store and lim.max_session_bytes is not None and ws.upload_bytes() + size > lim.max_session_bytes:
+                raise UserError(f"this session's uploads would pass {fmt_mb(lim.max_session_bytes)}: start a new "
+                                "session (another tab) for other files")
+            checked = check(src) if check is not None else None
+            dest = None
+            if store:
+                if ws.blank:
+                    raise UserError("this session has no workspace: reload the page")
+                ws.upload_dir.mkdir(parents=True, exist_ok=True)
+                dest = ws.upload_dir / f"{kind}-{secrets.token_hex(4)}-{name}"
+                tmp = dest.with_name(f".{dest.name}.part")
+                try:
+                    shutil.copyfile(src, tmp)
+                    os.replace(tmp, dest)
+                finally:
+                    tmp.unlink(missing_ok=True)
+        finally:
+            self._discard_upload(src)
+        if store:
+            self.save(ws)
+        return dest, checked
+
+    @staticmethod
+    def _discard_upload(src: Path) -> None:
+        """Delete Gradio's copy of an upload (only files inside Gradio's upload folder)."""
+        try:
+            resolved = src.resolve()
+            if resolved.is_relative_to(gradio_upload_folder()) and resolved.is_file():
+                resolved.unlink()
+                try:
+                    resolved.parent.rmdir()  # Gradio's per-file folder, when now empty
+                except OSError:
+                    pass
+        except OSError:
+            pass
+
+    def upload(self, ws: Workspace, kind: str, file, columns: str | None = None) -> tuple[str | None, str]:
+        """Validate, store and describe an uploaded data file: (stored path or None when rejected,
+        markdown). The description (format, rows, skipped rows, tasks) or the loader's error."""
         from p2d.data.loading import load_data
 
-        src = Path(file)
-        dest = self.receive(ws, kind, file)
-        try:
+        display = safe_name(Path(str(file)).name)
+        rows_cap = self.limits.data_rows().get(kind) if self.limits.demo else None
+
+        def check(path: Path) -> dict:
             mapping = RunConfig(columns=columns).columns
-            summ = load_data(str(dest), mapping=mapping).summary()
+            return load_data(str(path), mapping=mapping, max_rows=rows_cap,
+                             max_bytes=self.limits.max_data_bytes).summary()
+
+        try:
+            dest, summ = self.receive(ws, kind, file, check)
         except UserError as exc:
-            return str(dest), f"✗ **{kind}** `{src.name}`: {exc}"
+            text = str(exc)
+            for where in {str(file), str(Path(str(file)).resolve())}:  # no server paths in the message
+                text = text.replace(where, display)
+            return None, f"✗ **{kind}** `{display}` was not stored: {text}"
         tasks = ", ".join(f"{k} {v}" for k, v in list(summ["tasks"].items())[:6]) or "no task labels"
         skipped = (f" ({', '.join(f'{n} {r}' for r, n in summ['skipped_reasons'].items())})"
                    if summ["skipped"] else "")
-        return str(dest), (f"**{kind}** `{src.name}`: format **{summ['format']}**, {summ['rows']} rows, "
-                           f"{summ['skipped']} skipped{skipped}; tasks: {tasks}")
+        cut = (f"; only the first {rows_cap} rows are used in the public demo" if summ.get("truncated") and rows_cap
+               else "")
+        return str(dest), (f"**{kind}** `{display}`: format **{summ['format']}**, {summ['rows']} rows, "
+                           f"{summ['skipped']} skipped{skipped}; tasks: {tasks}{cut}")
+
+    def _owns(self, ws: Workspace, path: Path) -> bool:
+        """Whether ``path`` is a file of this workspace (its folder, or - locally - its run folder)."""
+        if ws.blank:
+            return False
+        try:
+            p = path.resolve()
+            roots = [ws.root.resolve()]
+            if ws.run is not None and not self.limits.demo:
+                roots.append(Path(ws.run.out).resolve())
+            return any(p.is_relative_to(r) for r in roots)
+        except OSError:
+            return False
 
     def download(self, ws: Workspace, path) -> str | None:
-        """A file of this workspace's runs to offer for download (None: nothing to offer yet)."""
+        """A file of this workspace to hand to the browser (None: nothing to offer). Only files of the
+        requesting session pass; the file is staged in a private folder (not served) from which
+        Gradio copies it into its cache under a secret-seeded hash."""
         if path is None:
             return None
         p = Path(path)
-        return str(p) if p.is_file() else None
+        if not p.is_file():
+            return None
+        if not self._owns(ws, p):
+            print(f"p2d studio: refused to hand out {p}: not a file of workspace {ws.id or '(none)'}", file=sys.stderr)
+            return None
+        st = p.stat()
+        stamp = (st.st_mtime_ns, st.st_size)
+        cached = self._staged.get(str(p))
+        if cached is not None and cached[0] == stamp and Path(cached[1]).is_file():
+            return cached[1]
+        folder = self.outbox / secrets.token_hex(16)
+        folder.mkdir(parents=True)
+        staged = folder / p.name
+        shutil.copyfile(p, staged)
+        self._staged[str(p)] = (stamp, str(staged))
+        self._prune_outbox()
+        return str(staged)
+
+    def offer_text(self, ws: Workspace, name: str, text: str) -> str:
+        """A text made for download (e.g. the settings file), staged without touching the workspace."""
+        folder = self.outbox / secrets.token_hex(16)
+        folder.mkdir(parents=True)
+        path = folder / safe_name(name)
+        path.write_text(text, encoding="utf-8")
+        return str(path)
+
+    def _prune_outbox(self) -> None:
+        cutoff = time.time() - OUTBOX_KEEP_S
+        for folder in list(self.outbox.iterdir()) if self.outbox.is_dir() else []:
+            try:
+                if folder.stat().st_mtime < cutoff:
+                    shutil.rmtree(folder, ignore_errors=True)
+            except OSError:
+                pass
 
     def adapter_zip(self, ws: Workspace) -> Path | None:
         """The trained heads as a zip in the workspace's downloads folder (rebuilt when the adapter is
@@ -133,14 +434,41 @@ class Studio:
         if trained is None:
             return None
         adapter = Path(trained.adapter_dir)
+        return self._zip(ws, adapter, ws.download_dir / f"{run.out.name}-adapter.zip",
+                         lambda tmp: shutil.make_archive(tmp, "zip", root_dir=adapter.parent, base_dir=adapter.name))
+
+    def peft_zip(self, ws: Workspace, run=None, trained=None, make: bool = False) -> Path | None:
+        """The PEFT-format export of the trained heads as a zip (``make``: export it when missing or
+        older than the adapter, which needs the model; without ``make`` only an up-to-date zip)."""
+        run = run or ws.run
+        trained = trained or (run.train_result if run is not None else None)
+        if trained is None:
+            return None
+        adapter = Path(trained.adapter_dir)
+        zip_path = ws.download_dir / f"{run.out.name}-adapter-peft.zip"
+
+        def build(tmp: str) -> str:
+            from p2d.export import export_peft
+            from p2d.hub import _base_name
+
+            lm = self.runner.load_model(run.config)
+            with tempfile.TemporaryDirectory(prefix="p2d-peft-") as folder:
+                out = export_peft(lm, adapter, Path(folder) / f"{run.out.name}-peft",
+                                  base_model_name=_base_name(run.config.model))
+                return shutil.make_archive(tmp, "zip", root_dir=out.parent, base_dir=out.name)
+        return self._zip(ws, adapter, zip_path, build if make else None)
+
+    @staticmethod
+    def _zip(ws: Workspace, adapter: Path, zip_path: Path, build) -> Path | None:
         files = [p for p in adapter.rglob("*") if p.is_file()] if adapter.is_dir() else []
         if not files:
             return None
-        zip_path = ws.download_dir / f"{run.out.name}-adapter.zip"
         newest = max(p.stat().st_mtime for p in files)
-        if not zip_path.exists() or zip_path.stat().st_mtime < newest:
-            ws.download_dir.mkdir(parents=True, exist_ok=True)
-            tmp = shutil.make_archive(str(ws.download_dir / ".adapter-tmp"), "zip", root_dir=adapter.parent,
-                                      base_dir=adapter.name)
-            Path(tmp).replace(zip_path)
+        if zip_path.exists() and zip_path.stat().st_mtime >= newest:
+            return zip_path
+        if build is None:
+            return None
+        ws.download_dir.mkdir(parents=True, exist_ok=True)
+        tmp = build(str(ws.download_dir / f".{zip_path.stem}-{secrets.token_hex(3)}"))
+        Path(tmp).replace(zip_path)
         return zip_path

@@ -10,6 +10,7 @@ from __future__ import annotations
 import html
 import math
 import random
+from pathlib import Path
 
 import pandas as pd
 
@@ -22,6 +23,7 @@ DATA_COLUMNS = ["set", "source", "format", "rows", "skipped", "skipped why", "ta
 PREVIEW_COLUMNS = ["rank", "score", "task", "prompt", "answer"]
 RESULT_COLUMNS = ["metric", "before", "after", "change"]
 EXAMPLE_COLUMNS = ["prompt", "gold", "before", "after"]
+RUN_COLUMNS = ["run", "model", "data", "done", "partial", "last job"]
 
 
 # ------------------------------------------------------------------------------------------ format
@@ -117,27 +119,49 @@ def job_summary(studio, ws) -> dict:
 # -------------------------------------------------------------------------------- 1 model & data
 
 
+def runs(studio, ws) -> dict:
+    """The session's run folders (the "Runs of this session" table and picker)."""
+    rows = studio.runs_table(ws)
+    current = next((r["run"] for r in rows if r["current"]), None)
+    table = pd.DataFrame([{**{k: r[k] for k in RUN_COLUMNS}, "run": ("▶ " if r["current"] else "") + r["run"]}
+                          for r in rows], columns=RUN_COLUMNS)
+    import gradio as gr  # a dropdown's choices change with the runs (Gradio's update type)
+
+    names = [r["run"] for r in rows]
+    return {"runs": table, "run_pick": gr.Dropdown(choices=names, value=current or (names[-1] if names else None))}
+
+
 def model_data(studio, ws) -> dict:
     run = ws.run
     info = studio.runner.model_info(run.config) if run is not None else None
-    if run is None or run.data is None or info is None:
+    summary = None
+    if run is not None:
+        summary = run.data.summary() if run.data is not None else run.results.get("load")
+    if run is None or not summary:
         return {"info": "Nothing loaded yet. Pick a model and data, then press **Load**. (Heads, Data and Train "
                         "also load on demand.)",
                 "data_table": pd.DataFrame(columns=DATA_COLUMNS),
                 "mix_plot": charts.empty_figure("Load data to see its task mix", height=300)}
-    md = (f"**Model** `{info['model']}` · {info['architecture']} · {info['layers']} layers × "
-          f"{info['q_heads']} query heads ({info['kv_heads']} kv heads, head dim {info['head_dim']}) = "
-          f"**{info['heads_total']} heads** · {fmt_params(info['params'])} parameters · "
-          f"{info['device']} {info['dtype']}"
-          f"{'' if info['chat_template'] else ' · no chat template! (plain prompt format)'}  \n"
-          f"**Run folder** `{run.out}`")
+    if info is not None:
+        md = (f"**Model** `{info['model']}` · {info['architecture']} · {info['layers']} layers × "
+              f"{info['q_heads']} query heads ({info['kv_heads']} kv heads, head dim {info['head_dim']}) = "
+              f"**{info['heads_total']} heads** · {fmt_params(info['params'])} parameters · "
+              f"{info['device']} {info['dtype']}"
+              f"{'' if info['chat_template'] else ' · no chat template! (plain prompt format)'}  \n")
+    else:  # a run read back from its folder: the model loads with the next stage
+        md = f"**Model** `{run.config.model}` (not loaded yet: it loads with the next stage)  \n"
+    md += f"**Run folder** `{run.out.name if ws.root in Path(run.out).parents else run.out}`"
     rows, groups = [], {}
-    for name, s in run.data.summary().items():
+    for name, s in summary.items():
         reasons = ", ".join(f"{n} {r}" for r, n in s["skipped_reasons"].items()) or "-"
         top = sorted(s["tasks"].items(), key=lambda kv: -kv[1])
         tasks = ", ".join(f"{t} {n}" for t, n in top[:6]) + (f", +{len(top) - 6} more" if len(top) > 6 else "")
-        rows.append({"set": name, "source": short(s["source"], 80), "format": s["format"], "rows": s["rows"],
-                     "skipped": s["skipped"], "skipped why": reasons, "tasks": tasks or "(no labels)"})
+        if s.get("truncated"):
+            reasons = (reasons if reasons != "-" else "") + f" (only the first {s['rows']} rows kept: the row cap)"
+        rows.append({"set": name, "source": short(Path(str(s["source"])).name if ws.root in Path(str(s["source"])).parents
+                                                  else s["source"], 80),
+                     "format": s["format"], "rows": s["rows"],
+                     "skipped": s["skipped"], "skipped why": reasons.strip(), "tasks": tasks or "(no labels)"})
         if s["tasks"]:
             groups[name] = s["tasks"]
     fig = (charts.task_mix(groups, "Task mix of the loaded sets") if groups
@@ -377,7 +401,7 @@ def results(studio, ws) -> dict:
     if run is None:
         return {"summary": "No results yet: train first.", "table": pd.DataFrame(columns=RESULT_COLUMNS),
                 "chart": charts.eval_chart(None, None), "examples": pd.DataFrame(columns=EXAMPLE_COLUMNS),
-                "adapter_dl": None, "metrics_dl": None}
+                "adapter_dl": None, "metrics_dl": None, "peft_dl": None}
     before = run.eval_before.to_dict(with_examples=True) if run.eval_before is not None else None
     after = run.eval_after.to_dict(with_examples=True) if run.eval_after is not None else None
     m = run.metrics()
@@ -414,8 +438,9 @@ def results(studio, ws) -> dict:
             "chart": charts.eval_chart(before, after),
             "examples": pd.DataFrame(_example_rows(before, after), columns=EXAMPLE_COLUMNS),
             "adapter_dl": studio.download(ws, studio.adapter_zip(ws)),
+            "peft_dl": studio.download(ws, studio.peft_zip(ws)),
             "metrics_dl": studio.download(ws, run.out / "metrics.json")}
 
 
 #: every tab's view, by tab name (what a page load and the end of a job re-render)
-TABS = {"model": model_data, "heads": heads, "data": data, "train": train, "results": results}
+TABS = {"model": model_data, "runs": runs, "heads": heads, "data": data, "train": train, "results": results}

@@ -50,10 +50,11 @@ def build(ctx) -> SimpleNamespace:
 
     def select(request, settings):
         """Select data (heads and loading first if needed); a new share only re-cuts the existing scores."""
-        yield from ctx.run_job(request, "select", "Data selection", jobs.stage, "data", settings, name="select")
+        yield from ctx.run_job(request, "select", "Data selection", jobs.stage, "data", settings, create=True,
+                               name="select")
 
     ctx.bind(c.run_btn.click, select, settings=True, outputs={"status": c.status, **view, "job_end": ctx.job_end},
-             status="status", api_name="select", concurrency_limit=None, show_progress="hidden")
+             status="status", api_name="select", **ctx.job_event)
 
     page_out = {"preview": c.preview, "page_label": c.page_label, "page": c.page}
 
@@ -66,10 +67,13 @@ def build(ctx) -> SimpleNamespace:
         return show
 
     inputs = {"search": c.search, "page": c.page}
-    ctx.bind(c.page.submit, paging(0), inputs=inputs, outputs=page_out, api_name="preview")
-    ctx.bind(c.search.submit, paging(None), inputs=inputs, outputs=page_out, api_visibility="private")
-    ctx.bind(c.search.input, paging(None), inputs=inputs, outputs=page_out, api_visibility="private",
-             show_progress="hidden", trigger_mode="always_last")
-    ctx.bind(c.prev_btn.click, paging(-1), inputs=inputs, outputs=page_out, api_visibility="private")
-    ctx.bind(c.next_btn.click, paging(+1), inputs=inputs, outputs=page_out, api_visibility="private")
+    ctx.bind(c.page.submit, paging(0), inputs=inputs, outputs=page_out, status="page_label", api_name="preview")
+    ctx.bind(c.search.submit, paging(None), inputs=inputs, outputs=page_out, status="page_label",
+             api_visibility="private")
+    ctx.bind(c.search.input, paging(None), inputs=inputs, outputs=page_out, status="page_label",
+             api_visibility="private", show_progress="hidden", trigger_mode="always_last")
+    ctx.bind(c.prev_btn.click, paging(-1), inputs=inputs, outputs=page_out, status="page_label",
+             api_visibility="private")
+    ctx.bind(c.next_btn.click, paging(+1), inputs=inputs, outputs=page_out, status="page_label",
+             api_visibility="private")
     return c

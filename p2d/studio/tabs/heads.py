@@ -40,8 +40,9 @@ def build(ctx) -> SimpleNamespace:
 
     def find_heads(request, settings):
         """Score the heads (loading first if needed); a new share only re-cuts the existing scores."""
-        yield from ctx.run_job(request, "heads", "Head scoring", jobs.stage, "heads", settings, name="heads")
+        yield from ctx.run_job(request, "heads", "Head scoring", jobs.stage, "heads", settings, create=True,
+                               name="heads")
 
     ctx.bind(c.run_btn.click, find_heads, settings=True, outputs={"status": c.status, **view, "job_end": ctx.job_end},
-             status="status", api_name="heads", concurrency_limit=None, show_progress="hidden")
+             status="status", api_name="heads", **ctx.job_event)
     return c

@@ -1,13 +1,21 @@
-"""Tab 1 - Model & data: the model, the built-in pool or uploaded files, Load (``/load``, ``/upload_*``)."""
+"""Tab 1 - Model & data: the model, the built-in pool or uploaded files, Load (``/load``, ``/upload_*``);
+the runs of this session, to reopen or resume one (``/runs``, ``/open_run``, ``/resume_run``), and
+``/attach`` (an API client's key to this session, to come back to it later)."""
 
 from __future__ import annotations
 
+import time
 from types import SimpleNamespace
 
 import gradio as gr
 
-from .. import jobs
+from p2d.errors import UserError
 
+from .. import jobs, views
+
+#: what the loader reads (shown to the visitor). Not passed as ``file_types``: Gradio would then refuse
+#: other files in its preprocessing, before our handler, leaving its stored copy behind; the handler
+#: validates every upload itself and deletes what it rejects.
 DATA_TYPES = [".jsonl", ".ndjson", ".json", ".csv", ".tsv", ".parquet", ".gz"]
 
 
@@ -35,11 +43,12 @@ def build(ctx) -> SimpleNamespace:
                     f["eval_size"].render()
             with gr.Group(visible=not builtin) as c.files_group:
                 with gr.Row():
-                    c.pool_file = gr.File(label="Pool file", file_types=DATA_TYPES, height=110, elem_id="pool-file")
-                    c.probe_file = gr.File(label="Probe file (~100 target examples)", file_types=DATA_TYPES,
-                                           height=110, elem_id="probe-file")
-                    c.eval_file = gr.File(label="Eval file (optional)", file_types=DATA_TYPES, height=110,
-                                          elem_id="eval-file")
+                    c.pool_file = gr.File(label="Pool file", height=110, elem_id="pool-file")
+                    c.probe_file = gr.File(label="Probe file (~100 target examples)", height=110, elem_id="probe-file")
+                    c.eval_file = gr.File(label="Eval file (optional)", height=110, elem_id="eval-file")
+                gr.Markdown(f"Files: {', '.join(DATA_TYPES)} (`.gz` of the text formats too)"
+                            + (f"; up to {ctx.limits.max_file_bytes // (1024 * 1024)} MB each"
+                               if ctx.limits.max_file_bytes else ""), elem_id="upload-note")
                 with gr.Row():
                     f["pool_path"].render()
                     f["probe_path"].render()
@@ -54,22 +63,83 @@ def build(ctx) -> SimpleNamespace:
     c.data_table = gr.Dataframe(label="Loaded sets", interactive=False, wrap=True, elem_id="data-table",
                                 column_widths=["7%", "20%", "9%", "7%", "8%", "16%", "33%"])
     c.mix_plot = gr.Plot(label="Task mix", elem_id="pool-mix")
+    with gr.Accordion("Runs of this session", open=False, elem_id="session-runs"):
+        gr.Markdown("Every model/data setting of this session has its own run folder. **Open** shows a past run "
+                    "in every tab (its charts, results and downloads; the model loads with the next stage); "
+                    "**Resume** continues what it did not finish (a stopped or cut-off training from its last "
+                    "checkpoint). They stay after a server restart.")
+        with gr.Row(equal_height=True):
+            c.run_pick = gr.Dropdown([], label="Run folder", elem_id="run-pick", scale=2, allow_custom_value=True)
+            c.runs_btn = gr.Button("Refresh list", scale=0, min_width=120, elem_id="runs-refresh")
+            c.open_btn = gr.Button("Open", scale=0, min_width=100, elem_id="run-open")
+            c.resume_btn = gr.Button("Resume", scale=0, min_width=100, elem_id="run-resume")
+        c.runs_status = gr.Markdown(elem_id="runs-status")
+        c.runs_table = gr.Dataframe(headers=views.RUN_COLUMNS, interactive=False, wrap=True, elem_id="runs-table")
     view = {"info": c.info, "data_table": c.data_table, "mix_plot": c.mix_plot}
     ctx.register_view("model", view)
+    ctx.register_view("runs", {"runs": c.runs_table, "run_pick": c.run_pick})
+    st = ctx.studio
 
     def load(request, settings):
         """Load the model and the data (a new model/data setting starts a new run folder)."""
-        yield from ctx.run_job(request, "load", "Load", jobs.load, "model", settings)
+        yield from ctx.run_job(request, "load", "Load", jobs.load, "model", settings, create=True)
 
     ctx.bind(c.load_btn.click, load, settings=True, outputs={"status": c.status, **view, "job_end": ctx.job_end},
-             status="status", api_name="load", concurrency_limit=None, show_progress="hidden")
+             status="status", api_name="load", **ctx.job_event)
+
+    def runs(request):
+        """The run folders of this session (name, model, data, stages done and partial, last job)."""
+        return {"status": "", **views.runs(st, st.workspace(request))}
+
+    ctx.bind(c.runs_btn.click, runs, outputs={"status": c.runs_status, "runs": c.runs_table, "run_pick": c.run_pick},
+             status="status", api_name="runs")
+
+    def open_run(request, name):
+        """Show the run folder ``name`` of this session in every tab (read back from its files)."""
+        ws = st.workspace(request)
+        run = st.open_run(ws, name)
+        return {"status": f"✓ opened `{run.out.name}`", "job_end": {"opened": run.out.name, "at": time.time()},
+                **views.runs(st, ws)}
+
+    ctx.bind(c.open_btn.click, open_run, inputs={"name": c.run_pick},
+             outputs={"status": c.runs_status, "runs": c.runs_table, "run_pick": c.run_pick, "job_end": ctx.job_end},
+             status="status", api_name="open_run")
+
+    def resume_run(request, name):
+        """Resume the run folder ``name``: continue the stages it did not finish."""
+        last = {}
+        for update in ctx.run_job(request, "resume", "Resume", jobs.resume, None, name=str(name or "")):
+            update.pop("job_end", None)
+            last = update
+            yield update
+        ws = st.workspace(request)
+        yield {**last, "job_end": {"job": ws.job_id, "at": time.time()}, **views.runs(st, ws)}
+
+    ctx.bind(c.resume_btn.click, resume_run, inputs={"name": c.run_pick},
+             outputs={"status": c.runs_status, "runs": c.runs_table, "run_pick": c.run_pick, "job_end": ctx.job_end},
+             status="status", api_name="resume_run", **ctx.job_event)
+
+    def attach(key: str = "", request: gr.Request = None) -> dict:
+        """This API session's workspace key (to come back to it from another client or after a server
+        restart: pass it here); with a key, this session continues that workspace."""
+        try:
+            ws = st.attach(request, (key or "").strip() or None, page=False)
+        except UserError as exc:
+            raise gr.Error(str(exc)) from None
+        return {"key": ws.key, "run": ws.out.name if ws.out is not None else None,
+                "runs": [r["run"] for r in st.runs_table(ws)]}
+
+    gr.api(attach, api_name="attach", concurrency_limit=ctx.limits.concurrency)
 
     for kind in ("pool", "probe", "eval"):
         def upload(request, file, columns, kind=kind):
-            """Store an uploaded data file in the session's workspace and describe what was read."""
+            """Check an uploaded data file, store it in the session's workspace and describe what was
+            read (a file the loader cannot read, or over the caps, is not stored)."""
             if not file:
                 return {}
-            path, message = ctx.studio.upload(ctx.studio.workspace(request), kind, file, columns)
+            path, message = st.upload(st.workspace(request, create=True), kind, file, columns)
+            if path is None:
+                return {"status": message}
             return {"path": path, "data_source": "files", "status": message}
         upload.__name__ = f"upload_{kind}"
         component = getattr(c, f"{kind}_file")

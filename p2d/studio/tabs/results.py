@@ -1,5 +1,10 @@
-"""Tab 5 - Results & export: accuracy/loss before vs after, generations, downloads, merged model
-(``/results``, ``/evaluate``, ``/merge``)."""
+"""Tab 5 - Results & export: accuracy/loss before vs after, generations, downloads (head adapter zip,
+PEFT-format adapter zip, metrics.json), merged model, a push to the Hugging Face Hub (``/results``,
+``/evaluate``, ``/merge``, ``/export_peft``, ``/push``).
+
+The push box is shown only where a Hugging Face token is available (``huggingface_hub.get_token()``)
+and not in the public demo (the token is the host's); ``/push`` refuses in the demo whatever the page
+shows. Merge and push are jobs like the others (one at a time, stoppable before they start)."""
 
 from __future__ import annotations
 
@@ -10,6 +15,18 @@ import gradio as gr
 from p2d.errors import UserError
 
 from .. import jobs, views
+
+
+def hub_token() -> str | None:
+    """The Hugging Face token of the server (env HF_TOKEN or a saved login), if any."""
+    try:
+        from huggingface_hub import get_token
+    except ImportError:
+        return None
+    try:
+        return get_token()
+    except Exception:  # noqa: BLE001 - an unreadable token file is no token
+        return None
 
 
 def build(ctx) -> SimpleNamespace:
@@ -31,14 +48,30 @@ def build(ctx) -> SimpleNamespace:
                                          elem_id="download-adapter")
         c.metrics_dl = gr.DownloadButton("Download metrics.json", value=None, interactive=False,
                                          elem_id="download-metrics")
+    with gr.Row():
+        c.peft_btn = gr.Button("Export adapter in PEFT format", elem_id="export-peft")
+        c.peft_dl = gr.DownloadButton("Download PEFT adapter (zip)", value=None, interactive=False,
+                                      elem_id="download-peft")
+    c.peft_status = gr.Markdown(elem_id="peft-status")
     with gr.Accordion("Save a merged model (base + trained heads) to a folder", open=False, visible=not ctx.limits.demo):
         with gr.Row(equal_height=True):
             c.merge_dir = gr.Textbox(label="Folder (must not exist or be empty)", placeholder="merged/my-model",
                                      scale=3, elem_id="merge-dir")
             c.merge_btn = gr.Button("Save merged model", scale=1, elem_id="merge-btn")
         c.merge_status = gr.Markdown(elem_id="merge-status")
+    pushable = not ctx.limits.demo and hub_token() is not None
+    with gr.Accordion("Push to the Hugging Face Hub", open=False, visible=pushable, elem_id="push-box"):
+        gr.Markdown("Uploads the adapter in PEFT format with a model card (what was trained, on what, and what "
+                    "it measured), and optionally the merged model in `merged/`, with this server's token.")
+        with gr.Row(equal_height=True):
+            c.repo_id = gr.Textbox(label="Repository id", placeholder="your-name/p2d-heads", scale=3,
+                                   elem_id="push-repo")
+            c.private = gr.Checkbox(True, label="Private", scale=0, min_width=100, elem_id="push-private")
+            c.with_merged = gr.Checkbox(False, label="Include the merged model", scale=1, elem_id="push-merged")
+            c.push_btn = gr.Button("Push", variant="primary", scale=0, min_width=100, elem_id="push-btn")
+        c.push_status = gr.Markdown(elem_id="push-status")
     view = {"summary": c.summary, "table": c.table, "chart": c.chart, "examples": c.examples,
-            "adapter_dl": c.adapter_dl, "metrics_dl": c.metrics_dl}
+            "adapter_dl": c.adapter_dl, "metrics_dl": c.metrics_dl, "peft_dl": c.peft_dl}
     ctx.register_view("results", view)
 
     def results(request):
@@ -46,14 +79,48 @@ def build(ctx) -> SimpleNamespace:
         return {"status": "", **views.results(st, st.workspace(request))}
 
     ctx.bind(c.refresh_btn.click, results, outputs={"status": c.status, **view}, status="status",
-             api_name="results", concurrency_limit=None)
+             api_name="results")
 
     def evaluate(request):
         """Evaluate the base model (if not done) and the trained heads, also those of a stopped training."""
         yield from ctx.run_job(request, "evaluate", "Evaluation", jobs.evaluate, "results")
 
     ctx.bind(c.eval_btn.click, evaluate, outputs={"status": c.status, **view, "job_end": ctx.job_end},
-             status="status", api_name="evaluate", concurrency_limit=None, show_progress="hidden")
+             status="status", api_name="evaluate", **ctx.job_event)
+
+    def export_peft(request):
+        """Export the trained heads as a PEFT LoRA adapter (zip) and offer it for download."""
+        for update in ctx.run_job(request, "export", "PEFT export", jobs.export_peft, None):
+            ws = st.workspace(request)
+            job = st.current_job(ws)
+            if not job.active and job.status == "done":
+                update["peft_dl"] = st.download(ws, job.result)
+                update["status"] = ("✓ PEFT adapter ready: `PeftModel.from_pretrained(base, folder)` loads the "
+                                    "unzipped folder")
+            yield update
+
+    ctx.bind(c.peft_btn.click, export_peft, outputs={"status": c.peft_status, "peft_dl": c.peft_dl},
+             status="status", api_name="export_peft", **ctx.job_event)
+
+    def push(request, repo_id, private, merged):
+        """Push the adapter (PEFT format), its model card and optionally the merged model to the Hub."""
+        if ctx.limits.demo:
+            raise UserError("pushing to the Hub is disabled in the public demo (it would use the host's token): "
+                            "download the PEFT adapter instead, or duplicate the Space")
+        repo_id = (repo_id or "").strip()
+        if not repo_id or repo_id.count("/") != 1:
+            raise UserError("Repository id: type it as owner/name")
+        if hub_token() is None:
+            raise UserError("pushing needs a Hugging Face token on the server: huggingface-cli login, or set HF_TOKEN")
+        for update in ctx.run_job(request, "push", "Push to the Hub", jobs.push, None, repo_id=repo_id,
+                                  private=bool(private), merged=bool(merged)):
+            job = st.current_job(st.workspace(request))
+            if not job.active and job.status == "done":
+                update["status"] = f"✓ pushed to [{job.result['repo']}]({job.result['url']})"
+            yield update
+
+    ctx.bind(c.push_btn.click, push, inputs={"repo_id": c.repo_id, "private": c.private, "merged": c.with_merged},
+             outputs={"status": c.push_status}, status="status", api_name="push", **ctx.job_event)
 
     def merge(request, folder):
         """Save base model + trained heads as one model (save_pretrained) into ``folder``."""
@@ -69,5 +136,5 @@ def build(ctx) -> SimpleNamespace:
             yield update
 
     ctx.bind(c.merge_btn.click, merge, inputs={"folder": c.merge_dir}, outputs={"status": c.merge_status},
-             status="status", api_name="merge", concurrency_limit=None, show_progress="hidden")
+             status="status", api_name="merge", **ctx.job_event)
     return c

@@ -21,7 +21,8 @@ def build(ctx) -> SimpleNamespace:
         with gr.Row():
             c.show_btn = gr.Button("Show YAML & command", elem_id="show-command")
             c.save_btn = gr.Button("Save settings (YAML)", elem_id="save-config")
-            c.upload = gr.UploadButton("Load settings (YAML)", file_types=[".yaml", ".yml"], elem_id="load-config")
+            # no file_types: every upload reaches the handler, which reads it, checks it and never keeps it
+            c.upload = gr.UploadButton("Load settings (YAML)", elem_id="load-config")
             c.apply_btn = gr.Button("Apply YAML below", elem_id="apply-config")
         c.status = gr.Markdown(elem_id="settings-status")
         with gr.Row(equal_height=False):
@@ -45,8 +46,8 @@ def build(ctx) -> SimpleNamespace:
         """Save the form as a YAML settings file (offered for download)."""
         ws = st.workspace(request)
         cfg, _ = st.run_config(settings, ws)
-        path = cfg.save(ws.root / "settings" / "p2d-config.yaml")
-        return {"file": gr.File(value=st.download(ws, path), visible=True), "yaml": cfg.to_yaml(),
+        path = st.offer_text(ws, "p2d-config.yaml", cfg.to_yaml())  # staged for download; the workspace is untouched
+        return {"file": gr.File(value=path, visible=True), "yaml": cfg.to_yaml(),
                 "command": cfg.to_command(),
                 "status": "Saved: the file holds every setting; the command shown runs the same configuration "
                           "from a shell."}
@@ -67,11 +68,18 @@ def build(ctx) -> SimpleNamespace:
              status="status", api_name="apply_config")
 
     def load_config_file(request, file):
-        """Fill the form from an uploaded settings file."""
-        try:
-            text = st.receive(st.workspace(request), "settings", file).read_text(encoding="utf-8")
-        except (OSError, TypeError, UnicodeDecodeError) as exc:
-            raise UserError(f"could not read the settings file: {exc}") from None
+        """Fill the form from an uploaded settings file (read, checked, not stored)."""
+        def read(path):
+            try:
+                text = path.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                raise UserError(f"could not read the settings file: {exc}") from None
+            ctx.limits.check_text("settings file", text)
+            return text
+
+        if not file:
+            return {}
+        _, text = st.receive(st.workspace(request), "settings", file, check=read, store=False)
         return {**apply_config(request, text), "yaml": text}
 
     ctx.bind(c.upload.upload, load_config_file, inputs={"file": c.upload},

@@ -14,6 +14,8 @@ from types import SimpleNamespace
 
 import gradio as gr
 
+from p2d.errors import UserError
+
 from .. import jobs, views
 
 AER_EVERY = 5.0  # seconds between AER chart redraws during training (a redraw costs the browser more than a step)
@@ -63,15 +65,15 @@ def build(ctx) -> SimpleNamespace:
 
     def train(request, settings):
         """Start training (returns at once; follow it with /train_status or /wait_job)."""
-        ws = st.workspace(request)
+        ws = st.workspace(request, create=True)
         cfg, notes = st.run_config(settings, ws)
-        job = st.submit(ws, "train", jobs.train(st, ws, cfg), "Training")
+        job = st.submit(ws, "train", jobs.train(st, ws, cfg), "Training", request)
         return {"status": views.job_line(st, job, notes), "timer": gr.Timer(active=True),
                 "progress": views.train_progress(st, ws, job, []), "banner": views.banner(st, ws)}
 
     ctx.bind(c.start_btn.click, train, settings=True,
              outputs={"status": c.status, "timer": ctx.timer, "progress": c.progress, "banner": ctx.banner},
-             status="status", api_name="train", concurrency_limit=None)
+             status="status", api_name="train")
 
     def train_status(request, poll):
         """What changed since the last poll: banner, status, progress bar, loss and AER charts."""
@@ -131,12 +133,18 @@ def build(ctx) -> SimpleNamespace:
              api_name="stop", concurrency_limit=None)
 
     def wait_job(timeout: float = 600.0, request: gr.Request = None) -> dict:
-        """Block until this session's job has ended (or ``timeout`` seconds); its summary."""
+        """Block until this session's job has ended, or ``timeout`` seconds (the server grants at most
+        its own cap: 600 s locally, 60 s in the public demo; call again to keep waiting); the job's
+        summary."""
+        try:
+            granted = ctx.limits.wait_timeout(timeout)
+        except UserError as exc:
+            raise gr.Error(str(exc)) from None
         ws = st.workspace(request)
         job = st.current_job(ws)
         if job is not None:
-            st.runner.wait(job, timeout=float(timeout))
-        return views.job_summary(st, ws)
+            st.runner.wait(job, timeout=granted)
+        return {**views.job_summary(st, ws), "waited_at_most_s": granted}
 
-    gr.api(wait_job, api_name="wait_job", concurrency_limit=None)
+    gr.api(wait_job, api_name="wait_job", concurrency_limit=ctx.limits.wait_concurrency, concurrency_id="wait")
     return c
