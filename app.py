@@ -5,7 +5,7 @@ Host and port come from GRADIO_SERVER_NAME / GRADIO_SERVER_PORT or --host / --po
 FILE.yaml fills the form with saved settings.
 """
 
-from p2d.studio.app import main
+from p2d.studio.server import main
 
 if __name__ == "__main__":
     main()

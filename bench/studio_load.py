@@ -76,7 +76,7 @@ def main() -> None:
     from gradio_client import Client
     from playwright.sync_api import expect, sync_playwright
 
-    from p2d.studio.app import build_app
+    from p2d.studio.server import build_app
 
     root = Path(tempfile.mkdtemp(prefix="studio-load-"))
     app = build_app(demo=False, runs_root=root)

@@ -143,7 +143,7 @@ def main() -> None:
     from gradio_client import Client
 
     import p2d.pipeline
-    from p2d.studio.app import build_app, launch_kwargs
+    from p2d.studio.server import build_app, launch_kwargs
     from p2d.studio.limits import DEMO
 
     tmp = Path(tempfile.mkdtemp(prefix="p2d-bench-sessions-"))

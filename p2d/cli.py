@@ -21,6 +21,7 @@ from pathlib import Path
 
 from .config import RunConfig, choices_of
 from .errors import OOM_ADVICE, UserError, is_out_of_memory
+from .progress import ConsoleProgress
 
 # which RunConfig groups each command takes
 MODEL = ("model",)
@@ -45,8 +46,6 @@ def _print(obj) -> None:
 
 
 def _progress():
-    from .progress import ConsoleProgress
-
     return ConsoleProgress()
 
 
@@ -312,7 +311,7 @@ def cmd_bench(args) -> None:
 
 def cmd_studio(args) -> None:
     from .config import options_from
-    from .studio.app import launch
+    from .studio.server import launch
     from .studio.options import StudioOptions
 
     # --config here is the run settings the form starts with (StudioOptions.config), not serving options
@@ -415,7 +414,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        try:
+            args.func(args)
+        finally:
+            ConsoleProgress.close_all()  # a bar cut short ends its line before any message
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -39,6 +39,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
+import torch
+
 from .config import STAGES, RunConfig
 from .cost import REFERENCE_FILE, FullFinetuneCost, aer, full_finetune_cost
 from .data.formats import Sample
@@ -565,18 +567,21 @@ class Run:
 @contextlib.contextmanager
 def _fault_injection(run: "Run", stage: str):
     """Crash tests: with ``P2D_FAULT=kill:<stage>[:<n>]`` in the environment the process SIGKILLs
-    itself at the n-th progress report (default 2) of that stage, as a power cut would."""
+    itself at the n-th progress report (default 2) of that stage, as a power cut would;
+    ``P2D_FAULT=oom:<stage>[:<n>]`` raises there the error torch raises when a GPU runs out of memory."""
     fault = os.environ.get("P2D_FAULT", "")
     parts = fault.split(":")
-    if len(parts) < 2 or parts[0] != "kill" or parts[1] != stage:
+    if len(parts) < 2 or parts[0] not in ("kill", "oom") or parts[1] != stage:
         yield
         return
     at, seen, inner = int(parts[2]) if len(parts) > 2 else 2, [0], run.progress
 
     def progress(done, total, desc):
         seen[0] += 1
-        if seen[0] >= at:
+        if seen[0] >= at and parts[0] == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
+        if seen[0] >= at:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected by P2D_FAULT)")
         if inner is not None:
             inner(done, total, desc)
 

@@ -8,6 +8,7 @@ the same callback around Gradio's progress bar.
 from __future__ import annotations
 
 import sys
+import weakref
 from typing import Callable, Optional
 
 ProgressFn = Optional[Callable[[int, int, str], None]]
@@ -39,9 +40,18 @@ class ConsoleProgress:
     bar advances and shows the latest description.
     """
 
+    _open: "weakref.WeakSet[ConsoleProgress]" = weakref.WeakSet()
+
     def __init__(self, disable: bool = False):
         self._bar = None
         self.disable = disable
+        ConsoleProgress._open.add(self)
+
+    @classmethod
+    def close_all(cls) -> None:
+        """End every bar still drawn (so that an error message starts on a line of its own)."""
+        for progress in list(cls._open):
+            progress.close()
 
     def __call__(self, done: int, total: int, desc: str) -> None:
         from tqdm.auto import tqdm

@@ -29,7 +29,7 @@ def _free_port() -> int:
 
 
 def _launch(tmp_path_factory, demo: bool):
-    from p2d.studio.app import build_app
+    from p2d.studio.server import build_app
 
     app = build_app(demo=demo, runs_root=tmp_path_factory.mktemp("demo-runs" if demo else "runs"))
     _, url, _ = app.launch(prevent_thread_lock=True, server_port=_free_port(), quiet=True)
@@ -277,7 +277,7 @@ def test_workspace_reattach(tmp_path):
 def test_studio_config_file_fills_the_form(tmp_path):
     from p2d.cli import build_parser
     from p2d.config import options_from
-    from p2d.studio.app import build_app
+    from p2d.studio.server import build_app
     from p2d.studio.options import StudioOptions
 
     path = RunConfig(target="dates", pool_size=77, lr=0.005, steps=6, projections=["q"]).save(tmp_path / "c.yaml")

@@ -30,7 +30,7 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def app_url(tmp_path_factory):
-    from p2d.studio.app import build_app
+    from p2d.studio.server import build_app
 
     app = build_app(demo=False, runs_root=tmp_path_factory.mktemp("browser-runs"))
     _, url, _ = app.launch(prevent_thread_lock=True, server_port=_free_port(), quiet=True)

@@ -29,7 +29,7 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    from p2d.studio.app import build_app
+    from p2d.studio.server import build_app
 
     app = build_app(demo=False, runs_root=tmp_path_factory.mktemp("integrity-runs"))
     _, url, _ = app.launch(prevent_thread_lock=True, server_port=_free_port(), quiet=True)

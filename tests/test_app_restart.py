@@ -24,7 +24,7 @@ TINY = dict(pool_size=40, probe_size=8, eval_size=8, steps=3, batch_size=4, head
             device="cpu")
 SERVER = """
 import sys, time
-from p2d.studio.app import build_app
+from p2d.studio.server import build_app
 app = build_app(demo=False, runs_root=sys.argv[1])
 app.launch(prevent_thread_lock=True, server_port=int(sys.argv[2]), quiet=True)
 print("READY", flush=True)
@@ -63,7 +63,7 @@ def _wait(c, seconds: float = 300) -> dict:
 def test_restart_finds_runs_reopens_and_resumes(tmp_path, tiny_llama_dir):
     from gradio_client import Client
 
-    from p2d.studio.app import build_app
+    from p2d.studio.server import build_app
 
     root = tmp_path / "runs"
     port = _free_port()
@@ -145,7 +145,7 @@ CHROMIUM = "/usr/bin/chromium"
 def test_browser_returns_to_its_runs_after_a_restart(tmp_path, tiny_llama_dir):
     from playwright.sync_api import expect, sync_playwright
 
-    from p2d.studio.app import build_app
+    from p2d.studio.server import build_app
 
     root, port = tmp_path / "runs", _free_port()
     app = build_app(demo=False, runs_root=root)

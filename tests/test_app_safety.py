@@ -33,7 +33,7 @@ def _free_port() -> int:
 
 
 def _serve(root: Path, limits=None, demo: bool = False, **launch):
-    from p2d.studio.app import build_app, launch_kwargs
+    from p2d.studio.server import build_app, launch_kwargs
 
     app = build_app(demo=demo, runs_root=root, limits=limits)
     kwargs = {**launch_kwargs(app), **launch}
@@ -253,7 +253,7 @@ def test_typed_paths_are_refused_in_the_demo(demo):
 
 
 def test_model_allowlist(demo, monkeypatch):
-    from p2d.studio.app import limits_of
+    from p2d.studio.server import limits_of
     from p2d.studio.limits import DEFAULT_ALLOWLIST, current_limits
     from p2d.studio.options import StudioOptions
 
@@ -458,7 +458,7 @@ def test_login_is_required_when_set(tmp_path):
 
 def test_zero_gpu_is_refused_at_start(monkeypatch, tmp_path, capsys):
     from p2d.cli import main
-    from p2d.studio.app import build_app
+    from p2d.studio.server import build_app
     from p2d.studio.gpu import ZERO_GPU_MESSAGE
 
     monkeypatch.setenv("SPACES_ZERO_GPU", "true")

@@ -10,7 +10,6 @@ sees what would be uploaded.
 from __future__ import annotations
 
 import json
-import shutil
 import socket
 import time
 from pathlib import Path
@@ -34,7 +33,7 @@ def _free_port() -> int:
 
 
 def _serve(root, demo=False):
-    from p2d.studio.app import build_app
+    from p2d.studio.server import build_app
 
     app = build_app(demo=demo, runs_root=root)
     _, url, _ = app.launch(prevent_thread_lock=True, server_port=_free_port(), quiet=True)

@@ -1,5 +1,5 @@
-"""Crash safety of a run folder: SIGKILL in every stage, then --resume; a full disk; nothing half-written
-is ever taken as done."""
+"""Crash safety of a run folder: SIGKILL in every stage, then --resume; out of memory in every stage; a
+full disk; nothing half-written is ever taken as done."""
 
 import json
 import os
@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 
-import pytest
 
 from p2d.config import STAGES
 
@@ -65,5 +64,23 @@ def test_full_disk_leaves_no_half_written_adapter(tiny_llama_dir, tmp_path):
     assert "train" not in _manifest(out)
     proc = subprocess.run(_argv(tiny_llama_dir, out, "--checkpoint-every", "0", "--resume"), env=ENV,
                           capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout)["stages_done"] == list(STAGES)
+
+
+def test_out_of_memory_in_every_stage_is_one_line_then_resume(tiny_llama_dir, tmp_path):
+    out = tmp_path / "run"
+    for i, stage in enumerate(s for s in STAGES if s != "load"):
+        extra = ["--resume"] if i else []
+        proc = subprocess.run(_argv(tiny_llama_dir, out, *extra), env={**ENV, "P2D_FAULT": f"oom:{stage}"},
+                              capture_output=True, text=True)
+        assert proc.returncode == 2, (stage, proc.stderr[-2000:])
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and "Traceback" not in proc.stderr, (stage, proc.stderr[-2000:])
+        assert errors[0].startswith("error: out of memory") and "batch size" in errors[0], errors[0]
+        manifest = _manifest(out)
+        assert stage not in manifest or manifest[stage]["partial"], stage  # never recorded as complete
+        assert not list(out.glob(".*.tmp")) and not list(out.glob("adapter/.*.tmp"))
+    proc = subprocess.run(_argv(tiny_llama_dir, out, "--resume"), env=ENV, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads(proc.stdout)["stages_done"] == list(STAGES)

@@ -31,7 +31,7 @@ def test_head_training_on_8bit_model(tiny_llama_dir, tmp_path):
     assert res.steps_done == 2 and res.final_loss is not None and (tmp_path / "adapter").is_dir()
     from p2d.adapter import merge_and_save
 
-    with pytest.raises(UserError, match="without --quantize"):
+    with pytest.raises(UserError, match="without quantisation"):
         merge_and_save(lm, tmp_path / "adapter", tmp_path / "merged")
 
 

@@ -2,7 +2,7 @@
 
 Layout (LlamaBoard-like, kept apart from the library; the app lays out and wires, the library runs):
 
-- ``studio/app.py``        ``build_app() -> gr.Blocks``: header, settings accordion and tabs, composed
+- ``studio/server.py``     ``build_app() -> gr.Blocks``: header, settings accordion and tabs, composed
 - ``studio/context.py``    what each tab's ``build(ctx)`` gets: the services, the shared components and
                            ``ctx.bind``, the one way an event is wired (named inputs/outputs, one error
                            handler); re-renders the other tabs when a job ends; the page load
@@ -26,6 +26,6 @@ __all__ = ["build_app"]
 
 
 def build_app(*args, **kwargs):
-    from .app import build_app as _build
+    from .server import build_app as _build
 
     return _build(*args, **kwargs)

@@ -14,7 +14,7 @@ arguments a page or a direct API call sends:
   ``launch(max_file_size=...)``), bytes of all uploads of a session, rows kept per data file
   (``load_data(max_rows=...)``; the pool/probe/eval caps) and decompressed bytes read
   (``max_bytes``: a gzip bomb stops there), both at upload and when a run loads the file;
-- requests (`p2d.studio.context.Context.bind`, `p2d.studio.app.build_app`): characters of any text
+- requests (`p2d.studio.context.Context.bind`, `p2d.studio.server.build_app`): characters of any text
   argument, the ``/wait_job`` timeout, the Gradio queue size and per-event concurrency;
 - sessions (`p2d.studio.workspace.Registry`, `p2d.studio.runner.Runner`): workspaces kept in
   memory, per client address (and new ones per address per hour), jobs queued or running per client

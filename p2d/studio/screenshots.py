@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
     for key, value in (("HF_HUB_OFFLINE", "1"), ("GRADIO_ANALYTICS_ENABLED", "False"),
                        ("TOKENIZERS_PARALLELISM", "false")):
         os.environ.setdefault(key, value)
-    from .app import build_app
+    from .server import build_app
 
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)

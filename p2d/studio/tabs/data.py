@@ -7,22 +7,15 @@ from types import SimpleNamespace
 
 import gradio as gr
 
-from p2d.selection import SELECT_METHODS
+from p2d.selection import SELECT_METHOD_HELP, SELECT_METHODS
 
 from .. import jobs, views
-
-METHOD_HELP = {
-    "alignment": "alignment: cosine between a sample's head-gate gradient and the probe set's mean",
-    "ablation": "ablation: answer loss with the selected heads gated off minus with them on",
-    "activation": "activation: output norm of the selected heads on the answer tokens (one forward)",
-    "random": "random: a seeded control",
-}
 
 
 def build(ctx) -> SimpleNamespace:
     f, c = ctx.form, SimpleNamespace()
     gr.Markdown("Stage 2 scores every pool sample with the selected heads and keeps the top share. "
-                + " · ".join(METHOD_HELP.get(m, m) for m in SELECT_METHODS))
+                + " · ".join(SELECT_METHOD_HELP[m] for m in SELECT_METHODS))
     with gr.Row(equal_height=True):
         f["select_method"].render()
         f["data_ratio"].render()

@@ -6,21 +6,15 @@ from types import SimpleNamespace
 
 import gradio as gr
 
-from p2d.heads import HEAD_METHODS
+from p2d.heads import HEAD_METHOD_HELP, HEAD_METHODS
 
 from .. import jobs
-
-METHOD_HELP = {
-    "gradient": "gradient: |dL/dgate| of a gate on each head, probe set contrasted with the pool (no weight update)",
-    "shift": "shift: a short proxy fine-tune of all attention weights on the probe set; how far each head moved",
-    "random": "random: a seeded control (falsification test)",
-}
 
 
 def build(ctx) -> SimpleNamespace:
     f, c = ctx.form, SimpleNamespace()
     gr.Markdown("Stage 1 finds the attention heads that are most specific to the target task. "
-                + " · ".join(METHOD_HELP.get(m, m) for m in HEAD_METHODS))
+                + " · ".join(HEAD_METHOD_HELP[m] for m in HEAD_METHODS))
     with gr.Row(equal_height=True):
         f["head_method"].render()
         f["head_ratio"].render()
