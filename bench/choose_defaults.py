@@ -3,8 +3,10 @@
 Reads every ``<target>.json`` that ``bench/select_study.sh <seed>`` wrote into one folder and prints,
 per configuration (head method, head positions, selection method, selection positions), the target
 precision of the top 10% on each target, the mean and the worst target. The rule: the highest mean
-precision over the targets; ties within 0.01 go to the higher worst-target precision. Random heads
-(the mean over their draws) are listed as the control, never chosen.
+precision over the targets; ties within 0.01 go to the higher worst-target precision. Only
+configurations a run can express are listed (one ``positions`` setting serves both stages, so head and
+selection positions agree; ``--all`` lists the mixed ones too). Random heads (the mean over their
+draws) are listed as the control, never chosen.
 
     python bench/choose_defaults.py runs/select_study/seed100            # the choice (choice seed)
     python bench/choose_defaults.py runs/select_study/seed0 --only gradient_logratio:all:activation:all
@@ -41,6 +43,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("folder", type=Path)
     p.add_argument("--only", default="", help="comma-separated heads:head_positions:select:positions to show")
+    p.add_argument("--all", action="store_true", help="also list head and selection positions that differ")
     a = p.parse_args()
     results = load(a.folder)
     if not results:
@@ -48,7 +51,8 @@ def main() -> None:
     targets = sorted(results)
     rows = table(results)
     only = {tuple(x.split(":")) for x in a.only.split(",") if x}
-    shown = [(k, v) for k, v in rows.items() if len(v) == len(targets) and (not only or k in only or k[0] == "random")]
+    shown = [(k, v) for k, v in rows.items() if len(v) == len(targets) and (not only or k in only or k[0] == "random")
+             and (a.all or k[1] in (k[3], "-"))]
     shown.sort(key=lambda kv: -statistics.mean(kv[1].values()))
     share = {t: results[t]["target_share"] for t in targets}
     print(f"{len(targets)} targets: {', '.join(targets)}; pool {results[targets[0]]['args']['pool_size']}, "
