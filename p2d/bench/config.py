@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from ..config import normalize_fields, setting
 from ..heads import DEFAULT_HEAD_METHOD, HEAD_METHODS
-from ..selection import DEFAULT_SELECT_METHOD, SELECT_METHODS
+from ..selection import DEFAULT_POSITIONS, DEFAULT_SELECT_METHOD, POSITIONS, SELECT_METHODS
 
 #: trainable part x training data; every cell trains the same epochs over its own data
 CELLS = {
@@ -57,6 +57,8 @@ class BenchConfig:
     head_method: str = setting(DEFAULT_HEAD_METHOD, "heads", "Head method", "P2D's head scoring", choices=HEAD_METHODS)
     select_method: str = setting(DEFAULT_SELECT_METHOD, "select", "Selection method", "P2D's data selection",
                                  choices=SELECT_METHODS)
+    positions: str = setting(DEFAULT_POSITIONS, "heads", "Answer positions", "where P2D's head and sample statistics "
+                             "are taken (all answer positions, or content ones)", choices=POSITIONS)
     head_ratio: float = setting(0.1, "heads", "Share of heads", "share of query heads P2D trains", above=0.0,
                                 maximum=1.0)
     data_ratio: float = setting(0.1, "select", "Share of the pool", "data budget of the 10% cells", above=0.0,

@@ -154,7 +154,8 @@ def markdown(results: dict) -> str:
              f"Seeds {cfg['first_seed']}..{cfg['first_seed'] + cfg['seeds'] - 1}; pool {cfg['pool_size']} rows "
              f"(10% target), probe {cfg['probe_size']}, eval {cfg['eval_size']}; {cfg['epochs']:g} epochs over each "
              f"cell's data; batch {cfg['batch_size']}, max length {cfg['max_length']}; heads {cfg['head_method']} "
-             f"({cfg['head_ratio']:.0%}), selection {cfg['select_method']} ({cfg['data_ratio']:.0%}).  ",
+             f"({cfg['head_ratio']:.0%}), selection {cfg['select_method']} ({cfg['data_ratio']:.0%}), "
+             f"{cfg.get('positions', 'all')} answer positions.  ",
              f"Learning rates (sweep on the probe set): {results['learning_rates']}.  ",
              f"Total time of this invocation: {results.get('time_s', 0):.0f} s.", ""]
     if results.get("complete") is False:

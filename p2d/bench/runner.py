@@ -31,8 +31,8 @@ from .config import CELLS, BenchConfig
 #: settings every unit depends on (the model, the data of a split, batching)
 COMMON = ("model", "device", "dtype", "pool", "probe", "eval", "columns", "target_label", "pool_size", "probe_size",
           "eval_size", "other_eval_size", "max_length", "batch_size", "threads")
-HEADS = ("head_method", "head_ratio")
-SELECT = ("select_method", "data_ratio")
+HEADS = ("head_method", "head_ratio", "positions")
+SELECT = ("select_method", "data_ratio", "positions")
 
 
 class OutOfTime(Exception):
@@ -119,7 +119,7 @@ class Bench:
         if name == "base":
             return u.sig()
         if name == "heads_p2d":
-            return u.sig("head_ratio", head_method=cfg.head_method)
+            return u.sig("head_ratio", "positions", head_method=cfg.head_method)
         if name == "heads_random":
             return u.sig("head_ratio", head_method="random")
         if name == "select_p2d":
@@ -160,7 +160,7 @@ class Bench:
         with Clock() as clock:
             hs = score_heads(self.lm, split.probe, method=method, ratio=self.cfg.head_ratio, pool=split.pool,
                              seed=seed, batch_size=self.cfg.batch_size, max_length=self.cfg.max_length,
-                             progress=self.progress)
+                             positions=self.cfg.positions, progress=self.progress)
         hs.save(folder)
         self.units.put({"time_s": hs.time_s, "cpu_s": clock.cpu_s, "selected": hs.selected, "method": method}, key,
                        sig)
@@ -175,7 +175,7 @@ class Bench:
         with Clock() as clock:
             sel = select_data(self.lm, heads, split.pool, method=self.cfg.select_method, ratio=self.cfg.data_ratio,
                               probe=split.probe, batch_size=self.cfg.batch_size, max_length=self.cfg.max_length,
-                              seed=split.seed, progress=self.progress)
+                              seed=split.seed, positions=self.cfg.positions, progress=self.progress)
         sel.save(folder, split.pool)
         self.units.put({"time_s": sel.time_s, "cpu_s": clock.cpu_s,
                         **precision_auroc(sel.scores, sel.selected, split.is_target),
@@ -194,7 +194,7 @@ class Bench:
                              seed=10_000 * split.seed + d + 1)
             sel = select_data(self.lm, hs, split.pool, method=self.cfg.select_method, ratio=self.cfg.data_ratio,
                               probe=split.probe, batch_size=self.cfg.batch_size, max_length=self.cfg.max_length,
-                              seed=split.seed)
+                              seed=split.seed, positions=self.cfg.positions)
             draws.append(precision_auroc(sel.scores, sel.selected, split.is_target))
         return self.units.put({"draws": draws}, key, sig)
 
