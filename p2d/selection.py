@@ -82,18 +82,19 @@ SELECT_METHOD_HELP = {
     "activation_length_z": "activation_length_z: activation z-scored among samples of similar answer length",
     "prefilter_alignment": "prefilter_alignment: activation keeps the top 3x share, alignment ranks those",
 }
-#: answer positions used by default (see `p2d.gating.POSITIONS`)
+#: answer positions used by default (see `p2d.gating.POSITIONS`): all answer positions beat content-only ones
+#: with gradient, gradient_layer and gradient_logratio heads in the same study (bench/choose_defaults.py)
 DEFAULT_POSITIONS = "all"
 #: prefilter_alignment: the first (activation) pass keeps this many times the final ratio
 PREFILTER_FACTOR = 3.0
 #: activation_length_z: smallest bucket is max(LENGTH_BUCKET_MIN, N // LENGTH_BUCKETS) samples
 LENGTH_BUCKET_MIN = 10
 LENGTH_BUCKETS = 20
-#: Chosen with bench/select_quality.py (embedded SmolLM2-135M, built-in pool of 400, 10% target, top 10% kept):
-#: with contrasted gradient heads, activation reached target precision 0.675 (addition) / 0.75 (units),
-#: AUROC 0.98, at ~70 s per 1,000 samples on a 2-core CPU; alignment 0.625 / 0.725 at ~195 s; ablation
-#: 0.275 at ~160 s. Activation needs no probe at selection time; with random heads it falls to 0 (the
-#: falsification control works), while alignment keeps 0.5-0.575 with random heads.
+#: Chosen with the head method (see `p2d.heads.DEFAULT_HEAD_METHOD`, bench/choose_defaults.py): activation at
+#: all answer positions gave the highest mean precision over the seven built-in targets; the length z-score
+#: lowered it on every target (answer length is itself task information on the built-in pool); alignment
+#: (measured on a 300-row pool, docs/BENCHMARKS.md) was at or below activation at ~3x its cost, and finds
+#: the target with random heads too (its signal is gradient similarity, not the heads).
 DEFAULT_SELECT_METHOD = "activation"
 
 __all__ = ["SELECT_METHODS", "SELECT_METHOD_HELP", "DEFAULT_SELECT_METHOD", "POSITIONS", "DEFAULT_POSITIONS", "PREFILTER_FACTOR",
