@@ -279,6 +279,16 @@ def cmd_push(args) -> None:
     _print(push_run(args.run, args.repo, merged=args.merged, private=args.private))
 
 
+def cmd_compare_heads(args) -> None:
+    from .explore import compare_head_maps
+    from .heads import HeadScores
+
+    out = compare_head_maps(HeadScores.load(args.a), HeadScores.load(args.b), name_a=args.a, name_b=args.b)
+    if not args.map:
+        out.pop("rank_difference")
+    _print(out)
+
+
 def cmd_run(args) -> None:
     from .pipeline import Run, fresh_folder
 
@@ -376,6 +386,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="peft", choices=EXPORT_FORMATS, help="output format (default: peft)")
     p.add_argument("--out", required=True, metavar="DIR", help="new folder for the exported adapter")
     p.add_argument("--base-model-name", help="base model id recorded in adapter_config.json (default: --model)")
+
+    p = sub.add_parser("compare-heads", help="compare two head maps (heads.json): overlap of the selected heads, "
+                       "rank correlation", description="compare two head maps (heads.json or run folders): Jaccard "
+                       "overlap of the selected heads, Spearman rank correlation of all scores")
+    p.add_argument("a", help="heads.json or a run folder holding one")
+    p.add_argument("b", help="heads.json or a run folder holding one")
+    p.add_argument("--map", action="store_true", help="also print the per-head rank-difference map (a minus b)")
+    p.set_defaults(func=cmd_compare_heads)
 
     p = sub.add_parser("push", help="upload a run's adapter (PEFT format) and a model card to the Hugging Face Hub",
                        description="upload a run's adapter (PEFT format) and a model card to the Hugging Face Hub")
