@@ -2,7 +2,8 @@
 # Selection quality of every head method x selection method x answer-position setting on every target
 # of the built-in pool (bench/select_quality.py, features mode), for one seed:
 #   bash bench/select_study.sh 100          # the choice seed the defaults were chosen on
-#   bash bench/select_study.sh 0 gradient_logratio activation   # a held-out seed, the defaults + random heads
+#   bash bench/select_study.sh 0 gradient,gradient_logratio activation "" all   # a held-out seed: the old and
+#                                                  # new default heads + random heads, activation, all positions
 # Writes runs/select_study/seed<seed>/<target>.json; a finished target is skipped on a rerun.
 # Summarise with: python bench/choose_defaults.py runs/select_study/seed<seed>
 set -euo pipefail
@@ -11,12 +12,13 @@ seed=${1:-100}
 heads=${2:-gradient,gradient_layer,gradient_logratio}
 select=${3:-activation,activation_length_z}
 proxy=${4-taylor}
+positions=${5:-all,content}
 out=runs/select_study/seed$seed
 mkdir -p "$out"
 for t in addition capitals chat code sentiment units dates; do
   [ -f "$out/$t.json" ] && grep -q '"total_s"' "$out/$t.json" && continue
   python bench/select_quality.py --mode features --target "$t" --seed "$seed" --pool-size 400 --probe-size 64 \
-    --max-length 256 --batch-size 8 --positions all,content --no-alignment --random-draws 10 \
-    --head-methods "$heads,random" --proxy-methods "$proxy" --proxy-positions all,content \
+    --max-length 256 --batch-size 8 --positions "$positions" --no-alignment --random-draws 10 \
+    --head-methods "$heads,random" --proxy-methods "$proxy" --proxy-positions "$positions" \
     --select-methods "$select" --threads 1 --json "$out/$t.json" > "$out/$t.log" 2>&1
 done

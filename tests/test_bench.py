@@ -35,6 +35,9 @@ def test_bench_runs_every_cell_and_resumes(tiny_llama_dir, tmp_path):
         # equal epochs: 10x the data, 10x... here 5x the steps
         assert cells["full-pool"]["steps"] == 10 and cells["p2d"]["steps"] == 2
         assert cells["p2d"]["cost_s"] == pytest.approx(cells["p2d"]["train_s"] + row["heads_s"] + row["select_s"])
+        assert cells["lora-p2d"]["cost_s"] == pytest.approx(cells["lora-p2d"]["train_s"] + row["heads_s"]
+                                                            + row["select_s"])  # P2D's data is not free
+        assert cells["lora-p2d"]["rows"] == cells["full-p2d"]["rows"] == 8
         assert max(cells["p2d"]["trainable_params"], cells["lora-pool"]["trainable_params"]) < \
             cells["full-pool"]["trainable_params"]
         assert all(c["forgetting"] is not None for c in cells.values())

@@ -17,6 +17,8 @@ CELLS = {
     "heads-random": ("heads", "random", "P2D heads / random 10%"),
     "randomheads-p2d": ("random_heads", "p2d", "random heads / P2D data"),
     "heads-rhdata": ("heads", "rh_data", "P2D heads / data picked by random heads"),
+    "lora-p2d": ("lora", "p2d", "LoRA q,k,v,o / P2D data"),
+    "full-p2d": ("full", "p2d", "full fine-tuning / P2D data"),
     "p2d": ("heads", "p2d", "P2D heads / P2D data (P2D)"),
 }
 PARTS = ("sweep", "cells", "target_rows", "components")

@@ -30,7 +30,8 @@ def _stat(values) -> dict | None:
 
 def _cost(cell: str, res: dict, heads_s: float, select_s: float, rh_select_s: float) -> float:
     extra = {"p2d": heads_s + select_s, "randomheads-p2d": heads_s + select_s, "heads-random": heads_s,
-             "heads-rhdata": heads_s + rh_select_s}.get(cell, 0.0)
+             "heads-rhdata": heads_s + rh_select_s, "lora-p2d": heads_s + select_s,
+             "full-p2d": heads_s + select_s}.get(cell, 0.0)
     return res["train_s"] + extra
 
 
@@ -100,7 +101,7 @@ def _summarise(rows: list[dict]) -> dict:
     s["pool_share"] = _stat(r["p2d_selection"].get("pool_share") for r in rows)
     # differences per seed, so the spread is of the paired difference
     diffs = {}
-    for other in BUDGET_BASELINES + ("randomheads-p2d", "heads-rhdata", "full-pool", "lora-pool"):
+    for other in BUDGET_BASELINES + ("randomheads-p2d", "heads-rhdata", "lora-p2d", "full-p2d", "full-pool", "lora-pool"):
         d = [r["cells"]["p2d"]["accuracy"] - r["cells"][other]["accuracy"] for r in rows
              if "p2d" in r["cells"] and other in r["cells"] and r["cells"]["p2d"]["accuracy"] is not None
              and r["cells"][other]["accuracy"] is not None]

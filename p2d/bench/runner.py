@@ -353,7 +353,7 @@ class Bench:
 
     def _all(self, targets) -> None:
         cfg = self.cfg
-        p2d_cells = [c for c in cfg.cells if CELLS[c][0] in ("heads", "random_heads")]
+        p2d_cells = [c for c in cfg.cells if CELLS[c][0] in ("heads", "random_heads") or CELLS[c][1] in ("p2d", "rh_data")]
         need_p2d = bool(p2d_cells) and "cells" in cfg.parts or "target_rows" in cfg.parts or "components" in cfg.parts
         for target in targets:
             for seed in cfg.seed_list:
