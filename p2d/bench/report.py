@@ -148,8 +148,12 @@ def _fmt_int(st) -> str:
 
 def markdown(results: dict) -> str:
     cfg = results["config"]
+    m = results["machine"]
+    machine = (f"{m.get('platform')}, Python {m.get('python')}, torch {m.get('torch')}, {m.get('cpu_count')} CPUs, "
+               f"{m.get('torch_threads')} torch threads" + (f", {m['gpu']}" if m.get("gpu") else "")) \
+        if isinstance(m, dict) else str(m)
     lines = [f"# P2D benchmark ({'quick' if cfg['quick'] else 'default size'})", "",
-             f"Machine: {results['machine']}  ", f"Model: {results['model'].get('model')} "
+             f"Machine: {machine}  ", f"Model: {results['model'].get('model')} "
              f"({results['model'].get('params'):,} parameters, {results['model'].get('device')}, "
              f"{results['model'].get('dtype')})  ",
              f"Seeds {cfg['first_seed']}..{cfg['first_seed'] + cfg['seeds'] - 1}; pool {cfg['pool_size']} rows "
@@ -162,6 +166,9 @@ def markdown(results: dict) -> str:
     if results.get("complete") is False:
         lines += ["**Incomplete:** the time limit stopped the run before every unit finished; the tables cover "
                   "what did (rerun the same command to continue).", ""]
+    cuda = str(results["model"].get("device", "")).startswith("cuda")  # peak memory is only measured there
+    lines += ["Other tasks: exact match on held-out rows of every other task of the pool, change from the base "
+              "model in points (negative = forgetting)." + ("" if cuda else " Peak memory is reported on CUDA only."), ""]
     for target, t in results["targets"].items():
         s = t["summary"]
         lines += [f"## Target `{target}`", "",
@@ -169,8 +176,9 @@ def markdown(results: dict) -> str:
                   f"{_fmt(s['p2d_precision'], pct=True)}% target rows (AUROC {_fmt(s['p2d_auroc'])}); data picked "
                   f"by random heads {_fmt(s['random_heads_precision'], pct=True)}%; the pool "
                   f"{_fmt(s['pool_share'], pct=True)}%.", "",
-                  "| cell | exact match % | contains % | answer loss | forgetting (pp) | AER (wall) | AER (CPU time) | "
-                  "trainable params | optimizer state MB | peak mem MB |", "|---|---|---|---|---|---|---|---|---|---|"]
+                  "| cell | exact match % | contains % | answer loss | other tasks (pp vs base) | AER (wall) | "
+                  "AER (CPU time) | trainable params | optimizer state MB |" + (" peak mem MB |" if cuda else ""),
+                  "|---|---|---|---|---|---|---|---|---|" + ("---|" if cuda else "")]
         for c, st in s["cells"].items():
             opt = st["optimizer_state_bytes"]
             opt_mb = "–" if opt is None else f"{opt['mean'] / 2 ** 20:,.1f}"
@@ -178,7 +186,7 @@ def markdown(results: dict) -> str:
                          f"{_fmt(st['loss'])} | {_fmt(st['forgetting'], pct=True)} | {_fmt(st['aer'])} | "
                          f"{_fmt(st['aer_cpu'])} | "
                          f"{_fmt_int(st['trainable_params'])} | "
-                         f"{opt_mb} | {_fmt(st['peak_mem_mb'])} |")
+                         f"{opt_mb} |" + (f" {_fmt(st['peak_mem_mb'])} |" if cuda else ""))
         d = s["p2d_minus"]
         lines += ["", "P2D minus (exact match, pp, paired by seed): " + ", ".join(
             f"{CELLS[k][2]} {_fmt(_scale(v, 100))}" for k, v in d.items() if v is not None) + ".  ",
