@@ -2,8 +2,8 @@
 # Selection quality of every head method x selection method x answer-position setting on every target
 # of the built-in pool (bench/select_quality.py, features mode), for one seed:
 #   bash bench/select_study.sh 100          # the choice seed the defaults were chosen on
-#   bash bench/select_study.sh 0 gradient,gradient_logratio activation "" all   # a held-out seed: the old and
-#                                                  # new default heads + random heads, activation, all positions
+#   bash bench/select_study.sh 0 gradient_logratio activation "" all   # a held-out seed: the default heads
+#        (gradient and gradient_layer come with them: same gradients) + random heads, activation, all positions
 # Writes runs/select_study/seed<seed>/<target>.json; a finished target is skipped on a rerun.
 # Summarise with: python bench/choose_defaults.py runs/select_study/seed<seed>
 set -euo pipefail
