@@ -89,6 +89,8 @@ def test_restart_finds_runs_reopens_and_resumes(tmp_path, tiny_llama_dir):
         first.wait(30)
     ws_dirs = [p for p in root.iterdir() if p.name.startswith("ws-")]
     assert len(ws_dirs) == 1 and key not in str(ws_dirs[0])
+    # the steps logged when the server died (training went on between the poll above and the kill)
+    killed_at = max(killed_at, len((ws_dirs[0] / "run-002" / "train_log.jsonl").read_text().splitlines()))
 
     app = build_app(demo=False, runs_root=root)  # the restarted server, same runs folder
     _, url, _ = app.launch(prevent_thread_lock=True, server_port=_free_port(), quiet=True)
