@@ -84,8 +84,8 @@ class BenchConfig:
                                      "rows for the accuracy-vs-target-rows curve",
                                      factory=lambda: ["0", "0.25", "0.5", "1"])
     parts: list[str] = setting(None, "output", "Parts", "what to run", choices=PARTS, factory=lambda: list(PARTS))
-    quick: bool = setting(False, "output", "Quick", "smoke size: 1 target, 1 seed, small pool, no sweep (< 15 min on "
-                          "2 CPU cores)")
+    quick: bool = setting(False, "output", "Quick", "smoke size: 1 target, 1 seed, small pool, no sweep (30 min on "
+                          "the 2-core development machine, with the test suite running beside it for 13 of them)")
     threads: int = setting(0, "output", "Threads", "torch CPU threads (0: torch's default); with 1 the CPU seconds "
                            "of each unit are robust to other load on the machine", minimum=0)
     max_minutes: float | None = setting(None, "output", "Time limit", "start no new unit after this many minutes; "
