@@ -87,7 +87,74 @@ def _rows(heads: list[int], d: int, offset: int = 0) -> list[int]:
     return [offset + h * d + j for h in heads for j in range(d)]
 
 
-class HeadAdapter(nn.Module):
+class _HookAdapter(nn.Module):
+    """What `HeadAdapter` and `OffsetAdapter` share: the selected heads, and being attached to at most
+    one model (and a model carrying at most one adapter) through forward hooks that `detach` removes.
+    A subclass builds its parameters after ``super().__init__`` and returns its hooks from
+    `_register_hooks`."""
+
+    kind = ""
+
+    def __init__(self, geometry: HeadGeometry, heads):
+        super().__init__()
+        self.geometry = geometry
+        self.heads = normalize_heads(heads, geometry)
+        if not self.heads:
+            raise UserError("no heads selected: give at least one [layer, head]")
+        self._handles: list = []
+        self._model_ref = None
+        self.config: dict = {}  # the adapter_config.json dict when loaded from files
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    @property
+    def attached_to(self) -> nn.Module | None:
+        return self._model_ref() if self._model_ref is not None else None
+
+    def _check_model(self, model: nn.Module) -> None:
+        actual = HeadGeometry.from_model(model)
+        diff = geometry_mismatch(self.geometry, actual)
+        if diff:
+            raise UserError(f"adapter was made for {_describe(self.geometry)} but the model is "
+                            f"{_describe(actual)} ({diff}): use the model it was trained on")
+
+    def _register_hooks(self, model: nn.Module) -> list:
+        raise NotImplementedError
+
+    def attach(self, model: nn.Module) -> None:
+        """Register the hooks on ``model``.  Attaching twice to the same model is a no-op; attaching
+        while attached to another model, or to a model that already carries another P2D adapter,
+        raises RuntimeError.  Moves the adapter to the model's device."""
+        current = self.attached_to
+        if current is model:
+            return
+        if current is not None or self._handles:
+            raise RuntimeError(f"this {type(self).__name__} is already attached to another model: detach() it first")
+        other = getattr(model, "_p2d_adapter_ref", None)
+        if other is not None and other() is not None:
+            raise RuntimeError("the model already has another HeadAdapter attached: detach() that one first")
+        self._check_model(model)
+        dev = self.geometry.output_projection(model, self.heads[0][0]).weight.device
+        if any(p.device != dev for p in self.parameters()):
+            self.to(dev)
+        self._handles = self._register_hooks(model)
+        self._model_ref = weakref.ref(model)
+        model._p2d_adapter_ref = weakref.ref(self)
+
+    def detach(self) -> None:
+        """Remove the hooks: the model computes exactly what it computed before `attach`."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        model = self.attached_to
+        if model is not None and getattr(model, "_p2d_adapter_ref", None) is not None:
+            if model._p2d_adapter_ref() is self:
+                del model._p2d_adapter_ref
+        self._model_ref = None
+
+
+class HeadAdapter(_HookAdapter):
     """Trainable deltas for the q/k/v/o slices of selected heads (see the module docstring).
 
     Parameters are named ``"{layer}_{proj}"`` in ``self.deltas`` (a ParameterDict).  The adapter is
@@ -98,11 +165,7 @@ class HeadAdapter(nn.Module):
 
     def __init__(self, geometry: HeadGeometry, heads, projections=PROJECTIONS, dtype=torch.float32,
                  device="cpu"):
-        super().__init__()
-        self.geometry = geometry
-        self.heads = normalize_heads(heads, geometry)
-        if not self.heads:
-            raise UserError("no heads selected: give at least one [layer, head]")
+        super().__init__(geometry, heads)
         self.projections = normalize_projections(projections)
         g, d = geometry, geometry.head_dim
         self.deltas = nn.ParameterDict()
@@ -126,9 +189,6 @@ class HeadAdapter(nn.Module):
                     self.register_buffer(f"_fidx_{layer}_{p}", torch.tensor(self._fused_cols(layer, p),
                                                                             dtype=torch.long, device=device),
                                          persistent=False)
-        self._handles: list = []
-        self._model_ref = None
-        self.config: dict = {}  # the adapter_config.json dict when loaded from files
 
     # -- bookkeeping --------------------------------------------------------------------------
     @property
@@ -157,50 +217,21 @@ class HeadAdapter(nn.Module):
     def delta(self, layer: int, proj: str) -> nn.Parameter:
         return self.deltas[f"{layer}_{proj}"]
 
-    def num_params(self) -> int:
-        return sum(p.numel() for p in self.deltas.values())
-
-    @property
-    def attached_to(self) -> nn.Module | None:
-        return self._model_ref() if self._model_ref is not None else None
-
-    def _check_model(self, model: nn.Module) -> None:
-        actual = HeadGeometry.from_model(model)
-        diff = geometry_mismatch(self.geometry, actual)
-        if diff:
-            raise UserError(f"adapter was made for {_describe(self.geometry)} but the model is "
-                            f"{_describe(actual)} ({diff}): use the model it was trained on")
-
     # -- hooks --------------------------------------------------------------------------------
-    def attach(self, model: nn.Module) -> None:
-        """Register forward hooks on ``model``'s projections.  Attaching twice to the same model is
-        a no-op; attaching while attached to another model, or to a model that already carries
-        another P2D adapter, raises RuntimeError.  Moves the adapter to the model's device."""
-        current = self.attached_to
-        if current is model:
-            return
-        if current is not None or self._handles:
-            raise RuntimeError("this HeadAdapter is already attached to another model: detach() it first")
-        other = getattr(model, "_p2d_adapter_ref", None)
-        if other is not None and other() is not None:
-            raise RuntimeError("the model already has another HeadAdapter attached: detach() that one first")
-        self._check_model(model)
+    def _register_hooks(self, model: nn.Module) -> list:
+        handles = []
         g = self.geometry
-        dev = next(iter(g.projections(model, self.layers[0]).values())).weight.device
-        if any(p.device != dev for p in self.deltas.values()):
-            self.to(dev)
         for layer in self.layers:
             mods = g.projections(model, layer)
             out_projs = [p for p in self.projections if p != "o"]
             if g.layout == "split":
                 for p in out_projs:
-                    self._handles.append(mods[p].register_forward_hook(self._out_hook(layer, [p], "_idx")))
+                    handles.append(mods[p].register_forward_hook(self._out_hook(layer, [p], "_idx")))
             elif out_projs:
-                self._handles.append(mods["qkv"].register_forward_hook(self._out_hook(layer, out_projs, "_fidx")))
+                handles.append(mods["qkv"].register_forward_hook(self._out_hook(layer, out_projs, "_fidx")))
             if "o" in self.projections:
-                self._handles.append(mods["o"].register_forward_hook(self._o_hook(layer)))
-        self._model_ref = weakref.ref(model)
-        model._p2d_adapter_ref = weakref.ref(self)
+                handles.append(mods["o"].register_forward_hook(self._o_hook(layer)))
+        return handles
 
     def _out_hook(self, layer: int, projs: list[str], idx_prefix: str):
         names = [f"{layer}_{p}" for p in projs]
@@ -226,17 +257,6 @@ class HeadAdapter(nn.Module):
             return output + x.index_select(-1, getattr(self, idx_name)) @ delta.to(x.dtype).T
 
         return hook
-
-    def detach(self) -> None:
-        """Remove the hooks: the model computes exactly what it computed before `attach`."""
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-        model = self.attached_to
-        if model is not None and getattr(model, "_p2d_adapter_ref", None) is not None:
-            if model._p2d_adapter_ref() is self:
-                del model._p2d_adapter_ref
-        self._model_ref = None
 
     # -- merging ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -383,7 +403,7 @@ class HeadAdapter(nn.Module):
         return adapter
 
 
-class OffsetAdapter(nn.Module):
+class OffsetAdapter(_HookAdapter):
     """LoFiT-style offsets: a trainable ``head_dim`` vector added to each selected head's output.
 
     Same interface as `HeadAdapter` (attach / detach / parameters / num_params / save / load; not
@@ -394,11 +414,7 @@ class OffsetAdapter(nn.Module):
     kind = "offset"
 
     def __init__(self, geometry: HeadGeometry, heads, projections=None, dtype=torch.float32, device="cpu"):
-        super().__init__()
-        self.geometry = geometry
-        self.heads = normalize_heads(heads, geometry)
-        if not self.heads:
-            raise UserError("no heads selected: give at least one [layer, head]")
+        super().__init__(geometry, heads)
         self.projections: tuple[str, ...] = ()  # no weight slices are trained
         d = geometry.head_dim
         self.offsets = nn.ParameterDict()
@@ -409,9 +425,6 @@ class OffsetAdapter(nn.Module):
             self.offsets[str(layer)] = nn.Parameter(torch.zeros(len(q_heads), d, dtype=dtype, device=device))
             self.register_buffer(f"_idx_{layer}", torch.tensor(_rows(q_heads, d), dtype=torch.long, device=device),
                                  persistent=False)
-        self._handles: list = []
-        self._model_ref = None
-        self.config: dict = {}
 
     @property
     def layers(self) -> list[int]:
@@ -420,40 +433,10 @@ class OffsetAdapter(nn.Module):
     def offset(self, layer: int) -> nn.Parameter:
         return self.offsets[str(layer)]
 
-    def num_params(self) -> int:
-        return sum(p.numel() for p in self.offsets.values())
-
-    @property
-    def attached_to(self) -> nn.Module | None:
-        return self._model_ref() if self._model_ref is not None else None
-
-    def _check_model(self, model: nn.Module) -> None:
-        actual = HeadGeometry.from_model(model)
-        diff = geometry_mismatch(self.geometry, actual)
-        if diff:
-            raise UserError(f"adapter was made for {_describe(self.geometry)} but the model is "
-                            f"{_describe(actual)} ({diff}): use the model it was trained on")
-
-    def attach(self, model: nn.Module) -> None:
-        """Register forward pre-hooks on the output projections of the selected heads' layers (same
-        rules as `HeadAdapter.attach`)."""
-        current = self.attached_to
-        if current is model:
-            return
-        if current is not None or self._handles:
-            raise RuntimeError("this adapter is already attached to another model: detach() it first")
-        other = getattr(model, "_p2d_adapter_ref", None)
-        if other is not None and other() is not None:
-            raise RuntimeError("the model already has another HeadAdapter attached: detach() that one first")
-        self._check_model(model)
-        g = self.geometry
-        dev = g.output_projection(model, self.layers[0]).weight.device
-        if any(p.device != dev for p in self.offsets.values()):
-            self.to(dev)
-        for layer in self.layers:
-            self._handles.append(g.output_projection(model, layer).register_forward_pre_hook(self._hook(layer)))
-        self._model_ref = weakref.ref(model)
-        model._p2d_adapter_ref = weakref.ref(self)
+    def _register_hooks(self, model: nn.Module) -> list:
+        """Forward pre-hooks on the output projections of the selected heads' layers."""
+        return [self.geometry.output_projection(model, layer).register_forward_pre_hook(self._hook(layer))
+                for layer in self.layers]
 
     def _hook(self, layer: int):
         key, idx_name = str(layer), f"_idx_{layer}"
@@ -466,16 +449,6 @@ class OffsetAdapter(nn.Module):
             return (x + full, *args[1:])
 
         return hook
-
-    def detach(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-        model = self.attached_to
-        if model is not None and getattr(model, "_p2d_adapter_ref", None) is not None:
-            if model._p2d_adapter_ref() is self:
-                del model._p2d_adapter_ref
-        self._model_ref = None
 
     def merge_into(self, model: nn.Module) -> None:
         raise UserError("an offset adapter cannot be merged into the base weights (it is a bias after o_proj, "
