@@ -52,28 +52,11 @@ import torch  # noqa: E402
 from p2d.data.builtin import build_task_pool  # noqa: E402
 from p2d.data.loading import load_records  # noqa: E402
 from p2d.heads import HEAD_METHODS, HeadScores, contrast_scores, score_heads, select_top  # noqa: E402
+from p2d.bench.cells import auroc  # noqa: E402
+from p2d.explore import spearman as rank_correlation  # noqa: E402
 from p2d.models import load_model  # noqa: E402
 from p2d.selection import (activation_from_features, alignment_from_features, head_features,  # noqa: E402
                            plain_forward_seconds, select_data, top_samples)
-
-
-def auroc(scores: list[float], positive: list[bool]) -> float | None:
-    """Probability that a random positive outranks a random negative (ties count half)."""
-    pairs = [(s, p) for s, p in zip(scores, positive) if s is not None and math.isfinite(s)]
-    n_pos = sum(p for _, p in pairs)
-    n_neg = len(pairs) - n_pos
-    if not n_pos or not n_neg:
-        return None
-    pairs.sort(key=lambda t: t[0])
-    rank_sum, i = 0.0, 0
-    while i < len(pairs):  # average ranks over ties
-        j = i
-        while j + 1 < len(pairs) and pairs[j + 1][0] == pairs[i][0]:
-            j += 1
-        avg = (i + j) / 2 + 1
-        rank_sum += avg * sum(p for _, p in pairs[i:j + 1])
-        i = j + 1
-    return (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
 
 
 def variant(base: HeadScores, name: str, ratio: float, geometry) -> HeadScores:
@@ -96,25 +79,11 @@ def variant(base: HeadScores, name: str, ratio: float, geometry) -> HeadScores:
 
 
 def spearman(x: list[float], y: list[float]) -> float | None:
-    """Rank correlation (average ranks for ties) over the pairs where both are finite."""
+    """Rank correlation (`p2d.explore.spearman`) over the pairs where both are finite."""
     pairs = [(a, b) for a, b in zip(x, y) if math.isfinite(a) and math.isfinite(b)]
     if len(pairs) < 3:
         return None
-
-    def ranks(v):
-        t = torch.tensor(v, dtype=torch.float64)
-        order = torch.argsort(t)
-        r = torch.empty_like(t)
-        r[order] = torch.arange(len(v), dtype=torch.float64)
-        for val in torch.unique(t):  # average ties
-            m = t == val
-            r[m] = r[m].mean()
-        return r
-
-    rx, ry = ranks([a for a, _ in pairs]), ranks([b for _, b in pairs])
-    rx, ry = rx - rx.mean(), ry - ry.mean()
-    den = float(rx.norm() * ry.norm())
-    return float((rx * ry).sum()) / den if den > 0 else None
+    return rank_correlation([a for a, _ in pairs], [b for _, b in pairs])
 
 
 def _metrics(scores, is_target, ratio, tasks=None) -> dict:
