@@ -285,6 +285,17 @@ def w1_index(p: torch.Tensor, q: torch.Tensor) -> float:
     return float(cdf[:-1].abs().sum() / (n - 1))
 
 
+def _batch_cycle(batches: list, rng: random.Random):
+    """The batches in a new shuffled order on every pass, without end (the proxy fine-tunes' data order)."""
+    if not batches:
+        raise ValueError("no batches to cycle through")
+    while True:
+        queue = list(range(len(batches)))
+        rng.shuffle(queue)
+        while queue:
+            yield batches[queue.pop()]
+
+
 def weight_shift_scores(geometry: HeadGeometry, before: dict, after: dict) -> tuple[list[list[float]], list[list[float]]]:
     """(W1 scores, relative update norms), each n_layers x n_q_heads, from two `attention_snapshot`s
     (or any {layer: weights} mapping with the same keys)."""
@@ -348,7 +359,7 @@ def _score_shift(lm, probe, batch_size, max_length, seed, proxy_steps, proxy_lr,
     batches = _batches(lm, probe, batch_size, max_length, positions=positions)
     if not batches:
         raise UserError("no probe sample has answer tokens within the max length; raise max_length")
-    order_rng = random.Random(seed)
+    order = _batch_cycle(batches, random.Random(seed))
     steps_done, losses, stopped = 0, [], False
     try:
         for _, p in params:
@@ -357,15 +368,11 @@ def _score_shift(lm, probe, batch_size, max_length, seed, proxy_steps, proxy_lr,
             opt = torch.optim.SGD([p for _, p in params], lr=proxy_lr, momentum=0.0, weight_decay=0.0)
         else:
             opt = torch.optim.AdamW([p for _, p in params], lr=proxy_lr, weight_decay=0.0)
-        queue: list[int] = []
         for step in range(proxy_steps):
             if should_stop is not None and should_stop():
                 stopped = True
                 break
-            if not queue:
-                queue = list(range(len(batches)))
-                order_rng.shuffle(queue)
-            batch = batches[queue.pop()]
+            batch = next(order)
             with torch.enable_grad():
                 loss = _loss(model, batch).mean()
                 loss.backward()
@@ -585,8 +592,7 @@ def _score_lofit(lm, probe, batch_size, max_length, seed, steps, lr, l1, tick, s
         raise UserError("no probe sample has answer tokens within the max length; raise max_length")
     scales = torch.ones(geo.n_layers, geo.n_q_heads, dtype=torch.float32, device=lm.device, requires_grad=True)
     opt = torch.optim.Adam([scales], lr=lr)
-    order_rng = random.Random(seed)
-    queue: list[int] = []
+    order = _batch_cycle(batches, random.Random(seed))
     losses: list[float] = []
     stopped = False
     with torch.enable_grad(), HeadGate(model, geo) as gate:
@@ -594,10 +600,7 @@ def _score_lofit(lm, probe, batch_size, max_length, seed, steps, lr, l1, tick, s
             if should_stop is not None and should_stop():
                 stopped = True
                 break
-            if not queue:
-                queue = list(range(len(batches)))
-                order_rng.shuffle(queue)
-            batch = batches[queue.pop()]
+            batch = next(order)
             for layer in range(geo.n_layers):
                 gate.set_gate(layer, scales[layer])
             loss = _loss(model, batch).mean()
