@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import socket
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -17,15 +16,7 @@ from types import SimpleNamespace
 import pytest
 
 from p2d.config import RunConfig
-
-TINY = dict(pool_size=40, probe_size=8, eval_size=8, steps=3, batch_size=4, head_ratio=0.25, data_ratio=0.2,
-            device="cpu")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from studio_helpers import form_kw as _kw, free_port as _free_port
 
 
 def _launch(tmp_path_factory, demo: bool):
@@ -57,10 +48,6 @@ def client(served):
     from gradio_client import Client
 
     return Client(served.url, verbose=False)
-
-
-def _kw(model_dir: str, **extra) -> dict:
-    return {"model_source": "local", "model_name": model_dir, **TINY, **extra}
 
 
 def _plot(value) -> dict:

@@ -9,10 +9,10 @@ re-attaches to the run, and saves a screenshot of each tab. The screenshot folde
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
+from studio_helpers import free_port as _free_port
 
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking",
@@ -20,12 +20,6 @@ ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-background-net
 SHOTS = Path(os.environ.get("P2D_SCREENSHOTS") or Path(__file__).resolve().parents[1] / "test-artifacts" / "screenshots")
 
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"{CHROMIUM} not installed (apt-get install chromium)")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

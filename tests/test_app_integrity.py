@@ -10,21 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import socket
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-
-TINY = dict(pool_size=40, probe_size=8, eval_size=8, steps=3, batch_size=4, head_ratio=0.25, data_ratio=0.2,
-            device="cpu")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from studio_helpers import form_kw as _kw, free_port as _free_port, wait_job as _wait
 
 
 @pytest.fixture(scope="module")
@@ -38,10 +29,6 @@ def served(tmp_path_factory):
     app.studio.close()
 
 
-def _kw(model_dir: str, **extra) -> dict:
-    return {"model_source": "local", "model_name": model_dir, **TINY, **extra}
-
-
 def fingerprint(model) -> dict:
     """Weights (SHA-256 of every tensor's bytes, by name), requires_grad flags, mode, hook counts."""
     h = hashlib.sha256()
@@ -51,14 +38,6 @@ def fingerprint(model) -> dict:
     hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) for m in model.modules())
     return {"weights": h.hexdigest(), "grad_flags": tuple(p.requires_grad for p in model.parameters()),
             "training": tuple(m.training for m in model.modules()), "hooks": hooks}
-
-
-def _wait(c, seconds: float = 300) -> dict:
-    end = time.time() + seconds
-    summary = c.predict(60, api_name="/wait_job")
-    while summary["status"] in ("queued", "running") and time.time() < end:
-        summary = c.predict(60, api_name="/wait_job")
-    return summary
 
 
 def _wait_for_steps(c, served, n: int, timeout: float = 120) -> None:

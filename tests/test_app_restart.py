@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,10 +17,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+from studio_helpers import form_kw as _kw, free_port as _free_port, wait_job as _wait
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = dict(pool_size=40, probe_size=8, eval_size=8, steps=3, batch_size=4, head_ratio=0.25, data_ratio=0.2,
-            device="cpu")
 SERVER = """
 import sys, time
 from p2d.studio.server import build_app
@@ -33,16 +31,6 @@ while True:
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _kw(model_dir: str, **extra) -> dict:
-    return {"model_source": "local", "model_name": model_dir, **TINY, **extra}
-
-
 def _start_server(root: Path, port: int) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen([sys.executable, "-c", SERVER, str(root), str(port)], cwd=ROOT, env=env,
@@ -50,14 +38,6 @@ def _start_server(root: Path, port: int) -> subprocess.Popen:
     line = proc.stdout.readline()
     assert "READY" in line, f"server did not start: {line!r}"
     return proc
-
-
-def _wait(c, seconds: float = 300) -> dict:
-    end = time.time() + seconds
-    summary = c.predict(60, api_name="/wait_job")
-    while summary["status"] in ("queued", "running") and time.time() < end:
-        summary = c.predict(60, api_name="/wait_job")
-    return summary
 
 
 def test_restart_finds_runs_reopens_and_resumes(tmp_path, tiny_llama_dir):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import socket
 import threading
 import time
 from pathlib import Path
@@ -21,15 +20,10 @@ import pytest
 
 from p2d.config import RunConfig
 from p2d.errors import UserError
+from studio_helpers import free_port as _free_port
 
 TINY = dict(pool_size=40, probe_size=8, eval_size=8, steps=2, batch_size=4, head_ratio=0.25, data_ratio=0.2,
             device="cpu")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _serve(root: Path, limits=None, demo: bool = False, **launch):

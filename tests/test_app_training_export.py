@@ -10,26 +10,17 @@ sees what would be uploaded.
 from __future__ import annotations
 
 import json
-import socket
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
 from p2d.config import RunConfig
+from studio_helpers import form_kw as _kw, free_port as _free_port, wait_job as _wait
 
-TINY = dict(pool_size=40, probe_size=8, eval_size=8, steps=3, batch_size=4, head_ratio=0.25, data_ratio=0.2,
-            device="cpu")
 TRAINING_OPTIONS = dict(scheduler="linear", gradient_checkpointing=True, val_ratio=0.25, val_every=2,
                         report_to="tensorboard", grad_accum=2, warmup_ratio=0.2, weight_decay=0.05, max_grad_norm=0.5,
                         steps=6, lr=0.002, projections=["q", "v"], checkpoint_every=3)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _serve(root, demo=False):
@@ -43,18 +34,6 @@ def _serve(root, demo=False):
 def _close(served):
     served.app.close()
     served.studio.close()
-
-
-def _kw(model_dir: str, **extra) -> dict:
-    return {"model_source": "local", "model_name": model_dir, **TINY, **extra}
-
-
-def _wait(c, seconds: float = 300) -> dict:
-    end = time.time() + seconds
-    summary = c.predict(60, api_name="/wait_job")
-    while summary["status"] in ("queued", "running") and time.time() < end:
-        summary = c.predict(60, api_name="/wait_job")
-    return summary
 
 
 def _visible(app, elem_id: str) -> bool:
