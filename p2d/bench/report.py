@@ -29,9 +29,11 @@ def _stat(values) -> dict | None:
 
 
 def _cost(cell: str, res: dict, heads_s: float, select_s: float, rh_select_s: float) -> float:
-    extra = {"p2d": heads_s + select_s, "randomheads-p2d": heads_s + select_s, "heads-random": heads_s,
-             "heads-rhdata": heads_s + rh_select_s, "lora-p2d": heads_s + select_s,
-             "full-p2d": heads_s + select_s}.get(cell, 0.0)
+    """A cell's training time plus what its inputs cost: P2D's head scoring when it trains P2D's heads or
+    uses P2D's data, P2D's selection for P2D's data, the random heads' selection for theirs."""
+    kind, data, _ = CELLS[cell]
+    extra = heads_s if kind == "heads" or data == "p2d" else 0.0
+    extra += {"p2d": select_s, "rh_data": rh_select_s}.get(data, 0.0)
     return res["train_s"] + extra
 
 
