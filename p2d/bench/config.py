@@ -47,6 +47,9 @@ class BenchConfig:
                                  factory=lambda: list(DEFAULT_TARGETS))
     seeds: int = setting(3, "data", "Seeds", "seeds per target (pool, training order, random controls)", minimum=1)
     first_seed: int = setting(0, "data", "First seed", "seeds are first_seed, first_seed+1, ...", minimum=0)
+    sweep_seed: int | None = setting(None, "data", "Sweep seed", "seed of the first target's split the learning "
+                                     "rates are swept on (none: the first seed); lets seeds run in separate "
+                                     "processes with one sweep", minimum=0)
     pool_size: int = setting(400, "data", "Pool size", "built-in pool rows (10% target)", minimum=20)
     probe_size: int = setting(64, "data", "Probe size", "target rows used to find heads and to sweep learning rates",
                               minimum=4)
@@ -119,6 +122,11 @@ class BenchConfig:
     @property
     def seed_list(self) -> list[int]:
         return list(range(self.first_seed, self.first_seed + self.seeds))
+
+    @property
+    def anchor_seed(self) -> int:
+        """The seed the learning rates are swept on and the one-seed parts (target rows, components) run at."""
+        return self.first_seed if self.sweep_seed is None else self.sweep_seed
 
     @property
     def custom_data(self) -> bool:

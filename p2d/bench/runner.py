@@ -324,6 +324,15 @@ class Bench:
             chosen[kind] = float(done["chosen"])
         return chosen
 
+    def _sweep_on(self, split: Split, first_target: str, p2d_heads: HeadScores | None) -> dict[str, float]:
+        """The sweep on the first target's split at ``sweep_seed`` (the current split when unset)."""
+        seed = self.cfg.anchor_seed
+        if (split.target, split.seed) == (first_target, seed):
+            return self.sweep(split, p2d_heads)
+        other = build_split(self.cfg, first_target, seed)
+        heads = self.heads(other, self.cfg.head_method, seed, "heads_p2d") if p2d_heads is not None else None
+        return self.sweep(other, heads)
+
     # -- the whole benchmark ---------------------------------------------------------------------
     def run(self) -> dict:
         cfg = self.cfg
@@ -361,7 +370,7 @@ class Bench:
                 self.base(split)
                 p2d_heads = self.heads(split, cfg.head_method, seed, "heads_p2d") if need_p2d else None
                 if self.lrs is None:
-                    self.lrs = self.sweep(split, p2d_heads)
+                    self.lrs = self._sweep_on(split, targets[0], p2d_heads)
                     self.lrs.setdefault("heads", float(cfg.lr_heads[len(cfg.lr_heads) // 2]))
                     self.lrs["random_heads"] = self.lrs["heads"]
                     _say(f"learning rates: {self.lrs}")
@@ -378,9 +387,9 @@ class Bench:
                 if "cells" in cfg.parts:
                     for name in sorted(cfg.cells, key=lambda c: (c.endswith("-pool"), c)):
                         self.cell(split, name, data, heads, self.lrs)
-                if "target_rows" in cfg.parts and seed == cfg.first_seed:
+                if "target_rows" in cfg.parts and seed == cfg.anchor_seed:
                     self.target_rows(split, p2d_heads, self.lrs["heads"])
-                if "components" in cfg.parts and target == targets[0] and seed == cfg.first_seed:
+                if "components" in cfg.parts and target == targets[0] and seed == cfg.anchor_seed:
                     self.components(split, p2d_heads)
 
 
