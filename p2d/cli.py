@@ -289,6 +289,74 @@ def cmd_compare_heads(args) -> None:
     _print(out)
 
 
+def _open_run(folder: str):
+    """A finished run folder (its own settings), the model loaded when needed."""
+    from .pipeline import Run
+
+    return Run.open(folder, progress=_progress())
+
+
+def _sampling(args) -> dict:
+    return {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
+            "seed": args.seed}
+
+
+def cmd_chat(args) -> None:
+    from .chat import compare_replies
+
+    if args.run:
+        run = _open_run(args.run)
+        run.require_loaded()
+        lm, adapter = run.lm, (run.train_result.adapter_dir if run.train_result is not None else None)
+    else:
+        lm, adapter = _load_lm(config_from_args(args, _group_fields(MODEL))), args.adapter
+    last: dict = {}
+    for last in compare_replies(lm, adapter, args.prompt, **_sampling(args)):
+        pass
+    _print(last)
+
+
+def cmd_inspect_head(args) -> None:
+    from .data.formats import Sample
+    from .head_view import check_head, inspect_head
+
+    run = _open_run(args.run)
+    if run.heads is None:
+        raise UserError(f"{args.run} has no head scores (heads.json): run its heads stage first")
+    check_head(run.heads.n_layers, run.heads.n_q_heads, args.layer, args.head)  # before the model loads
+    run.require_loaded()
+    if args.prompt:
+        sample = Sample(prompt=[{"role": "user", "content": args.prompt}], answer="", task=None, row={}, index=0)
+    else:
+        rows = run.data.eval.samples if run.data.eval is not None else run.data.probe.samples
+        if not 0 <= args.sample < len(rows):
+            raise UserError(f"--sample must be between 0 and {len(rows) - 1} (rows of the eval set)")
+        sample = rows[args.sample]
+    out = inspect_head(run.lm, run.heads, args.layer, args.head, sample, run.data.probe.samples,
+                       max_probe=args.probe_rows, max_length=run.config.max_length)
+    if not args.pattern:
+        out["pattern"].pop("weights")
+    _print(out)
+
+
+def cmd_controls(args) -> None:
+    from .controls import run_controls
+
+    run = _open_run(args.run)
+    _print(run_controls(run, controls=[c.strip() for c in args.controls.split(",") if c.strip()],
+                        lora_lr=args.lora_lr, lora_rank=args.lora_rank, progress=_progress()))
+
+
+def cmd_forgetting(args) -> None:
+    from .explore import forgetting
+
+    run = _open_run(args.run)
+    if run.eval_after is None:
+        raise UserError(f"{args.run} has no evaluation after training: run `python -m p2d run --resume --out "
+                        f"{args.run}` first")
+    _print(forgetting(run.eval_before, run.eval_after))
+
+
 def cmd_run(args) -> None:
     from .pipeline import Run, fresh_folder
 
@@ -394,6 +462,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("b", help="heads.json or a run folder holding one")
     p.add_argument("--map", action="store_true", help="also print the per-head rank-difference map (a minus b)")
     p.set_defaults(func=cmd_compare_heads)
+
+    p = command("chat", "one prompt answered by the base model and by base + a trained adapter", cmd_chat, MODEL)
+    p.add_argument("--prompt", required=True, help="the user turn (the model's chat template is applied)")
+    p.add_argument("--run", metavar="DIR", help="a run folder: its model and its trained adapter")
+    p.add_argument("--adapter", metavar="DIR", help="head adapter folder (without --run; with --model)")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="reply length cap (default: 64)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); above 0: sampling")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling share (default: 1)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+
+    p = sub.add_parser("inspect-head", help="open a head of a run: attention pattern, score and rank, probe loss "
+                       "change when gated off", description="open a head of a run: its attention pattern on a "
+                       "sample, its score and rank, and the probe answer loss change when it (and the whole "
+                       "selected set) is gated off")
+    p.add_argument("--run", required=True, metavar="DIR", help="run folder with heads.json")
+    p.add_argument("--layer", type=int, required=True, help="layer (0-based)")
+    p.add_argument("--head", type=int, required=True, help="query head (0-based)")
+    p.add_argument("--sample", type=int, default=0, help="eval row whose attention pattern is shown (default: 0)")
+    p.add_argument("--prompt", help="show the pattern on this prompt instead of an eval row")
+    p.add_argument("--probe-rows", type=int, default=32, help="probe rows the gate-off loss is measured on")
+    p.add_argument("--pattern", action="store_true", help="also print the token x token weights")
+    p.set_defaults(func=cmd_inspect_head)
+
+    from .controls import CONTROLS, LORA_LR, LORA_RANK
+
+    p = sub.add_parser("controls", help="train a finished run's controls (random heads, random data, LoRA) at the "
+                       "same budget", description="train a finished run's controls at the same budget and compare "
+                       "accuracy, trainable parameters and AER with P2D's (controls.json in the run folder)")
+    p.add_argument("--run", required=True, metavar="DIR", help="a run folder with training and evaluation done")
+    p.add_argument("--controls", default=",".join(CONTROLS), help=f"which (default: {','.join(CONTROLS)})")
+    p.add_argument("--lora-lr", type=float, default=LORA_LR, help=f"LoRA learning rate (default: {LORA_LR:g})")
+    p.add_argument("--lora-rank", type=int, default=LORA_RANK, help=f"LoRA rank (default: {LORA_RANK})")
+    p.set_defaults(func=cmd_controls)
+
+    p = sub.add_parser("forgetting", help="per-task accuracy before and after training (eval tasks and the pool's "
+                       "other tasks)", description="per-task accuracy before and after training: the eval set's "
+                       "tasks and held-out rows of the pool's other tasks")
+    p.add_argument("--run", required=True, metavar="DIR", help="a run folder with evaluations before and after")
+    p.set_defaults(func=cmd_forgetting)
 
     p = sub.add_parser("push", help="upload a run's adapter (PEFT format) and a model card to the Hugging Face Hub",
                        description="upload a run's adapter (PEFT format) and a model card to the Hugging Face Hub")

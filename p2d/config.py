@@ -101,6 +101,9 @@ class RunConfig:
                               minimum=1)
     eval_size: int = setting(100, "data", "Eval size", "built-in pool: eval rows (target task)", stages=("load",),
                              minimum=0)
+    other_eval_size: int = setting(5, "data", "Forgetting rows", "built-in pool: held-out rows of every other task, "
+                                   "evaluated before and after training (what tuning changed elsewhere; 0: off)",
+                                   stages=("load",), minimum=0)
     seed: int = setting(0, "data", "Seed", "seed of the built-in pool, the random controls and the training order",
                         stages=("load", "heads", "select", "train", "reference"), minimum=0)
     max_length: int = setting(256, "data", "Max tokens per sample", "samples are truncated to this many tokens",

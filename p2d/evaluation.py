@@ -62,6 +62,7 @@ class EvalResult:
     examples: list[dict] = field(default_factory=list)
     by_task: dict = field(default_factory=dict)  # task -> {"accuracy", "contains", "n"} (labelled rows only)
     partial: bool = False  # stopped before every row was generated: the figures cover the rows done
+    other_tasks: dict = field(default_factory=dict)  # held-out rows of the pool's other tasks, like by_task
 
     def to_dict(self, with_examples: bool = False) -> dict:
         d = asdict(self)

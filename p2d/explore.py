@@ -8,6 +8,10 @@ different methods do not matter). NaN scores rank last, as in `p2d.heads.select_
 
 Supported: maps of the same n_layers x n_q_heads; anything else is a `UserError`. Reusing a map for
 another task is the heads stage's ``--heads`` option of ``select`` and ``train``.
+
+`forgetting(before, after)` lines up per-task accuracy before and after training: the eval set's own
+tasks (when its rows carry a task label) and the held-out rows of the pool's other tasks
+(``EvalResult.other_tasks``, the built-in pool's ``other_eval_size``): what tuning changed elsewhere.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import math
 from .errors import UserError
 from .heads import HeadScores
 
-__all__ = ["compare_head_maps", "rank_percentiles", "spearman"]
+__all__ = ["compare_head_maps", "rank_percentiles", "spearman", "forgetting"]
 
 
 def _same(x: float, y: float) -> bool:
@@ -81,3 +85,24 @@ def compare_head_maps(a: HeadScores, b: HeadScores, name_a: str = "a", name_b: s
         "spearman": None if rho is None else round(rho, 6),
         "rank_difference": diff,
     }
+
+
+def _by_task(result) -> tuple[dict, dict]:
+    d = result if isinstance(result, dict) else result.to_dict()
+    return d.get("by_task") or {}, d.get("other_tasks") or {}
+
+
+def forgetting(before, after) -> list[dict]:
+    """Rows ``{"task", "set", "before", "after", "change", "n"}`` (accuracy as a share; ``set`` is "eval"
+    or "other tasks"), eval tasks first; ``before``/``after`` are `EvalResult`s or their dicts (None:
+    not evaluated). A task only in one of them has None on the other side."""
+    rows = []
+    b_eval, b_other = _by_task(before) if before is not None else ({}, {})
+    a_eval, a_other = _by_task(after) if after is not None else ({}, {})
+    for label, b, a in (("eval", b_eval, a_eval), ("other tasks", b_other, a_other)):
+        for task in sorted(set(b) | set(a)):
+            x, y = (b.get(task) or {}).get("accuracy"), (a.get(task) or {}).get("accuracy")
+            rows.append({"task": task, "set": label, "before": x, "after": y,
+                         "change": None if x is None or y is None else y - x,
+                         "n": (a.get(task) or b.get(task) or {}).get("n")})
+    return rows

@@ -101,12 +101,14 @@ def upstream_closure(stages) -> list[str]:
 
 
 class RunData:
-    def __init__(self, pool: LoadedData, probe: LoadedData, eval: LoadedData | None):
-        self.pool, self.probe, self.eval = pool, probe, eval
+    """The pool, probe and eval sets; ``other``: held-out rows of the pool's other tasks (built-in pool)."""
+
+    def __init__(self, pool: LoadedData, probe: LoadedData, eval: LoadedData | None, other: LoadedData | None = None):
+        self.pool, self.probe, self.eval, self.other = pool, probe, eval, other
 
     def summary(self) -> dict:
-        return {name: d.summary() for name, d in (("pool", self.pool), ("probe", self.probe), ("eval", self.eval))
-                if d is not None}
+        return {name: d.summary() for name, d in (("pool", self.pool), ("probe", self.probe), ("eval", self.eval),
+                                                  ("other_eval", self.other)) if d is not None}
 
 
 def load_run_data(config: RunConfig, out_dir: Path | None = None, max_rows: dict | None = None,
@@ -118,12 +120,14 @@ def load_run_data(config: RunConfig, out_dir: Path | None = None, max_rows: dict
         from .data.builtin import build_task_pool
 
         tp = build_task_pool(target=config.target, seed=config.seed, pool_size=config.pool_size,
-                             probe_size=config.probe_size, eval_size=config.eval_size)
+                             probe_size=config.probe_size, eval_size=config.eval_size,
+                             other_eval_size=config.other_eval_size)
         if out_dir is not None:
             tp.write(out_dir / DATA_DIR)
         return RunData(load_records(tp.pool, source=f"built-in pool ({config.target})"),
                        load_records(tp.probe, source="built-in probe"),
-                       load_records(tp.eval, source="built-in eval") if tp.eval else None)
+                       load_records(tp.eval, source="built-in eval") if tp.eval else None,
+                       load_records(tp.other_eval, source="built-in other tasks") if tp.other_eval else None)
     mapping, rows = config.columns, max_rows or {}
     pool = load_data(config.pool, mapping=mapping, max_rows=rows.get("pool"), max_bytes=max_bytes)
     probe = load_data(config.probe, mapping=mapping, max_rows=rows.get("probe"), max_bytes=max_bytes)
@@ -332,6 +336,10 @@ class Run:
     def use_heads(self, heads: HeadScores, source: str) -> None:
         """Use head scores made elsewhere (e.g. another run's heads.json) instead of scoring heads."""
         self.require_loaded()
+        g = self.lm.geometry
+        if (heads.n_layers, heads.n_q_heads) != (g.n_layers, g.n_q_heads):
+            raise UserError(f"the head map {source} is {heads.n_layers} layers x {heads.n_q_heads} heads, but "
+                            f"{self.config.model} has {g.n_layers} x {g.n_q_heads}: use a map of the same model")
         self._clear("heads")
         heads.save(self.out)
         self.results["heads"] = heads
@@ -389,6 +397,11 @@ class Run:
             res = evaluate(self.lm, self.data.eval.samples, batch_size=max(c.batch_size, 16), limit=c.eval_limit,
                            max_new_tokens=c.max_new_tokens, max_length=c.max_length, progress=self.progress,
                            should_stop=self.should_stop)
+            if self.data.other is not None and not res.partial:  # forgetting: the pool's other tasks
+                other = evaluate(self.lm, self.data.other.samples, batch_size=max(c.batch_size, 16),
+                                 max_length=c.max_length, n_examples=0, progress=self.progress,
+                                 should_stop=self.should_stop)
+                res.other_tasks, res.partial = other.by_task, other.partial
         finally:
             if adapter is not None:
                 adapter.detach()

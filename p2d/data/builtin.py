@@ -452,11 +452,14 @@ class TaskPool:
         return dict(sorted(c.items(), key=lambda kv: (-kv[1], kv[0])))
 
     def write(self, out_dir) -> dict[str, str]:
-        """Write pool.jsonl, probe.jsonl and eval.jsonl into ``out_dir``; returns name -> path."""
+        """Write pool.jsonl, probe.jsonl, eval.jsonl (and other_eval.jsonl when there are such rows) into
+        ``out_dir``; returns name -> path."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         paths: dict[str, str] = {}
-        for name, rows in (("pool", self.pool), ("probe", self.probe), ("eval", self.eval)):
+        sets = [("pool", self.pool), ("probe", self.probe), ("eval", self.eval)]
+        sets += [("other_eval", self.other_eval)] if self.other_eval else []
+        for name, rows in sets:
             path = out / f"{name}.jsonl"
             write_jsonl(path, rows)
             paths[name] = str(path)

@@ -284,3 +284,76 @@ def eval_chart(before: dict | None, after: dict | None) -> go.Figure:
     fig.update_yaxes(title="accuracy on the eval set (%)", range=[0, 110])
     fig.update_layout(barmode="group", legend=dict(orientation="h", y=1.02, x=1, xanchor="right", yanchor="bottom"))
     return _layout(fig, "Accuracy before vs after", height=320)
+
+
+# ---------------------------------------------------------------------------------------- explore
+
+
+def attention_heatmap(pattern: dict | None) -> go.Figure:
+    """One head's attention weights (`p2d.head_view.attention_pattern`): rows attend to columns, tokens as
+    labels, the first answer token marked."""
+    if not pattern or not pattern.get("weights"):
+        return empty_figure("Open a head to see its attention pattern")
+    tokens = [f"{i + pattern.get('offset', 0)}:{t!r}"[:24] for i, t in enumerate(pattern["tokens"])]
+    n = len(tokens)
+    fig = go.Figure(go.Heatmap(
+        z=pattern["weights"], x=tokens, y=tokens, colorscale="Blues", zmin=0, colorbar=dict(title=dict(text="weight"),
+                                                                                         thickness=12),
+        hovertemplate="%{y} attends to %{x}<br>weight %{z:.3f}<extra></extra>"))
+    start = pattern.get("answer_start")
+    if start is not None and start < n:
+        fig.add_hline(y=start - 0.5, line=dict(color="#f43f5e", width=1.5, dash="dot"),
+                      annotation_text="answer starts", annotation_position="bottom right")
+    fig.update_yaxes(autorange="reversed", title="token (query)", tickfont=dict(size=9), showgrid=False)
+    fig.update_xaxes(title="attends to (key)", tickfont=dict(size=9), tickangle=-60, showgrid=False)
+    height = max(380, min(900, 12 * n + 220))
+    return _layout(fig, f"Layer {pattern['layer']}, head {pattern['head']} (kv head {pattern.get('kv_head')}): "
+                        f"attention on {n} tokens" + (f" (last {n} of {pattern['n_tokens']})"
+                                                      if pattern.get("offset") else ""), height=height)
+
+
+def difference_heatmap(diff: Sequence[Sequence[float]], name_a: str, name_b: str) -> go.Figure:
+    """Rank-percentile difference per head (a minus b, `p2d.explore.compare_head_maps`): red = ranked
+    higher in a, blue = higher in b."""
+    if not diff or not len(diff[0]):
+        return empty_figure("Pick two head maps to compare")
+    n_layers, n_heads = len(diff), len(diff[0])
+    fig = go.Figure(go.Heatmap(z=diff, x=list(range(n_heads)), y=list(range(n_layers)), colorscale="RdBu",
+                               reversescale=True, zmid=0, zmin=-1, zmax=1,
+                               colorbar=dict(title=dict(text="rank a − b"), thickness=12),
+                               hovertemplate="layer %{y}, head %{x}<br>percentile a − b: %{z:.2f}<extra></extra>"))
+    fig.update_xaxes(title="query head", showgrid=False)
+    fig.update_yaxes(title="layer", showgrid=False)
+    return _layout(fig, f"Rank difference: {name_a} − {name_b}", height=max(320, min(760, 22 * n_layers + 120)))
+
+
+def forgetting_chart(rows: Sequence[dict]) -> go.Figure:
+    """Bars per task: accuracy (%) before and after training (`p2d.explore.forgetting` rows)."""
+    rows = [r for r in rows if _finite(r.get("before")) or _finite(r.get("after"))]
+    if not rows:
+        return empty_figure("Per-task accuracy appears here after the evaluation after training", height=300)
+    names = [r["task"] + (" (eval)" if r["set"] == "eval" else "") for r in rows]
+    fig = go.Figure()
+    for when in ("before", "after"):
+        ys = [100.0 * r[when] if _finite(r.get(when)) else None for r in rows]
+        fig.add_trace(go.Bar(x=names, y=ys, name=when, marker_color=COLORS[when],
+                             text=[f"{y:.0f}%" if y is not None else "" for y in ys], textposition="outside",
+                             hovertemplate="%{x}: %{y:.0f}%<extra>" + when + "</extra>"))
+    fig.update_yaxes(title="accuracy (%)", range=[0, 112])
+    fig.update_layout(barmode="group", legend=dict(orientation="h", y=1.02, x=1, xanchor="right", yanchor="bottom"))
+    return _layout(fig, "What tuning changed: accuracy per task, before vs after", height=340)
+
+
+def controls_chart(p2d: dict | None, controls: dict) -> go.Figure:
+    """Accuracy (%) of P2D and its controls (`p2d.controls.run_controls`), AER in the hover."""
+    items = ([("P2D", p2d)] if p2d else []) + [(c.get("label", k), c) for k, c in controls.items()]
+    if not controls:
+        return empty_figure("Press “Run the controls” to train them", height=300)
+    ys = [100.0 * c["accuracy"] if _finite(c.get("accuracy")) else None for _, c in items]
+    colors = [COLORS["train"] if name == "P2D" else COLORS["pool"] for name, _ in items]
+    aers = [f"{c['aer']:.3f}" if _finite(c.get("aer")) else "n/a" for _, c in items]
+    fig = go.Figure(go.Bar(x=[n for n, _ in items], y=ys, marker_color=colors, customdata=aers,
+                           text=[f"{y:.0f}%" if y is not None else "n/a" for y in ys], textposition="outside",
+                           hovertemplate="%{x}<br>accuracy %{y:.0f}%<br>AER %{customdata}<extra></extra>"))
+    fig.update_yaxes(title="exact match on the eval set (%)", range=[0, 112])
+    return _layout(fig, "P2D vs its controls (same data budget and steps)", height=340)

@@ -38,7 +38,7 @@ FIELD_NAMES: tuple[str, ...] = (
     "out",
     "max_steps", "grad_accum", "warmup_ratio", "weight_decay", "max_grad_norm", "checkpoint_every",
     "reference_epochs", "scheduler", "gradient_checkpointing", "val_ratio", "val_every", "report_to",
-    "positions", "adapter",
+    "positions", "adapter", "other_eval_size",
 )
 FORM_ONLY = ("model_source", "model_name", "data_source", "pool_path", "probe_path", "eval_path")
 #: RunConfig fields the form sets directly (under their own name)
@@ -159,6 +159,7 @@ def build_inputs(limits: Limits, initial: dict) -> dict:
                                                                      if limits.max_pool else "")),
         "probe_size": number("probe_size"),
         "eval_size": number("eval_size"),
+        "other_eval_size": number("other_eval_size", "0 = off"),
         "seed": number("seed"),
         "pool_path": gr.Textbox(v["pool_path"], label="Pool path", interactive=local, elem_id="pool-path",
                                 placeholder="upload or type a path" if local else "upload a file", **num),

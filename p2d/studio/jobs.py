@@ -196,3 +196,80 @@ def resume(studio, ws, name: str):
             run.resume = False
         return _settled(run, stages[-1])
     return body
+
+
+# -- explore and teach ---------------------------------------------------------------------------
+def chat(studio, ws, run_name: str | None, prompt: str, sampling: dict):
+    """The prompt answered by the run's base model and by base + its trained heads; the replies so far
+    are in ``job.live`` ("base", "tuned") while it runs."""
+    from p2d.chat import compare_replies
+
+    def body(job: Job):
+        run = studio.explore_run(ws, run_name)
+        adapter = run.train_result.adapter_dir if run.train_result is not None else None
+        job.set_phase("answering with the base model" + (" and the trained heads" if adapter else ""))
+        lm = studio.runner.load_model(run.config)
+        last = {"base": "", "tuned": None}
+        for last in compare_replies(lm, adapter, prompt, **sampling):
+            job.live.update(last)
+            if job.should_stop():
+                break
+        return dict(last, run=run.out.name, adapter=bool(adapter))
+    return body
+
+
+def inspect_head(studio, ws, run_name: str | None, layer: int, head: int, row: int):
+    """`p2d.head_view.inspect_head` on the run's eval row ``row`` (the probe set when it has no eval set)."""
+    from p2d.head_view import check_head
+    from p2d.head_view import inspect_head as inspect
+
+    def body(job: Job):
+        run = studio.explore_run(ws, run_name)
+        if run.heads is None:
+            raise UserError("no head scores in this run yet: press Find heads on the Heads tab first")
+        check_head(run.heads.n_layers, run.heads.n_q_heads, layer, head)
+        job.set_phase(f"opening layer {layer}, head {head}")
+        run.require_loaded()
+        rows = run.data.eval.samples if run.data.eval is not None else run.data.probe.samples
+        if not 0 <= int(row) < len(rows):
+            raise UserError(f"Sample row must be between 0 and {len(rows) - 1}")
+        out = inspect(run.lm, run.heads, layer, head, rows[int(row)], run.data.probe.samples,
+                      max_length=run.config.max_length)
+        return dict(out, run=run.out.name, row=int(row))
+    return body
+
+
+def controls(studio, ws):
+    """`p2d.controls.run_controls` for the current run (its training and evaluation done first if missing)."""
+    from p2d.controls import run_controls
+
+    def body(job: Job):
+        run = ws.run
+        if run is None or run.train_result is None:
+            raise UserError("no trained heads yet: train on the Train tab first, then run the controls")
+        follow(job, run, ["eval_after"])
+        run.run(["eval_after"])
+        if not run.is_done("eval_after"):
+            return _settled(run, "eval_after")
+        job.set_phase("training the controls (random heads, random data, LoRA)")
+        run_controls(run, progress=job.progress, should_stop=job.should_stop)
+        return "done"
+    return body
+
+
+def reuse_heads(studio, ws, source_run: str):
+    """The head map of the session's run folder ``source_run`` becomes the current run's heads (selection and
+    training are then redone with them: the transfer question)."""
+    from p2d.heads import HeadScores
+
+    def body(job: Job):
+        run = ws.run
+        if run is None:
+            raise UserError("no current run: load a model and data first")
+        folder = studio._run_folder(ws, source_run)
+        if Path(folder) == Path(run.out):
+            raise UserError("that is the current run's own head map: pick another run")
+        job.set_phase(f"using the heads of {folder.name}")
+        run.use_heads(HeadScores.load(folder), source=folder.name)
+        return "done"
+    return body

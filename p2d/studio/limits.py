@@ -76,6 +76,7 @@ class Limits:
     max_pool: int | None = None
     max_probe: int | None = None
     max_eval: int | None = None
+    max_other_eval: int | None = None      # held-out rows per other task (forgetting)
     max_steps: int | None = None
     max_batch: int | None = None
     max_length: int | None = None
@@ -139,6 +140,7 @@ class Limits:
         cap("pool_size", self.max_pool)
         cap("probe_size", self.max_probe)
         cap("eval_size", self.max_eval)
+        cap("other_eval_size", self.max_other_eval)
         cap("eval_limit", self.max_eval, unset_means_unlimited=True)  # an uploaded eval set too
         cap("batch_size", self.max_batch)
         cap("max_length", self.max_length)
@@ -181,7 +183,7 @@ class Limits:
 
 
 LOCAL = Limits()
-DEMO = Limits(demo=True, max_pool=400, max_probe=64, max_eval=32, max_steps=40, max_batch=16, max_length=256,
+DEMO = Limits(demo=True, max_pool=400, max_probe=64, max_eval=32, max_other_eval=5, max_steps=40, max_batch=16, max_length=256,
               max_new_tokens=64, max_grad_accum=4,
               model_allowlist=("default", *DEFAULT_ALLOWLIST),
               max_file_bytes=20 * MB, max_session_bytes=60 * MB, max_data_bytes=50 * MB,

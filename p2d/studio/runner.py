@@ -59,6 +59,7 @@ class Job:
     result: Any = field(default=None, repr=False)
     stop_event: threading.Event = field(default_factory=threading.Event, repr=False)
     info: dict = field(default_factory=dict)
+    live: dict = field(default_factory=dict, repr=False)  # what the job shows while it runs (chat's replies)
     client: str = ""  # the client address that submitted it (per-address caps)
     settled: threading.Event = field(default_factory=threading.Event, repr=False)  # ended and recorded
 

@@ -8,7 +8,12 @@ API (every event has an explicit ``api_name``; gradio_client can drive the app):
 - ``/preview``: a page of the selected samples (search, page).
 - ``/train``: start training (returns at once); ``/train_status`` polls it (what the page's timer
   calls); ``/stop`` stops it; ``/wait_job`` blocks until the session's job ends (summary dict).
-- ``/results``, ``/evaluate``, ``/merge``: the Results tab.
+- ``/results``, ``/evaluate``, ``/merge``: the Results tab; ``/forgetting`` (accuracy per task before vs
+  after: the eval set's tasks and the pool's other tasks), ``/controls`` (train random heads on P2D's
+  data, P2D's heads on random data and LoRA on P2D's data at the same budget; a job).
+- ``/chat`` (base vs base + trained heads, streamed; a job), ``/inspect_head`` (attention pattern,
+  score and rank, gate-off loss change; a job), ``/compare_heads`` (two runs' head maps),
+  ``/reuse_heads`` (another run's heads in the current run): the Explore tab.
 - ``/upload_pool``, ``/upload_probe``, ``/upload_eval``: store and describe a data file.
 - ``/show_command``, ``/save_config``, ``/apply_config``: settings as YAML and as a command.
 - ``/export_peft``, ``/push``: the adapter in PEFT format (zip), a push to the Hugging Face Hub.
@@ -35,6 +40,7 @@ from .gpu import check_hardware
 from .limits import Limits, current_limits
 from .services import Studio
 from .tabs import data as data_tab
+from .tabs import explore as explore_tab
 from .tabs import heads as heads_tab
 from .tabs import model_data as model_tab
 from .tabs import results as results_tab
@@ -47,10 +53,12 @@ STYLE = """
 .p2d-header h1 {margin-bottom: 0.1em}
 .p2d-banner {min-height: 1.6em}
 #heads-heatmap, #loss-chart, #aer-chart {min-height: 240px}
+.p2d-lesson {font-size: 0.86em; color: #475569; border-left: 3px solid #c7d2fe; padding-left: 0.6em}
 </style>
 """
 TABS = (("1 · Model & data", "model", model_tab), ("2 · Heads", "heads", heads_tab), ("3 · Data", "data", data_tab),
-        ("4 · Train", "train", train_tab), ("5 · Results & export", "results", results_tab))
+        ("4 · Train", "train", train_tab), ("5 · Results & export", "results", results_tab),
+        ("6 · Explore", "explore", explore_tab))
 
 
 def default_runs_root() -> Path:

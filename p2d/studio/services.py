@@ -262,6 +262,16 @@ class Studio:
         self.save(ws)
         return run
 
+    def explore_run(self, ws: Workspace, name: str | None):
+        """The run a view of the Explore tab reads: the current one (``name`` empty or its own name), else the
+        session's run folder ``name`` read back without becoming current."""
+        name = str(name or "").strip()
+        if not name or (ws.run is not None and name in (ws.run.out.name, str(ws.run.out))):
+            if ws.run is None:
+                raise UserError("no run yet: load a model and data on the Model & data tab first")
+            return ws.run
+        return self._open(ws, name)
+
     def unfinished_stages(self, ws: Workspace, run) -> list[str]:
         """What Resume continues: the stages of the run's last job if it did not end done, and any
         stage left partial; those not done, in order."""

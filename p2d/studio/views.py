@@ -442,5 +442,130 @@ def results(studio, ws) -> dict:
             "metrics_dl": studio.download(ws, run.out / "metrics.json")}
 
 
+# ---------------------------------------------------------------------------------- results: extras
+CONTROL_COLUMNS = ["cell", "accuracy", "AER", "trainable params", "rows", "steps", "learning rate"]
+
+
+def _pct(x) -> str:
+    return f"{100 * x:.0f}%" if charts._finite(x) else "–"
+
+
+def forgetting(studio, ws) -> dict:
+    """Per-task accuracy before vs after training (the eval set's tasks and the pool's other tasks)."""
+    from p2d.explore import forgetting as rows_of
+
+    run = ws.run
+    rows = rows_of(run.eval_before, run.eval_after) if run is not None else []
+    others = [r for r in rows if r["set"] == "other tasks" and r["change"] is not None]
+    if others:
+        worst = min(others, key=lambda r: r["change"])
+        md = (f"Other tasks, mean change {100 * sum(r['change'] for r in others) / len(others):+.0f} pp over "
+              f"{len(others)} tasks ({others[0]['n']} held-out rows each); largest drop: {worst['task']} "
+              f"{100 * worst['change']:+.0f} pp.")
+    elif run is not None and run.eval_after is not None:
+        md = ("No other-task rows in this run: the built-in pool holds them out when Forgetting rows "
+              "(other_eval_size) is above 0; with your files, an eval file with a task column shows its tasks.")
+    else:
+        md = ""
+    return {"forgetting_md": md, "forgetting": charts.forgetting_chart(rows)}
+
+
+def controls(studio, ws) -> dict:
+    """P2D next to its controls (controls.json of the current run, when built on its current results)."""
+    from p2d.controls import read_controls
+
+    run = ws.run
+    data = read_controls(run) if run is not None and run.train_result is not None else None
+    if not data:
+        return {"controls_md": "", "controls_table": pd.DataFrame(columns=CONTROL_COLUMNS),
+                "controls_chart": charts.controls_chart(None, {})}
+    cells = [("P2D", data["p2d"])] + [(c["label"], c) for c in data["controls"].values()]
+    table = [{"cell": name, "accuracy": _pct(c.get("accuracy")),
+              "AER": f"{c['aer']:.3f}" if charts._finite(c.get("aer")) else "–",
+              "trainable params": fmt_params(c.get("trainable_params")), "rows": c.get("rows"),
+              "steps": c.get("steps"), "learning rate": f"{c['lr']:g}" if c.get("lr") else "–"} for name, c in cells]
+    p2d_acc = data["p2d"].get("accuracy")
+    better = [c["label"] for c in data["controls"].values()
+              if charts._finite(c.get("accuracy")) and charts._finite(p2d_acc) and c["accuracy"] >= p2d_acc]
+    md = ("One draw each, at P2D's data budget and steps. " + (
+        f"**As good as or better than P2D here:** {', '.join(better)}." if better else
+        "**P2D is ahead of every control here** (one draw: see the benchmark for the spread)."))
+    if not data.get("complete"):
+        md += " ■ Stopped before every control was trained."
+    return {"controls_md": md, "controls_table": pd.DataFrame(table, columns=CONTROL_COLUMNS),
+            "controls_chart": charts.controls_chart(data["p2d"], data["controls"])}
+
+
+def results_all(studio, ws) -> dict:
+    return {**results(studio, ws), **forgetting(studio, ws), **controls(studio, ws)}
+
+
+# ------------------------------------------------------------------------------------------ 6 explore
+SCORE_PREFIX = "h"
+
+
+def head_grid(hs) -> pd.DataFrame:
+    """Head scores as a layers x heads table (a click on a cell opens that head)."""
+    if hs is None:
+        return pd.DataFrame(columns=["layer"])
+    ranks = charts.head_ranks(hs.scores)
+    rows = []
+    for layer, row in enumerate(hs.scores):
+        cells = {f"{SCORE_PREFIX}{h}": (f"#{ranks[layer][h]}" if ranks[layer][h] is not None else "–")
+                 + (" ★" if [layer, h] in [list(x) for x in hs.selected] else "") for h in range(len(row))}
+        rows.append({"layer": layer, **cells})
+    return pd.DataFrame(rows)
+
+
+def explore(studio, ws) -> dict:
+    """Choices of the Explore tab: runs, eval prompts of the current run, head maps; the clickable head grid."""
+    import gradio as gr
+
+    rows = studio.runs_table(ws)
+    names = [r["run"] for r in rows]
+    current = next((r["run"] for r in rows if r["current"]), None)
+    run = ws.run
+    prompts = []
+    if run is not None and run.data is not None:
+        for i, s in enumerate((run.data.eval or run.data.probe).samples[:40]):
+            text = s.prompt[-1]["content"] if s.prompt else ""
+            prompts.append((f"{i}: {short(text, 70)}", text))
+    maps = [r["run"] for r in rows if (ws.root / r["run"] / "heads.json").is_file()]
+    if run is not None and (run.out / "heads.json").is_file() and run.out.name not in maps:
+        maps.append(run.out.name)
+    hs = run.heads if run is not None else None
+    info = ("Click a cell to open that head (#rank under the run's method, ★ = selected)." if hs is not None else
+            "No head scores yet: press **Find heads** on the Heads tab.")
+    return {"run_pick": gr.Dropdown(choices=names, value=current), "prompt_pick": gr.Dropdown(choices=prompts, value=None),
+            "grid": head_grid(hs), "grid_info": info,
+            "map_a": gr.Dropdown(choices=maps, value=current if current in maps else None),
+            "map_b": gr.Dropdown(choices=maps, value=None)}
+
+
+def head_md(out: dict) -> str:
+    """What `p2d.head_view.inspect_head` found, in two lines."""
+    p, r, g = out["pattern"], out.get("rank"), out["gate_off"]
+    lines = [f"**Layer {p['layer']}, head {p['head']}**" + (
+        f": score {r['score']:.4g}, rank {r['rank']} of {r['of']} under `{r['method']}`"
+        + (" (selected)" if r["selected"] else "") if r and r.get("score") is not None else "")]
+    lines.append(f"Gated off, the probe answer loss goes {g['loss']:.3f} → {g['loss_gated']:.3f} "
+                 f"(**{g['change']:+.3f}** over {g['n']} probe rows).")
+    s = out.get("gate_off_selected")
+    if s:
+        lines.append(f"All {len(s['heads'])} selected heads gated off: {s['loss']:.3f} → {s['loss_gated']:.3f} "
+                     f"(**{s['change']:+.3f}**).")
+    return "  \n".join(lines)
+
+
+def compare_md(out: dict) -> str:
+    a, b = out["a"], out["b"]
+    rho = f"{out['spearman']:.2f}" if out.get("spearman") is not None else "n/a"
+    jac = f"{out['jaccard']:.2f}" if out.get("jaccard") is not None else "n/a"
+    return (f"**{a['name']}** (`{a['method']}`, {a['n_selected']} heads) vs **{b['name']}** (`{b['method']}`, "
+            f"{b['n_selected']} heads): selected sets overlap **Jaccard {jac}** ({len(out['shared'])} shared); "
+            f"rank correlation of all scores **Spearman {rho}**.")
+
+
 #: every tab's view, by tab name (what a page load and the end of a job re-render)
-TABS = {"model": model_data, "runs": runs, "heads": heads, "data": data, "train": train, "results": results}
+TABS = {"model": model_data, "runs": runs, "heads": heads, "data": data, "train": train, "results": results_all,
+        "explore": explore}

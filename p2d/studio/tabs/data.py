@@ -10,6 +10,7 @@ import gradio as gr
 from p2d.selection import SELECT_METHOD_HELP, SELECT_METHODS
 
 from .. import jobs, views
+from ..lessons import LESSONS
 
 
 def build(ctx) -> SimpleNamespace:
@@ -25,6 +26,7 @@ def build(ctx) -> SimpleNamespace:
     with gr.Row(equal_height=False):
         c.hist = gr.Plot(label="Score histogram", elem_id="score-hist")
         c.mix = gr.Plot(label="Task mix", elem_id="task-mix")
+    gr.Markdown(LESSONS["data"], elem_classes="p2d-lesson")
     gr.Markdown("#### Selected samples")
     with gr.Row(equal_height=True):
         c.search = gr.Textbox(label="Search", placeholder="filter by prompt, answer or task", scale=3,

@@ -9,6 +9,7 @@ import gradio as gr
 from p2d.heads import HEAD_METHOD_HELP, HEAD_METHODS
 
 from .. import jobs
+from ..lessons import LESSONS
 
 
 def build(ctx) -> SimpleNamespace:
@@ -29,6 +30,7 @@ def build(ctx) -> SimpleNamespace:
         with gr.Column(scale=2):
             c.table = gr.Dataframe(label="Selected heads (best first)", interactive=False, max_height=300,
                                    elem_id="heads-table")
+    gr.Markdown(LESSONS["heads"], elem_classes="p2d-lesson")
     view = {"info": c.info, "heatmap": c.heatmap, "per_layer": c.per_layer, "table": c.table}
     ctx.register_view("heads", view)
 

@@ -41,6 +41,7 @@ def build(ctx) -> SimpleNamespace:
                     f["pool_size"].render()
                     f["probe_size"].render()
                     f["eval_size"].render()
+                    f["other_eval_size"].render()
             with gr.Group(visible=not builtin) as c.files_group:
                 with gr.Row():
                     c.pool_file = gr.File(label="Pool file", height=110, elem_id="pool-file")

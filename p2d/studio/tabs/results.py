@@ -15,6 +15,7 @@ import gradio as gr
 from p2d.errors import UserError
 
 from .. import jobs, views
+from ..lessons import LESSONS
 
 
 def hub_token() -> str | None:
@@ -43,6 +44,20 @@ def build(ctx) -> SimpleNamespace:
             c.chart = gr.Plot(label="Accuracy", elem_id="eval-chart")
     c.examples = gr.Dataframe(label="Generations before vs after (first eval rows)", interactive=False, wrap=True,
                               column_widths=["34%", "14%", "26%", "26%"], elem_id="examples-table")
+    gr.Markdown(LESSONS["results"], elem_classes="p2d-lesson")
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=3):
+            c.forgetting = gr.Plot(label="Other tasks", elem_id="forgetting-chart")
+            c.forgetting_md = gr.Markdown(elem_id="forgetting-md")
+            gr.Markdown(LESSONS["forgetting"], elem_classes="p2d-lesson")
+        with gr.Column(scale=3):
+            c.controls_chart = gr.Plot(label="Controls", elem_id="controls-chart")
+            c.controls_md = gr.Markdown(elem_id="controls-md")
+            with gr.Row():
+                c.controls_btn = gr.Button("Run the controls", elem_id="controls-btn")
+            c.controls_status = gr.Markdown(elem_id="controls-status")
+            gr.Markdown(LESSONS["controls"], elem_classes="p2d-lesson")
+    c.controls_table = gr.Dataframe(label="P2D vs its controls", interactive=False, elem_id="controls-table")
     with gr.Row():
         c.adapter_dl = gr.DownloadButton("Download head adapter (zip)", value=None, interactive=False,
                                          elem_id="download-adapter")
@@ -71,12 +86,14 @@ def build(ctx) -> SimpleNamespace:
             c.push_btn = gr.Button("Push", variant="primary", scale=0, min_width=100, elem_id="push-btn")
         c.push_status = gr.Markdown(elem_id="push-status")
     view = {"summary": c.summary, "table": c.table, "chart": c.chart, "examples": c.examples,
-            "adapter_dl": c.adapter_dl, "metrics_dl": c.metrics_dl, "peft_dl": c.peft_dl}
+            "adapter_dl": c.adapter_dl, "metrics_dl": c.metrics_dl, "peft_dl": c.peft_dl,
+            "forgetting": c.forgetting, "forgetting_md": c.forgetting_md, "controls_chart": c.controls_chart,
+            "controls_md": c.controls_md, "controls_table": c.controls_table}
     ctx.register_view("results", view)
 
     def results(request):
         """The results of this session's run."""
-        return {"status": "", **views.results(st, st.workspace(request))}
+        return {"status": "", **views.results_all(st, st.workspace(request))}
 
     ctx.bind(c.refresh_btn.click, results, outputs={"status": c.status, **view}, status="status",
              api_name="results")
@@ -87,6 +104,28 @@ def build(ctx) -> SimpleNamespace:
 
     ctx.bind(c.eval_btn.click, evaluate, outputs={"status": c.status, **view, "job_end": ctx.job_end},
              status="status", api_name="evaluate", **ctx.job_event)
+
+    def forgetting(request):
+        """Accuracy per task before vs after training: the eval set's tasks and the pool's other tasks."""
+        from p2d.explore import forgetting as rows_of
+
+        ws = st.workspace(request)
+        run = ws.run
+        out = views.forgetting(st, ws)
+        out["rows"] = rows_of(run.eval_before, run.eval_after) if run is not None else []
+        return out
+
+    c.rows = gr.JSON(visible=False)
+    ctx.bind(c.refresh_btn.click, forgetting, outputs={"forgetting": c.forgetting, "forgetting_md": c.forgetting_md,
+                                                       "rows": c.rows}, api_name="forgetting")
+
+    def controls(request):
+        """Train random heads on P2D's data, P2D's heads on random data and LoRA on P2D's data at the same
+        budget, and show them next to P2D (accuracy, trainable parameters, AER)."""
+        yield from ctx.run_job(request, "controls", "Controls", jobs.controls, "results")
+
+    ctx.bind(c.controls_btn.click, controls, outputs={"status": c.controls_status, **view, "job_end": ctx.job_end},
+             status="status", api_name="controls", **ctx.job_event)
 
     def export_peft(request):
         """Export the trained heads as a PEFT LoRA adapter (zip) and offer it for download."""

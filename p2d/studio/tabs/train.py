@@ -17,6 +17,7 @@ import gradio as gr
 from p2d.errors import UserError
 
 from .. import jobs, views
+from ..lessons import LESSONS
 
 AER_EVERY = 5.0  # seconds between AER chart redraws during training (a redraw costs the browser more than a step)
 
@@ -60,6 +61,7 @@ def build(ctx) -> SimpleNamespace:
     with gr.Row(equal_height=False):
         c.loss = gr.Plot(label="Loss", elem_id="loss-chart")
         c.aer = gr.Plot(label="AER", elem_id="aer-chart")
+    gr.Markdown(LESSONS["train"], elem_classes="p2d-lesson")
     view = {"status": c.status, "progress": c.progress, "loss": c.loss, "aer": c.aer}
     ctx.register_view("train", view)
 
