@@ -26,12 +26,13 @@ from .data.formats import Sample
 from .errors import UserError
 from .evaluation import _stop_ids
 
-__all__ = ["stream_reply", "compare_replies", "MAX_NEW_TOKENS"]
+__all__ = ["stream_reply", "compare_replies", "check_sampling", "MAX_NEW_TOKENS"]
 
 MAX_NEW_TOKENS = 512  # the most a caller may ask for
 
 
-def _check(prompt: str, max_new_tokens: int, temperature: float, top_p: float) -> None:
+def check_sampling(prompt: str, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0) -> None:
+    """UserError for an empty prompt or sampling settings out of range."""
     if not str(prompt or "").strip():
         raise UserError("type a prompt (or pick one from the eval set)")
     if not 1 <= int(max_new_tokens) <= MAX_NEW_TOKENS:
@@ -64,7 +65,7 @@ def _cache_argument(model) -> str:
 def stream_reply(lm, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
                  seed: int = 0, max_length: int = 1024) -> Iterator[str]:
     """The reply of ``lm`` (as it is now: attached adapters count) to one user turn, growing a token at a time."""
-    _check(prompt, max_new_tokens, temperature, top_p)
+    check_sampling(prompt, max_new_tokens, temperature, top_p)
     tok, model = lm.tokenizer, lm.model
     sample = Sample(prompt=[{"role": "user", "content": str(prompt)}], answer="", task=None, row={}, index=0)
     ids = torch.tensor([encode_prompts([sample], tok, max_length=max_length)[0]], dtype=torch.long, device=lm.device)
@@ -96,7 +97,7 @@ def compare_replies(lm, adapter_dir: str | Path | None, prompt: str, **sampling)
     """``{"base": reply, "tuned": reply}`` as both grow (base first); ``tuned`` is None without an adapter."""
     from .adapter import CONFIG_NAME, load_adapter
 
-    _check(prompt, sampling.get("max_new_tokens", 64), sampling.get("temperature", 0.0), sampling.get("top_p", 1.0))
+    check_sampling(prompt, sampling.get("max_new_tokens", 64), sampling.get("temperature", 0.0), sampling.get("top_p", 1.0))
     base = ""
     for base in stream_reply(lm, prompt, **sampling):
         yield {"base": base, "tuned": None}

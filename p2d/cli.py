@@ -99,7 +99,8 @@ def _given(args, names) -> dict:
 
 
 def config_from_args(args, names, folder_config: bool = False) -> RunConfig:
-    """Defaults < the run folder's config.yaml (``folder_config``) < --config < flags."""
+    """Defaults < the run folder's config.yaml (``folder_config``) < --preset < --config < flags."""
+    from .config import PRESETS
     from .pipeline import CONFIG_FILE
 
     given = _given(args, names)
@@ -110,6 +111,9 @@ def config_from_args(args, names, folder_config: bool = False) -> RunConfig:
         own = Path(out) / CONFIG_FILE
         if own.is_file():
             merged.update(_raw_yaml(own))
+    preset = getattr(args, "preset", None)
+    if preset:
+        merged.update(PRESETS[preset])  # argparse's choices checked the name
     merged.update(file_values)
     merged.update(given)
     return RunConfig.from_dict(merged).validate()
@@ -515,6 +519,10 @@ def build_parser() -> argparse.ArgumentParser:
                 COMMAND_GROUPS["run"])
     p.add_argument("--resume", action="store_true", help="keep the finished stages of the run folder and continue "
                    "training from its last checkpoint")
+    from .config import PRESETS
+
+    p.add_argument("--preset", choices=tuple(PRESETS), help="start from a named preset (quick-tour: the whole "
+                   "pipeline in a few minutes on a CPU); --config and flags override it")
 
     from .studio.options import StudioOptions
 

@@ -67,6 +67,15 @@ _SCORE = ("heads", "select", "train", "reference")  # stages whose batches depen
 _EVAL = ("eval_before", "eval_after")
 
 
+#: named starting points: `RunConfig.preset`, ``--preset`` of ``python -m p2d run``, buttons in the app.
+#: "quick-tour": the whole pipeline on the embedded model in a few minutes on a 2-core CPU with a
+#: visible result (README, "Quick tour", has the measured time and accuracy).
+PRESETS: dict[str, dict] = {
+    "quick-tour": {"model": "default", "target": "addition", "pool_size": 300, "probe_size": 32, "eval_size": 30,
+                   "other_eval_size": 2, "seed": 0},
+}
+
+
 @dataclass
 class RunConfig:
     """All settings of one P2D run (model, data, the three stages, evaluation, cost, output)."""
@@ -226,6 +235,13 @@ class RunConfig:
         if unknown:
             raise UserError(f"unknown setting(s) {', '.join(map(str, unknown))}; known settings: {', '.join(known)}")
         return cls(**data)
+
+    @classmethod
+    def preset(cls, name: str, **changes) -> "RunConfig":
+        """The named starting point ``name`` (`PRESETS`) with ``changes`` on top."""
+        if name not in PRESETS:
+            raise UserError(f"unknown preset {name!r}: choose from {', '.join(PRESETS)}")
+        return cls.from_dict({**PRESETS[name], **changes})
 
     @classmethod
     def from_yaml(cls, text: str) -> "RunConfig":

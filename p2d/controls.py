@@ -38,6 +38,8 @@ from .progress import ProgressFn, StopFn, report
 __all__ = ["CONTROLS", "run_controls", "read_controls", "CONTROLS_FILE"]
 
 CONTROLS = ("randomheads-p2d", "heads-random", "lora-p2d")
+LABELS = {"randomheads-p2d": "random heads / P2D data", "heads-random": "P2D heads / random data",
+          "lora-p2d": "LoRA q,k,v,o / P2D data", "p2d": "P2D heads / P2D data (P2D)"}
 CONTROLS_FILE = "controls.json"
 LORA_LR = 3e-3
 LORA_RANK = 8
@@ -93,7 +95,8 @@ def run_controls(run, controls=CONTROLS, lora_lr: float = LORA_LR, lora_rank: in
     for i, name in enumerate(controls):
         if should_stop is not None and should_stop():
             break
-        kind, data_name, label = CELLS[name]
+        kind, data_name, _ = CELLS[name]
+        label = LABELS[name]
         report(progress, i, len(controls), f"control {label}")
         tc = run.train_config()
         if kind == "lora":
@@ -120,7 +123,7 @@ def run_controls(run, controls=CONTROLS, lora_lr: float = LORA_LR, lora_rank: in
     after, tr = run.eval_after, run.train_result
     out = {"built_on": _built_on(run), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
            "complete": len(results) == len(controls), "lora_rank": lora_rank,
-           "p2d": {"label": CELLS["p2d"][2], "rows": n, "lr": c.lr, "steps": tr.steps_done,
+           "p2d": {"label": LABELS["p2d"], "rows": n, "lr": c.lr, "steps": tr.steps_done,
                    "train_s": tr.time_s, "cost_s": t_heads + t_select + tr.time_s,
                    "aer": (t_heads + t_select + tr.time_s) / t_full if t_full else None,
                    "trainable_params": tr.trainable_params,

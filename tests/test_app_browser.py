@@ -117,6 +117,33 @@ def test_walk_tabs_train_and_reload(app_url, tiny_llama_dir, capsys, tmp_path):
             expect(page.locator("#examples-table")).to_contain_text("Answer with")
             page.screenshot(path=str(SHOTS / "5-results.png"), full_page=True)
 
+            # 5 - forgetting bars, and the controls in one click
+            _plotly(page, "forgetting-chart")
+            expect(page.locator("#forgetting-md")).to_contain_text("Other tasks")
+            page.locator("#controls-btn").click()
+            expect(page.locator("#controls-status")).to_contain_text("Controls done", timeout=180_000)
+            expect(page.locator("#controls-table")).to_contain_text("random heads / P2D data")
+            _plotly(page, "controls-chart")
+            page.screenshot(path=str(SHOTS / "5-results-controls.png"), full_page=True)
+
+            # 6 - explore: chat, open a head from the grid, compare a map with itself
+            page.get_by_role("tab", name="6 · Explore").click()
+            _fill(page, "chat-prompt", "What is 12 + 30?")
+            page.locator("#chat-btn").click()
+            expect(page.locator("#chat-status")).to_contain_text("answered", timeout=60_000)
+            page.locator("#head-grid").get_by_role("gridcell").nth(3 * 5 + 2).click()  # row 3 (layer 3), column h1
+            expect(page.locator("#head-layer input")).to_have_value("3")
+            expect(page.locator("#head-head input")).to_have_value("1")
+            page.locator("#head-btn").click()
+            expect(page.locator("#head-md")).to_contain_text("Layer 3, head 1", timeout=60_000)
+            expect(page.locator("#head-md")).to_contain_text("Gated off")
+            _plotly(page, "head-pattern")
+            _fill(page, "map-b", "run-001")
+            page.locator("#compare-btn").click()
+            expect(page.locator("#compare-md")).to_contain_text("Jaccard 1.00", timeout=30_000)
+            _plotly(page, "map-diff")
+            page.screenshot(path=str(SHOTS / "6-explore.png"), full_page=True)
+
             # a longer run: live progress (elapsed/remaining) and a loss chart that grows, then Stop keeps
             # the adapter
             page.get_by_role("tab", name="4 · Train").click()
@@ -143,7 +170,7 @@ def test_walk_tabs_train_and_reload(app_url, tiny_llama_dir, capsys, tmp_path):
             page.locator("#settings-accordion").get_by_text("Settings file & equivalent command").click()
             page.locator("#show-command").click()
             expect(page.locator("#command")).to_contain_text("python -m p2d run", timeout=15_000)
-            page.screenshot(path=str(SHOTS / "6-settings.png"), full_page=False)
+            page.screenshot(path=str(SHOTS / "7-settings.png"), full_page=False)
 
             # a saved settings file fills the form
             from p2d.config import RunConfig

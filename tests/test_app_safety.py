@@ -280,7 +280,25 @@ def test_light_endpoints_never_create_a_workspace(demo):
         c.predict(api_name="/stop")
         c.predict(0, api_name="/wait_job")
         c.predict(model_source="embedded", api_name="/show_command")
+        c.predict(api_name="/forgetting")
+        # the teaching views of a session without runs: refused, and still no workspace
+        assert "nothing to work on" in c.predict("", "hi", 8, 0.0, 1.0, 0, api_name="/chat")[0]
+        assert "nothing to work on" in c.predict("", 0, 0, 0, api_name="/inspect_head")[0]
+        assert "no run folder" in c.predict("run-001", "../../etc", api_name="/compare_heads")[0]
     assert {w.id for w in st.registry.all()} == before
+
+
+def test_teaching_endpoints_keep_to_the_session_and_the_caps(demo):
+    """/chat's reply length is capped server-side; /compare_heads and /reuse_heads take only this session's
+    run folders by name (no paths)."""
+    c = _client(demo, ip="10.2.0.1")
+    c.predict(model_source="embedded", **TINY, api_name="/load")
+    for args in ((10_000, 0.0, 1.0), (8, 9.0, 1.0), (8, 0.0, 0.0)):  # the sliders' ranges hold for API calls too
+        with pytest.raises(Exception, match="maximum|minimum"):
+            c.predict("", "hi", *args, 0, api_name="/chat")
+    for name in ("/etc", "../run-001", "run-001/../../x"):
+        assert "no run folder" in c.predict(name, "run-001", api_name="/compare_heads")[0]
+        assert "no run folder" in c.predict(name, api_name="/reuse_heads")[0]
 
 
 def test_sessions_are_bounded_and_nobody_is_evicted_by_others(tmp_path, default_is_tiny):

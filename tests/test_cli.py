@@ -17,7 +17,8 @@ def _run(capsys, *argv):
 
 
 def test_every_command_has_help():
-    for cmd in ("info", "data", "demo-data", "eval", "heads", "select", "train", "merge", "run", "studio"):
+    for cmd in ("info", "data", "demo-data", "eval", "heads", "select", "train", "merge", "run", "studio", "chat",
+                "inspect-head", "controls", "forgetting"):
         proc = subprocess.run([sys.executable, "-m", "p2d", cmd, "--help"], capture_output=True, text=True)
         assert proc.returncode == 0 and "usage:" in proc.stdout, cmd
 

@@ -4,7 +4,7 @@
 
 Starts the app, walks the tabs in headless chromium (Playwright; Debian's /usr/bin/chromium unless
 ``--chromium`` says otherwise) at small sizes (pool 200, probe 32, eval 16, 6 training steps), and
-writes ``1-model-data.png`` ... ``5-results.png`` plus ``thumbnail.png`` (1200x630, the head
+writes ``1-model-data.png`` ... ``6-explore.png`` plus ``thumbnail.png`` (1200x630, the head
 heatmap). Images are downscaled and palette-reduced to stay well under 300 KB each. Takes a few
 minutes on a CPU.
 """
@@ -91,6 +91,15 @@ def capture(url: str, out: Path, a) -> None:
             page.get_by_role("tab", name="5 · Results & export").click()
             expect(page.locator("#results-summary")).to_contain_text("AER")
             shot("5-results.png")
+            page.get_by_role("tab", name="6 · Explore").click()
+            fill("chat-prompt", "What is 27 + 15?")
+            page.locator("#chat-btn").click()
+            expect(page.locator("#chat-status")).to_contain_text("answered")
+            fill("head-layer", a.layer)
+            fill("head-head", a.head)
+            page.locator("#head-btn").click()
+            expect(page.locator("#head-md")).to_contain_text("Gated off")
+            shot("6-explore.png")
         finally:
             browser.close()
 
@@ -102,6 +111,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--probe", type=int, default=32)
     p.add_argument("--eval", type=int, default=16)
     p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--layer", type=int, default=0, help="the head opened on the Explore tab (layer)")
+    p.add_argument("--head", type=int, default=0, help="the head opened on the Explore tab (query head)")
     p.add_argument("--chromium", default=CHROMIUM, help=f"browser executable (default: {CHROMIUM})")
     p.add_argument("--timeout", type=int, default=1200, help="seconds to wait for a stage (default: 1200)")
     a = p.parse_args(argv)

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import gradio as gr
 
-from p2d.chat import MAX_NEW_TOKENS
+from p2d.chat import MAX_NEW_TOKENS, check_sampling
 from p2d.errors import UserError
 
 from .. import charts, jobs, views
@@ -90,13 +90,12 @@ def build(ctx) -> SimpleNamespace:
 
     def chat(request, run, prompt, max_new_tokens, temperature, top_p, seed):
         """The prompt answered by the base model and by base + the run's trained heads, streamed."""
-        if not str(prompt or "").strip():
-            raise UserError("type a prompt (or pick one from the eval set)")
         sampling = {"max_new_tokens": int(max_new_tokens or 64), "temperature": float(temperature or 0.0),
                     "top_p": float(top_p if top_p is not None else 1.0), "seed": int(seed or 0)}
         if sampling["max_new_tokens"] > max_tokens:
             raise UserError(f"Max new tokens: at most {max_tokens} here")
-        ws = st.workspace(request, create=True)
+        check_sampling(str(prompt or ""), sampling["max_new_tokens"], sampling["temperature"], sampling["top_p"])
+        ws = st.workspace(request)  # a session without runs has nothing to explore: submit refuses it
         job = st.submit(ws, "chat", jobs.chat(st, ws, run, str(prompt), sampling), "Chat", request)
         yield {"status": views.job_line(st, job), "base": "", "tuned": ""}
         shown = None
@@ -120,7 +119,7 @@ def build(ctx) -> SimpleNamespace:
     def inspect_head(request, run, layer, head, row):
         """Open a head: its attention pattern on an eval row, its score and rank, and the probe answer loss
         change when it (and the whole selected set) is gated off."""
-        ws = st.workspace(request, create=True)
+        ws = st.workspace(request)  # a session without runs has nothing to explore: submit refuses it
         job = st.submit(ws, "inspect", jobs.inspect_head(st, ws, run, int(layer or 0), int(head or 0),
                                                          int(row or 0)), "Open a head", request)
         for update in ctx.follow_job(job, ws, None):

@@ -11,7 +11,7 @@ import gradio as gr
 
 from p2d.errors import UserError
 
-from .. import jobs, views
+from .. import form, jobs, views
 
 #: what the loader reads (shown to the visitor). Not passed as ``file_types``: Gradio would then refuse
 #: other files in its preprocessing, before our handler, leaving its stored copy behind; the handler
@@ -58,7 +58,9 @@ def build(ctx) -> SimpleNamespace:
             with gr.Row():
                 f["max_length"].render()
                 f["seed"].render()
-    c.load_btn = gr.Button("Load model & data", variant="primary", elem_id="load-btn")
+    with gr.Row():
+        c.load_btn = gr.Button("Load model & data", variant="primary", elem_id="load-btn", scale=3)
+        c.tour_btn = gr.Button("Quick tour: the whole pipeline in a few minutes", elem_id="tour-btn", scale=2)
     c.status = gr.Markdown(elem_id="md-status")
     c.info = gr.Markdown(elem_id="model-info")
     c.data_table = gr.Dataframe(label="Loaded sets", interactive=False, wrap=True, elem_id="data-table",
@@ -87,6 +89,25 @@ def build(ctx) -> SimpleNamespace:
 
     ctx.bind(c.load_btn.click, load, settings=True, outputs={"status": c.status, **view, "job_end": ctx.job_end},
              status="status", api_name="load", **ctx.job_event)
+
+    def quick_tour(request):
+        """The quick-tour preset (`p2d.config.PRESETS`: the embedded model, the built-in pool, target addition, small
+        sizes) put in the form and run end to end as one training job: load, heads, selection, evaluation,
+        reference, training, evaluation (follow it with /train_status or /wait_job, or on the Train tab)."""
+        from p2d.config import RunConfig
+
+        ws = st.workspace(request, create=True)
+        values = form.to_values(RunConfig.preset("quick-tour"), out_auto=True)
+        cfg, notes = st.run_config(values, ws)
+        job = st.submit(ws, "train", jobs.train(st, ws, cfg), "Quick tour", request)
+        return {**{f"form.{k}": v for k, v in values.items()}, "timer": gr.Timer(active=True),
+                "banner": views.banner(st, ws),
+                "status": views.job_line(st, job, notes) + "  \nFollow it on the **Train** tab; then walk the "
+                          "tabs: heads, the data they picked, the loss, the results, and Explore."}
+
+    ctx.bind(c.tour_btn.click, quick_tour, outputs={**{f"form.{k}": comp for k, comp in f.items()},
+                                                     "timer": ctx.timer, "banner": ctx.banner, "status": c.status},
+             status="status", api_name="quick_tour")
 
     def runs(request):
         """The run folders of this session (name, model, data, stages done and partial, last job)."""

@@ -49,6 +49,7 @@ def build(ctx) -> SimpleNamespace:
         with gr.Column(scale=3):
             c.forgetting = gr.Plot(label="Other tasks", elem_id="forgetting-chart")
             c.forgetting_md = gr.Markdown(elem_id="forgetting-md")
+            c.forgetting_btn = gr.Button("Refresh per-task accuracy", size="sm", elem_id="forgetting-btn")
             gr.Markdown(LESSONS["forgetting"], elem_classes="p2d-lesson")
         with gr.Column(scale=3):
             c.controls_chart = gr.Plot(label="Controls", elem_id="controls-chart")
@@ -85,18 +86,25 @@ def build(ctx) -> SimpleNamespace:
             c.with_merged = gr.Checkbox(False, label="Include the merged model", scale=1, elem_id="push-merged")
             c.push_btn = gr.Button("Push", variant="primary", scale=0, min_width=100, elem_id="push-btn")
         c.push_status = gr.Markdown(elem_id="push-status")
-    view = {"summary": c.summary, "table": c.table, "chart": c.chart, "examples": c.examples,
-            "adapter_dl": c.adapter_dl, "metrics_dl": c.metrics_dl, "peft_dl": c.peft_dl,
-            "forgetting": c.forgetting, "forgetting_md": c.forgetting_md, "controls_chart": c.controls_chart,
-            "controls_md": c.controls_md, "controls_table": c.controls_table}
+    base_view = {"summary": c.summary, "table": c.table, "chart": c.chart, "examples": c.examples,
+                 "adapter_dl": c.adapter_dl, "metrics_dl": c.metrics_dl, "peft_dl": c.peft_dl}
+    extra_view = {"forgetting": c.forgetting, "forgetting_md": c.forgetting_md, "controls_chart": c.controls_chart,
+                  "controls_md": c.controls_md, "controls_table": c.controls_table}
+    view = {**base_view, **extra_view}
     ctx.register_view("results", view)
 
     def results(request):
-        """The results of this session's run."""
-        return {"status": "", **views.results_all(st, st.workspace(request))}
+        """The results of this session's run (``/forgetting`` and ``/controls`` have the rest of the tab)."""
+        return {"status": "", **views.results(st, st.workspace(request))}
 
-    ctx.bind(c.refresh_btn.click, results, outputs={"status": c.status, **view}, status="status",
+    ctx.bind(c.refresh_btn.click, results, outputs={"status": c.status, **base_view}, status="status",
              api_name="results")
+
+    def extras(request):
+        ws = st.workspace(request)
+        return {**views.forgetting(st, ws), **views.controls(st, ws)}
+
+    ctx.bind(c.refresh_btn.click, extras, outputs=extra_view, api_visibility="private", show_progress="hidden")
 
     def evaluate(request):
         """Evaluate the base model (if not done) and the trained heads, also those of a stopped training."""
@@ -116,8 +124,8 @@ def build(ctx) -> SimpleNamespace:
         return out
 
     c.rows = gr.JSON(visible=False)
-    ctx.bind(c.refresh_btn.click, forgetting, outputs={"forgetting": c.forgetting, "forgetting_md": c.forgetting_md,
-                                                       "rows": c.rows}, api_name="forgetting")
+    ctx.bind(c.forgetting_btn.click, forgetting, outputs={"forgetting": c.forgetting, "forgetting_md": c.forgetting_md,
+                                                          "rows": c.rows}, api_name="forgetting")
 
     def controls(request):
         """Train random heads on P2D's data, P2D's heads on random data and LoRA on P2D's data at the same
