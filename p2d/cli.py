@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import typing
 from dataclasses import asdict, fields
@@ -35,14 +36,19 @@ COMMAND_GROUPS = {
     "merge": ("model",),
     "run": STAGE_GROUPS,
 }
+#: commands that run under ``accelerate launch`` with several processes (p2d.distributed)
+DISTRIBUTED = ("heads", "select")
 EVAL_DATA = ("pool", "probe", "eval", "columns", "target", "pool_size", "probe_size", "eval_size", "seed",
              "max_length", "batch_size")
 
 
 def _print(obj) -> None:
+    """The command's result on stdout (once: by the main process when several run)."""
+    from .distributed import Processes
     from .files import dumps
 
-    print(dumps(obj, indent=1))
+    if Processes.current().is_main:
+        print(dumps(obj, indent=1))
 
 
 def _progress():
@@ -204,7 +210,17 @@ def _stage_run(args, command: str):
     else:
         run = Run(config, progress=_progress())
     run.resume = bool(getattr(args, "resume", False))
+    from .distributed import Processes
+
+    Processes.current().barrier()  # several processes: all have read the folder before the main one changes it
     return run
+
+
+def _check_processes(command: str) -> None:
+    """Under ``accelerate launch`` with several processes, only the commands in DISTRIBUTED run."""
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 and command not in DISTRIBUTED:
+        raise UserError(f"`{command}` runs in one process so far (several processes: {', '.join(DISTRIBUTED)}); "
+                        "start it with python -m p2d instead of accelerate launch")
 
 
 def cmd_heads(args) -> None:
@@ -542,12 +558,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import os
-
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
     try:
         try:
+            _check_processes(args.command)
             args.func(args)
         finally:
             ConsoleProgress.close_all()  # a bar cut short ends its line before any message

@@ -34,8 +34,11 @@ def _disk_full(exc: BaseException, path) -> BaseException:
 
 
 def atomic_write(path, write: Callable[[str], None]) -> Path:
-    """Call ``write(tmp_path)`` and rename the result to ``path`` (parents are created)."""
+    """Call ``write(tmp_path)`` and rename the result to ``path`` (parents are created). Under several
+    processes (`p2d.distributed`) only the main one writes; the others return ``path`` untouched."""
     path = Path(path)
+    if not _writes():
+        return path
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -50,6 +53,12 @@ def atomic_write(path, write: Callable[[str], None]) -> Path:
             raise err from exc
         raise
     return path
+
+
+def _writes() -> bool:
+    from .distributed import Processes
+
+    return Processes.current().is_main
 
 
 def write_text(path, text: str) -> Path:

@@ -92,6 +92,7 @@ from pathlib import Path
 import torch
 
 from .data.encoding import collate, encode, iter_batches
+from .distributed import Processes
 from .data.formats import Sample
 from .errors import UserError
 from .gating import POSITIONS, HeadGate, answer_losses, position_mask, special_token_ids
@@ -551,6 +552,8 @@ def _score_importance(lm, method, probe, pool, contrast, batch_size, max_length,
         raise UserError("no probe sample has answer tokens within the max length; raise max_length")
     pool_sample = _pool_sample(pool, probe, seed) if kind is not None and pool else []
     pool_batches = _batches(lm, pool_sample, batch_size, max_length, positions=positions) if pool_sample else []
+    procs = Processes.current()  # several processes: each sums its share of the batches, then the sums add up
+    probe_batches, pool_batches = procs.shard(probe_batches), procs.shard(pool_batches)
     tick.total = len(probe_batches) + len(pool_batches)
     extra: dict = {}
     if method == "taylor":
@@ -559,16 +562,30 @@ def _score_importance(lm, method, probe, pool, contrast, batch_size, max_length,
         pool_imp, n_pool_b, n_pool = None, 0, 0
         if pool_batches and not stopped:
             pool_imp, n_pool_b, n_pool, stopped = taylor_importance(lm, pool_batches, tick, should_stop)
+        if procs.world > 1:
+            probe_imp, n_probe_b, n_probe = procs.total(probe_imp), procs.total(n_probe_b), procs.total(n_probe)
+            if procs.total(len(pool_batches)):  # every process takes part in each sum, with or without batches
+                pool_imp = procs.total(pool_imp if pool_imp is not None else torch.zeros_like(probe_imp))
+                n_pool_b, n_pool = procs.total(n_pool_b), procs.total(n_pool)
+            stopped = any(procs.gather(stopped))
+            probe_mean = probe_imp / max(n_probe_b, 1)
         pool_mean = pool_imp / n_pool_b if pool_imp is not None and n_pool_b > 0 else None
         extra["importance"] = "mean over batches of sum |g * w| over the head's q/k/v/o slices"
     else:
         probe_imp, n_probe, stopped = gate_importance(lm, probe_batches, tick, should_stop)
-        probe_mean = probe_imp / max(n_probe, 1)
         pool_imp, n_pool = None, 0
         if pool_batches and not stopped:
             pool_imp, n_pool, stopped = gate_importance(lm, pool_batches, tick, should_stop)
+        if procs.world > 1:
+            probe_imp, n_probe = procs.total(probe_imp), procs.total(n_probe)
+            if procs.total(len(pool_batches)):
+                pool_imp = procs.total(pool_imp if pool_imp is not None else torch.zeros_like(probe_imp))
+                n_pool = procs.total(n_pool)
+            stopped = any(procs.gather(stopped))
+        probe_mean = probe_imp / max(n_probe, 1)
         pool_mean = pool_imp / n_pool if pool_imp is not None and n_pool > 0 else None
         extra["importance"] = "mean over samples of |dL_i/dgate|"
+    extra.update(procs.summary(sum(len(b["index"]) for b in probe_batches + pool_batches)))
     if pool_mean is not None and kind is not None:
         scores = contrast_scores(probe_mean, pool_mean, kind)
         mode = _CONTRAST_TEXT[kind]

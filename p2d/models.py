@@ -273,9 +273,15 @@ def resolve_spec(spec: str | os.PathLike | None) -> ResolvedSpec:
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """``auto``: CUDA, else MPS, else CPU. Under a launcher (``accelerate launch``, LOCAL_RANK set) a CUDA
+    device without an index is this process's own GPU (``cuda:LOCAL_RANK``)."""
+    local = os.environ.get("LOCAL_RANK")
+    own_gpu = torch.device(f"cuda:{int(local)}" if local is not None else "cuda")
+    if str(device) == "cuda" and torch.cuda.is_available():
+        return own_gpu
     if device is None or str(device) == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda")
+            return own_gpu
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")

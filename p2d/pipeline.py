@@ -44,6 +44,7 @@ import torch
 from .config import STAGES, RunConfig
 from .cost import REFERENCE_FILE, FullFinetuneCost, aer, full_finetune_cost
 from .data.formats import Sample
+from .distributed import Processes
 from .data.loading import LoadedData, load_data, load_records
 from .errors import UserError
 from .evaluation import EVAL_FILES, EvalResult, evaluate
@@ -457,7 +458,7 @@ class Run:
             del self.manifest[stage]
             self._write_manifest()
         for name in OUTPUTS[stage]:
-            if name in keep:
+            if name in keep or not Processes.current().is_main:  # one process owns the files
                 continue
             p = self.out / name
             if p.is_dir():
@@ -612,8 +613,10 @@ def _default_loader(config: RunConfig) -> LoadedModel:
 
 def fresh_folder(out) -> None:
     """Remove what a previous run left in ``out`` (its stage outputs, manifest and metrics); other
-    files stay."""
+    files stay. Under several processes only the main one removes them."""
     out = Path(out)
+    if not Processes.current().is_main:
+        return
     for stage in STAGES:
         for name in OUTPUTS[stage]:
             p = out / name

@@ -64,6 +64,7 @@ from pathlib import Path
 import torch
 
 from .data.encoding import collate, encode, iter_batches
+from .distributed import Processes
 from .data.formats import Sample
 from .errors import UserError
 from .gating import POSITIONS, HeadGate, answer_losses, heads_by_layer, position_mask, special_token_ids
@@ -301,32 +302,40 @@ def select_data(lm, heads, pool: list[Sample], method: str = DEFAULT_SELECT_METH
         if progress is not None:
             progress(1, 1, "random scores")
     else:
+        procs = Processes.current()
         enc = _Encoded(lm, pool, batch_size, max_length, positions)
         extra.update(enc.info(), positions=positions)
+        groups = procs.shard(enc.groups)
+        owned = [it["index"] for g in groups for it in g]
         probe_groups = []
         if method in ("alignment", "prefilter_alignment"):
             penc = encode(list(probe), lm.tokenizer, max_length)
             if not penc:
                 raise UserError("no probe sample has answer tokens within the max length; raise max_length")
             probe_groups = list(iter_batches(penc, batch_size, sort_by_length=True))
-        bar = Ticker(progress, len(enc.groups) + len(probe_groups))
+        bar = Ticker(progress, len(groups) + len(probe_groups))
 
         with frozen(lm.model):
             if method == "ablation":
-                stopped = _ablation(lm, by_layer, enc, enc.groups, scores, bar, should_stop)
+                stopped = _ablation(lm, by_layer, enc, groups, scores, bar, should_stop)
             elif method in ("activation", "activation_length_z"):
                 lengths = [0] * n
-                stopped = _activation(lm, by_layer, enc, enc.groups, scores, bar, should_stop, lengths)
+                stopped = _activation(lm, by_layer, enc, groups, scores, bar, should_stop, lengths)
+                lengths = procs.merge(lengths, owned)
                 if method == "activation_length_z":
+                    scores = procs.merge(scores, owned)
                     extra["raw_scores_range"] = _finite_range(scores)
                     scores = length_z(scores, lengths)
             elif method == "alignment":
-                stopped, info = _alignment(lm, by_layer, enc, probe_groups, enc.groups, scores, bar, should_stop)
+                stopped, info = _alignment(lm, by_layer, enc, probe_groups, groups, scores, bar, should_stop)
                 extra.update(info)
             else:
-                stopped, info = _prefilter_alignment(lm, by_layer, enc, probe_groups, scores, ratio,
-                                                     float(prefilter_factor), bar, should_stop)
+                stopped, info, owned = _prefilter_alignment(lm, by_layer, enc, probe_groups, scores, ratio,
+                                                            float(prefilter_factor), bar, should_stop, procs)
                 extra.update(info)
+        scores = procs.merge(scores, owned)
+        stopped = any(procs.gather(stopped))
+        extra.update(procs.summary(len(owned)))
 
     extra["stopped"] = stopped
     selected = top_samples(scores, ratio)
@@ -460,11 +469,15 @@ def _alignment(lm, by_layer, enc, probe_groups, groups, scores, bar, should_stop
     return False, info
 
 
-def _prefilter_alignment(lm, by_layer, enc, probe_groups, scores, ratio, factor, bar, should_stop):
+def _prefilter_alignment(lm, by_layer, enc, probe_groups, scores, ratio, factor, bar, should_stop, procs):
+    """Activation on the whole pool, then alignment on the top ``factor x ratio``; returns (stopped, info,
+    the indices this process aligned)."""
     t0 = time.perf_counter()
     n = len(scores)
     first = [float("nan")] * n
-    stopped = _activation(lm, by_layer, enc, enc.groups, first, bar, should_stop)
+    mine = procs.shard(enc.groups)
+    stopped = _activation(lm, by_layer, enc, mine, first, bar, should_stop)
+    first = procs.merge(first, [it["index"] for g in mine for it in g])
     share = min(1.0, factor * ratio)
     keep = set(top_samples(first, share))
     info: dict = {"prefilter_factor": factor, "prefilter_share": share, "prefilter_kept": len(keep),
@@ -473,9 +486,9 @@ def _prefilter_alignment(lm, by_layer, enc, probe_groups, scores, ratio, factor,
     for r, i in enumerate(rest):
         scores[i] = -2.0 - (r + 1) / (len(rest) + 1)
     if stopped:
-        return True, info
+        return True, info, []
     kept_items = [it for it in enc.items if it["index"] in keep]
-    groups = list(iter_batches(kept_items, enc.batch_size, sort_by_length=True))
+    groups = procs.shard(list(iter_batches(kept_items, enc.batch_size, sort_by_length=True)))
     bar.total = bar.done + len(probe_groups) + len(groups)
     t1 = time.perf_counter()
     stopped, align_info = _alignment(lm, by_layer, enc, probe_groups, groups, scores, bar, should_stop)
@@ -484,7 +497,7 @@ def _prefilter_alignment(lm, by_layer, enc, probe_groups, scores, ratio, factor,
         for i in keep:
             if not math.isfinite(scores[i]):
                 scores[i] = -1.5
-    return stopped, info
+    return stopped, info, [it["index"] for g in groups for it in g]
 
 
 # ------------------------------------------------------------------------------------- features

@@ -1,0 +1,93 @@
+"""Several processes (``accelerate launch``): who scores what, and the one process that writes.
+
+`Processes.current()` is the view of this process: one process (no launcher, or one process) or, when
+started by ``accelerate launch --num_processes N`` (``WORLD_SIZE`` > 1 in the environment), accelerate's
+`PartialState` (gloo on CPU, NCCL on GPUs), created on first use.
+
+- `shard(batches)`: this process's share of a list of batches, round robin. Whole batches move, never
+  rows, so every batch is computed exactly as one process computes it and the merged scores equal the
+  one-process scores bit for bit.
+- `merge(values, owned)`: per-row values from every process put back in one list on every process.
+- `is_main`: the process that writes files (`p2d.files` refuses to write on the others, so a stage can
+  run on every process and only one copy of its outputs lands on disk); `barrier()`.
+- `summary(rows)`: what a result file records: how many processes ran and how many rows each scored.
+
+Supported: pool scoring in `p2d.selection.select_data` (every method but ``random``, which scores
+nothing). Not yet: head scoring and head training run whole on every process (same result, no
+speed-up), and the full fine-tuning reference is timed on one process.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+__all__ = ["Processes"]
+
+
+@dataclass
+class Processes:
+    world: int = 1
+    rank: int = 0
+    state: object | None = None  # accelerate's PartialState when there are several
+
+    _current = None
+
+    @classmethod
+    def current(cls) -> "Processes":
+        """This process's view (cached): several only under a launcher that set WORLD_SIZE > 1."""
+        if cls._current is None:
+            if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+                import torch
+                from accelerate import PartialState
+
+                # without a GPU accelerate must be told, or it stays one process (gloo on CPU)
+                state = PartialState(cpu=not torch.cuda.is_available())
+                cls._current = cls(world=state.num_processes, rank=state.process_index, state=state)
+            else:
+                cls._current = cls()
+        return cls._current
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def shard(self, batches: list) -> list:
+        return list(batches) if self.world == 1 else list(batches)[self.rank::self.world]
+
+    def gather(self, obj) -> list:
+        """``[obj of process 0, obj of process 1, ...]`` on every process."""
+        if self.world == 1:
+            return [obj]
+        from accelerate.utils import gather_object
+
+        return gather_object([obj])
+
+    def merge(self, values: list, owned: list[int]) -> list:
+        """``values`` where each process set only the positions in its ``owned``: the positions of
+        every process, on every process."""
+        if self.world == 1:
+            return values
+        merged = list(values)
+        for part in self.gather({i: values[i] for i in owned}):
+            for i, v in part.items():
+                merged[i] = v
+        return merged
+
+    def total(self, value):
+        """The sum over processes of ``value`` (a number or a tensor, summed on the CPU in process order)."""
+        if self.world == 1:
+            return value
+        parts = self.gather(value.detach().cpu() if hasattr(value, "detach") else value)
+        out = parts[0]
+        for part in parts[1:]:
+            out = out + part
+        return out
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            self.state.wait_for_everyone()
+
+    def summary(self, rows: int) -> dict:
+        """``{"processes": N, "rows_per_process": [...]}`` (every process must call it)."""
+        return {"processes": self.world, "rows_per_process": self.gather(int(rows))}

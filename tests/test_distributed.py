@@ -1,0 +1,65 @@
+"""Several processes (issue 12, first part): `accelerate launch --multi_gpu --num_processes 2` on this CPU
+(gloo) scores heads and pool with each process taking half of the batches, and gives the one-process
+result: the same selected heads and rows, scores equal (gradient sums within float64 rounding, pool
+scores bit for bit); one process writes the files, which record how many processes ran and how many
+rows each scored. Commands that do not run distributed yet say so."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from studio_helpers import free_port
+
+ARGS = ["--pool-size", "60", "--probe-size", "10", "--eval-size", "4", "--batch-size", "4", "--max-length", "96",
+        "--head-ratio", "0.25", "--data-ratio", "0.2"]
+
+
+def _env():
+    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def _launch(*argv, processes: int = 2):
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(free_port()), "-m", "p2d", *argv]
+    return subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=600)
+
+
+def _one(*argv):
+    return subprocess.run([sys.executable, "-m", "p2d", *argv], capture_output=True, text=True, env=_env(), timeout=600)
+
+
+def test_two_processes_select_what_one_selects(tmp_path, tiny_llama_dir):
+    one, two = tmp_path / "one", tmp_path / "two"
+    a = _one("select", "--model", tiny_llama_dir, *ARGS, "--out", str(one))
+    assert a.returncode == 0, a.stderr[-2000:]
+    b = _launch("select", "--model", tiny_llama_dir, *ARGS, "--out", str(two))
+    assert b.returncode == 0, b.stderr[-3000:]
+    assert b.stdout.count('"n_selected"') == 1  # the result printed once
+
+    ha, hb = (json.loads((d / "heads.json").read_text()) for d in (one, two))
+    assert ha["selected"] == hb["selected"]
+    flat = [(x, y) for ra, rb in zip(ha["scores"], hb["scores"]) for x, y in zip(ra, rb)]
+    assert all(abs(x - y) <= 1e-9 * max(1.0, abs(x)) for x, y in flat)
+    assert ha["extra"]["processes"] == 1 and hb["extra"]["processes"] == 2
+    assert len(hb["extra"]["rows_per_process"]) == 2 and sum(hb["extra"]["rows_per_process"]) == \
+        sum(ha["extra"]["rows_per_process"])
+
+    sa, sb = (json.loads((d / "selection.json").read_text()) for d in (one, two))
+    assert sa["selected"] == sb["selected"]
+    assert (one / "scores.jsonl").read_text() == (two / "scores.jsonl").read_text()  # bit for bit
+    rows = sb["extra"]["rows_per_process"]
+    assert sb["extra"]["processes"] == 2 and all(r > 0 for r in rows) and sum(rows) == 60
+    assert not list(two.rglob("*.tmp"))  # one writer, nothing half-written
+
+
+@pytest.mark.parametrize("command", ["train", "run"])
+def test_commands_not_distributed_yet_say_so(tmp_path, tiny_llama_dir, command):
+    proc = _launch(command, "--model", tiny_llama_dir, *ARGS, "--steps", "1", "--out", str(tmp_path / "r"))
+    assert proc.returncode != 0
+    assert f"`{command}` runs in one process so far" in proc.stderr
+    assert not (tmp_path / "r" / "adapter").exists()
