@@ -37,7 +37,7 @@ COMMAND_GROUPS = {
     "run": STAGE_GROUPS,
 }
 #: commands that run under ``accelerate launch`` with several processes (p2d.distributed)
-DISTRIBUTED = ("heads", "select")
+DISTRIBUTED = ("heads", "select", "train")
 EVAL_DATA = ("pool", "probe", "eval", "columns", "target", "pool_size", "probe_size", "eval_size", "seed",
              "max_length", "batch_size")
 

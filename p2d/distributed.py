@@ -13,8 +13,15 @@ started by ``accelerate launch --num_processes N`` (``WORLD_SIZE`` > 1 in the en
 - `summary(rows)`: what a result file records: how many processes ran and how many rows each scored.
 
 Supported: pool scoring in `p2d.selection.select_data` (every method but ``random``, which scores
-nothing). Not yet: head scoring and head training run whole on every process (same result, no
-speed-up), and the full fine-tuning reference is timed on one process.
+nothing); head scoring by gradients (`p2d.heads`: ``gradient``, ``gradient_layer``,
+``gradient_logratio``, ``taylor``; their sums add up across processes, equal to one process within
+float64 rounding); head training (`p2d.training.train_loop`): data parallel, each process takes its
+rows of the global batch (``batch_size`` x processes), the head deltas' gradients are summed with
+``all_reduce`` after a backward scaled by the global answer-token count, so the steps equal one
+process with the global batch (up to float rounding of differently padded batches). Not yet: the
+proxy fine-tunes (``shift``, ``lofit``) and ``random`` run whole on every process (same result), the
+full fine-tuning reference and the benchmark's full/LoRA cells are single-process, and a NaN on one
+process stops only that one (the others wait).
 """
 
 from __future__ import annotations
@@ -83,6 +90,15 @@ class Processes:
         for part in parts[1:]:
             out = out + part
         return out
+
+    def all_reduce_(self, tensors) -> None:
+        """Sum each tensor over the processes, in place (a no-op for one process)."""
+        if self.world == 1:
+            return
+        import torch.distributed as dist
+
+        for t in tensors:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
 
     def barrier(self) -> None:
         if self.world > 1:

@@ -122,9 +122,17 @@ def atomic_dir(path):
 
     An existing ``out`` is moved aside first and deleted after the rename, so at every moment the
     destination holds either the old folder or the new one. On an exception ``tmp`` is removed and
-    ``out`` is left as it was.
+    ``out`` is left as it was. Under several processes only the main one replaces ``out``; the others
+    fill a private temporary folder that is then deleted.
     """
     path = Path(path)
+    if not _writes():
+        scratch = Path(tempfile.mkdtemp(prefix="p2d-not-main-"))
+        try:
+            yield scratch
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:

@@ -28,15 +28,19 @@ Ctrl-C (the current step finishes, adapter and log are saved, ``stopped=True``);
 N steps and resuming after a kill (`Checkpointer`: same settings and data give the same adapter as an
 uninterrupted run).  A NaN/inf loss or gradient raises UserError without saving an adapter (the log
 so far stays on disk).
-Not supported: gradient checkpointing, multi-GPU, mixed-precision autocast, training
-biases/MLPs/norms.
+Several processes (``accelerate launch``): data parallel, each process takes its rows of a global
+batch of ``batch_size`` x processes and the deltas' gradients are summed (`p2d.distributed`); one
+process writes the log, checkpoints and the adapter.
+Not supported: mixed-precision autocast, training biases/MLPs/norms.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
+import os
 import shutil
 import signal
 import threading
@@ -50,6 +54,7 @@ import torch
 
 from .adapter import ADAPTER_KINDS, PROJECTIONS, WEIGHTS_NAME, make_adapter, normalize_heads, normalize_projections
 from .data.encoding import IGNORE_INDEX, collate, encode, iter_batches
+from .distributed import Processes
 from .errors import UserError, is_out_of_memory
 from .files import atomic_dir, write_text
 from .gating import answer_token_losses
@@ -225,12 +230,14 @@ class NonFinite(Exception):
         self.what = what
 
 
-def loss_backward(model, micro: list[dict], device) -> tuple[float, int, int]:
+def loss_backward(model, micro: list[dict], device, n_answer_total: int | None = None) -> tuple[float, int, int]:
     """Forward and backward of one optimizer step: the mean cross-entropy over all answer tokens of
     the micro-batches (collated dicts). Returns (summed token loss, answer tokens, non-padding
     tokens). Raises NonFinite("loss"). This is the loss path of head training, of the benchmark's
-    full and LoRA fine-tuning and of the full fine-tuning reference."""
+    full and LoRA fine-tuning and of the full fine-tuning reference. ``n_answer_total``: the answer
+    tokens of the whole step when these micro-batches are one process's share of it (the divisor)."""
     n_answer = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
+    divisor = n_answer if n_answer_total is None else n_answer_total
     n_tokens = sum(int(b["attention_mask"].sum()) for b in micro)
     loss_sum = 0.0
     for b in micro:
@@ -239,9 +246,25 @@ def loss_backward(model, micro: list[dict], device) -> tuple[float, int, int]:
         value = float(loss.detach())
         if not math.isfinite(value):
             raise NonFinite("loss")
-        (loss / max(1, n_answer)).backward()
+        (loss / max(1, divisor)).backward()
         loss_sum += value
     return loss_sum, n_answer, n_tokens
+
+
+def _backward_shared(model, params: list, micro: list[dict], device, procs) -> tuple[float, int, int]:
+    """This process's share of a step (possibly empty), scaled by the step's answer tokens over every
+    process; gradients and counts summed over the processes (every process ends with the same)."""
+    local = torch.tensor([sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)], dtype=torch.float64)
+    procs.all_reduce_([local])
+    loss_sum, n_answer, n_tokens = loss_backward(model, micro, device, n_answer_total=int(local.item())) \
+        if micro else (0.0, 0, 0)
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    procs.all_reduce_([p.grad for p in params])
+    counts = torch.tensor([loss_sum, n_answer, n_tokens], dtype=torch.float64)
+    procs.all_reduce_([counts])
+    return float(counts[0]), int(counts[1]), int(counts[2])
 
 
 def clip_gradients(params: list, max_grad_norm: float | None) -> float:
@@ -287,7 +310,9 @@ def train_loop(model, params: list, encoded, config: TrainConfig, log_path, pad_
     computed every ``config.val_every`` steps (and at the last), also off the clock, and logged as
     ``val_loss`` in that step's line.
     """
-    total = config.planned_steps(len(encoded))
+    procs = Processes.current()  # several: each takes its rows of a global batch of batch_size x processes
+    global_batch = config.batch_size * procs.world
+    total = dataclasses.replace(config, batch_size=global_batch).planned_steps(len(encoded))
     warmup = math.ceil(config.warmup_ratio * total)
     val_every = config.val_every or max(1, math.ceil(total / 10))
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
@@ -301,13 +326,14 @@ def train_loop(model, params: list, encoded, config: TrainConfig, log_path, pad_
             tokens, answer_tokens = state["tokens"], state["answer_tokens"]
             final_loss, elapsed_before = state["final_loss"], state["elapsed_s"]
             _truncate_log(log_path, steps_done)
-    batches = batch_stream(encoded, config.batch_size, config.seed, config.group_by_length,
+    batches = batch_stream(encoded, global_batch, config.seed, config.group_by_length,
                            skip=steps_done * config.grad_accum)
     stopped, stop_reason = False, None
     t0 = time.perf_counter() - elapsed_before
     if progress:
         progress(steps_done, total, "train")
-    with open(log_path, "a" if resumed_from else "w", encoding="utf-8") as log, _Stop() as ctrl_c:
+    log_file = log_path if procs.is_main else os.devnull  # one process writes the log
+    with open(log_file, "a" if resumed_from else "w", encoding="utf-8") as log, _Stop() as ctrl_c:
         try:
             while steps_done < total:
                 step = steps_done + 1
@@ -315,10 +341,14 @@ def train_loop(model, params: list, encoded, config: TrainConfig, log_path, pad_
                 lr = config.lr * lr_factor(steps_done, total, warmup, config.scheduler)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                micro = [collate(next(batches), pad_id) for _ in range(config.grad_accum)]
+                micro = [procs.shard(next(batches)) for _ in range(config.grad_accum)]
+                micro = [collate(items, pad_id) for items in micro if items]
                 optimizer.zero_grad(set_to_none=True)
                 try:
-                    loss_sum, n_answer, n_tokens = loss_backward(model, micro, device)
+                    if procs.world == 1:
+                        loss_sum, n_answer, n_tokens = loss_backward(model, micro, device)
+                    else:
+                        loss_sum, n_answer, n_tokens = _backward_shared(model, params, micro, device, procs)
                 except Exception as exc:
                     optimizer.zero_grad(set_to_none=True)
                     if is_out_of_memory(exc):
@@ -482,7 +512,8 @@ class Checkpointer:
         return meta
 
     def clear(self) -> None:
-        shutil.rmtree(self.folder, ignore_errors=True)
+        if Processes.current().is_main:  # one process owns the files
+            shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def train_heads(lm, heads, samples: list, config: TrainConfig, out_dir, progress: Callable | None = None,
@@ -547,6 +578,8 @@ def train_heads(lm, heads, samples: list, config: TrainConfig, out_dir, progress
                 "answer_tokens": loop.answer_tokens, "device": str(device), "resumed_from": loop.resumed_from,
                 "validation_samples": len(val_samples),
                 "model_dtype": str(lm.dtype).replace("torch.", ""),
+                "processes": Processes.current().world,
+                "global_batch_size": config.batch_size * Processes.current().world,
             }
             with atomic_dir(adapter_dir) as tmp:
                 adapter.save(tmp, base_model=lm.spec, training=training)
@@ -563,7 +596,7 @@ def train_heads(lm, heads, samples: list, config: TrainConfig, out_dir, progress
         log_path=str(log_path),
         extra={"n_samples": len(samples), "n_encoded": len(encoded), "dropped": list(encoded.dropped),
                "truncated": encoded.truncated, "answer_tokens": loop.answer_tokens, "heads": heads,
-               "resumed_from": loop.resumed_from},
+               "resumed_from": loop.resumed_from, "processes": Processes.current().world},
     )
 
 
