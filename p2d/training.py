@@ -389,10 +389,16 @@ def train_loop(model, params: list, encoded, config: TrainConfig, log_path, pad_
                     paused = time.perf_counter()
                     between_steps(step)
                     t0 += time.perf_counter() - paused
-                if ctrl_c.requested:
+                interrupted = ctrl_c.requested
+                asked = should_stop is not None and steps_done < total and should_stop()
+                if procs.world > 1:  # every process stops after the same step (or the others would wait)
+                    flags = torch.tensor([float(interrupted), float(asked)], dtype=torch.float64)
+                    procs.all_reduce_([flags])
+                    interrupted, asked = bool(flags[0] > 0), bool(flags[1] > 0)
+                if interrupted:
                     stopped, stop_reason = True, "interrupted (Ctrl-C)"
                     break
-                if should_stop is not None and steps_done < total and should_stop():
+                if asked:
                     stopped, stop_reason = True, "stop requested"
                     break
         except KeyboardInterrupt:

@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 from studio_helpers import free_port
@@ -90,3 +91,43 @@ def test_two_processes_train_as_one_with_the_global_batch(tmp_path, tiny_llama_d
         assert x["tokens"] == y["tokens"] and abs(x["loss"] - y["loss"]) <= 1e-5 * abs(x["loss"])
     cfg = json.loads((tmp_path / "two" / "adapter" / "adapter_config.json").read_text())
     assert cfg["training"]["processes"] == 2 and cfg["training"]["global_batch_size"] == 8
+
+
+def test_the_app_trains_with_two_processes(tmp_path, tiny_llama_dir):
+    """/train with processes=2 runs the training as accelerate launch and follows the run folder: the
+    log and adapter come from the two processes, the evaluation after it from the app."""
+    from gradio_client import Client
+
+    from p2d.studio.server import build_app
+    from studio_helpers import form_kw, wait_job
+
+    app = build_app(demo=False, runs_root=tmp_path / "runs")
+    _, url, _ = app.launch(prevent_thread_lock=True, server_port=free_port(), quiet=True)
+    try:
+        c = Client(url, verbose=False)
+        c.predict("", api_name="/attach")
+        c.predict(**form_kw(tiny_llama_dir, steps=3), processes=2, api_name="/train")
+        summary = wait_job(c, 600)
+        assert summary["status"] == "done" and summary["processes"] == 2, summary
+        run = next(w.run for w in app.studio.registry.all() if w.run is not None)
+        cfg = json.loads((run.out / "adapter" / "adapter_config.json").read_text())
+        assert cfg["training"]["processes"] == 2 and cfg["training"]["steps_done"] == 3
+        assert len((run.out / "train_log.jsonl").read_text().splitlines()) == 3
+        assert run.is_done("eval_after") and run.eval_after is not None
+
+        # Stop: both processes stop after the same step and the adapter is kept
+        c.predict(**form_kw(tiny_llama_dir, steps=5000), processes=2, api_name="/train")
+        log = run.out / "train_log.jsonl"
+        deadline = time.time() + 300
+        while time.time() < deadline and not (log.is_file() and len(log.read_text().splitlines()) >= 2):
+            time.sleep(0.5)
+        c.predict(api_name="/stop")
+        summary = wait_job(c, 300)
+        assert summary["status"] in ("stopped", "done"), summary
+        cfg = json.loads((run.out / "adapter" / "adapter_config.json").read_text())
+        steps = cfg["training"]["steps_done"]
+        assert cfg["training"]["stopped"] and 2 <= steps < 5000
+        assert len(log.read_text().splitlines()) == steps
+    finally:
+        app.close()
+        app.studio.close()

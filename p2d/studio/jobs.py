@@ -97,17 +97,39 @@ def stage(studio, ws, cfg: RunConfig, name: str):
     return body
 
 
-def train(studio, ws, cfg: RunConfig):
+def train(studio, ws, cfg: RunConfig, processes: int = 1):
     """Train: always a fresh training (and evaluation after it); heads, selection, the evaluation
-    before and the AER reference are computed only when missing or out of date."""
+    before and the AER reference are computed only when missing or out of date. With ``processes`` > 1
+    the training itself runs as ``accelerate launch`` (`p2d.studio.launcher`); the rest in the app."""
     def body(job: Job):
         run = session_run(studio, ws, cfg, job)
         run.reset_from("train")
+        if processes > 1:
+            return _train_launched(studio, ws, run, job, processes)
         follow(job, run, TRAIN_STAGES)
         studio.note_job(job)  # with its plan: what Resume continues after a restart
         run.run(TRAIN_STAGES)
         return _settled(run, "train")
     return body
+
+
+def _train_launched(studio, ws, run: Run, job: Job, processes: int) -> str:
+    from .launcher import launch_training
+
+    before = ["select", "eval_before", "reference"]
+    follow(job, run, before)
+    run.run(before)
+    if job.should_stop():
+        return _settled(run, "reference")
+    job.set_phase(f"training the heads in {processes} processes (accelerate launch)")
+    job.info["processes"] = processes
+    launch_training(run, processes, job)
+    run = studio.open_run(ws, run.out.name, in_job=True)  # what the processes wrote
+    if not run.is_done("train"):
+        return _settled(run, "train")
+    follow(job, run, ["eval_after"])
+    run.run(["eval_after"])
+    return _settled(run, "train")
 
 
 def evaluate(studio, ws):

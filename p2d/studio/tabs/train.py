@@ -46,6 +46,10 @@ def build(ctx) -> SimpleNamespace:
             f["val_ratio"].render()
             f["val_every"].render()
             f["report_to"].render()
+            c.processes = gr.Number(1, precision=0, minimum=1, label="Training processes (accelerate launch)",
+                                    info="above 1: the training runs as accelerate launch with this many processes "
+                                         "(data parallel; batch size is per process)", visible=not ctx.limits.demo,
+                                    elem_id="train-processes")
     with gr.Accordion("Evaluation and the cost reference (AER)", open=False, elem_id="train-cost"):
         with gr.Row():
             f["eval_limit"].render()
@@ -65,15 +69,22 @@ def build(ctx) -> SimpleNamespace:
     view = {"status": c.status, "progress": c.progress, "loss": c.loss, "aer": c.aer}
     ctx.register_view("train", view)
 
-    def train(request, settings):
-        """Start training (returns at once; follow it with /train_status or /wait_job)."""
+    def train(request, settings, processes):
+        """Start training (returns at once; follow it with /train_status or /wait_job). ``processes`` > 1
+        (not in the public demo) runs the training as ``accelerate launch`` with that many processes."""
+        n = int(processes or 1)
+        if n > 1 and ctx.limits.demo:
+            raise UserError("training with several processes is off in the public demo: duplicate the Space")
+        if not 1 <= n <= 64:
+            raise UserError("Training processes: between 1 and 64")
         ws = st.workspace(request, create=True)
         cfg, notes = st.run_config(settings, ws)
-        job = st.submit(ws, "train", jobs.train(st, ws, cfg), "Training", request)
+        job = st.submit(ws, "train", jobs.train(st, ws, cfg, processes=n),
+                        "Training" + (f" ({n} processes)" if n > 1 else ""), request)
         return {"status": views.job_line(st, job, notes), "timer": gr.Timer(active=True),
                 "progress": views.train_progress(st, ws, job, []), "banner": views.banner(st, ws)}
 
-    ctx.bind(c.start_btn.click, train, settings=True,
+    ctx.bind(c.start_btn.click, train, settings=True, inputs={"processes": c.processes},
              outputs={"status": c.status, "timer": ctx.timer, "progress": c.progress, "banner": ctx.banner},
              status="status", api_name="train")
 
