@@ -178,21 +178,23 @@ def markdown(results: dict) -> str:
                   f"{_fmt(s['p2d_precision'], pct=True)}% target rows (AUROC {_fmt(s['p2d_auroc'])}); data picked "
                   f"by random heads {_fmt(s['random_heads_precision'], pct=True)}%; the pool "
                   f"{_fmt(s['pool_share'], pct=True)}%.", "",
-                  "| cell | exact match % | contains % | answer loss | other tasks (pp vs base) | AER (wall) | "
+                  "| cell | seeds | exact match % | contains % | answer loss | other tasks (pp vs base) | AER (wall) | "
                   "AER (CPU time) | trainable params | optimizer state MB |" + (" peak mem MB |" if cuda else ""),
-                  "|---|---|---|---|---|---|---|---|---|" + ("---|" if cuda else "")]
+                  "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if cuda else "")]
         for c, st in s["cells"].items():
             opt = st["optimizer_state_bytes"]
             opt_mb = "–" if opt is None else f"{opt['mean'] / 2 ** 20:,.1f}"
-            lines.append(f"| {CELLS[c][2]} | {_fmt(st['accuracy'], pct=True)} | {_fmt(st['contains'], pct=True)} | "
+            n = (st["accuracy"] or {}).get("n", 0)
+            lines.append(f"| {CELLS[c][2]} | {n} | {_fmt(st['accuracy'], pct=True)} | {_fmt(st['contains'], pct=True)} | "
                          f"{_fmt(st['loss'])} | {_fmt(st['forgetting'], pct=True)} | {_fmt(st['aer'])} | "
                          f"{_fmt(st['aer_cpu'])} | "
                          f"{_fmt_int(st['trainable_params'])} | "
                          f"{opt_mb} |" + (f" {_fmt(st['peak_mem_mb'])} |" if cuda else ""))
         d = s["p2d_minus"]
-        lines += ["", "P2D minus (exact match, pp, paired by seed): " + ", ".join(
-            f"{CELLS[k][2]} {_fmt(_scale(v, 100))}" for k, v in d.items() if v is not None) + ".  ",
-            f"P2D minus the best equal-budget baseline: {_fmt(_scale(s['p2d_minus_best_budget_baseline'], 100))} pp.  "]
+        lines += ["", "P2D minus (exact match, pp, paired by seed; mean ± sd over n seeds): " + ", ".join(
+            f"{CELLS[k][2]} {_fmt(_scale(v, 100))} (n={v['n']})" for k, v in d.items() if v is not None) + ".  ",
+            f"P2D minus the best equal-budget baseline (per seed): "
+            f"{_fmt(_scale(s['p2d_minus_best_budget_baseline'], 100))} pp.  "]
         p2d = s["cells"].get("p2d", {})
         if p2d.get("aer_at_equal_accuracy"):
             lines.append(f"AER at equal accuracy (P2D's cost / full fine-tuning's time to reach P2D's accuracy): "
