@@ -37,7 +37,7 @@ COMMAND_GROUPS = {
     "run": STAGE_GROUPS,
 }
 #: commands that run under ``accelerate launch`` with several processes (p2d.distributed)
-DISTRIBUTED = ("heads", "select", "train")
+DISTRIBUTED = ("heads", "select", "train", "run", "eval")
 EVAL_DATA = ("pool", "probe", "eval", "columns", "target", "pool_size", "probe_size", "eval_size", "seed",
              "max_length", "batch_size")
 
@@ -386,6 +386,9 @@ def cmd_run(args) -> None:
         config = config_from_args(args, _group_fields(COMMAND_GROUPS["run"]))
         _announce(config, "run")
         fresh_folder(config.out)
+        from .distributed import Processes
+
+        Processes.current().barrier()  # several processes: the folder is fresh before any starts
         run = Run(config, progress=_progress())
     metrics = run.run_all()
     _print(metrics)

@@ -14,6 +14,11 @@ gradient clipping) as head training. It never depends on how long P2D itself tra
   (``stderr_s``); it covers the fit, not machine noise between runs.
 - ``measure``: every reference step is run and timed (as slow as full fine-tuning itself).
 
+Under several processes (`p2d.distributed`) the reference is timed as P2D's heads train there: data
+parallel over a global batch of ``batch_size`` x processes, all gradients summed across processes
+(here: all of the model's), each step as long as its slowest process; so the AER compares like
+with like. The sum is a plain all-reduce after the backward (no overlap with it, as DDP would do).
+
 Both step with AdamW at lr=0, which costs what a real step costs and leaves every weight
 bit-identical. A step whose gradient is not finite is timed but its optimizer step is skipped (an
 lr=0 step would still write NaN into the weights), so a shared model is never changed. Evaluation and
@@ -55,6 +60,7 @@ class FullFinetuneCost:
     trainable_params: int
     optimizer_state_bytes: int
     skipped_steps: int = 0   # steps whose gradient was not finite (optimizer step skipped)
+    processes: int = 1       # timed data parallel over this many processes (global batch = batch_size x processes)
     fit: dict = field(default_factory=dict)  # {"intercept_s", "s_per_token"} of the estimate
 
     def to_dict(self) -> dict:
@@ -123,8 +129,9 @@ def full_finetune_cost(lm, pool: list[Sample], epochs: float = 3.0, batch_size: 
                        mode: str = "estimate", timed_steps: int = 6, seed: int = 0, max_grad_norm: float = 1.0,
                        progress: ProgressFn = None, should_stop: StopFn = None) -> FullFinetuneCost:
     """Time full fine-tuning on ``pool`` (see the module docstring). The model is left unchanged."""
+    from .distributed import Processes
     from .models import trainable
-    from .training import NonFinite, clip_gradients, loss_backward
+    from .training import NonFinite, _backward_shared, clip_gradients, loss_backward
 
     if mode not in REFERENCE_MODES:
         raise UserError(f"full fine-tuning reference must be one of {', '.join(REFERENCE_MODES)}, got {mode!r}")
@@ -135,13 +142,14 @@ def full_finetune_cost(lm, pool: list[Sample], epochs: float = 3.0, batch_size: 
     if not encoded:
         raise UserError("no pool sample has answer tokens within the max length: raise the max length")
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-    batches = reference_batches(encoded, batch_size, epochs, seed)
+    procs = Processes.current()  # several: data parallel like head training, the global batch split
+    batches = reference_batches(encoded, batch_size * procs.world, epochs, seed)
     sizes = [padded_tokens(b) for b in batches]
     if mode == "measure":
         runs = list(range(len(batches)))
         warmup = None
     else:
-        per_epoch = batches[:math.ceil(len(encoded) / batch_size)]
+        per_epoch = batches[:math.ceil(len(encoded) / (batch_size * procs.world))]
         picks = stratified_sample([padded_tokens(b) for b in per_epoch], max(1, timed_steps))
         runs = picks
         warmup = stratified_sample(sizes, 1)[0]
@@ -156,12 +164,16 @@ def full_finetune_cost(lm, pool: list[Sample], epochs: float = 3.0, batch_size: 
             for n, i in enumerate(todo):
                 if should_stop is not None and should_stop():
                     break
-                micro = [collate(batches[i], pad)]
+                mine = procs.shard(batches[i])
+                micro = [collate(mine, pad)] if mine else []
                 sync()
                 start = time.perf_counter()
                 ok = True
                 try:
-                    loss_backward(model, micro, lm.device)
+                    if procs.world == 1:
+                        loss_backward(model, micro, lm.device)
+                    else:
+                        _backward_shared(model, params, micro, lm.device, procs)
                     ok = math.isfinite(clip_gradients(params, max_grad_norm))
                 except NonFinite:
                     ok = False
@@ -181,12 +193,14 @@ def full_finetune_cost(lm, pool: list[Sample], epochs: float = 3.0, batch_size: 
                         "the max length (the reference needs all weights, gradients and AdamW state)") from exc
     finally:
         del opt
+    if procs.world > 1:  # a data-parallel step takes as long as its slowest process
+        durations = [max(step) for step in zip(*procs.gather(durations))]
     n_params = sum(p.numel() for p in params)
     state_bytes = 2 * sum(p.numel() * p.element_size() for p in params)  # AdamW: exp_avg + exp_avg_sq
     steps = len(batches)
     common = dict(epochs=epochs, steps=steps, n_pool=len(encoded), batch_size=batch_size, max_length=max_length,
                   tokens=sum(sizes), trainable_params=n_params, optimizer_state_bytes=state_bytes,
-                  skipped_steps=skipped)
+                  skipped_steps=skipped, processes=procs.world)
     if mode == "measure":
         if len(durations) < steps:
             raise UserError("the full fine-tuning reference was stopped before every step was measured")

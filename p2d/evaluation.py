@@ -18,6 +18,7 @@ import torch
 
 from .data.encoding import collate, encode, encode_prompts
 from .data.formats import Sample
+from .distributed import Processes
 from .errors import UserError
 from .gating import answer_token_losses
 from .progress import ProgressFn, StopFn, report
@@ -122,10 +123,17 @@ def generate_answers(lm, samples: list[Sample], batch_size: int = 16, max_new_to
     return answers
 
 
-@torch.no_grad()
 def mean_answer_loss(lm, samples: list[Sample], batch_size: int = 16, max_length: int = 256,
                      progress: ProgressFn = None, should_stop: StopFn = None) -> float | None:
     """Mean cross-entropy over all answer tokens of the samples (token-weighted)."""
+    total, count = answer_loss_sums(lm, samples, batch_size, max_length, progress, should_stop)
+    return total / count if count else None
+
+
+@torch.no_grad()
+def answer_loss_sums(lm, samples: list[Sample], batch_size: int = 16, max_length: int = 256,
+                     progress: ProgressFn = None, should_stop: StopFn = None) -> tuple[float, int]:
+    """(summed cross-entropy, answer tokens) over the samples."""
     encoded = encode(samples, lm.tokenizer, max_length=max_length)
     encoded = sorted(encoded, key=lambda e: len(e["input_ids"]))
     total, count = 0.0, 0
@@ -139,7 +147,7 @@ def mean_answer_loss(lm, samples: list[Sample], batch_size: int = 16, max_length
         total += float(token_loss.sum())
         count += token_loss.numel()
         report(progress, min(start + batch_size, len(encoded)), len(encoded), "eval loss")
-    return total / count if count else None
+    return total, count
 
 
 def default_max_new_tokens(lm, samples: list[Sample], cap: int = 64) -> int:
@@ -155,17 +163,28 @@ def evaluate(lm, samples: list[Sample], batch_size: int = 16, max_new_tokens: in
     samples = list(samples)[:limit] if limit else list(samples)
     if not samples:
         raise UserError("the eval set is empty: give an eval file with at least one usable row")
-    chat = [s for s in samples if s.kind != "text"]
-    loss = mean_answer_loss(lm, samples, batch_size=batch_size, max_length=max_length, progress=progress,
-                            should_stop=should_stop)
+    procs = Processes.current()  # several: each evaluates every n-th row, the results are gathered
+    mine = procs.shard(samples)
+    chat_all = [s for s in samples if s.kind != "text"]
+    chat = [s for s in mine if s.kind != "text"]
+    total, count = answer_loss_sums(lm, mine, batch_size, max_length, progress, should_stop)
+    if procs.world > 1:
+        total, count = procs.total(total), procs.total(count)
+    loss = total / count if count else None
     accuracy = contains = None
     examples: list[dict] = []
     by_task: dict[str, dict] = {}
     partial = should_stop is not None and should_stop()
-    if chat and not partial:
-        mnt = max_new_tokens or default_max_new_tokens(lm, chat)
+    if chat_all and not partial:
+        mnt = max_new_tokens or default_max_new_tokens(lm, chat_all)
         preds = generate_answers(lm, chat, batch_size=batch_size, max_new_tokens=mnt,
                                  max_length=max_length, progress=progress, should_stop=should_stop)
+        if procs.world > 1:  # back in the order of the samples: row i was evaluated by process i % world
+            it = iter(preds)
+            parts = procs.gather([next(it) if s.kind != "text" else None for s in mine])
+            every = [parts[i % procs.world][i // procs.world] for i in range(len(samples))]
+            preds = [p for s, p in zip(samples, every) if s.kind != "text"]
+            chat = chat_all
         done = [(s, p) for s, p in zip(chat, preds) if p is not None]
         partial = len(done) < len(chat)
         hits = [exact_match(p, s.answer) for s, p in done]

@@ -274,6 +274,7 @@ class Run:
         self.results[stage] = result
         self._record(stage, partial=partial or built_on_partial, result=result)
         self.write_metrics()
+        Processes.current().barrier()  # several processes: what the main one wrote is there for all
         if stage != "load":
             from .tracking import stage_values
 
@@ -543,7 +544,7 @@ class Run:
         t_train = tr.time_s if tr is not None else 0.0
         m: dict = {"model": self.config.model, "run_dir": str(self.out), "time_heads_s": t_heads,
                    "time_select_s": t_select, "time_train_s": t_train, "stages_done": self.stages_done,
-                   "stages_partial": self.stages_partial}
+                   "stages_partial": self.stages_partial, "processes": Processes.current().world}
         if full is not None:
             m.update(aer(t_heads, t_select, t_train, full.time_s))
             m.update(aer_mode=full.mode, time_full_s=full.time_s, time_full_stderr_s=full.stderr_s,

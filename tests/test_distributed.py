@@ -13,7 +13,6 @@ import subprocess
 import sys
 import time
 
-import pytest
 from studio_helpers import free_port
 
 ARGS = ["--pool-size", "60", "--probe-size", "10", "--eval-size", "4", "--batch-size", "4", "--max-length", "96",
@@ -59,13 +58,31 @@ def test_two_processes_select_what_one_selects(tmp_path, tiny_llama_dir):
     assert not list(two.rglob("*.tmp"))  # one writer, nothing half-written
 
 
-@pytest.mark.parametrize("command", ["run", "eval"])
-def test_commands_not_distributed_yet_say_so(tmp_path, tiny_llama_dir, command):
-    extra = ["--steps", "1", "--out", str(tmp_path / "r")] if command == "run" else []
-    proc = _launch(command, "--model", tiny_llama_dir, *ARGS[:8], *extra)
+def test_two_processes_run_the_whole_pipeline(tmp_path, tiny_llama_dir):
+    """`run` in two processes: every stage split across them, the AER reference timed the same way
+    (data parallel over the global batch), the evaluations gathered; one process writes."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    common = ["run", "--model", tiny_llama_dir, *ARGS, "--steps", "3", "--max-new-tokens", "4"]
+    a = _one(*common, "--batch-size", "8", "--out", str(one))
+    assert a.returncode == 0, a.stderr[-2000:]
+    b = _launch(*common, "--batch-size", "4", "--out", str(two))
+    assert b.returncode == 0, [ln for ln in b.stderr.splitlines() if "rror" in ln][:5]
+    assert b.stdout.count('"stages_done"') == 1
+    ma, mb = (json.loads((d / "metrics.json").read_text()) for d in (one, two))
+    assert mb["processes"] == 2 and mb["full_ft"]["processes"] == 2 and mb["stages_partial"] == []
+    assert mb["stages_done"] == ma["stages_done"] and mb["full_ft"]["steps"] == ma["full_ft"]["steps"]
+    assert mb["aer"] > 0
+    for when in ("eval_before", "eval_after"):  # every row evaluated once, losses as one process has them
+        assert mb[when]["n"] == ma[when]["n"] and mb[when]["n_generated"] == ma[when]["n_generated"]
+    assert abs(mb["eval_before"]["loss"] - ma["eval_before"]["loss"]) <= 1e-4 * ma["eval_before"]["loss"]
+    assert ma["eval_before"]["other_tasks"].keys() == mb["eval_before"]["other_tasks"].keys()
+
+
+def test_commands_not_distributed_yet_say_so(tmp_path, tiny_llama_dir):
+    proc = _launch("merge", "--model", tiny_llama_dir, "--adapter", str(tmp_path / "a"), "--out", str(tmp_path / "m"))
     assert proc.returncode != 0
-    assert f"`{command}` runs in one process so far" in proc.stderr
-    assert not (tmp_path / "r").exists()
+    assert "`merge` runs in one process so far" in proc.stderr
+    assert not (tmp_path / "m").exists()
 
 
 def test_two_processes_train_as_one_with_the_global_batch(tmp_path, tiny_llama_dir):
@@ -116,8 +133,9 @@ def test_the_app_trains_with_two_processes(tmp_path, tiny_llama_dir):
         assert run.is_done("eval_after") and run.eval_after is not None
 
         # Stop: both processes stop after the same step and the adapter is kept
-        c.predict(**form_kw(tiny_llama_dir, steps=5000), processes=2, api_name="/train")
         log = run.out / "train_log.jsonl"
+        log.unlink()  # the first training's log; wait for the new one's lines below
+        c.predict(**form_kw(tiny_llama_dir, steps=5000), processes=2, api_name="/train")
         deadline = time.time() + 300
         while time.time() < deadline and not (log.is_file() and len(log.read_text().splitlines()) >= 2):
             time.sleep(0.5)
