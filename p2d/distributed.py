@@ -18,10 +18,15 @@ nothing); head scoring by gradients (`p2d.heads`: ``gradient``, ``gradient_layer
 float64 rounding); head training (`p2d.training.train_loop`): data parallel, each process takes its
 rows of the global batch (``batch_size`` x processes), the head deltas' gradients are summed with
 ``all_reduce`` after a backward scaled by the global answer-token count, so the steps equal one
-process with the global batch (up to float rounding of differently padded batches). Not yet: the
-proxy fine-tunes (``shift``, ``lofit``) and ``random`` run whole on every process (same result), the
-full fine-tuning reference and the benchmark's full/LoRA cells are single-process, and a NaN on one
-process stops only that one (the others wait).
+process with the global batch (up to float rounding of differently padded batches); evaluation
+(`p2d.evaluation.evaluate`: rows split, predictions and loss sums gathered); the full fine-tuning
+reference (`p2d.cost`: timed data parallel like head training, each step as long as its slowest
+process). `p2d.pipeline.Run` ends every stage with a barrier, so what the main process wrote (the
+adapter the evaluation loads) is there for all. One machine (a shared run folder).
+Not yet: the proxy fine-tunes (``shift``, ``lofit``) and ``random`` run whole on every process (same
+result); the benchmark and the app's other jobs are single-process; a NaN or an error on one process
+stops only that one (the others wait until the launcher ends them); FSDP/DeepSpeed (the model is not
+wrapped by accelerate, so it must fit on each device).
 """
 
 from __future__ import annotations
