@@ -460,8 +460,9 @@ def forgetting(studio, ws) -> dict:
     if others:
         worst = min(others, key=lambda r: r["change"])
         md = (f"Other tasks, mean change {100 * sum(r['change'] for r in others) / len(others):+.0f} pp over "
-              f"{len(others)} tasks ({others[0]['n']} held-out rows each); largest drop: {worst['task']} "
-              f"{100 * worst['change']:+.0f} pp.")
+              f"{len(others)} tasks ({others[0]['n']} held-out rows each); "
+              + (f"largest drop: {worst['task']} {100 * worst['change']:+.0f} pp." if worst["change"] < 0
+                 else "no task dropped."))
     elif run is not None and run.eval_after is not None:
         md = ("No other-task rows in this run: the built-in pool holds them out when Forgetting rows "
               "(other_eval_size) is above 0; with your files, an eval file with a task column shows its tasks.")
