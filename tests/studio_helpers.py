@@ -4,8 +4,8 @@ model, and waiting for a session's job through the API."""
 import socket
 import time
 
-TINY = dict(pool_size=40, probe_size=8, eval_size=8, steps=3, batch_size=4, head_ratio=0.25, data_ratio=0.2,
-            device="cpu")
+TINY = dict(pool_size=40, probe_size=8, eval_size=8, other_eval_size=0, steps=3, batch_size=4, head_ratio=0.25,
+            data_ratio=0.2, device="cpu")
 
 
 def free_port() -> int:

@@ -22,8 +22,8 @@ from p2d.config import RunConfig
 from p2d.errors import UserError
 from studio_helpers import free_port as _free_port
 
-TINY = dict(pool_size=40, probe_size=8, eval_size=8, steps=2, batch_size=4, head_ratio=0.25, data_ratio=0.2,
-            device="cpu")
+TINY = dict(pool_size=40, probe_size=8, eval_size=8, other_eval_size=0, steps=2, batch_size=4, head_ratio=0.25,
+            data_ratio=0.2, device="cpu")
 
 
 def _serve(root: Path, limits=None, demo: bool = False, **launch):
