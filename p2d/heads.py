@@ -92,8 +92,8 @@ from pathlib import Path
 import torch
 
 from .data.encoding import collate, encode, iter_batches
-from .distributed import Processes
 from .data.formats import Sample
+from .distributed import Processes
 from .errors import UserError
 from .gating import POSITIONS, HeadGate, answer_losses, position_mask, special_token_ids
 from .geometry import HeadGeometry
