@@ -69,6 +69,7 @@ def run_controls(run, controls=CONTROLS, lora_lr: float = LORA_LR, lora_rank: in
     `p2d.pipeline.Run` with its model and data loaded); returns and writes controls.json."""
     from .bench.cells import trained
     from .bench.config import CELLS
+    from .bench.report import cell_cost
     from .heads import score_heads
 
     unknown = [c for c in controls if c not in CONTROLS]
@@ -112,8 +113,7 @@ def run_controls(run, controls=CONTROLS, lora_lr: float = LORA_LR, lora_rank: in
                           max_new_tokens=c.max_new_tokens, max_length=c.max_length, n_examples=0)
             oth = evaluate(model, other, batch_size=max(16, c.batch_size), max_length=c.max_length,
                            n_examples=0) if other else None
-        cost = res.train_s + (t_heads if kind == "heads" or data_name == "p2d" else 0.0)
-        cost += t_select if data_name == "p2d" else 0.0
+        cost = cell_cost(name, {"train_s": res.train_s}, t_heads, t_select, 0.0)
         results[name] = {"label": label, "kind": kind, "data": data_name, "rows": len(samples), "lr": tc.lr,
                          "steps": res.steps, "train_s": res.train_s, "cost_s": cost,
                          "aer": cost / t_full if t_full else None, "trainable_params": res.trainable_params,
@@ -121,11 +121,11 @@ def run_controls(run, controls=CONTROLS, lora_lr: float = LORA_LR, lora_rank: in
                          "other_tasks": oth.by_task if oth is not None else {}}
     report(progress, len(results), len(controls), "controls")
     after, tr = run.eval_after, run.train_result
+    p2d_cost = cell_cost("p2d", {"train_s": tr.time_s}, t_heads, t_select, 0.0)
     out = {"built_on": _built_on(run), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
            "complete": len(results) == len(controls), "lora_rank": lora_rank,
            "p2d": {"label": LABELS["p2d"], "rows": n, "lr": c.lr, "steps": tr.steps_done,
-                   "train_s": tr.time_s, "cost_s": t_heads + t_select + tr.time_s,
-                   "aer": (t_heads + t_select + tr.time_s) / t_full if t_full else None,
+                   "train_s": tr.time_s, "cost_s": p2d_cost, "aer": p2d_cost / t_full if t_full else None,
                    "trainable_params": tr.trainable_params,
                    "accuracy": after.accuracy if after is not None else None,
                    "loss": after.loss if after is not None else None,

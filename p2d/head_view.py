@@ -19,6 +19,7 @@ remote-code models) gives a `UserError`.
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 
@@ -27,7 +28,7 @@ from .data.formats import Sample
 from .errors import UserError
 from .evaluation import mean_answer_loss
 from .gating import HeadGate, heads_by_layer
-from .heads import HeadScores
+from .heads import HeadScores, head_ranks
 
 __all__ = ["check_head", "attention_pattern", "gate_off_effect", "inspect_head", "head_rank", "MAX_TOKENS"]
 
@@ -127,13 +128,11 @@ def gate_off_effect(lm, samples: list[Sample], heads, batch_size: int = 8, max_l
 
 
 def head_rank(heads: HeadScores, layer: int, head: int) -> dict:
-    """The head's score under the map's method, its rank (1 = best; NaN scores rank last) and whether it
-    is in the selected set."""
-    flat = [(float(s), li, hi) for li, row in enumerate(heads.scores) for hi, s in enumerate(row)]
-    order = sorted(flat, key=lambda t: (t[0] != t[0], -t[0] if t[0] == t[0] else 0.0))
-    rank = next(i for i, (_, li, hi) in enumerate(order, 1) if (li, hi) == (layer, head))
+    """The head's score under the map's method, its rank (`p2d.heads.head_ranks`: 1 = best, None for a
+    non-finite score) and whether it is in the selected set."""
     score = float(heads.scores[layer][head])
-    return {"score": score if score == score else None, "rank": rank, "of": len(flat), "method": heads.method,
+    return {"score": score if math.isfinite(score) else None, "rank": head_ranks(heads.scores)[layer][head],
+            "of": heads.n_layers * heads.n_q_heads, "method": heads.method,
             "selected": [layer, head] in [list(h) for h in heads.selected]}
 
 

@@ -233,13 +233,28 @@ def select_top(scores, ratio: float) -> list[list[int]]:
     Ties are broken by (layer, head) ascending; NaN scores rank last.
     """
     ratio = check_ratio(ratio)
-    rows = scores.tolist() if isinstance(scores, torch.Tensor) else scores
-    flat = [(float(s), layer, head) for layer, row in enumerate(rows) for head, s in enumerate(row)]
+    flat = _ranked(scores)
     if not flat:
         return []
-
-    flat.sort(key=lambda t: (math.isnan(t[0]), 0.0 if math.isnan(t[0]) else -t[0], t[1], t[2]))
     return [[layer, head] for _, layer, head in flat[:top_count(len(flat), ratio)]]
+
+
+def _ranked(scores) -> list[tuple[float, int, int]]:
+    """(score, layer, head) best first: ties by (layer, head) ascending, NaN last."""
+    rows = scores.tolist() if isinstance(scores, torch.Tensor) else scores
+    flat = [(float(s), layer, head) for layer, row in enumerate(rows) for head, s in enumerate(row)]
+    flat.sort(key=lambda t: (math.isnan(t[0]), 0.0 if math.isnan(t[0]) else -t[0], t[1], t[2]))
+    return flat
+
+
+def head_ranks(scores) -> list[list[int | None]]:
+    """Rank of every head in the order `select_top` picks them (1 = best); NaN and inf scores get None."""
+    rows = scores.tolist() if isinstance(scores, torch.Tensor) else scores
+    ranks: list[list[int | None]] = [[None] * len(row) for row in rows]
+    for r, (s, layer, head) in enumerate(_ranked(rows), start=1):
+        if math.isfinite(s):
+            ranks[layer][head] = r
+    return ranks
 
 
 # ------------------------------------------------------------------------------------- shift maths

@@ -114,7 +114,7 @@ def test_head_rank():
     scores = [[0.1, 0.9], [float("nan"), 0.5]]
     hs = HeadScores("gradient", 0.5, scores, select_top(scores, 0.5), 0.0, "m")
     assert head_rank(hs, 0, 1) == {"score": 0.9, "rank": 1, "of": 4, "method": "gradient", "selected": True}
-    assert head_rank(hs, 1, 0)["rank"] == 4 and head_rank(hs, 1, 0)["score"] is None
+    assert head_rank(hs, 1, 0)["rank"] is None and head_rank(hs, 1, 0)["score"] is None  # NaN: no rank
 
 
 # -- forgetting ---------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ def _stat(values) -> dict | None:
     return {"mean": statistics.fmean(vals), "sd": statistics.stdev(vals) if len(vals) > 1 else 0.0, "n": len(vals)}
 
 
-def _cost(cell: str, res: dict, heads_s: float, select_s: float, rh_select_s: float) -> float:
+def cell_cost(cell: str, res: dict, heads_s: float, select_s: float, rh_select_s: float) -> float:
     """A cell's training time plus what its inputs cost: P2D's head scoring when it trains P2D's heads or
     uses P2D's data, P2D's selection for P2D's data, the random heads' selection for theirs."""
     kind, data, _ = CELLS[cell]
@@ -60,14 +60,14 @@ def collect(bench, machine: dict, model: dict) -> dict:
                    "random_heads_selection": {k: sr.get(k) for k in ("precision", "auroc")},
                    "random_head_draws": draws, "cells": {}}
             for name, res in cells.items():
-                cost = _cost(name, res, hp.get("time_s") or 0.0, sp.get("time_s") or 0.0, sr.get("time_s") or 0.0)
+                cost = cell_cost(name, res, hp.get("time_s") or 0.0, sp.get("time_s") or 0.0, sr.get("time_s") or 0.0)
                 c = {"accuracy": res.get("accuracy"), "contains": res.get("contains"), "loss": res.get("loss"),
                      "cost_s": cost, "train_s": res["train_s"], "steps": res["steps"], "rows": res["rows"],
                      "trainable_params": res["trainable_params"], "optimizer_state_bytes": res["optimizer_state_bytes"],
                      "peak_mem_mb": res.get("peak_mem_mb"), "lr": res.get("lr"),
                      "aer": cost / ref["train_s"] if ref else None}
                 if ref and ref.get("cpu_s") and res.get("cpu_s") is not None:
-                    extra_cpu = _cost(name, {"train_s": 0.0}, hp.get("cpu_s") or 0.0, sp.get("cpu_s") or 0.0,
+                    extra_cpu = cell_cost(name, {"train_s": 0.0}, hp.get("cpu_s") or 0.0, sp.get("cpu_s") or 0.0,
                                       sr.get("cpu_s") or 0.0)
                     c["aer_cpu"] = (res["cpu_s"] + extra_cpu) / ref["cpu_s"]
                 if base and base.get("other_accuracy") is not None and res.get("other_accuracy") is not None:

@@ -11,6 +11,8 @@ from typing import Iterable, Sequence
 
 import plotly.graph_objects as go
 
+from p2d.heads import head_ranks  # noqa: F401 - the library's ranks (one order everywhere), used below and by views
+
 TEMPLATE = "plotly_white"
 COLORS = {
     "heads": "#6366f1",      # indigo
@@ -49,16 +51,6 @@ def empty_figure(message: str = "Nothing to show yet", height: int = 300) -> go.
 
 
 # ------------------------------------------------------------------------------------------- heads
-
-
-def head_ranks(scores: Sequence[Sequence[float]]) -> list[list[int | None]]:
-    """Rank of every head (1 = best; NaN scores get None), ties broken by (layer, head)."""
-    flat = [(float(s), l, h) for l, row in enumerate(scores) for h, s in enumerate(row) if _finite(s)]
-    flat.sort(key=lambda t: (-t[0], t[1], t[2]))
-    ranks: list[list[int | None]] = [[None] * len(row) for row in scores]
-    for r, (_, l, h) in enumerate(flat, start=1):
-        ranks[l][h] = r
-    return ranks
 
 
 def heads_heatmap(scores: Sequence[Sequence[float]], selected: Iterable[Sequence[int]] = (),
