@@ -31,8 +31,11 @@ __all__ = ["stream_reply", "compare_replies", "check_sampling", "MAX_NEW_TOKENS"
 MAX_NEW_TOKENS = 512  # the most a caller may ask for
 
 
-def check_sampling(prompt: str, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0) -> None:
+def check_sampling(prompt: str, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
+                   seed: int = 0) -> None:
     """UserError for an empty prompt or sampling settings out of range."""
+    if not 0 <= int(seed) < 2 ** 32:
+        raise UserError(f"the sampling seed must be between 0 and {2 ** 32 - 1}, got {seed}")
     if not str(prompt or "").strip():
         raise UserError("type a prompt (or pick one from the eval set)")
     if not 1 <= int(max_new_tokens) <= MAX_NEW_TOKENS:
@@ -65,7 +68,7 @@ def _cache_argument(model) -> str:
 def stream_reply(lm, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
                  seed: int = 0, max_length: int = 1024) -> Iterator[str]:
     """The reply of ``lm`` (as it is now: attached adapters count) to one user turn, growing a token at a time."""
-    check_sampling(prompt, max_new_tokens, temperature, top_p)
+    check_sampling(prompt, max_new_tokens, temperature, top_p, seed)
     tok, model = lm.tokenizer, lm.model
     sample = Sample(prompt=[{"role": "user", "content": str(prompt)}], answer="", task=None, row={}, index=0)
     ids = torch.tensor([encode_prompts([sample], tok, max_length=max_length)[0]], dtype=torch.long, device=lm.device)

@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterable
 
-__all__ = ["atomic_write", "write_text", "write_json", "write_jsonl", "atomic_dir", "read_json", "jsonable"]
+__all__ = ["atomic_write", "write_text", "write_json", "write_jsonl", "atomic_dir", "read_json", "jsonable", "remove"]
 
 _FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
@@ -53,6 +53,18 @@ def atomic_write(path, write: Callable[[str], None]) -> Path:
             raise err from exc
         raise
     return path
+
+
+def remove(path) -> None:
+    """Delete a file or folder if it exists (missing is fine). Under several processes only the main
+    one deletes, as only it writes."""
+    path = Path(path)
+    if not _writes():
+        return
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists():
+        path.unlink()
 
 
 def _writes() -> bool:

@@ -547,6 +547,16 @@ def _pool_sample(pool, probe, seed) -> list[Sample]:
     return [pool[i] for i in sorted(random.Random(seed).sample(range(len(pool)), n))]
 
 
+def _add_up(procs, probe_imp, probe_counts, pool_imp, pool_counts, pool_batches, stopped):
+    """Several processes: the importance sums and counts of every process added up (each process takes
+    part in every sum, with or without batches of its own); stopped if any stopped."""
+    probe_imp, probe_counts = procs.total(probe_imp), tuple(procs.total(c) for c in probe_counts)
+    if procs.total(len(pool_batches)):
+        pool_imp = procs.total(pool_imp if pool_imp is not None else torch.zeros_like(probe_imp))
+        pool_counts = tuple(procs.total(c) for c in pool_counts)
+    return probe_imp, probe_counts, pool_imp, pool_counts, any(procs.gather(stopped))
+
+
 def _score_importance(lm, method, probe, pool, contrast, batch_size, max_length, seed, tick, should_stop,
                       positions: str = "all"):
     """gradient / gradient_layer / gradient_logratio / taylor: probe map, pool map, contrast."""
@@ -578,11 +588,8 @@ def _score_importance(lm, method, probe, pool, contrast, batch_size, max_length,
         if pool_batches and not stopped:
             pool_imp, n_pool_b, n_pool, stopped = taylor_importance(lm, pool_batches, tick, should_stop)
         if procs.world > 1:
-            probe_imp, n_probe_b, n_probe = procs.total(probe_imp), procs.total(n_probe_b), procs.total(n_probe)
-            if procs.total(len(pool_batches)):  # every process takes part in each sum, with or without batches
-                pool_imp = procs.total(pool_imp if pool_imp is not None else torch.zeros_like(probe_imp))
-                n_pool_b, n_pool = procs.total(n_pool_b), procs.total(n_pool)
-            stopped = any(procs.gather(stopped))
+            probe_imp, (n_probe_b, n_probe), pool_imp, (n_pool_b, n_pool), stopped = _add_up(
+                procs, probe_imp, (n_probe_b, n_probe), pool_imp, (n_pool_b, n_pool), pool_batches, stopped)
             probe_mean = probe_imp / max(n_probe_b, 1)
         pool_mean = pool_imp / n_pool_b if pool_imp is not None and n_pool_b > 0 else None
         extra["importance"] = "mean over batches of sum |g * w| over the head's q/k/v/o slices"
@@ -592,11 +599,8 @@ def _score_importance(lm, method, probe, pool, contrast, batch_size, max_length,
         if pool_batches and not stopped:
             pool_imp, n_pool, stopped = gate_importance(lm, pool_batches, tick, should_stop)
         if procs.world > 1:
-            probe_imp, n_probe = procs.total(probe_imp), procs.total(n_probe)
-            if procs.total(len(pool_batches)):
-                pool_imp = procs.total(pool_imp if pool_imp is not None else torch.zeros_like(probe_imp))
-                n_pool = procs.total(n_pool)
-            stopped = any(procs.gather(stopped))
+            probe_imp, (n_probe,), pool_imp, (n_pool,), stopped = _add_up(
+                procs, probe_imp, (n_probe,), pool_imp, (n_pool,), pool_batches, stopped)
         probe_mean = probe_imp / max(n_probe, 1)
         pool_mean = pool_imp / n_pool if pool_imp is not None and n_pool > 0 else None
         extra["importance"] = "mean over samples of |dL_i/dgate|"

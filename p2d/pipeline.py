@@ -31,7 +31,6 @@ import contextlib
 import hashlib
 import json
 import os
-import shutil
 import signal
 import time
 import uuid
@@ -48,7 +47,7 @@ from .distributed import Processes
 from .data.loading import LoadedData, load_data, load_records
 from .errors import UserError
 from .evaluation import EVAL_FILES, EvalResult, evaluate
-from .files import read_json, write_json
+from .files import read_json, remove, write_json
 from .heads import HEADS_FILE, HeadScores, score_heads
 from .models import LoadedModel, count_params, load_model
 from .progress import ProgressFn, StopFn
@@ -459,13 +458,8 @@ class Run:
             del self.manifest[stage]
             self._write_manifest()
         for name in OUTPUTS[stage]:
-            if name in keep or not Processes.current().is_main:  # one process owns the files
-                continue
-            p = self.out / name
-            if p.is_dir():
-                shutil.rmtree(p, ignore_errors=True)
-            elif p.exists():
-                p.unlink()
+            if name not in keep:
+                remove(self.out / name)
 
     def _record(self, stage: str, partial: bool, result, external: dict | None = None) -> None:
         entry = {"settings": external and {"external": external} or self._settings(stage),
@@ -614,17 +608,7 @@ def _default_loader(config: RunConfig) -> LoadedModel:
 
 def fresh_folder(out) -> None:
     """Remove what a previous run left in ``out`` (its stage outputs, manifest and metrics); other
-    files stay. Under several processes only the main one removes them."""
+    files stay. Under several processes only the main one removes them (`p2d.files.remove`)."""
     out = Path(out)
-    if not Processes.current().is_main:
-        return
-    for stage in STAGES:
-        for name in OUTPUTS[stage]:
-            p = out / name
-            if p.is_dir():
-                shutil.rmtree(p, ignore_errors=True)
-            elif p.exists():
-                p.unlink()
-    for name in (MANIFEST_FILE, METRICS_FILE):
-        if (out / name).exists():
-            (out / name).unlink()
+    for name in [n for stage in STAGES for n in OUTPUTS[stage]] + [MANIFEST_FILE, METRICS_FILE]:
+        remove(out / name)

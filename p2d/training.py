@@ -41,7 +41,6 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 import signal
 import threading
 import time
@@ -56,7 +55,7 @@ from .adapter import ADAPTER_KINDS, PROJECTIONS, WEIGHTS_NAME, make_adapter, nor
 from .data.encoding import IGNORE_INDEX, collate, encode, iter_batches
 from .distributed import Processes
 from .errors import UserError, is_out_of_memory
-from .files import atomic_dir, write_text
+from .files import atomic_dir, remove, write_text
 from .gating import answer_token_losses
 from .models import trainable
 
@@ -518,8 +517,7 @@ class Checkpointer:
         return meta
 
     def clear(self) -> None:
-        if Processes.current().is_main:  # one process owns the files
-            shutil.rmtree(self.folder, ignore_errors=True)
+        remove(self.folder)
 
 
 def train_heads(lm, heads, samples: list, config: TrainConfig, out_dir, progress: Callable | None = None,

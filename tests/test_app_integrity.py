@@ -12,21 +12,16 @@ import hashlib
 import json
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
-from studio_helpers import form_kw as _kw, free_port as _free_port, wait_job as _wait
+from studio_helpers import close, form_kw as _kw, serve, wait_job as _wait
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    from p2d.studio.server import build_app
-
-    app = build_app(demo=False, runs_root=tmp_path_factory.mktemp("integrity-runs"))
-    _, url, _ = app.launch(prevent_thread_lock=True, server_port=_free_port(), quiet=True)
-    yield SimpleNamespace(app=app, url=url, studio=app.studio)
-    app.close()
-    app.studio.close()
+    served = serve(tmp_path_factory.mktemp("integrity-runs"))
+    yield served
+    close(served)
 
 
 def fingerprint(model) -> dict:

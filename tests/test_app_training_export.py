@@ -16,24 +16,14 @@ from types import SimpleNamespace
 import pytest
 
 from p2d.config import RunConfig
-from studio_helpers import form_kw as _kw, free_port as _free_port, wait_job as _wait
+from studio_helpers import close, form_kw as _kw, serve, wait_job as _wait
 
 TRAINING_OPTIONS = dict(scheduler="linear", gradient_checkpointing=True, val_ratio=0.25, val_every=2,
                         report_to="tensorboard", grad_accum=2, warmup_ratio=0.2, weight_decay=0.05, max_grad_norm=0.5,
                         steps=6, lr=0.002, projections=["q", "v"], checkpoint_every=3)
 
 
-def _serve(root, demo=False):
-    from p2d.studio.server import build_app
-
-    app = build_app(demo=demo, runs_root=root)
-    _, url, _ = app.launch(prevent_thread_lock=True, server_port=_free_port(), quiet=True)
-    return SimpleNamespace(app=app, url=url, studio=app.studio)
-
-
-def _close(served):
-    served.app.close()
-    served.studio.close()
+_serve, _close = serve, close
 
 
 def _visible(app, elem_id: str) -> bool:

@@ -115,13 +115,12 @@ def test_the_app_trains_with_two_processes(tmp_path, tiny_llama_dir):
     log and adapter come from the two processes, the evaluation after it from the app."""
     from gradio_client import Client
 
-    from p2d.studio.server import build_app
-    from studio_helpers import form_kw, wait_job
+    from studio_helpers import close, form_kw, serve, wait_job
 
-    app = build_app(demo=False, runs_root=tmp_path / "runs")
-    _, url, _ = app.launch(prevent_thread_lock=True, server_port=free_port(), quiet=True)
+    served = serve(tmp_path / "runs")
+    app = served.app
     try:
-        c = Client(url, verbose=False)
+        c = Client(served.url, verbose=False)
         c.predict("", api_name="/attach")
         c.predict(**form_kw(tiny_llama_dir, steps=3), processes=2, api_name="/train")
         summary = wait_job(c, 600)
@@ -147,5 +146,4 @@ def test_the_app_trains_with_two_processes(tmp_path, tiny_llama_dir):
         assert cfg["training"]["stopped"] and 2 <= steps < 5000
         assert len(log.read_text().splitlines()) == steps
     finally:
-        app.close()
-        app.studio.close()
+        close(served)

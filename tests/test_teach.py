@@ -54,7 +54,8 @@ def test_sampling_is_seeded_and_checked(tiny_llama):
 
     assert reply(3) == reply(3)
     assert len({reply(s) for s in range(4)}) > 1  # sampling from a random model: seeds differ
-    for bad in ({"temperature": -1}, {"top_p": 0}, {"max_new_tokens": 0}, {"max_new_tokens": 10_000}):
+    for bad in ({"temperature": -1}, {"top_p": 0}, {"max_new_tokens": 0}, {"max_new_tokens": 10_000}, {"seed": -1},
+                {"seed": 2 ** 40}):
         with pytest.raises(UserError):
             list(stream_reply(tiny_llama, "hello", **bad))
     with pytest.raises(UserError, match="type a prompt"):

@@ -94,7 +94,8 @@ def build(ctx) -> SimpleNamespace:
                     "top_p": float(top_p if top_p is not None else 1.0), "seed": int(seed or 0)}
         if sampling["max_new_tokens"] > max_tokens:
             raise UserError(f"Max new tokens: at most {max_tokens} here")
-        check_sampling(str(prompt or ""), sampling["max_new_tokens"], sampling["temperature"], sampling["top_p"])
+        check_sampling(str(prompt or ""), sampling["max_new_tokens"], sampling["temperature"], sampling["top_p"],
+                       sampling["seed"])
         ws = st.workspace(request)  # a session without runs has nothing to explore: submit refuses it
         job = st.submit(ws, "chat", jobs.chat(st, ws, run, str(prompt), sampling), "Chat", request)
         yield {"status": views.job_line(st, job), "base": "", "tuned": ""}
@@ -145,12 +146,11 @@ def build(ctx) -> SimpleNamespace:
         ws = st.workspace(request)
         maps = [HeadScores.load(st._run_folder(ws, name)) for name in (a, b)]
         out = compare_head_maps(*maps, name_a=str(a), name_b=str(b))
-        return {"status": "", "info": compare_md(out), "heat_a": charts.heads_heatmap(maps[0].scores, maps[0].selected,
+        return {"status": "", "info": views.compare_md(out), "heat_a": charts.heads_heatmap(maps[0].scores, maps[0].selected,
                                                                                       title=f"a: {a}"),
                 "heat_b": charts.heads_heatmap(maps[1].scores, maps[1].selected, title=f"b: {b}"),
                 "diff": charts.difference_heatmap(out["rank_difference"], str(a), str(b)), "result": out}
 
-    compare_md = views.compare_md
     c.compare_json = gr.JSON(visible=False)
     ctx.bind(c.compare_btn.click, compare_heads, inputs={"a": c.map_a, "b": c.map_b},
              outputs={"status": c.compare_status, "info": c.compare_md, "heat_a": c.heat_a, "heat_b": c.heat_b,
