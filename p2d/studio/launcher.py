@@ -26,7 +26,7 @@ LAUNCH_CONFIG = "launch-config.yaml"
 LAUNCH_LOG = "launch.log"
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -36,7 +36,7 @@ def command(run, processes: int) -> list[str]:
     """The launch command for ``run`` (a `p2d.pipeline.Run`) with ``processes`` processes."""
     return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(int(processes)),
             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-            str(_free_port()), "-m", "p2d", "train", "--config", str(Path(run.out) / LAUNCH_CONFIG),
+            str(free_port()), "-m", "p2d", "train", "--config", str(Path(run.out) / LAUNCH_CONFIG),
             "--out", str(run.out)]
 
 

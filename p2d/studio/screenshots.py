@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import io
 import os
-import socket
 import sys
 import tempfile
 from pathlib import Path
@@ -119,15 +118,13 @@ def main(argv: list[str] | None = None) -> None:
     for key, value in (("HF_HUB_OFFLINE", "1"), ("GRADIO_ANALYTICS_ENABLED", "False"),
                        ("TOKENIZERS_PARALLELISM", "false")):
         os.environ.setdefault(key, value)
+    from .launcher import free_port
     from .server import build_app
 
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     app = build_app(demo=False, runs_root=tempfile.mkdtemp(prefix="p2d-screenshots-"))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    _, url, _ = app.launch(prevent_thread_lock=True, server_port=port, quiet=True)
+    _, url, _ = app.launch(prevent_thread_lock=True, server_port=free_port(), quiet=True)
     try:
         capture(url, out, a)
     finally:
