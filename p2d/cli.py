@@ -37,7 +37,7 @@ COMMAND_GROUPS = {
     "run": STAGE_GROUPS,
 }
 #: commands that run under ``accelerate launch`` with several processes (p2d.distributed)
-DISTRIBUTED = ("heads", "select", "train", "run", "eval")
+DISTRIBUTED = ("heads", "select", "train", "run", "eval", "info")
 EVAL_DATA = ("pool", "probe", "eval", "columns", "target", "pool_size", "probe_size", "eval_size", "seed",
              "max_length", "batch_size")
 
@@ -217,8 +217,14 @@ def _stage_run(args, command: str):
 
 
 def _check_processes(command: str) -> None:
-    """Under ``accelerate launch`` with several processes, only the commands in DISTRIBUTED run."""
-    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 and command not in DISTRIBUTED:
+    """Under ``accelerate launch`` with several processes, only the commands in DISTRIBUTED run (not under
+    DeepSpeed)."""
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
+        return
+    from .distributed import check_engine
+
+    check_engine()
+    if command not in DISTRIBUTED:
         raise UserError(f"`{command}` runs in one process so far (several processes: {', '.join(DISTRIBUTED)}); "
                         "start it with python -m p2d instead of accelerate launch")
 

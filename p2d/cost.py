@@ -18,6 +18,8 @@ Under several processes (`p2d.distributed`) the reference is timed as P2D's head
 parallel over a global batch of ``batch_size`` x processes, all gradients summed across processes
 (here: all of the model's), each step as long as its slowest process; so the AER compares like
 with like. The sum is a plain all-reduce after the backward (no overlap with it, as DDP would do).
+With a sharded (FSDP) model the layers' gradients are reduce-scattered by FSDP during the backward and
+the optimizer holds each process's shard, as full fine-tuning under FSDP would.
 
 Both step with AdamW at lr=0, which costs what a real step costs and leaves every weight
 bit-identical. A step whose gradient is not finite is timed but its optimizer step is skipped (an
@@ -131,7 +133,7 @@ def full_finetune_cost(lm, pool: list[Sample], epochs: float = 3.0, batch_size: 
     """Time full fine-tuning on ``pool`` (see the module docstring). The model is left unchanged."""
     from .distributed import Processes
     from .models import trainable
-    from .training import NonFinite, _backward_shared, clip_gradients, loss_backward
+    from .training import NonFinite, _backward_shared, clip_gradients, is_shard, loss_backward
 
     if mode not in REFERENCE_MODES:
         raise UserError(f"full fine-tuning reference must be one of {', '.join(REFERENCE_MODES)}, got {mode!r}")
@@ -143,6 +145,7 @@ def full_finetune_cost(lm, pool: list[Sample], epochs: float = 3.0, batch_size: 
         raise UserError("no pool sample has answer tokens within the max length: raise the max length")
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     procs = Processes.current()  # several: data parallel like head training, the global batch split
+    should_stop = procs.agreed(should_stop)
     batches = reference_batches(encoded, batch_size * procs.world, epochs, seed)
     sizes = [padded_tokens(b) for b in batches]
     if mode == "measure":
@@ -154,10 +157,14 @@ def full_finetune_cost(lm, pool: list[Sample], epochs: float = 3.0, batch_size: 
         runs = picks
         warmup = stratified_sample(sizes, 1)[0]
     params = list(model.parameters())
+    # a sharded model: FSDP reduces its layers' gradients itself (a mean over processes, made a sum
+    # below); the whole weights (embeddings, norm, LM head) are summed like head training's deltas
+    whole = [p for p in params if not is_shard(p)]
+    shards = [p for p in params if is_shard(p)]
     durations: list[float] = []
     skipped = 0
     sync = torch.cuda.synchronize if lm.device.type == "cuda" else (lambda: None)
-    opt = torch.optim.AdamW(params, lr=0.0, weight_decay=0.0)
+    opt = torch.optim.AdamW(params, lr=0.0, weight_decay=0.0, foreach=False if shards else None)
     todo = ([warmup] if warmup is not None else []) + runs
     try:
         with trainable(model, params):
@@ -173,7 +180,11 @@ def full_finetune_cost(lm, pool: list[Sample], epochs: float = 3.0, batch_size: 
                     if procs.world == 1:
                         loss_backward(model, micro, lm.device)
                     else:
-                        _backward_shared(model, params, micro, lm.device, procs)
+                        _backward_shared(model, whole, micro, lm.device, procs,
+                                         fillers=1 if procs.sharded and not micro else 0)
+                        for p in shards:
+                            if p.grad is not None:
+                                p.grad.mul_(procs.world)
                     ok = math.isfinite(clip_gradients(params, max_grad_norm))
                 except NonFinite:
                     ok = False

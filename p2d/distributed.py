@@ -22,11 +22,28 @@ process with the global batch (up to float rounding of differently padded batche
 (`p2d.evaluation.evaluate`: rows split, predictions and loss sums gathered); the full fine-tuning
 reference (`p2d.cost`: timed data parallel like head training, each step as long as its slowest
 process). `p2d.pipeline.Run` ends every stage with a barrier, so what the main process wrote (the
-adapter the evaluation loads) is there for all. One machine (a shared run folder).
+adapter the evaluation loads) is there for all.
+Models larger than one device (FSDP): started with an FSDP accelerate config (``accelerate launch
+--use_fsdp --fsdp_version 2 ...`` or a config file with ``distributed_type: FSDP``; accelerate sets
+``ACCELERATE_USE_FSDP``), `shard_layers` shards every decoder layer's weights across the processes with
+PyTorch's FSDP2 ``fully_shard``; the embeddings, final norm and LM head stay whole on every process
+(so the body and the head can still be called on their own), and so do the head deltas, which live in
+hook modules outside the model and are all-reduced as above. Each layer's weights are gathered for its
+forward and backward, so with a sharded model every process must run the same number of batches:
+`padded` pads a share of a global list with copies of its first item, `lockstep` tells a loop over a
+process's own batches how many to run (the most any process has), `agreed` makes a stop check the same
+on every process. The copies' results are dropped. Config keys read: ``fsdp_reshard_after_forward``
+(true / false, or FSDP1's FULL_SHARD / SHARD_GRAD_OP; also from ``fsdp_sharding_strategy``, whose
+NO_SHARD means plain data parallel) and
+``fsdp_offload_params`` (GPU only); the others (auto-wrap policy, state-dict type, prefetch,
+activation checkpointing) are not used: P2D always shards by decoder layer and never saves the base
+model. Not with sharding: ``taylor``, ``shift`` and ``shift_sgd`` head scores (they need whole weight
+gradients; `check_sharding` refuses them), ``--quantize``. DeepSpeed is not supported (`check_engine`
+refuses it): ZeRO-1/2 shard optimizer state and gradients, which for P2D are the head deltas (kilobytes
+to megabytes), and ZeRO-3 shards the weights as FSDP does.
 Not yet: the proxy fine-tunes (``shift``, ``lofit``) and ``random`` run whole on every process (same
 result); the benchmark and the app's other jobs are single-process; a NaN or an error on one process
-stops only that one (the others wait until the launcher ends them); FSDP/DeepSpeed (the model is not
-wrapped by accelerate, so it must fit on each device).
+stops only that one (the others wait until the launcher ends them). One machine (a shared run folder).
 """
 
 from __future__ import annotations
@@ -34,7 +51,26 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-__all__ = ["Processes"]
+__all__ = ["Processes", "check_engine", "fsdp_requested", "shard_layers"]
+
+TRUE = ("1", "true", "yes")
+
+
+def fsdp_requested() -> bool:
+    """The launcher asked for FSDP (an accelerate FSDP config or ``--use_fsdp``) with sharding (FSDP1's
+    ``NO_SHARD`` strategy is plain data parallel)."""
+    no_shard = os.environ.get("FSDP_SHARDING_STRATEGY", "").strip().upper() in ("NO_SHARD", "3")
+    return os.environ.get("ACCELERATE_USE_FSDP", "").lower() in TRUE and not no_shard
+
+
+def check_engine() -> None:
+    """Refuse launchers P2D does not run under (one line): DeepSpeed."""
+    from .errors import UserError
+
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in TRUE:
+        raise UserError("DeepSpeed is not supported: P2D trains only the head deltas, so ZeRO-1/2 have nothing to "
+                        "shard; for a model larger than one device use an FSDP config (--use_fsdp --fsdp_version 2, "
+                        "as ZeRO-3 does), otherwise plain several processes (--multi_gpu)")
 
 
 @dataclass
@@ -42,6 +78,7 @@ class Processes:
     world: int = 1
     rank: int = 0
     state: object | None = None  # accelerate's PartialState when there are several
+    sharded: bool = False        # the model's layers are sharded across the processes (FSDP)
 
     _current = None
 
@@ -55,7 +92,8 @@ class Processes:
 
                 # without a GPU accelerate must be told, or it stays one process (gloo on CPU)
                 state = PartialState(cpu=not torch.cuda.is_available())
-                cls._current = cls(world=state.num_processes, rank=state.process_index, state=state)
+                cls._current = cls(world=state.num_processes, rank=state.process_index, state=state,
+                                   sharded=state.num_processes > 1 and fsdp_requested())
             else:
                 cls._current = cls()
         return cls._current
@@ -66,6 +104,43 @@ class Processes:
 
     def shard(self, batches: list) -> list:
         return list(batches) if self.world == 1 else list(batches)[self.rank::self.world]
+
+    def padded(self, items: list) -> tuple[list, int]:
+        """(this process's share of ``items``, how many of them are its own). With a sharded model the
+        share is padded with copies of ``items[0]`` to the longest share, so every process runs as many
+        batches; the caller drops the copies' results (the first ``own`` items are the real ones)."""
+        mine = self.shard(items)
+        if not self.sharded or not items:
+            return mine, len(mine)
+        longest = -(-len(items) // self.world)
+        return mine + [items[0]] * (longest - len(mine)), len(mine)
+
+    def lockstep(self, n: int) -> int:
+        """How many batches to run when this process has ``n`` of its own: ``n``, or with a sharded
+        model the most any process has (the rest run on a filler whose result is dropped)."""
+        if not self.sharded:
+            return n
+        import torch
+        import torch.distributed as dist
+
+        t = torch.tensor([int(n)], dtype=torch.int64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t.item())
+
+    def agreed(self, should_stop):
+        """``should_stop`` answered alike on every process (any process asked: all stop), for loops that
+        run in step on a sharded model; the check itself unchanged otherwise."""
+        if should_stop is None or not self.sharded:
+            return should_stop
+
+        def check() -> bool:
+            import torch
+
+            flag = torch.tensor([float(bool(should_stop()))], dtype=torch.float64)
+            self.all_reduce_([flag])
+            return bool(flag.item() > 0)
+
+        return check
 
     def gather(self, obj) -> list:
         """``[obj of process 0, obj of process 1, ...]`` on every process."""
@@ -110,5 +185,44 @@ class Processes:
             self.state.wait_for_everyone()
 
     def summary(self, rows: int) -> dict:
-        """``{"processes": N, "rows_per_process": [...]}`` (every process must call it)."""
-        return {"processes": self.world, "rows_per_process": self.gather(int(rows))}
+        """``{"processes": N, "rows_per_process": [...], "sharded": bool}`` (every process must call it)."""
+        return {"processes": self.world, "rows_per_process": self.gather(int(rows)), "sharded": self.sharded}
+
+    def check_sharding(self, what: str) -> None:
+        """Refuse ``what`` (one line) when the model is sharded: it needs whole weights on each process."""
+        if self.sharded:
+            from .errors import UserError
+
+            raise UserError(f"{what} needs each process to hold the whole model, so it does not run with a sharded "
+                            "(FSDP) model: pick another setting, or launch without FSDP (--multi_gpu)")
+
+
+def _fsdp_options(device) -> dict:
+    """fully_shard keyword arguments from the FSDP settings accelerate put in the environment."""
+    from torch.distributed.fsdp import CPUOffloadPolicy
+
+    reshard = (os.environ.get("FSDP_RESHARD_AFTER_FORWARD") or "true").strip().upper()
+    strategy = os.environ.get("FSDP_SHARDING_STRATEGY", "").strip().upper()
+    keep = reshard in ("FALSE", "0", "SHARD_GRAD_OP", "NO_RESHARD") or strategy in ("SHARD_GRAD_OP", "2")
+    options: dict = {"reshard_after_forward": not keep}
+    if os.environ.get("FSDP_OFFLOAD_PARAMS", "").lower() in TRUE and device.type == "cuda":
+        options["offload_policy"] = CPUOffloadPolicy()
+    return options
+
+
+def shard_layers(model, device) -> int:
+    """Shard every decoder layer of ``model`` across the processes (FSDP2 ``fully_shard``, one group per
+    layer, on ``device``); the rest of the model (embeddings, final norm, LM head) is left whole and
+    moved to ``device`` by the caller. Returns the number of sharded layers."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from .geometry import decoder_layers
+
+    procs = Processes.current()
+    mesh = init_device_mesh(device.type, (procs.world,))
+    options = _fsdp_options(device)
+    layers = decoder_layers(model)
+    for layer in layers:
+        fully_shard(layer, mesh=mesh, **options)
+    return len(layers)

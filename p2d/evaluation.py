@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .data.encoding import collate, encode, encode_prompts
+from .data.encoding import collate, encode, encode_prompts, filler_batch
 from .data.formats import Sample
 from .distributed import Processes
 from .errors import UserError
@@ -100,24 +100,28 @@ def generate_answers(lm, samples: list[Sample], batch_size: int = 16, max_new_to
     stops = _stop_ids(tok)
     was_training = model.training
     model.eval()
+    procs = Processes.current()  # a sharded model: every process generates as many batches, in step
+    starts = list(range(0, len(order), batch_size))
     try:
-        for start in range(0, len(order), batch_size):
+        for n in range(procs.lockstep(len(starts))):
             if should_stop is not None and should_stop():
                 break
-            idx = order[start:start + batch_size]
-            width = max(len(prompts[i]) for i in idx)
-            ids = torch.full((len(idx), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(idx), width), dtype=torch.long)
-            for row, i in enumerate(idx):
-                p = prompts[i]
+            start = starts[n] if n < len(starts) else None
+            idx = order[start:start + batch_size] if start is not None else []
+            prompt_rows = [prompts[i] for i in idx] or [[pad if pad is not None else 0]]  # a filler
+            width = max(len(p) for p in prompt_rows)
+            ids = torch.full((len(prompt_rows), width), pad if pad is not None else 0, dtype=torch.long)
+            mask = torch.zeros((len(prompt_rows), width), dtype=torch.long)
+            for row, p in enumerate(prompt_rows):
                 ids[row, width - len(p):] = torch.tensor(p, dtype=torch.long)
                 mask[row, width - len(p):] = 1
             out = model.generate(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device),
                                  max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                                 pad_token_id=pad, eos_token_id=stops)
+                                 pad_token_id=pad, eos_token_id=stops, synced_gpus=procs.sharded)
             for row, i in enumerate(idx):
                 answers[i] = tok.decode(out[row, width:], skip_special_tokens=True).strip()
-            report(progress, min(start + batch_size, len(order)), len(order), desc)
+            if idx:
+                report(progress, min(start + batch_size, len(order)), len(order), desc)
     finally:
         model.train(was_training)
     return answers
@@ -138,9 +142,14 @@ def answer_loss_sums(lm, samples: list[Sample], batch_size: int = 16, max_length
     encoded = sorted(encoded, key=lambda e: len(e["input_ids"]))
     total, count = 0.0, 0
     model = lm.model
-    for start in range(0, len(encoded), batch_size):
+    starts = list(range(0, len(encoded), batch_size))
+    for n in range(Processes.current().lockstep(len(starts))):  # a sharded model: as many batches everywhere
         if should_stop is not None and should_stop():
             break
+        if n >= len(starts):  # a filler: one token, no answer, the loss dropped
+            answer_token_losses(model, {k: v.to(lm.device) for k, v in filler_batch(lm.tokenizer.pad_token_id).items()})
+            continue
+        start = starts[n]
         batch = collate(encoded[start:start + batch_size], lm.tokenizer.pad_token_id)
         batch = {k: v.to(lm.device) for k, v in batch.items()}
         token_loss, _ = answer_token_losses(model, batch)
@@ -148,6 +157,7 @@ def answer_loss_sums(lm, samples: list[Sample], batch_size: int = 16, max_length
         count += token_loss.numel()
         report(progress, min(start + batch_size, len(encoded)), len(encoded), "eval loss")
     return total, count
+
 
 
 def default_max_new_tokens(lm, samples: list[Sample], cap: int = 64) -> int:
@@ -164,6 +174,7 @@ def evaluate(lm, samples: list[Sample], batch_size: int = 16, max_new_tokens: in
     if not samples:
         raise UserError("the eval set is empty: give an eval file with at least one usable row")
     procs = Processes.current()  # several: each evaluates every n-th row, the results are gathered
+    should_stop = procs.agreed(should_stop)
     mine = procs.shard(samples)
     chat_all = [s for s in samples if s.kind != "text"]
     chat = [s for s in mine if s.kind != "text"]

@@ -418,14 +418,16 @@ def _score_shift(lm, probe, batch_size, max_length, seed, proxy_steps, proxy_lr,
 # ---------------------------------------------------------------------------- importance maps
 
 
-def gate_importance(lm, batches, tick=None, should_stop=None, layers=None) -> tuple[torch.Tensor, int, bool]:
-    """Sum over samples of |dL_i/dgate| per head ([n_layers, n_q], float64), samples seen, stopped."""
+def gate_importance(lm, batches, tick=None, should_stop=None, layers=None, own=None) -> tuple[torch.Tensor, int, bool]:
+    """Sum over samples of |dL_i/dgate| per head ([n_layers, n_q], float64), samples seen, stopped.
+    ``own``: only the first ``own`` batches count (the rest pad a sharded model's lockstep)."""
     model, geo = lm.model, lm.geometry
     layers = list(range(geo.n_layers)) if layers is None else list(layers)
     total = torch.zeros(geo.n_layers, geo.n_q_heads, dtype=torch.float64)
     seen = 0
+    own = len(batches) if own is None else own
     with torch.enable_grad(), HeadGate(model, geo, layers=layers) as gate:
-        for batch in batches:
+        for i, batch in enumerate(batches):
             if should_stop is not None and should_stop():
                 return total, seen, True
             n = batch["input_ids"].shape[0]
@@ -435,10 +437,12 @@ def gate_importance(lm, batches, tick=None, should_stop=None, layers=None) -> tu
                 gate.set_gate(layer, g)
             loss = _loss(model, batch).sum()
             grads = torch.autograd.grad(loss, [gates[layer] for layer in layers], allow_unused=True)
+            gate.clear_gates()
+            if i >= own:
+                continue
             for layer, gr in zip(layers, grads):
                 if gr is not None:
                     total[layer] += gr.detach().abs().sum(0).double().cpu()
-            gate.clear_gates()
             seen += n
             if tick is not None:
                 tick(f"gate gradients: {seen} samples")
@@ -578,7 +582,7 @@ def _score_importance(lm, method, probe, pool, contrast, batch_size, max_length,
     pool_sample = _pool_sample(pool, probe, seed) if kind is not None and pool else []
     pool_batches = _batches(lm, pool_sample, batch_size, max_length, positions=positions) if pool_sample else []
     procs = Processes.current()  # several processes: each sums its share of the batches, then the sums add up
-    probe_batches, pool_batches = procs.shard(probe_batches), procs.shard(pool_batches)
+    (probe_batches, probe_own), (pool_batches, pool_own) = procs.padded(probe_batches), procs.padded(pool_batches)
     tick.total = len(probe_batches) + len(pool_batches)
     extra: dict = {}
     if method == "taylor":
@@ -594,17 +598,17 @@ def _score_importance(lm, method, probe, pool, contrast, batch_size, max_length,
         pool_mean = pool_imp / n_pool_b if pool_imp is not None and n_pool_b > 0 else None
         extra["importance"] = "mean over batches of sum |g * w| over the head's q/k/v/o slices"
     else:
-        probe_imp, n_probe, stopped = gate_importance(lm, probe_batches, tick, should_stop)
+        probe_imp, n_probe, stopped = gate_importance(lm, probe_batches, tick, should_stop, own=probe_own)
         pool_imp, n_pool = None, 0
         if pool_batches and not stopped:
-            pool_imp, n_pool, stopped = gate_importance(lm, pool_batches, tick, should_stop)
+            pool_imp, n_pool, stopped = gate_importance(lm, pool_batches, tick, should_stop, own=pool_own)
         if procs.world > 1:
             probe_imp, (n_probe,), pool_imp, (n_pool,), stopped = _add_up(
                 procs, probe_imp, (n_probe,), pool_imp, (n_pool,), pool_batches, stopped)
         probe_mean = probe_imp / max(n_probe, 1)
         pool_mean = pool_imp / n_pool if pool_imp is not None and n_pool > 0 else None
         extra["importance"] = "mean over samples of |dL_i/dgate|"
-    extra.update(procs.summary(sum(len(b["index"]) for b in probe_batches + pool_batches)))
+    extra.update(procs.summary(sum(len(b["index"]) for b in probe_batches[:probe_own] + pool_batches[:pool_own])))
     if pool_mean is not None and kind is not None:
         scores = contrast_scores(probe_mean, pool_mean, kind)
         mode = _CONTRAST_TEXT[kind]
@@ -692,6 +696,10 @@ def score_heads(lm, probe: list[Sample], method: str = DEFAULT_HEAD_METHOD, rati
                 raise UserError(f"proxy steps must be at least 1 (got {proxy_steps})")
             if not (lr > 0 and math.isfinite(lr)):
                 raise UserError(f"proxy learning rate must be a positive number (got {proxy_lr})")
+        procs = Processes.current()
+        if method in ("shift", "shift_sgd", "taylor"):
+            procs.check_sharding(f"the {method} head score")
+        should_stop = procs.agreed(should_stop)
         with frozen(lm.model):
             if method in ("shift", "shift_sgd"):
                 tick = Ticker(progress, proxy_steps)

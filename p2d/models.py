@@ -19,6 +19,10 @@ Device "auto" picks CUDA, then Apple MPS, then CPU; dtype "auto" is bf16 on CUDA
 the attention projections and the LM head stay in full precision, so head scoring, head training and
 the adapter work unchanged. It pays off on CUDA for larger models; on a CPU it works but is slower.
 A quantised model cannot be merged with an adapter (load it without ``quantize`` to merge).
+
+Under an FSDP launch (`p2d.distributed`) the decoder layers are sharded across the processes right
+after loading; each process reads the whole checkpoint into CPU memory first (so CPU memory, not
+device memory, must hold the model once per process).
 """
 
 from __future__ import annotations
@@ -368,6 +372,7 @@ class LoadedModel:
             "dtype": str(self.dtype).replace("torch.", ""),
             "chat_template": bool(getattr(self.tokenizer, "chat_template", None)),
             "quantized": is_quantized(self.model),
+            **self.extra,
         }
 
 
@@ -431,6 +436,14 @@ def load_model(spec: str | os.PathLike | None = DEFAULT_SPEC, device: str | torc
     quantizer = getattr(model, "hf_quantizer", None)
     if resolved.kind == "gguf" and quantizer is not None:
         quantizer.remove_quantization_config(model)
+    from .distributed import Processes, shard_layers
+
+    procs, extra = Processes.current(), {}
+    if procs.sharded:  # FSDP: each process keeps a share of every decoder layer
+        if qconfig is not None:
+            raise UserError("quantisation does not combine with a sharded (FSDP) model: set quantize to none, or "
+                            "launch without FSDP (--multi_gpu)")
+        extra["sharded_layers"] = shard_layers(model, dev)
     try:
         if qconfig is None:  # bitsandbytes models are placed by device_map and refuse .to()
             model.to(dev)
@@ -441,7 +454,14 @@ def load_model(spec: str | os.PathLike | None = DEFAULT_SPEC, device: str | torc
     geometry = HeadGeometry.from_model(model)
     if model.config.pad_token_id is None and tokenizer.pad_token_id is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
-    return LoadedModel(model, tokenizer, geometry, str(spec or DEFAULT_SPEC), dev, dt)
+    if procs.sharded:  # what each process holds: its layer shards plus the whole embeddings, norm and head
+        extra["params_per_process"] = procs.gather(local_params(model))
+    return LoadedModel(model, tokenizer, geometry, str(spec or DEFAULT_SPEC), dev, dt, extra)
+
+
+def local_params(model: torch.nn.Module) -> int:
+    """Parameters this process holds: a sharded weight counts with its local shard only."""
+    return sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in model.parameters())
 
 
 @contextlib.contextmanager

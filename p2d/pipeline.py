@@ -538,7 +538,10 @@ class Run:
         t_train = tr.time_s if tr is not None else 0.0
         m: dict = {"model": self.config.model, "run_dir": str(self.out), "time_heads_s": t_heads,
                    "time_select_s": t_select, "time_train_s": t_train, "stages_done": self.stages_done,
-                   "stages_partial": self.stages_partial, "processes": Processes.current().world}
+                   "stages_partial": self.stages_partial, "processes": Processes.current().world,
+                   "sharded": Processes.current().sharded}
+        if self.lm is not None and "params_per_process" in self.lm.extra:
+            m["params_per_process"] = self.lm.extra["params_per_process"]
         if full is not None:
             m.update(aer(t_heads, t_select, t_train, full.time_s))
             m.update(aer_mode=full.mode, time_full_s=full.time_s, time_full_stderr_s=full.stderr_s,

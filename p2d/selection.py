@@ -303,10 +303,11 @@ def select_data(lm, heads, pool: list[Sample], method: str = DEFAULT_SELECT_METH
             progress(1, 1, "random scores")
     else:
         procs = Processes.current()
+        should_stop = procs.agreed(should_stop)
         enc = _Encoded(lm, pool, batch_size, max_length, positions)
         extra.update(enc.info(), positions=positions)
-        groups = procs.shard(enc.groups)
-        owned = [it["index"] for g in groups for it in g]
+        groups, own = procs.padded(enc.groups)  # a sharded model: padded with copies, never merged
+        owned = [it["index"] for g in groups[:own] for it in g]
         probe_groups = []
         if method in ("alignment", "prefilter_alignment"):
             penc = encode(list(probe), lm.tokenizer, max_length)
@@ -475,9 +476,9 @@ def _prefilter_alignment(lm, by_layer, enc, probe_groups, scores, ratio, factor,
     t0 = time.perf_counter()
     n = len(scores)
     first = [float("nan")] * n
-    mine = procs.shard(enc.groups)
+    mine, own = procs.padded(enc.groups)
     stopped = _activation(lm, by_layer, enc, mine, first, bar, should_stop)
-    first = procs.merge(first, [it["index"] for g in mine for it in g])
+    first = procs.merge(first, [it["index"] for g in mine[:own] for it in g])
     share = min(1.0, factor * ratio)
     keep = set(top_samples(first, share))
     info: dict = {"prefilter_factor": factor, "prefilter_share": share, "prefilter_kept": len(keep),
@@ -488,7 +489,7 @@ def _prefilter_alignment(lm, by_layer, enc, probe_groups, scores, ratio, factor,
     if stopped:
         return True, info, []
     kept_items = [it for it in enc.items if it["index"] in keep]
-    groups = procs.shard(list(iter_batches(kept_items, enc.batch_size, sort_by_length=True)))
+    groups, own = procs.padded(list(iter_batches(kept_items, enc.batch_size, sort_by_length=True)))
     bar.total = bar.done + len(probe_groups) + len(groups)
     t1 = time.perf_counter()
     stopped, align_info = _alignment(lm, by_layer, enc, probe_groups, groups, scores, bar, should_stop)
@@ -497,7 +498,7 @@ def _prefilter_alignment(lm, by_layer, enc, probe_groups, scores, ratio, factor,
         for i in keep:
             if not math.isfinite(scores[i]):
                 scores[i] = -1.5
-    return stopped, info, [it["index"] for g in groups for it in g]
+    return stopped, info, [it["index"] for g in groups[:own] for it in g]
 
 
 # ------------------------------------------------------------------------------------- features

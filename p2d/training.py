@@ -52,7 +52,7 @@ from typing import Callable
 import torch
 
 from .adapter import ADAPTER_KINDS, PROJECTIONS, WEIGHTS_NAME, make_adapter, normalize_heads, normalize_projections
-from .data.encoding import IGNORE_INDEX, collate, encode, iter_batches
+from .data.encoding import IGNORE_INDEX, collate, encode, filler_batch, iter_batches
 from .distributed import Processes
 from .errors import UserError, is_out_of_memory
 from .files import atomic_dir, remove, write_text
@@ -250,13 +250,18 @@ def loss_backward(model, micro: list[dict], device, n_answer_total: int | None =
     return loss_sum, n_answer, n_tokens
 
 
-def _backward_shared(model, params: list, micro: list[dict], device, procs) -> tuple[float, int, int]:
+def _backward_shared(model, params: list, micro: list[dict], device, procs, fillers: int = 0) -> tuple[float, int, int]:
     """This process's share of a step (possibly empty), scaled by the step's answer tokens over every
-    process; gradients and counts summed over the processes (every process ends with the same)."""
+    process; the gradients of ``params`` and the counts summed over the processes (every process ends
+    with the same). ``fillers``: micro-batches this process has no rows of, run on a one-token filler
+    whose gradient is zero (a sharded model needs every process to run each forward and backward)."""
     local = torch.tensor([sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)], dtype=torch.float64)
     procs.all_reduce_([local])
     loss_sum, n_answer, n_tokens = loss_backward(model, micro, device, n_answer_total=int(local.item())) \
         if micro else (0.0, 0, 0)
+    for _ in range(fillers):
+        filler = {k: v.to(device) for k, v in filler_batch(getattr(model.config, "pad_token_id", None)).items()}
+        answer_loss(model, filler)[0].backward()
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
@@ -267,13 +272,41 @@ def _backward_shared(model, params: list, micro: list[dict], device, procs) -> t
 
 
 def clip_gradients(params: list, max_grad_norm: float | None) -> float:
-    """Clip to ``max_grad_norm`` (0/None: no clipping) and return the total norm before clipping."""
+    """Clip to ``max_grad_norm`` (0/None: no clipping) and return the total norm before clipping.
+    Gradients of a sharded model's weights (DTensor shards) count with their whole tensors."""
     grads = [p for p in params if p.grad is not None]
     if not grads:
         return 0.0
+    if any(is_shard(p.grad) for p in grads):
+        return _clip_sharded(grads, max_grad_norm)
     if max_grad_norm:
         return float(torch.nn.utils.clip_grad_norm_(grads, max_grad_norm))
     return float(torch.linalg.vector_norm(torch.stack([p.grad.detach().float().norm() for p in grads])))
+
+
+def is_shard(t) -> bool:
+    """``t`` is a DTensor (a sharded model's weight or gradient)."""
+    return hasattr(t, "to_local") and hasattr(t, "device_mesh")
+
+
+def _clip_sharded(params: list, max_grad_norm: float | None) -> float:
+    """`clip_gradients` over a mix of DTensor shards and whole tensors: the shards' squared norms are
+    summed over the processes (one all-reduce), the whole tensors' (the same on every process) once."""
+    import torch.distributed as dist
+
+    shards = [p.grad.to_local().detach().float() for p in params if is_shard(p.grad)]
+    whole = [p.grad.detach().float() for p in params if not is_shard(p.grad)]
+    device = (shards or whole)[0].device
+    sharded_sq = torch.stack([g.pow(2).sum() for g in shards]).sum() if shards else torch.zeros((), device=device)
+    dist.all_reduce(sharded_sq)
+    whole_sq = sum((float(g.pow(2).sum()) for g in whole), 0.0)
+    total = math.sqrt(float(sharded_sq) + whole_sq)
+    if max_grad_norm and math.isfinite(total):
+        coef = min(1.0, max_grad_norm / (total + 1e-6))
+        if coef < 1.0:
+            for p in params:
+                p.grad.mul_(coef)
+    return total
 
 
 @dataclass
@@ -340,14 +373,15 @@ def train_loop(model, params: list, encoded, config: TrainConfig, log_path, pad_
                 lr = config.lr * lr_factor(steps_done, total, warmup, config.scheduler)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                micro = [procs.shard(next(batches)) for _ in range(config.grad_accum)]
-                micro = [collate(items, pad_id) for items in micro if items]
+                shares = [procs.shard(next(batches)) for _ in range(config.grad_accum)]
+                micro = [collate(items, pad_id) for items in shares if items]
                 optimizer.zero_grad(set_to_none=True)
                 try:
                     if procs.world == 1:
                         loss_sum, n_answer, n_tokens = loss_backward(model, micro, device)
                     else:
-                        loss_sum, n_answer, n_tokens = _backward_shared(model, params, micro, device, procs)
+                        fillers = len(shares) - len(micro) if procs.sharded else 0
+                        loss_sum, n_answer, n_tokens = _backward_shared(model, params, micro, device, procs, fillers)
                 except Exception as exc:
                     optimizer.zero_grad(set_to_none=True)
                     if is_out_of_memory(exc):

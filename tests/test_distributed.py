@@ -3,7 +3,8 @@
 result: the same selected heads and rows, scores equal (gradient sums within float64 rounding, pool
 scores bit for bit); one process writes the files, which record how many processes ran and how many
 rows each scored; training is data parallel and equals one process with the global batch. Commands
-that do not run distributed yet say so."""
+that do not run distributed yet say so. With the shipped FSDP config the decoder layers are sharded
+across the processes and every stage gives what two whole copies give."""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
+import pytest
 from studio_helpers import free_port
 
 ARGS = ["--pool-size", "60", "--probe-size", "10", "--eval-size", "4", "--batch-size", "4", "--max-length", "96",
@@ -23,9 +26,19 @@ def _env():
     return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
+CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "accelerate"
+
+
 def _launch(*argv, processes: int = 2):
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(free_port()), "-m", "p2d", *argv]
+    return subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=600)
+
+
+def _launch_with(config: str, *argv):
+    """``accelerate launch --config_file configs/accelerate/<config>`` (the shipped files, 2 processes)."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / config),
            "--main_process_port", str(free_port()), "-m", "p2d", *argv]
     return subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=600)
 
@@ -147,3 +160,94 @@ def test_the_app_trains_with_two_processes(tmp_path, tiny_llama_dir):
         assert len(log.read_text().splitlines()) == steps
     finally:
         close(served)
+
+
+def test_a_sharded_model_gives_what_whole_copies_give(tmp_path, tiny_llama_dir):
+    """`run` with the shipped FSDP config (decoder layers sharded over 2 processes) against the shipped
+    plain config (2 whole copies): the same heads, rows, training steps, adapter and evaluations. The
+    sizes leave the processes uneven shares everywhere (15 pool batches, 3 probe batches, 5 eval rows,
+    a last training batch of 1 row), so the sharded processes run fillers to stay in step."""
+    from safetensors.torch import load_file
+
+    common = ["run", "--model", tiny_llama_dir, "--pool-size", "60", "--probe-size", "10", "--eval-size", "5",
+              "--other-eval-size", "0", "--batch-size", "4", "--max-length", "96", "--head-ratio", "0.25",
+              "--data-ratio", "0.15", "--steps", "3", "--max-new-tokens", "4"]
+    whole, sharded = tmp_path / "whole", tmp_path / "sharded"
+    a = _launch_with("multi_process.yaml", *common, "--out", str(whole))
+    assert a.returncode == 0, a.stderr[-3000:]
+    b = _launch_with("fsdp.yaml", *common, "--out", str(sharded))
+    assert b.returncode == 0, [ln for ln in b.stderr.splitlines() if "rror" in ln][:5]
+
+    ma, mb = (json.loads((d / "metrics.json").read_text()) for d in (whole, sharded))
+    assert not ma["sharded"] and mb["sharded"] and mb["processes"] == 2
+    held = mb["params_per_process"]  # each process holds half of every layer, the embeddings whole
+    assert len(held) == 2 and all(n < mb["total_params"] for n in held)
+    ha, hb = (json.loads((d / "heads.json").read_text()) for d in (whole, sharded))
+    assert hb["extra"]["sharded"] and ha["selected"] == hb["selected"]
+    flat = [(x, y) for ra, rb in zip(ha["scores"], hb["scores"]) for x, y in zip(ra, rb)]
+    assert all(abs(x - y) <= 1e-9 * max(1.0, abs(x)) for x, y in flat)
+    assert hb["extra"]["rows_per_process"] == ha["extra"]["rows_per_process"]  # the fillers not counted
+    assert (whole / "scores.jsonl").read_text() == (sharded / "scores.jsonl").read_text()
+    sa, sb = (json.loads((d / "selection.json").read_text()) for d in (whole, sharded))
+    assert sa["selected"] == sb["selected"] and len(sb["selected"]) == 9 and sum(sb["extra"]["rows_per_process"]) == 60
+
+    la, lb = ((d / "train_log.jsonl").read_text().splitlines() for d in (whole, sharded))
+    assert len(la) == len(lb) == 3
+    for x, y in zip(map(json.loads, la), map(json.loads, lb)):
+        assert x["tokens"] == y["tokens"] and abs(x["loss"] - y["loss"]) <= 1e-6 * abs(x["loss"])
+    wa, wb = (load_file(d / "adapter" / "adapter_model.safetensors") for d in (whole, sharded))
+    assert wa.keys() == wb.keys() and all(float((wa[k] - wb[k]).abs().max()) <= 1e-6 for k in wa)
+    for when in ("eval_before", "eval_after"):
+        ea, eb = ma[when], mb[when]
+        assert (eb["n"], eb["n_generated"], eb["accuracy"]) == (ea["n"], ea["n_generated"], ea["accuracy"]) == \
+            (ea["n"], 5, ea["accuracy"])
+        assert abs(ea["loss"] - eb["loss"]) <= 1e-6 * ea["loss"]
+    assert mb["full_ft"]["processes"] == 2 and mb["full_ft"]["steps"] == ma["full_ft"]["steps"] and mb["aer"] > 0
+
+
+def test_a_sharded_model_refuses_what_needs_whole_weights(tmp_path, tiny_llama_dir):
+    proc = _launch_with("fsdp.yaml", "heads", "--model", tiny_llama_dir, "--pool-size", "60", "--probe-size", "10",
+                        "--head-method", "taylor", "--out", str(tmp_path / "t"))
+    assert proc.returncode != 0  # each process exits 2 with the line; torchrun reports 1
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert errors and "the taylor head score needs each process to hold the whole model" in errors[0]
+    assert not (tmp_path / "t" / "heads.json").exists()
+
+
+def test_padded_shares_keep_a_sharded_model_in_step():
+    from p2d.distributed import Processes
+
+    items = list(range(7))
+    assert Processes(world=3, rank=2, sharded=True).padded(items) == ([2, 5, 0], 2)  # one copy of items[0]
+    assert Processes(world=3, rank=0, sharded=True).padded(items) == ([0, 3, 6], 3)
+    assert Processes(world=3, rank=2).padded(items) == ([2, 5], 2)  # whole copies: no padding
+    assert Processes(world=4, rank=3, sharded=True).padded([9]) == ([9], 0)  # no rows of its own: a filler
+    assert Processes(world=2, rank=1, sharded=True).padded([]) == ([], 0)
+    assert Processes().lockstep(5) == 5 and Processes().agreed(None) is None
+
+
+def test_fsdp_settings_come_from_the_launcher(monkeypatch):
+    import torch
+
+    from p2d.cli import _check_processes
+    from p2d.distributed import _fsdp_options, fsdp_requested
+    from p2d.errors import UserError
+
+    cpu = torch.device("cpu")
+    for key in ("ACCELERATE_USE_FSDP", "FSDP_RESHARD_AFTER_FORWARD", "FSDP_SHARDING_STRATEGY", "FSDP_OFFLOAD_PARAMS"):
+        monkeypatch.delenv(key, raising=False)
+    assert not fsdp_requested() and _fsdp_options(cpu) == {"reshard_after_forward": True}
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    assert fsdp_requested()
+    monkeypatch.setenv("FSDP_RESHARD_AFTER_FORWARD", "false")
+    monkeypatch.setenv("FSDP_OFFLOAD_PARAMS", "true")  # CPU offload only means something on a GPU
+    assert _fsdp_options(cpu) == {"reshard_after_forward": False}
+    monkeypatch.setenv("FSDP_RESHARD_AFTER_FORWARD", "shard_grad_op")  # FSDP1's name for the same
+    assert _fsdp_options(cpu)["reshard_after_forward"] is False
+    monkeypatch.setenv("FSDP_SHARDING_STRATEGY", "NO_SHARD")  # FSDP1 without sharding: plain data parallel
+    assert not fsdp_requested()
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(UserError, match="DeepSpeed is not supported"):
+        _check_processes("run")

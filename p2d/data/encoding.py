@@ -184,6 +184,16 @@ def collate(batch: list, pad_id: int, padding_side: str = "right") -> dict[str, 
     return out
 
 
+def filler_batch(pad_id: int | None) -> dict[str, torch.Tensor]:
+    """A one-token batch with no answer token: what a process without rows of its own computes (and
+    drops) so that the processes of a sharded (FSDP) model run the same forwards."""
+    import torch
+
+    token = pad_id if pad_id is not None else 0
+    return {"input_ids": torch.tensor([[token]]), "attention_mask": torch.ones(1, 1, dtype=torch.long),
+            "labels": torch.full((1, 1), IGNORE_INDEX)}
+
+
 def iter_batches(encoded: list, batch_size: int, shuffle: bool = False, seed: int = 0,
                  sort_by_length: bool = False) -> Iterator[list]:
     """Yield lists of items, each at most ``batch_size`` long; every item exactly once.
