@@ -28,6 +28,7 @@ current settings and the results it was built on; anything else is rerun, never 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -174,6 +175,7 @@ class Run:
         self.manifest: dict[str, dict] = {}
         self.resume = False
         self.tracker = None  # opened on the first stage that reports (p2d.tracking)
+        self.launch_processes = 1  # the training runs in this many processes elsewhere (the app's launcher)
 
     # -- results by name ---------------------------------------------------------------------------
     heads: HeadScores | None = property(lambda self: self.results.get("heads"))
@@ -436,10 +438,13 @@ class Run:
         return self.selection.selected_samples(self.data.pool.samples)
 
     def planned_steps(self) -> int | None:
-        """Optimizer steps training will do (known once the data is selected)."""
+        """Optimizer steps training will do (known once the data is selected); with several processes
+        (this one's, or ``launch_processes`` of a launched training) the global batch counts."""
         if self.selection is None:
             return None
-        return self.train_config().planned_steps(max(1, len(self.selection.selected)))
+        procs = max(Processes.current().world, self.launch_processes)
+        config = dataclasses.replace(self.train_config(), batch_size=self.train_config().batch_size * procs)
+        return config.planned_steps(max(1, len(self.selection.selected)))
 
     def _stage_train(self):
         def on_log(record: dict) -> None:

@@ -43,6 +43,15 @@ def test_run_executes_only_what_is_needed(tiny_llama, tmp_path):
     assert metrics["stages_done"] == list(STAGES) and metrics["aer"] > 0
 
 
+def test_planned_steps_count_the_global_batch_of_a_launched_training(tiny_llama, tmp_path):
+    run = _run(tiny_llama, tmp_path, steps=None, epochs=1.0, data_ratio=0.5)  # 20 rows, batch 4
+    assert run.planned_steps() is None  # nothing selected yet
+    run.run(["select"])
+    assert run.planned_steps() == 5
+    run.launch_processes = 2  # the app's launcher: 2 processes x batch 4
+    assert run.planned_steps() == 3
+
+
 def test_reconfigure_drops_exactly_what_changed(tiny_llama, tmp_path):
     run = _run(tiny_llama, tmp_path)
     run.run(STAGES)

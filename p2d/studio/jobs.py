@@ -123,7 +123,11 @@ def _train_launched(studio, ws, run: Run, job: Job, processes: int) -> str:
         return _settled(run, "reference")
     job.set_phase(f"training the heads in {processes} processes (accelerate launch)")
     job.info["processes"] = processes
-    launch_training(run, processes, job)
+    run.launch_processes = processes  # the progress bar plans with the global batch
+    try:
+        launch_training(run, processes, job)
+    finally:
+        run.launch_processes = 1
     run = studio.open_run(ws, run.out.name, in_job=True)  # what the processes wrote
     if not run.is_done("train"):
         return _settled(run, "train")
