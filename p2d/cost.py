@@ -131,9 +131,9 @@ def full_finetune_cost(lm, pool: list[Sample], epochs: float = 3.0, batch_size: 
                        mode: str = "estimate", timed_steps: int = 6, seed: int = 0, max_grad_norm: float = 1.0,
                        progress: ProgressFn = None, should_stop: StopFn = None) -> FullFinetuneCost:
     """Time full fine-tuning on ``pool`` (see the module docstring). The model is left unchanged."""
-    from .distributed import Processes
+    from .distributed import Processes, is_shard
     from .models import trainable
-    from .training import NonFinite, _backward_shared, clip_gradients, is_shard, loss_backward
+    from .training import NonFinite, _backward_shared, clip_gradients, loss_backward
 
     if mode not in REFERENCE_MODES:
         raise UserError(f"full fine-tuning reference must be one of {', '.join(REFERENCE_MODES)}, got {mode!r}")

@@ -51,7 +51,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-__all__ = ["Processes", "check_engine", "fsdp_requested", "shard_layers"]
+__all__ = ["Processes", "check_engine", "fsdp_requested", "is_shard", "shard_layers"]
 
 TRUE = ("1", "true", "yes")
 
@@ -61,6 +61,11 @@ def fsdp_requested() -> bool:
     ``NO_SHARD`` strategy is plain data parallel)."""
     no_shard = os.environ.get("FSDP_SHARDING_STRATEGY", "").strip().upper() in ("NO_SHARD", "3")
     return os.environ.get("ACCELERATE_USE_FSDP", "").lower() in TRUE and not no_shard
+
+
+def is_shard(t) -> bool:
+    """``t`` is a DTensor: a sharded model's weight (or its gradient), of which this process holds a part."""
+    return hasattr(t, "to_local") and hasattr(t, "device_mesh")
 
 
 def check_engine() -> None:
@@ -121,10 +126,9 @@ class Processes:
         if not self.sharded:
             return n
         import torch
-        import torch.distributed as dist
 
         t = torch.tensor([int(n)], dtype=torch.int64)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        self.all_reduce_([t], op="max")
         return int(t.item())
 
     def agreed(self, should_stop):
@@ -171,14 +175,24 @@ class Processes:
             out = out + part
         return out
 
-    def all_reduce_(self, tensors) -> None:
-        """Sum each tensor over the processes, in place (a no-op for one process)."""
+    def all_reduce_(self, tensors, op: str = "sum") -> None:
+        """Sum (or ``op="max"``) each tensor over the processes, in place (a no-op for one process).
+        A CPU tensor under NCCL, which reduces only GPU tensors, travels through this process's GPU."""
         if self.world == 1:
             return
+        import torch
         import torch.distributed as dist
 
+        reduce_op = dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM
+        backend = str(dist.get_backend()).lower()
+        gpu_only = "nccl" in backend and "gloo" not in backend
         for t in tensors:
-            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+            if gpu_only and t.device.type != "cuda":
+                moved = t.to(torch.device("cuda", torch.cuda.current_device()))
+                dist.all_reduce(moved, op=reduce_op)
+                t.copy_(moved)
+            else:
+                dist.all_reduce(t, op=reduce_op)
 
     def barrier(self) -> None:
         if self.world > 1:

@@ -159,7 +159,6 @@ def answer_loss_sums(lm, samples: list[Sample], batch_size: int = 16, max_length
     return total, count
 
 
-
 def default_max_new_tokens(lm, samples: list[Sample], cap: int = 64) -> int:
     longest = max((len(lm.tokenizer(s.answer, add_special_tokens=False)["input_ids"]) for s in samples), default=8)
     return max(1, min(cap, longest + 8))

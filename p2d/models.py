@@ -461,7 +461,9 @@ def load_model(spec: str | os.PathLike | None = DEFAULT_SPEC, device: str | torc
 
 def local_params(model: torch.nn.Module) -> int:
     """Parameters this process holds: a sharded weight counts with its local shard only."""
-    return sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in model.parameters())
+    from .distributed import is_shard
+
+    return sum(p.to_local().numel() if is_shard(p) else p.numel() for p in model.parameters())
 
 
 @contextlib.contextmanager

@@ -53,7 +53,7 @@ import torch
 
 from .adapter import ADAPTER_KINDS, PROJECTIONS, WEIGHTS_NAME, make_adapter, normalize_heads, normalize_projections
 from .data.encoding import IGNORE_INDEX, collate, encode, filler_batch, iter_batches
-from .distributed import Processes
+from .distributed import Processes, is_shard
 from .errors import UserError, is_out_of_memory
 from .files import atomic_dir, remove, write_text
 from .gating import answer_token_losses
@@ -284,21 +284,14 @@ def clip_gradients(params: list, max_grad_norm: float | None) -> float:
     return float(torch.linalg.vector_norm(torch.stack([p.grad.detach().float().norm() for p in grads])))
 
 
-def is_shard(t) -> bool:
-    """``t`` is a DTensor (a sharded model's weight or gradient)."""
-    return hasattr(t, "to_local") and hasattr(t, "device_mesh")
-
-
 def _clip_sharded(params: list, max_grad_norm: float | None) -> float:
     """`clip_gradients` over a mix of DTensor shards and whole tensors: the shards' squared norms are
     summed over the processes (one all-reduce), the whole tensors' (the same on every process) once."""
-    import torch.distributed as dist
-
     shards = [p.grad.to_local().detach().float() for p in params if is_shard(p.grad)]
     whole = [p.grad.detach().float() for p in params if not is_shard(p.grad)]
     device = (shards or whole)[0].device
     sharded_sq = torch.stack([g.pow(2).sum() for g in shards]).sum() if shards else torch.zeros((), device=device)
-    dist.all_reduce(sharded_sq)
+    Processes.current().all_reduce_([sharded_sq])
     whole_sq = sum((float(g.pow(2).sum()) for g in whole), 0.0)
     total = math.sqrt(float(sharded_sq) + whole_sq)
     if max_grad_norm and math.isfinite(total):
