@@ -34,10 +34,9 @@ forward and backward, so with a sharded model every process must run the same nu
 process's own batches how many to run (the most any process has), `agreed` makes a stop check the same
 on every process. The copies' results are dropped. Config keys read: ``fsdp_reshard_after_forward``
 (true / false, or FSDP1's FULL_SHARD / SHARD_GRAD_OP; also from ``fsdp_sharding_strategy``, whose
-NO_SHARD means plain data parallel) and
-``fsdp_offload_params`` (GPU only); the others (auto-wrap policy, state-dict type, prefetch,
-activation checkpointing) are not used: P2D always shards by decoder layer and never saves the base
-model. Not with sharding: ``taylor``, ``shift`` and ``shift_sgd`` head scores (they need whole weight
+NO_SHARD means plain data parallel) and ``fsdp_offload_params`` (GPU only); the others (auto-wrap
+policy, state-dict type, prefetch, activation checkpointing) are not used: P2D always shards by
+decoder layer and never saves the base model. Not with sharding: ``taylor``, ``shift`` and ``shift_sgd`` head scores (they need whole weight
 gradients; `check_sharding` refuses them), ``--quantize``. DeepSpeed is not supported (`check_engine`
 refuses it): ZeRO-1/2 shard optimizer state and gradients, which for P2D are the head deltas (kilobytes
 to megabytes), and ZeRO-3 shards the weights as FSDP does.
@@ -202,13 +201,14 @@ class Processes:
         """``{"processes": N, "rows_per_process": [...], "sharded": bool}`` (every process must call it)."""
         return {"processes": self.world, "rows_per_process": self.gather(int(rows)), "sharded": self.sharded}
 
-    def check_sharding(self, what: str) -> None:
-        """Refuse ``what`` (one line) when the model is sharded: it needs whole weights on each process."""
+    def check_sharding(self, what: str, instead: str) -> None:
+        """Refuse ``what`` (one line, saying ``instead``) when the model is sharded: it needs whole
+        weights on each process."""
         if self.sharded:
             from .errors import UserError
 
             raise UserError(f"{what} needs each process to hold the whole model, so it does not run with a sharded "
-                            "(FSDP) model: pick another setting, or launch without FSDP (--multi_gpu)")
+                            f"(FSDP) model: {instead}, or launch without FSDP (--multi_gpu)")
 
 
 def _fsdp_options(device) -> dict:

@@ -583,7 +583,7 @@ def _score_importance(lm, method, probe, pool, contrast, batch_size, max_length,
     pool_batches = _batches(lm, pool_sample, batch_size, max_length, positions=positions) if pool_sample else []
     procs = Processes.current()  # several processes: each sums its share of the batches, then the sums add up
     (probe_batches, probe_own), (pool_batches, pool_own) = procs.padded(probe_batches), procs.padded(pool_batches)
-    tick.total = len(probe_batches) + len(pool_batches)
+    tick.total = probe_own + pool_own  # the progress of this process's own batches
     extra: dict = {}
     if method == "taylor":
         probe_imp, n_probe_b, n_probe, stopped = taylor_importance(lm, probe_batches, tick, should_stop)
@@ -698,7 +698,7 @@ def score_heads(lm, probe: list[Sample], method: str = DEFAULT_HEAD_METHOD, rati
                 raise UserError(f"proxy learning rate must be a positive number (got {proxy_lr})")
         procs = Processes.current()
         if method in ("shift", "shift_sgd", "taylor"):
-            procs.check_sharding(f"the {method} head score")
+            procs.check_sharding(f"the {method} head score", f"use head method {DEFAULT_HEAD_METHOD} (the default)")
         should_stop = procs.agreed(should_stop)
         with frozen(lm.model):
             if method in ("shift", "shift_sgd"):

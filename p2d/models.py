@@ -409,6 +409,8 @@ def load_model(spec: str | os.PathLike | None = DEFAULT_SPEC, device: str | torc
     """
     from transformers import AutoModelForCausalLM
 
+    from .distributed import Processes, shard_layers
+
     resolved = resolve_spec(spec)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
@@ -417,6 +419,7 @@ def load_model(spec: str | os.PathLike | None = DEFAULT_SPEC, device: str | torc
         kw["attn_implementation"] = attn_implementation
     qconfig = quantization_config(quantize, dt)
     if qconfig is not None:
+        Processes.current().check_sharding("quantisation", "set quantize to none")
         if resolved.kind == "gguf":
             raise UserError("a .gguf model is dequantised on load and cannot be re-quantised: set Quantise frozen MLPs (quantize) to none")
         kw["quantization_config"] = qconfig
@@ -436,13 +439,8 @@ def load_model(spec: str | os.PathLike | None = DEFAULT_SPEC, device: str | torc
     quantizer = getattr(model, "hf_quantizer", None)
     if resolved.kind == "gguf" and quantizer is not None:
         quantizer.remove_quantization_config(model)
-    from .distributed import Processes, shard_layers
-
     procs, extra = Processes.current(), {}
     if procs.sharded:  # FSDP: each process keeps a share of every decoder layer
-        if qconfig is not None:
-            raise UserError("quantisation does not combine with a sharded (FSDP) model: set quantize to none, or "
-                            "launch without FSDP (--multi_gpu)")
         extra["sharded_layers"] = shard_layers(model, dev)
     try:
         if qconfig is None:  # bitsandbytes models are placed by device_map and refuse .to()
