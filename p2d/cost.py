@@ -21,6 +21,11 @@ with like. The sum is a plain all-reduce after the backward (no overlap with it,
 With a sharded (FSDP) model the layers' gradients are reduce-scattered by FSDP during the backward and
 the optimizer holds each process's shard, as full fine-tuning under FSDP would.
 
+A quantised model (``quantize``: bitsandbytes 8/4-bit MLPs) cannot be fully fine-tuned: its
+reference trains every floating-point weight and leaves the integer ones frozen (``quantized_params``
+counts them), so it is cheaper than full fine-tuning of the unquantised model and its AER is
+conservative (higher) for P2D.
+
 Both step with AdamW at lr=0, which costs what a real step costs and leaves every weight
 bit-identical. A step whose gradient is not finite is timed but its optimizer step is skipped (an
 lr=0 step would still write NaN into the weights), so a shared model is never changed. Evaluation and
@@ -63,6 +68,7 @@ class FullFinetuneCost:
     optimizer_state_bytes: int
     skipped_steps: int = 0   # steps whose gradient was not finite (optimizer step skipped)
     processes: int = 1       # timed data parallel over this many processes (global batch = batch_size x processes)
+    quantized_params: int = 0  # integer (quantised) weights left frozen: the reference trains the rest
     fit: dict = field(default_factory=dict)  # {"intercept_s", "s_per_token"} of the estimate
 
     def to_dict(self) -> dict:
@@ -156,7 +162,9 @@ def full_finetune_cost(lm, pool: list[Sample], epochs: float = 3.0, batch_size: 
         picks = stratified_sample([padded_tokens(b) for b in per_epoch], max(1, timed_steps))
         runs = picks
         warmup = stratified_sample(sizes, 1)[0]
-    params = list(model.parameters())
+    # every floating-point weight; a quantised model's integer weights (bitsandbytes) cannot train
+    params = [p for p in model.parameters() if p.is_floating_point()]
+    frozen_quantized = sum(p.numel() for p in model.parameters() if not p.is_floating_point())
     # a sharded model: FSDP reduces its layers' gradients itself (a mean over processes, made a sum
     # below); the whole weights (embeddings, norm, LM head) are summed like head training's deltas
     whole = [p for p in params if not is_shard(p)]
@@ -211,7 +219,7 @@ def full_finetune_cost(lm, pool: list[Sample], epochs: float = 3.0, batch_size: 
     steps = len(batches)
     common = dict(epochs=epochs, steps=steps, n_pool=len(encoded), batch_size=batch_size, max_length=max_length,
                   tokens=sum(sizes), trainable_params=n_params, optimizer_state_bytes=state_bytes,
-                  skipped_steps=skipped, processes=procs.world)
+                  skipped_steps=skipped, processes=procs.world, quantized_params=frozen_quantized)
     if mode == "measure":
         if len(durations) < steps:
             raise UserError("the full fine-tuning reference was stopped before every step was measured")

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import math
 import os
 import re
 import secrets
@@ -377,7 +378,12 @@ class LoadedModel:
 
 
 def count_params(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+    """Parameters of ``model``; a 4-bit weight (stored packed, two per byte) counts with its real shape."""
+    total = 0
+    for p in model.parameters():
+        shape = getattr(getattr(p, "quant_state", None), "shape", None)
+        total += math.prod(shape) if shape is not None else p.numel()
+    return total
 
 
 def quantization_config(quantize: str | None, dtype: torch.dtype):

@@ -97,3 +97,27 @@ def test_component_figures(tiny_llama, tmp_path):
     assert [r["share"] for r in c["head_share"]] == [0.05, 0.1, 0.3, 1.0] and [r["tokens"] for r in c["length"]] == [64]
     assert c["profile_head_step"] and "| heads |" in components_markdown(c)
     assert all(torch.equal(before[k], v) for k, v in tiny_llama.model.state_dict().items())
+
+
+def test_gpu_check_dry_runs_on_the_cpu(tmp_path, capsys):
+    """bench/gpu_check.py (what a session lent a GPU runs) on a tiny model of the same family: every
+    stage is timed, the run's figures and the table come out (peak memory only on CUDA)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    spec = importlib.util.spec_from_file_location("gpu_check", root / "bench" / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    sys.modules["gpu_check"] = gpu_check
+    spec.loader.exec_module(gpu_check)
+    cases = "1b,1b-4bit" if importlib.util.find_spec("bitsandbytes") else "1b"
+    gpu_check.main(["--device", "cpu", "--size", "tiny", "--cases", cases, "--pool-size", "40", "--steps", "2",
+                    "--out", str(tmp_path / "runs"), "--json", str(tmp_path / "gpu_check.json")])
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert [r["case"] for r in report["results"]] == cases.split(",")
+    for r in report["results"]:
+        assert set(r["stages"]) == {"model", "load", "heads", "select", "eval_before", "reference", "train",
+                                    "eval_after"}
+        assert r["steps"] == 2 and r["aer"] > 0 and r["time_full_s"] > 0 and r["stages"]["train"]["peak_gib"] is None
+    assert "| case |" in capsys.readouterr().out
