@@ -24,7 +24,7 @@ import torch
 from .data.encoding import encode_prompts
 from .data.formats import Sample
 from .errors import UserError
-from .evaluation import _stop_ids
+from .evaluation import stop_token_ids
 
 __all__ = ["stream_reply", "compare_replies", "check_sampling", "MAX_NEW_TOKENS"]
 
@@ -72,7 +72,7 @@ def stream_reply(lm, prompt: str, max_new_tokens: int = 64, temperature: float =
     tok, model = lm.tokenizer, lm.model
     sample = Sample(prompt=[{"role": "user", "content": str(prompt)}], answer="", task=None, row={}, index=0)
     ids = torch.tensor([encode_prompts([sample], tok, max_length=max_length)[0]], dtype=torch.long, device=lm.device)
-    stops = set(_stop_ids(tok))
+    stops = set(stop_token_ids(tok))
     gen = torch.Generator().manual_seed(int(seed)) if temperature > 0 else None
     was_training = model.training
     model.eval()

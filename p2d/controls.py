@@ -46,7 +46,7 @@ LORA_RANK = 8
 
 
 def _built_on(run) -> dict:
-    return {s: run._result_digest(s) for s in ("heads", "select", "train")}
+    return {s: run.result_digest(s) for s in ("heads", "select", "train")}
 
 
 def read_controls(run) -> dict | None:

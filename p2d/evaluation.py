@@ -77,7 +77,9 @@ class EvalResult:
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
-def _stop_ids(tokenizer) -> list[int]:
+def stop_token_ids(tokenizer) -> list[int]:
+    """The tokens that end an answer: end of sequence and the end-of-turn tokens of the usual chat
+    templates that the tokenizer has."""
     ids = {tokenizer.eos_token_id}
     for tok in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|endoftext|>"):
         tid = tokenizer.convert_tokens_to_ids(tok) if tok in tokenizer.get_vocab() else None
@@ -97,7 +99,7 @@ def generate_answers(lm, samples: list[Sample], batch_size: int = 16, max_new_to
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     answers: list[str | None] = [None] * len(prompts)
     pad = tok.pad_token_id
-    stops = _stop_ids(tok)
+    stops = stop_token_ids(tok)
     was_training = model.training
     model.eval()
     procs = Processes.current()  # a sharded model: every process generates as many batches, in step

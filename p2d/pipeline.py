@@ -196,7 +196,7 @@ class Run:
             return False
         if entry.get("settings") != self._settings(stage):
             return False
-        return all(entry.get("inputs", {}).get(u) == self._result_digest(u) for u in UPSTREAM[stage])
+        return all(entry.get("inputs", {}).get(u) == self.result_digest(u) for u in UPSTREAM[stage])
 
     @property
     def stages_done(self) -> list[str]:
@@ -206,7 +206,9 @@ class Run:
     def stages_partial(self) -> list[str]:
         return [s for s in STAGES if self.manifest.get(s, {}).get("partial")]
 
-    def _result_digest(self, stage: str) -> str | None:
+    def result_digest(self, stage: str) -> str | None:
+        """The digest of ``stage``'s finished result (None when it is not done): it changes whenever the
+        stage is redone, so anything derived from the result can tell it is out of date."""
         return self.manifest[stage]["digest"] if self.is_done(stage) else None
 
     def _settings(self, stage: str) -> dict:
@@ -324,7 +326,7 @@ class Run:
         if {k: v for k, v in entry["settings"].items() if k != ratio_field} != \
                 {k: v for k, v in wanted.items() if k != ratio_field}:
             return
-        if not all(entry.get("inputs", {}).get(u) == self._result_digest(u) for u in UPSTREAM[stage]):
+        if not all(entry.get("inputs", {}).get(u) == self.result_digest(u) for u in UPSTREAM[stage]):
             return
         new = result.with_ratio(getattr(self.config, ratio_field))
         if stage == "heads":
@@ -468,7 +470,7 @@ class Run:
 
     def _record(self, stage: str, partial: bool, result, external: dict | None = None) -> None:
         entry = {"settings": external and {"external": external} or self._settings(stage),
-                 "inputs": {u: self._result_digest(u) for u in UPSTREAM[stage]},
+                 "inputs": {u: self.result_digest(u) for u in UPSTREAM[stage]},
                  "partial": bool(partial), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
                  "digest": self._digest_of(stage, result)}
         if external:
