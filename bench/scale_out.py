@@ -33,28 +33,23 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from p2d.studio.launcher import free_port  # noqa: E402
 CONFIGS = {"whole": ROOT / "configs/accelerate/multi_process.yaml", "sharded": ROOT / "configs/accelerate/fsdp.yaml"}
-
-
-def _port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _command(setting: str, processes: int, argv: list[str]) -> list[str]:
     if setting == "one":
         return [sys.executable, "-m", "p2d", *argv]
     return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS[setting]),
-            "--num_processes", str(processes), "--main_process_port", str(_port()), "-m", "p2d", *argv]
+            "--num_processes", str(processes), "--main_process_port", str(free_port()), "-m", "p2d", *argv]
 
 
 def _run(setting: str, processes: int, argv: list[str], threads: int) -> tuple[float, str]:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
     start = time.perf_counter()
-    proc = subprocess.run(_command(setting, processes, argv), capture_output=True, text=True, env=env)
+    proc = subprocess.run(_command(setting, processes, argv), capture_output=True, text=True, env=env, cwd=ROOT)
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         raise SystemExit(f"{setting}: {' '.join(argv[:1])} failed:\n{proc.stderr[-3000:]}")
@@ -105,7 +100,7 @@ def main() -> None:
     rows = []
     for r in range(args.repeats):
         for setting in settings:
-            row = measure(setting, args, Path(args.out) / f"{setting}-{r}")
+            row = measure(setting, args, Path(args.out).resolve() / f"{setting}-{r}")
             row["repeat"] = r
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "selected"}), flush=True)

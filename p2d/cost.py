@@ -166,7 +166,8 @@ def full_finetune_cost(lm, pool: list[Sample], epochs: float = 3.0, batch_size: 
     params = [p for p in model.parameters() if p.is_floating_point()]
     frozen_quantized = sum(p.numel() for p in model.parameters() if not p.is_floating_point())
     # a sharded model: FSDP reduces its layers' gradients itself (a mean over processes, made a sum
-    # below); the whole weights (embeddings, norm, LM head) are summed like head training's deltas
+    # below: FSDP's own divide factor of 1 needs PREMUL_SUM, which gloo lacks); the whole weights
+    # (embeddings, norm, LM head) are summed like head training's deltas
     whole = [p for p in params if not is_shard(p)]
     shards = [p for p in params if is_shard(p)]
     durations: list[float] = []

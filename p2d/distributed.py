@@ -38,8 +38,9 @@ NO_SHARD means plain data parallel) and ``fsdp_offload_params`` (GPU only); the 
 policy, state-dict type, prefetch, activation checkpointing) are not used: P2D always shards by
 decoder layer and never saves the base model. Not with sharding: ``taylor``, ``shift`` and ``shift_sgd`` head scores (they need whole weight
 gradients; `check_sharding` refuses them), ``--quantize``. DeepSpeed is not supported (`check_engine`
-refuses it): ZeRO-1/2 shard optimizer state and gradients, which for P2D are the head deltas (kilobytes
-to megabytes), and ZeRO-3 shards the weights as FSDP does.
+refuses it): ZeRO-1/2 shard only optimizer state and gradients, which for P2D belong to the head
+deltas (a few percent of the parameters), not the frozen weights that fill a device; ZeRO-3 shards
+those as FSDP does.
 Not yet: the proxy fine-tunes (``shift``, ``lofit``) and ``random`` run whole on every process (same
 result); the benchmark and the app's other jobs are single-process; a NaN or an error on one process
 stops only that one (the others wait until the launcher ends them). One machine (a shared run folder).
@@ -72,9 +73,10 @@ def check_engine() -> None:
     from .errors import UserError
 
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in TRUE:
-        raise UserError("DeepSpeed is not supported: P2D trains only the head deltas, so ZeRO-1/2 have nothing to "
-                        "shard; for a model larger than one device use an FSDP config (--use_fsdp --fsdp_version 2, "
-                        "as ZeRO-3 does), otherwise plain several processes (--multi_gpu)")
+        raise UserError("DeepSpeed is not supported: P2D trains only the head deltas, so ZeRO-1/2 would shard only "
+                        "their small optimizer state; for a model larger than one device use an FSDP config "
+                        "(configs/accelerate/fsdp.yaml, which shards the weights as ZeRO-3 would), otherwise plain "
+                        "several processes (--multi_gpu)")
 
 
 @dataclass

@@ -110,7 +110,7 @@ def generate_answers(lm, samples: list[Sample], batch_size: int = 16, max_new_to
                 break
             start = starts[n] if n < len(starts) else None
             idx = order[start:start + batch_size] if start is not None else []
-            prompt_rows = [prompts[i] for i in idx] or [[pad if pad is not None else 0]]  # a filler
+            prompt_rows = [prompts[i] for i in idx] or filler_batch(pad)["input_ids"].tolist()  # a filler
             width = max(len(p) for p in prompt_rows)
             ids = torch.full((len(prompt_rows), width), pad if pad is not None else 0, dtype=torch.long)
             mask = torch.zeros((len(prompt_rows), width), dtype=torch.long)
