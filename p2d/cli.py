@@ -160,11 +160,12 @@ def cmd_data(args) -> None:
 
 
 def cmd_demo_data(args) -> None:
-    from .data.builtin import build_task_pool
+    from .pipeline import build_builtin_pool
 
-    config = config_from_args(args, ["target", "pool_size", "probe_size", "eval_size", "seed"])
-    tp = build_task_pool(target=config.target, seed=config.seed, pool_size=config.pool_size,
-                         probe_size=config.probe_size, eval_size=config.eval_size)
+    config = config_from_args(args, ["pool", "target", "pool_size", "probe_size", "eval_size", "seed"])
+    if not config.builtin_pool:
+        raise UserError("demo-data writes a built-in pool: --pool builtin or builtin-hard")
+    tp = build_builtin_pool(config.replace(other_eval_size=0))
     paths = tp.write(args.out)
     _print({"files": paths, "target": tp.target, "pool_tasks": tp.counts(), "probe": len(tp.probe),
             "eval": len(tp.eval)})
@@ -175,7 +176,7 @@ def cmd_eval(args) -> None:
     from .pipeline import load_run_data
 
     config = config_from_args(args, _group_fields(COMMAND_GROUPS["eval"]))
-    if config.pool and not config.eval:
+    if not config.builtin_pool and not config.eval:
         raise UserError("give the eval file (--eval FILE); without files the built-in eval set is used")
     if config.eval:
         from .data.loading import load_data
@@ -449,8 +450,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="train", help="split for folders / hub datasets (default: train)")
     p.add_argument("--limit", type=int, help="read at most this many usable rows")
 
-    p = command("demo-data", "write the built-in task pool as pool/probe/eval JSONL", cmd_demo_data,
-                names=["target", "pool_size", "probe_size", "eval_size", "seed"])
+    p = command("demo-data", "write a built-in task pool (--pool builtin or builtin-hard) as pool/probe/eval JSONL",
+                cmd_demo_data, names=["pool", "target", "pool_size", "probe_size", "eval_size", "seed"])
     p.add_argument("--out", required=True, metavar="DIR", help="folder to write pool.jsonl, probe.jsonl, eval.jsonl "
                    "into")
 

@@ -45,8 +45,13 @@ STAGES = ("load", "heads", "select", "eval_before", "reference", "train", "eval_
 
 def _targets():
     from .data.builtin import TASKS
+    from .data.builtin_hard import HARD_TARGETS
 
-    return TASKS
+    return tuple(dict.fromkeys(TASKS + HARD_TARGETS))
+
+
+#: pool specs that name a built-in pool instead of a file (``None`` is the plain built-in pool)
+BUILTIN_POOLS = ("builtin", "builtin-hard")
 
 
 def setting(default, group: str, label: str, help: str, stages: tuple = (), choices=None, minimum=None,
@@ -94,8 +99,9 @@ class RunConfig:
                                    "8bit or 4bit: load the frozen MLPs with bitsandbytes (saves GPU memory, slower on "
                                    "CPU); none: dense", stages=("load",), choices=QUANTIZE)
     # data ------------------------------------------------------------------------------------------
-    pool: str | None = setting(None, "data", "Pool file", "training pool file (none: the built-in task pool)",
-                               stages=("load",))
+    pool: str | None = setting(None, "data", "Pool file", "training pool file, or builtin-hard (the built-in pools "
+                               "where surface words mislead: the target skill only in other wordings, plus lexical "
+                               "twins); none or builtin: the built-in task pool", stages=("load",))
     probe: str | None = setting(None, "data", "Probe file", "~100 examples of the target task, used to find the heads",
                                 stages=("load",))
     eval: str | None = setting(None, "data", "Eval file", "eval set for accuracy before/after training",
@@ -103,8 +109,9 @@ class RunConfig:
     columns: dict | None = setting(None, "data", "Column mapping",
                                    "column mapping such as prompt=question,answer=reply,task=label (formats are "
                                    "detected otherwise)", stages=("load",))
-    target: str | None = setting(None, "data", "Target task", "built-in pool: the target task (default addition)",
-                                 stages=("load",), choices=_targets)
+    target: str | None = setting(None, "data", "Target task", "built-in pools: the target task (default addition; "
+                                 "builtin-hard: addition, alphabetical, dates or past_tense)", stages=("load",),
+                                 choices=_targets)
     pool_size: int = setting(1000, "data", "Pool size", "built-in pool: rows in the pool", stages=("load",), minimum=1)
     probe_size: int = setting(100, "data", "Probe size", "built-in pool: probe rows (target task)", stages=("load",),
                               minimum=1)
@@ -132,6 +139,9 @@ class RunConfig:
                                  stages=("select",), choices=SELECT_METHODS)
     data_ratio: float = setting(0.1, "select", "Share of the pool", "share of the pool to keep (0.1 = 10%)",
                                 stages=("select",), above=0.0, maximum=1.0)
+    hidden_layer: int | None = setting(None, "select", "Hidden-state layer", "the hidden selection method: which "
+                                       "decoder layer's mean hidden state is compared (none: the middle layer)",
+                                       stages=("select",), minimum=0)
     # stage 3: training -------------------------------------------------------------------------------
     epochs: float | None = setting(None, "train", "Epochs",
                                    "passes over the selected data (none: the reference epochs, so both sides of the "
@@ -195,16 +205,26 @@ class RunConfig:
 
     def validate(self) -> "RunConfig":
         """`normalize` plus the checks that involve several settings or the built-in pool."""
-        from .data.builtin import DEFAULT_TARGET
+        from .data.builtin import DEFAULT_TARGET, TASKS
+        from .data.builtin_hard import HARD_POOL, HARD_TARGETS
 
         self.normalize()
-        if not self.pool:
+        if self.builtin_pool:
             self.target = self.target or DEFAULT_TARGET
+            allowed = HARD_TARGETS if self.builtin_pool == HARD_POOL else TASKS
+            if self.target not in allowed:
+                raise UserError(f"the target {self.target!r} is not a task of the {self.builtin_pool} pool; choose "
+                                f"from {', '.join(allowed)}")
         elif not self.probe:
             raise UserError("a pool file needs a probe file (probe: ~100 examples of the target task) to find heads")
         return self
 
     # -- derived values ----------------------------------------------------------------------------
+    @property
+    def builtin_pool(self) -> str | None:
+        """``"builtin"`` (the plain built-in pool), ``"builtin-hard"``, or None when the pool is a file."""
+        return "builtin" if not self.pool else (self.pool if self.pool in BUILTIN_POOLS else None)
+
     @property
     def train_epochs(self) -> float:
         """Epochs of head training over the selected data (default: the reference epochs)."""
@@ -431,6 +451,8 @@ def _normalize_value(f: dataclasses.Field, hint, value):
         if not (low in ("auto", "cpu", "cuda", "mps") or (low.startswith("cuda:") and low[5:].isdigit())):
             raise UserError(f"{_label(f)} must be auto, cpu, cuda, cuda:N or mps, got {value!r}")
         return low
+    if name == "pool" and value.lower() in BUILTIN_POOLS:
+        return None if value.lower() == "builtin" else value.lower()
     if not value and name in ("model", "out"):
         raise UserError(f"{_label(f)} must not be empty")
     return value

@@ -466,17 +466,19 @@ class TaskPool:
         return paths
 
 
-def _permutation(task: str, seed: int, salt: str) -> list[_Row]:
+def task_rows(task: str, seed: int, salt: str) -> list[_Row]:
+    """Every row of ``task`` as (instruction, input, output), in an order seeded by ``seed`` and ``salt``."""
     space = list(_space(task) or ())
     random.Random(f"p2d-builtin:{seed}:{salt}:{task}").shuffle(space)
     return space
 
 
-def _to_dict(row: _Row, task: str) -> dict:
+def row_dict(row: _Row, task: str) -> dict:
+    """A compact row as the Alpaca-shaped dict the pools hold."""
     return {"instruction": row[0], "input": row[1], "output": row[2], "task": task}
 
 
-def _spread(total: int, caps: dict[str, int]) -> dict[str, int]:
+def spread_rows(total: int, caps: dict[str, int]) -> dict[str, int]:
     """Split `total` as evenly as possible over tasks, none above its cap (water filling)."""
     alloc: dict[str, int] = {}
     remaining = total
@@ -544,33 +546,33 @@ def build_task_pool(
     if not others:
         n_target = pool_size
     need = eval_size + probe_size + n_target
-    perm = _permutation(target, seed, "target")
+    perm = task_rows(target, seed, "target")
     if need > len(perm):
         raise UserError(
             f"Task {target!r} has only {len(perm)} unique rows but eval_size + probe_size + target rows in the "
             f"pool = {eval_size} + {probe_size} + {n_target} = {need}; lower the sizes or pick another target."
         )
-    eval_rows = [_to_dict(r, target) for r in perm[:eval_size]]
-    probe_rows = [_to_dict(r, target) for r in perm[eval_size:eval_size + probe_size]]
-    pool_rows = [_to_dict(r, target) for r in perm[eval_size + probe_size:need]]
+    eval_rows = [row_dict(r, target) for r in perm[:eval_size]]
+    probe_rows = [row_dict(r, target) for r in perm[eval_size:eval_size + probe_size]]
+    pool_rows = [row_dict(r, target) for r in perm[eval_size + probe_size:need]]
 
     held_out = {(r["instruction"], r["input"]) for r in eval_rows + probe_rows + pool_rows}
-    alloc = _spread(pool_size - n_target, {t: task_capacity(t) for t in others}) if others else {}
+    alloc = spread_rows(pool_size - n_target, {t: task_capacity(t) for t in others}) if others else {}
     other_eval: list[dict] = []
     for task in others:
         n = alloc[task]
         taken, extra = 0, 0
-        for r in _permutation(task, seed, "pool"):
+        for r in task_rows(task, seed, "pool"):
             if taken == n and extra == other_eval_size:
                 break
             if (r[0], r[1]) in held_out:  # never happens with the built-in templates; kept as a guarantee
                 continue
             held_out.add((r[0], r[1]))
             if taken < n:
-                pool_rows.append(_to_dict(r, task))
+                pool_rows.append(row_dict(r, task))
                 taken += 1
             else:
-                other_eval.append(_to_dict(r, task))
+                other_eval.append(row_dict(r, task))
                 extra += 1
 
     random.Random(f"p2d-builtin:{seed}:shuffle").shuffle(pool_rows)
