@@ -72,8 +72,10 @@ from .geometry import normalize_heads
 from .heads import HeadScores, check_ratio, top_count
 from .models import frozen
 from .progress import Ticker
+from .selection_baselines import BASELINE_HELP, BASELINE_METHODS, baseline_scores
 
-SELECT_METHODS = ("ablation", "alignment", "activation", "random", "activation_length_z", "prefilter_alignment")
+SELECT_METHODS = ("ablation", "alignment", "activation", "random", "activation_length_z", "prefilter_alignment",
+                  *BASELINE_METHODS)
 #: one line per selection method, for UIs and CLI help
 SELECT_METHOD_HELP = {
     "ablation": "ablation: answer loss with the selected heads gated off minus with them on",
@@ -82,6 +84,7 @@ SELECT_METHOD_HELP = {
     "random": "random: a seeded control",
     "activation_length_z": "activation_length_z: activation z-scored among samples of similar answer length",
     "prefilter_alignment": "prefilter_alignment: activation keeps the top 3x share, alignment ranks those",
+    **{m: f"{m}: {h}" for m, h in BASELINE_HELP.items()},
 }
 #: answer positions used by default (see `p2d.gating.POSITIONS`): all answer positions beat content-only ones
 #: with gradient, gradient_layer and gradient_logratio heads in the same study (bench/choose_defaults.py)
@@ -265,10 +268,12 @@ def _gate_vectors(lm, gate: HeadGate, by_layer: dict[int, list[int]], batch: dic
 def select_data(lm, heads, pool: list[Sample], method: str = DEFAULT_SELECT_METHOD, ratio: float = 0.1,
                 probe: list[Sample] | None = None, batch_size: int = 8, max_length: int = 256, seed: int = 0,
                 progress=None, should_stop=None, positions: str = DEFAULT_POSITIONS,
-                prefilter_factor: float = PREFILTER_FACTOR) -> Selection:
+                prefilter_factor: float = PREFILTER_FACTOR, hidden_layer: int | None = None) -> Selection:
     """Score every sample of ``pool`` with heads ``heads`` (HeadScores or [[layer, head], ...]) and
     keep the top ``ratio`` (at least one). See the module docstring for the methods, ``positions``
-    (one of ``POSITIONS``) and ``prefilter_factor`` (prefilter_alignment only)."""
+    (one of ``POSITIONS``) and ``prefilter_factor`` (prefilter_alignment only). The head-free methods
+    (`p2d.selection_baselines`: tfidf, bm25, hidden) ignore ``heads`` (None is fine) and
+    ``positions``; ``hidden_layer`` is hidden's layer (None: the middle one)."""
     if method not in SELECT_METHODS:
         raise UserError(f"unknown selection method {method!r}: use one of {', '.join(SELECT_METHODS)}")
     ratio = check_ratio(ratio, "data ratio")
@@ -281,6 +286,14 @@ def select_data(lm, heads, pool: list[Sample], method: str = DEFAULT_SELECT_METH
     if method == "prefilter_alignment" and not (isinstance(prefilter_factor, (int, float)) and prefilter_factor >= 1
                                                 and math.isfinite(prefilter_factor)):
         raise UserError(f"the prefilter factor must be a number >= 1 (got {prefilter_factor!r})")
+    if method in BASELINE_METHODS:
+        start = time.perf_counter()
+        scores, extra, stopped = baseline_scores(method, lm, pool, probe, batch_size, max_length, hidden_layer,
+                                                 progress, should_stop)
+        extra["stopped"] = stopped
+        selected = top_samples(scores, ratio)
+        return Selection(method=method, ratio=ratio, n_pool=len(pool), n_selected=len(selected),
+                         time_s=round(time.perf_counter() - start, 3), scores=scores, selected=selected, extra=extra)
     geo = lm.geometry
     hl = head_list(heads, geo)
     by_layer = heads_by_layer(hl)
