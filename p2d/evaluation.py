@@ -6,6 +6,13 @@ compared to the gold answer after normalisation (case, whitespace, trailing punc
 ``contains`` also reports how often the normalised gold answer appears inside the prediction as a
 whole word — a model that answers in full sentences scores there before it learns the format.
 Plain-text samples (no prompt) count towards the loss only.
+
+`forced_eval` is the cheap per-row variant the benchmark uses: one teacher-forced forward per batch
+gives every row's answer loss and whether greedy decoding would reproduce the gold answer token for
+token (``strict``: the argmax at every answer position up to and including the first end-of-turn
+token is the gold token; by induction that is exactly when greedy generation outputs the gold
+tokens and then stops). It is stricter than `exact_match` (no normalisation of case, punctuation or
+spacing, and the same tokenisation as the gold answer) and about ten times cheaper than generating.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ from .data.encoding import collate, encode, encode_prompts, filler_batch
 from .data.formats import Sample
 from .distributed import Processes
 from .errors import UserError
-from .gating import answer_token_losses
+from .gating import answer_logits, answer_token_losses
 from .progress import ProgressFn, StopFn, report
 
 _TRAILING = ".!?,;:。"
@@ -64,6 +71,8 @@ class EvalResult:
     by_task: dict = field(default_factory=dict)  # task -> {"accuracy", "contains", "n"} (labelled rows only)
     partial: bool = False  # stopped before every row was generated: the figures cover the rows done
     other_tasks: dict = field(default_factory=dict)  # held-out rows of the pool's other tasks, like by_task
+    metric: str = "exact_match"  # what accuracy is: "exact_match" (generated, normalised) or "strict" (forced_eval)
+    per_row: dict | None = None  # forced evaluation: {"strict": [0/1/None ...], "loss": [...]} in row order
 
     def to_dict(self, with_examples: bool = False) -> dict:
         d = asdict(self)
@@ -159,6 +168,64 @@ def answer_loss_sums(lm, samples: list[Sample], batch_size: int = 16, max_length
         count += token_loss.numel()
         report(progress, min(start + batch_size, len(encoded)), len(encoded), "eval loss")
     return total, count
+
+
+@dataclass
+class ForcedEval:
+    """Per-row results of `forced_eval`, in the order of the samples (rows without answer tokens after
+    truncation: ``strict`` None, ``loss`` None)."""
+
+    strict: list[bool | None]
+    loss: list[float | None]
+    tasks: list[str | None]
+
+    @property
+    def accuracy(self) -> float | None:
+        vals = [v for v in self.strict if v is not None]
+        return sum(vals) / len(vals) if vals else None
+
+    @property
+    def mean_loss(self) -> float | None:
+        vals = [v for v in self.loss if v is not None]
+        return sum(vals) / len(vals) if vals else None
+
+    def by_task(self) -> dict[str, dict]:
+        out: dict[str, list] = {}
+        for t, v in zip(self.tasks, self.strict):
+            if t is not None and v is not None:
+                out.setdefault(t, []).append(v)
+        return {t: {"accuracy": sum(v) / len(v), "n": len(v)} for t, v in sorted(out.items())}
+
+    def to_dict(self) -> dict:
+        return {"accuracy": self.accuracy, "loss": self.mean_loss, "n": len(self.strict),
+                "strict": [None if v is None else int(v) for v in self.strict],
+                "row_loss": [None if v is None else round(v, 5) for v in self.loss]}
+
+
+@torch.no_grad()
+def forced_eval(lm, samples: list[Sample], batch_size: int = 16, max_length: int = 256) -> ForcedEval:
+    """Per row: strict greedy match and mean answer loss, from one teacher-forced forward per batch (see
+    the module docstring). One process only (the benchmark's path)."""
+    samples = [Sample(s.prompt, s.answer, s.task, s.row, i, s.kind) for i, s in enumerate(samples)]
+    encoded = sorted(encode(samples, lm.tokenizer, max_length=max_length), key=lambda e: len(e["input_ids"]))
+    stops = torch.tensor(stop_token_ids(lm.tokenizer))
+    strict: list[bool | None] = [None] * len(samples)
+    loss: list[float | None] = [None] * len(samples)
+    for start in range(0, len(encoded), batch_size):
+        group = encoded[start:start + batch_size]
+        batch = {k: v.to(lm.device) for k, v in collate(group, lm.tokenizer.pad_token_id).items()}
+        logits, targets, rows = answer_logits(lm.model, batch)
+        ce = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="none").cpu()
+        hit = (logits.argmax(dim=-1) == targets).cpu()
+        targets, rows = targets.cpu(), rows.cpu()
+        for r, item in enumerate(group):
+            sel = rows == r
+            t, h = targets[sel], hit[sel]
+            is_stop = torch.isin(t, stops).nonzero()
+            upto = int(is_stop[0]) + 1 if len(is_stop) else len(t)  # the answer and its end-of-turn token
+            strict[item["index"]] = bool(h[:upto].all())
+            loss[item["index"]] = float(ce[sel].mean())
+    return ForcedEval(strict, loss, [s.task for s in samples])
 
 
 def default_max_new_tokens(lm, samples: list[Sample], cap: int = 64) -> int:

@@ -48,7 +48,8 @@ import torch.nn.functional as F
 from .data.encoding import IGNORE_INDEX
 from .geometry import HeadGeometry
 
-__all__ = ["HeadGate", "StopForward", "POSITIONS", "answer_losses", "answer_token_losses", "answer_positions",
+__all__ = ["HeadGate", "StopForward", "POSITIONS", "answer_losses", "answer_token_losses", "answer_logits",
+           "answer_positions",
            "content_positions", "special_token_ids", "position_mask", "heads_by_layer"]
 
 #: which answer positions per-head statistics and losses are taken at (see the module docstring)
@@ -279,6 +280,14 @@ def answer_token_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor],
     cannot be reached, takes the plain full forward. ``positions`` (bool [B, T], a subset of
     `answer_positions`, e.g. `content_positions`) restricts the loss to those positions.
     """
+    logits, targets, rows = answer_logits(model, batch, fast, positions)
+    return F.cross_entropy(logits.float(), targets, reduction="none"), rows
+
+
+def answer_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor], fast: bool = True,
+                  positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The logits at the positions that predict answer tokens (``[N, vocab]``, in batch order), the
+    answer tokens they predict (``[N]``) and the batch row of each (see `answer_token_losses`)."""
     input_ids, attention_mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     pos = answer_positions(labels) if positions is None else positions.to(labels.device)  # [B, T]
     rows, cols = pos.nonzero(as_tuple=True)
@@ -291,7 +300,7 @@ def answer_token_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor],
         logits = _logit_postprocess(model, head(hidden[rows, cols]))
     else:
         logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[rows, cols]
-    return F.cross_entropy(logits.float(), targets, reduction="none"), rows
+    return logits, targets, rows
 
 
 def answer_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor],

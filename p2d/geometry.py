@@ -132,6 +132,21 @@ class HeadGeometry:
             raise IndexError(f"query head {q_head} out of range 0..{self.n_q_heads - 1}")
         return q_head // self.group_size
 
+    def query_heads_changed(self, heads, projections=("q", "k", "v", "o")) -> list[list[int]]:
+        """The query heads whose computation an adapter on ``heads`` changes: with k or v among the
+        ``projections`` every query head that reads a changed kv head (grouped-query attention: the
+        whole group of each selected head), else only the selected heads. An offset adapter (no
+        projections) changes only the selected heads' outputs."""
+        out = set()
+        shared = bool(set(projections) & {"k", "v"})
+        for layer, head in heads:
+            if shared:
+                g = self.kv_head(head)
+                out.update((layer, h) for h in range(self.n_q_heads) if self.kv_head(h) == g)
+            else:
+                out.add((layer, head))
+        return [list(x) for x in sorted(out)]
+
     def check_head(self, layer: int, head: int) -> None:
         if not (0 <= layer < self.n_layers and 0 <= head < self.n_q_heads):
             raise UserError(f"head [{layer}, {head}] does not exist: the model has {self.n_layers} layers "

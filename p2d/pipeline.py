@@ -29,12 +29,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
-import json
 import os
 import signal
 import time
-import uuid
 from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
@@ -47,9 +44,11 @@ from .data.formats import Sample
 from .distributed import Processes
 from .data.loading import LoadedData, load_data, load_records
 from .errors import UserError
-from .evaluation import EVAL_FILES, EvalResult, evaluate
+from .cells import evaluate_cell
+from .evaluation import EVAL_FILES, EvalResult
 from .files import read_json, remove, write_json
 from .heads import HEADS_FILE, HeadScores, score_heads
+from .manifest import content_digest, fresh_digest, is_valid, make_entry
 from .models import LoadedModel, count_params, load_model
 from .progress import ProgressFn, StopFn
 from .selection import SCORES_FILE, SELECTED_FILE, SELECTION_FILE, Selection, select_data
@@ -117,18 +116,15 @@ def load_run_data(config: RunConfig, out_dir: Path | None = None, max_rows: dict
     """The pool, probe and eval sets of a config: files, or the built-in task pool. For files,
     ``max_rows`` ({"pool": n, "probe": n, "eval": n}) and ``max_bytes`` are `load_data`'s caps (a
     server taking files from strangers sets them; the built-in pool has its own sizes)."""
-    if not config.pool:
-        from .data.builtin import build_task_pool
-
-        tp = build_task_pool(target=config.target, seed=config.seed, pool_size=config.pool_size,
-                             probe_size=config.probe_size, eval_size=config.eval_size,
-                             other_eval_size=config.other_eval_size)
+    if config.builtin_pool:
+        tp = build_builtin_pool(config)
         if out_dir is not None:
             tp.write(out_dir / DATA_DIR)
-        return RunData(load_records(tp.pool, source=f"built-in pool ({config.target})"),
-                       load_records(tp.probe, source="built-in probe"),
-                       load_records(tp.eval, source="built-in eval") if tp.eval else None,
-                       load_records(tp.other_eval, source="built-in other tasks") if tp.other_eval else None)
+        kind = "built-in" if config.builtin_pool == "builtin" else config.builtin_pool
+        return RunData(load_records(tp.pool, source=f"{kind} pool ({config.target})"),
+                       load_records(tp.probe, source=f"{kind} probe"),
+                       load_records(tp.eval, source=f"{kind} eval") if tp.eval else None,
+                       load_records(tp.other_eval, source=f"{kind} other tasks") if tp.other_eval else None)
     mapping, rows = config.columns, max_rows or {}
     pool = load_data(config.pool, mapping=mapping, max_rows=rows.get("pool"), max_bytes=max_bytes)
     probe = load_data(config.probe, mapping=mapping, max_rows=rows.get("probe"), max_bytes=max_bytes)
@@ -136,8 +132,14 @@ def load_run_data(config: RunConfig, out_dir: Path | None = None, max_rows: dict
     return RunData(pool, probe, ev)
 
 
-def _digest(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+def build_builtin_pool(config: RunConfig):
+    """The `TaskPool` of a config whose pool is built in (``config.builtin_pool``), at its sizes and seed."""
+    from .data.builtin import build_task_pool
+    from .data.builtin_hard import HARD_POOL, build_hard_pool
+
+    build = build_hard_pool if config.builtin_pool == HARD_POOL else build_task_pool
+    return build(target=config.target, seed=config.seed, pool_size=config.pool_size, probe_size=config.probe_size,
+                 eval_size=config.eval_size, other_eval_size=config.other_eval_size)
 
 
 def _file_stamp(path: str | None):
@@ -190,13 +192,10 @@ class Run:
 
     # -- state ---------------------------------------------------------------------------------------
     def is_done(self, stage: str) -> bool:
-        """A complete result for the current settings, built on the current upstream results."""
+        """A complete result for the current settings, built on the current upstream results
+        (`p2d.manifest.is_valid`)."""
         entry = self.manifest.get(stage)
-        if not entry or entry.get("partial"):
-            return False
-        if entry.get("settings") != self._settings(stage):
-            return False
-        return all(entry.get("inputs", {}).get(u) == self.result_digest(u) for u in UPSTREAM[stage])
+        return bool(entry) and is_valid(entry, self._settings(stage), {u: self.result_digest(u) for u in UPSTREAM[stage]})
 
     @property
     def stages_done(self) -> list[str]:
@@ -378,6 +377,9 @@ class Run:
         hs = score_heads(self.lm, self.data.probe.samples, method=c.head_method, ratio=c.head_ratio,
                          pool=self.data.pool.samples, seed=c.seed, batch_size=c.batch_size, max_length=c.max_length,
                          progress=self.progress, should_stop=self.should_stop, positions=c.positions)
+        g = self.lm.geometry  # grouped-query attention: training k/v rows changes every query head of the group
+        hs.extra["query_heads_changed"] = {"with k/v (q,k,v,o)": len(g.query_heads_changed(hs.selected)),
+                                           "without k/v (q,o or offset)": len(hs.selected)}
         hs.save(self.out)
         return hs, bool(hs.extra.get("stopped"))
 
@@ -385,7 +387,8 @@ class Run:
         c = self.config
         sel = select_data(self.lm, self.heads, self.data.pool.samples, method=c.select_method, ratio=c.data_ratio,
                           probe=self.data.probe.samples, batch_size=c.batch_size, max_length=c.max_length,
-                          seed=c.seed, progress=self.progress, should_stop=self.should_stop, positions=c.positions)
+                          seed=c.seed, progress=self.progress, should_stop=self.should_stop, positions=c.positions,
+                          hidden_layer=c.hidden_layer)
         sel.save(self.out, self.data.pool.samples)
         return sel, bool(sel.extra.get("stopped"))
 
@@ -399,14 +402,9 @@ class Run:
 
             adapter = load_adapter(self.lm, self.train_result.adapter_dir)
         try:
-            res = evaluate(self.lm, self.data.eval.samples, batch_size=max(c.batch_size, 16), limit=c.eval_limit,
-                           max_new_tokens=c.max_new_tokens, max_length=c.max_length, progress=self.progress,
-                           should_stop=self.should_stop)
-            if self.data.other is not None and not res.partial:  # forgetting: the pool's other tasks
-                other = evaluate(self.lm, self.data.other.samples, batch_size=max(c.batch_size, 16),
-                                 max_length=c.max_length, n_examples=0, progress=self.progress,
-                                 should_stop=self.should_stop)
-                res.other_tasks, res.partial = other.by_task, other.partial
+            res = evaluate_cell(self.lm, self.data.eval.samples, self.data.other.samples if self.data.other else None,
+                                batch_size=max(c.batch_size, 16), max_length=c.max_length, limit=c.eval_limit,
+                                max_new_tokens=c.max_new_tokens, progress=self.progress, should_stop=self.should_stop)
         finally:
             if adapter is not None:
                 adapter.detach()
@@ -469,25 +467,22 @@ class Run:
                 remove(self.out / name)
 
     def _record(self, stage: str, partial: bool, result, external: dict | None = None) -> None:
-        entry = {"settings": external and {"external": external} or self._settings(stage),
-                 "inputs": {u: self.result_digest(u) for u in UPSTREAM[stage]},
-                 "partial": bool(partial), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                 "digest": self._digest_of(stage, result)}
-        if external:
-            entry["external"] = external
+        extra = {"external": external} if external else {}
         if stage == "train" and result is not None:
-            entry["result"] = asdict(result)
-        self.manifest[stage] = entry
+            extra["result"] = asdict(result)
+        self.manifest[stage] = make_entry(external and {"external": external} or self._settings(stage),
+                                          {u: self.result_digest(u) for u in UPSTREAM[stage]}, self._digest_of(stage, result),
+                                          partial=partial, **extra)
         self._write_manifest()
 
     def _digest_of(self, stage: str, result) -> str:
         if stage == "heads":
-            return _digest(result.selected)
+            return content_digest(result.selected)
         if stage == "select":
-            return _digest([result.method, result.selected, result.n_pool])
+            return content_digest([result.method, result.selected, result.n_pool])
         if stage == "load":
-            return _digest(self._settings("load"))
-        return uuid.uuid4().hex[:16]
+            return content_digest(self._settings("load"))
+        return fresh_digest()
 
     def _write_manifest(self) -> None:
         write_json(self.out / MANIFEST_FILE, {"stages": self.manifest})
@@ -560,7 +555,8 @@ class Run:
         if tr is not None:
             m.update({"trainable_params": tr.trainable_params, "optimizer_state_bytes": tr.optimizer_state_bytes,
                       "steps_done": tr.steps_done, "steps_planned": tr.steps_planned, "stopped": tr.stopped,
-                      "final_loss": tr.final_loss, "train_epochs": self.config.train_epochs})
+                      "final_loss": tr.final_loss, "train_epochs": self.config.train_epochs,
+                      "query_heads_changed": tr.query_heads_changed})
             if full is not None:
                 m["full_optimizer_state_bytes"] = full.optimizer_state_bytes
         if hs is not None:

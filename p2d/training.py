@@ -139,6 +139,7 @@ class TrainResult:
     adapter_dir: str
     log_path: str
     extra: dict = field(default_factory=dict)  # n_samples, dropped, truncated, answer_tokens, heads
+    query_heads_changed: int | None = None  # query heads whose computation the adapter changes (GQA reach)
 
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
@@ -591,6 +592,7 @@ def train_heads(lm, heads, samples: list, config: TrainConfig, out_dir, progress
     device = next(model.parameters()).device
     torch.manual_seed(config.seed)
     adapter = make_adapter(config.adapter, lm.geometry, heads, config.projections, dtype=torch.float32, device=device)
+    reach = lm.geometry.query_heads_changed(heads, adapter.projections)
     signature = {"config": config.to_dict(), "heads": heads, "data": _fingerprint(encoded)}
     ckpt = Checkpointer(out / CHECKPOINT_SUBDIR, checkpoint_every, signature) if (checkpoint_every or resume) else None
     if ckpt is not None and not resume:
@@ -611,6 +613,7 @@ def train_heads(lm, heads, samples: list, config: TrainConfig, out_dir, progress
                 "model_dtype": str(lm.dtype).replace("torch.", ""),
                 "processes": Processes.current().world,
                 "global_batch_size": config.batch_size * Processes.current().world,
+                "query_heads_changed": len(reach),
             }
             with atomic_dir(adapter_dir) as tmp:
                 adapter.save(tmp, base_model=lm.spec, training=training)
@@ -624,7 +627,7 @@ def train_heads(lm, heads, samples: list, config: TrainConfig, out_dir, progress
         steps_done=loop.steps_done, steps_planned=loop.steps_planned, time_s=loop.time_s, final_loss=loop.final_loss,
         stopped=loop.stopped, stop_reason=loop.stop_reason, tokens=loop.tokens,
         trainable_params=adapter.num_params(), optimizer_state_bytes=loop.state_bytes, adapter_dir=str(adapter_dir),
-        log_path=str(log_path),
+        log_path=str(log_path), query_heads_changed=len(reach),
         extra={"n_samples": len(samples), "n_encoded": len(encoded), "dropped": list(encoded.dropped),
                "truncated": encoded.truncated, "answer_tokens": loop.answer_tokens, "heads": heads,
                "resumed_from": loop.resumed_from, "processes": Processes.current().world},

@@ -1,0 +1,278 @@
+"""A comparison cell: one trainable part trained on one set of rows, measured like every other cell.
+
+P2D's claims are comparisons (P2D's heads against random heads, P2D's data against other data, head
+training against LoRA and full fine-tuning). Every such comparison in P2D Studio goes through this
+module, so that both sides train and are evaluated the same way:
+
+- `Cell`: what is trained (``trainable``: head slices, LoRA or every weight; for heads, which head set
+  and which ``adapter``) on which rows (``data``);
+- `train_cell`: trains it with `p2d.training` (the same batching, answer-token loss, clipping and
+  schedule for every trainable part) and yields the model to evaluate;
+- `evaluate_cell`: one evaluation of the target eval set plus the held-out rows of the pool's other
+  tasks (greedy generation with exact match, or the cheaper teacher-forced strict match);
+- `cell_cost`: the cost rule of a cell (training time, plus what its heads and its data cost).
+
+Users: `p2d.pipeline.Run` (its evaluation), `p2d.controls` (the controls of one run) and the
+benchmark (`p2d.bench`). Supported trainable parts: ``heads`` (adapters ``qkvo``, ``qo``, ``offset``:
+see `ADAPTERS`), ``lora`` (q, k, v, o of every layer, alpha = 2 x rank) and ``full``. LoRA and full
+cells train a fresh copy of the model (not supported: quantised or remote-code models); head cells
+leave the shared base untouched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import math
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .data.encoding import encode
+from .data.formats import Sample
+from .errors import UserError
+from .evaluation import EvalResult, evaluate, forced_eval
+from .models import LoadedModel, load_model, trainable
+from .training import TrainConfig, train_heads, train_loop
+
+__all__ = ["Cell", "CELLS", "ADAPTERS", "TRAINABLES", "CellResult", "PeakMemory", "train_cell", "evaluate_cell",
+           "cell_cost", "curve_steps", "LORA_TARGETS"]
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+TRAINABLES = ("heads", "lora", "full")
+#: what "training a head" means, per adapter name: (adapter kind of `p2d.adapter`, projections)
+ADAPTERS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "qkvo": ("heads", ("q", "k", "v", "o")),   # the head's q rows, its kv head's k/v rows, its o columns
+    "qo": ("heads", ("q", "o")),               # q rows and o columns only: no kv row shared across a GQA group
+    "offset": ("offset", ()),                  # LoFiT-style per-head output scale and offset vectors
+}
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One comparison cell. ``data`` names where its rows come from (``p2d``: P2D's selection,
+    ``random``: a seeded random sample of the same size, ``pool``: every row, or any other selection
+    name); ``heads`` names the head set a head cell trains (``p2d``, ``random`` ...)."""
+
+    trainable: str
+    data: str
+    heads: str | None = None
+    adapter: str = "qkvo"
+    label: str = ""
+
+    def __post_init__(self):
+        if self.trainable not in TRAINABLES:
+            raise ValueError(f"unknown trainable part {self.trainable!r}")
+        if self.trainable == "heads" and self.adapter not in ADAPTERS:
+            raise ValueError(f"unknown adapter {self.adapter!r}")
+
+    @property
+    def uses_heads(self) -> bool:
+        return self.trainable == "heads"
+
+    def train_config(self, tc: TrainConfig) -> TrainConfig:
+        """``tc`` with this cell's adapter (head cells; others unchanged)."""
+        if not self.uses_heads:
+            return tc
+        kind, projections = ADAPTERS[self.adapter]
+        return dataclasses.replace(tc, adapter=kind, projections=projections or tc.projections)
+
+
+#: the named cells of the classic comparison (the controls of a run use three of them)
+CELLS: dict[str, Cell] = {
+    "full-pool": Cell("full", "pool", label="full fine-tuning / whole pool (the AER reference, measured)"),
+    "full-random": Cell("full", "random", label="full fine-tuning / random 10%"),
+    "lora-pool": Cell("lora", "pool", label="LoRA q,k,v,o / whole pool"),
+    "lora-random": Cell("lora", "random", label="LoRA q,k,v,o / random 10%"),
+    "heads-random": Cell("heads", "random", "p2d", label="P2D heads / random 10%"),
+    "randomheads-p2d": Cell("heads", "p2d", "random", label="random heads / P2D data"),
+    "heads-rhdata": Cell("heads", "rh_data", "p2d", label="P2D heads / data picked by random heads"),
+    "lora-p2d": Cell("lora", "p2d", label="LoRA q,k,v,o / P2D data"),
+    "full-p2d": Cell("full", "p2d", label="full fine-tuning / P2D data"),
+    "p2d": Cell("heads", "p2d", "p2d", label="P2D heads / P2D data (P2D)"),
+}
+
+
+# ----------------------------------------------------------------------------------------- memory
+class PeakMemory:
+    """Peak memory of a block: CUDA allocator peak, else the process RSS sampled every 20 ms (both
+    as the increase over the level at entry, in MB)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.peak_mb: float | None = None
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self._base = torch.cuda.memory_allocated()
+            return self
+        import psutil
+
+        self._proc = psutil.Process()
+        self._base = self._proc.memory_info().rss
+        self._max = self._base
+        self._stop = threading.Event()
+
+        def sample():
+            while not self._stop.wait(0.02):
+                self._max = max(self._max, self._proc.memory_info().rss)
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.peak_mb = (torch.cuda.max_memory_allocated() - self._base) / 2 ** 20
+        else:
+            self._stop.set()
+            self._thread.join()
+            self._max = max(self._max, self._proc.memory_info().rss)
+            self.peak_mb = (self._max - self._base) / 2 ** 20
+        return False
+
+
+# ----------------------------------------------------------------------------------------- training
+@dataclass
+class CellResult:
+    train_s: float
+    steps: int
+    trainable_params: int
+    optimizer_state_bytes: int
+    peak_mem_mb: float | None
+    final_loss: float | None
+    curve: list[dict] = field(default_factory=list)  # [{"step", "train_s", ...evaluation}] (full/LoRA cells)
+    curve_cpu_s: float = 0.0  # CPU seconds spent evaluating the curve (not training)
+    cpu_s: float = 0.0  # CPU seconds of the training itself (curve evaluations excluded)
+    query_heads_changed: int | None = None  # head cells: query heads whose computation the adapter changes
+
+
+def curve_steps(total_steps: int, points: int) -> set[int]:
+    """``points`` steps spread evenly over training, the last step included."""
+    return {max(1, math.ceil(total_steps * (i + 1) / points)) for i in range(points)}
+
+
+@contextmanager
+def train_cell(cell: Cell, base: LoadedModel, samples: list[Sample], tc: TrainConfig, out: Path, heads=None,
+               lora_rank: int = 8, curve_at=(), curve_eval=None, progress=None, should_stop=None):
+    """Train ``cell`` on ``samples``; yield (the model to evaluate, `CellResult`); clean up afterwards.
+
+    Head cells train ``heads`` (HeadScores or [[layer, head], ...]) with the cell's adapter through
+    `p2d.training.train_heads` and evaluate the shared base with the adapter attached (detached on
+    exit). LoRA and full cells train a fresh copy of ``base`` through the same `train_loop`;
+    ``curve_eval(lm) -> dict`` runs after each step in ``curve_at`` off the clock (the learning curve).
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    cpu0 = time.process_time()
+    if cell.uses_heads:
+        from .adapter import load_adapter
+
+        if heads is None:
+            raise ValueError("a head cell needs its heads")
+        with PeakMemory(base.device) as mem:
+            tr = train_heads(base, heads, samples, cell.train_config(tc), out, progress=progress,
+                             should_stop=should_stop, overwrite=True)
+        adapter = load_adapter(base, tr.adapter_dir)
+        try:
+            yield base, CellResult(tr.time_s, tr.steps_done, tr.trainable_params, tr.optimizer_state_bytes,
+                                   mem.peak_mb, tr.final_loss, cpu_s=time.process_time() - cpu0,
+                                   query_heads_changed=tr.query_heads_changed)
+        finally:
+            adapter.detach()
+        return
+    lm = None
+    try:
+        lm = load_model(base.spec, device=str(base.device), dtype=_dtype_name(base.dtype))
+        model = lm.model
+        if cell.trainable == "lora":
+            from peft import LoraConfig, inject_adapter_in_model
+
+            torch.manual_seed(tc.seed)
+            cfg = LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, lora_dropout=0.0, target_modules=LORA_TARGETS)
+            model = inject_adapter_in_model(cfg, model)
+            params = [p for n, p in model.named_parameters() if "lora_" in n]
+        else:
+            params = list(model.parameters())
+        encoded = encode(samples, lm.tokenizer, tc.max_length)
+        if not encoded:
+            raise UserError("no training sample has answer tokens within the max length")
+        pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
+        curve: list[dict] = []
+        last = {"elapsed_s": 0.0}
+        paused = [0.0]
+
+        def between(step):
+            if step in curve_at and curve_eval is not None:
+                c0 = time.process_time()
+                with torch.no_grad():
+                    point = curve_eval(lm)
+                paused[0] += time.process_time() - c0
+                curve.append({"step": step, "train_s": last["elapsed_s"], **point})
+
+        with PeakMemory(lm.device) as mem, trainable(model, params):
+            loop = train_loop(model, params, encoded, tc, out / "train_log.jsonl", pad, lm.device,
+                              progress=progress, on_log=lambda r: last.update(r), between_steps=between,
+                              should_stop=should_stop)
+        yield lm, CellResult(loop.time_s, loop.steps_done, sum(p.numel() for p in params), loop.state_bytes,
+                             mem.peak_mb, loop.final_loss, curve, paused[0],
+                             cpu_s=time.process_time() - cpu0 - paused[0])
+    finally:
+        lm = None  # drop the trained copy before the next cell loads its own
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "auto")
+
+
+# ----------------------------------------------------------------------------------------- evaluation
+def evaluate_cell(lm, eval_samples: list[Sample], other: list[Sample] | None = None, batch_size: int = 16,
+                  max_length: int = 256, limit: int | None = None, max_new_tokens: int | None = None,
+                  forced: bool = False, n_examples: int = 5, progress=None, should_stop=None) -> EvalResult:
+    """The target eval set and, when given, the held-out rows of the pool's other tasks
+    (``other_tasks``: accuracy per task, what tuning changed elsewhere).
+
+    ``forced=False``: greedy generation, exact match after normalisation (`p2d.evaluation.evaluate`;
+    the run's and the app's figure). ``forced=True``: teacher-forced strict greedy match and answer loss
+    per row (`p2d.evaluation.forced_eval`, about ten times cheaper; the benchmark's figure), with the
+    per-row values in ``per_row`` for paired statistics. A stop request ends early (``partial``).
+    """
+    eval_samples = list(eval_samples)[:limit] if limit else list(eval_samples)
+    if forced:
+        fe = forced_eval(lm, eval_samples, batch_size=batch_size, max_length=max_length)
+        res = EvalResult(fe.accuracy, fe.mean_loss, len(eval_samples), metric="strict", by_task=fe.by_task(),
+                         per_row={"strict": fe.to_dict()["strict"], "loss": fe.to_dict()["row_loss"]})
+        if other:
+            res.other_tasks = forced_eval(lm, other, batch_size=batch_size, max_length=max_length).by_task()
+        return res
+    res = evaluate(lm, eval_samples, batch_size=batch_size, max_new_tokens=max_new_tokens, max_length=max_length,
+                   n_examples=n_examples, progress=progress, should_stop=should_stop)
+    if other and not res.partial:
+        oth = evaluate(lm, other, batch_size=batch_size, max_length=max_length, n_examples=0, progress=progress,
+                       should_stop=should_stop)
+        res.other_tasks, res.partial = oth.by_task, oth.partial
+    return res
+
+
+def mean_other_accuracy(res: EvalResult) -> float | None:
+    """The mean over the other tasks of their accuracy (None without other tasks)."""
+    accs = [v["accuracy"] for v in (res.other_tasks or {}).values() if v.get("accuracy") is not None]
+    return sum(accs) / len(accs) if accs else None
+
+
+# ----------------------------------------------------------------------------------------- cost
+def cell_cost(train_s: float, heads_s: float = 0.0, select_s: float = 0.0) -> float:
+    """A cell's cost in seconds: its training, plus the head scoring it relies on (``heads_s``: the
+    scored heads it trains, or that chose its data) and the selection pass that picked its rows
+    (``select_s``). Random heads and random rows cost nothing to pick."""
+    return train_s + heads_s + select_s
