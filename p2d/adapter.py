@@ -26,13 +26,14 @@ training settings, P2D version, format version, ``kind``).
 Adapter kinds (``ADAPTER_KINDS``; ``kind`` in adapter_config.json, missing = ``"heads"``):
 
 - ``heads`` (`HeadAdapter`, above): deltas on the q/k/v/o slices of the selected heads;
-- ``offset`` (`OffsetAdapter`): LoFiT's second step (Yin, Ye & Durrett, NeurIPS 2024): one learned
-  vector ``b_h`` of size ``head_dim`` per selected head, zero-initialised, added to that head's output
-  (the input of o_proj / c_proj) at every position: ``head_h(x) + b_h``. ``head_dim`` parameters per
-  head; LoFiT trains them with lr 1e-2 (``TrainConfig.lr`` is not changed for you). Tensors
-  ``layers.{l}.offset`` of shape ``[n selected heads in l, head_dim]``. Not supported: merging into the
-  base weights (an offset before o_proj is a bias after it, and Llama's o_proj has none), so
-  `merge_and_save` refuses it; evaluate it attached (`load_adapter`).
+- ``offset`` (`OffsetAdapter`): LoFiT's second step (Yin, Ye & Durrett, NeurIPS 2024): a learned
+  scale ``a_h`` and offset ``b_h``, each of size ``head_dim``, per selected head, zero-initialised, on
+  that head's output (the input of o_proj / c_proj) at every position: ``(1 + a_h) * head_h(x) + b_h``.
+  ``2 x head_dim`` parameters per head; LoFiT trains them with lr 1e-2 (``TrainConfig.lr`` is not
+  changed for you). Tensors ``layers.{l}.scale`` and ``layers.{l}.offset`` of shape ``[n selected heads
+  in l, head_dim]`` (adapters saved with offsets only still load, with a zero scale). Not supported:
+  merging into the base weights (an offset before o_proj is a bias after it, and Llama's o_proj has
+  none), so `merge_and_save` refuses it; evaluate it attached (`load_adapter`).
 
 `load_adapter` and `HeadAdapter.load` read the kind and return the matching class.
 """
@@ -404,11 +405,13 @@ class HeadAdapter(_HookAdapter):
 
 
 class OffsetAdapter(_HookAdapter):
-    """LoFiT-style offsets: a trainable ``head_dim`` vector added to each selected head's output.
+    """LoFiT-style per-head scale and offset: each selected head's output ``h`` becomes
+    ``(1 + a) * h + b`` with trainable ``head_dim`` vectors ``a`` (scale) and ``b`` (offset).
 
     Same interface as `HeadAdapter` (attach / detach / parameters / num_params / save / load; not
-    merge_into). Parameters: ``self.offsets["{layer}"]`` of shape ``[n selected heads in layer,
-    head_dim]``, zero-initialised (attached, the model computes exactly what it did before training).
+    merge_into). Parameters: ``self.scales["{layer}"]`` and ``self.offsets["{layer}"]``, each of shape
+    ``[n selected heads in layer, head_dim]``, zero-initialised (attached, the model computes exactly
+    what it did before training). Adapters saved before the scale existed load with a zero scale.
     """
 
     kind = "offset"
@@ -418,11 +421,13 @@ class OffsetAdapter(_HookAdapter):
         self.projections: tuple[str, ...] = ()  # no weight slices are trained
         d = geometry.head_dim
         self.offsets = nn.ParameterDict()
+        self.scales = nn.ParameterDict()
         self._layers: dict[int, list[int]] = {}
         for layer in sorted({l for l, _ in self.heads}):
             q_heads = [h for l, h in self.heads if l == layer]
             self._layers[layer] = q_heads
             self.offsets[str(layer)] = nn.Parameter(torch.zeros(len(q_heads), d, dtype=dtype, device=device))
+            self.scales[str(layer)] = nn.Parameter(torch.zeros(len(q_heads), d, dtype=dtype, device=device))
             self.register_buffer(f"_idx_{layer}", torch.tensor(_rows(q_heads, d), dtype=torch.long, device=device),
                                  persistent=False)
 
@@ -432,6 +437,9 @@ class OffsetAdapter(_HookAdapter):
 
     def offset(self, layer: int) -> nn.Parameter:
         return self.offsets[str(layer)]
+
+    def scale(self, layer: int) -> nn.Parameter:
+        return self.scales[str(layer)]
 
     def _register_hooks(self, model: nn.Module) -> list:
         """Forward pre-hooks on the output projections of the selected heads' layers."""
@@ -444,9 +452,12 @@ class OffsetAdapter(_HookAdapter):
 
         def hook(module, args):
             x = args[0]
-            full = torch.zeros(width, dtype=x.dtype, device=x.device).index_add(
-                0, getattr(self, idx_name), self.offsets[key].reshape(-1).to(x.dtype))
-            return (x + full, *args[1:])
+            idx = getattr(self, idx_name)
+            offset = torch.zeros(width, dtype=x.dtype, device=x.device).index_add(
+                0, idx, self.offsets[key].reshape(-1).to(x.dtype))
+            scale = torch.ones(width, dtype=x.dtype, device=x.device).index_add(
+                0, idx, self.scales[key].reshape(-1).to(x.dtype))
+            return (x * scale + offset, *args[1:])
 
         return hook
 
@@ -464,7 +475,8 @@ class OffsetAdapter(_HookAdapter):
 
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        tensors = {f"layers.{l}.offset": self.offset(l).detach().to("cpu").contiguous() for l in self.layers}
+        tensors = {f"layers.{l}.{what}": getattr(self, what)(l).detach().to("cpu").contiguous()
+                   for l in self.layers for what in ("offset", "scale")}
         dtype = str(next(iter(tensors.values())).dtype).replace("torch.", "")
         config = {
             "format": ADAPTER_FORMAT, "format_version": FORMAT_VERSION, "kind": self.kind,
@@ -500,6 +512,8 @@ class OffsetAdapter(_HookAdapter):
             dtype = next(iter(tensors.values())).dtype if tensors else torch.float32
         adapter = cls(geometry, heads, dtype=dtype, device=device)
         expected = {f"layers.{l}.offset": adapter.offset(l) for l in adapter.layers}
+        if any(n.endswith(".scale") for n in tensors):  # saved with the scale (older adapters: offsets only)
+            expected.update({f"layers.{l}.scale": adapter.scale(l) for l in adapter.layers})
         if set(tensors) != set(expected):
             raise UserError(f"{weights} does not match its {CONFIG_NAME}; retrain")
         with torch.no_grad():

@@ -61,13 +61,13 @@ class Cell:
     trainable: str
     data: str
     heads: str | None = None
-    adapter: str = "qkvo"
+    adapter: str | None = None  # head cells: one of ADAPTERS; None: as the training settings say
     label: str = ""
 
     def __post_init__(self):
         if self.trainable not in TRAINABLES:
             raise ValueError(f"unknown trainable part {self.trainable!r}")
-        if self.trainable == "heads" and self.adapter not in ADAPTERS:
+        if self.adapter is not None and self.adapter not in ADAPTERS:
             raise ValueError(f"unknown adapter {self.adapter!r}")
 
     @property
@@ -75,8 +75,8 @@ class Cell:
         return self.trainable == "heads"
 
     def train_config(self, tc: TrainConfig) -> TrainConfig:
-        """``tc`` with this cell's adapter (head cells; others unchanged)."""
-        if not self.uses_heads:
+        """``tc`` with this cell's adapter (head cells with an adapter; otherwise unchanged)."""
+        if not self.uses_heads or self.adapter is None:
             return tc
         kind, projections = ADAPTERS[self.adapter]
         return dataclasses.replace(tc, adapter=kind, projections=projections or tc.projections)

@@ -311,6 +311,20 @@ def _label(f: dataclasses.Field) -> str:
     return f"{f.metadata.get('label', f.name)} ({f.name})"
 
 
+def inherited(name: str, default=dataclasses.MISSING, factory=None, **changes):
+    """A field of another settings class (`p2d.bench.config.BenchConfig`) that is RunConfig's ``name``:
+    the same label, help, choices and range (``changes`` overrides some), another default; no stages."""
+    f = config_field(name)
+    meta = {**f.metadata, **changes, "stages": ()}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    if default is dataclasses.MISSING:
+        if f.default_factory is not dataclasses.MISSING:
+            return field(default_factory=f.default_factory, metadata=meta)
+        default = f.default
+    return field(default=default, metadata=meta)
+
+
 def normalize_fields(obj):
     """Coerce every field of a dataclass declared with `setting` to its type, check choices and ranges
     (the one normalisation of RunConfig and the other option classes); returns ``obj``."""

@@ -245,3 +245,26 @@ def aer(t_heads: float, t_select: float, t_train: float, t_full: float) -> dict:
     spent = t_heads + t_select + t_train
     ratio = spent / t_full if t_full > 0 else float("inf")
     return {"aer": ratio, "speedup": (1 / ratio) if ratio > 0 else float("inf"), "time_p2d_s": spent}
+
+
+def time_to_reach(curve: list[dict], accuracy: float | None, base_accuracy: float | None,
+                  key: str = "accuracy") -> float | None:
+    """Training seconds full fine-tuning needed to reach ``accuracy``, read off its learning curve
+    (``[{"train_s", key}, ...]`` in training order) that starts at (0 s, ``base_accuracy``) and is
+    interpolated linearly between points: 0 when the base model is already there, None when the curve
+    never gets there (or an accuracy is unknown)."""
+    if accuracy is None or base_accuracy is None:
+        return None
+    prev_t, prev_a = 0.0, base_accuracy
+    if prev_a >= accuracy:
+        return 0.0
+    for point in curve:
+        a = point.get(key)
+        if a is None:
+            continue
+        if a >= accuracy:
+            frac = (accuracy - prev_a) / (a - prev_a) if a > prev_a else 1.0
+            return prev_t + max(0.0, min(1.0, frac)) * (point["train_s"] - prev_t)
+        prev_t, prev_a = point["train_s"], a
+    return None
+

@@ -34,7 +34,7 @@ def test_offset_adds_a_bias_after_o_proj(name, request):
     ids = _ids()
     base = _logits(lm.model, ids)
     adapter = OffsetAdapter(g, HEADS[name])
-    assert adapter.num_params() == len(HEADS[name]) * d and adapter.kind == "offset"
+    assert adapter.num_params() == 2 * len(HEADS[name]) * d and adapter.kind == "offset"
     adapter.attach(lm.model)
     assert torch.allclose(_logits(lm.model, ids), base, atol=1e-6)
     layer, head = HEADS[name][1]
@@ -54,6 +54,19 @@ def test_offset_adds_a_bias_after_o_proj(name, request):
         h.remove()
     assert torch.allclose(with_offset, manual, atol=1e-5)
     assert not torch.allclose(with_offset, base, atol=1e-4)
+    # a scale a on the same head: (1 + a) * h, which the hook shows as a scaled slice of o_proj's input
+    adapter.attach(lm.model)
+    a = torch.full((d,), -1.0)  # scale 0: the head is switched off, and its offset alone remains
+    with torch.no_grad():
+        adapter.scale(layer)[adapter._layers[layer].index(head)] = a
+    seen = {}
+    h = o.register_forward_pre_hook(lambda m, args: seen.setdefault("x", args[0].detach().clone()))
+    try:
+        _logits(lm.model, ids)
+    finally:
+        h.remove()
+        adapter.detach()
+    assert torch.allclose(seen["x"][..., head * d:(head + 1) * d], b.expand_as(seen["x"][..., :d]), atol=1e-6)
 
 
 def test_save_load_by_kind_and_refuse_merge(tiny_llama, tiny_llama_dir, tmp_path):
@@ -64,11 +77,19 @@ def test_save_load_by_kind_and_refuse_merge(tiny_llama, tiny_llama_dir, tmp_path
             p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(2)))
     adapter.save(tmp_path / "ad", base_model=tiny_llama_dir)
     cfg = json.loads((tmp_path / "ad" / CONFIG_NAME).read_text())
-    assert cfg["kind"] == "offset" and cfg["heads"] == HEADS["tiny_llama"] and cfg["num_params"] == 48
+    assert cfg["kind"] == "offset" and cfg["heads"] == HEADS["tiny_llama"] and cfg["num_params"] == 96
     back = HeadAdapter.load(tmp_path / "ad")  # dispatches on kind
     assert isinstance(back, OffsetAdapter)
     for l in adapter.layers:
-        assert torch.equal(back.offset(l), adapter.offset(l))
+        assert torch.equal(back.offset(l), adapter.offset(l)) and torch.equal(back.scale(l), adapter.scale(l))
+    # an adapter saved before the scale existed (offsets only) loads with a zero scale
+    from safetensors.torch import load_file, save_file
+
+    old = {k: v for k, v in load_file(str(tmp_path / "ad" / "adapter_model.safetensors")).items() if "scale" not in k}
+    save_file(old, str(tmp_path / "ad" / "adapter_model.safetensors"))
+    back = HeadAdapter.load(tmp_path / "ad")
+    assert all(torch.equal(back.scale(l), torch.zeros_like(back.scale(l))) for l in back.layers)
+    adapter.save(tmp_path / "ad", base_model=tiny_llama_dir)
     ids = _ids()
     adapter.attach(lm.model)
     ref = _logits(lm.model, ids)
@@ -97,7 +118,7 @@ def test_train_offsets(tiny_llama, tmp_path):
                       tmp_path)
     losses = [json.loads(x)["loss"] for x in open(res.log_path)]
     assert losses[-1] < losses[0]
-    assert res.trainable_params == 2 * lm.geometry.head_dim
+    assert res.trainable_params == 2 * 2 * lm.geometry.head_dim  # scale and offset of two heads
     cfg = json.loads((tmp_path / "adapter" / CONFIG_NAME).read_text())
     assert cfg["kind"] == "offset" and cfg["training"]["config"]["adapter"] == "offset"
     assert all(torch.equal(before[k], v) for k, v in lm.model.state_dict().items())

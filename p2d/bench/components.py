@@ -21,7 +21,7 @@ from ..heads import score_heads
 from ..models import trainable
 from ..selection import SELECT_METHODS, select_data
 from ..training import loss_backward
-from .cells import LORA_TARGETS, PeakMemory
+from ..cells import LORA_TARGETS, PeakMemory
 
 SHARES = (0.05, 0.1, 0.3, 1.0)
 LENGTHS = (64, 128, 256)

@@ -1,94 +1,136 @@
-"""Benchmark settings (`python -m p2d bench` flags and its --config YAML)."""
+"""Benchmark settings (`python -m p2d bench` flags and its --config YAML).
+
+The settings a benchmark shares with a run (model, data sizes, batching, P2D's methods) are
+RunConfig's own fields (`p2d.config.inherited`: same label, help, choices and range; another default
+where the benchmark needs one); the rest are the benchmark's.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import normalize_fields, setting
-from ..heads import DEFAULT_HEAD_METHOD, HEAD_METHODS
-from ..selection import DEFAULT_POSITIONS, DEFAULT_SELECT_METHOD, POSITIONS, SELECT_METHODS
+from ..cells import ADAPTERS
+from ..config import BUILTIN_POOLS, RunConfig, inherited, normalize_fields, setting
+from ..errors import UserError
+from ..heads import HEAD_METHODS
 
-#: trainable part x training data; every cell trains the same epochs over its own data
-CELLS = {
-    "full-pool": ("full", "pool", "full fine-tuning / whole pool (the AER reference, measured)"),
-    "full-random": ("full", "random", "full fine-tuning / random 10%"),
-    "lora-pool": ("lora", "pool", "LoRA q,k,v,o / whole pool"),
-    "lora-random": ("lora", "random", "LoRA q,k,v,o / random 10%"),
-    "heads-random": ("heads", "random", "P2D heads / random 10%"),
-    "randomheads-p2d": ("random_heads", "p2d", "random heads / P2D data"),
-    "heads-rhdata": ("heads", "rh_data", "P2D heads / data picked by random heads"),
-    "lora-p2d": ("lora", "p2d", "LoRA q,k,v,o / P2D data"),
-    "full-p2d": ("full", "p2d", "full fine-tuning / P2D data"),
-    "p2d": ("heads", "p2d", "P2D heads / P2D data (P2D)"),
+#: the parts of the benchmark, in the order they run for each split (see p2d/bench/runner.py)
+PARTS = ("precision", "sweep", "selectors", "heads", "classic", "aer", "components")
+#: what runs without --parts (the component figures of the earlier report are on request)
+DEFAULT_PARTS = ("precision", "sweep", "selectors", "heads", "classic", "aer")
+#: selection cells: how the training rows of the same budget are picked (P2D's selection first)
+SELECTORS = ("p2d", "tfidf", "bm25", "hidden", "rh-alignment", "random")
+SELECTOR_LABELS = {
+    "p2d": "P2D: the selected heads (activation)",
+    "tfidf": "TF-IDF of the prompt (no heads, no model)",
+    "bm25": "BM25 of the prompt (no heads, no model)",
+    "hidden": "mean hidden state, one layer (no heads)",
+    "rh-alignment": "gradient alignment on random heads",
+    "random": "random rows",
 }
-PARTS = ("sweep", "cells", "target_rows", "components")
-DEFAULT_TARGETS = ("addition", "capitals")  # a numeric and a word answer (exact match is meaningful)
+#: cells of the classic comparison kept for continuity (LoRA and full fine-tuning at the same budget)
+CLASSIC = ("lora-p2d", "full-p2d", "lora-random", "full-random")
+DEFAULT_SPLITS = ("builtin-hard:addition", "builtin-hard:alphabetical", "builtin-hard:dates",
+                  "builtin-hard:past_tense", "builtin:addition", "builtin:dates")
+#: where the defaults are chosen (at the choice seed); the other splits were never used for a choice
+CHOICE_SPLITS = ("builtin-hard:addition", "builtin-hard:dates", "builtin:addition")
+#: where the heads comparison, the classic cells and the equal-accuracy AER run
+HEADS_SPLITS = ("builtin-hard:addition", "builtin-hard:alphabetical")
+
+
+def _split_choices():
+    from ..data.builtin import TASKS
+    from ..data.builtin_hard import HARD_TARGETS
+
+    return tuple(f"builtin:{t}" for t in TASKS) + tuple(f"builtin-hard:{t}" for t in HARD_TARGETS) + ("custom",)
 
 
 @dataclass
 class BenchConfig:
-    """Benchmark P2D against full fine-tuning, LoRA and its own controls at equal data budget and epochs.
+    """Benchmark P2D against selectors without heads, random heads, LoRA and full fine-tuning at equal
+    data budget and epochs, on pools where surface words mislead (builtin-hard) and on the plain
+    built-in pool.
 
     Every cell is measured (no estimates). Results go to ``out``: ``results.json``, ``results.md``
     and ``aer_vs_accuracy.html``; finished units are kept and skipped by a rerun (resumable).
     """
 
-    model: str = setting("default", "model", "Model", "model spec (default: the embedded SmolLM2-135M-Instruct)")
-    device: str = setting("auto", "model", "Device", "auto, cpu, cuda, cuda:N or mps")
-    dtype: str = setting("auto", "model", "Precision", "auto (bf16 on CUDA, else fp32), fp32, bf16 or fp16",
-                         choices=("auto", "fp32", "bf16", "fp16"))
-    pool: str | None = setting(None, "data", "Pool file", "your pool file (none: the built-in task pool)")
-    probe: str | None = setting(None, "data", "Probe file", "your probe file (target examples)")
-    eval: str | None = setting(None, "data", "Eval file", "your eval file (target task)")
-    columns: dict | None = setting(None, "data", "Column mapping", "column mapping for your files")
+    model: str = inherited("model")
+    device: str = inherited("device")
+    dtype: str = inherited("dtype")
+    pool: str | None = inherited("pool", help="your pool file for the split 'custom' (none: the built-in pools)")
+    probe: str | None = inherited("probe")
+    eval: str | None = inherited("eval")
+    columns: dict | None = inherited("columns")
     target_label: str | None = setting(None, "data", "Target label", "your files: the pool's task label of the target "
                                        "rows (gives selection precision and AUROC)")
-    targets: list[str] = setting(None, "data", "Targets", "built-in targets, each benchmarked on its own pool",
-                                 factory=lambda: list(DEFAULT_TARGETS))
-    seeds: int = setting(3, "data", "Seeds", "seeds per target (pool, training order, random controls)", minimum=1)
-    first_seed: int = setting(0, "data", "First seed", "seeds are first_seed, first_seed+1, ...", minimum=0)
-    sweep_seed: int | None = setting(None, "data", "Sweep seed", "seed of the first target's split the learning "
-                                     "rates are swept on (none: the first seed); lets seeds run in separate "
-                                     "processes with one sweep", minimum=0)
-    pool_size: int = setting(400, "data", "Pool size", "built-in pool rows (10% target)", minimum=20)
-    probe_size: int = setting(64, "data", "Probe size", "target rows used to find heads and to sweep learning rates",
-                              minimum=4)
-    eval_size: int = setting(50, "data", "Eval size", "target rows the accuracy is measured on", minimum=4)
-    other_eval_size: int = setting(5, "data", "Forgetting rows", "held-out rows of every other task (forgetting)",
-                                   minimum=0)
-    max_length: int = setting(256, "data", "Max tokens per sample", "samples are truncated to this many tokens",
-                              minimum=8)
-    batch_size: int = setting(8, "data", "Batch size", "samples per step in every cell", minimum=1)
-    head_method: str = setting(DEFAULT_HEAD_METHOD, "heads", "Head method", "P2D's head scoring", choices=HEAD_METHODS)
-    select_method: str = setting(DEFAULT_SELECT_METHOD, "select", "Selection method", "P2D's data selection",
-                                 choices=SELECT_METHODS)
-    positions: str = setting(DEFAULT_POSITIONS, "heads", "Answer positions", "where P2D's head and sample statistics "
-                             "are taken (all answer positions, or content ones)", choices=POSITIONS)
-    head_ratio: float = setting(0.1, "heads", "Share of heads", "share of query heads P2D trains", above=0.0,
-                                maximum=1.0)
-    data_ratio: float = setting(0.1, "select", "Share of the pool", "data budget of the 10% cells", above=0.0,
-                                maximum=1.0)
+    splits: list[str] = setting(None, "data", "Splits", "pool:target pairs to benchmark, each on its own pool "
+                                "(builtin-hard: the surface words mislead; custom: your files)",
+                                choices=_split_choices, factory=lambda: list(DEFAULT_SPLITS))
+    choice_splits: list[str] = setting(None, "data", "Choice splits", "the splits the defaults are chosen on "
+                                       "(at the choice seed only)", choices=_split_choices,
+                                       factory=lambda: list(CHOICE_SPLITS))
+    seeds: int = setting(3, "data", "Seeds", "reporting seeds per split (pool, training order, random controls)",
+                         minimum=1)
+    first_seed: int = setting(0, "data", "First seed", "reporting seeds are first_seed, first_seed+1, ...", minimum=0)
+    choice_seed: int = setting(100, "data", "Choice seed", "the seed learning rates and defaults are chosen on "
+                               "(never a reporting seed)", minimum=0)
+    pool_size: int = inherited("pool_size", 400)
+    probe_size: int = inherited("probe_size", 64)
+    eval_size: int = inherited("eval_size", 300, help="target rows the accuracy is measured on (capped by what a "
+                               "task can give)")
+    other_eval_size: int = inherited("other_eval_size", 3)
+    max_length: int = inherited("max_length", 128)
+    batch_size: int = inherited("batch_size")
+    head_method: str = inherited("head_method")
+    select_method: str = inherited("select_method")
+    positions: str = inherited("positions")
+    head_ratio: float = inherited("head_ratio")
+    data_ratio: float = inherited("data_ratio")
+    hidden_layer: int | None = inherited("hidden_layer")
+    adapter: str = setting("qkvo", "train", "Adapter", "what the selector cells train on P2D's heads",
+                           choices=tuple(ADAPTERS))
+    selectors: list[str] = setting(None, "select", "Selectors", "selection cells: the same budget picked by P2D "
+                                   "and by selectors without heads", choices=SELECTORS, factory=lambda: list(SELECTORS))
+    head_candidates: list[str] = setting(None, "heads", "Head candidates", "head methods whose heads are trained "
+                                         "next to P2D's (heads chosen for training value)", choices=HEAD_METHODS,
+                                         factory=lambda: ["gradient", "lofit"])
+    adapters: list[str] = setting(None, "heads", "Adapters", "the regimes of the heads comparison",
+                                  choices=tuple(ADAPTERS), factory=lambda: list(ADAPTERS))
+    heads_splits: list[str] = setting(None, "heads", "Heads splits", "splits the heads comparison (random-head "
+                                      "draws, candidates, adapters), the classic cells and the equal-accuracy AER "
+                                      "run on", choices=_split_choices, factory=lambda: list(HEADS_SPLITS))
+    random_head_draws: int = setting(10, "heads", "Random-head draws", "random head sets per seed: the null "
+                                     "distribution of selection precision and of training", minimum=1)
+    training_draws: int = setting(10, "heads", "Training draws", "random head sets trained per seed and adapter "
+                                  "(at most random_head_draws)", minimum=0)
+    classic: list[str] = setting(None, "train", "Classic cells", "LoRA and full fine-tuning cells at the same "
+                                 "budget", choices=CLASSIC, factory=lambda: list(CLASSIC))
     epochs: float = setting(3.0, "train", "Epochs", "passes over each cell's own data (the reference's too)",
                             above=0.0)
-    cells: list[str] = setting(None, "train", "Cells", "which cells to run", choices=tuple(CELLS),
-                               factory=lambda: list(CELLS))
-    lr_heads: list[str] = setting(None, "train", "Head learning rates", "sweep grid for head training",
-                                  factory=lambda: ["3e-4", "1e-3", "3e-3"])
-    lr_lora: list[str] = setting(None, "train", "LoRA learning rates", "sweep grid for LoRA",
-                                 factory=lambda: ["3e-4", "1e-3", "3e-3"])
-    lr_full: list[str] = setting(None, "train", "Full learning rates", "sweep grid for full fine-tuning",
+    lr_qkvo: list[str] = setting(None, "train", "Head learning rates", "first sweep grid of q,k,v,o head slices "
+                                 "(extended while the best is at an edge)", factory=lambda: ["3e-4", "1e-3", "3e-3"])
+    lr_qo: list[str] = setting(None, "train", "q,o learning rates", "first sweep grid of q,o head slices",
+                               factory=lambda: ["3e-4", "1e-3", "3e-3"])
+    lr_offset: list[str] = setting(None, "train", "Offset learning rates", "first sweep grid of the LoFiT-style "
+                                   "scale and offset", factory=lambda: ["3e-3", "1e-2", "3e-2"])
+    lr_lora: list[str] = setting(None, "train", "LoRA learning rates", "first sweep grid of LoRA",
+                                 factory=lambda: ["1e-3", "3e-3", "1e-2"])
+    lr_full: list[str] = setting(None, "train", "Full learning rates", "first sweep grid of full fine-tuning",
                                  factory=lambda: ["1e-5", "3e-5", "1e-4"])
+    sweep_extend: int = setting(2, "train", "Sweep extensions", "how many times a grid is extended (x3.16) while "
+                                "its best value is at an edge", minimum=0)
     lora_rank: int = setting(8, "train", "LoRA rank", "LoRA rank (alpha = 2 x rank)", minimum=1)
-    random_head_draws: int = setting(10, "heads", "Random-head draws", "draws of random heads for the selection "
-                                     "precision control", minimum=1)
-    curve_points: int = setting(4, "cost", "Curve points", "evaluations along full fine-tuning (AER at equal accuracy)",
+    curve_points: int = setting(10, "cost", "Curve points", "evaluations along full fine-tuning of the whole pool "
+                                "(the equal-accuracy AER is interpolated on them, from the base model at 0 s)",
                                 minimum=1)
-    target_rows: list[str] = setting(None, "data", "Target-row points", "shares of the data budget filled with target "
-                                     "rows for the accuracy-vs-target-rows curve",
-                                     factory=lambda: ["0", "0.25", "0.5", "1"])
-    parts: list[str] = setting(None, "output", "Parts", "what to run", choices=PARTS, factory=lambda: list(PARTS))
-    quick: bool = setting(False, "output", "Quick", "smoke size: 1 target, 1 seed, small pool, no sweep (30 min on "
-                          "the 2-core development machine, with the test suite running beside it for 13 of them)")
+    bootstrap: int = setting(2000, "output", "Bootstrap draws", "resamples for the 95% intervals", minimum=100)
+    parts: list[str] = setting(None, "output", "Parts", "what to run (components: the cost of each part of a "
+                               "step, on request)", choices=PARTS, factory=lambda: list(DEFAULT_PARTS))
+    report_only: bool = setting(False, "output", "Report only", "rebuild the report from the finished units; "
+                                "compute nothing")
+    quick: bool = setting(False, "output", "Quick", "smoke size: one words-mislead split, one seed, small pool, "
+                          "few draws, no sweep (about 15 minutes on 2 idle cores)")
     threads: int = setting(0, "output", "Threads", "torch CPU threads (0: torch's default); with 1 the CPU seconds "
                            "of each unit are robust to other load on the machine", minimum=0)
     max_minutes: float | None = setting(None, "output", "Time limit", "start no new unit after this many minutes; "
@@ -97,37 +139,58 @@ class BenchConfig:
 
     def __post_init__(self):
         normalize_fields(self)
-        for name in ("lr_heads", "lr_lora", "lr_full", "target_rows"):
+        for name in ("lr_qkvo", "lr_qo", "lr_offset", "lr_lora", "lr_full"):
             try:
                 setattr(self, name, [str(float(x)) for x in getattr(self, name)])
             except ValueError:
-                from ..errors import UserError
-
                 raise UserError(f"{name} must be a list of numbers, got {getattr(self, name)!r}") from None
+        if self.custom_data and not (self.probe and self.eval):
+            raise UserError("a benchmark on your own pool needs probe and eval files too")
+        if self.custom_data:
+            self.splits = ["custom"]
         if self.quick:
-            self.targets = self.targets[:1]
+            self.splits = self.splits[:1] if self.custom_data else ["builtin-hard:addition"]
+            self.heads_splits = list(self.splits)
+            self.choice_splits = []
             self.seeds = 1
             self.pool_size = min(self.pool_size, 160)
             self.probe_size = min(self.probe_size, 24)
-            self.eval_size = min(self.eval_size, 24)
-            self.other_eval_size = min(self.other_eval_size, 3)
-            self.max_length = min(self.max_length, 128)
-            self.random_head_draws = min(self.random_head_draws, 2)
-            self.curve_points = min(self.curve_points, 2)
-            self.target_rows = [self.target_rows[0], self.target_rows[-1]]
-            for name in ("lr_heads", "lr_lora", "lr_full"):  # no sweep: the middle of each grid
+            self.eval_size = min(self.eval_size, 60)
+            self.other_eval_size = min(self.other_eval_size, 2)
+            self.max_length = min(self.max_length, 96)
+            self.random_head_draws = min(self.random_head_draws, 3)
+            self.training_draws = min(self.training_draws, 2)
+            self.head_candidates = self.head_candidates[:1]
+            self.adapters = [self.adapter, "offset"] if self.adapter != "offset" else ["offset"]
+            self.selectors = [s for s in self.selectors if s != "bm25"]
+            self.classic = []
+            self.curve_points = min(self.curve_points, 4)
+            self.bootstrap = min(self.bootstrap, 500)
+            self.sweep_extend = 0
+            for name in ("lr_qkvo", "lr_qo", "lr_offset", "lr_lora", "lr_full"):  # no sweep: the middle of each grid
                 grid = getattr(self, name)
                 setattr(self, name, [grid[len(grid) // 2]])
+        self.training_draws = min(self.training_draws, self.random_head_draws)
+        bad = [s for s in self.splits if s != "custom" and s.split(":")[0] not in BUILTIN_POOLS]
+        if bad:
+            raise UserError(f"unknown split {bad[0]!r}: use pool:target with a built-in pool")
 
     @property
     def seed_list(self) -> list[int]:
         return list(range(self.first_seed, self.first_seed + self.seeds))
 
     @property
-    def anchor_seed(self) -> int:
-        """The seed the learning rates are swept on and the one-seed parts (target rows, components) run at."""
-        return self.first_seed if self.sweep_seed is None else self.sweep_seed
-
-    @property
     def custom_data(self) -> bool:
         return bool(self.pool)
+
+    def run_config(self, split: str, seed: int) -> RunConfig:
+        """The run settings of one split at one seed: the benchmark's shared fields, the split's pool and
+        target (what `p2d.pipeline.load_run_data` and the stage functions read)."""
+        shared = {name: getattr(self, name) for name in ("model", "device", "dtype", "columns", "pool_size",
+                                                          "probe_size", "eval_size", "other_eval_size", "max_length",
+                                                          "batch_size", "head_method", "select_method", "positions",
+                                                          "head_ratio", "data_ratio", "hidden_layer")}
+        if split == "custom":
+            return RunConfig(**shared, pool=self.pool, probe=self.probe, eval=self.eval, seed=seed).validate()
+        pool, target = split.split(":", 1)
+        return RunConfig(**shared, pool=pool, target=target, seed=seed).validate()

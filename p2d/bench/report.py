@@ -1,10 +1,13 @@
-"""Aggregate the benchmark's units into results.json, results.md and an AER-vs-accuracy figure.
+"""The benchmark's report: results.json, results.md and the AER-vs-accuracy figure, from the units.
 
-Cost per cell (seconds): training time, plus head scoring when the cell uses P2D's heads, plus the
-selection pass when it uses selected data. AER = cost / the *measured* training time of the
-full-pool cell of the same target and seed (full fine-tuning, all parameters, the same epochs over
-the whole pool). "AER at equal accuracy" = P2D's cost / the training time full fine-tuning needed
-to reach P2D's accuracy, read off its measured learning curve (None when it never did).
+Accuracy is the strict greedy match of every eval row (`p2d.evaluation.forced_eval`); differences are
+paired by seed and row with 95% two-level bootstrap intervals and the smallest effect they could
+detect (`p2d.bench.stats`). Costs follow `p2d.cells.cell_cost`: a cell's training, plus the head
+scoring of the scored heads it trains or that chose its data, plus the selection pass that chose its
+rows. AER = cost / the measured training time of full fine-tuning of the whole pool (same split, the
+first reporting seed). The equal-accuracy AER reads the time full fine-tuning needed to reach P2D's
+accuracy off its learning curve, from the base model at 0 s and interpolated between points
+(`p2d.cost.time_to_reach`), with an interval from resampling the eval rows.
 """
 
 from __future__ import annotations
@@ -14,11 +17,14 @@ import statistics
 from dataclasses import asdict
 from pathlib import Path
 
-from ..files import read_json, write_json, write_text
-from .cells import time_to_reach
-from .config import CELLS
+from ..cells import CELLS, cell_cost
+from ..cost import time_to_reach
+from ..files import write_json, write_text
+from .choose import choose_defaults, choice_markdown
+from .config import SELECTOR_LABELS
+from .stats import null_comparison, paired_difference
 
-BUDGET_BASELINES = ("full-random", "lora-random", "heads-random")
+HEAD_FREE = ("tfidf", "bm25", "hidden", "rh-alignment", "random")  # selectors that do not use P2D's heads
 
 
 def _stat(values) -> dict | None:
@@ -28,212 +34,331 @@ def _stat(values) -> dict | None:
     return {"mean": statistics.fmean(vals), "sd": statistics.stdev(vals) if len(vals) > 1 else 0.0, "n": len(vals)}
 
 
-def cell_cost(cell: str, res: dict, heads_s: float, select_s: float, rh_select_s: float) -> float:
-    """A cell's training time plus what its inputs cost: P2D's head scoring when it trains P2D's heads or
-    uses P2D's data, P2D's selection for P2D's data, the random heads' selection for theirs."""
-    kind, data, _ = CELLS[cell]
-    extra = heads_s if kind == "heads" or data == "p2d" else 0.0
-    extra += {"p2d": select_s, "rh_data": rh_select_s}.get(data, 0.0)
-    return res["train_s"] + extra
+def _units_of(bench, split_folder: str, seed: int) -> dict[str, dict]:
+    return {k[2]: e for k, e in bench.touched.items() if len(k) == 3 and k[0] == split_folder and k[1] == f"seed{seed}"}
+
+
+def _cell_name(heads: str, adapter: str, data: str) -> str:
+    return f"cell-{heads}-{adapter}-{data}"
 
 
 def collect(bench, machine: dict, model: dict) -> dict:
-    """Every finished unit of ``bench`` (a `p2d.bench.runner.Bench`) that matches its settings."""
-    cfg, root = bench.cfg, bench.out / "units"
-    targets = ["custom"] if cfg.custom_data else cfg.targets
-    out = {"config": asdict(cfg), "machine": machine, "model": model, "learning_rates": bench.lrs or {},
-           "sweep": {k: (read_json(root / "sweep" / f"{k}.json") or {}).get("result") for k in ("heads", "lora", "full")},
-           "targets": {}}
-    for target in targets:
-        per_seed = []
-        for seed in cfg.seed_list:
-            base = bench.result(target, seed, "base")
-            hp = bench.result(target, seed, "heads_p2d") or {}
-            sp = bench.result(target, seed, "select_p2d") or {}
-            sr = bench.result(target, seed, "select_random_heads") or {}
-            draws = (bench.result(target, seed, "random_head_draws") or {}).get("draws", [])
-            cells = {name: bench.result(target, seed, f"cell-{name}") for name in CELLS}
-            cells = {k: v for k, v in cells.items() if v}
-            ref = cells.get("full-pool")
-            row = {"seed": seed, "base": base, "heads_s": hp.get("time_s"), "select_s": sp.get("time_s"),
-                   "p2d_selection": {k: sp.get(k) for k in ("precision", "auroc", "pool_share", "task_counts")},
-                   "random_heads_selection": {k: sr.get(k) for k in ("precision", "auroc")},
-                   "random_head_draws": draws, "cells": {}}
-            for name, res in cells.items():
-                cost = cell_cost(name, res, hp.get("time_s") or 0.0, sp.get("time_s") or 0.0, sr.get("time_s") or 0.0)
-                c = {"accuracy": res.get("accuracy"), "contains": res.get("contains"), "loss": res.get("loss"),
-                     "cost_s": cost, "train_s": res["train_s"], "steps": res["steps"], "rows": res["rows"],
-                     "trainable_params": res["trainable_params"], "optimizer_state_bytes": res["optimizer_state_bytes"],
-                     "peak_mem_mb": res.get("peak_mem_mb"), "lr": res.get("lr"),
-                     "aer": cost / ref["train_s"] if ref else None}
-                if ref and ref.get("cpu_s") and res.get("cpu_s") is not None:
-                    extra_cpu = cell_cost(name, {"train_s": 0.0}, hp.get("cpu_s") or 0.0, sp.get("cpu_s") or 0.0,
-                                      sr.get("cpu_s") or 0.0)
-                    c["aer_cpu"] = (res["cpu_s"] + extra_cpu) / ref["cpu_s"]
-                if base and base.get("other_accuracy") is not None and res.get("other_accuracy") is not None:
-                    c["forgetting"] = res["other_accuracy"] - base["other_accuracy"]
-                if name == "p2d" and ref:
-                    t_reach = time_to_reach(ref.get("curve") or [], res.get("accuracy"))
-                    c["full_time_to_reach_s"] = t_reach
-                    c["aer_at_equal_accuracy"] = cost / t_reach if t_reach else None
-                row["cells"][name] = c
-            if ref:
-                row["reference_curve"] = ref.get("curve")
-            row["target_rows"] = (bench.result(target, seed, "target_rows") or {}).get("points")
-            per_seed.append(row)
-        out["targets"][target] = {"seeds": per_seed, "summary": _summarise(per_seed)}
-    out["summary"] = {t: v["summary"].get("headline") for t, v in out["targets"].items()}
-    comp = read_json(root / "components.json")
-    out["components"] = comp["result"] if comp else None
+    """Everything the invocation found valid, summarised per split (see the module docstring)."""
+    from .runner import folder_name
+
+    cfg = bench.cfg
+    out = {"config": asdict(cfg), "machine": machine, "model": model, "splits": {}}
+    for split in cfg.splits:
+        f = folder_name(split)
+        seeds = {s: _units_of(bench, f, s) for s in cfg.seed_list}
+        seeds = {s: u for s, u in seeds.items() if u}
+        sweeps = {k[2]: e["result"] for k, e in bench.touched.items() if len(k) == 3 and k[:2] == (f, "sweep")}
+        out["splits"][split] = _summarise_split(cfg, split, seeds, sweeps)
+    out["defaults"] = choose_defaults(bench)
     return out
 
 
-def _summarise(rows: list[dict]) -> dict:
-    cells = sorted({c for r in rows for c in r["cells"]}, key=list(CELLS).index)
-    s: dict = {"cells": {}}
-    for c in cells:
-        vals = [r["cells"][c] for r in rows if c in r["cells"]]
-        s["cells"][c] = {k: _stat(v.get(k) for v in vals) for k in
-                         ("accuracy", "contains", "loss", "forgetting", "aer", "aer_cpu", "cost_s", "train_s",
-                          "trainable_params", "optimizer_state_bytes", "peak_mem_mb", "aer_at_equal_accuracy")}
-    s["base_accuracy"] = _stat((r["base"] or {}).get("accuracy") for r in rows)
-    s["p2d_precision"] = _stat(r["p2d_selection"].get("precision") for r in rows)
-    s["p2d_auroc"] = _stat(r["p2d_selection"].get("auroc") for r in rows)
-    s["random_heads_precision"] = _stat(d.get("precision") for r in rows for d in r["random_head_draws"])
-    s["pool_share"] = _stat(r["p2d_selection"].get("pool_share") for r in rows)
-    # differences per seed, so the spread is of the paired difference
-    diffs = {}
-    for other in BUDGET_BASELINES + ("randomheads-p2d", "heads-rhdata", "lora-p2d", "full-p2d", "full-pool", "lora-pool"):
-        d = [r["cells"]["p2d"]["accuracy"] - r["cells"][other]["accuracy"] for r in rows
-             if "p2d" in r["cells"] and other in r["cells"] and r["cells"]["p2d"]["accuracy"] is not None
-             and r["cells"][other]["accuracy"] is not None]
-        diffs[other] = _stat(d)
-    s["p2d_minus"] = diffs
-    best = [max((r["cells"][b]["accuracy"] for b in BUDGET_BASELINES if b in r["cells"]
-                 and r["cells"][b]["accuracy"] is not None), default=None) for r in rows]
-    s["p2d_minus_best_budget_baseline"] = _stat(
-        r["cells"]["p2d"]["accuracy"] - b for r, b in zip(rows, best) if b is not None and "p2d" in r["cells"]
-        and r["cells"]["p2d"]["accuracy"] is not None)
-    p2d = s["cells"].get("p2d", {})
-    s["headline"] = {
-        "p2d_accuracy": p2d.get("accuracy"), "base_accuracy": s["base_accuracy"],
-        "p2d_minus_best_budget_baseline_pp": _scale(s["p2d_minus_best_budget_baseline"], 100),
-        "p2d_aer": p2d.get("aer"), "p2d_speedup": _inv(p2d.get("aer")), "p2d_aer_cpu": p2d.get("aer_cpu"),
-        "p2d_aer_at_equal_accuracy": p2d.get("aer_at_equal_accuracy"),
-        "p2d_precision": s["p2d_precision"], "random_heads_precision": s["random_heads_precision"],
-        "pool_share": s["pool_share"],
-    }
+def _rows(units: dict, name: str) -> list | None:
+    e = units.get(name)
+    return e["result"]["strict"] if e else None
+
+
+def _summarise_split(cfg, split: str, seeds: dict[int, dict], sweeps: dict) -> dict:
+    B = cfg.bootstrap
+    s: dict = {"seeds": sorted(seeds), "sweeps": sweeps}
+    s["base"] = _stat(u["base"]["result"]["accuracy"] for u in seeds.values() if "base" in u)
+    # -- selection --------------------------------------------------------------------------------
+    sel = {}
+    for name in cfg.selectors:
+        vals = [u[f"select-{name}"]["result"] for u in seeds.values() if f"select-{name}" in u]
+        if vals:
+            sel[name] = {k: _stat(v.get(k) for v in vals) for k in ("precision", "twins", "auroc", "time_s", "cpu_s")}
+            sel[name]["per_seed"] = [v.get("precision") for v in vals]
+    s["selection"] = sel
+    any_sel = next((u[k]["result"] for u in seeds.values() for k in u if k.startswith("select-")), {})
+    s["pool_share"], s["pool_twins"] = any_sel.get("pool_share"), any_sel.get("pool_twins")
+    feats = [u["features"]["result"] for u in seeds.values() if "features" in u]
+    if feats:
+        null_act = [d["activation"].get("precision") for f in feats for d in f["random"]]
+        null_aln = [d["alignment"].get("precision") for f in feats for d in f["random"]]
+        methods = {}
+        for m in feats[0]["methods"]:
+            methods[m] = {score: _stat(f["methods"][m][score].get("precision") for f in feats if m in f["methods"])
+                          for score in ("activation", "alignment")}
+            methods[m]["twins_activation"] = _stat(f["methods"][m]["activation"].get("twins") for f in feats
+                                                   if m in f["methods"])
+        s["null_precision"] = {"activation": _dist(null_act), "alignment": _dist(null_aln)}
+        s["head_methods_precision"] = methods
+        p2d = [f["methods"].get(cfg.head_method, {}).get("activation", {}).get("precision") for f in feats]
+        s["p2d_precision_rank_in_null"] = _share_at_or_above(p2d, [[d["activation"].get("precision") for d in f["random"]]
+                                                                   for f in feats])
+    # -- selectors trained ------------------------------------------------------------------------------
+    trained = {}
+    p2d_cell = _cell_name("p2d", cfg.adapter, "p2d")
+    for name in cfg.selectors:
+        cell = _cell_name("p2d", cfg.adapter, name)
+        vals = {seed: u[cell]["result"] for seed, u in seeds.items() if cell in u}
+        if not vals:
+            continue
+        row = _cell_summary(vals, seeds, name, cfg.head_method)
+        if name != "p2d":
+            row["p2d_minus"] = paired_difference({k: _rows(u, p2d_cell) for k, u in seeds.items()},
+                                                 {k: _rows(u, cell) for k, u in seeds.items()}, draws=B)
+        trained[name] = row
+    s["selectors"] = trained
+    free = {k: v for k, v in trained.items() if k in HEAD_FREE and v["accuracy"]}
+    if free and "p2d" in trained:
+        best = max(free, key=lambda k: free[k]["accuracy"]["mean"])
+        s["best_head_free"] = {"selector": best, "p2d_minus": trained[best].get("p2d_minus")}
+    # -- heads ------------------------------------------------------------------------------------------
+    heads = {}
+    for adapter in cfg.adapters:
+        p2d = {k: _rows(u, _cell_name("p2d", adapter, "p2d")) for k, u in seeds.items()}
+        p2d = {k: v for k, v in p2d.items() if v is not None}
+        if not p2d:
+            continue
+        draws = {k: [r for d in range(cfg.training_draws) if (r := _rows(u, _cell_name(f"random{d}", adapter, "p2d")))]
+                 for k, u in seeds.items()}
+        row = {"p2d": _cell_summary({k: u[_cell_name("p2d", adapter, "p2d")]["result"] for k, u in seeds.items()
+                                     if _cell_name("p2d", adapter, "p2d") in u}, seeds, "p2d", cfg.head_method),
+               "random": _stat(statistics.fmean(r) for v in draws.values() for r in v),
+               "random_range": _dist([statistics.fmean(r) for v in draws.values() for r in v]),
+               "p2d_vs_random": null_comparison(p2d, draws, draws=B), "candidates": {},
+               "lr": {h: sweeps.get(f"{adapter}-{h}", {}).get("chosen") for h in ("p2d", "random")},
+               "lr_interior": {h: sweeps.get(f"{adapter}-{h}", {}).get("interior") for h in ("p2d", "random")}}
+        for m in cfg.head_candidates:
+            if m == cfg.head_method:
+                continue
+            cand = {k: _rows(u, _cell_name(m, adapter, "p2d")) for k, u in seeds.items()}
+            cand = {k: v for k, v in cand.items() if v is not None}
+            if cand:
+                row["candidates"][m] = {"accuracy": _stat(statistics.fmean(v) for v in cand.values()),
+                                        "vs_random": null_comparison(cand, draws, draws=B)}
+        heads[adapter] = row
+    s["heads"] = heads
+    # -- classic ----------------------------------------------------------------------------------------
+    classic = {}
+    for name in cfg.classic:
+        c = CELLS[name]
+        cell = _cell_name(c.trainable, c.trainable, c.data)
+        vals = {seed: u[cell]["result"] for seed, u in seeds.items() if cell in u}
+        if vals:
+            row = _cell_summary(vals, seeds, c.data, cfg.head_method)
+            row["p2d_minus"] = paired_difference({k: _rows(u, p2d_cell) for k, u in seeds.items()},
+                                                 {k: _rows(u, cell) for k, u in seeds.items()}, draws=B)
+            classic[name] = row
+    s["classic"] = classic
+    s["aer"] = _aer(cfg, seeds, p2d_cell)
     return s
 
 
-def _scale(st, k):
-    return None if st is None else {**st, "mean": st["mean"] * k, "sd": st["sd"] * k}
+def _cost(res: dict, units: dict, data: str, head_method: str) -> float:
+    """`cell_cost` of a trained cell from its units (wall seconds): its training, the scoring of the
+    scored heads it trains (else of those that chose its rows), the selection that chose its rows."""
+    heads = str(res["cell"].get("heads") or "")
+    sel = units.get(f"select-{data}", {}).get("result", {})
+    if heads and not heads.startswith("random"):
+        unit = units.get(f"heads-{head_method if heads == 'p2d' else heads}")
+        heads_s = unit["result"]["time_s"] if unit else 0.0
+    else:
+        heads_s = sel.get("heads_s") or 0.0
+    return cell_cost(res["train_s"], heads_s, sel.get("time_s") or 0.0)
 
 
-def _inv(st):
-    return None if st is None or not st["mean"] else {"mean": 1 / st["mean"], "n": st["n"]}
+def _cell_summary(vals: dict[int, dict], seeds: dict, data: str, head_method: str) -> dict:
+    res = list(vals.values())
+    costs = [_cost(r, seeds[k], data, head_method) for k, r in vals.items()]
+    return {"accuracy": _stat(r.get("accuracy") for r in res), "loss": _stat(r.get("loss") for r in res),
+            "other_accuracy": _stat(r.get("other_accuracy") for r in res),
+            "cost_s": _stat(costs), "train_s": _stat(r["train_s"] for r in res), "cpu_s": _stat(r.get("cpu_s") for r in res),
+            "rows": res[0]["rows"], "steps": res[0]["steps"], "lr": res[0]["lr"],
+            "trainable_params": res[0]["trainable_params"], "query_heads_changed": res[0].get("query_heads_changed"),
+            "optimizer_state_bytes": res[0]["optimizer_state_bytes"], "per_seed": [r.get("accuracy") for r in res]}
+
+
+def _dist(values) -> dict | None:
+    vals = sorted(v for v in values if v is not None)
+    if not vals:
+        return None
+    q = lambda p: vals[min(len(vals) - 1, int(p * (len(vals) - 1) + 0.5))]  # noqa: E731
+    return {"mean": statistics.fmean(vals), "p05": q(0.05), "median": q(0.5), "p95": q(0.95), "min": vals[0],
+            "max": vals[-1], "n": len(vals)}
+
+
+def _share_at_or_above(values: list, draws: list[list]) -> float | None:
+    pairs = [(v, d) for v, ds in zip(values, draws) if v is not None for d in ds if d is not None]
+    return sum(d >= v for v, d in pairs) / len(pairs) if pairs else None
+
+
+def _aer(cfg, seeds: dict, p2d_cell: str) -> dict | None:
+    """AER of P2D against full fine-tuning of the whole pool, and at equal accuracy (first seed with the
+    reference), with an interval from resampling eval rows."""
+    import numpy as np
+
+    for seed, u in seeds.items():
+        ref, p2d, base = u.get("cell-full-full-pool"), u.get(p2d_cell), u.get("base")
+        if not (ref and p2d and base):
+            continue
+        ref, p2d, base = ref["result"], p2d["result"], base["result"]
+        cost = _cost(p2d, u, "p2d", cfg.head_method)
+        t_full = ref["train_s"]
+        curve = [{"train_s": p["train_s"], "accuracy": p["accuracy"]} for p in ref["curve"]]
+        t_eq = time_to_reach(curve, p2d["accuracy"], base["accuracy"])
+        rng = np.random.default_rng(0)
+        rows = [np.asarray([v if v is not None else 0 for v in r], dtype=float)
+                for r in [base["strict"], p2d["strict"]] + [p["strict"] for p in ref["curve"]]]
+        boots = []
+        n = len(rows[0])
+        for _ in range(cfg.bootstrap):
+            idx = rng.integers(0, n, size=n)
+            b, p, *c = [r[idx].mean() for r in rows]
+            t = time_to_reach([{"train_s": pt["train_s"], "accuracy": a} for pt, a in zip(curve, c)], p, b)
+            boots.append(math.inf if t in (None, 0.0) else cost / t)
+        boots.sort()
+        lo, hi = boots[int(0.025 * (len(boots) - 1))], boots[int(0.975 * (len(boots) - 1))]
+        return {"seed": seed, "p2d_cost_s": cost, "p2d_accuracy": p2d["accuracy"], "base_accuracy": base["accuracy"],
+                "full_time_s": t_full, "full_accuracy": ref["accuracy"], "aer": cost / t_full if t_full else None,
+                "curve": [{"train_s": 0.0, "accuracy": base["accuracy"]}] + curve,
+                "full_time_to_reach_s": t_eq,
+                "aer_at_equal_accuracy": (cost / t_eq) if t_eq else None,
+                "aer_at_equal_accuracy_ci95": [lo, hi],
+                "note": None if t_eq else ("P2D's accuracy is at or below the base model's" if t_eq == 0.0
+                                           else "full fine-tuning never reached P2D's accuracy")}
+    return None
 
 
 # ------------------------------------------------------------------------------------------ output
-def _fmt(st, pct=False, digits=3) -> str:
+def _pct(st, digits=1) -> str:
     if st is None:
         return "–"
-    m, sd = st["mean"], st["sd"]
-    if pct:
-        return f"{100 * m:.1f} ± {100 * sd:.1f}" if st["n"] > 1 else f"{100 * m:.1f}"
-    return f"{m:.{digits}g} ± {sd:.{digits}g}" if st["n"] > 1 else f"{m:.{digits}g}"
+    if isinstance(st, dict) and "mean" in st:
+        m, sd = 100 * st["mean"], 100 * st.get("sd", 0.0)
+        return f"{m:.{digits}f} ± {sd:.{digits}f}" if st.get("n", 1) > 1 else f"{m:.{digits}f}"
+    return f"{100 * st:.{digits}f}"
 
 
-def _fmt_int(st) -> str:
-    return "–" if st is None else f"{st['mean']:,.0f}"
+def _num(st, digits=3) -> str:
+    if st is None:
+        return "–"
+    m = st["mean"] if isinstance(st, dict) else st
+    return f"{m:.{digits}g}"
+
+
+def _diff(d) -> str:
+    if not d:
+        return "–"
+    lo, hi = d["ci95"]
+    return f"{100 * d['estimate']:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}] (MDE {100 * d['mde']:.1f})"
 
 
 def markdown(results: dict) -> str:
     cfg = results["config"]
     m = results["machine"]
-    machine = (f"{m.get('platform')}, Python {m.get('python')}, torch {m.get('torch')}, {m.get('cpu_count')} CPUs, "
-               f"{m.get('torch_threads')} torch threads" + (f", {m['gpu']}" if m.get("gpu") else "")) \
-        if isinstance(m, dict) else str(m)
     lines = [f"# P2D benchmark ({'quick' if cfg['quick'] else 'default size'})", "",
-             f"Machine: {machine}  ", f"Model: {results['model'].get('model')} "
-             f"({results['model'].get('params'):,} parameters, {results['model'].get('device')}, "
-             f"{results['model'].get('dtype')})  ",
-             f"Seeds {cfg['first_seed']}..{cfg['first_seed'] + cfg['seeds'] - 1}; pool {cfg['pool_size']} rows "
-             f"(10% target), probe {cfg['probe_size']}, eval {cfg['eval_size']}; {cfg['epochs']:g} epochs over each "
-             f"cell's data; batch {cfg['batch_size']}, max length {cfg['max_length']}; heads {cfg['head_method']} "
-             f"({cfg['head_ratio']:.0%}), selection {cfg['select_method']} ({cfg['data_ratio']:.0%}), "
-             f"{cfg.get('positions', 'all')} answer positions.  ",
-             f"Learning rates (sweep on the probe set): {results['learning_rates']}.  ",
+             f"Machine: {m.get('platform')}, Python {m.get('python')}, torch {m.get('torch')}, {m.get('cpu_count')} "
+             f"CPUs, {m.get('torch_threads')} torch threads{', ' + m['gpu'] if m.get('gpu') else ''}  ",
+             f"Model: {results['model'].get('model')} ({results['model'].get('params'):,} parameters, "
+             f"{results['model'].get('device')}, {results['model'].get('dtype')})  ",
+             f"Reporting seeds {cfg['first_seed']}..{cfg['first_seed'] + cfg['seeds'] - 1}, choice seed "
+             f"{cfg['choice_seed']}; pool {cfg['pool_size']} rows, probe {cfg['probe_size']}, eval up to "
+             f"{cfg['eval_size']} rows; budget {cfg['data_ratio']:.0%} of the pool, {cfg['epochs']:g} epochs over "
+             f"each cell's rows; batch {cfg['batch_size']}, max length {cfg['max_length']}; heads {cfg['head_method']} "
+             f"({cfg['head_ratio']:.0%}), selection {cfg['select_method']}; selector cells train P2D's heads with "
+             f"the {cfg['adapter']} adapter.  ",
+             "Accuracy: strict greedy match of every eval row (teacher-forced; exactly when greedy decoding "
+             "reproduces the gold answer token for token). Differences: P2D minus the other cell in points, "
+             "paired by seed and row, [95% bootstrap interval] and the smallest effect the comparison could "
+             "detect (MDE, 80% power).  ",
              f"Total time of this invocation: {results.get('time_s', 0):.0f} s.", ""]
-    if results.get("complete") is False:
-        lines += ["**Incomplete:** the time limit stopped the run before every unit finished; the tables cover "
-                  "what did (rerun the same command to continue).", ""]
-    cuda = str(results["model"].get("device", "")).startswith("cuda")  # peak memory is only measured there
-    lines += ["Other tasks: exact match on held-out rows of every other task of the pool, change from the base "
-              "model in points (negative = forgetting)." + ("" if cuda else " Peak memory is reported on CUDA only."), ""]
-    for target, t in results["targets"].items():
-        s = t["summary"]
-        lines += [f"## Target `{target}`", "",
-                  f"Base model exact match {_fmt(s['base_accuracy'], pct=True)}%. Selection: P2D's data is "
-                  f"{_fmt(s['p2d_precision'], pct=True)}% target rows (AUROC {_fmt(s['p2d_auroc'])}); data picked "
-                  f"by random heads {_fmt(s['random_heads_precision'], pct=True)}%; the pool "
-                  f"{_fmt(s['pool_share'], pct=True)}%.", "",
-                  "| cell | seeds | exact match % | contains % | answer loss | other tasks (pp vs base) | AER (wall) | "
-                  "AER (CPU time) | trainable params | optimizer state MB |" + (" peak mem MB |" if cuda else ""),
-                  "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if cuda else "")]
-        for c, st in s["cells"].items():
-            opt = st["optimizer_state_bytes"]
-            opt_mb = "–" if opt is None else f"{opt['mean'] / 2 ** 20:,.1f}"
-            n = (st["accuracy"] or {}).get("n", 0)
-            lines.append(f"| {CELLS[c][2]} | {n} | {_fmt(st['accuracy'], pct=True)} | {_fmt(st['contains'], pct=True)} | "
-                         f"{_fmt(st['loss'])} | {_fmt(st['forgetting'], pct=True)} | {_fmt(st['aer'])} | "
-                         f"{_fmt(st['aer_cpu'])} | "
-                         f"{_fmt_int(st['trainable_params'])} | "
-                         f"{opt_mb} |" + (f" {_fmt(st['peak_mem_mb'])} |" if cuda else ""))
-        d = s["p2d_minus"]
-        lines += ["", "P2D minus (exact match, pp, paired by seed; mean ± sd over n seeds): " + ", ".join(
-            f"{CELLS[k][2]} {_fmt(_scale(v, 100))} (n={v['n']})" for k, v in d.items() if v is not None) + ".  ",
-            f"P2D minus the best equal-budget baseline (per seed): "
-            f"{_fmt(_scale(s['p2d_minus_best_budget_baseline'], 100))} pp.  "]
-        p2d = s["cells"].get("p2d", {})
-        if p2d.get("aer_at_equal_accuracy"):
-            lines.append(f"AER at equal accuracy (P2D's cost / full fine-tuning's time to reach P2D's accuracy): "
-                         f"{_fmt(p2d['aer_at_equal_accuracy'])}.")
-        curves = [r.get("target_rows") for r in t["seeds"] if r.get("target_rows")]
-        if curves:
-            lines += ["", "Accuracy vs target rows in the training data (P2D heads, same budget and epochs): "
-                      + ", ".join(f"{p['target_rows']} rows: {100 * (p['accuracy'] or 0):.0f}%" for p in curves[0]) + "."]
-        lines.append("")
-    if results.get("components"):
-        from .components import components_markdown
-
-        lines.append(components_markdown(results["components"]))
+    if not results.get("complete", True):
+        lines += ["**Incomplete:** " + ("; ".join(results.get("skipped") or []) or "the time limit stopped the run")
+                  + ". The tables cover what finished (rerun the same command to continue).", ""]
+    for split, s in results["splits"].items():
+        lines += [f"## `{split}`", "",
+                  f"Seeds {s['seeds']}. Pool: {_pct(s.get('pool_share'))}% target-skill rows, "
+                  f"{_pct(s.get('pool_twins'))}% twins. Base model {_pct(s['base'])}%.", ""]
+        if s["selection"]:
+            lines += ["| selector | target rows % | twins % | AUROC | selection s (CPU s) |", "|---|---|---|---|---|"]
+            for name, v in s["selection"].items():
+                lines.append(f"| {SELECTOR_LABELS.get(name, name)} | {_pct(v['precision'])} | {_pct(v['twins'])} | "
+                             f"{_num(v['auroc'])} | {_num(v['time_s'])} ({_num(v['cpu_s'])}) |")
+            nul = (s.get("null_precision") or {}).get("activation")
+            if nul:
+                lines += ["", f"Null distribution (random heads, activation, {nul['n']} draws): target rows mean "
+                          f"{_pct(nul['mean'])}%, 5-95% {_pct(nul['p05'])}-{_pct(nul['p95'])}%; share of draws at or "
+                          f"above P2D's heads: {_pct(s.get('p2d_precision_rank_in_null'))}%."]
+            hm = s.get("head_methods_precision")
+            if hm:
+                lines += ["", "Head methods (precision with activation / alignment): " + "; ".join(
+                    f"{k} {_pct(v['activation'])} / {_pct(v['alignment'])}" for k, v in hm.items()) + "."]
+            lines.append("")
+        if s["selectors"]:
+            lines += ["Trained on each selector's rows (P2D's heads, same budget, epochs and learning rate):", "",
+                      "| selector | accuracy % | answer loss | other tasks % | cost s | P2D minus it, pp [95%] |",
+                      "|---|---|---|---|---|---|"]
+            for name, v in s["selectors"].items():
+                lines.append(f"| {SELECTOR_LABELS.get(name, name)} | {_pct(v['accuracy'])} | {_num(v['loss'])} | "
+                             f"{_pct(v['other_accuracy'])} | {_num(v['cost_s'])} | {_diff(v.get('p2d_minus'))} |")
+            b = s.get("best_head_free")
+            if b and b.get("p2d_minus"):
+                d = b["p2d_minus"]
+                verdict = ("beats" if d["ci95"][0] > 0 else "loses to" if d["ci95"][1] < 0 else "does not separate from")
+                lines += ["", f"P2D {verdict} the best selector without P2D's heads ({b['selector']}): {_diff(d)}."]
+            lines.append("")
+        if s["heads"]:
+            lines += ["Which heads are trained (on P2D's rows; random heads: the null distribution):", "",
+                      "| adapter | P2D heads % | random heads % (5-95%) | P2D minus random [95%] | draws at or above "
+                      "P2D | query heads changed | trainable params | lr P2D / random (interior) |",
+                      "|---|---|---|---|---|---|---|---|"]
+            for adapter, v in s["heads"].items():
+                nc = v.get("p2d_vs_random") or {}
+                rr = v.get("random_range") or {}
+                lr = v["lr"]
+                lines.append(f"| {adapter} | {_pct(v['p2d']['accuracy'])} | {_pct(v['random'])} "
+                             f"({_pct(rr.get('p05'))}-{_pct(rr.get('p95'))}) | {_diff(nc)} | "
+                             f"{_pct(nc.get('share_of_draws_at_or_above'))}% | {v['p2d']['query_heads_changed']} | "
+                             f"{v['p2d']['trainable_params']:,} | {lr.get('p2d')} / {lr.get('random')} "
+                             f"({v['lr_interior'].get('p2d')}/{v['lr_interior'].get('random')}) |")
+                for m_, c in v["candidates"].items():
+                    lines.append(f"| {adapter}, {m_} heads | {_pct(c['accuracy'])} | | {_diff(c.get('vs_random'))} "
+                                 f"(vs random) | | | | |")
+            lines.append("")
+        if s["classic"]:
+            lines += ["| classic cell | accuracy % | trainable params | P2D minus it, pp [95%] |", "|---|---|---|---|"]
+            for name, v in s["classic"].items():
+                lines.append(f"| {CELLS[name].label} | {_pct(v['accuracy'])} | {v['trainable_params']:,} | "
+                             f"{_diff(v.get('p2d_minus'))} |")
+            lines.append("")
+        a = s.get("aer")
+        if a:
+            eq = a["aer_at_equal_accuracy"]
+            lo, hi = a["aer_at_equal_accuracy_ci95"]
+            lines += [f"AER (seed {a['seed']}): P2D {a['p2d_cost_s']:.0f} s / full fine-tuning of the whole pool "
+                      f"{a['full_time_s']:.0f} s = {a['aer']:.3f} (full fine-tuning reached {_pct(a['full_accuracy'])}%, "
+                      f"P2D {_pct(a['p2d_accuracy'])}%). At equal accuracy: "
+                      + (f"{eq:.3f} [95% {lo:.3f}, {hi:.3g}]" if eq else a["note"]) + " (full fine-tuning's curve "
+                      "from the base model at 0 s: " + ", ".join(f"{p['train_s']:.0f} s {100 * p['accuracy']:.1f}%"
+                                                                 for p in a["curve"]) + ").", ""]
+    if results.get("defaults"):
+        lines.append(choice_markdown(results["defaults"]))
     return "\n".join(lines)
 
 
 def figure(results: dict):
     import plotly.graph_objects as go
-    from plotly.subplots import make_subplots
 
-    targets = list(results["targets"])
-    fig = make_subplots(rows=1, cols=max(1, len(targets)), subplot_titles=[f"target: {t}" for t in targets],
-                        shared_yaxes=True)
-    palette = ["#6366f1", "#10b981", "#f59e0b", "#ef4444", "#0ea5e9", "#a855f7", "#64748b", "#111827"]
-    for col, target in enumerate(targets, start=1):
-        for i, (cell, st) in enumerate(results["targets"][target]["summary"]["cells"].items()):
-            if st["aer"] is None or st["accuracy"] is None:
-                continue
-            fig.add_trace(go.Scatter(
-                x=[st["aer"]["mean"]], y=[100 * st["accuracy"]["mean"]], mode="markers", name=CELLS[cell][2],
-                legendgroup=cell, showlegend=col == 1,
-                marker=dict(size=14 if cell == "p2d" else 10, color=palette[i % len(palette)],
-                            symbol="star" if cell == "p2d" else "circle"),
-                error_x=dict(type="data", array=[st["aer"]["sd"]]),
-                error_y=dict(type="data", array=[100 * st["accuracy"]["sd"]])), row=1, col=col)
-        fig.update_xaxes(type="log", title_text="AER (lower = cheaper; full fine-tuning = 1)", row=1, col=col)
-    fig.update_yaxes(title_text="target exact match (%)", row=1, col=1)
-    fig.update_layout(title="AER vs target accuracy (mean ± sd over seeds)", template="plotly_white",
-                      height=460, width=max(560, 460 * len(targets)), legend=dict(orientation="h", y=-0.25))
+    fig = go.Figure()
+    for split, s in results["splits"].items():
+        a = s.get("aer")
+        if not a:
+            continue
+        fig.add_trace(go.Scatter(x=[p["train_s"] for p in a["curve"]], y=[100 * p["accuracy"] for p in a["curve"]],
+                                 mode="lines+markers", name=f"{split}: full fine-tuning of the whole pool"))
+        fig.add_trace(go.Scatter(x=[a["p2d_cost_s"]], y=[100 * a["p2d_accuracy"]], mode="markers",
+                                 marker=dict(size=14, symbol="star"), name=f"{split}: P2D (cost)"))
+    fig.update_layout(title="Accuracy against time: full fine-tuning's learning curve and P2D",
+                      xaxis_title="seconds (training; P2D: heads + selection + training)",
+                      yaxis_title="strict accuracy (%)", template="plotly_white", height=480, width=820)
     return fig
 
 

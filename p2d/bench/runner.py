@@ -1,38 +1,54 @@
-"""`python -m p2d bench`: run the benchmark units, resumably, and write the report.
+"""`python -m p2d bench`: run the benchmark's units, resumably, then write the report.
 
-Units (each saved as JSON under ``out/units/`` when it finishes): per target and seed the base
-model's accuracy, P2D's heads and selection, random heads and the data they select, the random-head
-precision draws, every training cell, and (first seed) the accuracy-vs-target-rows curve; once, the
-learning-rate sweep on the probe set and the component figures. A unit records the settings it
-depends on and is reused by a rerun whose settings agree on those (so the baseline cells survive a
-change of P2D's methods). Every timed piece records wall seconds and the process's CPU seconds:
-with ``threads 1`` the CPU seconds are what the work costs whatever else the machine is doing.
+For every split (a pool and a target: ``builtin-hard:addition`` ...) and seed the data come from
+`p2d.pipeline.load_run_data` and the stages from the same functions a run uses (`score_heads`,
+`select_data`), the training and evaluation of every cell from `p2d.cells`. This module only orders
+the work and keeps what finished:
+
+- at the **choice seed** (never reported as evidence): P2D's heads and selection, one random head
+  set, and the learning-rate sweeps of every trainable kind on the data it will train on (P2D's
+  selection), judged by the probe loss; on the choice splits also the selection study every default
+  is chosen from (`p2d.bench.choose`);
+- at each **reporting seed**: the base model; the heads of P2D's method and of the candidate head
+  methods; every selector's rows (``precision``: target-skill rows, twins, pool shares, time) and
+  the null distribution of random heads; then the training cells — every selector's rows trained
+  the same way (``selectors``), P2D's heads against candidate and random head sets in each adapter
+  regime (``heads``), LoRA and full fine-tuning at the same budget (``classic``), and full fine-tuning
+  of the whole pool with its learning curve (``aer``, first reporting seed).
+
+Each unit is a `p2d.manifest` entry file under ``out/units/`` with the settings it depends on and the
+digests of the units it was built on; a rerun reuses exactly the valid ones, so the benchmark can run
+in parts, in several processes (different seeds or parts) and across sessions. Every timed unit
+records wall and process CPU seconds (``--threads 1`` makes the CPU seconds independent of other load).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 import platform
+import random
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from ..files import read_json, write_json
+from ..cells import ADAPTERS, CELLS, Cell, curve_steps, evaluate_cell, train_cell
+from ..errors import UserError
+from ..evaluation import forced_eval
 from ..heads import HeadScores, score_heads, top_count
-from ..models import load_model
-from ..selection import Selection, select_data
+from ..manifest import EntryFiles, content_digest
+from ..models import count_params, load_model
+from ..pipeline import load_run_data
+from ..selection import Selection, activation_from_features, alignment_from_features, head_features, select_data
 from ..training import TrainConfig
-from .cells import Split, build_split, curve_steps, eval_summary, model_facts, precision_auroc, trained
-from .config import CELLS, BenchConfig
+from .config import BenchConfig
 
-#: settings every unit depends on (the model, the data of a split, batching)
-COMMON = ("model", "device", "dtype", "pool", "probe", "eval", "columns", "target_label", "pool_size", "probe_size",
-          "eval_size", "other_eval_size", "max_length", "batch_size", "threads")
-HEADS = ("head_method", "head_ratio", "positions")
-SELECT = ("select_method", "data_ratio", "positions")
+#: sweep kinds: the trainable part whose learning rate is chosen (``<adapter>-<head set>``, lora, full)
+GRID_OF = {"qkvo": "lr_qkvo", "qo": "lr_qo", "offset": "lr_offset", "lora": "lr_lora", "full": "lr_full"}
+EXTEND = 10 ** 0.5  # a grid is extended by this factor while its best value sits at an edge
 
 
 class OutOfTime(Exception):
@@ -63,41 +79,82 @@ class Clock:
         return False
 
 
-class Units:
-    """Finished units as JSON files; a unit is reused only when the settings it depends on agree."""
+def folder_name(split: str) -> str:
+    return split.replace(":", "-")
 
-    def __init__(self, root: Path, cfg: BenchConfig, deadline: float | None = None):
-        self.root = root
-        self.cfg = cfg
-        self.deadline = deadline
 
-    def sig(self, *names: str, **extra) -> dict:
-        return {n: getattr(self.cfg, n) for n in COMMON + names} | extra
+def target_stats(selected: list[int], scores: list[float], labels: list[str | None], target: str | None) -> dict:
+    """What a selection holds: the share of target-skill rows and of twins (``<target>_twin``), their pool
+    shares, the AUROC of the scores for target rows, and the task mix (labelled pools only)."""
+    from ..data.builtin_hard import TWIN_SUFFIX
 
-    def path(self, parts) -> Path:
-        return self.root.joinpath(*parts[:-1], parts[-1] + ".json")
+    if target is None or not any(labels):
+        return {}
+    twin = target + TWIN_SUFFIX
+    n = max(1, len(selected))
+    picked = [labels[i] for i in selected]
+    counts: dict[str, int] = {}
+    for t in picked:
+        counts[str(t)] = counts.get(str(t), 0) + 1
+    return {"precision": sum(t == target for t in picked) / n, "twins": sum(t == twin for t in picked) / n,
+            "pool_share": sum(t == target for t in labels) / len(labels),
+            "pool_twins": sum(t == twin for t in labels) / len(labels),
+            "auroc": auroc(scores, [t == target for t in labels]), "task_counts": counts}
 
-    def get(self, parts, sig: dict):
-        data = read_json(self.path(parts))
-        if data and data.get("signature") == sig:
-            return data["result"]
-        if self.deadline is not None and time.perf_counter() > self.deadline:
-            raise OutOfTime()  # not done, and no time to start it
+
+def auroc(scores: list[float], positive: list[bool]) -> float | None:
+    """Probability that a random positive outranks a random negative (ties count half)."""
+    pairs = [(s, p) for s, p in zip(scores, positive) if s is not None and math.isfinite(s)]
+    n_pos = sum(p for _, p in pairs)
+    n_neg = len(pairs) - n_pos
+    if not n_pos or not n_neg:
         return None
+    pairs.sort(key=lambda t: t[0])
+    rank_sum, i = 0.0, 0
+    while i < len(pairs):  # average ranks over ties
+        j = i
+        while j + 1 < len(pairs) and pairs[j + 1][0] == pairs[i][0]:
+            j += 1
+        rank_sum += ((i + j) / 2 + 1) * sum(p for _, p in pairs[i:j + 1])
+        i = j + 1
+    return (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
 
-    def put(self, result, parts, sig: dict):
-        write_json(self.path(parts), {"signature": sig, "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                                      "machine": machine(), "result": result})
-        return result
 
-    def folder(self, *parts: str) -> Path:
-        p = self.root.joinpath(*parts)
+def eval_record(res) -> dict:
+    """A forced evaluation as stored in a unit: accuracy, loss, per-row values, other tasks."""
+    other = res.other_tasks or {}
+    accs = [v["accuracy"] for v in other.values()]
+    return {"accuracy": res.accuracy, "loss": res.loss, "n": res.n, "strict": res.per_row["strict"],
+            "row_loss": res.per_row["loss"], "other_tasks": other,
+            "other_accuracy": sum(accs) / len(accs) if accs else None}
+
+
+class Split:
+    """One split at one seed: its run settings, data and unit folder."""
+
+    def __init__(self, cfg: BenchConfig, name: str, seed: int, units: EntryFiles):
+        self.name, self.seed = name, seed
+        self.config = cfg.run_config(name, seed)
+        self.data = load_run_data(self.config)
+        self.pool = self.data.pool.samples
+        self.probe = self.data.probe.samples
+        self.eval = self.data.eval.samples if self.data.eval is not None else []
+        self.other = self.data.other.samples if self.data.other is not None else []
+        if not self.eval:
+            raise UserError(f"the split {name} has no eval rows: raise eval_size or give an eval file")
+        self.target = cfg.target_label if name == "custom" else self.config.target
+        self.labels = [s.task for s in self.pool]
+        self.key = (folder_name(name), f"seed{seed}")
+        self.units = units
+        self.budget = top_count(len(self.pool), cfg.data_ratio)
+
+    def folder(self, unit: str) -> Path:
+        p = self.units.root.joinpath(*self.key, unit)
         p.mkdir(parents=True, exist_ok=True)
         return p
 
-
-def _train_config(cfg: BenchConfig, lr: float, seed: int) -> TrainConfig:
-    return TrainConfig(epochs=cfg.epochs, lr=lr, batch_size=cfg.batch_size, max_length=cfg.max_length, seed=seed)
+    def random_rows(self) -> list[int]:
+        return sorted(random.Random(f"bench-random:{self.seed}").sample(range(len(self.pool)), self.budget))
 
 
 class Bench:
@@ -105,233 +162,263 @@ class Bench:
         self.cfg = cfg
         self.progress = progress
         self.out = Path(cfg.out)
-        deadline = time.perf_counter() + 60 * cfg.max_minutes if cfg.max_minutes else None
-        self.units = Units(self.out / "units", cfg, deadline)
+        self.units = EntryFiles(self.out / "units")
+        self.deadline = time.perf_counter() + 60 * cfg.max_minutes if cfg.max_minutes else None
         self.lm = None
-        self.lrs: dict | None = None
+        self.skipped: list[str] = []
+        self.touched: dict[tuple, dict] = {}  # every valid unit of this invocation, for the report
+        self.read_only = cfg.report_only  # units are read, never computed
 
-    def _key(self, split: Split, name: str) -> tuple:
-        return (split.target, f"seed{split.seed}", name)
+    # -- units ----------------------------------------------------------------------------------
+    def common(self, sp: Split) -> dict:
+        c = self.cfg
+        return {"model": c.model, "device": c.device, "dtype": c.dtype, "threads": c.threads,
+                "load": sp.config.stage_settings("load"), "batch_size": c.batch_size, "max_length": c.max_length}
 
-    def sig_for(self, name: str) -> dict | None:
-        """The settings unit ``name`` depends on (None: unknown until the learning rates are chosen)."""
-        u, cfg = self.units, self.cfg
-        if name == "base":
-            return u.sig()
-        if name == "heads_p2d":
-            return u.sig("head_ratio", "positions", head_method=cfg.head_method)
-        if name == "heads_random":
-            return u.sig("head_ratio", head_method="random")
-        if name == "select_p2d":
-            return u.sig(*HEADS, *SELECT)
-        if name == "select_random_heads":
-            return u.sig("head_ratio", *SELECT)
-        if name == "random_head_draws":
-            return u.sig("head_ratio", *SELECT, draws=cfg.random_head_draws)
-        if self.lrs is None:
+    def unit(self, key: tuple, settings: dict, inputs: dict, compute, what: str) -> dict | None:
+        """The valid entry of ``key``, else ``compute()`` -> (result, digest or None), stored; with
+        ``report_only`` (or an input that is missing) None instead of computing."""
+        if any(d is None for d in inputs.values()):
             return None
-        if name.startswith("cell-"):
-            return self.cell_sig(name[5:], self.lrs[CELLS[name[5:]][0]])
-        if name == "target_rows":
-            return u.sig("epochs", *HEADS, "data_ratio", lr=self.lrs["heads"], points=cfg.target_rows)
-        raise KeyError(name)
-
-    def result(self, target: str, seed: int, name: str):
-        """A finished unit's result for the current settings, else None (for the report)."""
-        sig = self.sig_for(name)
-        data = read_json(self.units.path((target, f"seed{seed}", name)))
-        return data["result"] if sig is not None and data and data.get("signature") == sig else None
-
-    # -- per split ------------------------------------------------------------------------------
-    def base(self, split: Split) -> dict:
-        key, sig = self._key(split, "base"), self.sig_for("base")
-        done = self.units.get(key, sig)
+        done = self.units.valid(key, settings, inputs)
         if done is None:
-            _say(f"{split.target} seed {split.seed}: base model")
-            done = self.units.put(eval_summary(self.lm, split, self.cfg.batch_size, self.cfg.max_length), key, sig)
+            if self.read_only:
+                return None
+            if self.deadline is not None and time.perf_counter() > self.deadline:
+                raise OutOfTime()
+            _say(what)
+            result, digest = compute()
+            done = self.units.put(key, settings, inputs, result, digest)
+        self.touched[key] = done
         return done
 
-    def heads(self, split: Split, method: str, seed: int, name: str) -> HeadScores:
-        key, sig = self._key(split, name), self.sig_for(name)
-        folder = self.units.folder(*key)
-        if self.units.get(key, sig) is not None:
-            return HeadScores.load(folder)
-        _say(f"{split.target} seed {split.seed}: heads ({method})")
-        with Clock() as clock:
-            hs = score_heads(self.lm, split.probe, method=method, ratio=self.cfg.head_ratio, pool=split.pool,
-                             seed=seed, batch_size=self.cfg.batch_size, max_length=self.cfg.max_length,
-                             positions=self.cfg.positions, progress=self.progress)
-        hs.save(folder)
-        self.units.put({"time_s": hs.time_s, "cpu_s": clock.cpu_s, "selected": hs.selected, "method": method}, key,
-                       sig)
-        return hs
+    # -- stages ---------------------------------------------------------------------------------
+    def base(self, sp: Split) -> dict:
+        def compute():
+            res = evaluate_cell(self.lm, sp.eval, sp.other, batch_size=max(16, self.cfg.batch_size),
+                                max_length=self.cfg.max_length, forced=True)
+            return eval_record(res), None
 
-    def selection(self, split: Split, heads: HeadScores, name: str) -> Selection:
-        key, sig = self._key(split, name), self.sig_for(name)
-        folder = self.units.folder(*key)
-        if self.units.get(key, sig) is not None:
-            return Selection.load(folder)
-        _say(f"{split.target} seed {split.seed}: selection {name} ({self.cfg.select_method})")
-        with Clock() as clock:
-            sel = select_data(self.lm, heads, split.pool, method=self.cfg.select_method, ratio=self.cfg.data_ratio,
-                              probe=split.probe, batch_size=self.cfg.batch_size, max_length=self.cfg.max_length,
-                              seed=split.seed, positions=self.cfg.positions, progress=self.progress)
-        sel.save(folder, split.pool)
-        self.units.put({"time_s": sel.time_s, "cpu_s": clock.cpu_s,
-                        **precision_auroc(sel.scores, sel.selected, split.is_target),
-                        "task_counts": sel.task_counts(split.pool)}, key, sig)
-        return sel
+        return self.unit(sp.key + ("base",), self.common(sp), {}, compute, f"{sp.name} seed {sp.seed}: base model")
 
-    def random_head_draws(self, split: Split) -> dict | None:
-        key, sig = self._key(split, "random_head_draws"), self.sig_for("random_head_draws")
-        done = self.units.get(key, sig)
-        if done is not None or split.is_target is None:
-            return done
-        _say(f"{split.target} seed {split.seed}: {self.cfg.random_head_draws} random-head selection draws")
-        draws = []
-        for d in range(self.cfg.random_head_draws):
-            hs = score_heads(self.lm, split.probe, method="random", ratio=self.cfg.head_ratio,
-                             seed=10_000 * split.seed + d + 1)
-            sel = select_data(self.lm, hs, split.pool, method=self.cfg.select_method, ratio=self.cfg.data_ratio,
-                              probe=split.probe, batch_size=self.cfg.batch_size, max_length=self.cfg.max_length,
-                              seed=split.seed, positions=self.cfg.positions)
-            draws.append(precision_auroc(sel.scores, sel.selected, split.is_target))
-        return self.units.put({"draws": draws}, key, sig)
+    def heads(self, sp: Split, method: str) -> tuple[HeadScores, str]:
+        """Heads of ``method`` (``random<d>``: the d-th random draw of this seed, no unit needed)."""
+        c = self.cfg
+        if method.startswith("random"):
+            d = int(method[6:] or 0)
+            hs = score_heads(self.lm, sp.probe[:1], method="random", ratio=c.head_ratio, seed=10_000 * sp.seed + d + 1)
+            return hs, content_digest(hs.selected)
+        folder = sp.folder(f"heads-{method}")
 
-    def cell_sig(self, name: str, lr: float) -> dict:
-        kind, data, _ = CELLS[name]
-        names = ["epochs"]
-        if kind in ("heads", "random_heads"):
-            names += HEADS
-        if data in ("p2d", "rh_data"):
-            names += SELECT
-        if data == "random":
-            names.append("data_ratio")
-        extra = {"lr": lr, "curve_points": self.cfg.curve_points if name == "full-pool" else None}
-        if kind == "lora":
-            extra["lora_rank"] = self.cfg.lora_rank
-        return self.units.sig(*dict.fromkeys(names), **extra)
+        def compute():
+            with Clock() as clock:
+                hs = score_heads(self.lm, sp.probe, method=method, ratio=c.head_ratio, pool=sp.pool, seed=sp.seed,
+                                 batch_size=c.batch_size, max_length=c.max_length, positions=c.positions,
+                                 progress=self.progress)
+            hs.save(folder)
+            return {"time_s": hs.time_s, "cpu_s": clock.cpu_s, "selected": hs.selected, "method": method}, \
+                content_digest(hs.selected)
 
-    def cell(self, split: Split, name: str, data: dict, heads: dict, lrs: dict[str, float]) -> dict | None:
-        kind, data_name, _ = CELLS[name]
-        key, sig = self._key(split, f"cell-{name}"), self.cell_sig(name, lrs[kind])
-        done = self.units.get(key, sig)
-        if done is not None:
-            return done
-        if data.get(data_name) is None or (kind in ("heads", "random_heads")
-                                           and heads.get("random" if kind == "random_heads" else "p2d") is None):
-            return None  # its inputs are not part of this invocation (see the parts)
-        samples = [split.pool[i] for i in data[data_name]]
-        tc = _train_config(self.cfg, lrs[kind], split.seed)
+        entry = self.unit(sp.key + (f"heads-{method}",), {**self.common(sp), "method": method,
+                          "head_ratio": c.head_ratio, "positions": c.positions}, {}, compute,
+                          f"{sp.name} seed {sp.seed}: heads ({method})")
+        if entry is None:
+            return None, None
+        hs = HeadScores.load(folder)
+        hs.time_s, hs.extra["cpu_s"] = entry["result"]["time_s"], entry["result"]["cpu_s"]
+        return hs, entry["digest"]
+
+    def selection(self, sp: Split, selector: str, layer: int | None = None) -> dict:
+        """The rows ``selector`` picks (P2D's: the selected heads' activation; rh-alignment: gradient
+        alignment on the first random head set; the head-free ones; random rows)."""
+        c = self.cfg
+        name = selector if layer is None else f"{selector}-L{layer}"
+        inputs, heads = {}, None
+        if selector in ("p2d", "rh-alignment"):
+            heads, digest = self.heads(sp, c.head_method if selector == "p2d" else "random0")
+            inputs["heads"] = digest  # None (heads not done, report only): no selection either
+        method = {"p2d": c.select_method, "rh-alignment": "alignment"}.get(selector, selector)
+        folder = sp.folder(f"select-{name}")
+
+        def compute():
+            if selector == "random":
+                rows = sp.random_rows()
+                chosen = set(rows)
+                scores = [1.0 if i in chosen else 0.0 for i in range(len(sp.pool))]
+                sel = Selection(method="random", ratio=c.data_ratio, n_pool=len(sp.pool), n_selected=len(rows),
+                                time_s=0.0, scores=scores, selected=rows)
+                cpu_s = 0.0
+            else:
+                with Clock() as clock:
+                    sel = select_data(self.lm, heads, sp.pool, method=method, ratio=c.data_ratio, probe=sp.probe,
+                                      batch_size=c.batch_size, max_length=c.max_length, seed=sp.seed,
+                                      positions=c.positions, progress=self.progress,
+                                      hidden_layer=layer if layer is not None else c.hidden_layer)
+                cpu_s = clock.cpu_s
+            sel.save(folder, sp.pool)
+            heads_s = heads.time_s if heads is not None and selector == "p2d" else 0.0
+            return {"selected": sel.selected, "time_s": sel.time_s, "cpu_s": cpu_s, "heads_s": heads_s,
+                    "heads_cpu_s": heads.extra.get("cpu_s", 0.0) if heads_s else 0.0, "method": method,
+                    **target_stats(sel.selected, sel.scores, sp.labels, sp.target)}, content_digest(sel.selected)
+
+        settings = {**self.common(sp), "selector": selector, "method": method, "data_ratio": c.data_ratio,
+                    "positions": c.positions, "hidden_layer": layer if layer is not None else c.hidden_layer}
+        return self.unit(sp.key + (f"select-{name}",), settings, inputs, compute,
+                         f"{sp.name} seed {sp.seed}: selection {name}")
+
+    def features_study(self, sp: Split, methods: list[str]) -> dict:
+        """Precision of every head method's heads (activation and alignment) and of the random-head null
+        distribution, from one feature pass over pool and probe (`p2d.selection.head_features`)."""
+        c = self.cfg
+        heads = {m: self.heads(sp, m) for m in methods}
+        draws = {f"random{d}": self.heads(sp, f"random{d}") for d in range(c.random_head_draws)}
+        if any(h is None for h, _ in heads.values()):
+            return None
+
+        def compute():
+            with Clock() as clock:
+                pf = head_features(self.lm, sp.pool, c.batch_size, c.max_length, c.positions, progress=self.progress)
+                qf = head_features(self.lm, sp.probe, c.batch_size, c.max_length, c.positions)
+            out = {"features_s": clock.wall_s, "features_cpu_s": clock.cpu_s, "methods": {}, "random": []}
+
+            def stats(hs):
+                res = {}
+                for score, fn in (("activation", lambda h: activation_from_features(pf, h)),
+                                  ("alignment", lambda h: alignment_from_features(pf, qf, h))):
+                    scores = fn(hs.selected)
+                    order = sorted((i for i, v in enumerate(scores) if math.isfinite(v)), key=lambda i: (-scores[i], i))
+                    res[score] = target_stats(order[:sp.budget], scores, sp.labels, sp.target)
+                return res
+
+            for m, (hs, _) in heads.items():
+                out["methods"][m] = {**stats(hs), "heads_s": hs.time_s}
+            out["random"] = [stats(hs) for hs, _ in draws.values()]
+            return out, None
+
+        inputs = {m: d for m, (_, d) in heads.items()}
+        settings = {**self.common(sp), "methods": methods, "draws": c.random_head_draws, "head_ratio": c.head_ratio,
+                    "positions": c.positions, "data_ratio": c.data_ratio}
+        return self.unit(sp.key + ("features",), settings, inputs, compute,
+                         f"{sp.name} seed {sp.seed}: feature pass (head methods {methods}, "
+                         f"{c.random_head_draws} random draws)")
+
+    # -- training cells -------------------------------------------------------------------------
+    def train_config(self, lr: float, seed: int) -> TrainConfig:
+        c = self.cfg
+        return TrainConfig(epochs=c.epochs, lr=lr, batch_size=c.batch_size, max_length=c.max_length, seed=seed)
+
+    def cell(self, sp: Split, cell: Cell, rows: dict, heads: tuple | None, lr: float, curve: bool = False) -> dict:
+        """Train ``cell`` on ``rows`` (a selection unit's entry) and evaluate it (forced, per row)."""
+        c = self.cfg
+        if rows is None or (heads is not None and heads[0] is None):
+            return None
+        hs, heads_digest = heads if heads is not None else (None, None)
+        samples = [sp.pool[i] for i in rows["result"]["selected"]] if cell.data != "pool" else list(sp.pool)
+        name = f"cell-{cell.heads or cell.trainable}-{cell.adapter or cell.trainable}-{cell.data}"
+        tc = self.train_config(lr, sp.seed)
         steps = tc.planned_steps(len(samples))
-        points = curve_steps(steps, self.cfg.curve_points) if name == "full-pool" else set()
+        at = curve_steps(steps, c.curve_points) if curve else set()
 
         def curve_eval(lm):
-            from ..evaluation import evaluate
+            fe = forced_eval(lm, sp.eval, batch_size=max(16, c.batch_size), max_length=c.max_length)
+            return {"accuracy": fe.accuracy, "loss": fe.mean_loss, "strict": fe.to_dict()["strict"]}
 
-            return evaluate(lm, split.eval, batch_size=max(16, self.cfg.batch_size), max_length=self.cfg.max_length,
-                            n_examples=0)
+        def compute():
+            with train_cell(cell, self.lm, samples, tc, sp.folder(name), heads=hs, lora_rank=c.lora_rank,
+                            curve_at=at, curve_eval=curve_eval) as (lm, res):
+                ev = evaluate_cell(lm, sp.eval, sp.other, batch_size=max(16, c.batch_size), max_length=c.max_length,
+                                   forced=True)
+            return {"cell": dataclasses.asdict(cell), "rows": len(samples), "lr": lr, "train_s": res.train_s,
+                    "cpu_s": res.cpu_s, "steps": res.steps, "trainable_params": res.trainable_params,
+                    "optimizer_state_bytes": res.optimizer_state_bytes, "final_loss": res.final_loss,
+                    "peak_mem_mb": res.peak_mem_mb, "curve": res.curve, "query_heads_changed": res.query_heads_changed,
+                    **eval_record(ev)}, None
 
-        _say(f"{split.target} seed {split.seed}: cell {name} ({len(samples)} rows, {steps} steps, lr {lrs[kind]:g})")
-        cpu0 = time.process_time()
-        with trained("heads" if kind == "random_heads" else kind, self.lm, samples, tc,
-                     self.units.folder(*key), heads=heads.get("random" if kind == "random_heads" else "p2d"),
-                     lora_rank=self.cfg.lora_rank, curve_steps=points, curve_eval=curve_eval) as (lm, res):
-            train_cpu = time.process_time() - cpu0 - res.curve_cpu_s
-            result = {"cell": name, "kind": kind, "data": data_name, "rows": len(samples), "lr": lrs[kind],
-                      "cpu_s": train_cpu, **asdict(res),
-                      **eval_summary(lm, split, self.cfg.batch_size, self.cfg.max_length)}
-        return self.units.put(result, key, sig)
-
-    def target_rows(self, split: Split, heads: HeadScores, lr: float) -> dict | None:
-        """P2D heads trained on budget-sized sets holding a growing number of target rows."""
-        key, sig = self._key(split, "target_rows"), self.sig_for("target_rows")
-        done = self.units.get(key, sig)
-        if done is not None or split.is_target is None:
-            return done
-        import random
-
-        from ..evaluation import evaluate
-
-        budget = top_count(len(split.pool), self.cfg.data_ratio)
-        target_idx = [i for i, t in enumerate(split.is_target) if t]
-        other_idx = [i for i, t in enumerate(split.is_target) if not t]
-        rng = random.Random(f"bench-target-rows:{split.seed}")
-        rng.shuffle(target_idx)
-        rng.shuffle(other_idx)
-        points = []
-        for share in self.cfg.target_rows:
-            k = min(len(target_idx), round(float(share) * budget))
-            rows = target_idx[:k] + other_idx[:budget - k]
-            _say(f"{split.target} seed {split.seed}: target-rows curve, {k} of {budget} rows are target rows")
-            tc = _train_config(self.cfg, lr, split.seed)
-            folder = self.units.folder(split.target, f"seed{split.seed}", f"target_rows_{k}")
-            with trained("heads", self.lm, [split.pool[i] for i in rows], tc, folder, heads=heads) as (lm, r):
-                ev = evaluate(lm, split.eval, batch_size=max(16, self.cfg.batch_size), max_length=self.cfg.max_length,
-                              n_examples=0)
-            points.append({"target_rows": k, "budget": budget, "accuracy": ev.accuracy, "contains": ev.contains,
-                           "loss": ev.loss, "train_s": r.train_s})
-        return self.units.put({"points": points}, key, sig)
-
-    def components(self, split: Split, heads: HeadScores) -> dict:
-        from .components import component_figures
-
-        key, sig = ("components",), self.units.sig(*HEADS, *SELECT, "lora_rank")
-        done = self.units.get(key, sig)
-        if done is None:
-            _say(f"component figures on {split.target} seed {split.seed}")
-            done = self.units.put(component_figures(self.lm, split, self.cfg, heads.selected), key, sig)
-        return done
+        settings = {**self.common(sp), "cell": dataclasses.asdict(cell), "lr": lr, "epochs": c.epochs,
+                    "lora_rank": c.lora_rank if cell.trainable == "lora" else None, "curve": c.curve_points if curve else 0}
+        inputs = {"rows": rows["digest"]}
+        if heads_digest is not None:
+            inputs["heads"] = heads_digest
+        return self.unit(sp.key + (name,), settings, inputs, compute,
+                         f"{sp.name} seed {sp.seed}: {name} ({len(samples)} rows, {steps} steps, lr {lr:g})")
 
     # -- learning rates ---------------------------------------------------------------------------
-    def sweep(self, split: Split, heads: HeadScores | None) -> dict[str, float]:
-        """Best learning rate per trainable kind: each grid value trains on a random data-budget sample of
-        the first split and is scored on the probe set (exact match, then answer loss); never the eval
-        set. One grid value (as with --quick) means no sweep."""
-        from ..evaluation import evaluate
+    def sweep(self, sp: Split, kind: str) -> float | None:
+        """The learning rate of ``kind`` (``<adapter>-p2d``, ``<adapter>-random``, ``lora``, ``full``) for
+        this split: each grid value trains on P2D's selection at the choice seed and is scored by the
+        probe loss (never eval rows); the grid is extended while the best value sits at its edge."""
+        c = self.cfg
+        base_kind = kind.split("-")[0]
+        grid = sorted(float(x) for x in getattr(c, GRID_OF[base_kind]))
+        if len(grid) == 1:
+            return grid[0]
+        rows = self.selection(sp, "p2d")
+        if base_kind in ADAPTERS:
+            cell = Cell("heads", "p2d", kind.split("-")[1], base_kind)
+            heads = self.heads(sp, c.head_method if cell.heads == "p2d" else "random0")
+        else:
+            cell, heads = Cell(base_kind, "p2d"), None
+        if rows is None or (heads is not None and heads[0] is None):
+            return None
+        samples = [sp.pool[i] for i in rows["result"]["selected"]]
+        settings = {**self.common(sp), "kind": kind, "grid": grid, "extend": c.sweep_extend, "epochs": c.epochs,
+                    "lora_rank": c.lora_rank if base_kind == "lora" else None}
+        inputs = {"rows": rows["digest"], **({"heads": heads[1]} if heads else {})}
 
-        cfg = self.cfg
-        grids = {kind: [float(x) for x in getattr(cfg, attr)] for kind, attr in
-                 (("heads", "lr_heads"), ("lora", "lr_lora"), ("full", "lr_full"))}
-        chosen = {}
-        budget = top_count(len(split.pool), cfg.data_ratio)
-        samples = [split.pool[i] for i in split.random_subset(budget, split.seed)]
-        for kind, grid in grids.items():
-            if "sweep" not in cfg.parts or len(grid) == 1:
-                chosen[kind] = grid[len(grid) // 2]
+        def compute():
+            points: dict[float, dict] = {}
+
+            def run(lr):
+                tc = self.train_config(lr, sp.seed)
+                with train_cell(cell, self.lm, samples, tc, sp.folder(f"sweep-{kind}"), heads=heads[0] if heads else None,
+                                lora_rank=c.lora_rank) as (lm, res):
+                    fe = forced_eval(lm, sp.probe, batch_size=max(16, c.batch_size), max_length=c.max_length)
+                _say(f"  sweep {kind}: lr {lr:g} probe loss {fe.mean_loss:.4f}")
+                points[lr] = {"lr": lr, "probe_loss": fe.mean_loss, "probe_strict": fe.accuracy,
+                              "final_loss": res.final_loss}
+
+            todo = list(grid)
+            for _ in range(c.sweep_extend + 1):
+                for lr in todo:
+                    if lr not in points:
+                        run(lr)
+                ranked = sorted(points.values(), key=lambda p: (math.inf if p["probe_loss"] is None
+                                                                else p["probe_loss"]))
+                best, lrs = ranked[0]["lr"], sorted(points)
+                if best == lrs[0]:
+                    todo = [best / EXTEND]
+                elif best == lrs[-1]:
+                    todo = [best * EXTEND]
+                else:
+                    break
+            lrs = sorted(points)
+            return {"points": [points[x] for x in lrs], "chosen": best,
+                    "interior": lrs[0] < best < lrs[-1]}, None
+
+        entry = self.unit(sp.key[:1] + ("sweep", kind), settings, inputs, compute,
+                          f"{sp.name}: learning-rate sweep {kind} (seed {sp.seed})")
+        return float(entry["result"]["chosen"]) if entry else None
+
+    def rates(self, sp_choice: Split | None, kinds: list[str]) -> dict[str, float]:
+        """The learning rate of every kind for a split: swept at the choice seed, or the middle of the grid
+        when a grid has one value (``--quick``) or the sweep is not part of this invocation and not done."""
+        out = {}
+        for kind in kinds:
+            grid = getattr(self.cfg, GRID_OF[kind.split("-")[0]])
+            if len(grid) == 1 or sp_choice is None:
+                out[kind] = float(grid[len(grid) // 2])
                 continue
-            if kind == "heads" and heads is None:
-                continue  # needs P2D's heads, which this invocation does not compute
-            key = ("sweep", kind)
-            sig = self.units.sig("epochs", "data_ratio", *(HEADS if kind == "heads" else ()), grid=grid,
-                                 split=[split.target, split.seed],
-                                 lora_rank=cfg.lora_rank if kind == "lora" else None)
-            done = self.units.get(key, sig)
-            if done is None:
-                rows = []
-                for lr in grid:
-                    _say(f"sweep {kind}: lr {lr:g}")
-                    tc = _train_config(cfg, lr, split.seed)
-                    with trained(kind, self.lm, samples, tc, self.units.folder("sweep", f"{kind}-{lr:g}"),
-                                 heads=heads, lora_rank=cfg.lora_rank) as (lm, res):
-                        ev = evaluate(lm, split.probe, batch_size=max(16, cfg.batch_size),
-                                      max_length=cfg.max_length, n_examples=0)
-                    rows.append({"lr": lr, "probe_accuracy": ev.accuracy, "probe_loss": ev.loss,
-                                 "final_loss": res.final_loss})
-                best = max(rows, key=lambda r: ((r["probe_accuracy"] or 0.0), -(r["probe_loss"] or 1e9)))
-                done = self.units.put({"grid": rows, "chosen": best["lr"], "split": [split.target, split.seed]},
-                                      key, sig)
-            chosen[kind] = float(done["chosen"])
-        return chosen
-
-    def _sweep_on(self, split: Split, first_target: str, p2d_heads: HeadScores | None) -> dict[str, float]:
-        """The sweep on the first target's split at ``sweep_seed`` (the current split when unset)."""
-        seed = self.cfg.anchor_seed
-        if (split.target, split.seed) == (first_target, seed):
-            return self.sweep(split, p2d_heads)
-        other = build_split(self.cfg, first_target, seed)
-        heads = self.heads(other, self.cfg.head_method, seed, "heads_p2d") if p2d_heads is not None else None
-        return self.sweep(other, heads)
+            read_only = self.read_only
+            self.read_only = read_only or "sweep" not in self.cfg.parts  # without the part: finished sweeps only
+            try:
+                lr = self.sweep(sp_choice, kind)
+            finally:
+                self.read_only = read_only
+            if lr is None:
+                self.skipped.append(f"{sp_choice.name}: no {kind} sweep yet")
+                continue
+            out[kind] = lr
+        return out
 
     # -- the whole benchmark ---------------------------------------------------------------------
     def run(self) -> dict:
@@ -341,56 +428,114 @@ class Bench:
             torch.set_num_threads(cfg.threads)
         self.lm = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
         _say(f"model {self.lm.spec} on {self.lm.device} ({self.lm.dtype}, {torch.get_num_threads()} threads); "
-             f"targets {cfg.targets}, seeds {cfg.seed_list}, cells {cfg.cells}, parts {cfg.parts}")
-        targets = ["custom"] if cfg.custom_data else cfg.targets
+             f"splits {cfg.splits}, seeds {cfg.seed_list} (choice seed {cfg.choice_seed}), parts {cfg.parts}")
         complete = True
         try:
-            self._all(targets)
+            for split in cfg.splits:
+                self.split(split)
         except OutOfTime:
             complete = False
             _say(f"time limit of {cfg.max_minutes:g} min reached: reporting what finished; rerun to continue")
         from .report import collect, write_report
 
-        results = collect(self, machine(), model_facts(self.lm))
+        results = collect(self, machine(), {"model": self.lm.spec, "params": count_params(self.lm.model),
+                                            "device": str(self.lm.device),
+                                            "dtype": str(self.lm.dtype).replace("torch.", ""),
+                                            **self.lm.geometry.to_dict()})
         results["time_s"] = time.perf_counter() - start
-        results["complete"] = complete
+        results["complete"] = complete and not self.skipped
+        results["skipped"] = self.skipped
         write_report(self.out, results)
         _say(f"done in {results['time_s']:.0f} s: {self.out / 'results.md'}")
         return {"results": str(self.out / "results.json"), "report": str(self.out / "results.md"),
-                "figure": str(self.out / "aer_vs_accuracy.html"), "time_s": results["time_s"], "complete": complete,
-                "summary": results.get("summary")}
+                "time_s": results["time_s"], "complete": results["complete"], "skipped": self.skipped}
 
-    def _all(self, targets) -> None:
+    def kinds(self, split: str) -> list[str]:
+        """The learning rates a split needs."""
+        c = self.cfg
+        kinds = [f"{c.adapter}-p2d"] if "selectors" in c.parts or "aer" in c.parts else []
+        if split in c.choice_splits and "sweep" in c.parts:  # the adapter rule compares every adapter's probe loss
+            kinds += [f"{a}-p2d" for a in c.adapters]
+        if split in c.heads_splits:
+            if "heads" in c.parts:
+                kinds += [f"{a}-{h}" for a in c.adapters for h in ("p2d", "random")]
+            if "classic" in c.parts:
+                kinds += sorted({CELLS[n].trainable for n in c.classic})
+            if "aer" in c.parts:
+                kinds.append("full")
+        return list(dict.fromkeys(kinds))
+
+    def split(self, split: str) -> None:
         cfg = self.cfg
-        p2d_cells = [c for c in cfg.cells if CELLS[c][0] in ("heads", "random_heads") or CELLS[c][1] in ("p2d", "rh_data")]
-        need_p2d = bool(p2d_cells) and "cells" in cfg.parts or "target_rows" in cfg.parts or "components" in cfg.parts
-        for target in targets:
-            for seed in cfg.seed_list:
-                split = build_split(cfg, target, seed)
-                self.base(split)
-                p2d_heads = self.heads(split, cfg.head_method, seed, "heads_p2d") if need_p2d else None
-                if self.lrs is None:
-                    self.lrs = self._sweep_on(split, targets[0], p2d_heads)
-                    self.lrs.setdefault("heads", float(cfg.lr_heads[len(cfg.lr_heads) // 2]))
-                    self.lrs["random_heads"] = self.lrs["heads"]
-                    _say(f"learning rates: {self.lrs}")
-                budget = top_count(len(split.pool), cfg.data_ratio)
-                data = {"pool": list(range(len(split.pool))), "random": split.random_subset(budget, seed)}
-                heads = {}
-                if need_p2d:
-                    rnd_heads = self.heads(split, "random", 10_000 * seed, "heads_random")
-                    p2d_sel = self.selection(split, p2d_heads, "select_p2d")
-                    rh_sel = self.selection(split, rnd_heads, "select_random_heads")
-                    self.random_head_draws(split)
-                    data.update(p2d=p2d_sel.selected, rh_data=rh_sel.selected)
-                    heads = {"p2d": p2d_heads, "random": rnd_heads}
-                if "cells" in cfg.parts:
-                    for name in sorted(cfg.cells, key=lambda c: (c.endswith("-pool"), c)):
-                        self.cell(split, name, data, heads, self.lrs)
-                if "target_rows" in cfg.parts and seed == cfg.anchor_seed:
-                    self.target_rows(split, p2d_heads, self.lrs["heads"])
-                if "components" in cfg.parts and target == targets[0] and seed == cfg.anchor_seed:
-                    self.components(split, p2d_heads)
+        choice = None
+        if split != "custom" and ({"sweep", "selectors", "heads", "classic", "aer"} & set(cfg.parts)
+                                  or split in cfg.choice_splits):
+            choice = Split(cfg, split, cfg.choice_seed, self.units)
+            if "precision" in cfg.parts and split in cfg.choice_splits:
+                self.choice_study(choice)
+        lrs = self.rates(choice, self.kinds(split))
+        for seed in cfg.seed_list:
+            sp = Split(cfg, split, seed, self.units)
+            self.base(sp)
+            heads_split = split in cfg.heads_splits
+            methods = [cfg.head_method] + ([m for m in cfg.head_candidates if m != cfg.head_method]
+                                           if heads_split else [])
+            rows = {}
+            if "precision" in cfg.parts or {"selectors", "heads", "classic", "aer"} & set(cfg.parts):
+                rows = {s: self.selection(sp, s) for s in cfg.selectors}
+                rows.setdefault("p2d", self.selection(sp, "p2d"))
+                rows.setdefault("random", self.selection(sp, "random"))
+            if "precision" in cfg.parts:
+                self.features_study(sp, methods)
+            p2d = self.heads(sp, cfg.head_method)
+            default = f"{cfg.adapter}-p2d"
+            if "selectors" in cfg.parts and default in lrs:
+                for s in cfg.selectors:
+                    self.cell(sp, Cell("heads", s, "p2d", cfg.adapter), rows[s], p2d, lrs[default])
+            if "heads" in cfg.parts and heads_split:
+                for adapter in cfg.adapters:
+                    lr_p2d, lr_rnd = lrs.get(f"{adapter}-p2d"), lrs.get(f"{adapter}-random")
+                    if lr_p2d is None or lr_rnd is None:
+                        continue
+                    for m in methods:
+                        self.cell(sp, Cell("heads", "p2d", "p2d" if m == cfg.head_method else m, adapter),
+                                  rows["p2d"], self.heads(sp, m), lr_p2d)
+                    for d in range(cfg.training_draws):
+                        self.cell(sp, Cell("heads", "p2d", f"random{d}", adapter), rows["p2d"],
+                                  self.heads(sp, f"random{d}"), lr_rnd)
+            if "classic" in cfg.parts and heads_split:
+                for name in cfg.classic:
+                    cell = CELLS[name]
+                    if cell.trainable in lrs:
+                        self.cell(sp, cell, rows[cell.data], None, lrs[cell.trainable])
+            if "aer" in cfg.parts and heads_split and seed == cfg.seed_list[0] and "full" in lrs:
+                pool_rows = {"result": {"selected": list(range(len(sp.pool)))}, "digest": content_digest(len(sp.pool))}
+                self.cell(sp, CELLS["full-pool"], pool_rows, None, lrs["full"], curve=True)
+            if "components" in cfg.parts and split == cfg.splits[0] and seed == cfg.seed_list[0]:
+                self.components(sp, p2d[0])
+
+    def components(self, sp: Split, heads: HeadScores) -> dict:
+        """The cost of each part of a step and of every scoring method (`p2d.bench.components`)."""
+        from .components import component_figures
+
+        return self.unit(("components",), {**self.common(sp), "head_ratio": self.cfg.head_ratio,
+                                           "data_ratio": self.cfg.data_ratio, "lora_rank": self.cfg.lora_rank},
+                         {"heads": content_digest(heads.selected)},
+                         lambda: (component_figures(self.lm, sp, self.cfg, heads.selected), None),
+                         f"component figures on {sp.name} seed {sp.seed}")
+
+    def choice_study(self, sp: Split) -> None:
+        """At the choice seed of a choice split: every selector (hidden at three layers) and every head
+        method's heads with activation and alignment, for the rule in `p2d.bench.choose`."""
+        cfg = self.cfg
+        n = self.lm.geometry.n_layers
+        for s in cfg.selectors:
+            self.selection(sp, s)
+        if "hidden" in cfg.selectors:
+            for layer in sorted({n // 4, (3 * n) // 4}):
+                self.selection(sp, "hidden", layer)
+        methods = list(dict.fromkeys([cfg.head_method, "gradient", "gradient_layer", *cfg.head_candidates]))
+        self.features_study(sp, methods)
 
 
 def run_bench(cfg: BenchConfig, progress=None) -> dict:
