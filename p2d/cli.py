@@ -517,7 +517,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .controls import CONTROLS, LORA_LR, LORA_RANK
 
-    p = sub.add_parser("controls", help="train a finished run's controls (random heads, random data, LoRA) at the "
+    p = sub.add_parser("controls", help="train a finished run's controls (random heads, random data, TF-IDF data, "
+                       "LoRA) at the "
                        "same budget", description="train a finished run's controls at the same budget and compare "
                        "accuracy, trainable parameters and AER with P2D's (controls.json in the run folder)")
     p.add_argument("--run", required=True, metavar="DIR", help="a run folder with training and evaluation done")

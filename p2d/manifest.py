@@ -53,9 +53,14 @@ def is_valid(entry: dict | None, settings: dict, inputs: dict) -> bool:
     """A complete entry made with these settings, built on these input digests (None never matches)."""
     if not entry or entry.get("partial"):
         return False
-    if entry.get("settings") != json.loads(json.dumps(settings, default=str)):
+    if _as_json(entry.get("settings")) != _as_json(settings):
         return False
     return all(d is not None and entry.get("inputs", {}).get(k) == d for k, d in inputs.items())
+
+
+def _as_json(value):
+    """The value as it reads back from JSON (tuples become lists, keys strings)."""
+    return json.loads(json.dumps(value, sort_keys=True, default=str))
 
 
 class Manifest:

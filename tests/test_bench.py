@@ -1,97 +1,105 @@
-"""`python -m p2d bench` on a tiny model: every cell runs and is measured, the report adds up, reruns resume."""
+"""`python -m p2d bench` on a tiny model: every part runs and is measured, the report adds up, reruns
+resume, a report can be rebuilt from the units alone, and a changed setting redoes exactly what depends on it."""
 
 import json
 
 import pytest
 import torch
 
-from p2d.bench.cells import auroc, curve_steps, time_to_reach
-from p2d.bench.config import CELLS, BenchConfig
+from p2d.bench.config import BenchConfig
 from p2d.bench.runner import run_bench
 from p2d.errors import UserError
 
 
 def _cfg(model, out, **kw):  # noqa: D103
-    base = dict(model=model, device="cpu", targets=["addition"], seeds=2, pool_size=40, probe_size=8, eval_size=4,
-                other_eval_size=2, max_length=64, batch_size=4, head_method="random", select_method="activation",
-                head_ratio=0.25, data_ratio=0.2, epochs=1, lr_heads=["1e-3"], lr_lora=["1e-3"], lr_full=["1e-4"],
-                random_head_draws=2, curve_points=2, target_rows=["0", "1"], out=str(out),
-                parts=["cells", "target_rows"])
+    base = dict(model=model, device="cpu", splits=["builtin-hard:addition"], choice_splits=["builtin-hard:addition"],
+                heads_splits=["builtin-hard:addition"], seeds=2, pool_size=48, probe_size=8, eval_size=6,
+                other_eval_size=1, max_length=64, batch_size=4, head_method="gradient_logratio", head_ratio=0.25,
+                data_ratio=0.125, epochs=1, lr_qkvo=["1e-3", "3e-3"], lr_qo=["1e-3"], lr_offset=["1e-2"],
+                lr_lora=["1e-3"], lr_full=["1e-4"], random_head_draws=3, training_draws=2, curve_points=3,
+                bootstrap=200, sweep_extend=1, head_candidates=["gradient"], selectors=["p2d", "tfidf", "random"],
+                adapters=["qkvo", "offset"], classic=["lora-p2d"], out=str(out))
     base.update(kw)
     return BenchConfig(**base)
 
 
-def test_bench_runs_every_cell_and_resumes(tiny_llama_dir, tmp_path):
-    cfg = _cfg(tiny_llama_dir, tmp_path / "bench")
+@pytest.mark.slow
+def test_bench_runs_every_part_and_resumes(tiny_llama_dir, tmp_path):
+    out = tmp_path / "bench"
+    cfg = _cfg(tiny_llama_dir, out)
     res = run_bench(cfg)
-    results = json.loads((tmp_path / "bench" / "results.json").read_text())
-    t = results["targets"]["addition"]
-    assert [r["seed"] for r in t["seeds"]] == [0, 1]
-    for row in t["seeds"]:
-        assert set(row["cells"]) == set(CELLS)
-        cells = row["cells"]
-        assert cells["full-pool"]["aer"] == pytest.approx(1.0)  # the measured reference
-        assert cells["full-pool"]["rows"] == 40 and cells["p2d"]["rows"] == 8 and cells["full-random"]["rows"] == 8
-        # equal epochs: 10x the data, 10x... here 5x the steps
-        assert cells["full-pool"]["steps"] == 10 and cells["p2d"]["steps"] == 2
-        assert cells["p2d"]["cost_s"] == pytest.approx(cells["p2d"]["train_s"] + row["heads_s"] + row["select_s"])
-        assert cells["lora-p2d"]["cost_s"] == pytest.approx(cells["lora-p2d"]["train_s"] + row["heads_s"]
-                                                            + row["select_s"])  # P2D's data is not free
-        assert cells["lora-p2d"]["rows"] == cells["full-p2d"]["rows"] == 8
-        assert max(cells["p2d"]["trainable_params"], cells["lora-pool"]["trainable_params"]) < \
-            cells["full-pool"]["trainable_params"]
-        assert all(c["forgetting"] is not None for c in cells.values())
-        assert len(row["random_head_draws"]) == 2 and row["p2d_selection"]["precision"] is not None
-        assert len(row["reference_curve"]) == 2
-    assert [p["target_rows"] for p in t["seeds"][0]["target_rows"]] == [0, 4]  # 10% of 40 rows are target rows
-    assert t["summary"]["cells"]["p2d"]["accuracy"]["n"] == 2
-    md = (tmp_path / "bench" / "results.md").read_text()
-    assert "P2D heads / P2D data" in md and "AER" in md
-    assert (tmp_path / "bench" / "aer_vs_accuracy.html").stat().st_size > 10_000
+    assert res["complete"], res["skipped"]
+    results = json.loads((out / "results.json").read_text())
+    s = results["splits"]["builtin-hard:addition"]
+    assert s["seeds"] == [0, 1] and s["pool_share"] == pytest.approx(6 / 48) and s["pool_twins"] == pytest.approx(6 / 48)
+    assert set(s["selection"]) == {"p2d", "tfidf", "random"} and s["selection"]["tfidf"]["precision"]["n"] == 2
+    assert s["null_precision"]["activation"]["n"] == 2 * 3  # three random draws per seed
+    assert set(s["head_methods_precision"]) == {"gradient_logratio", "gradient"}
+    sel = s["selectors"]
+    assert set(sel) == {"p2d", "tfidf", "random"} and sel["p2d"]["rows"] == 6 and sel["p2d"]["steps"] == 2
+    assert sel["tfidf"]["p2d_minus"]["n_seeds"] == 2 and sel["tfidf"]["p2d_minus"]["n_rows"] == 6
+    assert s["best_head_free"]["selector"] in ("tfidf", "random")
+    for adapter in ("qkvo", "offset"):
+        h = s["heads"][adapter]
+        assert h["p2d_vs_random"]["n_draws"] == 2 * 2 and "gradient" in h["candidates"]
+    assert s["heads"]["qkvo"]["p2d"]["query_heads_changed"] > s["heads"]["offset"]["p2d"]["query_heads_changed"]
+    assert s["heads"]["offset"]["p2d"]["trainable_params"] < s["heads"]["qkvo"]["p2d"]["trainable_params"]
+    # the sweep extends its grid while the best value sits at an edge, and says whether it ended inside
+    sw = s["sweeps"]["qkvo-p2d"]
+    assert len(sw["points"]) >= 2 and sw["chosen"] in [p["lr"] for p in sw["points"]]
+    assert set(s["classic"]) == {"lora-p2d"}
+    a = s["aer"]
+    assert a["curve"][0]["train_s"] == 0.0 and len(a["curve"]) == 1 + 3 and a["aer"] > 0
+    d = results["defaults"]
+    assert d["splits"] == ["builtin-hard:addition"] and d["selection_winner"]["candidate"]
+    assert {r["candidate"] for r in d["selection"]} >= {"tfidf", "gradient_logratio + activation", "gradient + alignment"}
+    md = (out / "results.md").read_text()
+    assert "builtin-hard:addition" in md and "P2D minus random" in md and "Defaults by the rule" in md
     # a rerun with the same settings reuses every unit
-    units = sorted((tmp_path / "bench" / "units").rglob("*.json"))
+    units = sorted((out / "units").rglob("*.json"))
     stamps = {p: p.stat().st_mtime_ns for p in units}
     again = run_bench(cfg)
     assert again["time_s"] < res["time_s"]
     assert all(p.stat().st_mtime_ns == stamps[p] for p in units)
-    # another head method reruns what depends on the heads, and only that
-    seed0 = tmp_path / "bench" / "units" / "addition" / "seed0"
-    run_bench(_cfg(tiny_llama_dir, tmp_path / "bench", head_method="gradient", seeds=1))
-    for unit in ("cell-full-pool", "cell-lora-random", "cell-full-random", "base", "heads_random"):
+    # the report alone, from the units: the same tables, nothing computed
+    (out / "results.md").unlink()
+    run_bench(_cfg(tiny_llama_dir, out, report_only=True))
+    assert (out / "results.md").read_text().split("Total time")[0] == md.split("Total time")[0]
+    # another head method redoes what depends on P2D's heads, and only that
+    seed0 = out / "units" / "builtin-hard-addition" / "seed0"
+    run_bench(_cfg(tiny_llama_dir, out, head_method="gradient_layer", seeds=1, parts=["precision", "selectors"]))
+    # (P2D's heads are trained in every selector cell, so those are redone too)
+    for unit in ("base", "select-tfidf", "select-random", "heads-gradient"):
         assert (seed0 / f"{unit}.json").stat().st_mtime_ns == stamps[seed0 / f"{unit}.json"], unit
-    for unit in ("cell-p2d", "heads_p2d", "select_p2d", "cell-heads-random"):
+    assert (seed0 / "heads-gradient_layer.json").is_file()
+    for unit in ("cell-p2d-qkvo-p2d", "cell-p2d-qkvo-tfidf"):
         assert (seed0 / f"{unit}.json").stat().st_mtime_ns != stamps[seed0 / f"{unit}.json"], unit
-    redone = json.loads((tmp_path / "bench" / "results.json").read_text())["targets"]["addition"]["seeds"]
-    assert len(redone) == 1 and set(redone[0]["cells"]) == set(CELLS)
 
 
 def test_bench_config_quick_and_errors():
     q = BenchConfig(quick=True)
-    assert q.seeds == 1 and len(q.targets) == 1 and q.pool_size <= 160 and len(q.lr_heads) == 1
-    with pytest.raises(UserError, match="cells"):
-        BenchConfig(cells=["nope"])
-    with pytest.raises(UserError, match="lr_heads"):
-        BenchConfig(lr_heads=["fast"])
-
-
-def test_learning_curve_helpers():
-    assert curve_steps(10, 4) == {3, 5, 8, 10} and curve_steps(3, 5) == {1, 2, 3}
-    curve = [{"train_s": 10, "accuracy": 0.1}, {"train_s": 20, "accuracy": 0.5}, {"train_s": 30, "accuracy": 0.6}]
-    assert time_to_reach(curve, 0.3) == pytest.approx(15)
-    assert time_to_reach(curve, 0.05) == 10 and time_to_reach(curve, 0.9) is None
-    assert auroc([0.9, 0.8, 0.1, 0.2], [True, True, False, False]) == 1.0
-    assert auroc([1, 1, 1, 1], [True, False, True, False]) == 0.5
+    assert q.seeds == 1 and q.splits == ["builtin-hard:addition"] and q.pool_size <= 160 and len(q.lr_qkvo) == 1
+    assert q.training_draws <= q.random_head_draws and q.choice_splits == []
+    rc = BenchConfig().run_config("builtin-hard:dates", 3)
+    assert rc.pool == "builtin-hard" and rc.target == "dates" and rc.seed == 3 and rc.pool_size == 400
+    with pytest.raises(UserError, match="splits"):
+        BenchConfig(splits=["nope:x"])
+    with pytest.raises(UserError, match="lr_qkvo"):
+        BenchConfig(lr_qkvo=["fast"])
+    with pytest.raises(UserError, match="probe and eval"):
+        BenchConfig(pool="p.jsonl")
 
 
 def test_component_figures(tiny_llama, tmp_path):
-    from p2d.bench.cells import build_split
     from p2d.bench.components import component_figures, components_markdown
+    from p2d.bench.runner import Split
+    from p2d.manifest import EntryFiles
 
     cfg = _cfg(tiny_llama.spec, tmp_path)
-    split = build_split(cfg, "addition", 0)
+    split = Split(cfg, "builtin-hard:addition", 0, EntryFiles(tmp_path))
     before = {k: v.clone() for k, v in tiny_llama.model.state_dict().items()}
     c = component_figures(tiny_llama, split, cfg, [[1, 0], [3, 2]])
-    assert c["plain_forward_pool_s"] > 0 and set(c["selection"]) >= {"activation", "alignment", "random"}
+    assert c["plain_forward_pool_s"] > 0 and set(c["selection"]) >= {"activation", "alignment", "random", "tfidf"}
     steps = c["steps_same_batch"]
     assert steps["heads"]["trainable_params"] < steps["full"]["trainable_params"]
     assert [r["share"] for r in c["head_share"]] == [0.05, 0.1, 0.3, 1.0] and [r["tokens"] for r in c["length"]] == [64]

@@ -283,3 +283,31 @@ def test_every_select_method_has_help():
 
     assert set(SELECT_METHOD_HELP) == set(SELECT_METHODS)
     assert all(SELECT_METHOD_HELP[m].startswith(m + ":") for m in SELECT_METHODS)
+
+
+def test_head_free_selectors(tiny_llama, pool, probe):
+    """tfidf and bm25 read only the prompt's words (no model); hidden is the mean of one layer's output over
+    every token, the same as transformers' own hidden states, from a forward that stops there."""
+    from p2d.data.encoding import collate, encode
+    from p2d.selection_baselines import bm25_scores, mean_hidden_states, tfidf_scores
+
+    for method in ("tfidf", "bm25"):
+        sel = select_data(None, None, pool, method, ratio=0.5, probe=probe)
+        assert {pool[i].task for i in sel.selected} == {"addition"}  # the probe says "Add a and b."
+        assert sel.extra["uses_model"] is False
+    assert tfidf_scores(pool, probe) == tfidf_scores(pool, probe) and len(bm25_scores(pool, probe)) == len(pool)
+    layer = 1
+    h, ok, stopped = mean_hidden_states(tiny_llama, pool, layer, batch_size=3, max_length=64)
+    assert all(ok) and not stopped and h.shape == (len(pool), tiny_llama.geometry.hidden_size)
+    items = encode(pool[:2], tiny_llama.tokenizer, 64)
+    for item, want in zip(items, h[:2]):
+        b = collate([item], 0)
+        with torch.no_grad():
+            out = tiny_llama.model(input_ids=b["input_ids"], output_hidden_states=True)
+        assert torch.allclose(out.hidden_states[layer + 1][0].mean(dim=0), want, atol=1e-5)
+    sel = select_data(tiny_llama, None, pool, "hidden", ratio=0.3, probe=probe, hidden_layer=2)
+    assert sel.extra["hidden_layer"] == 2 and all(math.isfinite(s) and -1 <= s <= 1 for s in sel.scores)
+    with pytest.raises(UserError, match="probe"):
+        select_data(None, None, pool, "tfidf", ratio=0.3)
+    with pytest.raises(UserError, match="hidden layer"):
+        select_data(tiny_llama, None, pool, "hidden", ratio=0.3, probe=probe, hidden_layer=99)

@@ -173,13 +173,16 @@ def test_controls(tiny_run, capsys):
 
     assert main(["controls", "--run", str(tiny_run)]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert set(out["controls"]) == {"randomheads-p2d", "heads-random", "lora-p2d"} and out["complete"]
+    assert set(out["controls"]) == {"randomheads-p2d", "heads-random", "heads-tfidf", "lora-p2d"} and out["complete"]
     p2d = out["p2d"]
     for name, c in out["controls"].items():
         assert c["rows"] == p2d["rows"] == 12 and c["steps"] == p2d["steps"] == 3, name  # same budget
         assert c["aer"] > 0 and c["accuracy"] is not None and c["other_tasks"]
     assert out["controls"]["randomheads-p2d"]["trainable_params"] == p2d["trainable_params"]
     assert out["controls"]["lora-p2d"]["lr"] == 3e-3 and out["controls"]["heads-random"]["lr"] == 0.01
+    # the head-free control picks its rows by the words of the prompt, and its selection counts in its cost
+    tfidf = out["controls"]["heads-tfidf"]
+    assert tfidf["data"] == "tfidf" and tfidf["cost_s"] > tfidf["train_s"]
     # random heads on P2D's data cost the same inputs as P2D; P2D's heads on random data skip the selection
     run = Run.open(tiny_run)
     assert read_controls(run) is not None

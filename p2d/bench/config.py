@@ -30,6 +30,7 @@ SELECTOR_LABELS = {
 }
 #: cells of the classic comparison kept for continuity (LoRA and full fine-tuning at the same budget)
 CLASSIC = ("lora-p2d", "full-p2d", "lora-random", "full-random")
+DEFAULT_CLASSIC = ("lora-p2d", "full-p2d")
 DEFAULT_SPLITS = ("builtin-hard:addition", "builtin-hard:alphabetical", "builtin-hard:dates",
                   "builtin-hard:past_tense", "builtin:addition", "builtin:dates")
 #: where the defaults are chosen (at the choice seed); the other splits were never used for a choice
@@ -92,9 +93,14 @@ class BenchConfig:
                            choices=tuple(ADAPTERS))
     selectors: list[str] = setting(None, "select", "Selectors", "selection cells: the same budget picked by P2D "
                                    "and by selectors without heads", choices=SELECTORS, factory=lambda: list(SELECTORS))
+    trained_selectors: list[str] = setting(None, "select", "Trained selectors", "the selectors whose rows are also "
+                                           "trained on (the others: selection figures only)", choices=SELECTORS,
+                                           factory=lambda: [s for s in SELECTORS if s != "bm25"])
     head_candidates: list[str] = setting(None, "heads", "Head candidates", "head methods whose heads are trained "
-                                         "next to P2D's (heads chosen for training value)", choices=HEAD_METHODS,
-                                         factory=lambda: ["gradient", "lofit"])
+                                         "next to P2D's (heads chosen for training value; importance: gate "
+                                         "importance on the probe without a contrast)",
+                                         choices=lambda: HEAD_METHODS + ("importance",),
+                                         factory=lambda: ["importance", "lofit"])
     adapters: list[str] = setting(None, "heads", "Adapters", "the regimes of the heads comparison",
                                   choices=tuple(ADAPTERS), factory=lambda: list(ADAPTERS))
     heads_splits: list[str] = setting(None, "heads", "Heads splits", "splits the heads comparison (random-head "
@@ -105,7 +111,7 @@ class BenchConfig:
     training_draws: int = setting(10, "heads", "Training draws", "random head sets trained per seed and adapter "
                                   "(at most random_head_draws)", minimum=0)
     classic: list[str] = setting(None, "train", "Classic cells", "LoRA and full fine-tuning cells at the same "
-                                 "budget", choices=CLASSIC, factory=lambda: list(CLASSIC))
+                                 "budget", choices=CLASSIC, factory=lambda: list(DEFAULT_CLASSIC))
     epochs: float = setting(3.0, "train", "Epochs", "passes over each cell's own data (the reference's too)",
                             above=0.0)
     lr_qkvo: list[str] = setting(None, "train", "Head learning rates", "first sweep grid of q,k,v,o head slices "

@@ -51,6 +51,26 @@ GRID_OF = {"qkvo": "lr_qkvo", "qo": "lr_qo", "offset": "lr_offset", "lora": "lr_
 EXTEND = 10 ** 0.5  # a grid is extended by this factor while its best value sits at an edge
 
 
+#: head sets read off the gate-gradient importance maps of one scoring pass (`derive_heads`)
+DERIVED_HEADS = ("gradient", "gradient_layer", "gradient_logratio", "importance")
+
+
+def derive_heads(hs: HeadScores, method: str) -> HeadScores:
+    """Another contrast of the same gate importances (``importance``: the probe's share alone)."""
+    import dataclasses as dc
+
+    from ..heads import METHOD_CONTRAST, recontrast, select_top
+
+    if method == "importance":
+        probe = torch.tensor(hs.extra["probe_importance"], dtype=torch.float64)
+        scores = (probe / probe.sum()).tolist()
+        out = dc.replace(hs, scores=scores, selected=select_top(scores, hs.ratio),
+                         extra=dict(hs.extra, contrast="none (gate importance on the probe)"))
+    else:
+        out = recontrast(hs, METHOD_CONTRAST[method])
+    return dc.replace(out, method=method)
+
+
 class OutOfTime(Exception):
     """The time limit (max_minutes) is reached: no new unit starts."""
 
@@ -202,37 +222,52 @@ class Bench:
         return self.unit(sp.key + ("base",), self.common(sp), {}, compute, f"{sp.name} seed {sp.seed}: base model")
 
     def heads(self, sp: Split, method: str) -> tuple[HeadScores, str]:
-        """Heads of ``method`` (``random<d>``: the d-th random draw of this seed, no unit needed)."""
+        """Heads of ``method`` (``random<d>``: the d-th random draw of this seed, no unit needed). The
+        other contrasts of P2D's gate gradients (``gradient``, ``gradient_layer``, ``gradient_logratio``)
+        and ``importance`` (gate importance on the probe alone, no contrast) are read off the importance
+        maps of P2D's head scoring (`p2d.heads.recontrast`): the same model pass, so the same cost."""
         c = self.cfg
         if method.startswith("random"):
             d = int(method[6:] or 0)
             hs = score_heads(self.lm, sp.probe[:1], method="random", ratio=c.head_ratio, seed=10_000 * sp.seed + d + 1)
             return hs, content_digest(hs.selected)
+        derived = method in DERIVED_HEADS and method != c.head_method and c.head_method in DERIVED_HEADS
+        source, source_digest = self.heads(sp, c.head_method) if derived else (None, None)
         folder = sp.folder(f"heads-{method}")
 
         def compute():
             with Clock() as clock:
-                hs = score_heads(self.lm, sp.probe, method=method, ratio=c.head_ratio, pool=sp.pool, seed=sp.seed,
-                                 batch_size=c.batch_size, max_length=c.max_length, positions=c.positions,
-                                 progress=self.progress)
+                if derived:
+                    hs = derive_heads(source, method)
+                else:
+                    hs = score_heads(self.lm, sp.probe, method=method, ratio=c.head_ratio, pool=sp.pool, seed=sp.seed,
+                                     batch_size=c.batch_size, max_length=c.max_length, positions=c.positions,
+                                     progress=self.progress)
             hs.save(folder)
-            return {"time_s": hs.time_s, "cpu_s": clock.cpu_s, "selected": hs.selected, "method": method}, \
-                content_digest(hs.selected)
+            time_s = source.time_s if derived else hs.time_s
+            cpu_s = source.extra.get("cpu_s", 0.0) if derived else clock.cpu_s
+            return {"time_s": time_s, "cpu_s": cpu_s, "selected": hs.selected, "method": method,
+                    "derived_from": c.head_method if derived else None}, content_digest(hs.selected)
 
-        entry = self.unit(sp.key + (f"heads-{method}",), {**self.common(sp), "method": method,
-                          "head_ratio": c.head_ratio, "positions": c.positions}, {}, compute,
-                          f"{sp.name} seed {sp.seed}: heads ({method})")
+        settings = {**self.common(sp), "method": method, "head_ratio": c.head_ratio, "positions": c.positions,
+                    "derived": derived}
+        entry = self.unit(sp.key + (f"heads-{method}",), settings, {"source": source_digest} if derived else {},
+                          compute, f"{sp.name} seed {sp.seed}: heads ({method})")
         if entry is None:
             return None, None
         hs = HeadScores.load(folder)
         hs.time_s, hs.extra["cpu_s"] = entry["result"]["time_s"], entry["result"]["cpu_s"]
         return hs, entry["digest"]
 
-    def selection(self, sp: Split, selector: str, layer: int | None = None) -> dict:
+    def selection(self, sp: Split, selector: str, layer: int | None = None, features: dict | None = None) -> dict:
         """The rows ``selector`` picks (P2D's: the selected heads' activation; rh-alignment: gradient
-        alignment on the first random head set; the head-free ones; random rows)."""
+        alignment on the first random head set; the head-free ones; random rows). With a feature pass
+        of this seed, rh-alignment's scores are read from it (`p2d.selection.alignment_from_features`,
+        equal to `select_data`'s) and its cost is the one measured at the choice seed."""
         c = self.cfg
         name = selector if layer is None else f"{selector}-L{layer}"
+        if selector == "rh-alignment" and features is not None and sp.seed != c.choice_seed:
+            return self._rh_alignment_from_features(sp, features)
         inputs, heads = {}, None
         if selector in ("p2d", "rh-alignment"):
             heads, digest = self.heads(sp, c.head_method if selector == "p2d" else "random0")
@@ -266,6 +301,28 @@ class Bench:
         return self.unit(sp.key + (f"select-{name}",), settings, inputs, compute,
                          f"{sp.name} seed {sp.seed}: selection {name}")
 
+    def _rh_alignment_from_features(self, sp: Split, features: dict) -> dict | None:
+        c = self.cfg
+        choice = self.units.get((sp.key[0], f"seed{c.choice_seed}", "select-rh-alignment"))
+        folder = sp.folder("select-rh-alignment")
+
+        def compute():
+            scores = [float("nan") if v is None else v for v in features["result"]["rh_alignment_scores"]]
+            order = sorted((i for i, v in enumerate(scores) if math.isfinite(v)), key=lambda i: (-scores[i], i))
+            selected = order[:sp.budget]
+            cost = (choice or {}).get("result", {})
+            sel = Selection(method="alignment", ratio=c.data_ratio, n_pool=len(sp.pool), n_selected=len(selected),
+                            time_s=cost.get("time_s", 0.0), scores=scores, selected=selected,
+                            extra={"from_features": True})
+            sel.save(folder, sp.pool)
+            return {"selected": selected, "time_s": cost.get("time_s"), "cpu_s": cost.get("cpu_s"), "heads_s": 0.0,
+                    "method": "alignment", "cost_from": f"seed{c.choice_seed}",
+                    **target_stats(selected, scores, sp.labels, sp.target)}, content_digest(selected)
+
+        settings = {**self.common(sp), "selector": "rh-alignment", "from_features": True, "data_ratio": c.data_ratio}
+        return self.unit(sp.key + ("select-rh-alignment",), settings, {"features": features["digest"]}, compute,
+                         f"{sp.name} seed {sp.seed}: selection rh-alignment (from the feature pass)")
+
     def features_study(self, sp: Split, methods: list[str]) -> dict:
         """Precision of every head method's heads (activation and alignment) and of the random-head null
         distribution, from one feature pass over pool and probe (`p2d.selection.head_features`)."""
@@ -293,6 +350,8 @@ class Bench:
             for m, (hs, _) in heads.items():
                 out["methods"][m] = {**stats(hs), "heads_s": hs.time_s}
             out["random"] = [stats(hs) for hs, _ in draws.values()]
+            out["rh_alignment_scores"] = [None if not math.isfinite(v) else round(v, 7)
+                                          for v in alignment_from_features(pf, qf, draws["random0"][0].selected)]
             return out, None
 
         inputs = {m: d for m, (_, d) in heads.items()}
@@ -473,6 +532,8 @@ class Bench:
             choice = Split(cfg, split, cfg.choice_seed, self.units)
             if "precision" in cfg.parts and split in cfg.choice_splits:
                 self.choice_study(choice)
+            if "precision" in cfg.parts and "rh-alignment" in cfg.selectors:
+                self.selection(choice, "rh-alignment")  # its cost, measured once (the reporting seeds read it)
         lrs = self.rates(choice, self.kinds(split))
         for seed in cfg.seed_list:
             sp = Split(cfg, split, seed, self.units)
@@ -480,18 +541,19 @@ class Bench:
             heads_split = split in cfg.heads_splits
             methods = [cfg.head_method] + ([m for m in cfg.head_candidates if m != cfg.head_method]
                                            if heads_split else [])
-            rows = {}
+            rows, features = {}, None
+            if "precision" in cfg.parts:
+                features = self.features_study(sp, methods)
             if "precision" in cfg.parts or {"selectors", "heads", "classic", "aer"} & set(cfg.parts):
-                rows = {s: self.selection(sp, s) for s in cfg.selectors}
+                rows = {s: self.selection(sp, s, features=features) for s in cfg.selectors}
                 rows.setdefault("p2d", self.selection(sp, "p2d"))
                 rows.setdefault("random", self.selection(sp, "random"))
-            if "precision" in cfg.parts:
-                self.features_study(sp, methods)
             p2d = self.heads(sp, cfg.head_method)
             default = f"{cfg.adapter}-p2d"
             if "selectors" in cfg.parts and default in lrs:
                 for s in cfg.selectors:
-                    self.cell(sp, Cell("heads", s, "p2d", cfg.adapter), rows[s], p2d, lrs[default])
+                    if s in cfg.trained_selectors:
+                        self.cell(sp, Cell("heads", s, "p2d", cfg.adapter), rows[s], p2d, lrs[default])
             if "heads" in cfg.parts and heads_split:
                 for adapter in cfg.adapters:
                     lr_p2d, lr_rnd = lrs.get(f"{adapter}-p2d"), lrs.get(f"{adapter}-random")
@@ -534,7 +596,7 @@ class Bench:
         if "hidden" in cfg.selectors:
             for layer in sorted({n // 4, (3 * n) // 4}):
                 self.selection(sp, "hidden", layer)
-        methods = list(dict.fromkeys([cfg.head_method, "gradient", "gradient_layer", *cfg.head_candidates]))
+        methods = list(dict.fromkeys([cfg.head_method, *DERIVED_HEADS, *cfg.head_candidates]))
         self.features_study(sp, methods)
 
 
