@@ -69,6 +69,8 @@ def parse_yaml(text: str, what: str = "the settings file"):
         raise UserError(f"{what} is not valid YAML: {first[:160]}") from None
     except RecursionError:
         raise UserError(f"{what} is nested too deeply") from None
+    except (ValueError, OverflowError) as exc:  # a value YAML cannot build (a 5,000-digit number, a bad date)
+        raise UserError(f"{what} has a value that cannot be read: {' '.join(str(exc).split())[:160]}") from None
 
 
 #: the pipeline stages, in the order a run executes them (see p2d.pipeline)

@@ -31,7 +31,7 @@ import json
 import os
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -161,6 +161,7 @@ class Guard:
 
     def __init__(self, app, studio=None, blocks=None):
         self.app, self.studio, self.blocks = app, studio, blocks
+        self._joining: Counter = Counter()  # join requests of each address being handled (not yet in the queue)
 
     async def __call__(self, scope, receive, send):
         if scope.get("type") != "http" or scope.get("method") != "POST" or self.studio is None:
@@ -169,9 +170,17 @@ class Guard:
         if path.endswith("/gradio_api/upload"):
             return await self._upload(scope, receive, send)
         if path.endswith("/gradio_api/queue/join") or "/gradio_api/call/" in path:
-            refusal = self._queue_refusal(scope)
+            client = self.client(scope)
+            refusal = self._queue_refusal(client)
             if refusal:
                 return await _reply(send, 429, refusal)
+            self._joining[client] += 1  # counted from the check on: concurrent joins cannot all pass it
+            try:
+                return await self.app(scope, receive, send)
+            finally:
+                self._joining[client] -= 1
+                if self._joining[client] <= 0:
+                    del self._joining[client]
         return await self.app(scope, receive, send)
 
     def client(self, scope) -> str:
@@ -189,12 +198,11 @@ class Guard:
                     n += 1
         return n
 
-    def _queue_refusal(self, scope) -> str | None:
+    def _queue_refusal(self, client: str) -> str | None:
         cap = self.studio.limits.max_queued_per_ip
         if cap is None:
             return None
-        client = self.client(scope)
-        n = self.queued(client)
+        n = self.queued(client) + self._joining[client]
         if n >= cap:
             return f"your address has {n} requests waiting in the queue, the most this server takes: wait for them"
         return None
