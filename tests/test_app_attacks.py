@@ -263,6 +263,8 @@ def test_yaml_bomb_through_apply_config(served):
             t0 = time.perf_counter()
             status = c.predict(_alias_bomb(levels), api_name="/apply_config")[-1]
             took = time.perf_counter() - t0
+        print(f"YAML bomb of {levels} levels ({len(_alias_bomb(levels))} bytes) through /apply_config: {took:.2f} s, "
+              f"+{peak.mb:.0f} MB peak, a {len(status)}-character answer")
         assert "aliases (*name) are not supported" in status and len(status) < 300, status[:300]
         assert took < 10 and peak.mb < 50, (took, peak.mb)
     status = c.predict("model: default\n" + "#" * 20_000, api_name="/apply_config")[-1]

@@ -101,7 +101,7 @@ class Context:
             return request, kwargs
 
         def failed(exc: BaseException):
-            message = describe_error(exc)
+            message = gate.scrub(describe_error(exc))
             gr.Warning(message)
             if status is None:
                 return pack({})
@@ -166,7 +166,7 @@ class Context:
                     yield {"status": line}
                 st.runner.wait(job, timeout=every)
         if job.status == "failed":
-            gr.Warning(job.error or "failed")
+            gr.Warning(st.gate.scrub(job.error or "failed"))
         final = {"status": views.job_line(st, job, notes)}
         if tab is not None:
             final.update(views.TABS[tab](st, ws), job_end={"job": job.id, "rendered": tab})

@@ -119,7 +119,7 @@ def build(ctx) -> SimpleNamespace:
             poll["ended"] = job_id
             out["job_end"] = {"job": job_id, "rendered": "train"}
             if job.status == "failed":
-                gr.Warning(job.error or "failed")
+                gr.Warning(st.gate.scrub(job.error or "failed"))
         out["poll"] = {**poll, "job": job_id, "sent": sent}
         return out
 
@@ -157,7 +157,7 @@ def build(ctx) -> SimpleNamespace:
                     st.runner.wait(job, timeout=granted)
             return st.gate.outgoing({**views.job_summary(st, ws), "waited_at_most_s": granted})
         except UserError as exc:
-            raise gr.Error(describe_error(exc)) from None
+            raise gr.Error(st.gate.scrub(describe_error(exc))) from None
 
     gr.api(wait_job, api_name="wait_job", concurrency_limit=ctx.limits.wait_concurrency, concurrency_id="wait")
     return c
