@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 from p2d.config import STAGES, RunConfig
-from p2d.errors import UserError
+from p2d.errors import UserError, shown
 
 from . import form
 from .gate import Gate
@@ -268,7 +268,7 @@ class Studio:
             if Path(name).is_absolute() and (Path(name) / "config.yaml").is_file():
                 return Path(name)
         if not re.fullmatch(r"run-\d{3,6}", name) or not (ws.root / name / "config.yaml").is_file():
-            raise UserError(f"no run folder {name!r} in this session: pick one from the list")
+            raise UserError(f"no run folder {shown(name)} in this session: pick one from the list")
         return ws.root / name
 
     def _open(self, ws: Workspace, name: str):
