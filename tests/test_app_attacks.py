@@ -74,7 +74,7 @@ def test_every_numeric_setting_is_capped_in_the_demo():
     import typing
 
     from p2d.config import MAX_SEED, config_field
-    from p2d.studio.limits import DEMO, SETTING_CAPS, SETTING_FLOORS, STOPPED_BY
+    from p2d.studio.limits import BOUNDED_BY_MODEL, DEMO, SETTING_CAPS, SETTING_FLOORS, STOPPED_BY
 
     hints = typing.get_type_hints(RunConfig)
     numeric = [f.name for f in dataclasses.fields(RunConfig)
@@ -83,7 +83,8 @@ def test_every_numeric_setting_is_capped_in_the_demo():
     for name in numeric:
         meta = config_field(name).metadata
         bounded = meta["maximum"] is not None and (meta["minimum"] is not None or meta["above"] is not None)
-        assert bounded or name in SETTING_CAPS or name in SETTING_FLOORS or name in STOPPED_BY, name
+        assert bounded or name in SETTING_CAPS or name in SETTING_FLOORS or name in STOPPED_BY \
+            or name in BOUNDED_BY_MODEL, name
     huge = dict(epochs=1e12, reference_epochs=1e12, checkpoint_every=1, val_ratio=0.5, val_every=1, weight_decay=1e300,
                 lr=1e30, max_grad_norm=1e300, steps=10**9, grad_accum=10**6, batch_size=10**6, max_length=10**6,
                 pool_size=10**9, probe_size=10**9, eval_size=10**9, other_eval_size=10**9, max_new_tokens=10**6,
