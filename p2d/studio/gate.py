@@ -98,7 +98,7 @@ class Gate:
         self._waits_ip: Counter = Counter()
         workspace = re.escape(str(studio.runs_root)) + r"/ws-[0-9a-f]{8,64}(?:/|(?=[^/\w-])|$)"
         others = "|".join(re.escape(f) for f, _ in server_folders(studio))
-        self._pattern = re.compile(f"({workspace})|({others})")
+        self._pattern = re.compile(f"({workspace})|({others})(?![\\w.-])")
         self._shown = dict(server_folders(studio))
 
     # -- requests -----------------------------------------------------------------------------------

@@ -40,7 +40,9 @@ from .workspace import Registry, Workspace
 
 INTERRUPTED = "interrupted: the server restarted while it ran (Resume it under Runs of this session)"
 OUTBOX_KEEP_S = 3600.0  # staged downloads older than this are deleted (Gradio has its own copy by then)
-TEXT_FILES = (".json", ".jsonl", ".yaml", ".yml", ".txt", ".md", ".csv", ".tsv", ".log")  # downloads scrubbed in the demo
+#: downloads the app writes with paths in them (metrics.json, settings), staged without server paths in the demo;
+#: data files (the selected set) are handed out as they are
+TEXT_FILES = (".json", ".yaml", ".yml", ".txt", ".md", ".log")
 
 
 def session_of(request) -> str | None:

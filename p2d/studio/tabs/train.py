@@ -152,7 +152,7 @@ def build(ctx) -> SimpleNamespace:
             granted = ctx.limits.wait_timeout(timeout)
             ws = st.workspace(request)
             job = st.current_job(ws)
-            if job is not None and job.active:
+            if job is not None and (job.active or not job.settled.is_set()):
                 with st.gate.waiting(ws, st.client(request)):
                     st.runner.wait(job, timeout=granted)
             return st.gate.outgoing({**views.job_summary(st, ws), "waited_at_most_s": granted})
