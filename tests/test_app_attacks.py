@@ -335,6 +335,9 @@ def test_gradio_upload_route_is_capped(served, tmp_path):
     r = _upload(served, "10.20.3.1", [(f"a-{tag}.jsonl", ok), (f"b-{tag}.jsonl", ok)])
     assert r.status_code == 413 and "at most 1 file" in r.json()["detail"]
     assert not [p for p in _upload_folder_files() if tag in p.name]
+    # Gradio's other route that takes files (a recording's video) is not used by this app
+    r = httpx.post(f"{served.url}gradio_api/process_recording", files=[("video", (f"v-{tag}.mp4", b"x" * 1000))])
+    assert r.status_code == 404
     # per address per hour: bytes, then uploads
     sizes = [1_900_000, 1_900_000, 1_900_000]
     codes = [_upload(served, "10.20.3.2", [(f"{i}.jsonl", b"x" * n)]).status_code for i, n in enumerate(sizes)]

@@ -14,7 +14,8 @@
   refused (429) when the client address already has ``max_queued_per_ip`` requests waiting in the queue,
   so one client cannot fill it (``queue_size``) for everyone else.
 
-Requests without a body limit (no Content-Length) are refused on the upload route in the public demo.
+Requests without a body limit (no Content-Length) are refused on the upload route in the public demo, and
+so is every request to Gradio's other file-taking route the app never uses (``process_recording``).
 Local mode records uploads (so only real uploads are ever deleted) and applies no caps.
 
 `forwarded_headers_untrusted()`: uvicorn rewrites the client address from X-Forwarded-For for every
@@ -38,6 +39,8 @@ from pathlib import Path
 from .limits import client_ip
 
 FORM_OVERHEAD = 64 * 1024  # multipart headers and boundaries around one file
+#: Gradio routes that take files this app never asks for (a recording's video); refused in the public demo
+UNUSED_UPLOAD_ROUTES = ("/gradio_api/process_recording",)
 HOUR = 3600.0
 
 
@@ -169,6 +172,8 @@ class Guard:
         path = scope.get("path", "")
         if path.endswith("/gradio_api/upload"):
             return await self._upload(scope, receive, send)
+        if self.studio.limits.demo and path.endswith(UNUSED_UPLOAD_ROUTES):
+            return await _reply(send, 404, "not used by this app")
         if path.endswith("/gradio_api/queue/join") or "/gradio_api/call/" in path:
             client = self.client(scope)
             refusal = self._queue_refusal(client)
