@@ -30,7 +30,7 @@ import yaml
 
 from .adapter import ADAPTER_KINDS, PROJECTIONS
 from .cost import REFERENCE_MODES
-from .errors import UserError
+from .errors import UserError, shown
 from .files import write_text
 from .heads import DEFAULT_HEAD_METHOD, HEAD_METHODS
 from .models import DTYPES, QUANTIZE
@@ -38,6 +38,40 @@ from .gating import POSITIONS
 from .selection import DEFAULT_POSITIONS, DEFAULT_SELECT_METHOD, SELECT_METHODS
 from .tracking import REPORT_TO
 from .training import SCHEDULERS
+
+#: the longest settings text `RunConfig.from_yaml` parses (a saved file of every setting is about 1.5 KB)
+MAX_SETTINGS_BYTES = 256 * 1024
+#: the seed range every random generator the library seeds accepts (numpy's is the narrowest)
+MAX_SEED = 2 ** 32 - 1
+
+
+class _SettingsLoader(yaml.SafeLoader):
+    """YAML's safe loader without aliases (``*name``, also ``<<: *name``): settings never need them, and
+    nested aliases make a text of a few hundred bytes stand for gigabytes of values (a YAML bomb)."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(None, None, "aliases (*name) are not supported in settings files; "
+                                              "write the values out", event.start_mark)
+        return super().compose_node(parent, index)
+
+
+def parse_yaml(text: str, what: str = "the settings file"):
+    """A settings text parsed as YAML: at most `MAX_SETTINGS_BYTES`, no aliases (UserError otherwise)."""
+    size = len(text.encode("utf-8", errors="replace")) if isinstance(text, str) else len(text)
+    if size > MAX_SETTINGS_BYTES:
+        raise UserError(f"{what} is {size} bytes; settings files are at most {MAX_SETTINGS_BYTES} bytes")
+    try:
+        return yaml.load(text, Loader=_SettingsLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        first = " ".join((str(exc).splitlines() or [""])[0].split())
+        raise UserError(f"{what} is not valid YAML: {first[:160]}") from None
+    except RecursionError:
+        raise UserError(f"{what} is nested too deeply") from None
+    except (ValueError, OverflowError) as exc:  # a value YAML cannot build (a 5,000-digit number, a bad date)
+        raise UserError(f"{what} has a value that cannot be read: {' '.join(str(exc).split())[:160]}") from None
+
 
 #: the pipeline stages, in the order a run executes them (see p2d.pipeline)
 STAGES = ("load", "heads", "select", "eval_before", "reference", "train", "eval_after")
@@ -121,7 +155,7 @@ class RunConfig:
                                    "evaluated before and after training (what tuning changed elsewhere; 0: off)",
                                    stages=("load",), minimum=0)
     seed: int = setting(0, "data", "Seed", "seed of the built-in pool, the random controls and the training order",
-                        stages=("load", "heads", "select", "train", "reference"), minimum=0)
+                        stages=("load", "heads", "select", "train", "reference"), minimum=0, maximum=MAX_SEED)
     max_length: int = setting(256, "data", "Max tokens per sample", "samples are truncated to this many tokens",
                               stages=_SCORE + _EVAL, minimum=8)
     batch_size: int = setting(8, "data", "Batch size", "samples per batch (scoring, training and the reference)",
@@ -253,22 +287,19 @@ class RunConfig:
         known = [f.name for f in fields(cls)]
         unknown = sorted(set(data) - set(known))
         if unknown:
-            raise UserError(f"unknown setting(s) {', '.join(map(str, unknown))}; known settings: {', '.join(known)}")
+            raise UserError(f"unknown setting(s) {_names(unknown)}; known settings: {', '.join(known)}")
         return cls(**data)
 
     @classmethod
     def preset(cls, name: str, **changes) -> "RunConfig":
         """The named starting point ``name`` (`PRESETS`) with ``changes`` on top."""
         if name not in PRESETS:
-            raise UserError(f"unknown preset {name!r}: choose from {', '.join(PRESETS)}")
+            raise UserError(f"unknown preset {shown(name)}: choose from {', '.join(PRESETS)}")
         return cls.from_dict({**PRESETS[name], **changes})
 
     @classmethod
     def from_yaml(cls, text: str) -> "RunConfig":
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise UserError(f"the settings file is not valid YAML: {str(exc).splitlines()[0]}") from exc
+        data = parse_yaml(text)
         if data is not None and not isinstance(data, dict):
             raise UserError("the settings file must be a YAML mapping of setting: value")
         return cls.from_dict(data)
@@ -342,9 +373,10 @@ def options_from(cls, yaml_path: str | None = None, given: dict | None = None):
         if not path.is_file():
             raise UserError(f"settings file not found: {path}")
         try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
             raise UserError(f"could not read the settings file {path}: {str(exc).splitlines()[0]}") from None
+        loaded = parse_yaml(text, f"the settings file {path}")
         if loaded is not None and not isinstance(loaded, dict):
             raise UserError(f"{path} must be a YAML mapping of setting: value")
         data.update(loaded or {})
@@ -352,8 +384,14 @@ def options_from(cls, yaml_path: str | None = None, given: dict | None = None):
     known = [f.name for f in fields(cls)]
     unknown = sorted(set(map(str, data)) - set(known))
     if unknown:
-        raise UserError(f"unknown setting(s) {', '.join(unknown)}; known settings: {', '.join(known)}")
+        raise UserError(f"unknown setting(s) {_names(unknown)}; known settings: {', '.join(known)}")
     return cls(**data)
+
+
+def _names(names: list, limit: int = 5) -> str:
+    """Setting names for a one-line message: each shortened, at most ``limit`` of them."""
+    out = ", ".join(shown(str(n), 40) for n in names[:limit])
+    return out + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 def config_field(name: str, cls=None) -> dataclasses.Field:
@@ -421,7 +459,7 @@ def _normalize_value(f: dataclasses.Field, hint, value):
         if isinstance(value, str):
             low = value.lower()
             if low not in ("true", "false", "yes", "no", "1", "0", "on", "off"):
-                raise UserError(f"{_label(f)} must be true or false, got {value!r}")
+                raise UserError(f"{_label(f)} must be true or false, got {shown(value)}")
             return low in ("true", "yes", "1", "on")
         return bool(value)
     if kind is int:
@@ -440,7 +478,7 @@ def _normalize_value(f: dataclasses.Field, hint, value):
         allowed = choices_of(f)
         bad = [x for x in items if allowed and x not in allowed]
         if bad or not items:
-            raise UserError(f"{_label(f)} must be a non-empty subset of {', '.join(allowed)}, got {value!r}")
+            raise UserError(f"{_label(f)} must be a non-empty subset of {', '.join(allowed)}, got {shown(value)}")
         return [c for c in allowed if c in items] if allowed else items
     if kind is dict:
         if isinstance(value, str):
@@ -448,7 +486,7 @@ def _normalize_value(f: dataclasses.Field, hint, value):
 
             return parse_mapping(value)
         if not isinstance(value, dict):
-            raise UserError(f"{_label(f)} must be key=column pairs (prompt=question,answer=reply), got {value!r}")
+            raise UserError(f"{_label(f)} must be key=column pairs (prompt=question,answer=reply), got {shown(value)}")
         return {str(k): str(v) for k, v in value.items()} or None
     # str
     value = str(value)
@@ -458,12 +496,12 @@ def _normalize_value(f: dataclasses.Field, hint, value):
         if name == "quantize" and low in ("none", "no", "off"):
             return None
         if low not in allowed:
-            raise UserError(f"{_label(f)} must be one of {', '.join(allowed)}, got {value!r}")
+            raise UserError(f"{_label(f)} must be one of {', '.join(allowed)}, got {shown(value)}")
         return low
     if name == "device":
         low = value.lower()
         if not (low in ("auto", "cpu", "cuda", "mps") or (low.startswith("cuda:") and low[5:].isdigit())):
-            raise UserError(f"{_label(f)} must be auto, cpu, cuda, cuda:N or mps, got {value!r}")
+            raise UserError(f"{_label(f)} must be auto, cpu, cuda, cuda:N or mps, got {shown(value)}")
         return low
     if name == "pool" and value.lower() in BUILTIN_POOLS:
         return None if value.lower() == "builtin" else value.lower()
@@ -474,33 +512,45 @@ def _normalize_value(f: dataclasses.Field, hint, value):
 
 def _to_int(value, what: str) -> int:
     if isinstance(value, bool):
-        raise UserError(f"{what} must be a whole number, got {value!r}")
+        raise UserError(f"{what} must be a whole number, got {shown(value)}")
+    if isinstance(value, int):
+        return value
     try:
         f = float(value)
     except (TypeError, ValueError):
-        raise UserError(f"{what} must be a whole number, got {value!r}") from None
+        raise UserError(f"{what} must be a whole number, got {shown(value)}") from None
     if not math.isfinite(f) or f != int(f):
-        raise UserError(f"{what} must be a whole number, got {value!r}")
+        raise UserError(f"{what} must be a whole number, got {shown(value)}")
     return int(f)
 
 
 def _to_float(value, what: str) -> float:
     if isinstance(value, bool):
-        raise UserError(f"{what} must be a number, got {value!r}")
+        raise UserError(f"{what} must be a number, got {shown(value)}")
     try:
         f = float(value)
     except (TypeError, ValueError):
-        raise UserError(f"{what} must be a number, got {value!r}") from None
+        raise UserError(f"{what} must be a number, got {shown(value)}") from None
     if not math.isfinite(f):
-        raise UserError(f"{what} must be a finite number, got {value!r}")
+        raise UserError(f"{what} must be a finite number, got {shown(value)}")
     return f
+
+
+def _num(value) -> str:
+    """A number for a message (`:g` for what a float can hold, a short repr beyond)."""
+    if isinstance(value, int) and abs(value) < 10 ** 15:
+        return str(value)
+    try:
+        return f"{value:g}"
+    except (OverflowError, ValueError, TypeError):
+        return shown(value, 40)
 
 
 def _check_range(value, meta: dict, what: str) -> None:
     lo, hi, above = meta["minimum"], meta["maximum"], meta["above"]
     if above is not None and not value > above:
-        raise UserError(f"{what} must be above {above:g}, got {value:g}")
+        raise UserError(f"{what} must be above {_num(above)}, got {_num(value)}")
     if lo is not None and value < lo:
-        raise UserError(f"{what} must be at least {lo:g}, got {value:g}")
+        raise UserError(f"{what} must be at least {_num(lo)}, got {_num(value)}")
     if hi is not None and value > hi:
-        raise UserError(f"{what} must be at most {hi:g}, got {value:g}")
+        raise UserError(f"{what} must be at most {_num(hi)}, got {_num(value)}")

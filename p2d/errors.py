@@ -3,7 +3,27 @@
 `UserError` is for problems the user can fix (bad file, wrong column, unknown model, out of memory).
 The CLI prints its message on one line and exits with code 2; the app shows it in the page.
 Anything else is a bug and may crash with a traceback.
+
+`shown(value)` is how a message quotes a value it got: a short repr, built without formatting the whole
+value (a huge or deeply shared structure never turns into a huge message).
 """
+
+import reprlib
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxlong, _REPR.maxother = 2, 48, 24, 48
+_REPR.maxtuple = _REPR.maxlist = _REPR.maxarray = _REPR.maxdict = _REPR.maxset = _REPR.maxfrozenset = 4
+_REPR.maxdeque = 4
+
+
+def shown(value, limit: int = 80) -> str:
+    """A repr of ``value`` for a one-line message: at most ``limit`` characters, no line breaks."""
+    try:
+        text = _REPR.repr(value)
+    except Exception:  # noqa: BLE001 - a value whose repr fails is still named
+        text = f"<{type(value).__name__}>"
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class UserError(Exception):

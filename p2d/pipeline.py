@@ -112,10 +112,11 @@ class RunData:
 
 
 def load_run_data(config: RunConfig, out_dir: Path | None = None, max_rows: dict | None = None,
-                  max_bytes: int | None = None) -> RunData:
+                  max_bytes: int | None = None, max_field_chars: int | None = None) -> RunData:
     """The pool, probe and eval sets of a config: files, or the built-in task pool. For files,
-    ``max_rows`` ({"pool": n, "probe": n, "eval": n}) and ``max_bytes`` are `load_data`'s caps (a
-    server taking files from strangers sets them; the built-in pool has its own sizes)."""
+    ``max_rows`` ({"pool": n, "probe": n, "eval": n}), ``max_bytes`` and ``max_field_chars`` are
+    `load_data`'s caps (a server taking files from strangers sets them; the built-in pool has its own
+    sizes)."""
     if config.builtin_pool:
         tp = build_builtin_pool(config)
         if out_dir is not None:
@@ -126,9 +127,10 @@ def load_run_data(config: RunConfig, out_dir: Path | None = None, max_rows: dict
                        load_records(tp.eval, source=f"{kind} eval") if tp.eval else None,
                        load_records(tp.other_eval, source=f"{kind} other tasks") if tp.other_eval else None)
     mapping, rows = config.columns, max_rows or {}
-    pool = load_data(config.pool, mapping=mapping, max_rows=rows.get("pool"), max_bytes=max_bytes)
-    probe = load_data(config.probe, mapping=mapping, max_rows=rows.get("probe"), max_bytes=max_bytes)
-    ev = load_data(config.eval, mapping=mapping, max_rows=rows.get("eval"), max_bytes=max_bytes) if config.eval else None
+    caps = dict(max_bytes=max_bytes, max_field_chars=max_field_chars)
+    pool = load_data(config.pool, mapping=mapping, max_rows=rows.get("pool"), **caps)
+    probe = load_data(config.probe, mapping=mapping, max_rows=rows.get("probe"), **caps)
+    ev = load_data(config.eval, mapping=mapping, max_rows=rows.get("eval"), **caps) if config.eval else None
     return RunData(pool, probe, ev)
 
 
@@ -158,8 +160,8 @@ class Run:
 
     ``model_loader(config) -> LoadedModel`` is how the model is loaded (default: `load_model`; the app
     passes its shared cache). ``progress`` and ``should_stop`` are the library callbacks; `bind`
-    changes them between jobs. ``data_limits`` (``max_rows``, ``max_bytes``) cap what data files
-    are read (see `load_run_data`).
+    changes them between jobs. ``data_limits`` (``max_rows``, ``max_bytes``, ``max_field_chars``) cap what
+    data files are read (see `load_run_data`).
     """
 
     def __init__(self, config: RunConfig, progress: ProgressFn = None, should_stop: StopFn = None,

@@ -41,7 +41,7 @@ import math
 import numbers
 from dataclasses import dataclass, field
 
-from p2d.errors import UserError
+from p2d.errors import UserError, shown
 
 FORMATS = ("alpaca", "prompt_response", "question_answer", "messages", "sharegpt", "text")
 
@@ -211,7 +211,7 @@ def parse_mapping(text: str | None) -> dict[str, str] | None:
         if not part:
             continue
         if "=" not in part:
-            raise UserError(f"a column mapping is key=column pairs like prompt=question,answer=reply (got {part!r})")
+            raise UserError(f"a column mapping is key=column pairs like prompt=question,answer=reply (got {shown(part)})")
         key, col = part.split("=", 1)
         out[key.strip()] = col.strip()
     return out or None
@@ -229,7 +229,7 @@ def check_mapping(mapping: dict | None, columns: list[str]) -> dict[str, str]:
         k = _norm(key)
         if k not in MAPPING_KEYS:
             raise UserError(
-                f"unknown mapping key '{key}'; use {', '.join(MAPPING_KEYS)}"
+                f"unknown mapping key '{_show(key)}'; use {', '.join(MAPPING_KEYS)}"
             )
         if col is None or str(col).strip() == "":
             continue

@@ -30,19 +30,31 @@ cannot be written as UTF-8) are replaced by U+FFFD and the kept rows so changed 
 `p2d.data.formats`); rows of another recognised shape are counted as "different shape (X) than
 the file's (Y)".
 
-Limits (optional, for untrusted input):
+Limits (optional, for untrusted input), applied while the source is read (nothing is read whole):
 
 - ``max_rows`` (``limit`` is its old name): keep at most this many usable samples; reading stops
   there and `LoadedData.truncated` says whether rows were left unread (skip counts cover the rows
-  read; the shape is detected from the first ``min(1000, max_rows)`` rows).
+  read; the shape is detected from the first ``min(1000, max_rows)`` rows).  Reading also stops after
+  ``max(1000, 10 * max_rows)`` skipped rows (a file of unusable rows is refused, or cut, quickly).
 - ``max_bytes``: UserError for a source that needs more bytes read: text files count decompressed
-  bytes and never read past the cap (a gzip bomb stops there; a larger JSONL/CSV file is fine when
-  ``max_rows`` is reached first; JSON is read whole); Parquet files and ``save_to_disk`` folders
-  count their size on disk.  Not applied to hub ids.
+  bytes and never read past the cap (a gzip bomb stops there; a larger file is fine when
+  ``max_rows`` is reached first); Parquet files count their size on disk, the uncompressed size
+  their metadata declares, and the bytes of the values read; ``save_to_disk`` folders count their
+  size on disk.  Not applied to hub ids.
+- ``max_field_chars``: a row with a text (a value or a key) longer than this is skipped ("a field
+  longer than N characters"); a row longer than ``max(1 MiB, 4 * max_field_chars)`` bytes (a JSON
+  Lines line, a JSON item, a Parquet row's values) is skipped before it is parsed ("row longer
+  than ..."); a CSV cell that long stops the file with a UserError.
+
+JSON documents are streamed: one over ``max(1 MiB, 4 * max_field_chars)`` (8 MiB without
+``max_field_chars``) is read item by item (a top-level array, or the list of rows of a top-level
+object, which is found in a first pass that looks at most at ``max_rows`` plus the skip allowance
+items of each list); a smaller one is parsed whole.
 """
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import csv
 import gzip
@@ -79,6 +91,19 @@ _SNIFF_BYTES = 8192
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _SURROGATE = re.compile("[\ud800-\udfff]")
 _KIND_NAMES = {"jsonl": "JSON Lines", "json": "JSON", "csv": "CSV", "tsv": "TSV"}
+_ROW_BYTES = 1 << 20        # the least row cap when max_field_chars is set (a row may hold several fields)
+_WHOLE_JSON = 8 << 20       # without max_field_chars: JSON documents up to this are parsed whole
+_PARQUET_BATCH = 64         # Parquet rows converted to Python at a time
+
+
+def _row_cap(max_field_chars: int | None) -> int | None:
+    """The longest row (in bytes) read when fields are capped (None: no cap)."""
+    return None if max_field_chars is None else max(_ROW_BYTES, 4 * max_field_chars)
+
+
+def _skip_cap(max_rows: int | None) -> int | None:
+    """Skipped rows after which reading stops (None: read everything)."""
+    return None if max_rows is None else max(1000, 10 * max_rows)
 
 
 @dataclass
@@ -119,33 +144,37 @@ Record = tuple[int, "dict | SkipRow"]
 
 
 def load_records(rows: Iterable[dict], source: str = "<memory>", mapping: dict | None = None,
-                 max_rows: int | None = None, *, limit: int | None = None) -> LoadedData:
+                 max_rows: int | None = None, *, limit: int | None = None,
+                 max_field_chars: int | None = None) -> LoadedData:
     """Same as `load_data` for rows already in memory (never mutated; each Sample keeps a shallow
     copy of its row)."""
     max_rows = _check_max_rows(max_rows, limit)
     records = ((i, dict(r) if isinstance(r, dict) else SkipRow("not a JSON object"))
                for i, r in enumerate(rows))
     with _one_line_errors():
-        return _build(records, source, mapping, max_rows)
+        return _build(records, source, mapping, max_rows, max_field_chars)
 
 
 def load_data(source: str | os.PathLike, mapping: dict | None = None, split: str = "train",
               max_rows: int | None = None, *, max_bytes: int | None = None,
-              limit: int | None = None) -> LoadedData:
+              limit: int | None = None, max_field_chars: int | None = None) -> LoadedData:
     """Load ``source`` (a path or hub id; see the module docstring) into samples.
 
     mapping: optional column mapping (see `p2d.data.formats`); split: used for DatasetDict folders
     and hub ids; max_rows (alias ``limit``): keep at most this many usable samples; max_bytes:
-    refuse sources that need more bytes read (see the module docstring).
+    refuse sources that need more bytes read; max_field_chars: skip rows with a longer text (see
+    the module docstring).
     """
     with _one_line_errors():
-        return _load_data(source, mapping, split, max_rows, max_bytes, limit)
+        return _load_data(source, mapping, split, max_rows, max_bytes, limit, max_field_chars)
 
 
-def _load_data(source, mapping, split, max_rows, max_bytes, limit) -> LoadedData:
+def _load_data(source, mapping, split, max_rows, max_bytes, limit, max_field_chars) -> LoadedData:
     max_rows = _check_max_rows(max_rows, limit)
     if max_bytes is not None and max_bytes < 1:
         raise UserError(f"max_bytes must be at least 1 (got {max_bytes})")
+    if max_field_chars is not None and max_field_chars < 1:
+        raise UserError(f"max_field_chars must be at least 1 (got {max_field_chars})")
     text = os.fspath(source)
     name = text.strip()
     if not name:
@@ -154,12 +183,12 @@ def _load_data(source, mapping, split, max_rows, max_bytes, limit) -> LoadedData
     if path.is_dir():
         records = _disk_records(path, split, max_bytes)
     elif path.exists():
-        records = _file_records(path, split, max_bytes)
+        records = _file_records(path, split, max_bytes, _row_cap(max_field_chars), _skip_cap(max_rows))
     elif _looks_like_hub_id(name):
         records = _hub_records(name, split)
     else:
         raise UserError(f"file not found: {name}")
-    return _build(records, name, mapping, max_rows)
+    return _build(records, name, mapping, max_rows, max_field_chars)
 
 
 @contextlib.contextmanager
@@ -189,9 +218,10 @@ def _check_max_rows(max_rows: int | None, limit: int | None) -> int | None:
 
 
 def _build(records: Iterator[Record], source: str, mapping: dict | None,
-           max_rows: int | None) -> LoadedData:
+           max_rows: int | None, max_field_chars: int | None = None) -> LoadedData:
     repaired_rows: set[int] = set()
-    records = _checked(iter(records), repaired_rows)
+    records = _checked(iter(records), repaired_rows, max_field_chars)
+    max_skipped = _skip_cap(max_rows)
     detect_rows = _DETECT_ROWS if max_rows is None else min(_DETECT_ROWS, max_rows)
     # Read ahead until enough object rows are seen to detect the shape (bad records in between).
     head: list[Record] = []
@@ -226,6 +256,12 @@ def _build(records: Iterator[Record], source: str, mapping: dict | None,
     truncated = False
     for index, row in itertools.chain(head, records):
         if max_rows is not None and len(samples) >= max_rows:
+            truncated = True
+            break
+        if max_skipped is not None and sum(skipped.values()) >= max_skipped:
+            if not samples:
+                raise UserError(f"no usable rows in the first {sum(skipped.values())} rows of {source} "
+                                f"({_reasons(skipped)}); fix the rows or pass a column mapping")
             truncated = True
             break
         if isinstance(row, SkipRow):
@@ -268,14 +304,16 @@ def _majority_shape(rows: list[dict], columns: list[str]) -> str:
     return detect_format(columns)
 
 
-def _checked(records: Iterator[Record], repaired: set[int]) -> Iterator[Record]:
-    """Rows too deeply nested become SkipRows; rows with lone surrogates are repaired (their
-    indices are added to ``repaired``)."""
+def _checked(records: Iterator[Record], repaired: set[int], max_field_chars: int | None = None) -> Iterator[Record]:
+    """Rows too deeply nested, or with a text longer than ``max_field_chars``, become SkipRows; rows
+    with lone surrogates are repaired (their indices are added to ``repaired``)."""
     for index, row in records:
         if isinstance(row, dict):
             deep, bad_text = _inspect(row)
             if deep:
                 row = SkipRow(TOO_DEEP)
+            elif max_field_chars is not None and _longest_text(row) > max_field_chars:
+                row = SkipRow(f"a field longer than {max_field_chars} characters")
             elif bad_text:
                 row = _fix_text(row)
                 repaired.add(index)
@@ -302,6 +340,23 @@ def _inspect(row: dict) -> tuple[bool, bool]:
             elif isinstance(value, SkipRow):  # a value the JSON reader found too deep
                 return True, bad_text
     return False, bad_text
+
+
+def _longest_text(row: dict) -> int:
+    """Characters of the longest string (key or value) anywhere in ``row``; iterative."""
+    longest = 0
+    stack: list = [row]
+    while stack:
+        obj = stack.pop()
+        items = obj.items() if isinstance(obj, dict) else enumerate(obj)
+        for key, value in items:
+            if isinstance(key, str):
+                longest = max(longest, len(key))
+            if isinstance(value, (str, bytes)):
+                longest = max(longest, len(value))
+            elif isinstance(value, (dict, list, tuple)):
+                stack.append(value)
+    return longest
 
 
 def _fix_text(obj):
@@ -445,33 +500,35 @@ def _looks_binary(head: bytes) -> bool:
     return bad > len(text) / 10
 
 
-def _file_records(path: Path, split: str, max_bytes: int | None) -> Iterator[Record]:
+def _file_records(path: Path, split: str, max_bytes: int | None, row_cap: int | None = None,
+                  skip_cap: int | None = None) -> Iterator[Record]:
     kind = _file_kind(path)
     if kind is None:
         raise UserError(f"unsupported file type '{''.join(path.suffixes) or path.name}' for {path}; "
                         f"use {SUPPORTED}")
     if kind == "parquet":
-        return _parquet_records(path, max_bytes)
+        return _parquet_records(path, max_bytes, row_cap)
     head = _sniff(path, kind, max_bytes)
-    if kind == "jsonl" and _looks_like_one_document(head):
+    if kind == "jsonl" and not _looks_like_one_document(head):
+        return _jsonl_records(_open_bytes(path, max_bytes), row_cap)
+    if kind in ("jsonl", "json"):
+        whole = row_cap or _WHOLE_JSON
         with _open_bytes(path, max_bytes) as f:
-            data = f.read()
+            data = f.read(whole + 1)
+        if len(data) > whole:  # too big to parse whole: streamed
+            return _json_stream_records(path, kind, head, split, max_bytes, row_cap, skip_cap)
+        if kind == "json":
+            return _json_records(data, path, split, row_cap)
         try:  # a JSON array or pretty-printed object saved as .jsonl
             return _json_document_records(_loads(_decode(data, path)), path, split)
         except (ValueError, UserError):
-            return _jsonl_records(io.BytesIO(data))
-    if kind == "jsonl":
-        return _jsonl_records(_open_bytes(path, max_bytes))
-    if kind == "json":
-        with _open_bytes(path, max_bytes) as f:
-            data = f.read()
-        return _json_records(data, path, split)
+            return _jsonl_records(io.BytesIO(data), row_cap)
     first = head.split(b"\n", 1)[0].decode("utf-8", errors="replace").lstrip("\ufeff")
     if first.lstrip().startswith(("{", "[")):
         raise UserError(f"{path} looks like JSON, not {_KIND_NAMES[kind]}: rename it to .jsonl "
                         "(one object per line) or .json")
     delimiter = "\t" if kind == "tsv" else _csv_delimiter(first)
-    return _csv_records(_open_bytes(path, max_bytes), path, delimiter)
+    return _csv_records(_open_bytes(path, max_bytes), path, delimiter, row_cap)
 
 
 def _decode(data: bytes, path: Path) -> str:
@@ -493,13 +550,27 @@ def _parse_line(raw: bytes) -> dict | SkipRow:
     return row if isinstance(row, dict) else SkipRow("not a JSON object")
 
 
-def _jsonl_records(stream: BinaryIO) -> Iterator[Record]:
-    """Rows of a JSON Lines stream, one line at a time (the stream is closed at the end)."""
+def _jsonl_records(stream: BinaryIO, row_cap: int | None = None) -> Iterator[Record]:
+    """Rows of a JSON Lines stream, one line at a time (the stream is closed at the end); a line longer
+    than ``row_cap`` bytes is skipped without being held in memory."""
     with stream:
         index = 0
-        for n, raw in enumerate(stream):
+        n = 0
+        while True:
+            raw = stream.readline() if row_cap is None else stream.readline(row_cap + 1)
+            if not raw:
+                return
             if n == 0 and raw.startswith(b"\xef\xbb\xbf"):
                 raw = raw[3:]
+            n += 1
+            if row_cap is not None and len(raw) > row_cap and not raw.endswith(b"\n"):
+                while True:  # the rest of the line, a block at a time
+                    rest = stream.readline(1 << 16)
+                    if not rest or rest.endswith(b"\n"):
+                        break
+                yield index, SkipRow(f"row longer than {_size(row_cap)}")
+                index += 1
+                continue
             if not raw.strip():
                 continue
             yield index, _parse_line(raw)
@@ -600,16 +671,293 @@ def _skip_nested(text: str, i: int) -> int:
     raise json.JSONDecodeError("Unterminated array or object", text, i)
 
 
-def _json_records(data: bytes, path: Path, split: str) -> Iterator[Record]:
+def _json_records(data: bytes, path: Path, split: str, row_cap: int | None = None) -> Iterator[Record]:
     text = _decode(data, path)
     try:
         obj = _loads(text)
     except ValueError as e:
         if _is_json_lines(text):  # JSON Lines saved as .json
-            return _jsonl_records(io.BytesIO(data))
+            return _jsonl_records(io.BytesIO(data), row_cap)
         raise UserError(f"{path} is not valid JSON ({_one_line(e)}); fix the file or save it as "
                         "JSON Lines") from None
     return _json_document_records(obj, path, split)
+
+
+class _JsonReader:
+    """A JSON text parsed one value at a time from a (capped) byte stream: memory holds the value being
+    parsed and a block of text, never the document. ``row_cap``: a value longer than this many
+    characters stops the file (a UserError) before more of it is read."""
+
+    BLOCK = 1 << 16
+
+    def __init__(self, path: Path, max_bytes: int | None, row_cap: int | None):
+        self.path, self.row_cap = path, row_cap
+        self.stream = _open_bytes(path, max_bytes)
+        self.decoder = codecs.getincrementaldecoder("utf-8-sig")()
+        self.buf, self.pos, self.done, self.eof = "", 0, 0, False
+
+    def __enter__(self) -> "_JsonReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stream.close()
+
+    def _more(self, want: int = 0) -> bool:
+        """Read at least a block (``want`` characters when more); False at the end of the text."""
+        if self.eof:
+            return False
+        if self.pos > 4 * self.BLOCK:  # drop what was parsed
+            self.done += self.pos
+            self.buf, self.pos = self.buf[self.pos:], 0
+        data = self.stream.read(max(self.BLOCK, want))
+        try:
+            text = self.decoder.decode(data, final=not data)
+        except UnicodeDecodeError:
+            raise UserError(f"{self.path} is not UTF-8 text; re-save it as UTF-8") from None
+        self.eof = not data
+        self.buf += text
+        return True
+
+    def fail(self, what: str) -> None:
+        raise UserError(f"{self.path} is not valid JSON ({what} at character {self.done + self.pos}); fix the file "
+                        "or save it as JSON Lines")
+
+    def peek(self) -> str:
+        """The next character that is not whitespace, moving to it ('' at the end)."""
+        while True:
+            self.pos = _WS.match(self.buf, self.pos).end()
+            if self.pos < len(self.buf):
+                return self.buf[self.pos]
+            if not self._more():
+                return ""
+
+    def expect(self, char: str) -> None:
+        if self.peek() != char:
+            self.fail(f"expecting {char!r}")
+        self.pos += 1
+
+    def value(self):
+        """The next value (a too deeply nested one as ``SkipRow``)."""
+        self.peek()
+        while True:
+            try:
+                value, end = _DECODER.raw_decode(self.buf, self.pos)
+            except RecursionError:
+                self._skip()
+                return SkipRow(TOO_DEEP)
+            except json.JSONDecodeError as e:
+                pending = len(self.buf) - self.pos
+                self._check_length(pending)
+                cut = e.msg.startswith("Unterminated string") or e.pos >= len(self.buf) - 64
+                if (not cut and not self.eof) or not self._more(pending):
+                    self.pos = e.pos
+                    self.fail(e.msg)
+                continue
+            if end == len(self.buf) and not self.eof:  # a number may go on in the next block
+                self._more()
+                continue
+            self._check_length(end - self.pos)
+            self.pos = end
+            return value
+
+    def _check_length(self, n: int) -> None:
+        if self.row_cap is not None and n > self.row_cap:
+            raise UserError(f"{self.path} has an item longer than {_size(self.row_cap)}: this reader takes shorter "
+                            "rows (or save the data as JSON Lines, where such rows are skipped)")
+
+    def _skip(self) -> None:
+        """Move past the array, object or string at the position without parsing it."""
+        i, depth, in_string, spanned = self.pos, 0, False, 0
+        while True:
+            if i >= len(self.buf):
+                spanned += i - self.pos
+                self._check_length(spanned)
+                self.done += len(self.buf)
+                self.buf, self.pos, i = "", 0, 0
+                if not self._more():
+                    self.fail("cut short")
+                continue
+            if in_string:
+                m = _IN_STRING.search(self.buf, i)
+                if m is None:
+                    i = len(self.buf)
+                elif m.group() == "\\":
+                    if m.end() >= len(self.buf):  # the escaped character is in the next block
+                        spanned += m.start() - self.pos
+                        self.done += m.start()
+                        self.buf, self.pos, i = self.buf[m.start():], 0, 0
+                        if not self._more():
+                            self.fail("cut short")
+                        continue
+                    i = m.end() + 1
+                else:
+                    in_string, i = False, m.end()
+                    if depth == 0:
+                        break
+                continue
+            m = _OUTSIDE_STRING.search(self.buf, i)
+            if m is None:
+                i = len(self.buf)
+                continue
+            i = m.end()
+            if m.group() == '"':
+                in_string = True
+            elif m.group() in "[{":
+                depth += 1
+            else:
+                depth -= 1
+                if depth == 0:
+                    break
+        self._check_length(spanned + i - self.pos)
+        self.pos = i
+
+    def items(self, first: bool = True) -> Iterator:
+        """The items of the array at the position (``first=False``: its "[" and first item were read)."""
+        if first:
+            self.expect("[")
+            if self.peek() == "]":
+                self.pos += 1
+                return
+            yield self.value()
+        while True:
+            char = self.peek()
+            if char == "]":
+                self.pos += 1
+                return
+            if char != ",":
+                self.fail("expecting ',' delimiter")
+            self.pos += 1
+            yield self.value()
+
+    def members(self) -> Iterator[str]:
+        """The keys of the object at the position; after each key the position is at its value, which
+        the caller reads (`value`, `items`) before asking for the next key."""
+        self.expect("{")
+        if self.peek() == "}":
+            self.pos += 1
+            return
+        while True:
+            if self.peek() != '"':
+                self.fail("expecting property name enclosed in double quotes")
+            key = self.value()
+            self.expect(":")
+            yield key
+            char = self.peek()
+            if char == "}":
+                self.pos += 1
+                return
+            if char != ",":
+                self.fail("expecting ',' delimiter")
+            self.pos += 1
+
+    def end(self) -> None:
+        if self.peek() != "":
+            self.fail("extra data")
+
+
+_IN_STRING = re.compile(r'["\\]')
+_OUTSIDE_STRING = re.compile(r'["\[\]{}]')
+_ROW_LIST_EXCLUDED = ("messages", "conversations")  # a record's own chat turns, never its rows
+
+
+def _is_json_value(text: str) -> bool:
+    try:
+        json.loads(text)
+    except (ValueError, RecursionError):
+        return False
+    return True
+
+
+def _discard(js: _JsonReader) -> None:
+    """Read past the value at the position (a list item by item)."""
+    if js.peek() == "[":
+        for _ in js.items():
+            pass
+    else:
+        js.value()
+
+
+def _as_row(item) -> "dict | SkipRow":
+    return item if isinstance(item, (dict, SkipRow)) else SkipRow("not a JSON object")
+
+
+def _json_stream_records(path: Path, kind: str, head: bytes, split: str, max_bytes: int | None,
+                         row_cap: int | None, skip_cap: int | None) -> Iterator[Record]:
+    """The rows of a JSON text too large to parse whole: JSON Lines (the first line is a value of its own
+    and more lines follow; also a ``.jsonl`` file whose object does not parse), a top-level array (item by
+    item) or the row list of a top-level object."""
+    text = head.decode("utf-8", errors="replace").lstrip("\ufeff")
+    lines = [line for line in text.split("\n")[:-1] if line.strip()]  # complete lines only
+    if len(lines) >= 2 and _is_json_value(lines[0]):
+        return _jsonl_records(_open_bytes(path, max_bytes), row_cap)
+    first = text.lstrip(" \t\r\n")[:1]
+    if first == "[":
+        return _stream_array(path, max_bytes, row_cap)
+    if first == "{":
+        try:
+            key = _row_list_key(path, split, max_bytes, row_cap, skip_cap)
+            if key is None:  # no list of rows: the object may be one record
+                with _JsonReader(path, max_bytes, row_cap) as js:
+                    obj = js.value()
+                    js.end()
+                return _json_document_records(obj, path, split)
+        except UserError:
+            if kind != "jsonl":
+                raise
+            return _jsonl_records(_open_bytes(path, max_bytes), row_cap)
+        return _stream_object_list(path, key, max_bytes, row_cap)
+    kind = {'"': "string", "t": "true/false value", "f": "true/false value", "n": "null"}.get(first, "number")
+    raise UserError(f"{path} holds a JSON {kind}; expected an array of objects or an object with one list field")
+
+
+def _stream_array(path: Path, max_bytes: int | None, row_cap: int | None) -> Iterator[Record]:
+    with _JsonReader(path, max_bytes, row_cap) as js:
+        for index, item in enumerate(js.items()):
+            yield index, _as_row(item)
+        js.end()
+
+
+def _row_list_key(path: Path, split: str, max_bytes: int | None, row_cap: int | None,
+                  skip_cap: int | None) -> str | None:
+    """Which member of a large top-level object holds the rows (`_rows_in_object`'s rule; None: none is a
+    list of rows), found in a first pass; a list with more items than the rows that could be read is taken
+    as the rows at once."""
+    look = None if skip_cap is None else skip_cap + skip_cap // 10  # (max_rows + the skip allowance)
+    lists: list[str] = []
+    with _JsonReader(path, max_bytes, row_cap) as js:
+        for key in js.members():
+            if not isinstance(key, str) or js.peek() != "[" or key.strip().lower() in _ROW_LIST_EXCLUDED:
+                _discard(js)
+                continue
+            items = js.items()
+            first = next(items, None)
+            if first is not None and not isinstance(first, (dict, SkipRow)):
+                for _ in items:
+                    pass
+                continue
+            lists.append(key)
+            for n, _ in enumerate(items, start=2):
+                if look is not None and n > look:
+                    return key  # more rows than would be read: these are the rows
+        js.end()
+    if len(lists) == 1:
+        return lists[0]
+    if split in lists:
+        return split
+    if not lists:
+        return None
+    raise UserError(f"{path} has several list fields ({', '.join(lists)}); keep only the one with the rows")
+
+
+def _stream_object_list(path: Path, key: str, max_bytes: int | None, row_cap: int | None) -> Iterator[Record]:
+    with _JsonReader(path, max_bytes, row_cap) as js:
+        for name in js.members():
+            if name != key or js.peek() != "[":
+                _discard(js)
+                continue
+            for index, item in enumerate(js.items()):
+                yield index, _as_row(item)
+            return
 
 
 def _looks_like_one_document(head: bytes) -> bool:
@@ -682,13 +1030,14 @@ def _csv_delimiter(header: str) -> str:
     return ";" if "," not in header and ";" in header else ","
 
 
-def _csv_records(stream: BinaryIO, path: Path, delimiter: str) -> Iterator[Record]:
-    """Rows of a CSV/TSV stream read incrementally (the stream is closed at the end)."""
+def _csv_records(stream: BinaryIO, path: Path, delimiter: str, row_cap: int | None = None) -> Iterator[Record]:
+    """Rows of a CSV/TSV stream read incrementally (the stream is closed at the end); a cell longer
+    than ``row_cap`` stops the file with a UserError (the reader cannot find the next row reliably)."""
     text = io.TextIOWrapper(stream, encoding="utf-8-sig", newline="")
     reader = csv.reader(text, delimiter=delimiter)
 
     def next_cells(row_no: int) -> list[str] | None:
-        old_limit = csv.field_size_limit(2**31 - 1)  # global: raised only while parsing a row
+        old_limit = csv.field_size_limit(row_cap or 2**31 - 1)  # global: set only while parsing a row
         try:
             return next(reader)
         except StopIteration:
@@ -719,35 +1068,96 @@ def _csv_records(stream: BinaryIO, path: Path, delimiter: str) -> Iterator[Recor
             raise UserError(f"{path} has a header but no rows")
 
 
-def _parquet_records(path: Path, max_bytes: int | None) -> Iterator[Record]:
+def _parquet_records(path: Path, max_bytes: int | None, row_cap: int | None = None) -> Iterator[Record]:
+    """Rows of a Parquet file, a few at a time. With ``max_bytes``: the file's size, the uncompressed
+    size its metadata declares and the bytes of the values converted so far stay under it. Text
+    columns are read dictionary-encoded, so a value repeated on many rows is counted (and a row over
+    ``row_cap`` skipped) before it is copied into each row."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     if max_bytes is not None and path.stat().st_size > max_bytes:
         raise UserError(f"{path} is larger than {_size(max_bytes)}: use a smaller file")
     try:
-        pf = pq.ParquetFile(path)
-        n_rows = pf.metadata.num_rows
+        meta = pq.ParquetFile(path).metadata
+        n_rows = meta.num_rows
+        declared = sum(meta.row_group(g).total_byte_size for g in range(meta.num_row_groups))
+        texts = [meta.schema.column(i).path for i in range(meta.num_columns)
+                 if meta.schema.column(i).physical_type == "BYTE_ARRAY"]
+        pf = pq.ParquetFile(path, read_dictionary=texts or None)
     except Exception as e:  # noqa: BLE001 - pyarrow raises several types for bad files
         raise UserError(f"could not read Parquet file {path}: {_one_line(e)}") from None
     if n_rows == 0:
         raise UserError(f"{path} is empty: it has no rows")
+    if max_bytes is not None and declared > max_bytes:
+        raise UserError(f"{path} expands beyond {_size(max_bytes)}: use a smaller file")
 
     def gen():
-        index = 0
-        batches = pf.iter_batches(batch_size=1000)
+        index, used = 0, 0
+        batches = pf.iter_batches(batch_size=_PARQUET_BATCH)
         while True:
             try:
                 batch = next(batches, None)
-                rows = [] if batch is None else batch.to_pylist()
+                if batch is None:
+                    return
+                sizes = _row_bytes(batch)
+                keep = sizes <= row_cap if row_cap is not None else sizes >= 0
+                used += int(sizes[keep].sum())
+                if max_bytes is not None and used > max_bytes:
+                    raise UserError(f"{path} expands beyond {_size(max_bytes)}: use a smaller file")
+                rows = (batch if keep.all() else batch.filter(pa.array(keep))).to_pylist()
+            except UserError:
+                raise
             except Exception as e:  # noqa: BLE001 - a damaged page shows up only when read
                 raise UserError(f"could not read Parquet file {path}: {_one_line(e)}") from None
-            if batch is None:
-                return
-            for row in rows:
-                yield index, row
+            kept = iter(rows)
+            for ok in keep:
+                yield index, next(kept) if ok else SkipRow(f"row longer than {_size(row_cap)}")
                 index += 1
 
     return gen()
+
+
+def _row_bytes(batch):
+    """Bytes each row's values hold once converted (texts and binaries by their length, other values by
+    their width), as a numpy array; computed on the Arrow arrays, nothing is converted."""
+    import numpy as np
+
+    total = np.zeros(batch.num_rows, dtype=np.int64)
+    for column in batch.columns:
+        total += _value_bytes(column)
+    return total
+
+
+def _value_bytes(arr):
+    """`_row_bytes` for one Arrow array (per element)."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    t, n = arr.type, len(arr)
+    if pa.types.is_dictionary(t):
+        lengths = _value_bytes(arr.dictionary)
+        if len(lengths) == 0:
+            return np.zeros(n, dtype=np.int64)
+        out = lengths[arr.indices.fill_null(0).to_numpy(zero_copy_only=False)]
+        return np.where(arr.is_null().to_numpy(zero_copy_only=False), 0, out)
+    if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_binary(t) or pa.types.is_large_binary(t):
+        return pc.binary_length(arr).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+    if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t) or pa.types.is_map(t):
+        parents = pc.list_parent_indices(arr).to_numpy(zero_copy_only=False)
+        inner = _value_bytes(pc.list_flatten(arr))
+        return np.bincount(parents, weights=inner, minlength=n).astype(np.int64)
+    if pa.types.is_struct(t):
+        total = np.zeros(n, dtype=np.int64)
+        for field_array in arr.flatten():
+            total += _value_bytes(field_array)
+        return total
+    try:
+        width = max(1, t.bit_width // 8)
+    except ValueError:  # a type without a fixed width that is not handled above
+        width = 8
+    return np.full(n, width, dtype=np.int64)
 
 
 # --- datasets folders and the hub -------------------------------------------------------

@@ -17,6 +17,10 @@ Layout (LlamaBoard-like, kept apart from the library; the app lays out and wires
                            registry so a reloaded page re-attaches; the shared model cache
 - ``studio/workspace.py``  per-session workspaces (run folders run-NNN, uploads, downloads)
 - ``studio/limits.py``     local vs public demo mode; the demo caps, applied once to the RunConfig
+- ``studio/gate.py``       the one gate every endpoint passes: caps, the demo's refusals, waits, no server
+                           paths in what goes out
+- ``studio/guard.py``      below Gradio's handlers: its upload route, queued requests per address, the
+                           client address (uvicorn's forwarded-header rewriting off)
 - ``studio/options.py``    how the app is served (`python -m p2d studio` flags)
 - ``studio/gpu.py``        ZeroGPU's decorator where the ``spaces`` package exists
 - ``studio/screenshots.py`` regenerates the README's screenshots (``assets/``) from a real run

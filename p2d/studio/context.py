@@ -3,12 +3,15 @@
 A tab lays out its part of the page and binds its own events with `Context.bind`, which
 
 - passes the inputs by name (with ``settings=True`` the whole settings form too, as keyword parameters
-  named after its inputs, so the API takes them by keyword), after the one check every request gets
-  (`p2d.studio.limits.Limits.check_text`: no text argument over the server's cap);
+  named after its inputs, so the API takes them by keyword), after the one gate every request passes
+  (`p2d.studio.gate.Gate.check`, by the endpoint's name: text caps, what the public demo refuses, the
+  checks of single arguments);
 - takes the handler's result as a dict keyed by output name (names missing from it leave that
-  output as it is; a download button gets a path);
+  output as it is; a download button gets a path), passed through `p2d.studio.gate.Gate.outgoing`
+  (no server paths in the public demo);
 - is the one error handler: a `UserError` becomes a one-line message in the page (the ``status``
-  output) and a warning toast; anything else "internal error", with the traceback in the server log.
+  output) and a warning toast; anything else "internal error" (one line), with the traceback in the
+  server log.
 
 Shared components live here: the settings inputs (created unrendered by `p2d.studio.form`, placed by
 the tabs), the job banner, the poll timer, and ``job_end``, a state a handler sets when a job has
@@ -29,12 +32,17 @@ from . import form, views
 from .services import Studio
 
 
+def one_line(text: str, limit: int = 300) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def describe_error(exc: BaseException) -> str:
-    """A UserError's own text; anything else as 'internal error' (traceback to the server log)."""
+    """A UserError's own text; anything else as 'internal error' (traceback to the server log); one line."""
     if isinstance(exc, UserError):
-        return str(exc)
+        return one_line(str(exc), 1000)
     traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
-    return f"internal error ({type(exc).__name__}: {exc}); see the server log"
+    return f"internal error ({type(exc).__name__}: {one_line(exc, 200)}); see the server log"
 
 
 class Context:
@@ -66,6 +74,9 @@ class Context:
         comps = [self.form[n] for n in form_names] + list(inputs.values())
         out_names, out_comps = list(outputs), list(outputs.values())
 
+        gate = self.studio.gate
+        endpoint = event.get("api_name") or fn.__name__
+
         def pack(result: dict | None):
             result = result or {}
             unknown = set(result) - set(out_names)
@@ -75,23 +86,22 @@ class Context:
                 value = result[name] if name in result else gr.skip()
                 if isinstance(comp, gr.DownloadButton) and name in result and not isinstance(value, gr.DownloadButton):
                     value = gr.DownloadButton(value=value, interactive=bool(value))
+                elif name in result and not isinstance(comp, (gr.File, gr.DownloadButton, gr.UploadButton)):
+                    value = gate.outgoing(value)
                 values.append(value)
             return values[0] if len(values) == 1 else values
-
-        limits = self.limits
 
         def call_args(args):
             request = args[len(names)] if len(args) > len(names) else None
             given = dict(zip(names, args[:len(names)]))
-            for name, value in given.items():
-                limits.check_text(name, value)
+            gate.check(endpoint, given)
             kwargs = {n: given[n] for n in inputs}
             if settings:
                 kwargs["settings"] = {n: given[n] for n in form_names}
             return request, kwargs
 
         def failed(exc: BaseException):
-            message = describe_error(exc)
+            message = gate.scrub(describe_error(exc))
             gr.Warning(message)
             if status is None:
                 return pack({})
@@ -148,14 +158,15 @@ class Context:
         seconds); then its final line, with ``tab``'s view and ``job_end`` (the other tabs re-render)."""
         st = self.studio
         last = None
-        while job.active:
-            line = views.job_line(st, job, notes)
-            if line != last:
-                last = line
-                yield {"status": line}
-            st.runner.wait(job, timeout=every)
+        with st.gate.waiting(ws, job.client, refuse=False):
+            while job.active:
+                line = views.job_line(st, job, notes)
+                if line != last:
+                    last = line
+                    yield {"status": line}
+                st.runner.wait(job, timeout=every)
         if job.status == "failed":
-            gr.Warning(job.error or "failed")
+            gr.Warning(st.gate.scrub(job.error or "failed"))
         final = {"status": views.job_line(st, job, notes)}
         if tab is not None:
             final.update(views.TABS[tab](st, ws), job_end={"job": job.id, "rendered": tab})
@@ -185,12 +196,14 @@ class Context:
                   outputs={"banner": self.banner, **all_views}, api_visibility="private", show_progress="hidden")
 
         def page_load(request: gr.Request, browser_ws: str | None):
-            ws = st.attach(request, browser_ws)
+            """The page's first call (by index; see `p2d.studio.gate`): the browser's workspace, and its key
+            only when this call made the workspace or was sent the key."""
+            ws, key = st.attach_key(request, browser_ws if isinstance(browser_ws, str) else None)
             job = st.current_job(ws)
             active = job is not None and job.active
             values = st.form_of_run(ws) or {}
-            return {"browser_ws": ws.key, **{f"form.{k}": v for k, v in values.items()}, **rendered(ws),
-                    "banner": views.banner(st, ws), "timer": gr.Timer(active=active), "poll": {}}
+            return {**({"browser_ws": key} if key else {}), **{f"form.{k}": v for k, v in values.items()},
+                    **rendered(ws), "banner": views.banner(st, ws), "timer": gr.Timer(active=active), "poll": {}}
 
         outputs = {"browser_ws": browser_ws, **{f"form.{k}": c for k, c in self.form.items()}, **all_views,
                    "banner": self.banner, "timer": self.timer, "poll": self.poll_state}

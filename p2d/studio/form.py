@@ -38,7 +38,7 @@ FIELD_NAMES: tuple[str, ...] = (
     "out",
     "max_steps", "grad_accum", "warmup_ratio", "weight_decay", "max_grad_norm", "checkpoint_every",
     "reference_epochs", "scheduler", "gradient_checkpointing", "val_ratio", "val_every", "report_to",
-    "positions", "adapter", "other_eval_size",
+    "positions", "adapter", "other_eval_size", "hidden_layer",
 )
 FORM_ONLY = ("model_source", "model_name", "data_source", "pool_path", "probe_path", "eval_path")
 #: RunConfig fields the form sets directly (under their own name)
@@ -95,6 +95,7 @@ def to_values(cfg: RunConfig, out_auto: bool = False) -> dict:
     for name in ZERO_IS_UNSET:
         values[name] = values[name] or 0
     values["epochs"] = "" if cfg.epochs is None else f"{cfg.epochs:g}"  # a text box (see build_inputs)
+    values["hidden_layer"] = "" if cfg.hidden_layer is None else str(cfg.hidden_layer)  # a text box too
     if cfg.model in (None, "", "default"):
         values.update(model_source="embedded", model_name="")
     else:
@@ -181,6 +182,9 @@ def build_inputs(limits: Limits, initial: dict) -> dict:
         "select_method": dropdown("select_method", info="how each pool sample is scored with the selected heads"),
         "data_ratio": gr.Slider(0.01, 1.0, value=v["data_ratio"], step=0.01, label=_label("data_ratio"),
                                 info=_help("data_ratio"), elem_id="data-ratio", **num),
+        "hidden_layer": gr.Textbox(v["hidden_layer"], label=_label("hidden_layer", "empty = the middle layer"),
+                                   info=_help("hidden_layer"), placeholder="empty: the middle layer",
+                                   elem_id="hidden-layer", **num),
         # stage 3
         # a text box: a number box cannot stay empty in the browser, and empty means "the reference epochs"
         "epochs": gr.Textbox(v["epochs"], label=_label("epochs", "empty = the reference epochs"), info=_help("epochs"),

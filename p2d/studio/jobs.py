@@ -235,6 +235,7 @@ def chat(studio, ws, run_name: str | None, prompt: str, sampling: dict):
         adapter = run.train_result.adapter_dir if run.train_result is not None else None
         job.set_phase("answering with the base model" + (" and the trained heads" if adapter else ""))
         lm = studio.runner.load_model(run.config)
+        studio.limits.check_prompt_tokens(lm.tokenizer, prompt)
         last = {"base": "", "tuned": None}
         for last in compare_replies(lm, adapter, prompt, **sampling):
             job.live.update(last)

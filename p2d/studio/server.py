@@ -22,7 +22,9 @@ API (every event has an explicit ``api_name``; gradio_client can drive the app):
 
 Serving safety (`p2d.studio.limits` has every cap): no folder of the app is a static path, so no
 run or upload file is reachable by URL; files go out only through `Studio.download` (files of the
-requesting session). The queue has a size and every event a concurrency limit.
+requesting session). Every endpoint passes one gate (`p2d.studio.gate`); the upload route, the queue's
+entrance and the client address are guarded below Gradio's handlers (`p2d.studio.guard`, installed by
+`StudioBlocks.launch`). The queue has a size and every event a concurrency limit.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from p2d.config import RunConfig
 
 from .context import Context
 from .gpu import check_hardware
+from .guard import Guard, forwarded_headers_untrusted
 from .limits import Limits, current_limits
 from .services import Studio
 from .tabs import data as data_tab
@@ -59,6 +62,23 @@ STYLE = """
 TABS = (("1 · Model & data", "model", model_tab), ("2 · Heads", "heads", heads_tab), ("3 · Data", "data", data_tab),
         ("4 · Train", "train", train_tab), ("5 · Results & export", "results", results_tab),
         ("6 · Explore", "explore", explore_tab))
+
+
+class StudioBlocks(gr.Blocks):
+    """The app's Blocks: `launch` serves it with the upload size cap, the guard (`p2d.studio.guard.Guard`)
+    and uvicorn's X-Forwarded-For rewriting off, however it is launched (app.py, the CLI, tests, benches)."""
+
+    studio: Studio
+
+    def launch(self, *args, **kwargs):
+        from starlette.middleware import Middleware
+
+        kwargs.setdefault("max_file_size", self.studio.limits.max_file_bytes)
+        app_kwargs = dict(kwargs.pop("app_kwargs", None) or {})
+        app_kwargs["middleware"] = [*app_kwargs.get("middleware", []),
+                                    Middleware(Guard, studio=self.studio, blocks=self)]
+        with forwarded_headers_untrusted():
+            return super().launch(*args, app_kwargs=app_kwargs, **kwargs)
 
 
 def default_runs_root() -> Path:
@@ -105,7 +125,7 @@ def build_app(demo: bool | None = None, runs_root: str | os.PathLike | None = No
     ttl = int(limits.workspace_ttl_s or 0)
     cache = (max(60, min(3600, ttl // 4)), ttl) if ttl else None
 
-    with gr.Blocks(title=TITLE, analytics_enabled=False, delete_cache=cache) as app:
+    with StudioBlocks(title=TITLE, analytics_enabled=False, delete_cache=cache) as app:
         gr.HTML(STYLE, padding=False)
         with gr.Row(equal_height=True):
             gr.Markdown(f"# {TITLE}\nFind the attention heads that matter for a task, select training data with "
@@ -139,7 +159,8 @@ def build_app(demo: bool | None = None, runs_root: str | os.PathLike | None = No
 
 def launch_kwargs(app: gr.Blocks, options=None) -> dict:
     """What ``app.launch`` gets besides host and port: the upload size cap (Gradio's upload route
-    refuses bigger files before they are stored), the login, the share link."""
+    refuses bigger files before they are stored; `StudioBlocks.launch` sets it too), the login, the
+    share link."""
     limits = app.studio.limits
     kwargs = {"max_file_size": limits.max_file_bytes, "footer_links": ["api", "gradio"]}
     if options is not None:

@@ -7,9 +7,12 @@
 - `run_config`: the form -> the RunConfig a job runs (demo caps applied once, the model allowlist and
   paths checked, run folder decided), which is also what the settings file and the equivalent
   command show;
-- `receive` and `download`: the one way a file comes into a workspace (checked and validated before
-  it is stored; Gradio's own copy is deleted) and the one way a file is handed to the browser (only a
-  file of the requesting session, copied to a private staging folder Gradio takes it from);
+- `receive` and `download`: the one way a file comes into a workspace (only an upload this client made
+  through Gradio's upload route and no session received yet, `p2d.studio.guard.Uploads`; checked and
+  validated before it is stored; Gradio's own copy is deleted) and the one way a file is handed to the
+  browser (only a file of the requesting session, copied to a private staging folder Gradio takes it
+  from; in the public demo a text file without server paths);
+- `gate` (`p2d.studio.gate.Gate`): the checks every endpoint's call and response pass;
 - past runs of a session: `runs_table`, `open_run`, `unfinished_stages` (what Resume continues).
 """
 
@@ -26,15 +29,20 @@ import time
 from pathlib import Path
 
 from p2d.config import STAGES, RunConfig
-from p2d.errors import UserError
+from p2d.errors import UserError, shown
 
 from . import form
+from .gate import Gate
+from .guard import Uploads, delete_upload
 from .limits import Limits, client_ip
 from .runner import ACTIVE, Job, Runner
 from .workspace import Registry, Workspace
 
 INTERRUPTED = "interrupted: the server restarted while it ran (Resume it under Runs of this session)"
 OUTBOX_KEEP_S = 3600.0  # staged downloads older than this are deleted (Gradio has its own copy by then)
+#: downloads the app writes with paths in them (metrics.json, settings), staged without server paths in the demo;
+#: data files (the selected set) are handed out as they are
+TEXT_FILES = (".json", ".yaml", ".yml", ".txt", ".md", ".log")
 
 
 def session_of(request) -> str | None:
@@ -70,12 +78,14 @@ class Studio:
         self.outbox = Path(tempfile.mkdtemp(prefix="p2d-studio-out-"))  # not served; Gradio copies from it
         self._staged: dict[str, tuple] = {}
         self._owners: dict[str, Workspace] = {}  # job id -> its workspace, until the job is recorded
+        self.gate = Gate(self)
+        self.uploads = Uploads(limits, gradio_upload_folder())
         start, self.start_notes = limits.apply((config or RunConfig()).validate())
         limits.check(start, None)
         self.initial = form.to_values(start, out_auto=limits.demo)
         self._closed = threading.Event()
-        if limits.workspace_ttl_s:
-            every = max(1.0, min(300.0, limits.workspace_ttl_s / 4))
+        if limits.workspace_ttl_s or limits.upload_ttl_s:
+            every = max(1.0, min(300.0, *(t / 4 for t in (limits.workspace_ttl_s, limits.upload_ttl_s) if t)))
             threading.Thread(target=self._sweeper, args=(every,), name="p2d-studio-sweeper", daemon=True).start()
 
     def close(self) -> None:
@@ -87,6 +97,7 @@ class Studio:
         while not self._closed.wait(every):
             try:
                 self.registry.sweep()
+                self.uploads.sweep()
                 self._prune_outbox()
             except Exception as exc:  # noqa: BLE001 - the sweeper must keep running
                 print(f"p2d studio: sweep failed: {exc}", file=sys.stderr)
@@ -99,33 +110,42 @@ class Studio:
         """The workspace of the request's session. Without one: a new one with ``create`` (the job and
         upload endpoints, within the client address caps), else the blank stand-in (light endpoints
         never create one)."""
-        session = session_of(request)
-        ws = self.registry.for_session(session)
+        session, client = session_of(request), self.client(request)
+        ws = self.registry.for_session(session, client)
         if ws is None:
             if not create:
                 return self.registry.blank
-            ws = self.registry.create(self.client(request))
+            ws = self.registry.create(client)
             self.save(ws)  # on disk from the start: an eviction from memory never loses a key
-            self.registry.bind(session, ws)
+            self.registry.bind(session, ws, client)
         return ws
 
     def attach(self, request, key: str | None, page: bool = True) -> Workspace:
+        """`attach_key`'s workspace."""
+        return self.attach_key(request, key, page)[0]
+
+    def attach_key(self, request, key: str | None, page: bool = True) -> tuple[Workspace, str | None]:
         """Page load (or ``/attach`` with ``page=False``): the workspace of the key this browser kept
         (also after a server restart, from disk), else - on a page load in local mode - the workspace
-        of the job that is running now, else the session's own, else a new one."""
-        session = session_of(request)
+        of the job that is running now, else the session's own, else a new one; and the key this
+        request may be told: the key it sent, or the key of a workspace made for it now (locally also
+        the running job's). Never the key of a workspace found by the session hash alone."""
+        session, client = session_of(request), self.client(request)
         ws = self.registry.by_key(key) if key else None
+        told = key if ws is not None else None
         if ws is None and page and not self.limits.demo:
             job = self.runner.latest()
             if job is not None and job.active:
                 ws = self.registry.get(job.owner)
+                told = ws.key if ws is not None else None
         if ws is None:
-            ws = self.registry.for_session(session)
+            ws = self.registry.for_session(session, client)
         if ws is None:
-            ws = self.registry.create(self.client(request))
+            ws = self.registry.create(client)
             self.save(ws)  # on disk from the start: an eviction from memory never loses a key
-        self.registry.bind(session, ws)
-        return ws
+            told = ws.key
+        self.registry.bind(session, ws, client)
+        return ws, told
 
     def _busy(self, ws: Workspace) -> bool:
         return self.runner.active_job(ws.id) is not None
@@ -195,7 +215,7 @@ class Studio:
 
         The run folder: the one typed in the form (local mode), else the session's current run folder
         while model and data stay the same, else a new ``run-NNN`` folder in the workspace."""
-        cfg, notes = self.limits.apply(form.to_config(values))
+        cfg, notes = self.limits.apply(self._in_workspace(form.to_config(values), ws))
         self.limits.check(cfg, ws.upload_dir)
         typed = None if self.limits.demo else form.explicit_out(values)
         run = ws.run
@@ -207,10 +227,27 @@ class Studio:
             out = ws.next_run_dir()
         return cfg.replace(out=str(out)), notes
 
+    def _in_workspace(self, cfg: RunConfig, ws: Workspace) -> RunConfig:
+        """In the public demo, data paths are relative to the session's folder (``uploads/pool-....jsonl``,
+        what the page is shown); they become the server's paths here (`Limits.check` then keeps them to
+        the session's uploads)."""
+        if not self.limits.demo or ws.blank:
+            return cfg
+        changes = {name: str(ws.root / value) for name in ("pool", "probe", "eval")
+                   if (value := getattr(cfg, name)) and not Path(value).is_absolute()}
+        return cfg.replace(**changes) if changes else cfg
+
+    def shown_config(self, cfg: RunConfig) -> tuple[str, str]:
+        """A RunConfig as the page shows it: its YAML and its command (no server paths in the demo)."""
+        return self.gate.scrub(cfg.to_yaml()), self.gate.scrub(cfg.to_command())
+
     def form_from_yaml(self, text: str, ws: Workspace | None) -> tuple[dict, list[str]]:
         """A settings file -> form values (demo caps applied), with notes."""
-        self.limits.check_text("settings", text)
-        cfg, notes = self.limits.apply(RunConfig.from_yaml(text).validate())
+        self.limits.check_text("settings", text, self.limits.max_settings_chars)
+        cfg = RunConfig.from_yaml(text).validate()
+        if ws is not None:
+            cfg = self._in_workspace(cfg, ws)
+        cfg, notes = self.limits.apply(cfg)
         self.limits.check(cfg, ws.upload_dir if ws is not None else None)
         return form.to_values(cfg, out_auto=self.limits.demo), notes
 
@@ -233,7 +270,7 @@ class Studio:
             if Path(name).is_absolute() and (Path(name) / "config.yaml").is_file():
                 return Path(name)
         if not re.fullmatch(r"run-\d{3,6}", name) or not (ws.root / name / "config.yaml").is_file():
-            raise UserError(f"no run folder {name!r} in this session: pick one from the list")
+            raise UserError(f"no run folder {shown(name)} in this session: pick one from the list")
         return ws.root / name
 
     def _open(self, ws: Workspace, name: str):
@@ -303,23 +340,30 @@ class Studio:
         return rows
 
     # -- files in and out ----------------------------------------------------------------------
-    def receive(self, ws: Workspace, kind: str, file, check=None, store: bool = True):
-        """Every uploaded file comes in here: its size checked (per file, per session), ``check(path)``
-        run on it where Gradio put it (a UserError rejects it), then - with ``store`` - copied into the
-        workspace's uploads folder (not served). Gradio's copy is deleted in every case, so an upload
-        is never left in a folder the server serves. Returns (stored path or None, check's result)."""
+    def receive(self, ws: Workspace, kind: str, file, check=None, store: bool = True, client: str | None = None):
+        """Every uploaded file comes in here: in the public demo only an upload ``client`` made through
+        Gradio's upload route that no session received yet (any other path is refused and left alone);
+        its size checked (per file, per session: refused files count too), ``check(path)`` run on it where
+        Gradio put it (a UserError rejects it), then - with ``store`` - copied into the workspace's uploads
+        folder (not served). Gradio's copy of a received upload is deleted in every case, so it is never
+        left in a folder the server serves. Returns (stored path or None, check's result)."""
         src = Path(str(file))
         name = safe_name(src.name)
         lim = self.limits
+        claimed = self.uploads.claim(src, client if client is not None else "unknown")
+        if lim.demo and not claimed:
+            raise UserError("the upload did not arrive: upload the file again")
+        size = 0
         try:
             if not src.is_file():
                 raise UserError("the upload did not arrive: upload the file again")
             size = src.stat().st_size
             if lim.max_file_bytes is not None and size > lim.max_file_bytes:
                 raise UserError(f"{name} is {fmt_mb(size)}: this server takes files up to {fmt_mb(lim.max_file_bytes)}")
-            if store and lim.max_session_bytes is not None and ws.upload_bytes() + size > lim.max_session_bytes:
-                raise UserError(f"this session's uploads would pass {fmt_mb(lim.max_session_bytes)}: start a new "
-                                "session (another tab) for other files")
+            if lim.max_session_bytes is not None and \
+                    ws.upload_bytes() + ws.refused_bytes + size > lim.max_session_bytes:
+                raise UserError(f"this session's uploads would pass {fmt_mb(lim.max_session_bytes)} (refused files "
+                                "count too): start a new session (another tab) for other files")
             checked = check(src) if check is not None else None
             dest = None
             if store:
@@ -333,29 +377,21 @@ class Studio:
                     os.replace(tmp, dest)
                 finally:
                     tmp.unlink(missing_ok=True)
+        except UserError:
+            ws.refused_bytes += size
+            raise
         finally:
-            self._discard_upload(src)
+            if claimed:
+                delete_upload(src, gradio_upload_folder())
         if store:
             self.save(ws)
         return dest, checked
 
-    @staticmethod
-    def _discard_upload(src: Path) -> None:
-        """Delete Gradio's copy of an upload (only files inside Gradio's upload folder)."""
-        try:
-            resolved = src.resolve()
-            if resolved.is_relative_to(gradio_upload_folder()) and resolved.is_file():
-                resolved.unlink()
-                try:
-                    resolved.parent.rmdir()  # Gradio's per-file folder, when now empty
-                except OSError:
-                    pass
-        except OSError:
-            pass
-
-    def upload(self, ws: Workspace, kind: str, file, columns: str | None = None) -> tuple[str | None, str]:
+    def upload(self, ws: Workspace, kind: str, file, columns: str | None = None,
+               client: str | None = None) -> tuple[str | None, str]:
         """Validate, store and describe an uploaded data file: (stored path or None when rejected,
-        markdown). The description (format, rows, skipped rows, tasks) or the loader's error."""
+        markdown). The description (format, rows, skipped rows, tasks) or the loader's error. In the
+        public demo the path is relative to the session's folder (``uploads/pool-....jsonl``)."""
         from p2d.data.loading import load_data
 
         display = safe_name(Path(str(file)).name)
@@ -363,11 +399,11 @@ class Studio:
 
         def check(path: Path) -> dict:
             mapping = RunConfig(columns=columns).columns
-            return load_data(str(path), mapping=mapping, max_rows=rows_cap,
-                             max_bytes=self.limits.max_data_bytes).summary()
+            return load_data(str(path), mapping=mapping, max_rows=rows_cap, max_bytes=self.limits.max_data_bytes,
+                             max_field_chars=self.limits.max_field_chars).summary()
 
         try:
-            dest, summ = self.receive(ws, kind, file, check)
+            dest, summ = self.receive(ws, kind, file, check, client=client)
         except UserError as exc:
             text = str(exc)
             for where in {str(file), str(Path(str(file)).resolve())}:  # no server paths in the message
@@ -378,7 +414,8 @@ class Studio:
                    if summ["skipped"] else "")
         cut = (f"; only the first {rows_cap} rows are used in the public demo" if summ.get("truncated") and rows_cap
                else "")
-        return str(dest), (f"**{kind}** `{display}`: format **{summ['format']}**, {summ['rows']} rows, "
+        shown = dest.relative_to(ws.root) if self.limits.demo else dest
+        return str(shown), (f"**{kind}** `{display}`: format **{summ['format']}**, {summ['rows']} rows, "
                            f"{summ['skipped']} skipped{skipped}; tasks: {tasks}{cut}")
 
     def _owns(self, ws: Workspace, path: Path) -> bool:
@@ -414,7 +451,11 @@ class Studio:
         folder = self.outbox / secrets.token_hex(16)
         folder.mkdir(parents=True)
         staged = folder / p.name
-        shutil.copyfile(p, staged)
+        if self.limits.demo and p.suffix.lower() in TEXT_FILES:  # no server paths in what leaves the demo
+            text = p.read_text(encoding="utf-8", errors="replace")
+            staged.write_text(self.gate.scrub(text), encoding="utf-8")
+        else:
+            shutil.copyfile(p, staged)
         self._staged[str(p)] = (stamp, str(staged))
         self._prune_outbox()
         return str(staged)

@@ -107,6 +107,7 @@ class Workspace:
     touched: float = field(default_factory=time.time)
     saved_at: float = 0.0
     blank: bool = False                  # the stand-in for a request without a workspace (never stored)
+    refused_bytes: int = 0               # uploads refused so far (they count against the session's total too)
     lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
     cache: dict = field(default_factory=dict, repr=False)  # derived values (random-pick counts, log tails)
 
@@ -220,7 +221,7 @@ class Registry:
         self.busy = busy or (lambda ws: False)
         self.restore = restore
         self._by_id: OrderedDict[str, Workspace] = OrderedDict()  # least recently used first
-        self._sessions: OrderedDict[str, str] = OrderedDict()     # Gradio session -> workspace key
+        self._sessions: OrderedDict[tuple, str] = OrderedDict()   # (Gradio session, address) -> workspace key
         self._new_by_ip: dict[str, deque] = {}
         self._lock = threading.RLock()
         self.blank = Workspace(key="", id="", root=self.root / ".no-session", blank=True)
@@ -310,26 +311,32 @@ class Registry:
         """A workspace in memory by its id (folder name)."""
         return self._by_id.get(ws_id) if ws_id else None
 
-    def for_session(self, session: str | None) -> Workspace | None:
-        """The workspace the Gradio ``session`` uses (None: none yet)."""
+    def _session_key(self, session: str, client: str | None) -> tuple:
+        """Sessions are told apart by address too in the public demo (see the module docstring)."""
+        return (session, client or "") if self.limits.demo else (session, "")
+
+    def for_session(self, session: str | None, client: str | None = None) -> Workspace | None:
+        """The workspace the Gradio ``session`` (from ``client``) uses (None: none yet)."""
         if not session:
             return None
+        sk = self._session_key(session, client)
         with self._lock:
-            key = self._sessions.get(session)
+            key = self._sessions.get(sk)
             if key is not None:
-                self._sessions.move_to_end(session)
+                self._sessions.move_to_end(sk)
         ws = self.by_key(key) if key else None
         if ws is not None:
             self.touch(ws)
         return ws
 
-    def bind(self, session: str | None, ws: Workspace) -> None:
-        """Point ``session`` at ``ws``."""
+    def bind(self, session: str | None, ws: Workspace, client: str | None = None) -> None:
+        """Point ``session`` (from ``client``) at ``ws``."""
         if not session or ws.blank:
             return
+        sk = self._session_key(session, client)
         with self._lock:
-            self._sessions[session] = ws.key
-            self._sessions.move_to_end(session)
+            self._sessions[sk] = ws.key
+            self._sessions.move_to_end(sk)
             while len(self._sessions) > MAX_SESSIONS:
                 self._sessions.popitem(last=False)
         self.touch(ws)

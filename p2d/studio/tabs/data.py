@@ -20,6 +20,7 @@ def build(ctx) -> SimpleNamespace:
     with gr.Row(equal_height=True):
         f["select_method"].render()
         f["data_ratio"].render()
+        f["hidden_layer"].render()
         c.run_btn = gr.Button("Select data", variant="primary", elem_id="select-btn", scale=0, min_width=160)
     c.status = gr.Markdown(elem_id="data-status")
     c.info = gr.Markdown(elem_id="data-info")

@@ -12,6 +12,7 @@ import gradio as gr
 from p2d.errors import UserError
 
 from .. import form, jobs, views
+from ..context import describe_error
 
 #: what the loader reads (shown to the visitor). Not passed as ``file_types``: Gradio would then refuse
 #: other files in its preprocessing, before our handler, leaving its stored copy behind; the handler
@@ -142,14 +143,21 @@ def build(ctx) -> SimpleNamespace:
              status="status", api_name="resume_run", **ctx.job_event)
 
     def attach(key: str = "", request: gr.Request = None) -> dict:
-        """This API session's workspace key (to come back to it from another client or after a server
-        restart: pass it here); with a key, this session continues that workspace."""
+        """This API session's workspace key, to come back to it from another client or after a server
+        restart (pass it here): given when this call makes the session's workspace (call it first) or
+        when the key is sent; with a key, this session continues that workspace."""
         try:
-            ws = st.attach(request, (key or "").strip() or None, page=False)
+            st.gate.check("attach", {"key": key})
+            ws, told = st.attach_key(request, (key or "").strip() or None if isinstance(key, str) else None,
+                                     page=False)
+            if told is None:
+                raise UserError("this session's workspace was made before /attach was called: its key is given only "
+                                "to the call that makes it, or to a client that sends it (call /attach first in a "
+                                "new session)")
+            return st.gate.outgoing({"key": told, "run": ws.out.name if ws.out is not None else None,
+                                     "runs": [r["run"] for r in st.runs_table(ws)]})
         except UserError as exc:
-            raise gr.Error(str(exc)) from None
-        return {"key": ws.key, "run": ws.out.name if ws.out is not None else None,
-                "runs": [r["run"] for r in st.runs_table(ws)]}
+            raise gr.Error(st.gate.scrub(describe_error(exc))) from None
 
     gr.api(attach, api_name="attach", concurrency_limit=ctx.limits.concurrency)
 
@@ -159,7 +167,7 @@ def build(ctx) -> SimpleNamespace:
             read (a file the loader cannot read, or over the caps, is not stored)."""
             if not file:
                 return {}
-            path, message = st.upload(st.workspace(request, create=True), kind, file, columns)
+            path, message = st.upload(st.workspace(request, create=True), kind, file, columns, st.client(request))
             if path is None:
                 return {"status": message}
             return {"path": path, "data_source": "files", "status": message}

@@ -3,8 +3,9 @@ PEFT-format adapter zip, metrics.json), merged model, a push to the Hugging Face
 ``/evaluate``, ``/merge``, ``/export_peft``, ``/push``).
 
 The push box is shown only where a Hugging Face token is available (``huggingface_hub.get_token()``)
-and not in the public demo (the token is the host's); ``/push`` refuses in the demo whatever the page
-shows. Merge and push are jobs like the others (one at a time, stoppable before they start)."""
+and not in the public demo (the token is the host's); ``/push`` and ``/merge`` are refused in the demo
+by the gate (`p2d.studio.gate`) whatever the page shows. Merge and push are jobs like the others (one
+at a time, stoppable before they start)."""
 
 from __future__ import annotations
 
@@ -150,10 +151,8 @@ def build(ctx) -> SimpleNamespace:
              status="status", api_name="export_peft", **ctx.job_event)
 
     def push(request, repo_id, private, merged):
-        """Push the adapter (PEFT format), its model card and optionally the merged model to the Hub."""
-        if ctx.limits.demo:
-            raise UserError("pushing to the Hub is disabled in the public demo (it would use the host's token): "
-                            "download the PEFT adapter instead, or duplicate the Space")
+        """Push the adapter (PEFT format), its model card and optionally the merged model to the Hub (refused
+        in the public demo by the gate, `p2d.studio.gate.REFUSED_IN_DEMO`)."""
         repo_id = (repo_id or "").strip()
         if not repo_id or repo_id.count("/") != 1:
             raise UserError("Repository id: type it as owner/name")
@@ -170,10 +169,8 @@ def build(ctx) -> SimpleNamespace:
              outputs={"status": c.push_status}, status="status", api_name="push", **ctx.job_event)
 
     def merge(request, folder):
-        """Save base model + trained heads as one model (save_pretrained) into ``folder``."""
-        if ctx.limits.demo:
-            raise UserError("saving a merged model to a folder is disabled in the public demo: download the head "
-                            "adapter instead, or duplicate the Space")
+        """Save base model + trained heads as one model (save_pretrained) into ``folder`` (refused in the public
+        demo by the gate)."""
         if not (folder or "").strip():
             raise UserError("type the folder to save the merged model to")
         for update in ctx.run_job(request, "merge", "Merged-model export", jobs.merge, None, folder=folder.strip()):

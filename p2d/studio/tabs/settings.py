@@ -37,7 +37,8 @@ def build(ctx) -> SimpleNamespace:
     def show_command(request, settings):
         """The form as the YAML settings file and as the equivalent command (the config a job runs)."""
         cfg, _ = st.run_config(settings, st.workspace(request))
-        return {"yaml": cfg.to_yaml(), "command": cfg.to_command()}
+        yaml_text, command = st.shown_config(cfg)
+        return {"yaml": yaml_text, "command": command}
 
     ctx.bind(c.show_btn.click, show_command, settings=True, outputs={"yaml": c.yaml, "command": c.command},
              status="command", api_name="show_command")
@@ -46,9 +47,9 @@ def build(ctx) -> SimpleNamespace:
         """Save the form as a YAML settings file (offered for download)."""
         ws = st.workspace(request)
         cfg, _ = st.run_config(settings, ws)
-        path = st.offer_text(ws, "p2d-config.yaml", cfg.to_yaml())  # staged for download; the workspace is untouched
-        return {"file": gr.File(value=path, visible=True), "yaml": cfg.to_yaml(),
-                "command": cfg.to_command(),
+        yaml_text, command = st.shown_config(cfg)
+        path = st.offer_text(ws, "p2d-config.yaml", yaml_text)  # staged for download; the workspace is untouched
+        return {"file": gr.File(value=path, visible=True), "yaml": yaml_text, "command": command,
                 "status": "Saved: the file holds every setting; the command shown runs the same configuration "
                           "from a shell."}
 
@@ -74,12 +75,13 @@ def build(ctx) -> SimpleNamespace:
                 text = path.read_text(encoding="utf-8")
             except (OSError, UnicodeDecodeError) as exc:
                 raise UserError(f"could not read the settings file: {exc}") from None
-            ctx.limits.check_text("settings file", text)
+            ctx.limits.check_text("settings file", text, ctx.limits.max_settings_chars)
             return text
 
         if not file:
             return {}
-        _, text = st.receive(st.workspace(request), "settings", file, check=read, store=False)
+        _, text = st.receive(st.workspace(request), "settings", file, check=read, store=False,
+                             client=st.client(request))
         return {**apply_config(request, text), "yaml": text}
 
     ctx.bind(c.upload.upload, load_config_file, inputs={"file": c.upload},

@@ -17,6 +17,7 @@ import gradio as gr
 from p2d.errors import UserError
 
 from .. import jobs, views
+from ..context import describe_error
 from ..lessons import LESSONS
 
 AER_EVERY = 5.0  # seconds between AER chart redraws during training (a redraw costs the browser more than a step)
@@ -72,11 +73,7 @@ def build(ctx) -> SimpleNamespace:
     def train(request, settings, processes):
         """Start training (returns at once; follow it with /train_status or /wait_job). ``processes`` > 1
         (not in the public demo) runs the training as ``accelerate launch`` with that many processes."""
-        n = int(processes or 1)
-        if n > 1 and ctx.limits.demo:
-            raise UserError("training with several processes is off in the public demo: duplicate the Space")
-        if not 1 <= n <= 64:
-            raise UserError("Training processes: between 1 and 64")
+        n = int(processes or 1)  # checked by the gate (p2d.studio.gate)
         ws = st.workspace(request, create=True)
         cfg, notes = st.run_config(settings, ws)
         job = st.submit(ws, "train", jobs.train(st, ws, cfg, processes=n),
@@ -122,7 +119,7 @@ def build(ctx) -> SimpleNamespace:
             poll["ended"] = job_id
             out["job_end"] = {"job": job_id, "rendered": "train"}
             if job.status == "failed":
-                gr.Warning(job.error or "failed")
+                gr.Warning(st.gate.scrub(job.error or "failed"))
         out["poll"] = {**poll, "job": job_id, "sent": sent}
         return out
 
@@ -147,17 +144,20 @@ def build(ctx) -> SimpleNamespace:
 
     def wait_job(timeout: float = 600.0, request: gr.Request = None) -> dict:
         """Block until this session's job has ended, or ``timeout`` seconds (the server grants at most
-        its own cap: 600 s locally, 60 s in the public demo; call again to keep waiting); the job's
-        summary."""
+        its own cap: 600 s locally, 30 s in the public demo; call again to keep waiting); the job's
+        summary. In the public demo a session, and a client address, has only a few calls waiting at
+        once (the gate's caps); more are refused at once."""
         try:
+            st.gate.check("wait_job", {"timeout": timeout})
             granted = ctx.limits.wait_timeout(timeout)
+            ws = st.workspace(request)
+            job = st.current_job(ws)
+            if job is not None and (job.active or not job.settled.is_set()):
+                with st.gate.waiting(ws, st.client(request)):
+                    st.runner.wait(job, timeout=granted)
+            return st.gate.outgoing({**views.job_summary(st, ws), "waited_at_most_s": granted})
         except UserError as exc:
-            raise gr.Error(str(exc)) from None
-        ws = st.workspace(request)
-        job = st.current_job(ws)
-        if job is not None:
-            st.runner.wait(job, timeout=granted)
-        return {**views.job_summary(st, ws), "waited_at_most_s": granted}
+            raise gr.Error(st.gate.scrub(describe_error(exc))) from None
 
     gr.api(wait_job, api_name="wait_job", concurrency_limit=ctx.limits.wait_concurrency, concurrency_id="wait")
     return c
