@@ -121,7 +121,7 @@ def test_walk_tabs_train_and_reload(app_url, tiny_llama_dir, capsys, tmp_path):
             _plotly(page, "forgetting-chart")
             expect(page.locator("#forgetting-md")).to_contain_text("Other tasks")
             page.locator("#controls-btn").click()
-            expect(page.locator("#controls-status")).to_contain_text("Controls done", timeout=180_000)
+            expect(page.locator("#controls-status")).to_contain_text("Controls done", timeout=300_000)
             expect(page.locator("#controls-table")).to_contain_text("random heads / P2D data")
             _plotly(page, "controls-chart")
             page.screenshot(path=str(SHOTS / "5-results-controls.png"), full_page=True)

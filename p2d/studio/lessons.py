@@ -29,10 +29,12 @@ LESSONS = {
         "after. **Look for:** drops: training a few heads can still change how the model answers elsewhere. "
         "Five rows per task are a glance, not a measurement."),
     "controls": (
-        "**What this shows:** the same training budget spent three other ways: random heads on P2D's data "
-        "(do the heads matter?), P2D's heads on random data (does the data matter?) and LoRA on P2D's data "
-        "(the adapter most people use). **Look for:** a control as good as P2D means that half of the "
-        "method is not what helped. One draw each: the benchmark repeats them over seeds."),
+        "**What this shows:** the same training budget spent four other ways: random heads on P2D's data "
+        "(do the heads matter?), P2D's heads on random data (does the data matter?), P2D's heads on the rows "
+        "a word-matching selector picks without any heads or model (TF-IDF: does the head-guided selection beat "
+        "a cheap one?) and LoRA on P2D's data (the adapter most people use). **Look for:** a control as good "
+        "as P2D means that half of the method is not what helped. One draw each: the benchmark repeats them "
+        "over seeds."),
     "chat": (
         "**What this shows:** the same prompt answered by the base model and by the base model with the "
         "trained heads (greedy by default, so answers are repeatable). **Look for:** target-task prompts that "
