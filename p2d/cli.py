@@ -38,6 +38,8 @@ COMMAND_GROUPS = {
 }
 #: commands that run under ``accelerate launch`` with several processes (p2d.distributed)
 DISTRIBUTED = ("heads", "select", "train", "run", "eval", "info")
+#: what `pip install 'p2d-studio[studio]'` adds (the app's packages; the library never imports them)
+STUDIO_PACKAGES = ("gradio", "plotly", "pandas", "authlib", "itsdangerous")
 EVAL_DATA = ("pool", "probe", "eval", "columns", "target", "pool_size", "probe_size", "eval_size", "seed",
              "max_length", "batch_size")
 
@@ -419,8 +421,15 @@ def cmd_bench(args) -> None:
 
 def cmd_studio(args) -> None:
     from .config import options_from
-    from .studio.server import launch
     from .studio.options import StudioOptions
+
+    try:
+        from .studio.server import launch
+    except ModuleNotFoundError as exc:  # the library and CLI install without the app's packages
+        if (exc.name or "").split(".")[0] not in STUDIO_PACKAGES:
+            raise
+        raise UserError(f"the app needs the studio extra ({exc.name} is not installed): pip install "
+                        "'p2d-studio[studio]'") from None
 
     # --config here is the run settings the form starts with (StudioOptions.config), not serving options
     launch(options_from(StudioOptions, None, _given(args, [f.name for f in fields(StudioOptions)])))

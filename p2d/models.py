@@ -393,7 +393,7 @@ def quantization_config(quantize: str | None, dtype: torch.dtype):
     if quantize not in QUANTIZE:
         raise UserError(f"unknown quantisation {quantize!r}: use none, 8bit or 4bit")
     if importlib.util.find_spec("bitsandbytes") is None:
-        raise UserError("quantisation needs the bitsandbytes package: pip install bitsandbytes")
+        raise UserError("quantisation needs the bitsandbytes package: pip install 'p2d-studio[quantize]' (or bitsandbytes)")
     from transformers import BitsAndBytesConfig
 
     if quantize == "8bit":

@@ -113,7 +113,8 @@ def _wandb_netrc() -> bool:
 
 def _need(package: str, kind: str) -> None:
     if importlib.util.find_spec(package) is None:
-        raise UserError(f"report_to {kind} needs the {package} package: pip install {package} (or report_to none)")
+        raise UserError(f"report_to {kind} needs the {package} package: pip install 'p2d-studio[track]' (or {package}; or "
+                        "report_to none)")
 
 
 def open_tracker(kind: str, run_dir, config: dict, name: str | None = None) -> Tracker:
