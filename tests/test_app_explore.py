@@ -38,15 +38,40 @@ def _plot(value) -> dict:
     return json.loads(value["plot"])
 
 
-def test_chat_streams_base_and_tuned(trained):
+def _texts(messages) -> list[str]:
+    """A Chatbot value's message texts (Gradio sends content as a list of typed parts)."""
+    return [m["content"] if isinstance(m["content"], str) else "".join(p.get("text", "") for p in m["content"])
+            for m in messages]
+
+
+def test_chat_is_multi_turn_and_streamed(trained, served):
     job = trained.submit("", "What is 2 + 3?", 6, 0.0, 1.0, 0, api_name="/chat")
-    outputs = job.result()
-    status, base, tuned = outputs
-    assert status.startswith("✓ answered") and isinstance(base, str) and isinstance(tuned, str)
-    steps = job.outputs()
-    assert len(steps) >= 2  # the submitted line, then replies as they grow
+    status, base, tuned, _ = job.result()
+    assert status.startswith("✓ answered") and job.outputs()[0][3] == ""  # the message box is emptied at once
+    assert [m["role"] for m in base] == ["user", "assistant"] == [m["role"] for m in tuned]
+    assert _texts(base)[0] == "What is 2 + 3?" == _texts(tuned)[0]
+    assert len(job.outputs()) >= 2  # the submitted line, then replies as they grow
+    # the next message continues this session's conversation: each side sees its own earlier answer
+    status, base2, tuned2, _ = trained.predict("", "And 4 + 4?", 6, 0.0, 1.0, 0, api_name="/chat")
+    assert status.startswith("✓ answered") and base2[:2] == base and tuned2[:2] == tuned and len(base2) == 4
+    from p2d.chat import conversation, stream_reply
+
+    ws = next(w for w in served.studio.registry.all() if w.run is not None and w.run.out.name == "run-001")
+    lm = served.studio.runner.load_model(ws.run.config)
+    first = list(stream_reply(lm, "What is 2 + 3?", max_new_tokens=6))[-1]
+    assert _texts(base)[1] == first.strip()  # (the Chatbot trims whitespace)
+    turn = {"user": "What is 2 + 3?", "base": first, "tuned": None}
+    expected = list(stream_reply(lm, conversation("And 4 + 4?", [turn], "base"), max_new_tokens=6))[-1]
+    assert _texts(base2)[3] == expected.strip()  # the chat template over the whole conversation, greedy
+    # another client (another session) has a conversation of its own
+    from gradio_client import Client
+
+    other = Client(served.url, verbose=False)
+    assert "nothing to work on" in other.predict("", "hi", 6, 0.0, 1.0, 0, api_name="/chat")[0]
+    # Clear starts a new conversation: the first answer comes again (greedy), now by name
+    assert trained.predict(api_name="/chat_clear") == ("", [], [])
     again = trained.predict("run-001", "What is 2 + 3?", 6, 0.0, 1.0, 0, api_name="/chat")
-    assert list(again[1:]) == [base, tuned]  # greedy: repeatable, by name too
+    assert list(again[1:3]) == [base, tuned]
     err = trained.predict("", "   ", 6, 0.0, 1.0, 0, api_name="/chat")
     assert "type a prompt" in err[0]
     nope = trained.predict("run-999", "hi", 6, 0.0, 1.0, 0, api_name="/chat")

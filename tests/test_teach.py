@@ -81,6 +81,60 @@ def test_compare_replies_leaves_the_model_as_it_was(tiny_run):
     assert _hooks(lm) == 0
 
 
+def test_the_whole_conversation_is_templated(tiny_llama):
+    """Multi-turn: each side sees its own earlier answers; the chat template covers the whole conversation;
+    a conversation over max_length loses its oldest turns first."""
+    from p2d.chat import _prompt_ids, conversation
+
+    history = [{"user": "What is 2 + 2?", "base": "four", "tuned": "4"}, {"user": "And 3 + 3?", "base": "six",
+                                                                         "tuned": None}]
+    base = conversation("And 5 + 5?", history, "base")
+    assert [m["content"] for m in base] == ["What is 2 + 2?", "four", "And 3 + 3?", "six", "And 5 + 5?"]
+    assert [m["content"] for m in conversation("And 5 + 5?", history, "tuned")] == ["What is 2 + 2?", "4", "And 5 + 5?"]
+    tok = tiny_llama.tokenizer
+    ids = _prompt_ids(tok, base, 1024)
+    assert tok.decode(ids) == tok.apply_chat_template(base, tokenize=False, add_generation_prompt=True)
+    short = tok.decode(_prompt_ids(tok, base, len(ids) - 5))
+    assert "And 5 + 5?" in short and "six" in short and "What is 2 + 2?" not in short  # the oldest turn went
+    greedy = list(stream_reply(tiny_llama, base, max_new_tokens=6))[-1]
+    sample = Sample(prompt=base, answer="", task=None, row={}, index=0)
+    assert greedy.strip() == generate_answers(tiny_llama, [sample], max_new_tokens=6)[0]
+    with pytest.raises(UserError, match="ends with a user turn"):
+        list(stream_reply(tiny_llama, base[:-1]))
+
+
+def test_hooks_detached_when_the_reader_stops_or_generation_fails(tiny_run):
+    """Closing the stream part-way ends the generation thread; a failure inside generate reaches the caller;
+    either way the adapter's hooks are gone."""
+    import threading
+
+    from p2d.models import load_model
+
+    def hooks(lm) -> int:  # forward hooks anywhere (head deltas hook q/k/v/o outputs)
+        return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in lm.model.modules())
+
+    lm = load_model(yaml.safe_load((tiny_run / "config.yaml").read_text())["model"], device="cpu")
+    stream = compare_replies(lm, tiny_run / "adapter", "Count to one hundred.", max_new_tokens=200, temperature=1.0)
+    for step in stream:
+        if step["tuned"]:
+            break
+    assert hooks(lm) > 0  # the tuned reply is being generated
+    stream.close()
+    assert hooks(lm) == 0 and not [t for t in threading.enumerate() if t.name == "p2d-chat-generate"]
+
+    def fail_when_tuned(module, args):
+        if hooks(lm) > 1:  # this hook and the adapter's
+            raise RuntimeError("injected failure")
+
+    handle = lm.model.model.layers[0].register_forward_pre_hook(fail_when_tuned)
+    try:
+        with pytest.raises(RuntimeError, match="injected failure"):
+            list(compare_replies(lm, tiny_run / "adapter", "hi", max_new_tokens=4))
+    finally:
+        handle.remove()
+    assert hooks(lm) == 0 and lm.model.training is False
+
+
 # -- open a head ---------------------------------------------------------------------------------
 def test_attention_pattern(tiny_llama):
     p = attention_pattern(tiny_llama, _sample(), 2, 3)

@@ -225,9 +225,9 @@ def resume(studio, ws, name: str):
 
 
 # -- explore and teach ---------------------------------------------------------------------------
-def chat(studio, ws, run_name: str | None, prompt: str, sampling: dict):
-    """The prompt answered by the run's base model and by base + its trained heads; the replies so far
-    are in ``job.live`` ("base", "tuned") while it runs."""
+def chat(studio, ws, run_name: str | None, prompt: str, sampling: dict, history: list | None = None):
+    """The prompt answered by the run's base model and by base + its trained heads, each continuing its side
+    of ``history`` (`p2d.chat.compare_replies`); the replies so far are in ``job.live`` ("base", "tuned")."""
     from p2d.chat import compare_replies
 
     def body(job: Job):
@@ -237,7 +237,7 @@ def chat(studio, ws, run_name: str | None, prompt: str, sampling: dict):
         lm = studio.runner.load_model(run.config)
         studio.limits.check_prompt_tokens(lm.tokenizer, prompt)
         last = {"base": "", "tuned": None}
-        for last in compare_replies(lm, adapter, prompt, **sampling):
+        for last in compare_replies(lm, adapter, prompt, history or (), **sampling):
             job.live.update(last)
             if job.should_stop():
                 break

@@ -2,8 +2,10 @@
 ``/compare_heads``, ``/reuse_heads``).
 
 Chat and "open a head" need the model, so they are jobs like the stages (one at a time; while training
-runs they wait in the queue): chat streams both replies from ``job.live``. Comparing maps reads two
-heads.json files only. Any of the session's run folders can be chosen; the current run is the default.
+runs they wait in the queue): chat streams both replies from ``job.live``. The conversation is kept per
+session on the server (a ``gr.State``; API clients continue theirs on the next ``/chat`` call, and
+``/chat_clear`` starts a new one); picking another run starts a new conversation. Comparing maps reads
+two heads.json files only. Any of the session's run folders can be chosen; the current run is the default.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from types import SimpleNamespace
 
 import gradio as gr
 
-from p2d.chat import MAX_NEW_TOKENS, check_sampling
+from p2d.chat import MAX_NEW_TOKENS, MAX_TURNS, check_sampling
 from p2d.errors import UserError
 
 from .. import charts, jobs, views
@@ -35,13 +37,15 @@ def build(ctx) -> SimpleNamespace:
                                   elem_id="chat-temperature")
         c.top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top-p", elem_id="chat-top-p")
         c.seed = gr.Number(0, precision=0, label="Seed", minimum=0, elem_id="chat-seed")
-    with gr.Row(equal_height=True):
-        c.prompt = gr.Textbox(label="Prompt", lines=2, scale=4, placeholder="What is 27 + 15?", elem_id="chat-prompt")
-        c.chat_btn = gr.Button("Answer", variant="primary", scale=0, min_width=120, elem_id="chat-btn")
     with gr.Row():
-        c.base = gr.Textbox(label="Base model", lines=4, interactive=False, elem_id="chat-base")
-        c.tuned = gr.Textbox(label="Base + trained heads", lines=4, interactive=False, elem_id="chat-tuned")
+        c.base = gr.Chatbot(label="Base model", height=340, elem_id="chat-base")
+        c.tuned = gr.Chatbot(label="Base + trained heads", height=340, elem_id="chat-tuned")
+    with gr.Row(equal_height=True):
+        c.prompt = gr.Textbox(label="Message", lines=2, scale=4, placeholder="What is 27 + 15?", elem_id="chat-prompt")
+        c.chat_btn = gr.Button("Send", variant="primary", scale=0, min_width=110, elem_id="chat-btn")
+        c.clear_btn = gr.Button("Clear", scale=0, min_width=90, elem_id="chat-clear")
     c.chat_status = gr.Markdown(elem_id="chat-status")
+    c.history = gr.State({"key": None, "turns": []})  # this session's conversation, kept on the server
     gr.Markdown(LESSONS["chat"], elem_classes="p2d-lesson")
     # -- open a head ------------------------------------------------------------------------------
     gr.Markdown("### Open a head")
@@ -88,32 +92,61 @@ def build(ctx) -> SimpleNamespace:
 
     c.grid.select(pick_head, None, [c.layer, c.head], api_visibility="private", show_progress="hidden")
 
-    def chat(request, run, prompt, max_new_tokens, temperature, top_p, seed):
-        """The prompt answered by the base model and by base + the run's trained heads, streamed."""
+    def messages(turns, side: str, live: tuple | None = None) -> list[dict]:
+        """A side of the conversation as the Chatbot shows it (``live``: the turn being answered)."""
+        out = []
+        for turn in [*turns, *([dict(zip(("user", "base", "tuned"), live))] if live else [])]:
+            out.append({"role": "user", "content": turn["user"]})
+            answer = turn.get(side)
+            out.append({"role": "assistant", "content": answer if answer is not None else "(no trained heads)"})
+        return out
+
+    def chat(request, run, prompt, max_new_tokens, temperature, top_p, seed, history):
+        """The message answered by the base model and by base + the run's trained heads, each continuing its
+        side of this session's conversation, streamed (greedy by default)."""
         sampling = {"max_new_tokens": int(max_new_tokens or 64), "temperature": float(temperature or 0.0),
                     "top_p": float(top_p if top_p is not None else 1.0), "seed": int(seed or 0)}
-        check_sampling(str(prompt or ""), sampling["max_new_tokens"], sampling["temperature"], sampling["top_p"],
+        prompt = str(prompt or "")
+        check_sampling(prompt, sampling["max_new_tokens"], sampling["temperature"], sampling["top_p"],
                        sampling["seed"])
         ws = st.workspace(request)  # a session without runs has nothing to explore: submit refuses it
-        job = st.submit(ws, "chat", jobs.chat(st, ws, run, str(prompt), sampling), "Chat", request)
-        yield {"status": views.job_line(st, job), "base": "", "tuned": ""}
+        key = f"{run or ''}|{ws.run.out.name if ws.run is not None else ''}"
+        history = history if isinstance(history, dict) and history.get("key") == key else {"key": key, "turns": []}
+        turns = list(history["turns"])[-MAX_TURNS:]
+        job = st.submit(ws, "chat", jobs.chat(st, ws, run, prompt, sampling, turns), "Chat", request)
+        yield {"status": views.job_line(st, job), "base": messages(turns, "base", (prompt, "", "")),
+               "tuned": messages(turns, "tuned", (prompt, "", "")), "prompt": "", "history": history}
         shown = None
         while job.active:
-            now = (job.live.get("base"), job.live.get("tuned"))
+            now = (prompt, job.live.get("base") or "", job.live.get("tuned") or "")
             if now != shown and job.status == "running":
                 shown = now
-                yield {"status": views.job_line(st, job), "base": now[0] or "", "tuned": now[1] or ""}
+                yield {"status": views.job_line(st, job), "base": messages(turns, "base", now),
+                       "tuned": messages(turns, "tuned", now)}
             st.runner.wait(job, timeout=0.25)
         res = job.result if isinstance(job.result, dict) else dict(job.live)
         tuned = res.get("tuned")
-        yield {"status": views.job_line(st, job) if job.status != "done" else
+        done = job.status == "done"
+        if done:
+            turns = [*turns, {"user": prompt, "base": res.get("base") or "", "tuned": tuned}][-MAX_TURNS:]
+        live = None if done else (prompt, res.get("base") or "", tuned)
+        yield {"status": views.job_line(st, job) if not done else
                ("✓ answered" if tuned is not None else "✓ answered (this run has no trained heads yet: base only)"),
-               "base": res.get("base") or "", "tuned": tuned if tuned is not None else "(no trained heads)"}
+               "base": messages(turns, "base", live), "tuned": messages(turns, "tuned", live),
+               "history": {"key": key, "turns": turns}}
 
     ctx.bind(c.chat_btn.click, chat, inputs={"run": c.run_pick, "prompt": c.prompt, "max_new_tokens": c.max_new,
-                                             "temperature": c.temperature, "top_p": c.top_p, "seed": c.seed},
-             outputs={"status": c.chat_status, "base": c.base, "tuned": c.tuned}, status="status", api_name="chat",
-             **ctx.job_event)
+                                             "temperature": c.temperature, "top_p": c.top_p, "seed": c.seed,
+                                             "history": c.history},
+             outputs={"status": c.chat_status, "base": c.base, "tuned": c.tuned, "prompt": c.prompt,
+                      "history": c.history}, status="status", api_name="chat", **ctx.job_event)
+
+    def chat_clear(request):
+        """Start a new conversation (this session's chat history is dropped)."""
+        return {"status": "", "base": [], "tuned": [], "history": {"key": None, "turns": []}}
+
+    ctx.bind(c.clear_btn.click, chat_clear, outputs={"status": c.chat_status, "base": c.base, "tuned": c.tuned,
+                                                      "history": c.history}, status="status", api_name="chat_clear")
 
     def inspect_head(request, run, layer, head, row):
         """Open a head: its attention pattern on an eval row, its score and rank, and the probe answer loss
