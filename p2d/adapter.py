@@ -40,6 +40,7 @@ Adapter kinds (``ADAPTER_KINDS``; ``kind`` in adapter_config.json, missing = ``"
 
 from __future__ import annotations
 
+import contextlib
 import json
 import weakref
 from pathlib import Path
@@ -559,27 +560,14 @@ def merge_and_save(lm, adapter_dir, out_dir) -> Path:
     next to it and renamed at the end, so a failure leaves no half-written model.  ``lm.model`` is
     left exactly as it was (the touched weight slices are restored bit for bit).
     """
-    from .models import is_quantized
-
-    out = Path(out_dir)
-    if is_quantized(lm.model):
-        raise UserError("cannot save a merged model from a quantised base: load the model without quantisation (quantize none)")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"{out_dir} already exists and is not empty: choose a new folder or delete it first")
-    adapter = HeadAdapter.load(adapter_dir, device=lm.device)
-    if isinstance(adapter, OffsetAdapter):
-        adapter.merge_into(lm.model)  # raises: offsets cannot be merged
-    diff = geometry_mismatch(adapter.geometry, lm.geometry)
-    if diff:
-        raise UserError(f"adapter {adapter_dir} does not fit model {lm.spec!r} ({diff}): merge it into "
-                        f"{adapter.config.get('base_model', 'the model it was trained on')}")
     from .files import atomic_dir
 
-    if out.exists():
-        out.rmdir()  # empty (checked above): atomic_dir creates it whole
-    backup = adapter._base_slices(lm.model)
-    try:
-        adapter.merge_into(lm.model)
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"{out_dir} already exists and is not empty: choose a new folder or delete it first")
+    with merged_weights(lm, adapter_dir) as adapter:
+        if out.exists():
+            out.rmdir()  # empty (checked above): atomic_dir creates it whole
         with atomic_dir(out) as tmp:
             try:
                 lm.model.save_pretrained(tmp)
@@ -591,8 +579,30 @@ def merge_and_save(lm, adapter_dir, out_dir) -> Path:
                                     "free some disk space or choose another folder") from None
                 raise
             (tmp / "p2d_adapter_config.json").write_text(json.dumps(adapter.config, indent=2) + "\n")
+    return out
+
+
+@contextlib.contextmanager
+def merged_weights(lm, adapter_dir):
+    """``lm.model`` with the head adapter of ``adapter_dir`` merged into its weights inside the block (the
+    adapter is yielded); afterwards the touched weight slices are restored bit for bit, also on errors.
+    UserError for a quantised base, an offset adapter or an adapter of another model."""
+    from .models import is_quantized
+
+    if is_quantized(lm.model):
+        raise UserError("cannot merge into a quantised base: load the model without quantisation (quantize none)")
+    adapter = HeadAdapter.load(adapter_dir, device=lm.device)
+    if isinstance(adapter, OffsetAdapter):
+        adapter.merge_into(lm.model)  # raises: offsets cannot be merged
+    diff = geometry_mismatch(adapter.geometry, lm.geometry)
+    if diff:
+        raise UserError(f"adapter {adapter_dir} does not fit model {lm.spec!r} ({diff}): merge it into "
+                        f"{adapter.config.get('base_model', 'the model it was trained on')}")
+    backup = adapter._base_slices(lm.model)
+    try:
+        adapter.merge_into(lm.model)
+        yield adapter
     finally:
         with torch.no_grad():
             for w, dim, idx, saved in backup:
                 w.index_copy_(dim, idx, saved)
-    return out

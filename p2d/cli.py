@@ -59,7 +59,7 @@ def _progress():
 
 # -- flags from dataclasses ----------------------------------------------------------------------
 def _metavar(name: str, hint) -> str:
-    special = {"model": "SPEC", "pool": "FILE", "probe": "FILE", "eval": "FILE", "out": "DIR", "runs": "DIR"}
+    special = {"model": "SPEC", "pool": "FILE|ID", "probe": "FILE|ID", "eval": "FILE|ID", "out": "DIR", "runs": "DIR"}
     if name in special:
         return special[name]
     text = str(hint)
@@ -295,7 +295,12 @@ def cmd_export(args) -> None:
     if getattr(args, "model", None) is None:  # default: the model the adapter was trained on
         args.model = HeadAdapter.read_config(args.adapter).get("base_model") or "default"
     config = config_from_args(args, _group_fields(MODEL))
-    out = export_peft(_load_lm(config), args.adapter, args.out, base_model_name=args.base_model_name)
+    if args.format == "gguf":
+        from .gguf_export import export_gguf
+
+        out = export_gguf(_load_lm(config), args.adapter, args.out, args.gguf_type)
+    else:
+        out = export_peft(_load_lm(config), args.adapter, args.out, base_model_name=args.base_model_name)
     _print({"format": args.format, "folder": str(out), "files": sorted(p.name for p in out.iterdir())})
 
 
@@ -455,8 +460,9 @@ def build_parser() -> argparse.ArgumentParser:
     command("info", "model facts and head geometry as JSON", cmd_info, MODEL)
 
     p = command("data", "load a dataset file and print its detected format and counts", cmd_data, names=["columns"])
-    p.add_argument("file", help="JSONL, JSON, CSV, TSV, Parquet, a save_to_disk folder or a hub dataset id")
-    p.add_argument("--split", default="train", help="split for folders / hub datasets (default: train)")
+    p.add_argument("file", help="JSONL, JSON, CSV, TSV, Parquet, a save_to_disk folder or a dataset "
+                   "ID[:CONFIG][@SPLIT[START:STOP]] (a hub id or a dataset folder)")
+    p.add_argument("--split", default="train", help="split for folders / datasets without @SPLIT (default: train)")
     p.add_argument("--limit", type=int, help="read at most this many usable rows")
 
     p = command("demo-data", "write a built-in task pool (--pool builtin or builtin-hard) as pool/probe/eval JSONL",
@@ -486,12 +492,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="DIR", help="new folder for the merged model")
 
     from .export import EXPORT_FORMATS
+    from .gguf_export import DEFAULT_TYPE, GGUF_TYPES
 
-    p = command("export", "convert a head adapter to another format (peft: a LoRA adapter PEFT, vLLM and TGI load)",
+    p = command("export", "convert a head adapter to another format (peft: a LoRA adapter PEFT, vLLM and TGI load; "
+                "gguf: the merged model as one GGUF file for llama.cpp, Ollama and LM Studio; Llama-family models)",
                 cmd_export, MODEL)
     p.add_argument("--adapter", required=True, help="P2D adapter folder (a run's adapter/)")
     p.add_argument("--format", default="peft", choices=EXPORT_FORMATS, help="output format (default: peft)")
-    p.add_argument("--out", required=True, metavar="DIR", help="new folder for the exported adapter")
+    p.add_argument("--gguf-type", default=DEFAULT_TYPE, choices=GGUF_TYPES, help="with --format gguf: the tensor "
+                   f"type (default: {DEFAULT_TYPE}; norms stay f32; k-quants: llama.cpp's llama-quantize on the f16 "
+                   "file)")
+    p.add_argument("--out", required=True, metavar="DIR", help="new folder for the exported adapter (gguf: for "
+                   "model-TYPE.gguf)")
     p.add_argument("--base-model-name", help="base model id recorded in adapter_config.json (default: --model)")
 
     p = sub.add_parser("compare-heads", help="compare two head maps (heads.json): overlap of the selected heads, "

@@ -133,13 +133,16 @@ class RunConfig:
                                    "8bit or 4bit: load the frozen MLPs with bitsandbytes (saves GPU memory, slower on "
                                    "CPU); none: dense", stages=("load",), choices=QUANTIZE)
     # data ------------------------------------------------------------------------------------------
-    pool: str | None = setting(None, "data", "Pool file", "training pool file, or builtin-hard (the built-in pools "
-                               "where surface words mislead: the target skill only in other wordings, plus lexical "
-                               "twins); none or builtin: the built-in task pool", stages=("load",))
-    probe: str | None = setting(None, "data", "Probe file", "~100 examples of the target task, used to find the heads",
-                                stages=("load",))
-    eval: str | None = setting(None, "data", "Eval file", "eval set for accuracy before/after training",
+    pool: str | None = setting(None, "data", "Pool file", "training pool: a data file, a dataset "
+                               "ID[:CONFIG][@SPLIT[START:STOP]] (hub id or dataset folder, streamed), or builtin-hard "
+                               "(the built-in pools where surface words mislead: the target skill only in other "
+                               "wordings, plus lexical twins); none or builtin: the built-in task pool",
                                stages=("load",))
+    probe: str | None = setting(None, "data", "Probe file", "~100 examples of the target task, used to find the heads "
+                                "(a file or ID[:CONFIG][@SPLIT[START:STOP]], e.g. openai/gsm8k:main@train[:100])",
+                                stages=("load",))
+    eval: str | None = setting(None, "data", "Eval file", "eval set for accuracy before/after training (a file or "
+                               "ID[:CONFIG][@SPLIT], e.g. another split: openai/gsm8k:main@test)", stages=("load",))
     columns: dict | None = setting(None, "data", "Column mapping",
                                    "column mapping such as prompt=question,answer=reply,task=label (formats are "
                                    "detected otherwise)", stages=("load",))

@@ -28,7 +28,7 @@ from .adapter import HeadAdapter, geometry_mismatch
 from .errors import UserError
 from .files import atomic_dir, write_json
 
-EXPORT_FORMATS = ("peft",)
+EXPORT_FORMATS = ("peft", "gguf")  # gguf: p2d.gguf_export (the merged model as one file)
 P2D_EXPORT_INFO = "p2d_export.json"  # heads, ranks and training settings of the exported adapter
 
 

@@ -383,7 +383,7 @@ def test_missing_file(tmp_path):
 
 def test_hub_id_offline():
     msg = user_error(load_data, "someone/not-a-real-dataset-p2d")
-    assert "could not be found locally or on the hub" in msg
+    assert "could not be loaded from the hub or its local cache" in msg and "id:config" in msg
 
 
 def test_unknown_extension(tmp_path):
@@ -874,3 +874,99 @@ def test_messages_stay_on_one_line(tmp_path):
     p.write_text("{oops\n", encoding="utf-8")
     assert "no usable rows" in user_error(load_data, p)
     assert "'no\\nsuch'" in user_error(load_records, [{"q": 1, "a": 2}], mapping={"prompt": "no\nsuch", "answer": "a"})
+
+
+# --- datasets of the datasets library: ID[:CONFIG][@SPLIT[START:STOP]] --------------------------------------
+
+
+def _hub_style_folder(root):
+    """A local folder laid out like a hub dataset repository with two configs (as gsm8k has main and socratic),
+    each with train and test splits, declared in the README's YAML."""
+    import textwrap
+
+    for config, n in (("main", {"train": 30, "test": 7}), ("socratic", {"train": 5})):
+        for split, rows in n.items():
+            path = root / config / f"{split}.jsonl"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("".join(json.dumps({"question": f"{config} {split} q{i}", "answer": f"a{i}"}) + "\n"
+                                    for i in range(rows)), encoding="utf-8")
+    (root / "README.md").write_text(textwrap.dedent("""\
+        ---
+        configs:
+        - config_name: main
+          data_files:
+          - split: train
+            path: main/train.jsonl
+          - split: test
+            path: main/test.jsonl
+        - config_name: socratic
+          data_files:
+          - split: train
+            path: socratic/train.jsonl
+        ---
+        # a test dataset
+        """), encoding="utf-8")
+    return root
+
+
+def test_dataset_spec_parsing(tmp_path):
+    from p2d.data.loading import DatasetSpec, parse_dataset_spec
+
+    assert parse_dataset_spec("openai/gsm8k:main@test") == DatasetSpec("openai/gsm8k", "main", "test")
+    assert parse_dataset_spec("gsm8k") == DatasetSpec("gsm8k")
+    assert parse_dataset_spec("org/ds@train[:100]") == DatasetSpec("org/ds", None, "train", None, 100)
+    assert parse_dataset_spec("org/ds:cfg@train[100:]") == DatasetSpec("org/ds", "cfg", "train", 100, None)
+    assert str(DatasetSpec("org/ds", "cfg", "train", 100, 250)) == "org/ds:cfg@train[100:250]"
+    assert parse_dataset_spec(f"{tmp_path}:main@test") == DatasetSpec(str(tmp_path), "main", "test")
+    for not_a_dataset in ("data.jsonl", "./missing/folder:main", "a/b/c", "", "org/ds@train[x:]"):
+        assert parse_dataset_spec(not_a_dataset) is None, not_a_dataset
+    with pytest.raises(UserError, match="empty"):
+        parse_dataset_spec("org/ds@train[5:5]")
+
+
+def test_configs_and_splits_of_a_dataset_folder(tmp_path):
+    """The same `datasets` code path as a hub id (load_dataset with a config and a split, streamed), offline."""
+    from p2d.data.loading import dataset_options
+
+    root = _hub_style_folder(tmp_path / "gsm")
+    assert dataset_options(str(root)) == {"configs": ["main", "socratic"],
+                                          "splits": {"main": ["train", "test"], "socratic": ["train"]}}
+    test = load_data(f"{root}:main@test")
+    assert len(test) == 7 and test.samples[0].prompt[0]["content"] == "main test q0" and test.format == "question_answer"
+    assert len(load_data(f"{root}:socratic")) == 5  # the split argument's default: train
+    assert [s.prompt[0]["content"] for s in load_data(f"{root}:main@train[:3]").samples] == \
+        ["main train q0", "main train q1", "main train q2"]
+    rest = load_data(f"{root}:main@train[3:]")
+    assert len(rest) == 27 and rest.samples[0].prompt[0]["content"] == "main train q3"
+    capped = load_data(f"{root}:main@train", max_rows=4)  # streamed: reading stops at the cap
+    assert len(capped) == 4 and capped.truncated
+    assert "config" in user_error(load_data, str(root)).lower()  # two configs: one must be named
+    assert "test2" in user_error(load_data, f"{root}:main@test2")
+    assert "no rows" in user_error(load_data, f"{root}:main@test[50:]")
+    assert "larger than" in user_error(load_data, f"{root}:main", max_bytes=100)
+
+
+def test_dataset_options_offline_says_so():
+    from p2d.data.loading import dataset_options
+
+    msg = user_error(dataset_options, "someone/not-a-real-dataset-p2d")
+    assert "offline" in msg and "id:config@split" in msg and "\n" not in msg
+
+
+def test_pool_probe_and_eval_from_one_dataset(tmp_path, capsys):
+    """A run's pool, probe and eval sets from splits and row ranges of one dataset, and `p2d data` on a spec."""
+    from p2d.cli import main
+    from p2d.config import RunConfig
+    from p2d.pipeline import load_run_data
+
+    root = _hub_style_folder(tmp_path / "gsm")
+    cfg = RunConfig.from_dict({"pool": f"{root}:main@train[5:]", "probe": f"{root}:main@train[:5]",
+                               "eval": f"{root}:main@test"}).validate()
+    data = load_run_data(cfg, max_rows={"pool": 20})
+    assert (len(data.pool), len(data.probe), len(data.eval)) == (20, 5, 7)
+    probe = {s.prompt[0]["content"] for s in data.probe.samples}
+    assert not probe & {s.prompt[0]["content"] for s in data.pool.samples}  # the ranges never overlap
+    assert main(["data", f"{root}:socratic@train"]) == 0
+    assert json.loads(capsys.readouterr().out)["rows"] == 5
+    assert main(["data", f"{root}:nope"]) == 2
+    assert "could not be loaded" in capsys.readouterr().err

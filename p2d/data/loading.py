@@ -14,7 +14,13 @@ Supported sources:
 - ``.parquet``, read in batches.
 - the text formats above compressed as ``.gz`` (e.g. ``data.jsonl.gz``), streamed.
 - a ``datasets`` ``save_to_disk`` folder (of a ``DatasetDict``: ``split`` is taken).
-- a hub dataset id (``org/name``) via ``datasets.load_dataset(id, split=split)``.
+- a dataset of the ``datasets`` library, written ``ID[:CONFIG][@SPLIT[START:STOP]]`` (`parse_dataset_spec`):
+  a hub id (``openai/gsm8k:main@test``) or a local folder laid out like a hub dataset repository (data
+  files, optionally a README.md whose YAML ``configs`` name the configs and their splits), read with
+  ``datasets.load_dataset(ID, CONFIG, split=SPLIT, streaming=True)``: rows are streamed, so ``max_rows``
+  stops the download too. Without ``@SPLIT`` the ``split`` argument (default ``train``) is used;
+  ``[START:STOP]`` keeps that row range of the split (``@train[:100]`` for a probe, ``@train[100:]`` for
+  the pool: the two never overlap). `dataset_options` lists a dataset's configs and splits.
 
 Not supported: Excel workbooks, ZIP archives, text that is not UTF-8 (UTF-16, Latin-1),
 ``.parquet.gz``, several row shapes in one file.  Such files fail with a UserError saying so.
@@ -39,8 +45,8 @@ Limits (optional, for untrusted input), applied while the source is read (nothin
 - ``max_bytes``: UserError for a source that needs more bytes read: text files count decompressed
   bytes and never read past the cap (a gzip bomb stops there; a larger file is fine when
   ``max_rows`` is reached first); Parquet files count their size on disk, the uncompressed size
-  their metadata declares, and the bytes of the values read; ``save_to_disk`` folders count their
-  size on disk.  Not applied to hub ids.
+  their metadata declares, and the bytes of the values read; ``save_to_disk`` folders (and local
+  dataset folders) count their size on disk.  Not applied to hub ids.
 - ``max_field_chars``: a row with a text (a value or a key) longer than this is skipped ("a field
   longer than N characters"); a row longer than ``max(1 MiB, 4 * max_field_chars)`` bytes (a JSON
   Lines line, a JSON item, a Parquet row's values) is skipped before it is parsed ("row longer
@@ -82,7 +88,8 @@ from p2d.data.formats import (
 )
 from p2d.errors import UserError
 
-SUPPORTED = ".jsonl, .json, .csv, .tsv, .parquet (optionally .gz), a save_to_disk folder or a hub id"
+SUPPORTED = (".jsonl, .json, .csv, .tsv, .parquet (optionally .gz), a save_to_disk folder or a dataset "
+             "ID[:CONFIG][@SPLIT] (hub id or dataset folder)")
 MAX_DEPTH = 100  # nesting levels of a row (the row itself is level 1; a chat message is level 3)
 TOO_DEEP = "too deeply nested"
 SURROGATES_REPLACED = "invalid characters (lone surrogates) replaced with U+FFFD"
@@ -180,12 +187,12 @@ def _load_data(source, mapping, split, max_rows, max_bytes, limit, max_field_cha
     if not name:
         raise UserError("no data source given; pass a file, a folder or a hub dataset id")
     path = Path(name).expanduser()
-    if path.is_dir():
+    if path.is_dir() and _is_saved_dataset(path):
         records = _disk_records(path, split, max_bytes)
-    elif path.exists():
+    elif path.exists() and not path.is_dir():
         records = _file_records(path, split, max_bytes, _row_cap(max_field_chars), _skip_cap(max_rows))
-    elif _looks_like_hub_id(name):
-        records = _hub_records(name, split)
+    elif (spec := parse_dataset_spec(name)) is not None:
+        records = _dataset_spec_records(spec, split, max_bytes)
     else:
         raise UserError(f"file not found: {name}")
     return _build(records, name, mapping, max_rows, max_field_chars)
@@ -390,6 +397,45 @@ def _looks_like_hub_id(name: str) -> bool:
     if not _HUB_ID.match(name) or name.count("/") > 1:
         return False
     return _file_kind(Path(name)) is None
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """A dataset of the ``datasets`` library: ``path`` (hub id or local dataset folder), ``config``, ``split``
+    (None: the caller's default) and a row range ``start``:``stop`` of the split (None: open)."""
+
+    path: str
+    config: str | None = None
+    split: str | None = None
+    start: int | None = None
+    stop: int | None = None
+
+    def __str__(self) -> str:
+        rows = f"[{'' if self.start is None else self.start}:{'' if self.stop is None else self.stop}]" \
+            if self.start is not None or self.stop is not None else ""
+        return (self.path + (f":{self.config}" if self.config else "") + (f"@{self.split}" if self.split else "")
+                + rows)
+
+
+_SPEC = re.compile(r"^(?P<path>[^:@\[\]]+?)(?::(?P<config>[^:@\[\]]+))?"
+                   r"(?:@(?P<split>[\w.-]+)(?:\[(?P<start>\d*):(?P<stop>\d*)\])?)?$")
+
+
+def parse_dataset_spec(text: str) -> DatasetSpec | None:
+    """``ID[:CONFIG][@SPLIT[START:STOP]]`` -> DatasetSpec, where ID is a hub id (``org/name`` or ``name``) or an
+    existing folder; None for anything else (a file path, a typo'd path). UserError for a row range whose
+    stop is not after its start."""
+    m = _SPEC.match(str(text or "").strip())
+    if not m:
+        return None
+    base = m["path"].strip()
+    if not (Path(base).expanduser().is_dir() or _looks_like_hub_id(base)):
+        return None
+    start = int(m["start"]) if m["start"] else None
+    stop = int(m["stop"]) if m["stop"] else None
+    if start is not None and stop is not None and stop <= start:
+        raise UserError(f"{text}: the row range [{start}:{stop}] is empty; write [START:STOP] with STOP > START")
+    return DatasetSpec(base, (m["config"] or "").strip() or None, m["split"], start, stop)
 
 
 # --- files ------------------------------------------------------------------------
@@ -1210,15 +1256,70 @@ def _disk_records(path: Path, split: str, max_bytes: int | None) -> Iterator[Rec
     return _dataset_records(_pick_split(ds, split, str(path)), str(path))
 
 
-def _hub_records(name: str, split: str) -> Iterator[Record]:
+def _is_saved_dataset(path: Path) -> bool:
+    return any((path / m).exists() for m in ("dataset_info.json", "state.json", "dataset_dict.json"))
+
+
+def _dataset_spec_records(spec: DatasetSpec, split: str, max_bytes: int | None) -> Iterator[Record]:
+    """Rows of ``spec`` streamed through ``datasets.load_dataset`` (a local folder or the hub)."""
     import datasets
 
+    folder = Path(spec.path).expanduser()
+    if folder.is_dir() and max_bytes is not None:
+        total = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+        if total > max_bytes:
+            raise UserError(f"{folder} is larger than {_size(max_bytes)}: use a smaller dataset")
+    split = spec.split or split
     try:
-        ds = datasets.load_dataset(name, split=split)
-    except Exception as e:  # noqa: BLE001 - offline, not found, bad split, gated...
-        raise UserError(f"dataset '{name}' could not be found locally or on the hub "
-                        f"({_one_line(e)}); check the path or id, or download it first") from None
-    return _dataset_records(ds, name)
+        ds = datasets.load_dataset(str(folder) if folder.is_dir() else spec.path, spec.config, split=split,
+                                   streaming=True)
+    except Exception as e:  # noqa: BLE001 - offline, not found, missing config, bad split, gated...
+        if folder.is_dir():
+            raise UserError(f"dataset folder {spec} could not be loaded ({_one_line(e)}); a folder must be a dataset "
+                            "saved with save_to_disk or hold data files laid out like a hub dataset") from None
+        raise UserError(f"dataset {spec} could not be loaded from the hub or its local cache ({_one_line(e)}); check "
+                        "the id, CONFIG (id:config) and SPLIT (id@split), or the network") from None
+
+    def gen():
+        rows = itertools.islice(iter(ds), spec.start or 0, spec.stop)
+        index = 0
+        while True:
+            try:
+                row = next(rows, None)
+            except Exception as e:  # noqa: BLE001 - a stream can fail part-way (network, bad shard)
+                raise UserError(f"reading dataset {spec} failed after {index} rows ({_one_line(e)})") from None
+            if row is None:
+                if index == 0:
+                    raise UserError(f"dataset {spec} is empty: it has no rows" +
+                                    (" in that row range" if spec.start or spec.stop else ""))
+                return
+            yield index, dict(row) if isinstance(row, dict) else SkipRow("not a JSON object")
+            index += 1
+
+    return gen()
+
+
+def dataset_options(path: str) -> dict:
+    """The configs of the dataset ``path`` (hub id or local dataset folder) and each config's splits:
+    ``{"configs": [...], "splits": {config: [...]}}``, through ``datasets``' listing functions (hub ids need
+    the network or the local cache). UserError with one line when they cannot be listed."""
+    from datasets import get_dataset_config_names, get_dataset_split_names
+
+    spec = parse_dataset_spec(path)
+    if spec is None:
+        raise UserError(f"{path!r} is not a dataset id (org/name) or a dataset folder")
+    target = str(Path(spec.path).expanduser()) if Path(spec.path).expanduser().is_dir() else spec.path
+    try:
+        configs = list(get_dataset_config_names(target))
+        splits = {c: list(get_dataset_split_names(target, c)) for c in configs}
+    except Exception as e:  # noqa: BLE001 - offline, not found, gated...
+        offline = os.environ.get("HF_DATASETS_OFFLINE", "").strip() in ("1", "true", "yes") or \
+            os.environ.get("HF_HUB_OFFLINE", "").strip() in ("1", "true", "yes")
+        raise UserError(f"could not list the configs and splits of {spec.path}"
+                        + (" (offline: HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set)" if offline else
+                           f" ({_one_line(e, 120)})")
+                        + "; type them by hand as id:config@split") from None
+    return {"configs": configs, "splits": splits}
 
 
 def _one_line(e: BaseException, limit: int = 200) -> str:
