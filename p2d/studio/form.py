@@ -5,9 +5,10 @@ the app's API endpoints (gradio_client passes any of them by keyword). Only two 
 two steps, so the form has six names of its own:
 
 - ``model_source`` (embedded / hub / local) and ``model_name``  ->  ``model``
-- ``data_source`` (builtin / files) and ``pool_path``, ``probe_path``, ``eval_path``  ->  ``pool``,
-  ``probe``, ``eval`` (with the built-in pool, ``columns`` is not used and left unset; with files,
-  ``target`` is)
+- ``data_source`` (builtin / files / hub) and ``pool_path``, ``probe_path``, ``eval_path``  ->  ``pool``,
+  ``probe``, ``eval`` (with the built-in pool, ``columns`` is not used and left unset; with files or a
+  dataset, ``target`` is). ``hub`` (local mode only) fills the paths with dataset specs
+  ``ID:CONFIG@SPLIT`` (`p2d.data.loading.parse_dataset_spec`) picked on the Model & data tab.
 
 `to_config` hands the values to `RunConfig.from_dict`, which parses and checks every one of them
 (errors name the setting as "Label (field_name)"); `to_values` fills the form from a RunConfig. An
@@ -49,7 +50,7 @@ assert sorted(CONFIG_NAMES + _ASKED_IN_TWO_STEPS) == sorted(f.name for f in fiel
 
 MODEL_SOURCES = (("Embedded default (SmolLM2-135M-Instruct)", "embedded"), ("Hugging Face hub id", "hub"),
                  ("Local folder or .gguf file", "local"))
-DATA_SOURCES = (("Built-in task pool", "builtin"), ("My files", "files"))
+DATA_SOURCES = (("Built-in task pool", "builtin"), ("My files", "files"), ("Dataset (hub id or folder)", "hub"))
 #: number inputs where 0 means "not set" (RunConfig reads 0 as none for them)
 ZERO_IS_UNSET = tuple(f.name for f in fields(RunConfig) if f.metadata.get("none_if_zero"))
 
@@ -69,11 +70,12 @@ def to_config(values: dict) -> RunConfig:
         data["model"] = str(v.get("model_name") or "").strip()
         if not data["model"]:
             raise UserError(f"{label('model')}: type a hub id or a local model folder, or pick the embedded default")
-    if v.get("data_source", "builtin") == "files":
+    if v.get("data_source", "builtin") in ("files", "hub"):
         for name in ("pool", "probe", "eval"):
             data[name] = str(v.get(f"{name}_path") or "").strip() or None
         if not data["pool"]:
-            raise UserError(f"{label('pool')}: upload a pool file (or type its path), or pick the built-in task pool")
+            raise UserError(f"{label('pool')}: upload a pool file (or type its path), pick a dataset, or pick the "
+                            "built-in task pool")
         data["target"] = None
     else:
         data.update(pool=None, probe=None, eval=None, columns=None)
@@ -100,11 +102,24 @@ def to_values(cfg: RunConfig, out_auto: bool = False) -> dict:
         values.update(model_source="embedded", model_name="")
     else:
         values.update(model_source="local" if looks_like_local_path(cfg.model) else "hub", model_name=cfg.model)
-    values.update(data_source="files" if cfg.pool else "builtin", pool_path=cfg.pool or "", probe_path=cfg.probe or "",
+    values.update(data_source=_data_source(cfg.pool), pool_path=cfg.pool or "", probe_path=cfg.probe or "",
                   eval_path=cfg.eval or "", target=cfg.target or DEFAULT_TARGET, quantize=cfg.quantize or "none",
                   columns=format_columns(cfg.columns), projections=list(cfg.projections),
                   out="" if out_auto or cfg.out == RunConfig().out else cfg.out)
     return {name: values[name] for name in FIELD_NAMES}
+
+
+def _data_source(pool: str | None) -> str:
+    """builtin without a pool; hub for a dataset spec that is not a file; files otherwise."""
+    from pathlib import Path
+
+    from p2d.data.loading import parse_dataset_spec
+
+    if not pool:
+        return "builtin"
+    if not Path(pool).expanduser().is_file() and parse_dataset_spec(pool) is not None:
+        return "hub"
+    return "files"
 
 
 # ----------------------------------------------------------------------------------------- inputs
@@ -152,8 +167,8 @@ def build_inputs(limits: Limits, initial: dict) -> dict:
         "trust_remote_code": gr.Checkbox(v["trust_remote_code"], label=_label("trust_remote_code"),
                                          info=_help("trust_remote_code"), visible=local, **num),
         # data
-        "data_source": gr.Radio(list(DATA_SOURCES), value=v["data_source"], label="Data source",
-                                elem_id="data-source", **num),
+        "data_source": gr.Radio([d for d in DATA_SOURCES if local or d[1] != "hub"], value=v["data_source"],
+                                label="Data source", elem_id="data-source", **num),
         "target": dropdown("target", tasks if v["target"] in tasks else [v["target"], *tasks],
                            info="the task to specialise on; the rest of the pool is other tasks"),
         "pool_size": number("pool_size", info=_help("pool_size") + (f" (demo: at most {limits.max_pool})"

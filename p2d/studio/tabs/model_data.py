@@ -1,4 +1,6 @@
-"""Tab 1 - Model & data: the model, the built-in pool or uploaded files, Load (``/load``, ``/upload_*``);
+"""Tab 1 - Model & data: the model, the built-in pool, uploaded files or a dataset of the ``datasets`` library
+(a hub id or a dataset folder, with its configs and splits listed by ``/dataset_options``; local mode only),
+Load (``/load``, ``/upload_*``);
 the runs of this session, to reopen or resume one (``/runs``, ``/open_run``, ``/resume_run``), and
 ``/attach`` (an API client's key to this session, to come back to it later)."""
 
@@ -36,6 +38,21 @@ def build(ctx) -> SimpleNamespace:
             gr.Markdown("### Data")
             f["data_source"].render()
             builtin = f["data_source"].value == "builtin"
+            with gr.Group(visible=f["data_source"].value == "hub") as c.hub_group:
+                with gr.Row(equal_height=True):
+                    c.ds_id = gr.Textbox(label="Dataset: hub id or dataset folder", scale=3, elem_id="ds-id",
+                                         placeholder="e.g. openai/gsm8k")
+                    c.ds_list = gr.Button("List configs and splits", scale=1, elem_id="ds-list")
+                with gr.Row():
+                    c.ds_config = gr.Dropdown([], label="Config", allow_custom_value=True, elem_id="ds-config")
+                    c.ds_pool = gr.Dropdown([], label="Pool split", allow_custom_value=True, elem_id="ds-pool",
+                                            info="a split, or a row range: train[100:]")
+                    c.ds_probe = gr.Dropdown([], label="Probe split", allow_custom_value=True, elem_id="ds-probe",
+                                             info="~100 target rows: train[:100]")
+                    c.ds_eval = gr.Dropdown([], label="Eval split (optional)", allow_custom_value=True,
+                                            elem_id="ds-eval", info="another split: test")
+                c.ds_status = gr.Markdown(elem_id="ds-status")
+                c.ds_options = gr.State(None)
             with gr.Group(visible=builtin) as c.builtin_group:
                 f["target"].render()
                 with gr.Row():
@@ -177,9 +194,64 @@ def build(ctx) -> SimpleNamespace:
                  outputs={"path": f[f"{kind}_path"], "data_source": f["data_source"], "status": c.status},
                  status="status", api_name=f"upload_{kind}")
 
-    f["data_source"].change(lambda source: (gr.Group(visible=source != "files"), gr.Group(visible=source == "files")),
-                            [f["data_source"]], [c.builtin_group, c.files_group], api_visibility="private",
+    f["data_source"].change(lambda source: (gr.Group(visible=source == "builtin"), gr.Group(visible=source == "files"),
+                                            gr.Group(visible=source == "hub")),
+                            [f["data_source"]], [c.builtin_group, c.files_group, c.hub_group], api_visibility="private",
                             show_progress="hidden")
+
+    def dataset_options(request, dataset):
+        """The configs of a dataset (hub id or local dataset folder) and the splits of each, through the
+        ``datasets`` library (a hub id needs the network); the pickers get sensible defaults (pool: the train
+        split from row 100, probe: its first 100 rows, eval: a test split)."""
+        from p2d.data.loading import dataset_options as options_of
+
+        if ctx.limits.demo:
+            raise UserError("datasets from the hub are off in the public demo: upload files instead, or duplicate "
+                            "the Space")
+        dataset = str(dataset or "").strip()
+        if not dataset:
+            raise UserError("type a dataset id (org/name) or a dataset folder")
+        opts = options_of(dataset)
+        config = opts["configs"][0] if opts["configs"] else None
+        update = _split_pickers(opts, config)
+        return {"status": f"✓ {len(opts['configs'])} config(s): {', '.join(opts['configs'])}", "options": opts,
+                "config": gr.Dropdown(choices=opts["configs"], value=config), **update}
+
+    def _split_pickers(opts: dict, config: str | None) -> dict:
+        splits = list((opts or {}).get("splits", {}).get(config, []))
+        train = "train" if "train" in splits else (splits[0] if splits else "train")
+        held = next((s for s in ("test", "validation", "valid", "dev") if s in splits), "")
+        choices = [*splits, f"{train}[100:]", f"{train}[:100]"]
+        return {"pool": gr.Dropdown(choices=choices, value=f"{train}[100:]"),
+                "probe": gr.Dropdown(choices=choices, value=f"{train}[:100]"),
+                "eval": gr.Dropdown(choices=["", *splits], value=held)}
+
+    ctx.bind(c.ds_list.click, dataset_options, inputs={"dataset": c.ds_id},
+             outputs={"status": c.ds_status, "options": c.ds_options, "config": c.ds_config, "pool": c.ds_pool,
+                      "probe": c.ds_probe, "eval": c.ds_eval}, status="status", api_name="dataset_options")
+    c.ds_config.input(lambda opts, config: tuple(_split_pickers(opts, config).values()), [c.ds_options, c.ds_config],
+                      [c.ds_pool, c.ds_probe, c.ds_eval], api_visibility="private", show_progress="hidden")
+
+    def specs(dataset, config, pool, probe, ev):
+        """The pool/probe/eval paths as dataset specs (ID:CONFIG@SPLIT), in the one syntax the loader reads."""
+        from p2d.data.loading import DatasetSpec, parse_dataset_spec
+
+        dataset = str(dataset or "").strip()
+
+        def one(split):
+            split = str(split or "").strip()
+            if not dataset or not split:
+                return ""
+            spec = parse_dataset_spec(f"{dataset}@{split}")
+            if spec is None:
+                return f"{dataset}{':' + config if config else ''}@{split}"  # the loader explains what is wrong
+            return str(DatasetSpec(spec.path, str(config or "").strip() or None, spec.split, spec.start, spec.stop))
+        return one(pool), one(probe), one(ev)
+
+    for picker in (c.ds_id, c.ds_config, c.ds_pool, c.ds_probe, c.ds_eval):
+        picker.change(specs, [c.ds_id, c.ds_config, c.ds_pool, c.ds_probe, c.ds_eval],
+                      [f["pool_path"], f["probe_path"], f["eval_path"]], api_visibility="private",
+                      show_progress="hidden")
     f["model_source"].change(lambda source: gr.Textbox(interactive=source != "embedded"), [f["model_source"]],
                              [f["model_name"]], api_visibility="private", show_progress="hidden")
     return c
