@@ -63,11 +63,12 @@ class Context:
 
     # -- wiring ----------------------------------------------------------------------------------
     def bind(self, trigger, fn, *, outputs: dict, inputs: dict | None = None, settings: bool = False,
-             status: str | None = None, **event):
+             status: str | None = None, oauth: bool = False, **event):
         """``trigger(wrapped fn, inputs, outputs, **event)``; see the module docstring.
 
         ``fn(request, **named inputs)`` (plus ``settings=`` the form's values by name) returns or
-        yields a dict keyed by the names in ``outputs``."""
+        yields a dict keyed by the names in ``outputs``. With ``oauth``, ``fn`` also gets ``token=``: the
+        visitor's Hugging Face access token from Gradio's login (``gr.OAuthToken``) for this request, or None."""
         inputs = dict(inputs or {})
         form_names = list(form.FIELD_NAMES) if settings else []
         names = form_names + list(inputs)
@@ -98,6 +99,9 @@ class Context:
             kwargs = {n: given[n] for n in inputs}
             if settings:
                 kwargs["settings"] = {n: given[n] for n in form_names}
+            if oauth:  # Gradio puts the login's token after the request (only this request's)
+                login = args[len(names) + 1] if len(args) > len(names) + 1 else None
+                kwargs["token"] = getattr(login, "token", None) or None
             return request, kwargs
 
         def failed(exc: BaseException):
@@ -127,8 +131,13 @@ class Context:
         params = [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None) for n in names]
         params.append(inspect.Parameter("request", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None,
                                         annotation=gr.Request))
+        annotations = {"request": gr.Request}
+        if oauth:
+            params.append(inspect.Parameter("oauth_token", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None,
+                                            annotation=gr.OAuthToken | None))
+            annotations["oauth_token"] = gr.OAuthToken | None
         handler.__signature__ = inspect.Signature(params)
-        handler.__annotations__ = {"request": gr.Request}
+        handler.__annotations__ = annotations
         handler.__name__ = fn.__name__
         handler.__doc__ = fn.__doc__
         return trigger(handler, comps, out_comps, **event)

@@ -192,15 +192,40 @@ def export_peft(studio, ws):
     return body
 
 
-def push(studio, ws, repo_id: str, private: bool, merged: bool):
-    """Upload the run's adapter (PEFT format, optionally the merged model) and its model card."""
+def export_gguf(studio, ws, outtype: str):
+    """The merged model as GGUF (`p2d.gguf_export`) in the workspace's downloads folder; the file's path."""
+    def body(job: Job):
+        import shutil
+        import tempfile
+
+        from p2d.gguf_export import export_gguf as export, gguf_name
+
+        run, trained = _trained(ws)
+        job.set_phase(f"writing the merged model as GGUF ({outtype})")
+        lm = studio.runner.load_model(run.config)
+        target = ws.download_dir / f"{run.out.name}-{gguf_name(outtype)}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix="p2d-gguf-", dir=ws.download_dir) as tmp:
+            out = export(lm, trained.adapter_dir, Path(tmp) / "gguf", outtype, name=run.out.name)
+            shutil.move(str(out / gguf_name(outtype)), target)
+        return str(target)
+    return body
+
+
+def push(studio, ws, repo_id: str, private: bool, merged: bool, token_box: list | None = None):
+    """Upload the run's adapter (PEFT format, optionally the merged model) and its model card. With
+    ``token_box`` (a visitor's login): the token in it is taken out once and used for this push only, never
+    the server's own."""
     from p2d.hub import push_run
 
     def body(job: Job):
+        token = token_box.pop() if token_box else None  # handed over once: nothing keeps it after this push
+        if token_box is not None and not token:
+            raise UserError("sign in with Hugging Face first: the push uses your own account")
         run, _ = _trained(ws)
         job.set_phase(f"pushing to the Hugging Face Hub ({repo_id})")
         lm = studio.runner.load_model(run.config)
-        return push_run(run.out, repo_id, lm=lm, merged=merged, private=private)
+        return push_run(run.out, repo_id, lm=lm, merged=merged, private=private, token=token)
     return body
 
 

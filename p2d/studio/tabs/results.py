@@ -4,11 +4,17 @@ PEFT-format adapter zip, metrics.json), merged model, a push to the Hugging Face
 
 The push box is shown only where a Hugging Face token is available (``huggingface_hub.get_token()``)
 and not in the public demo (the token is the host's); ``/push`` and ``/merge`` are refused in the demo
-by the gate (`p2d.studio.gate`) whatever the page shows. Merge and push are jobs like the others (one
-at a time, stoppable before they start)."""
+by the gate (`p2d.studio.gate`) whatever the page shows. On a Space whose README enables Hugging Face
+OAuth (``hf_oauth: true``: the platform sets ``OAUTH_CLIENT_ID``), a second box has Gradio's login button,
+and ``/push_login`` pushes the adapter and its card with the visitor's own token (``gr.OAuthToken``, this
+request's only: handed to the push job once, never stored, logged or shown); it works in the public demo
+too. Without OAuth that box and endpoint do not exist. Outside the demo ``/export_gguf`` writes the merged
+model as GGUF for download (`p2d.gguf_export`). Merge and push are jobs like the others (one at a time,
+stoppable before they start)."""
 
 from __future__ import annotations
 
+import os
 from types import SimpleNamespace
 
 import gradio as gr
@@ -29,6 +35,18 @@ def hub_token() -> str | None:
         return get_token()
     except Exception:  # noqa: BLE001 - an unreadable token file is no token
         return None
+
+
+def hub_login_enabled() -> bool:
+    """Gradio's Hugging Face login works here: a Space (SPACE_ID) whose README enables OAuth (OAUTH_CLIENT_ID)."""
+    return bool(os.environ.get("SPACE_ID")) and bool(os.environ.get("OAUTH_CLIENT_ID"))
+
+
+def check_repo_id(repo_id) -> str:
+    repo_id = str(repo_id or "").strip()
+    if not repo_id or repo_id.count("/") != 1 or not all(repo_id.split("/")):
+        raise UserError("Repository id: type it as owner/name")
+    return repo_id
 
 
 def build(ctx) -> SimpleNamespace:
@@ -70,6 +88,18 @@ def build(ctx) -> SimpleNamespace:
         c.peft_dl = gr.DownloadButton("Download PEFT adapter (zip)", value=None, interactive=False,
                                       elem_id="download-peft")
     c.peft_status = gr.Markdown(elem_id="peft-status")
+    if not ctx.limits.demo:
+        from p2d.gguf_export import DEFAULT_TYPE, GGUF_TYPES
+
+        with gr.Row(equal_height=True):
+            c.gguf_type = gr.Dropdown(list(GGUF_TYPES), value=DEFAULT_TYPE, label="GGUF type", scale=1,
+                                      elem_id="gguf-type", info="norms stay f32; for Q4_K_M etc. run llama.cpp's "
+                                      "llama-quantize on the f16 file")
+            c.gguf_btn = gr.Button("Export merged model as GGUF (llama.cpp, Ollama, LM Studio)", scale=2,
+                                   elem_id="export-gguf")
+            c.gguf_dl = gr.DownloadButton("Download GGUF", value=None, interactive=False, scale=1,
+                                          elem_id="download-gguf")
+        c.gguf_status = gr.Markdown(elem_id="gguf-status")
     with gr.Accordion("Save a merged model (base + trained heads) to a folder", open=False, visible=not ctx.limits.demo):
         with gr.Row(equal_height=True):
             c.merge_dir = gr.Textbox(label="Folder (must not exist or be empty)", placeholder="merged/my-model",
@@ -87,6 +117,19 @@ def build(ctx) -> SimpleNamespace:
             c.with_merged = gr.Checkbox(False, label="Include the merged model", scale=1, elem_id="push-merged")
             c.push_btn = gr.Button("Push", variant="primary", scale=0, min_width=100, elem_id="push-btn")
         c.push_status = gr.Markdown(elem_id="push-status")
+    login = hub_login_enabled()
+    if login:
+        with gr.Accordion("Push to your Hugging Face account", open=False, elem_id="login-push-box"):
+            gr.Markdown("Sign in with Hugging Face, then push this run's adapter (PEFT format) and its model card to a "
+                        "repository of your own. Your login is used for this push only: it is not stored or logged.")
+            c.login_btn = gr.LoginButton(elem_id="hf-login")
+            with gr.Row(equal_height=True):
+                c.login_repo = gr.Textbox(label="Repository id (yours)", placeholder="your-name/p2d-heads", scale=3,
+                                          elem_id="login-repo")
+                c.login_private = gr.Checkbox(True, label="Private", scale=0, min_width=100, elem_id="login-private")
+                c.login_push_btn = gr.Button("Push with my account", variant="primary", scale=0, min_width=180,
+                                             elem_id="login-push-btn")
+            c.login_status = gr.Markdown(elem_id="login-push-status")
     base_view = {"summary": c.summary, "table": c.table, "chart": c.chart, "examples": c.examples,
                  "adapter_dl": c.adapter_dl, "metrics_dl": c.metrics_dl, "peft_dl": c.peft_dl}
     extra_view = {"forgetting": c.forgetting, "forgetting_md": c.forgetting_md, "controls_chart": c.controls_chart,
@@ -153,9 +196,7 @@ def build(ctx) -> SimpleNamespace:
     def push(request, repo_id, private, merged):
         """Push the adapter (PEFT format), its model card and optionally the merged model to the Hub (refused
         in the public demo by the gate, `p2d.studio.gate.REFUSED_IN_DEMO`)."""
-        repo_id = (repo_id or "").strip()
-        if not repo_id or repo_id.count("/") != 1:
-            raise UserError("Repository id: type it as owner/name")
+        repo_id = check_repo_id(repo_id)
         if hub_token() is None:
             raise UserError("pushing needs a Hugging Face token on the server: huggingface-cli login, or set HF_TOKEN")
         for update in ctx.run_job(request, "push", "Push to the Hub", jobs.push, None, repo_id=repo_id,
@@ -167,6 +208,49 @@ def build(ctx) -> SimpleNamespace:
 
     ctx.bind(c.push_btn.click, push, inputs={"repo_id": c.repo_id, "private": c.private, "merged": c.with_merged},
              outputs={"status": c.push_status}, status="status", api_name="push", **ctx.job_event)
+
+    if login:
+        def push_login(request, repo_id, private, token=None):
+            """Push the adapter (PEFT format) and its model card to a repository of the signed-in visitor, with
+            their own Hugging Face token (this request's; not stored)."""
+            if not token:
+                raise UserError("sign in with Hugging Face first (the button above): the push uses your own account")
+            repo_id = check_repo_id(repo_id)
+            box = [token]
+            try:
+                for update in ctx.run_job(request, "push", "Push to your Hub account", jobs.push, None,
+                                          repo_id=repo_id, private=bool(private), merged=False, token_box=box):
+                    job = st.current_job(st.workspace(request))
+                    if not job.active and job.status == "done":
+                        update["status"] = f"✓ pushed to [{job.result['repo']}]({job.result['url']})"
+                    yield update
+            finally:
+                box.clear()  # a job that never started leaves nothing behind either
+
+        ctx.bind(c.login_push_btn.click, push_login, inputs={"repo_id": c.login_repo, "private": c.login_private},
+                 outputs={"status": c.login_status}, status="status", api_name="push_login", oauth=True,
+                 **ctx.job_event)
+
+    if not ctx.limits.demo:
+        def export_gguf(request, gguf_type):
+            """The merged model (base + trained heads) as one GGUF file for download (Llama-family models)."""
+            from p2d.gguf_export import GGUF_TYPES
+
+            if ctx.limits.demo:
+                raise UserError("GGUF export is off in the public demo: download the PEFT adapter instead")
+            if gguf_type not in GGUF_TYPES:
+                raise UserError(f"GGUF type: one of {', '.join(GGUF_TYPES)}")
+            for update in ctx.run_job(request, "export", "GGUF export", jobs.export_gguf, None, outtype=gguf_type):
+                ws = st.workspace(request)
+                job = st.current_job(ws)
+                if not job.active and job.status == "done":
+                    update["gguf_dl"] = st.download(ws, job.result)
+                    update["status"] = f"✓ GGUF ready ({gguf_type}): `{os.path.basename(job.result)}`"
+                yield update
+
+        ctx.bind(c.gguf_btn.click, export_gguf, inputs={"gguf_type": c.gguf_type},
+                 outputs={"status": c.gguf_status, "gguf_dl": c.gguf_dl}, status="status", api_name="export_gguf",
+                 **ctx.job_event)
 
     def merge(request, folder):
         """Save base model + trained heads as one model (save_pretrained) into ``folder`` (refused in the public
