@@ -45,6 +45,26 @@ def _plotly(page, elem_id: str, timeout: float = 30_000):
     return loc.first
 
 
+def _luminance(rgb) -> float:
+    r, g, b = rgb[:3]
+    return 0.2126 * r + 0.7152 * g + 0.0722 * b
+
+
+def _background(png: bytes) -> float:
+    """Luminance of the most common colour of a screenshot (a chart's background)."""
+    import io
+
+    from PIL import Image
+
+    img = Image.open(io.BytesIO(png)).convert("RGB")
+    count, colour = max(img.getcolors(img.width * img.height))
+    return _luminance(colour)
+
+
+def _css_rgb(text: str) -> tuple:
+    return tuple(float(x) for x in text[text.index("(") + 1:text.index(")")].split(",")[:3])
+
+
 def test_walk_tabs_train_and_reload(app_url, tiny_llama_dir, capsys, tmp_path):
     from playwright.sync_api import expect, sync_playwright
 
@@ -131,6 +151,8 @@ def test_walk_tabs_train_and_reload(app_url, tiny_llama_dir, capsys, tmp_path):
             _fill(page, "chat-prompt", "What is 12 + 30?")
             page.locator("#chat-btn").click()
             expect(page.locator("#chat-status")).to_contain_text("answered", timeout=60_000)
+            expect(page.locator("#chat-base")).to_contain_text("What is 12 + 30?")  # the conversation, both sides
+            expect(page.locator("#chat-tuned")).to_contain_text("What is 12 + 30?")
             page.locator("#head-grid").get_by_role("gridcell").nth(3 * 5 + 2).click()  # row 3 (layer 3), column h1
             expect(page.locator("#head-layer input")).to_have_value("3")
             expect(page.locator("#head-head input")).to_have_value("1")
@@ -143,6 +165,7 @@ def test_walk_tabs_train_and_reload(app_url, tiny_llama_dir, capsys, tmp_path):
             expect(page.locator("#compare-md")).to_contain_text("Jaccard 1.00", timeout=30_000)
             _plotly(page, "map-diff")
             page.screenshot(path=str(SHOTS / "6-explore.png"), full_page=True)
+
 
             # a longer run: live progress (elapsed/remaining) and a loss chart that grows, then Stop keeps
             # the adapter
@@ -181,6 +204,53 @@ def test_walk_tabs_train_and_reload(app_url, tiny_llama_dir, capsys, tmp_path):
             chooser.value.set_files(str(settings))
             expect(page.locator("#settings-status")).to_contain_text("settings applied", timeout=15_000)
             expect(page.locator("#pool-size input")).to_have_value("33")
+
+            # dark mode (?__theme=dark): the charts are transparent on the dark blocks, their text and the notes
+            # take the theme's colours
+            page.get_by_role("tab", name="4 · Train").click()
+            light = _background(_plotly(page, "loss-chart").screenshot())
+            page.goto(app_url + "?__theme=dark")
+            page.get_by_role("tab", name="4 · Train").click()
+            expect(_plotly(page, "loss-chart")).to_contain_text("Training loss", timeout=30_000)
+            chart = page.locator("#loss-chart").screenshot(path=str(SHOTS / "dark-loss-chart.png"))
+            page.screenshot(path=str(SHOTS / "dark-4-train.png"), full_page=True)
+            assert light > 230 and _background(chart) < 80, (light, _background(chart))
+            title = page.evaluate("getComputedStyle(document.querySelector('#loss-chart .gtitle')).fill")
+            assert _luminance(_css_rgb(title)) > 150, title
+            note = page.evaluate("getComputedStyle(document.querySelector('.p2d-lesson')).color")
+            assert _luminance(_css_rgb(note)) > 120, note
+            page.get_by_role("tab", name="2 · Heads").click()
+            _plotly(page, "heads-heatmap")
+            page.screenshot(path=str(SHOTS / "dark-2-heads.png"), full_page=True)
         finally:
             browser.close()
     assert (SHOTS / "4-train.png").stat().st_size > 10_000
+
+
+def test_dark_mode_charts_and_notes(app_url):
+    """?__theme=dark: a chart's background is the dark page's (transparent figures), not white; its text and the
+    notes under the charts take the theme's light text colour. The light page for comparison."""
+    from playwright.sync_api import sync_playwright
+
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        try:
+            seen = {}
+            for theme in ("light", "dark"):
+                page = browser.new_page(viewport={"width": 1400, "height": 1000})
+                page.set_default_timeout(60_000)
+                page.goto(app_url + ("?__theme=dark" if theme == "dark" else ""))
+                page.get_by_role("tab", name="2 · Heads").click()
+                chart = _plotly(page, "heads-heatmap")  # the empty figure a fresh session shows, with its note
+                png = chart.screenshot(path=str(SHOTS / f"{theme}-empty-chart.png"))
+                page.screenshot(path=str(SHOTS / f"{theme}-2-heads-empty.png"), full_page=True)
+                text = page.evaluate("getComputedStyle(document.querySelector('#heads-heatmap .annotation-text')).fill")
+                note = page.evaluate("getComputedStyle(document.querySelector('.p2d-lesson')).color")
+                seen[theme] = (_background(png), _luminance(_css_rgb(text)), _luminance(_css_rgb(note)))
+                page.close()
+        finally:
+            browser.close()
+    assert seen["light"][0] > 230 and seen["dark"][0] < 80, seen  # the chart follows the page
+    assert seen["dark"][1] > 150 and seen["dark"][2] > 120, seen  # light text on the dark page
+    assert seen["light"][1] < 150, seen  # dark text on the light page

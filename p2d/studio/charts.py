@@ -2,6 +2,11 @@
 
 Every builder returns a `plotly.graph_objects.Figure`, including for empty input (a figure with a
 centred "nothing yet" note), so the page never shows a blank or broken plot.
+
+Light and dark pages: the figures are built on the server, which does not know the visitor's theme, so
+their backgrounds are transparent (the page's block colour shows through) and grid lines a translucent
+grey that reads on both; in a dark page the app's CSS (`p2d.studio.server.STYLE`) gives the figures' text
+Gradio's theme text colour.
 """
 
 from __future__ import annotations
@@ -10,10 +15,16 @@ import math
 from typing import Iterable, Sequence
 
 import plotly.graph_objects as go
+import plotly.io as pio
 
 from p2d.heads import head_ranks  # noqa: F401 - the library's ranks (one order everywhere), used below and by views
 
-TEMPLATE = "plotly_white"
+GRID = "rgba(128,128,128,0.25)"
+#: plotly_white with transparent backgrounds and grid lines that read on light and dark pages
+TEMPLATE = go.layout.Template(pio.templates["plotly_white"])
+TEMPLATE.layout.update(paper_bgcolor="rgba(0,0,0,0)", plot_bgcolor="rgba(0,0,0,0)")
+for _axis in (TEMPLATE.layout.xaxis, TEMPLATE.layout.yaxis):
+    _axis.update(gridcolor=GRID, zerolinecolor=GRID, linecolor=GRID)
 COLORS = {
     "heads": "#6366f1",      # indigo
     "select": "#f59e0b",     # amber

@@ -56,7 +56,10 @@ STYLE = """
 .p2d-header h1 {margin-bottom: 0.1em}
 .p2d-banner {min-height: 1.6em}
 #heads-heatmap, #loss-chart, #aer-chart {min-height: 240px}
-.p2d-lesson {font-size: 0.86em; color: #475569; border-left: 3px solid #c7d2fe; padding-left: 0.6em}
+.p2d-lesson {font-size: 0.86em; color: var(--body-text-color-subdued); border-left: 3px solid var(--color-accent-soft);
+  padding-left: 0.6em}
+/* charts: transparent backgrounds (p2d.studio.charts); in a dark page their text takes the theme's colour */
+.dark .js-plotly-plot .main-svg text:not(.hoverlayer *) {fill: var(--body-text-color) !important}
 </style>
 """
 TABS = (("1 · Model & data", "model", model_tab), ("2 · Heads", "heads", heads_tab), ("3 · Data", "data", data_tab),

@@ -71,7 +71,7 @@ def progress_html(fraction: float | None, label: str, detail: str = "", state: s
         f'<div class="p2d-progress" data-state="{state}" style="font-family:inherit;margin:4px 0 8px 0">'
         f'<div style="display:flex;justify-content:space-between;font-size:0.95em;margin-bottom:4px">'
         f'<span><b>{html.escape(label)}</b></span><span>{html.escape(detail)}</span></div>'
-        f'<div style="background:#e2e8f0;border-radius:6px;height:14px;overflow:hidden">'
+        f'<div style="background:var(--border-color-primary);border-radius:6px;height:14px;overflow:hidden">'
         f'<div class="p2d-progress-fill" style="width:{pct:.1f}%;background:{color};height:100%"></div></div></div>'
     )
 
