@@ -115,9 +115,11 @@ def _data_source(pool: str | None) -> str:
 
     from p2d.data.loading import parse_dataset_spec
 
+    from p2d.config import BUILTIN_POOLS
+
     if not pool:
         return "builtin"
-    if not Path(pool).expanduser().is_file() and parse_dataset_spec(pool) is not None:
+    if pool not in BUILTIN_POOLS and not Path(pool).expanduser().is_file() and parse_dataset_spec(pool) is not None:
         return "hub"
     return "files"
 
