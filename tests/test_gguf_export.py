@@ -3,6 +3,7 @@ model computes; the q/k rows are stored in llama.cpp's rotary order; the tokeniz
 converter wrote for the same tokenizer (the embedded model's GGUF); unsupported models are refused."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -111,3 +112,34 @@ def test_export_command(tiny_llama_dir, tmp_path, capsys):
         main(["export", "--format", "gguf", "--gguf-type", "q2_k", "--adapter", str(adapter), "--out",
               str(tmp_path / "o2")])
     assert exc.value.code == 2 and "invalid choice" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_results_tab_offers_the_gguf_download(tmp_path, tiny_llama_dir):
+    """/export_gguf (the Results tab): the session's trained heads merged and written as GGUF, handed out as a
+    download that transformers reads back; a bad type is one line."""
+    from gradio_client import Client
+    from studio_helpers import close, form_kw, serve, wait_job
+    from transformers import AutoModelForCausalLM
+
+    served = serve(tmp_path / "runs")
+    try:
+        c = Client(served.url, verbose=False)
+        c.predict("", api_name="/attach")
+        assert "no trained heads yet" in c.predict("f16", api_name="/export_gguf")[0]
+        c.predict(**form_kw(tiny_llama_dir), api_name="/train")
+        assert wait_job(c)["status"] == "done"
+        status, download = c.predict("f32", api_name="/export_gguf")
+        assert status.startswith("✓ GGUF ready (f32)"), status
+        path = download if isinstance(download, str) else download["value"]
+        assert path.endswith("run-001-model-f32.gguf")
+        run = next(w for w in served.studio.registry.all() if w.run is not None).run
+        back = AutoModelForCausalLM.from_pretrained(str(Path(path).parent), gguf_file=Path(path).name,
+                                                    dtype=torch.float32)
+        ids = torch.tensor([[1, 2, 3, 4, 5]])
+        lm = served.studio.runner.load_model(run.config)
+        with merged_weights(lm, run.train_result.adapter_dir):
+            expected = _logits(lm.model, ids)
+        assert (_logits(back, ids) - expected).abs().max().item() <= TOLERANCE["f32"]
+    finally:
+        close(served)

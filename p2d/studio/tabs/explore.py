@@ -46,6 +46,7 @@ def build(ctx) -> SimpleNamespace:
         c.clear_btn = gr.Button("Clear", scale=0, min_width=90, elem_id="chat-clear")
     c.chat_status = gr.Markdown(elem_id="chat-status")
     c.history = gr.State({"key": None, "turns": []})  # this session's conversation, kept on the server
+    max_turns = 8 if ctx.limits.demo else MAX_TURNS  # the public demo keeps less per session
     gr.Markdown(LESSONS["chat"], elem_classes="p2d-lesson")
     # -- open a head ------------------------------------------------------------------------------
     gr.Markdown("### Open a head")
@@ -112,7 +113,7 @@ def build(ctx) -> SimpleNamespace:
         ws = st.workspace(request)  # a session without runs has nothing to explore: submit refuses it
         key = f"{run or ''}|{ws.run.out.name if ws.run is not None else ''}"
         history = history if isinstance(history, dict) and history.get("key") == key else {"key": key, "turns": []}
-        turns = list(history["turns"])[-MAX_TURNS:]
+        turns = list(history["turns"])[-max_turns:]
         job = st.submit(ws, "chat", jobs.chat(st, ws, run, prompt, sampling, turns), "Chat", request)
         yield {"status": views.job_line(st, job), "base": messages(turns, "base", (prompt, "", "")),
                "tuned": messages(turns, "tuned", (prompt, "", "")), "prompt": "", "history": history}
@@ -128,7 +129,7 @@ def build(ctx) -> SimpleNamespace:
         tuned = res.get("tuned")
         done = job.status == "done"
         if done:
-            turns = [*turns, {"user": prompt, "base": res.get("base") or "", "tuned": tuned}][-MAX_TURNS:]
+            turns = [*turns, {"user": prompt, "base": res.get("base") or "", "tuned": tuned}][-max_turns:]
         live = None if done else (prompt, res.get("base") or "", tuned)
         yield {"status": views.job_line(st, job) if not done else
                ("✓ answered" if tuned is not None else "✓ answered (this run has no trained heads yet: base only)"),
