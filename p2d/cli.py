@@ -39,7 +39,7 @@ COMMAND_GROUPS = {
 #: commands that run under ``accelerate launch`` with several processes (p2d.distributed)
 DISTRIBUTED = ("heads", "select", "train", "run", "eval", "info")
 #: what `pip install 'p2d-studio[studio]'` adds (the app's packages; the library never imports them)
-STUDIO_PACKAGES = ("gradio", "plotly", "pandas", "authlib", "itsdangerous")
+STUDIO_PACKAGES = ("gradio", "plotly", "pandas", "starlette", "authlib", "itsdangerous")
 EVAL_DATA = ("pool", "probe", "eval", "columns", "target", "pool_size", "probe_size", "eval_size", "seed",
              "max_length", "batch_size")
 

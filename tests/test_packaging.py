@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 #: import name -> distribution name, where they differ
 DIST = {"yaml": "pyyaml", "PIL": "pillow"}
 #: the app's packages (the `studio` extra): only p2d/studio/ may import them
-STUDIO = {"gradio", "plotly", "pandas"}
+STUDIO = {"gradio", "plotly", "pandas", "starlette"}
 #: optional imports outside p2d/studio/ and the extra that provides them
 OPTIONAL = {"trackio": "track", "wandb": "track", "bitsandbytes": "quantize"}
 #: the benchmark report draws its chart when plotly is there (the studio extra) and skips it otherwise
@@ -64,10 +64,10 @@ def test_wheel_metadata(metadata):
     assert metadata["Requires-Python"] == ">=3.11"
     reqs = _requirements(metadata)
     assert set(metadata.get_all("Provides-Extra")) == {"studio", "quantize", "track", "dev"}
-    assert set(reqs["studio"]) == {"gradio", "plotly", "pandas"} and "oauth" in reqs["studio"]["gradio"]
+    assert set(reqs["studio"]) == {"gradio", "plotly", "pandas", "starlette"} and "oauth" in reqs["studio"]["gradio"]
     assert set(reqs["quantize"]) == {"bitsandbytes"} and set(reqs["track"]) == {"tensorboard", "trackio", "wandb"}
     base = reqs[None]
-    assert not set(base) & {"gradio", "plotly", "pandas", "bitsandbytes", "tensorboard", "wandb", "trackio"}
+    assert not set(base) & {"gradio", "plotly", "pandas", "starlette", "bitsandbytes", "tensorboard", "wandb", "trackio"}
     for req in (r for extra in reqs.values() for r in extra.values()):
         assert "==" not in req, f"{req}: exact pins belong in requirements*.txt, the package declares ranges"
     pins = {_name(line): line for line in (ROOT / "requirements.txt").read_text().splitlines()
@@ -113,7 +113,7 @@ def test_every_import_is_declared(metadata):
     assert "torch.utils.tensorboard" in (ROOT / "p2d" / "tracking.py").read_text() and "tensorboard" in reqs["track"]
 
 
-_BLOCK_APP = ("import sys\nfor name in ('gradio', 'plotly', 'pandas'):\n    sys.modules[name] = None  # as if not "
+_BLOCK_APP = ("import sys\nfor name in ('gradio', 'plotly', 'pandas', 'starlette'):\n    sys.modules[name] = None  # as if not "
               "installed: importing it raises ModuleNotFoundError\n")
 
 
