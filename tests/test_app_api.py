@@ -146,6 +146,14 @@ def test_form_config_round_trip(tmp_path):
     assert v2["model_source"] == "local" and v2["data_source"] == "files"
     assert v2["columns"] == "prompt=question, answer=reply"
     assert to_config(v2) == cfg2
+    # the built-in pools where words mislead: their own source and targets
+    from p2d.studio.form import target_choices
+
+    cfg3 = RunConfig(pool="builtin-hard", target="past_tense").validate()
+    v3 = to_values(cfg3)
+    assert v3["data_source"] == "builtin-hard" and to_config(v3) == cfg3
+    assert target_choices("builtin-hard") == ["addition", "alphabetical", "dates", "past_tense"]
+    assert "capitals" in target_choices("builtin") and "past_tense" not in target_choices("builtin")
 
 
 def test_form_errors_name_the_setting():
@@ -158,7 +166,8 @@ def test_form_errors_name_the_setting():
                           ({"steps": 2.5}, "Steps (steps) must be a whole number"),
                           ({"model_source": "hub", "model_name": ""}, "Model (model)"),
                           ({"data_source": "files", "pool_path": ""}, "Pool file (pool)"),
-                          ({"data_source": "files", "pool_path": "p.jsonl", "probe_path": ""}, "needs a probe file")):
+                          ({"data_source": "files", "pool_path": "p.jsonl", "probe_path": ""}, "needs a probe file"),
+                          ({"data_source": "builtin-hard", "target": "capitals"}, "not a task of the builtin-hard pool")):
         with pytest.raises(UserError, match=re.escape(words)):
             to_config({**base, **change})
         try:

@@ -50,7 +50,8 @@ assert sorted(CONFIG_NAMES + _ASKED_IN_TWO_STEPS) == sorted(f.name for f in fiel
 
 MODEL_SOURCES = (("Embedded default (SmolLM2-135M-Instruct)", "embedded"), ("Hugging Face hub id", "hub"),
                  ("Local folder or .gguf file", "local"))
-DATA_SOURCES = (("Built-in task pool", "builtin"), ("My files", "files"), ("Dataset (hub id or folder)", "hub"))
+DATA_SOURCES = (("Built-in task pool", "builtin"), ("Built-in pool where words mislead", "builtin-hard"),
+                ("My files", "files"), ("Dataset (hub id or folder)", "hub"))
 #: number inputs where 0 means "not set" (RunConfig reads 0 as none for them)
 ZERO_IS_UNSET = tuple(f.name for f in fields(RunConfig) if f.metadata.get("none_if_zero"))
 
@@ -78,7 +79,8 @@ def to_config(values: dict) -> RunConfig:
                             "built-in task pool")
         data["target"] = None
     else:
-        data.update(pool=None, probe=None, eval=None, columns=None)
+        pool = "builtin-hard" if v.get("data_source") == "builtin-hard" else None
+        data.update(pool=pool, probe=None, eval=None, columns=None)
     if not str(data.get("out") or "").strip():
         data.pop("out", None)
     return RunConfig.from_dict(data).validate()
@@ -119,6 +121,8 @@ def _data_source(pool: str | None) -> str:
 
     if not pool:
         return "builtin"
+    if pool == "builtin-hard":
+        return "builtin-hard"
     if pool not in BUILTIN_POOLS and not Path(pool).expanduser().is_file() and parse_dataset_spec(pool) is not None:
         return "hub"
     return "files"
@@ -135,11 +139,17 @@ def _label(name: str, hint: str = "") -> str:
     return config_field(name).metadata["label"] + (f" ({hint})" if hint else "")
 
 
+def target_choices(data_source: str) -> list[str]:
+    """The targets of a built-in pool (the plain one's tasks, or the hard pools' targets)."""
+    from p2d.data.builtin import available_tasks
+    from p2d.data.builtin_hard import HARD_TARGETS
+
+    return list(HARD_TARGETS) if data_source == "builtin-hard" else list(available_tasks())
+
+
 def build_inputs(limits: Limits, initial: dict) -> dict:
     """Every settings input, by name, created unrendered (each tab renders the ones it shows)."""
     import gradio as gr
-
-    from p2d.data.builtin import available_tasks
 
     local = limits.allow_local_paths
     v = initial
@@ -153,7 +163,7 @@ def build_inputs(limits: Limits, initial: dict) -> dict:
         return gr.Dropdown(list(choices or choices_of(config_field(name))), value=v[name], label=_label(name),
                            info=kw.pop("info", _help(name)), elem_id=name.replace("_", "-"), **num, **kw)
 
-    tasks = list(available_tasks())
+    tasks = target_choices(v["data_source"])
     c = {
         # model
         "model_source": gr.Radio([m for m in MODEL_SOURCES if local or m[1] != "local"], value=v["model_source"],

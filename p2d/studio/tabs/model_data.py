@@ -37,7 +37,7 @@ def build(ctx) -> SimpleNamespace:
         with gr.Column(scale=2):
             gr.Markdown("### Data")
             f["data_source"].render()
-            builtin = f["data_source"].value == "builtin"
+            builtin = f["data_source"].value in ("builtin", "builtin-hard")
             with gr.Group(visible=f["data_source"].value == "hub") as c.hub_group:
                 with gr.Row(equal_height=True):
                     c.ds_id = gr.Textbox(label="Dataset: hub id or dataset folder", scale=3, elem_id="ds-id",
@@ -194,9 +194,14 @@ def build(ctx) -> SimpleNamespace:
                  outputs={"path": f[f"{kind}_path"], "data_source": f["data_source"], "status": c.status},
                  status="status", api_name=f"upload_{kind}")
 
-    f["data_source"].change(lambda source: (gr.Group(visible=source == "builtin"), gr.Group(visible=source == "files"),
-                                            gr.Group(visible=source == "hub")),
-                            [f["data_source"]], [c.builtin_group, c.files_group, c.hub_group], api_visibility="private",
+    def show_source(source, target):
+        """The inputs of the chosen data source; a built-in pool's own targets (the hard pools have four)."""
+        tasks = form.target_choices(source)
+        return (gr.Group(visible=source in ("builtin", "builtin-hard")), gr.Group(visible=source == "files"),
+                gr.Group(visible=source == "hub"), gr.Dropdown(choices=tasks, value=target if target in tasks else tasks[0]))
+
+    f["data_source"].change(show_source, [f["data_source"], f["target"]],
+                            [c.builtin_group, c.files_group, c.hub_group, f["target"]], api_visibility="private",
                             show_progress="hidden")
 
     def dataset_options(request, dataset):
