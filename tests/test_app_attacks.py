@@ -531,5 +531,5 @@ def test_chat_prompt_is_capped_in_tokens(served, trained):
     assert time.perf_counter() - t0 < 30
     status = c.predict("", "x" * 5000, 8, 0.0, 1.0, 0, api_name="/chat")[0]
     assert "prompt: 5000 characters is over the 4000" in status
-    status, base, tuned = c.predict("", "What is 2 + 1?", 4, 0.0, 1.0, 0, api_name="/chat")
-    assert "answered" in status and isinstance(base, str)
+    status, base, tuned, _ = c.predict("", "What is 2 + 1?", 4, 0.0, 1.0, 0, api_name="/chat")
+    assert "answered" in status and [m["role"] for m in base] == ["user", "assistant"]

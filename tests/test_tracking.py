@@ -43,5 +43,5 @@ def test_auto_and_none(tmp_path):
 def test_missing_tracker_package_is_a_clear_error(kind, tmp_path):
     if importlib.util.find_spec(kind) is not None:
         pytest.skip(f"{kind} is installed here")
-    with pytest.raises(UserError, match=f"pip install {kind}"):
+    with pytest.raises(UserError, match=rf"pip install 'p2d-studio\[track\]' \(or {kind};"):
         open_tracker(kind, tmp_path, {})

@@ -36,7 +36,7 @@ DEFAULT_SPLITS = ("builtin-hard:addition", "builtin-hard:alphabetical", "builtin
 #: where the defaults are chosen (at the choice seed); the other splits were never used for a choice
 CHOICE_SPLITS = ("builtin-hard:addition", "builtin-hard:dates", "builtin:addition")
 #: where the heads comparison, the classic cells and the equal-accuracy AER run
-HEADS_SPLITS = ("builtin-hard:addition", "builtin-hard:alphabetical")
+HEADS_SPLITS = ("builtin:addition", "builtin-hard:addition")
 
 
 def _split_choices():

@@ -58,9 +58,23 @@ def collect(bench, machine: dict, model: dict) -> dict:
     return out
 
 
-def _rows(units: dict, name: str) -> list | None:
+def _rows(units: dict, name: str, key: str = "strict") -> list | None:
+    """Per-row values of a cell's evaluation: ``strict`` (0/1) or ``row_loss`` (answer loss, nats)."""
     e = units.get(name)
-    return e["result"]["strict"] if e else None
+    return e["result"][key] if e else None
+
+
+def _both(fn, a_name: str, b, seeds: dict, B: int) -> dict | None:
+    """``fn`` (paired_difference or null_comparison) on accuracy, with the same on the answer loss."""
+    out = {}
+    for key in ("strict", "row_loss"):
+        a = {k: _rows(u, a_name, key) for k, u in seeds.items()}
+        a = {k: v for k, v in a.items() if v is not None}
+        other = b(key)
+        out[key] = fn(a, other, draws=B) if a and other else None
+    if out["strict"] is None:
+        return None
+    return {**out["strict"], "loss": out["row_loss"]}
 
 
 def _summarise_split(cfg, split: str, seeds: dict[int, dict], sweeps: dict) -> dict:
@@ -102,8 +116,8 @@ def _summarise_split(cfg, split: str, seeds: dict[int, dict], sweeps: dict) -> d
             continue
         row = _cell_summary(vals, seeds, name, cfg.head_method)
         if name != "p2d":
-            row["p2d_minus"] = paired_difference({k: _rows(u, p2d_cell) for k, u in seeds.items()},
-                                                 {k: _rows(u, cell) for k, u in seeds.items()}, draws=B)
+            row["p2d_minus"] = _both(paired_difference, p2d_cell,
+                                     lambda key, cell=cell: {k: _rows(u, cell, key) for k, u in seeds.items()}, seeds, B)
         trained[name] = row
     s["selectors"] = trained
     free = {k: v for k, v in trained.items() if k in HEAD_FREE and v["accuracy"]}
@@ -113,17 +127,23 @@ def _summarise_split(cfg, split: str, seeds: dict[int, dict], sweeps: dict) -> d
     # -- heads ------------------------------------------------------------------------------------------
     heads = {}
     for adapter in cfg.adapters:
-        p2d = {k: _rows(u, _cell_name("p2d", adapter, "p2d")) for k, u in seeds.items()}
+        p2d_name = _cell_name("p2d", adapter, "p2d")
+        p2d = {k: _rows(u, p2d_name) for k, u in seeds.items()}
         p2d = {k: v for k, v in p2d.items() if v is not None}
-        if not p2d:
+
+        def draws_of(key, adapter=adapter):
+            return {k: [r for d in range(cfg.training_draws) if (r := _rows(u, _cell_name(f"random{d}", adapter, "p2d"),
+                                                                               key))] for k, u in seeds.items()}
+
+        draws = draws_of("strict")
+        if not p2d or not any(draws.values()):
             continue
-        draws = {k: [r for d in range(cfg.training_draws) if (r := _rows(u, _cell_name(f"random{d}", adapter, "p2d")))]
-                 for k, u in seeds.items()}
         row = {"p2d": _cell_summary({k: u[_cell_name("p2d", adapter, "p2d")]["result"] for k, u in seeds.items()
                                      if _cell_name("p2d", adapter, "p2d") in u}, seeds, "p2d", cfg.head_method),
                "random": _stat(statistics.fmean(r) for v in draws.values() for r in v),
                "random_range": _dist([statistics.fmean(r) for v in draws.values() for r in v]),
-               "p2d_vs_random": null_comparison(p2d, draws, draws=B), "candidates": {},
+               "p2d_vs_random": _both(null_comparison, p2d_name, draws_of, seeds, B), "candidates": {},
+               "random_loss": _stat(statistics.fmean(r) for v in draws_of("row_loss").values() for r in v),
                "lr": {h: sweeps.get(f"{adapter}-{h}", {}).get("chosen") for h in ("p2d", "random")},
                "lr_interior": {h: sweeps.get(f"{adapter}-{h}", {}).get("interior") for h in ("p2d", "random")}}
         for m in cfg.head_candidates:
@@ -133,7 +153,8 @@ def _summarise_split(cfg, split: str, seeds: dict[int, dict], sweeps: dict) -> d
             cand = {k: v for k, v in cand.items() if v is not None}
             if cand:
                 row["candidates"][m] = {"accuracy": _stat(statistics.fmean(v) for v in cand.values()),
-                                        "vs_random": null_comparison(cand, draws, draws=B)}
+                                        "vs_random": _both(null_comparison, _cell_name(m, adapter, "p2d"), draws_of,
+                                                           seeds, B)}
         heads[adapter] = row
     s["heads"] = heads
     # -- classic ----------------------------------------------------------------------------------------
@@ -144,25 +165,27 @@ def _summarise_split(cfg, split: str, seeds: dict[int, dict], sweeps: dict) -> d
         vals = {seed: u[cell]["result"] for seed, u in seeds.items() if cell in u}
         if vals:
             row = _cell_summary(vals, seeds, c.data, cfg.head_method)
-            row["p2d_minus"] = paired_difference({k: _rows(u, p2d_cell) for k, u in seeds.items()},
-                                                 {k: _rows(u, cell) for k, u in seeds.items()}, draws=B)
+            row["p2d_minus"] = _both(paired_difference, p2d_cell,
+                                     lambda key, cell=cell: {k: _rows(u, cell, key) for k, u in seeds.items()}, seeds, B)
             classic[name] = row
     s["classic"] = classic
     s["aer"] = _aer(cfg, seeds, p2d_cell)
     return s
 
 
-def _cost(res: dict, units: dict, data: str, head_method: str) -> float:
-    """`cell_cost` of a trained cell from its units (wall seconds): its training, the scoring of the
-    scored heads it trains (else of those that chose its rows), the selection that chose its rows."""
+def _cost(res: dict, units: dict, data: str, head_method: str, cpu: bool = False) -> float:
+    """`cell_cost` of a trained cell from its units: its training, the scoring of the scored heads it
+    trains (else of those that chose its rows), the selection that chose its rows. Wall seconds, or
+    with ``cpu`` the process's CPU seconds (one torch thread: what the work costs whatever else runs)."""
     heads = str(res["cell"].get("heads") or "")
     sel = units.get(f"select-{data}", {}).get("result", {})
+    t = "cpu_s" if cpu else "time_s"
     if heads and not heads.startswith("random"):
         unit = units.get(f"heads-{head_method if heads == 'p2d' else heads}")
-        heads_s = unit["result"]["time_s"] if unit else 0.0
+        heads_s = unit["result"][t] if unit else 0.0
     else:
-        heads_s = sel.get("heads_s") or 0.0
-    return cell_cost(res["train_s"], heads_s, sel.get("time_s") or 0.0)
+        heads_s = (sel.get("heads_cpu_s") if cpu else sel.get("heads_s")) or 0.0
+    return cell_cost(res["cpu_s" if cpu else "train_s"] or 0.0, heads_s, sel.get(t) or 0.0)
 
 
 def _cell_summary(vals: dict[int, dict], seeds: dict, data: str, head_method: str) -> dict:
@@ -170,7 +193,9 @@ def _cell_summary(vals: dict[int, dict], seeds: dict, data: str, head_method: st
     costs = [_cost(r, seeds[k], data, head_method) for k, r in vals.items()]
     return {"accuracy": _stat(r.get("accuracy") for r in res), "loss": _stat(r.get("loss") for r in res),
             "other_accuracy": _stat(r.get("other_accuracy") for r in res),
-            "cost_s": _stat(costs), "train_s": _stat(r["train_s"] for r in res), "cpu_s": _stat(r.get("cpu_s") for r in res),
+            "cost_s": _stat(costs),
+            "cost_cpu_s": _stat(_cost(r, seeds[k], data, head_method, cpu=True) for k, r in vals.items()),
+            "train_s": _stat(r["train_s"] for r in res), "cpu_s": _stat(r.get("cpu_s") for r in res),
             "rows": res[0]["rows"], "steps": res[0]["steps"], "lr": res[0]["lr"],
             "trainable_params": res[0]["trainable_params"], "query_heads_changed": res[0].get("query_heads_changed"),
             "optimizer_state_bytes": res[0]["optimizer_state_bytes"], "per_seed": [r.get("accuracy") for r in res]}
@@ -201,6 +226,7 @@ def _aer(cfg, seeds: dict, p2d_cell: str) -> dict | None:
             continue
         ref, p2d, base = ref["result"], p2d["result"], base["result"]
         cost = _cost(p2d, u, "p2d", cfg.head_method)
+        cost_cpu = _cost(p2d, u, "p2d", cfg.head_method, cpu=True)
         t_full = ref["train_s"]
         curve = [{"train_s": p["train_s"], "accuracy": p["accuracy"]} for p in ref["curve"]]
         t_eq = time_to_reach(curve, p2d["accuracy"], base["accuracy"])
@@ -218,6 +244,8 @@ def _aer(cfg, seeds: dict, p2d_cell: str) -> dict | None:
         lo, hi = boots[int(0.025 * (len(boots) - 1))], boots[int(0.975 * (len(boots) - 1))]
         return {"seed": seed, "p2d_cost_s": cost, "p2d_accuracy": p2d["accuracy"], "base_accuracy": base["accuracy"],
                 "full_time_s": t_full, "full_accuracy": ref["accuracy"], "aer": cost / t_full if t_full else None,
+                "aer_cpu": cost_cpu / ref["cpu_s"] if ref.get("cpu_s") else None, "p2d_cpu_s": cost_cpu,
+                "full_cpu_s": ref.get("cpu_s"),
                 "curve": [{"train_s": 0.0, "accuracy": base["accuracy"]}] + curve,
                 "full_time_to_reach_s": t_eq,
                 "aer_at_equal_accuracy": (cost / t_eq) if t_eq else None,
@@ -249,6 +277,19 @@ def _diff(d) -> str:
         return "–"
     lo, hi = d["ci95"]
     return f"{100 * d['estimate']:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}] (MDE {100 * d['mde']:.1f})"
+
+
+def _ldiff(d) -> str:
+    """A difference of answer losses (nats; negative: P2D's is lower)."""
+    d = (d or {}).get("loss")
+    if not d:
+        return "–"
+    lo, hi = d["ci95"]
+    return f"{d['estimate']:+.3f} [{lo:+.3f}, {hi:+.3f}]"
+
+
+def _lr(x) -> str:
+    return "–" if x is None else f"{x:.3g}"
 
 
 def markdown(results: dict) -> str:
@@ -294,47 +335,57 @@ def markdown(results: dict) -> str:
             lines.append("")
         if s["selectors"]:
             lines += ["Trained on each selector's rows (P2D's heads, same budget, epochs and learning rate):", "",
-                      "| selector | accuracy % | answer loss | other tasks % | cost s | P2D minus it, pp [95%] |",
-                      "|---|---|---|---|---|---|"]
+                      "| selector | accuracy % | answer loss | other tasks % | cost CPU s | P2D minus it, pp [95%] | "
+                      "P2D minus it, loss [95%] |", "|---|---|---|---|---|---|---|"]
             for name, v in s["selectors"].items():
                 lines.append(f"| {SELECTOR_LABELS.get(name, name)} | {_pct(v['accuracy'])} | {_num(v['loss'])} | "
-                             f"{_pct(v['other_accuracy'])} | {_num(v['cost_s'])} | {_diff(v.get('p2d_minus'))} |")
+                             f"{_pct(v['other_accuracy'])} | {_num(v['cost_cpu_s'])} | {_diff(v.get('p2d_minus'))} | "
+                             f"{_ldiff(v.get('p2d_minus'))} |")
             b = s.get("best_head_free")
             if b and b.get("p2d_minus"):
                 d = b["p2d_minus"]
                 verdict = ("beats" if d["ci95"][0] > 0 else "loses to" if d["ci95"][1] < 0 else "does not separate from")
-                lines += ["", f"P2D {verdict} the best selector without P2D's heads ({b['selector']}): {_diff(d)}."]
+                lv = d.get("loss") or {}
+                lverdict = "" if not lv else (" lower" if lv["ci95"][1] < 0 else " higher" if lv["ci95"][0] > 0
+                                              else " not separable")
+                lines += ["", f"P2D {verdict} the best selector without P2D's heads ({b['selector']}) in accuracy: "
+                          f"{_diff(d)} pp; its answer loss is{lverdict}: {_ldiff(d)} nats."]
             lines.append("")
         if s["heads"]:
             lines += ["Which heads are trained (on P2D's rows; random heads: the null distribution):", "",
-                      "| adapter | P2D heads % | random heads % (5-95%) | P2D minus random [95%] | draws at or above "
-                      "P2D | query heads changed | trainable params | lr P2D / random (interior) |",
-                      "|---|---|---|---|---|---|---|---|"]
+                      "| adapter | P2D heads % | random heads % (5-95%) | P2D minus random, pp [95%] | draws at or "
+                      "above P2D | answer loss P2D / random | P2D minus random, loss [95%] | query heads changed | "
+                      "trainable params | lr P2D / random (interior) |",
+                      "|---|---|---|---|---|---|---|---|---|---|"]
             for adapter, v in s["heads"].items():
                 nc = v.get("p2d_vs_random") or {}
                 rr = v.get("random_range") or {}
                 lr = v["lr"]
                 lines.append(f"| {adapter} | {_pct(v['p2d']['accuracy'])} | {_pct(v['random'])} "
                              f"({_pct(rr.get('p05'))}-{_pct(rr.get('p95'))}) | {_diff(nc)} | "
-                             f"{_pct(nc.get('share_of_draws_at_or_above'))}% | {v['p2d']['query_heads_changed']} | "
-                             f"{v['p2d']['trainable_params']:,} | {lr.get('p2d')} / {lr.get('random')} "
+                             f"{_pct(nc.get('share_of_draws_at_or_above'))}% | {_num(v['p2d']['loss'])} / "
+                             f"{_num(v.get('random_loss'))} | {_ldiff(nc)} | {v['p2d']['query_heads_changed']} | "
+                             f"{v['p2d']['trainable_params']:,} | {_lr(lr.get('p2d'))} / {_lr(lr.get('random'))} "
                              f"({v['lr_interior'].get('p2d')}/{v['lr_interior'].get('random')}) |")
                 for m_, c in v["candidates"].items():
-                    lines.append(f"| {adapter}, {m_} heads | {_pct(c['accuracy'])} | | {_diff(c.get('vs_random'))} "
-                                 f"(vs random) | | | | |")
+                    lines.append(f"| {adapter}, {m_} heads (vs random) | {_pct(c['accuracy'])} | | "
+                                 f"{_diff(c.get('vs_random'))} | | | {_ldiff(c.get('vs_random'))} | | | |")
             lines.append("")
         if s["classic"]:
-            lines += ["| classic cell | accuracy % | trainable params | P2D minus it, pp [95%] |", "|---|---|---|---|"]
+            lines += ["| classic cell | accuracy % | answer loss | trainable params | P2D minus it, pp [95%] | "
+                      "P2D minus it, loss [95%] |", "|---|---|---|---|---|---|"]
             for name, v in s["classic"].items():
-                lines.append(f"| {CELLS[name].label} | {_pct(v['accuracy'])} | {v['trainable_params']:,} | "
-                             f"{_diff(v.get('p2d_minus'))} |")
+                lines.append(f"| {CELLS[name].label} | {_pct(v['accuracy'])} | {_num(v['loss'])} | "
+                             f"{v['trainable_params']:,} | {_diff(v.get('p2d_minus'))} | {_ldiff(v.get('p2d_minus'))} |")
             lines.append("")
         a = s.get("aer")
         if a:
             eq = a["aer_at_equal_accuracy"]
             lo, hi = a["aer_at_equal_accuracy_ci95"]
             lines += [f"AER (seed {a['seed']}): P2D {a['p2d_cost_s']:.0f} s / full fine-tuning of the whole pool "
-                      f"{a['full_time_s']:.0f} s = {a['aer']:.3f} (full fine-tuning reached {_pct(a['full_accuracy'])}%, "
+                      f"{a['full_time_s']:.0f} s = {a['aer']:.3f} (CPU seconds: {a['p2d_cpu_s']:.0f} / "
+                      f"{a['full_cpu_s'] or 0:.0f} = {a['aer_cpu'] or 0:.3f}; full fine-tuning reached "
+                      f"{_pct(a['full_accuracy'])}%, "
                       f"P2D {_pct(a['p2d_accuracy'])}%). At equal accuracy: "
                       + (f"{eq:.3f} [95% {lo:.3f}, {hi:.3g}]" if eq else a["note"]) + " (full fine-tuning's curve "
                       "from the base model at 0 s: " + ", ".join(f"{p['train_s']:.0f} s {100 * p['accuracy']:.1f}%"

@@ -53,6 +53,9 @@ EXTEND = 10 ** 0.5  # a grid is extended by this factor while its best value sit
 
 #: head sets read off the gate-gradient importance maps of one scoring pass (`derive_heads`)
 DERIVED_HEADS = ("gradient", "gradient_layer", "gradient_logratio", "importance")
+#: the method whose scoring pass the others in DERIVED_HEADS are read from, whatever head_method is, so that
+#: changing head_method does not redo the derived sets
+DERIVED_SOURCE = "gradient_logratio"
 
 
 def derive_heads(hs: HeadScores, method: str) -> HeadScores:
@@ -225,14 +228,15 @@ class Bench:
         """Heads of ``method`` (``random<d>``: the d-th random draw of this seed, no unit needed). The
         other contrasts of P2D's gate gradients (``gradient``, ``gradient_layer``, ``gradient_logratio``)
         and ``importance`` (gate importance on the probe alone, no contrast) are read off the importance
-        maps of P2D's head scoring (`p2d.heads.recontrast`): the same model pass, so the same cost."""
+        maps of one ``gradient_logratio`` scoring pass (`p2d.heads.recontrast`): the same model pass, so the
+        same cost."""
         c = self.cfg
         if method.startswith("random"):
             d = int(method[6:] or 0)
             hs = score_heads(self.lm, sp.probe[:1], method="random", ratio=c.head_ratio, seed=10_000 * sp.seed + d + 1)
             return hs, content_digest(hs.selected)
-        derived = method in DERIVED_HEADS and method != c.head_method and c.head_method in DERIVED_HEADS
-        source, source_digest = self.heads(sp, c.head_method) if derived else (None, None)
+        derived = method in DERIVED_HEADS and method != DERIVED_SOURCE
+        source, source_digest = self.heads(sp, DERIVED_SOURCE) if derived else (None, None)
         folder = sp.folder(f"heads-{method}")
 
         def compute():
@@ -247,7 +251,7 @@ class Bench:
             time_s = source.time_s if derived else hs.time_s
             cpu_s = source.extra.get("cpu_s", 0.0) if derived else clock.cpu_s
             return {"time_s": time_s, "cpu_s": cpu_s, "selected": hs.selected, "method": method,
-                    "derived_from": c.head_method if derived else None}, content_digest(hs.selected)
+                    "derived_from": DERIVED_SOURCE if derived else None}, content_digest(hs.selected)
 
         settings = {**self.common(sp), "method": method, "head_ratio": c.head_ratio, "positions": c.positions,
                     "derived": derived}

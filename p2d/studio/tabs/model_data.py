@@ -210,9 +210,6 @@ def build(ctx) -> SimpleNamespace:
         split from row 100, probe: its first 100 rows, eval: a test split)."""
         from p2d.data.loading import dataset_options as options_of
 
-        if ctx.limits.demo:
-            raise UserError("datasets from the hub are off in the public demo: upload files instead, or duplicate "
-                            "the Space")
         dataset = str(dataset or "").strip()
         if not dataset:
             raise UserError("type a dataset id (org/name) or a dataset folder")
