@@ -44,6 +44,7 @@ REFUSED_IN_DEMO = {
             "adapter instead, or duplicate the Space",
     "merge": "saving a merged model to a folder is disabled in the public demo: download the head adapter instead, "
              "or duplicate the Space",
+    "export_gguf": "GGUF export is off in the public demo: download the PEFT adapter instead",
     "dataset_options": "datasets from the hub are off in the public demo: upload files instead, or duplicate the Space",
 }
 MAX_PROCESSES = 64

@@ -236,8 +236,6 @@ def build(ctx) -> SimpleNamespace:
             """The merged model (base + trained heads) as one GGUF file for download (Llama-family models)."""
             from p2d.gguf_export import GGUF_TYPES
 
-            if ctx.limits.demo:
-                raise UserError("GGUF export is off in the public demo: download the PEFT adapter instead")
             if gguf_type not in GGUF_TYPES:
                 raise UserError(f"GGUF type: one of {', '.join(GGUF_TYPES)}")
             for update in ctx.run_job(request, "export", "GGUF export", jobs.export_gguf, None, outtype=gguf_type):
