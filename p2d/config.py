@@ -252,7 +252,12 @@ class RunConfig:
             if self.target not in allowed:
                 raise UserError(f"the target {self.target!r} is not a task of the {self.builtin_pool} pool; choose "
                                 f"from {', '.join(allowed)}")
-        elif not self.probe:
+        return self
+
+    def require_probe(self) -> "RunConfig":
+        """Scoring heads needs target examples: a pool file without a probe file is refused (`p2d.pipeline.Run`
+        checks this before it scores heads; a run given its heads from elsewhere needs no probe)."""
+        if not self.builtin_pool and not self.probe:
             raise UserError("a pool file needs a probe file (probe: ~100 examples of the target task) to find heads")
         return self
 

@@ -101,7 +101,8 @@ def upstream_closure(stages) -> list[str]:
 
 
 class RunData:
-    """The pool, probe and eval sets; ``other``: held-out rows of the pool's other tasks (built-in pool)."""
+    """The pool, probe and eval sets; ``other``: held-out rows of the pool's other tasks (built-in pool).
+    Without a probe file (heads given from elsewhere) the probe set is empty."""
 
     def __init__(self, pool: LoadedData, probe: LoadedData, eval: LoadedData | None, other: LoadedData | None = None):
         self.pool, self.probe, self.eval, self.other = pool, probe, eval, other
@@ -129,7 +130,8 @@ def load_run_data(config: RunConfig, out_dir: Path | None = None, max_rows: dict
     mapping, rows = config.columns, max_rows or {}
     caps = dict(max_bytes=max_bytes, max_field_chars=max_field_chars)
     pool = load_data(config.pool, mapping=mapping, max_rows=rows.get("pool"), **caps)
-    probe = load_data(config.probe, mapping=mapping, max_rows=rows.get("probe"), **caps)
+    probe = load_data(config.probe, mapping=mapping, max_rows=rows.get("probe"), **caps) \
+        if config.probe else LoadedData(samples=[], format="none", columns=[], source="no probe file")
     ev = load_data(config.eval, mapping=mapping, max_rows=rows.get("eval"), **caps) if config.eval else None
     return RunData(pool, probe, ev)
 
@@ -225,6 +227,8 @@ class Run:
     def run(self, stages=STAGES) -> dict:
         """Execute ``stages`` and whatever they need that is not done, in sequence order; return the
         metrics. Stops after a stage that ended partial (stopped) or when a stop is requested."""
+        if "heads" in upstream_closure(stages) and not self.is_done("heads"):
+            self.config.require_probe()  # before any loading
         try:
             for stage in upstream_closure(stages):
                 if self.is_done(stage):
@@ -340,7 +344,12 @@ class Run:
 
     # -- giving results from outside ------------------------------------------------------------------
     def use_heads(self, heads: HeadScores, source: str) -> None:
-        """Use head scores made elsewhere (e.g. another run's heads.json) instead of scoring heads."""
+        """Use head scores made elsewhere (e.g. another run's heads.json) instead of scoring heads.
+
+        They are recorded as built on this run's load stage (done first if it is not), so later stages keep
+        them until the model or the data change; no probe set is needed."""
+        if not self.is_done("load"):
+            self.execute("load")
         self.require_loaded()
         g = self.lm.geometry
         if (heads.n_layers, heads.n_q_heads) != (g.n_layers, g.n_q_heads):
@@ -375,7 +384,7 @@ class Run:
         return summary, False
 
     def _stage_heads(self):
-        c = self.config
+        c = self.config.require_probe()
         hs = score_heads(self.lm, self.data.probe.samples, method=c.head_method, ratio=c.head_ratio,
                          pool=self.data.pool.samples, seed=c.seed, batch_size=c.batch_size, max_length=c.max_length,
                          progress=self.progress, should_stop=self.should_stop, positions=c.positions)

@@ -106,6 +106,50 @@ def test_run_tiny_end_to_end(capsys, tmp_path, tiny_llama_dir):
     assert saved["head_method"] == "random" and saved["steps"] == 3
 
 
+def test_select_and_train_keep_the_given_heads(capsys, tmp_path, tiny_llama_dir):
+    """select/train --heads use exactly the given map, in a fresh folder and with a pool file but no probe."""
+    import dataclasses
+
+    from p2d.heads import HeadScores, select_top
+
+    common = ["--model", tiny_llama_dir, "--device", "cpu", "--batch-size", "4", "--max-length", "64",
+              "--head-ratio", "0.25"]
+    tiny = ["--pool-size", "24", "--probe-size", "8", "--eval-size", "8"]
+    code, out, err = _run(capsys, "heads", *common, *tiny, "--out", str(tmp_path / "scored"))
+    assert code == 0, err
+    scored = HeadScores.load(tmp_path / "scored" / "heads.json")
+    assert scored.method == "gradient_logratio"
+    worst = [[-x for x in row] for row in scored.scores]  # the heads scoring ranks last
+    given = dataclasses.replace(scored, method="random", scores=worst, selected=select_top(worst, 0.25))
+    assert sorted(given.selected) != sorted(scored.selected)
+    path = given.save(tmp_path / "given")
+
+    def check(folder):
+        heads = json.loads((folder / "heads.json").read_text())
+        assert heads["method"] == "random" and heads["selected"] == given.selected
+        assert json.loads((folder / "stages.json").read_text())["stages"]["heads"]["external"] == {"source": str(path)}
+
+    common += ["--select-method", "activation"]
+    code, out, err = _run(capsys, "select", *common, *tiny, "--heads", str(path), "--out", str(tmp_path / "sel"))
+    assert code == 0, err
+    check(tmp_path / "sel")
+    assert json.loads((tmp_path / "sel" / "selection.json").read_text())["extra"]["heads"] == sorted(given.selected)
+
+    assert _run(capsys, "demo-data", "--out", str(tmp_path / "files"), "--pool-size", "24")[0] == 0
+    pool = ["--pool", str(tmp_path / "files" / "pool.jsonl")]
+    code, _, err = _run(capsys, "select", *common, *pool, "--out", str(tmp_path / "noprobe"))
+    assert code == 2 and "needs a probe file" in err  # no heads given: they would need scoring
+    code, out, err = _run(capsys, "select", *common, *pool, "--heads", str(path), "--out", str(tmp_path / "noprobe"))
+    assert code == 0, err
+    check(tmp_path / "noprobe")
+
+    code, out, err = _run(capsys, "train", *common, *tiny, "--heads", str(path), "--steps", "2",
+                          "--out", str(tmp_path / "sel"))
+    assert code == 0, err
+    check(tmp_path / "sel")
+    assert json.loads((tmp_path / "sel" / "adapter" / "adapter_config.json").read_text())["heads"] == sorted(given.selected)
+
+
 def test_out_of_memory_is_one_line_exit_2(capsys, monkeypatch):
     import p2d.cli as cli
 

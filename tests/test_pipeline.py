@@ -7,10 +7,12 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from p2d.config import STAGES, RunConfig
+from p2d.errors import UserError
 from p2d.pipeline import MANIFEST_FILE, Run, downstream, upstream_closure
 
 TINY = dict(pool_size=40, probe_size=8, eval_size=4, batch_size=4, max_length=64, head_ratio=0.25, data_ratio=0.2,
@@ -114,6 +116,53 @@ def test_edited_data_file_invalidates(tiny_llama, tmp_path):
     time.sleep(1.1)
     pool.write_text(pool.read_text() + json.dumps({"question": "q", "answer": "a"}) + "\n")
     assert not run.is_done("load") and not run.is_done("heads")
+
+
+def _reversed(heads):
+    """``heads`` with its scores negated: the map selects the heads scoring would rank last."""
+    import dataclasses
+
+    from p2d.heads import select_top
+
+    scores = [[-x for x in row] for row in heads.scores]
+    return dataclasses.replace(heads, method="random", scores=scores, selected=select_top(scores, heads.ratio))
+
+
+def test_given_heads_are_kept_whatever_the_folder_holds(tiny_llama, tmp_path):
+    run = _run(tiny_llama, tmp_path, head_method="gradient", select_method="activation")
+    run.run(["select"])  # a folder with its own scored heads and selection
+    given = _reversed(run.heads)
+    assert sorted(given.selected) != sorted(run.heads.selected)
+    # a fresh folder: use_heads before anything is loaded, then select
+    fresh = _run(tiny_llama, tmp_path / "fresh", head_method="gradient", select_method="activation")
+    fresh.use_heads(given, source="given.json")
+    fresh.run(["select"])
+    assert fresh.heads.selected == given.selected and fresh.heads.method == "random"
+    assert fresh.selection.extra["heads"] == sorted(given.selected) and fresh.selection.extra["head_method"] == "random"
+    entry = json.loads((fresh.out / MANIFEST_FILE).read_text())["stages"]["heads"]
+    assert entry["external"] == {"source": "given.json"}
+    assert Run.open(fresh.out, lm=tiny_llama).stages_done == ["load", "heads", "select"]  # kept on reopening
+    # the scored folder, under settings that invalidate its load stage: the given heads win again
+    other = Run.open(run.out, config=run.config.replace(seed=1), lm=tiny_llama)
+    other.use_heads(given, source="given.json")
+    other.run(["train"])
+    assert other.heads.selected == given.selected and other.selection.extra["heads"] == sorted(given.selected)
+    adapter = json.loads((other.out / "adapter" / "adapter_config.json").read_text())
+    assert adapter["heads"] == sorted(given.selected)
+
+
+def test_given_heads_need_no_probe_file(tiny_llama, tmp_path):
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text("".join(json.dumps({"question": f"q{i}", "answer": f"a{i}"}) + "\n" for i in range(20)))
+    scored = _run(tiny_llama, tmp_path / "scored", head_method="gradient", pool=str(pool), probe=str(pool), eval=None)
+    scored.run(["heads"])
+    run = _run(tiny_llama, tmp_path, pool=str(pool), probe=None, eval=None, select_method="activation")
+    with pytest.raises(UserError, match="needs a probe file"):
+        run.run(["heads"])
+    assert run.lm is tiny_llama and not run.out.exists()  # refused before loading anything
+    run.use_heads(_reversed(scored.heads), source="given.json")
+    run.run(["select"])
+    assert run.selection.extra["heads"] == sorted(_reversed(scored.heads).selected) and run.data.probe.samples == []
 
 
 def _tiny_run_argv(model_dir, out, steps):

@@ -83,7 +83,7 @@ def to_config(values: dict) -> RunConfig:
         data.update(pool=pool, probe=None, eval=None, columns=None)
     if not str(data.get("out") or "").strip():
         data.pop("out", None)
-    return RunConfig.from_dict(data).validate()
+    return RunConfig.from_dict(data).validate().require_probe()  # the app always scores heads
 
 
 def explicit_out(values: dict) -> str | None:
