@@ -255,26 +255,29 @@ def cmd_select(args) -> None:
 
 def cmd_train(args) -> None:
     from .heads import HeadScores
+    from .training import CHECKPOINT_SUBDIR, checkpoint_step
 
-    if args.data:  # train on a given file instead of the run's selection
+    run = _stage_run(args, "train")
+    data = None
+    if args.data:  # train on a given file instead of the run's selection (read before the model loads)
         from .data.loading import load_data
-        from .pipeline import Run
-        from .training import train_heads
 
-        config = config_from_args(args, _group_fields(COMMAND_GROUPS["train"]), folder_config=True)
-        _announce(config, "train")
-        heads = HeadScores.load(args.heads or Path(config.out) / "heads.json")
-        data = load_data(args.data, mapping=config.columns)
-        run = Run(config)
-        res = train_heads(_load_lm(config), heads, data.samples, run.train_config(), config.out,
-                          progress=_progress(), overwrite=True, resume=args.resume,
-                          checkpoint_every=config.checkpoint_every)
+        data = load_data(args.data, mapping=run.config.columns)
+    if args.heads:
+        run.use_heads(HeadScores.load(args.heads), source=args.heads)
+    trains = data is not None or not run.is_done("train")
+    saved = checkpoint_step(run.out) if args.resume and trains else None
+    if args.resume and trains and saved is None:
+        print(f"no checkpoint in {run.out / CHECKPOINT_SUBDIR} to resume from: training starts at step 0",
+              file=sys.stderr)
+    if data is not None:
+        res = run.train_on(data.samples, source=args.data)
     else:
-        run = _stage_run(args, "train")
-        if args.heads:
-            run.use_heads(HeadScores.load(args.heads), source=args.heads)
         run.run(["train"])
         res = run.train_result
+    if saved is not None and res.extra.get("resumed_from") is None:
+        print(f"the checkpoint in {run.out / CHECKPOINT_SUBDIR} was made with other settings or data: trained from "
+              "step 0", file=sys.stderr)
     _print(asdict(res))
     if res.stopped:
         print(f"stopped early ({res.stop_reason}); adapter and log saved in {res.adapter_dir}; continue with "

@@ -21,6 +21,8 @@ current settings and the results it was built on; anything else is rerun, never 
 - `reconfigure(config)` switches to new settings and drops exactly the results they invalidate
   (a new head or data share re-cuts the existing scores instead of rescoring).
 - `reset_from(stage)` drops a stage and everything built on it.
+- `use_heads(heads, source)` and `train_on(samples, source)` take a head map or training data from
+  outside; the manifest records them as external (their source) and later stages keep them.
 - `Run.open(folder)` reads a run folder back (results, settings) without loading the model;
   ``resume=True`` continues a killed or stopped run from its last checkpoint.
 """
@@ -78,6 +80,10 @@ OUTPUTS: dict[str, tuple[str, ...]] = {
 LABELS = {"load": "loading model and data", "heads": "scoring heads", "select": "selecting data",
           "eval_before": "evaluating the base model", "reference": "timing full fine-tuning (AER reference)",
           "train": "training the heads", "eval_after": "evaluating the trained heads"}
+
+#: what a result given from outside is built on: heads checked against the loaded model (`Run.use_heads`),
+#: a training on given data built on the heads, not on a selection (`Run.train_on`)
+EXTERNAL_UPSTREAM: dict[str, tuple[str, ...]] = {"heads": ("load",), "train": ("heads",)}
 
 assert tuple(UPSTREAM) == STAGES and tuple(OUTPUTS) == STAGES
 
@@ -180,6 +186,7 @@ class Run:
         self.results: dict[str, object] = {}
         self.manifest: dict[str, dict] = {}
         self.resume = False
+        self._given_samples: list[Sample] | None = None  # training data given from outside (train_on)
         self.tracker = None  # opened on the first stage that reports (p2d.tracking)
         self.launch_processes = 1  # the training runs in this many processes elsewhere (the app's launcher)
 
@@ -199,7 +206,8 @@ class Run:
         """A complete result for the current settings, built on the current upstream results
         (`p2d.manifest.is_valid`)."""
         entry = self.manifest.get(stage)
-        return bool(entry) and is_valid(entry, self._settings(stage), {u: self.result_digest(u) for u in UPSTREAM[stage]})
+        built_on = EXTERNAL_UPSTREAM[stage] if entry and entry.get("external") else UPSTREAM[stage]
+        return bool(entry) and is_valid(entry, self._settings(stage), {u: self.result_digest(u) for u in built_on})
 
     @property
     def stages_done(self) -> list[str]:
@@ -214,13 +222,15 @@ class Run:
         stage is redone, so anything derived from the result can tell it is out of date."""
         return self.manifest[stage]["digest"] if self.is_done(stage) else None
 
-    def _settings(self, stage: str) -> dict:
+    def _settings(self, stage: str, external: dict | None = None) -> dict:
+        """The settings a result of ``stage`` depends on. A result given from outside (``external``, or the
+        one recorded) depends on its source instead, a training on given data on its training settings too."""
+        external = external or (self.manifest.get(stage) or {}).get("external")
+        if external:
+            return {"external": external, **(self.config.stage_settings(stage) if stage == "train" else {})}
         s = self.config.stage_settings(stage)
         if stage == "load":
             s["files"] = [_file_stamp(self.config.pool), _file_stamp(self.config.probe), _file_stamp(self.config.eval)]
-        entry = self.manifest.get(stage) or {}
-        if entry.get("external"):  # a result given from outside (a heads.json, a training file)
-            return entry["settings"]
         return s
 
     # -- the sequence --------------------------------------------------------------------------------
@@ -265,22 +275,24 @@ class Run:
         write_json(self.out / METRICS_FILE, m)
         return m
 
-    def execute(self, stage: str, on_partial: bool = False):
+    def execute(self, stage: str, on_partial: bool = False, external: dict | None = None):
         """Run one stage now: clear its outputs, compute, record. Its upstream stages must be done;
         with ``on_partial`` a stopped (partial) upstream result is accepted too (e.g. to evaluate the
-        adapter of a stopped training), and the new result is recorded as partial."""
-        missing = [u for u in UPSTREAM[stage] if not self.is_done(u)
+        adapter of a stopped training), and the new result is recorded as partial. ``external``: the
+        stage computes on inputs given from outside (recorded as its source; see `train_on`)."""
+        built_on = EXTERNAL_UPSTREAM[stage] if external else UPSTREAM[stage]
+        missing = [u for u in built_on if not self.is_done(u)
                    and not (on_partial and u in self.results and self.manifest.get(u, {}).get("partial"))]
         if missing:
             raise UserError(f"{LABELS[stage]} needs {', '.join(LABELS[m] for m in missing)} first")
-        built_on_partial = any(not self.is_done(u) for u in UPSTREAM[stage])
+        built_on_partial = any(not self.is_done(u) for u in built_on)
         if stage != "load":
             self.require_loaded()
         self._clear(stage, keep=(CHECKPOINT_SUBDIR, LOG_NAME) if stage == "train" and self.resume else ())
         with _fault_injection(self, stage):
             result, partial = getattr(self, f"_stage_{stage}")()
         self.results[stage] = result
-        self._record(stage, partial=partial or built_on_partial, result=result)
+        self._record(stage, partial=partial or built_on_partial, result=result, external=external)
         self.write_metrics()
         Processes.current().barrier()  # several processes: what the main one wrote is there for all
         if stage != "load":
@@ -360,6 +372,22 @@ class Run:
         self.results["heads"] = heads
         self._record("heads", partial=False, result=heads, external={"source": str(source)})
         self.write_metrics()
+
+    def train_on(self, samples: list[Sample], source: str) -> TrainResult:
+        """Train the heads on ``samples`` given from outside (e.g. a training file) instead of the run's
+        selection. The heads are scored first if they are not done (or give them with `use_heads`). The
+        training is the run's train stage, recorded as built on the heads with ``source`` as its data, and
+        reports to the trackers like any run's; the evaluation after training is then redone for it."""
+        self.run(["heads"])
+        if not self.is_done("heads"):
+            raise UserError("head scoring was stopped: score the heads before training on a file")
+        self._given_samples = list(samples)
+        try:
+            self.execute("train", external={"source": str(source)})
+        finally:
+            self._given_samples = None
+            self.close_tracker()
+        return self.train_result
 
     # -- stages -------------------------------------------------------------------------------------
     def require_loaded(self) -> None:
@@ -446,6 +474,9 @@ class Run:
                            val_ratio=c.val_ratio, val_every=c.val_every, adapter=c.adapter)
 
     def training_samples(self) -> list[Sample]:
+        """What the heads train on: the selected rows of the pool, or the samples given to `train_on`."""
+        if self._given_samples is not None:
+            return self._given_samples
         return self.selection.selected_samples(self.data.pool.samples)
 
     def planned_steps(self) -> int | None:
@@ -478,12 +509,12 @@ class Run:
                 remove(self.out / name)
 
     def _record(self, stage: str, partial: bool, result, external: dict | None = None) -> None:
+        built_on = EXTERNAL_UPSTREAM[stage] if external else UPSTREAM[stage]
         extra = {"external": external} if external else {}
         if stage == "train" and result is not None:
             extra["result"] = asdict(result)
-        self.manifest[stage] = make_entry(external and {"external": external} or self._settings(stage),
-                                          {u: self.result_digest(u) for u in UPSTREAM[stage]}, self._digest_of(stage, result),
-                                          partial=partial, **extra)
+        self.manifest[stage] = make_entry(self._settings(stage, external), {u: self.result_digest(u) for u in built_on},
+                                          self._digest_of(stage, result), partial=partial, **extra)
         self._write_manifest()
 
     def _digest_of(self, stage: str, result) -> str:

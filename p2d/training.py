@@ -548,6 +548,15 @@ class Checkpointer:
         remove(self.folder)
 
 
+def checkpoint_step(out_dir) -> int | None:
+    """The step of the training checkpoint in ``out_dir`` (None without one). Whether it is used depends on
+    the settings and data it was made with (`Checkpointer.load`)."""
+    from .files import read_json
+
+    meta = read_json(Path(out_dir) / CHECKPOINT_SUBDIR / "checkpoint.json")
+    return meta.get("step") if isinstance(meta, dict) else None
+
+
 def train_heads(lm, heads, samples: list, config: TrainConfig, out_dir, progress: Callable | None = None,
                 should_stop: Callable | None = None, on_log: Callable | None = None,
                 overwrite: bool = False, resume: bool = False, checkpoint_every: int = 0) -> TrainResult:

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import yaml
 
 from p2d.cli import main
@@ -148,6 +149,33 @@ def test_select_and_train_keep_the_given_heads(capsys, tmp_path, tiny_llama_dir)
     assert code == 0, err
     check(tmp_path / "sel")
     assert json.loads((tmp_path / "sel" / "adapter" / "adapter_config.json").read_text())["heads"] == sorted(given.selected)
+
+
+def test_train_on_a_file_is_recorded_and_tracked(capsys, tmp_path, tiny_llama_dir):
+    """train --data goes through the run: its manifest records the training, the trackers get its scalars,
+    and --resume without a checkpoint says so."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert _run(capsys, "demo-data", "--out", str(tmp_path / "files"), "--pool-size", "24")[0] == 0
+    file, out_dir = tmp_path / "files" / "pool.jsonl", tmp_path / "run"
+    argv = ["train", "--model", tiny_llama_dir, "--device", "cpu", "--batch-size", "4", "--max-length", "64",
+            "--head-method", "random", "--head-ratio", "0.25", "--pool-size", "24", "--probe-size", "8",
+            "--eval-size", "4", "--data", str(file), "--steps", "3", "--report-to", "tensorboard", "--out", str(out_dir)]
+    code, out, err = _run(capsys, *argv)
+    assert code == 0, err
+    assert json.loads(out)["extra"]["n_samples"] == 24 and "no checkpoint" not in err
+    stages = json.loads((out_dir / "stages.json").read_text())["stages"]
+    assert stages["train"]["external"] == {"source": str(file)} and set(stages["train"]["inputs"]) == {"heads"}
+    assert "select" not in stages and not stages["train"]["partial"]
+    acc = EventAccumulator(str(out_dir / "tensorboard"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("train/loss")] == [1, 2, 3] and "time/train_s" in acc.Tags()["scalars"]
+    code, out, err = _run(capsys, *argv, "--resume")
+    assert code == 0, err
+    notes = [line for line in err.splitlines() if "step 0" in line]
+    assert notes == [f"no checkpoint in {out_dir / 'checkpoint'} to resume from: training starts at step 0"]
+    assert json.loads(out)["extra"]["resumed_from"] is None
 
 
 def test_out_of_memory_is_one_line_exit_2(capsys, monkeypatch):

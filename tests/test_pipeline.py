@@ -165,6 +165,21 @@ def test_given_heads_need_no_probe_file(tiny_llama, tmp_path):
     assert run.selection.extra["heads"] == sorted(_reversed(scored.heads).selected) and run.data.probe.samples == []
 
 
+def test_training_on_given_samples_is_the_runs_train_stage(tiny_llama, tmp_path):
+    run = _run(tiny_llama, tmp_path)
+    run.run(["heads"])
+    given = list(run.data.probe.samples)
+    res = run.train_on(given, source="mine.jsonl")
+    assert res.extra["n_samples"] == len(given) and run.is_done("train") and not run.is_done("select")
+    entry = json.loads((run.out / MANIFEST_FILE).read_text())["stages"]["train"]
+    assert entry["external"] == {"source": "mine.jsonl"} and set(entry["inputs"]) == {"heads"}
+    back = Run.open(run.out, lm=tiny_llama)
+    assert back.is_done("train") and back.train_result.extra["n_samples"] == len(given)
+    back.run(["eval_after"])  # evaluates the adapter trained on the given samples
+    assert back.is_done("eval_after") and back.train_result.extra["n_samples"] == len(given)
+    assert back.reconfigure(back.config.replace(lr=5e-4)) == ["train", "eval_after"]  # its settings still count
+
+
 def _tiny_run_argv(model_dir, out, steps):
     return [sys.executable, "-m", "p2d", "run", "--model", model_dir, "--out", str(out), "--device", "cpu",
             "--pool-size", "60", "--probe-size", "8", "--eval-size", "0", "--batch-size", "2", "--max-length", "48",
