@@ -104,11 +104,11 @@ def norms_for_positions(lm, samples, batch_size, max_length, positions_list) -> 
     (one capture hook per setting), batched as `select_data` batches. {positions: HeadFeatures}."""
     from p2d.gating import HeadGate
     from p2d.heads import frozen
-    from p2d.selection import HeadFeatures, _Encoded
+    from p2d.selection import EncodedBatches, HeadFeatures
 
     geo = lm.geometry
     L, H, n = geo.n_layers, geo.n_q_heads, len(samples)
-    encs = {pos: _Encoded(lm, samples, batch_size, max_length, pos) for pos in positions_list}
+    encs = {pos: EncodedBatches(lm, samples, batch_size, max_length, pos) for pos in positions_list}
     enc = encs[positions_list[0]]
     out = {pos: (torch.full((n, L, H), float("nan")), torch.zeros(n, dtype=torch.long)) for pos in positions_list}
     t = time.perf_counter()

@@ -144,9 +144,9 @@ def _announce(config: RunConfig, command: str) -> None:
 
 
 def _load_lm(config: RunConfig):
-    from .pipeline import _default_loader
+    from .pipeline import default_loader
 
-    return _default_loader(config)
+    return default_loader(config)
 
 
 # -- commands ------------------------------------------------------------------------------------
@@ -292,11 +292,11 @@ def cmd_merge(args) -> None:
 
 
 def cmd_export(args) -> None:
-    from .adapter import HeadAdapter
+    from .adapter import AdapterConfig
     from .export import export_peft
 
     if getattr(args, "model", None) is None:  # default: the model the adapter was trained on
-        args.model = HeadAdapter.read_config(args.adapter).get("base_model") or "default"
+        args.model = AdapterConfig.read(args.adapter).base_model or "default"
     config = config_from_args(args, _group_fields(MODEL))
     if args.format == "gguf":
         from .gguf_export import export_gguf

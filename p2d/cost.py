@@ -139,7 +139,7 @@ def full_finetune_cost(lm, pool: list[Sample], epochs: float = 3.0, batch_size: 
     """Time full fine-tuning on ``pool`` (see the module docstring). The model is left unchanged."""
     from .distributed import Processes, is_shard
     from .models import trainable
-    from .training import NonFinite, _backward_shared, clip_gradients, loss_backward
+    from .training import NonFinite, backward_shared, clip_gradients, loss_backward
 
     if mode not in REFERENCE_MODES:
         raise UserError(f"full fine-tuning reference must be one of {', '.join(REFERENCE_MODES)}, got {mode!r}")
@@ -189,7 +189,7 @@ def full_finetune_cost(lm, pool: list[Sample], epochs: float = 3.0, batch_size: 
                     if procs.world == 1:
                         loss_backward(model, micro, lm.device)
                     else:
-                        _backward_shared(model, whole, micro, lm.device, procs,
+                        backward_shared(model, whole, micro, lm.device, procs,
                                          fillers=1 if procs.sharded and not micro else 0)
                         for p in shards:
                             if p.grad is not None:

@@ -179,7 +179,7 @@ class Run:
         self.out = Path(self.config.out)
         self.progress = progress
         self.should_stop = should_stop
-        self.model_loader = model_loader or _default_loader
+        self.model_loader = model_loader or default_loader
         self.lm = lm
         self.data_limits = dict(data_limits or {})
         self.data: RunData | None = None
@@ -649,7 +649,8 @@ def _fault_injection(run: "Run", stage: str):
         run.progress = inner
 
 
-def _default_loader(config: RunConfig) -> LoadedModel:
+def default_loader(config: RunConfig) -> LoadedModel:
+    """The model of ``config`` loaded with `p2d.models.load_model` (how `Run` loads unless given a loader)."""
     return load_model(config.model, device=config.device, dtype=config.dtype,
                       trust_remote_code=config.trust_remote_code, quantize=config.quantize)
 

@@ -212,7 +212,7 @@ def _check_positions(positions: str) -> str:
     return positions
 
 
-class _Encoded:
+class EncodedBatches:
     """Samples encoded once (``index`` = position in the given list), length-sorted batch groups, and
     the per-batch tensors / position masks."""
 
@@ -317,7 +317,7 @@ def select_data(lm, heads, pool: list[Sample], method: str = DEFAULT_SELECT_METH
     else:
         procs = Processes.current()
         should_stop = procs.agreed(should_stop)
-        enc = _Encoded(lm, pool, batch_size, max_length, positions)
+        enc = EncodedBatches(lm, pool, batch_size, max_length, positions)
         extra.update(enc.info(), positions=positions)
         groups, own = procs.padded(enc.groups)  # a sharded model: padded with copies, never merged
         owned = [it["index"] for g in groups[:own] for it in g]
@@ -555,7 +555,7 @@ def head_features(lm, samples: list[Sample], batch_size: int = 8, max_length: in
     grads = torch.full((n, L, H), float("nan"), dtype=torch.float32) if gradients else None
     lengths = torch.zeros(n, dtype=torch.long)
     start = time.perf_counter()
-    enc = _Encoded(lm, samples, batch_size, max_length, positions)
+    enc = EncodedBatches(lm, samples, batch_size, max_length, positions)
     bar = Ticker(progress, len(enc.groups))
     stopped = False
     model = lm.model
@@ -647,7 +647,7 @@ def plain_forward_seconds(lm, samples: list[Sample], batch_size: int = 8, max_le
     if not samples:
         raise UserError("no samples to time")
     start = time.perf_counter()
-    enc = _Encoded(lm, samples, batch_size, max_length, "all")
+    enc = EncodedBatches(lm, samples, batch_size, max_length, "all")
     with frozen(lm.model), torch.no_grad():
         for items in enc.groups:
             batch = enc.tensors(items)

@@ -251,7 +251,7 @@ def loss_backward(model, micro: list[dict], device, n_answer_total: int | None =
     return loss_sum, n_answer, n_tokens
 
 
-def _backward_shared(model, params: list, micro: list[dict], device, procs, fillers: int = 0) -> tuple[float, int, int]:
+def backward_shared(model, params: list, micro: list[dict], device, procs, fillers: int = 0) -> tuple[float, int, int]:
     """This process's share of a step (possibly empty), scaled by the step's answer tokens over every
     process; the gradients of ``params`` and the counts summed over the processes (every process ends
     with the same). ``fillers``: micro-batches this process has no rows of, run on a one-token filler
@@ -375,7 +375,7 @@ def train_loop(model, params: list, encoded, config: TrainConfig, log_path, pad_
                         loss_sum, n_answer, n_tokens = loss_backward(model, micro, device)
                     else:
                         fillers = len(shares) - len(micro) if procs.sharded else 0
-                        loss_sum, n_answer, n_tokens = _backward_shared(model, params, micro, device, procs, fillers)
+                        loss_sum, n_answer, n_tokens = backward_shared(model, params, micro, device, procs, fillers)
                 except Exception as exc:
                     optimizer.zero_grad(set_to_none=True)
                     if is_out_of_memory(exc):

@@ -305,7 +305,7 @@ class Runner:
     def load_model(self, config):
         """The model of ``config`` (a `p2d.config.RunConfig`), loaded or reused; called by `Run` from
         inside a job, whose phase says so while it loads. Keeps at most ``max_models`` loaded."""
-        from p2d.pipeline import _default_loader
+        from p2d.pipeline import default_loader
 
         key = self.model_key(config)
         with self._model_lock:
@@ -319,7 +319,7 @@ class Runner:
                                                                   "~30 s)" if config.model == "default" else ""))
             while len(self._models) >= self._max_models:
                 self._models.popitem(last=False)
-            lm = _default_loader(config)
+            lm = default_loader(config)
             self._models[key] = lm
             self._info[key] = lm.info()
             if job is not None:

@@ -500,12 +500,12 @@ class Studio:
 
         def build(tmp: str) -> str:
             from p2d.export import export_peft
-            from p2d.hub import _base_name
+            from p2d.hub import base_name
 
             lm = self.runner.load_model(run.config)
             with tempfile.TemporaryDirectory(prefix="p2d-peft-") as folder:
                 out = export_peft(lm, adapter, Path(folder) / f"{run.out.name}-peft",
-                                  base_model_name=_base_name(run.config.model))
+                                  base_model_name=base_name(run.config.model))
                 return shutil.make_archive(tmp, "zip", root_dir=out.parent, base_dir=out.name)
         return self._zip(ws, adapter, zip_path, build if make else None)
 
