@@ -51,9 +51,14 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from safetensors.torch import load_file
+from safetensors.torch import save as to_bytes
 
+from . import __version__
 from .errors import UserError
+from .files import atomic_dir, atomic_write, write_json
 from .geometry import HeadGeometry, normalize_heads
+from .models import is_quantized
 
 PROJECTIONS = ("q", "k", "v", "o")
 #: adapter classes by ``kind`` (adapter_config.json; `p2d.training.TrainConfig.adapter`)
@@ -120,8 +125,6 @@ class AdapterConfig:
                 "num_params": self.num_params, "layers": self.layers, "training": self.training}
 
     def save(self, adapter_dir) -> Path:
-        from .files import write_json
-
         return write_json(Path(adapter_dir) / CONFIG_NAME, self.to_dict(), indent=2)
 
     @classmethod
@@ -208,12 +211,6 @@ class _HookAdapter(nn.Module):
     def save(self, out_dir, base_model: str, training: dict | None = None) -> Path:
         """Write ``adapter_model.safetensors`` + ``adapter_config.json`` into ``out_dir`` (created;
         existing adapter files there are replaced).  Returns ``out_dir``."""
-        from safetensors.torch import save as to_bytes
-
-        from .files import atomic_write
-
-        from . import __version__
-
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         tensors = {name: t.detach().to("cpu").contiguous() for name, t in self.tensors().items()}
@@ -230,8 +227,6 @@ class _HookAdapter(nn.Module):
     def load(cls, adapter_dir, device="cpu", dtype=None):
         """Read an adapter written by `save`.  UserError for missing or corrupt files.  ``HeadAdapter.load``
         returns the class of the folder's kind (``kind`` in its config); a kind's own class refuses another."""
-        from safetensors.torch import load_file
-
         cfg = AdapterConfig.read(adapter_dir)
         if cls is not HeadAdapter and cfg.kind != cls.kind:
             raise UserError(f"{adapter_dir} holds a {cfg.kind!r} adapter, not an {cls.kind} adapter")
@@ -557,8 +552,6 @@ def merge_and_save(lm, adapter_dir, out_dir) -> Path:
     next to it and renamed at the end, so a failure leaves no half-written model.  ``lm.model`` is
     left exactly as it was (the touched weight slices are restored bit for bit).
     """
-    from .files import atomic_dir
-
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"{out_dir} already exists and is not empty: choose a new folder or delete it first")
@@ -584,8 +577,6 @@ def merged_weights(lm, adapter_dir):
     """``lm.model`` with the head adapter of ``adapter_dir`` merged into its weights inside the block (the
     adapter is yielded); afterwards the touched weight slices are restored bit for bit, also on errors.
     UserError for a quantised base, an offset adapter or an adapter of another model."""
-    from .models import is_quantized
-
     if is_quantized(lm.model):
         raise UserError("cannot merge into a quantised base: load the model without quantisation (quantize none)")
     adapter = HeadAdapter.load(adapter_dir, device=lm.device)

@@ -59,6 +59,7 @@ import torch
 from .data.formats import Sample
 from .distributed import Processes
 from .errors import UserError
+from .files import write_json
 from .gating import HeadGate
 from .geometry import HeadGeometry
 from .head_variants import score_lofit, score_shift, taylor_importance
@@ -356,8 +357,6 @@ class HeadScores:
 
     def save(self, out_dir) -> Path:
         """Write ``out_dir/heads.json``; returns its path."""
-        from .files import write_json
-
         return write_json(Path(out_dir) / HEADS_FILE, self.to_dict())
 
     @classmethod

@@ -54,6 +54,7 @@ from .data.encoding import encode, iter_batches
 from .data.formats import Sample
 from .distributed import Processes
 from .errors import UserError
+from .files import write_json, write_jsonl
 from .gating import POSITIONS, HeadGate, heads_by_layer
 from .geometry import normalize_heads
 from .heads import HeadScores
@@ -262,8 +263,6 @@ class Selection:
         """
         if len(pool) != self.n_pool:
             raise ValueError(f"pool has {len(pool)} samples but the selection was made on {self.n_pool}")
-        from .files import write_json, write_jsonl
-
         out = Path(out_dir)
         paths = {"selected": out / SELECTED_FILE, "scores": out / SCORES_FILE, "selection": out / SELECTION_FILE}
         write_jsonl(paths["selected"], ({**pool[i].row, "p2d_score": self.scores[i]} for i in self.selected))
