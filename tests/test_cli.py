@@ -17,6 +17,7 @@ def _run(capsys, *argv):
     return code, out, err
 
 
+@pytest.mark.slow
 def test_every_command_has_help():
     for cmd in ("info", "data", "demo-data", "eval", "heads", "select", "train", "merge", "run", "studio", "chat",
                 "inspect-head", "controls", "forgetting"):
@@ -24,18 +25,20 @@ def test_every_command_has_help():
         assert proc.returncode == 0 and "usage:" in proc.stdout, cmd
 
 
+@pytest.mark.slow
 def test_user_error_is_one_line_exit_2(tmp_path):
     bad = tmp_path / "bad.csv"
     bad.write_text("foo,bar\n1,2\n")
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    for argv in (["data", str(tmp_path / "missing.jsonl")], ["data", str(bad)],
-                 ["info", "--model", str(tmp_path / "nope.gguf")]):
+    for argv, says in ((["data", str(tmp_path / "missing.jsonl")], f"file not found: {tmp_path / 'missing.jsonl'}"),
+                       (["data", str(bad)], "columns found: foo, bar"),
+                       (["info", "--model", str(tmp_path / "nope.gguf")], f"not found: {tmp_path / 'nope.gguf'}")):
         proc = subprocess.run([sys.executable, "-m", "p2d", *argv], capture_output=True, text=True, env=env)
         assert proc.returncode == 2, (argv, proc.stderr)
         assert "Traceback" not in proc.stderr
         lines = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
         assert len(lines) == 1, proc.stderr
-    assert "foo" in lines[0] or True
+        assert says in lines[0], (argv, lines[0])  # names what is wrong
 
 
 def test_unknown_shape_names_columns(capsys, tmp_path):

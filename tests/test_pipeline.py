@@ -187,6 +187,7 @@ def _tiny_run_argv(model_dir, out, steps):
             "--steps", str(steps), "--checkpoint-every", "3", "--lr", "0.01"]
 
 
+@pytest.mark.slow
 def test_sigkill_during_training_then_resume_gives_the_same_adapter(tiny_llama_dir, tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
     steps = 40

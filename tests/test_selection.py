@@ -139,6 +139,7 @@ def test_gpt2_selection(tiny_gpt2, pool, probe):
         assert sel.n_selected == 2 and all(math.isfinite(s) for s in sel.scores)
 
 
+@pytest.mark.slow
 def test_embedded_end_to_end(embedded, tmp_path):
     """Real SmolLM2 on a 24-row pool: contrasted gradient heads -> activation selection.
 

@@ -257,6 +257,7 @@ def test_grad_accum_runs(tiny_llama, tmp_path):
     assert _log(res)[0]["tokens"] > 0
 
 
+@pytest.mark.slow
 def test_embedded_model_two_steps(embedded, tmp_path):
     """27 heads (10%) of the real SmolLM2-135M: 2 steps on 8 tiny samples, model left untouched."""
     heads = [[layer, h] for layer in range(27, 30) for h in range(9)]
