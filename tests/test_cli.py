@@ -78,6 +78,7 @@ def test_eval_command(capsys, tmp_path, tiny_llama_dir):
     assert code == 0 and res["n"] == 4 and res["accuracy"] == 0.0 and res["loss"] > 0
 
 
+@pytest.mark.slow
 def test_run_tiny_end_to_end(capsys, tmp_path, tiny_llama_dir):
     out_dir = tmp_path / "run"
     cfg = tmp_path / "cfg.yaml"

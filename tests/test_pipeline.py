@@ -31,6 +31,7 @@ def test_stage_graph():
     assert upstream_closure(["eval_after"]) == ["load", "heads", "select", "train", "eval_after"]
 
 
+@pytest.mark.slow
 def test_run_executes_only_what_is_needed(tiny_llama, tmp_path):
     run = _run(tiny_llama, tmp_path)
     run.run(["select"])
@@ -54,6 +55,7 @@ def test_planned_steps_count_the_global_batch_of_a_launched_training(tiny_llama,
     assert run.planned_steps() == 3
 
 
+@pytest.mark.slow
 def test_reconfigure_drops_exactly_what_changed(tiny_llama, tmp_path):
     run = _run(tiny_llama, tmp_path)
     run.run(STAGES)
@@ -95,6 +97,7 @@ def test_stopped_stage_is_partial_and_never_reused(tiny_llama, tmp_path):
     assert again.is_done("heads") and not again.heads.extra["stopped"]
 
 
+@pytest.mark.slow
 def test_open_reads_results_and_checks_settings(tiny_llama, tmp_path):
     run = _run(tiny_llama, tmp_path)
     run.run(STAGES)
