@@ -5,7 +5,9 @@ Host and port come from GRADIO_SERVER_NAME / GRADIO_SERVER_PORT or --host / --po
 FILE.yaml fills the form with saved settings.
 """
 
-from p2d.studio.server import main
+import sys
+
+from p2d.cli import main
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main(["studio", *sys.argv[1:]]))

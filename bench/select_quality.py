@@ -10,16 +10,17 @@ set, selects the top ``--data-ratio`` of the pool, and reports for every pair:
 Two modes:
 
 ``--mode runs`` (default): real `score_heads` / `select_data` runs for every listed pair. Extra head
-variants reuse a gradient run: ``gradient:ratio`` (old name of the log-ratio contrast),
+variants reuse a gradient run: ``gradient:ratio`` (old name of the log-ratio contrast, by `recontrast`),
 ``gradient:none`` (no contrast) and ``all`` (every head).
 
-``--mode features``: one `p2d.selection.head_features` pass per answer-position setting (``all``,
-``content``) over the pool and the probe gives every head's activation statistic and gate gradient
-per sample; the gradient head scores (difference / layer / logratio contrasts, pool sample as
-`score_heads` draws it) and the activation, activation_length_z, alignment and prefilter_alignment
-scores of every head set (gradient variants, ``--proxy-methods`` run for real, ``--random-draws``
-random head sets) are then computed from those features without rerunning the model (they equal
-`select_data`'s scores to float rounding; tests/test_selection.py). Also reports the Spearman
+``--mode features``: `p2d.head_features` passes over the pool (`head_norms`: every head's activation
+statistic for all answer-position settings from one forward; `head_features`: also every head's gate
+gradient, for the settings that get alignment) and the probe; the gradient heads come from one real
+`score_heads` run per setting (``gradient``; the ``layer`` and ``logratio`` contrasts by `recontrast`);
+the activation, activation_length_z, alignment and prefilter_alignment scores of every head set
+(gradient variants, ``--proxy-methods`` run for real, ``--random-draws`` random head sets) are then
+computed from the features without rerunning the model (they equal `select_data`'s scores to float
+rounding; tests/test_selection.py). Also reports the Spearman
 correlation of the activation score with the number of scored answer positions. ``--cost`` times one
 plain forward over the pool and real activation / alignment / prefilter_alignment runs.
 
@@ -35,7 +36,7 @@ Prints a table, then the whole result as JSON (also written to ``--json``).
 from __future__ import annotations
 
 import argparse
-import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -51,12 +52,15 @@ import torch  # noqa: E402
 
 from p2d.data.builtin import build_task_pool  # noqa: E402
 from p2d.data.loading import load_records  # noqa: E402
-from p2d.heads import HEAD_METHODS, HeadScores, contrast_scores, score_heads, select_top  # noqa: E402
+from p2d.head_features import (activation_from_features, alignment_from_features, head_features,  # noqa: E402
+                               head_norms, plain_forward_seconds)
+from p2d.heads import HEAD_METHODS, HeadScores, recontrast, score_heads, select_top  # noqa: E402
 from p2d.bench.cells import auroc  # noqa: E402
 from p2d.explore import spearman as rank_correlation  # noqa: E402
 from p2d.models import load_model  # noqa: E402
-from p2d.selection import (activation_from_features, alignment_from_features, head_features,  # noqa: E402
-                           plain_forward_seconds, select_data, top_samples)
+from p2d.scoring import top_samples  # noqa: E402
+from p2d.select_variants import rank_below_kept  # noqa: E402
+from p2d.selection import select_data  # noqa: E402
 
 
 def variant(base: HeadScores, name: str, ratio: float, geometry) -> HeadScores:
@@ -64,17 +68,12 @@ def variant(base: HeadScores, name: str, ratio: float, geometry) -> HeadScores:
     if name == "all":
         sel = [[layer, head] for layer in range(geometry.n_layers) for head in range(geometry.n_q_heads)]
         return HeadScores("all", 1.0, base.scores, sel, 0.0, base.model, {})
-    probe = torch.tensor(base.extra["probe_importance"], dtype=torch.float64)
-    probe = probe / probe.sum()
-    if name == "gradient:none":
-        scores = probe
-    elif name == "gradient:ratio":
-        pool = torch.tensor(base.extra["pool_importance"], dtype=torch.float64)
-        pool = pool / pool.sum()
-        scores = torch.log(probe.clamp_min(1e-12) / pool.clamp_min(1e-12))
-    else:
+    if name == "gradient:ratio":
+        return dataclasses.replace(recontrast(base, "logratio", ratio), method=name, extra={})
+    if name != "gradient:none":
         raise ValueError(name)
-    scores = scores.tolist()
+    probe = torch.tensor(base.extra["probe_importance"], dtype=torch.float64)
+    scores = (probe / probe.sum()).tolist()  # the normalised probe importance: score_heads without a contrast
     return HeadScores(name, ratio, scores, select_top(scores, ratio), base.time_s, base.model, {})
 
 
@@ -99,81 +98,33 @@ def _metrics(scores, is_target, ratio, tasks=None) -> dict:
     return out
 
 
-def norms_for_positions(lm, samples, batch_size, max_length, positions_list) -> dict:
-    """No-grad head features (norms only) for several answer-position settings from ONE forward pass
-    (one capture hook per setting), batched as `select_data` batches. {positions: HeadFeatures}."""
-    from p2d.gating import HeadGate
-    from p2d.heads import frozen
-    from p2d.selection import HeadFeatures, _Encoded
-
-    geo = lm.geometry
-    L, H, n = geo.n_layers, geo.n_q_heads, len(samples)
-    encs = {pos: _Encoded(lm, samples, batch_size, max_length, pos) for pos in positions_list}
-    enc = encs[positions_list[0]]
-    out = {pos: (torch.full((n, L, H), float("nan")), torch.zeros(n, dtype=torch.long)) for pos in positions_list}
-    t = time.perf_counter()
-    body = getattr(lm.model, "base_model", None) or lm.model
-    with frozen(lm.model), torch.no_grad(), contextlib.ExitStack() as stack:
-        gates = {pos: stack.enter_context(HeadGate(lm.model, geo, stop_after=L - 1 if i == len(positions_list) - 1
-                                                   else None)) for i, pos in enumerate(positions_list)}
-        last = gates[positions_list[-1]]
-        for items in enc.groups:
-            batch = enc.tensors(items)
-            rows = torch.tensor([it["index"] for it in items])
-            masks = {pos: encs[pos].mask(batch) for pos in positions_list}
-            for pos in positions_list:
-                gates[pos].capture(masks[pos])
-            last.run(body, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-            for pos in positions_list:
-                out[pos][0][rows] = torch.stack([gates[pos].norms[layer].float().cpu() for layer in range(L)], 1)
-                out[pos][1][rows] = masks[pos].sum(dim=1).cpu()
-    dt = round(time.perf_counter() - t, 3)
-    return {pos: HeadFeatures(norms=v[0], grads=None, lengths=v[1], positions=pos, time_s=dt) for pos, v in out.items()}
-
-
-def _gradient_heads(probe_f, pool_f, pool_idx, kind, ratio) -> list[list[int]]:
-    """The gradient head selection `score_heads` makes, from features (mean |dL/dgate|)."""
-    probe_mean = probe_f.grads.abs().nanmean(dim=0).double()
-    pool_mean = pool_f.grads[pool_idx].abs().nanmean(dim=0).double()
-    return select_top(contrast_scores(probe_mean, pool_mean, kind), ratio)
-
-
 def main_features(args, lm, pool, probe, is_target, log) -> dict:
     """--mode features: see the module docstring."""
-    import random as _random
-
     t0 = time.perf_counter()
-    n_sample = min(len(pool), max(len(probe), 64))
-    pool_idx = sorted(_random.Random(args.seed).sample(range(len(pool)), n_sample))  # as score_heads draws it
     positions_list = [p.strip() for p in args.positions.split(",") if p.strip()]
     align_positions = ([p.strip() for p in (args.alignment_positions or args.positions).split(",") if p.strip()]
                        if args.alignment else [])
-    feats, pfeats, sfeats, timing = {}, {}, {}, {}
+    feats, pfeats, timing = {}, {}, {}
     norm_positions = [p for p in positions_list if p not in align_positions]
     if norm_positions:  # norms of these settings from one no-grad forward
         t = time.perf_counter()
-        feats = norms_for_positions(lm, pool, args.batch_size, args.max_length, norm_positions)
+        feats = head_norms(lm, pool, args.batch_size, args.max_length, norm_positions)
         timing["pool_norms_s"] = round(time.perf_counter() - t, 1)
         print(f"pool norms {norm_positions}: {time.perf_counter() - t:.0f}s", file=sys.stderr, flush=True)
-    for pos in positions_list:
+    for pos in align_positions:  # norms and gate gradients of the whole pool and the probe
         t = time.perf_counter()
-        if pos in align_positions:  # norms and gate gradients of the whole pool
-            feats[pos] = head_features(lm, pool, args.batch_size, args.max_length, positions=pos, progress=log)
-            sfeats[pos] = feats[pos]
-        else:  # gate gradients of the pool sample only (the gradient heads' contrast)
-            sub = head_features(lm, [pool[i] for i in pool_idx], args.batch_size, args.max_length, positions=pos,
-                                progress=log)
-            full = torch.full_like(feats[pos].norms, float("nan"))
-            full[torch.tensor(pool_idx)] = sub.grads
-            sfeats[pos] = type(sub)(feats[pos].norms, full, feats[pos].lengths, pos, 0.0, {})
+        feats[pos] = head_features(lm, pool, args.batch_size, args.max_length, positions=pos, progress=log)
         pfeats[pos] = head_features(lm, probe, args.batch_size, args.max_length, positions=pos, progress=log)
         timing[f"features_{pos}_s"] = round(time.perf_counter() - t, 1)
         print(f"features {pos}: {time.perf_counter() - t:.0f}s", file=sys.stderr, flush=True)
 
     head_sets: dict[tuple[str, str], list[list[int]]] = {}
-    for pos in positions_list:
+    for pos in positions_list:  # the gradient heads: one real run, its other contrasts recomputed from its maps
+        hs = score_heads(lm, probe, "gradient", ratio=args.head_ratio, pool=pool, seed=args.seed,
+                         batch_size=args.batch_size, max_length=args.max_length, positions=pos, progress=log)
+        timing[f"heads_gradient_{pos}_s"] = hs.time_s
         for kind, name in (("difference", "gradient"), ("layer", "gradient_layer"), ("logratio", "gradient_logratio")):
-            head_sets[(name, pos)] = _gradient_heads(pfeats[pos], sfeats[pos], pool_idx, kind, args.head_ratio)
+            head_sets[(name, pos)] = recontrast(hs, kind).selected
     proxy_times = {}
     for m in [m.strip() for m in args.proxy_methods.split(",") if m.strip()]:
         for pos in [p.strip() for p in args.proxy_positions.split(",") if p.strip()]:
@@ -197,12 +148,8 @@ def main_features(args, lm, pool, probe, is_target, log) -> dict:
             row_scores = {"activation": act, "activation_length_z": activation_from_features(f, heads, debias="length")}
             if pos in align_positions:
                 ali = alignment_from_features(f, pfeats[pos], heads)
-                keep = set(top_samples(act, min(1.0, factor * args.data_ratio)))
-                rest = sorted((i for i in range(len(act)) if math.isfinite(act[i]) and i not in keep),
-                              key=lambda i: (-act[i], i))
                 pre = list(ali)
-                for r_, i in enumerate(rest):  # as select_data encodes the filtered rows
-                    pre[i] = -2.0 - (r_ + 1) / (len(rest) + 1)
+                rank_below_kept(act, set(top_samples(act, min(1.0, factor * args.data_ratio))), pre)
                 row_scores["alignment"] = ali
                 row_scores["prefilter_alignment"] = pre
             for sm, sc in row_scores.items():

@@ -148,7 +148,7 @@ def main() -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="p2d-bench-sessions-"))
     if a.model == "tiny":
-        p2d.pipeline._default_loader = tiny_loader(tmp)
+        p2d.pipeline.default_loader = tiny_loader(tmp)
     limits = DEMO.with_options(proxy_hops=1)
     app = build_app(runs_root=tmp / "runs", limits=limits)
     port = free_port()

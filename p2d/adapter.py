@@ -35,7 +35,10 @@ Adapter kinds (``ADAPTER_KINDS``; ``kind`` in adapter_config.json, missing = ``"
   merging into the base weights (an offset before o_proj is a bias after it, and Llama's o_proj has
   none), so `merge_and_save` refuses it; evaluate it attached (`load_adapter`).
 
-`load_adapter` and `HeadAdapter.load` read the kind and return the matching class.
+`AdapterConfig` is adapter_config.json as a typed record (as PEFT's config classes are), the same for
+both kinds; both kinds save and load through one path (`_HookAdapter.save` / `load`: a kind only names
+its tensors and per-layer facts). `load_adapter` and `HeadAdapter.load` read the kind and return the
+matching class.
 """
 
 from __future__ import annotations
@@ -43,13 +46,19 @@ from __future__ import annotations
 import contextlib
 import json
 import weakref
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn as nn
+from safetensors.torch import load_file
+from safetensors.torch import save as to_bytes
 
+from . import __version__
 from .errors import UserError
+from .files import atomic_dir, atomic_write, write_json
 from .geometry import HeadGeometry, normalize_heads
+from .models import is_quantized
 
 PROJECTIONS = ("q", "k", "v", "o")
 #: adapter classes by ``kind`` (adapter_config.json; `p2d.training.TrainConfig.adapter`)
@@ -89,6 +98,68 @@ def _rows(heads: list[int], d: int, offset: int = 0) -> list[int]:
     return [offset + h * d + j for h in heads for j in range(d)]
 
 
+@dataclass
+class AdapterConfig:
+    """adapter_config.json of an adapter of either kind: what the folder says about itself.
+
+    ``layers``: per trained layer (a string key) its ``q_heads`` (and for ``heads`` its ``kv_heads``);
+    ``training``: the training record (`p2d.training.train_heads`). `read` accepts every folder P2D has
+    written (format version up to ``FORMAT_VERSION``; no ``kind`` = ``"heads"``)."""
+
+    kind: str
+    base_model: str
+    geometry: HeadGeometry
+    heads: list[list[int]]
+    projections: list[str]
+    dtype: str
+    num_params: int
+    layers: dict[str, dict] = field(default_factory=dict)
+    training: dict = field(default_factory=dict)
+    p2d_version: str = ""
+    format_version: int = FORMAT_VERSION
+
+    def to_dict(self) -> dict:
+        return {"format": ADAPTER_FORMAT, "format_version": self.format_version, "kind": self.kind,
+                "p2d_version": self.p2d_version, "base_model": self.base_model, "geometry": self.geometry.to_dict(),
+                "heads": self.heads, "projections": list(self.projections), "dtype": self.dtype,
+                "num_params": self.num_params, "layers": self.layers, "training": self.training}
+
+    def save(self, adapter_dir) -> Path:
+        return write_json(Path(adapter_dir) / CONFIG_NAME, self.to_dict(), indent=2)
+
+    @classmethod
+    def read(cls, adapter_dir) -> "AdapterConfig":
+        """The config of the adapter folder ``adapter_dir``; UserError when missing, unreadable, of another
+        format, newer than this P2D or of an unknown kind."""
+        folder = Path(adapter_dir)
+        cfg_path = folder / CONFIG_NAME
+        if not folder.is_dir():
+            raise UserError(f"adapter folder not found: {adapter_dir}")
+        if not cfg_path.is_file():
+            raise UserError(f"{adapter_dir} has no {CONFIG_NAME}: point to a folder written by `p2d train` "
+                            "(its adapter/ subfolder)")
+        try:
+            d = json.loads(cfg_path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise UserError(f"{cfg_path} is corrupt ({exc}); retrain or restore the file") from None
+        if not isinstance(d, dict) or d.get("format") != ADAPTER_FORMAT:
+            raise UserError(f"{cfg_path} is not a P2D head adapter config (a PEFT/LoRA adapter?)")
+        if int(d.get("format_version", 0)) > FORMAT_VERSION:
+            raise UserError(f"{cfg_path} has adapter format {d.get('format_version')}, newer than this P2D "
+                            f"understands ({FORMAT_VERSION}): upgrade p2d")
+        kind = d.get("kind", "heads")
+        if kind not in ADAPTER_KINDS:
+            raise UserError(f"{cfg_path} has unknown adapter kind {kind!r}: upgrade p2d")
+        try:
+            return cls(kind=kind, base_model=str(d.get("base_model", "")), geometry=HeadGeometry.from_dict(d["geometry"]),
+                       heads=d["heads"], projections=list(d["projections"]), dtype=str(d.get("dtype", "")),
+                       num_params=int(d.get("num_params", 0)), layers=dict(d.get("layers") or {}),
+                       training=dict(d.get("training") or {}), p2d_version=str(d.get("p2d_version", "")),
+                       format_version=int(d.get("format_version", 0)))
+        except (KeyError, TypeError) as exc:
+            raise UserError(f"{cfg_path} is corrupt (missing {exc}); retrain") from None
+
+
 class _HookAdapter(nn.Module):
     """What `HeadAdapter` and `OffsetAdapter` share: the selected heads, and being attached to at most
     one model (and a model carrying at most one adapter) through forward hooks that `detach` removes.
@@ -105,7 +176,7 @@ class _HookAdapter(nn.Module):
             raise UserError("no heads selected: give at least one [layer, head]")
         self._handles: list = []
         self._model_ref = None
-        self.config: dict = {}  # the adapter_config.json dict when loaded from files
+        self.config: AdapterConfig | None = None  # when loaded from files
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -123,6 +194,68 @@ class _HookAdapter(nn.Module):
 
     def _register_hooks(self, model: nn.Module) -> list:
         raise NotImplementedError
+
+    def tensors(self) -> dict[str, nn.Parameter]:
+        """The trained tensors by their name in ``adapter_model.safetensors``."""
+        raise NotImplementedError
+
+    def optional_tensors(self) -> set[str]:
+        """Names of `tensors` a folder may lack (saved by an older P2D); they keep their initial value."""
+        return set()
+
+    def layer_info(self) -> dict[str, dict]:
+        """Per trained layer (a string key) what `AdapterConfig.layers` records."""
+        raise NotImplementedError
+
+    # -- files --------------------------------------------------------------------------------
+    def save(self, out_dir, base_model: str, training: dict | None = None) -> Path:
+        """Write ``adapter_model.safetensors`` + ``adapter_config.json`` into ``out_dir`` (created;
+        existing adapter files there are replaced).  Returns ``out_dir``."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        tensors = {name: t.detach().to("cpu").contiguous() for name, t in self.tensors().items()}
+        config = AdapterConfig(kind=self.kind, base_model=str(base_model), geometry=self.geometry, heads=self.heads,
+                               projections=list(self.projections), dtype=str(next(iter(tensors.values())).dtype).replace("torch.", ""),
+                               num_params=self.num_params(), layers=self.layer_info(), training=training or {},
+                               p2d_version=__version__)
+        data = to_bytes(tensors, metadata={"format": "pt"})  # plain file I/O below: a full disk is an OSError
+        atomic_write(out / WEIGHTS_NAME, lambda path: Path(path).write_bytes(data))
+        config.save(out)
+        return out
+
+    @classmethod
+    def load(cls, adapter_dir, device="cpu", dtype=None):
+        """Read an adapter written by `save`.  UserError for missing or corrupt files.  ``HeadAdapter.load``
+        returns the class of the folder's kind (``kind`` in its config); a kind's own class refuses another."""
+        cfg = AdapterConfig.read(adapter_dir)
+        if cls is not HeadAdapter and cfg.kind != cls.kind:
+            raise UserError(f"{adapter_dir} holds a {cfg.kind!r} adapter, not an {cls.kind} adapter")
+        weights = Path(adapter_dir) / WEIGHTS_NAME
+        if not weights.is_file():
+            raise UserError(f"{adapter_dir} has no {WEIGHTS_NAME}: the adapter was not saved completely; retrain")
+        try:
+            tensors = load_file(str(weights))
+        except Exception as exc:  # safetensors raises its own error types
+            raise UserError(f"{weights} is corrupt ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__});"
+                            " retrain or restore the file") from None
+        if dtype is None:
+            dtype = next(iter(tensors.values())).dtype if tensors else torch.float32
+        adapter = ADAPTER_CLASSES[cfg.kind](cfg.geometry, cfg.heads, cfg.projections, dtype=dtype, device=device)
+        expected = adapter.tensors()
+        if set(tensors) not in (set(expected), set(expected) - adapter.optional_tensors()):
+            raise UserError(f"{weights} does not match its {CONFIG_NAME} (tensors "
+                            f"{sorted(set(tensors) ^ set(expected))[:4]} differ); retrain")
+        with torch.no_grad():
+            for name, param in expected.items():
+                if name not in tensors:  # an optional tensor an older P2D did not save
+                    continue
+                t = tensors[name]
+                if tuple(t.shape) != tuple(param.shape):
+                    raise UserError(f"{weights}: tensor {name} has shape {tuple(t.shape)}, expected "
+                                    f"{tuple(param.shape)}; the adapter files do not belong together")
+                param.copy_(t.to(dtype=param.dtype, device=param.device))
+        adapter.config = cfg
+        return adapter
 
     def attach(self, model: nn.Module) -> None:
         """Register the hooks on ``model``.  Attaching twice to the same model is a no-op; attaching
@@ -307,102 +440,12 @@ class HeadAdapter(_HookAdapter):
         return out
 
     # -- files --------------------------------------------------------------------------------
-    def save(self, out_dir, base_model: str, training: dict | None = None) -> Path:
-        """Write ``adapter_model.safetensors`` + ``adapter_config.json`` into ``out_dir`` (created;
-        existing adapter files there are replaced).  Returns ``out_dir``."""
-        from safetensors.torch import save as to_bytes
+    def tensors(self) -> dict[str, nn.Parameter]:
+        return {f"layers.{l}.{p}": self.delta(l, p) for l in self.layers for p in self.projections}
 
-        from .files import atomic_write, write_json
-
-        from . import __version__
-
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        tensors = {f"layers.{l}.{p}": self.delta(l, p).detach().to("cpu").contiguous()
-                   for l in self.layers for p in self.projections}
-        dtype = str(next(iter(tensors.values())).dtype).replace("torch.", "")
-        config = {
-            "format": ADAPTER_FORMAT,
-            "format_version": FORMAT_VERSION,
-            "kind": self.kind,
-            "p2d_version": __version__,
-            "base_model": str(base_model),
-            "geometry": self.geometry.to_dict(),
-            "heads": self.heads,
-            "projections": list(self.projections),
-            "dtype": dtype,
-            "num_params": self.num_params(),
-            "layers": {str(l): {"q_heads": self._layers[l]["q_heads"], "kv_heads": self._layers[l]["kv_heads"]}
-                       for l in self.layers},
-            "training": training or {},
-        }
-        data = to_bytes(tensors, metadata={"format": "pt"})  # plain file I/O below: a full disk is an OSError
-        atomic_write(out / WEIGHTS_NAME, lambda path: Path(path).write_bytes(data))
-        write_json(out / CONFIG_NAME, config, indent=2)
-        return out
-
-    @staticmethod
-    def read_config(adapter_dir) -> dict:
-        """The adapter's config dict; UserError when missing or unreadable."""
-        folder = Path(adapter_dir)
-        cfg_path = folder / CONFIG_NAME
-        if not folder.is_dir():
-            raise UserError(f"adapter folder not found: {adapter_dir}")
-        if not cfg_path.is_file():
-            raise UserError(f"{adapter_dir} has no {CONFIG_NAME}: point to a folder written by `p2d train` "
-                            "(its adapter/ subfolder)")
-        try:
-            cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise UserError(f"{cfg_path} is corrupt ({exc}); retrain or restore the file") from None
-        if not isinstance(cfg, dict) or cfg.get("format") != ADAPTER_FORMAT:
-            raise UserError(f"{cfg_path} is not a P2D head adapter config (a PEFT/LoRA adapter?)")
-        if int(cfg.get("format_version", 0)) > FORMAT_VERSION:
-            raise UserError(f"{cfg_path} has adapter format {cfg.get('format_version')}, newer than this P2D "
-                            f"understands ({FORMAT_VERSION}): upgrade p2d")
-        return cfg
-
-    @classmethod
-    def load(cls, adapter_dir, device="cpu", dtype=None) -> "HeadAdapter":
-        """Read an adapter written by `save`.  UserError for missing or corrupt files.  A folder
-        holding another kind (``kind`` in its config) is loaded with that kind's class."""
-        from safetensors.torch import load_file
-
-        cfg = cls.read_config(adapter_dir)
-        kind = cfg.get("kind", "heads")
-        if kind != "heads":
-            if kind not in ADAPTER_KINDS:
-                raise UserError(f"{Path(adapter_dir) / CONFIG_NAME} has unknown adapter kind {kind!r}: upgrade p2d")
-            return ADAPTER_CLASSES[kind].load(adapter_dir, device=device, dtype=dtype)
-        weights = Path(adapter_dir) / WEIGHTS_NAME
-        if not weights.is_file():
-            raise UserError(f"{adapter_dir} has no {WEIGHTS_NAME}: the adapter was not saved completely; retrain")
-        try:
-            geometry = HeadGeometry.from_dict(cfg["geometry"])
-            heads, projections = cfg["heads"], cfg["projections"]
-        except (KeyError, TypeError) as exc:
-            raise UserError(f"{Path(adapter_dir) / CONFIG_NAME} is corrupt (missing {exc}); retrain") from None
-        try:
-            tensors = load_file(str(weights))
-        except Exception as exc:  # safetensors raises its own error types
-            raise UserError(f"{weights} is corrupt ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__});"
-                            " retrain or restore the file") from None
-        if dtype is None:
-            dtype = next(iter(tensors.values())).dtype if tensors else torch.float32
-        adapter = cls(geometry, heads, projections, dtype=dtype, device=device)
-        expected = {f"layers.{l}.{p}": adapter.delta(l, p) for l in adapter.layers for p in adapter.projections}
-        if set(tensors) != set(expected):
-            raise UserError(f"{weights} does not match its {CONFIG_NAME} (tensors "
-                            f"{sorted(set(tensors) ^ set(expected))[:4]} differ); retrain")
-        with torch.no_grad():
-            for name, param in expected.items():
-                t = tensors[name]
-                if tuple(t.shape) != tuple(param.shape):
-                    raise UserError(f"{weights}: tensor {name} has shape {tuple(t.shape)}, expected "
-                                    f"{tuple(param.shape)}; the adapter files do not belong together")
-                param.copy_(t.to(dtype=param.dtype, device=param.device))
-        adapter.config = cfg
-        return adapter
+    def layer_info(self) -> dict[str, dict]:
+        return {str(l): {"q_heads": self._layers[l]["q_heads"], "kv_heads": self._layers[l]["kv_heads"]}
+                for l in self.layers}
 
 
 class OffsetAdapter(_HookAdapter):
@@ -466,65 +509,14 @@ class OffsetAdapter(_HookAdapter):
         raise UserError("an offset adapter cannot be merged into the base weights (it is a bias after o_proj, "
                         "which Llama-style models do not have): evaluate it attached to the base model instead")
 
-    def save(self, out_dir, base_model: str, training: dict | None = None) -> Path:
-        """Write ``adapter_model.safetensors`` + ``adapter_config.json`` (``kind: "offset"``)."""
-        from safetensors.torch import save as to_bytes
+    def tensors(self) -> dict[str, nn.Parameter]:
+        return {f"layers.{l}.{what}": getattr(self, what)(l) for l in self.layers for what in ("offset", "scale")}
 
-        from .files import atomic_write, write_json
+    def optional_tensors(self) -> set[str]:
+        return {f"layers.{l}.scale" for l in self.layers}  # adapters saved before the scale: offsets only
 
-        from . import __version__
-
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        tensors = {f"layers.{l}.{what}": getattr(self, what)(l).detach().to("cpu").contiguous()
-                   for l in self.layers for what in ("offset", "scale")}
-        dtype = str(next(iter(tensors.values())).dtype).replace("torch.", "")
-        config = {
-            "format": ADAPTER_FORMAT, "format_version": FORMAT_VERSION, "kind": self.kind,
-            "p2d_version": __version__, "base_model": str(base_model), "geometry": self.geometry.to_dict(),
-            "heads": self.heads, "projections": [], "dtype": dtype, "num_params": self.num_params(),
-            "layers": {str(l): {"q_heads": self._layers[l]} for l in self.layers}, "training": training or {},
-        }
-        data = to_bytes(tensors, metadata={"format": "pt"})  # plain file I/O below: a full disk is an OSError
-        atomic_write(out / WEIGHTS_NAME, lambda path: Path(path).write_bytes(data))
-        write_json(out / CONFIG_NAME, config, indent=2)
-        return out
-
-    @classmethod
-    def load(cls, adapter_dir, device="cpu", dtype=None) -> "OffsetAdapter":
-        from safetensors.torch import load_file
-
-        cfg = HeadAdapter.read_config(adapter_dir)
-        if cfg.get("kind", "heads") != cls.kind:
-            raise UserError(f"{adapter_dir} holds a {cfg.get('kind', 'heads')!r} adapter, not an offset adapter")
-        weights = Path(adapter_dir) / WEIGHTS_NAME
-        if not weights.is_file():
-            raise UserError(f"{adapter_dir} has no {WEIGHTS_NAME}: the adapter was not saved completely; retrain")
-        try:
-            geometry = HeadGeometry.from_dict(cfg["geometry"])
-            heads = cfg["heads"]
-        except (KeyError, TypeError) as exc:
-            raise UserError(f"{Path(adapter_dir) / CONFIG_NAME} is corrupt (missing {exc}); retrain") from None
-        try:
-            tensors = load_file(str(weights))
-        except Exception as exc:  # safetensors raises its own error types
-            raise UserError(f"{weights} is corrupt ({type(exc).__name__}); retrain or restore the file") from None
-        if dtype is None:
-            dtype = next(iter(tensors.values())).dtype if tensors else torch.float32
-        adapter = cls(geometry, heads, dtype=dtype, device=device)
-        expected = {f"layers.{l}.offset": adapter.offset(l) for l in adapter.layers}
-        if any(n.endswith(".scale") for n in tensors):  # saved with the scale (older adapters: offsets only)
-            expected.update({f"layers.{l}.scale": adapter.scale(l) for l in adapter.layers})
-        if set(tensors) != set(expected):
-            raise UserError(f"{weights} does not match its {CONFIG_NAME}; retrain")
-        with torch.no_grad():
-            for name, param in expected.items():
-                if tuple(tensors[name].shape) != tuple(param.shape):
-                    raise UserError(f"{weights}: tensor {name} has shape {tuple(tensors[name].shape)}, expected "
-                                    f"{tuple(param.shape)}; the adapter files do not belong together")
-                param.copy_(tensors[name].to(dtype=param.dtype, device=param.device))
-        adapter.config = cfg
-        return adapter
+    def layer_info(self) -> dict[str, dict]:
+        return {str(l): {"q_heads": self._layers[l]} for l in self.layers}
 
 
 #: adapter class per kind
@@ -545,7 +537,7 @@ def load_adapter(lm, adapter_dir) -> HeadAdapter | OffsetAdapter:
     adapter = HeadAdapter.load(adapter_dir, device=lm.device)
     diff = geometry_mismatch(adapter.geometry, lm.geometry)
     if diff:
-        base = adapter.config.get("base_model", "?")
+        base = adapter.config.base_model or "?"
         raise UserError(f"adapter {adapter_dir} was trained on {base!r}, {_describe(adapter.geometry)}, but the "
                         f"loaded model {lm.spec!r} is {_describe(lm.geometry)} ({diff}): use the model it was trained on (model: {base})")
     adapter.attach(lm.model)
@@ -560,8 +552,6 @@ def merge_and_save(lm, adapter_dir, out_dir) -> Path:
     next to it and renamed at the end, so a failure leaves no half-written model.  ``lm.model`` is
     left exactly as it was (the touched weight slices are restored bit for bit).
     """
-    from .files import atomic_dir
-
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"{out_dir} already exists and is not empty: choose a new folder or delete it first")
@@ -578,7 +568,7 @@ def merge_and_save(lm, adapter_dir, out_dir) -> Path:
                     raise UserError(f"could not write the merged model to {out_dir}: {str(exc).splitlines()[0]}; "
                                     "free some disk space or choose another folder") from None
                 raise
-            (tmp / "p2d_adapter_config.json").write_text(json.dumps(adapter.config, indent=2) + "\n")
+            (tmp / "p2d_adapter_config.json").write_text(json.dumps(adapter.config.to_dict(), indent=2) + "\n")
     return out
 
 
@@ -587,8 +577,6 @@ def merged_weights(lm, adapter_dir):
     """``lm.model`` with the head adapter of ``adapter_dir`` merged into its weights inside the block (the
     adapter is yielded); afterwards the touched weight slices are restored bit for bit, also on errors.
     UserError for a quantised base, an offset adapter or an adapter of another model."""
-    from .models import is_quantized
-
     if is_quantized(lm.model):
         raise UserError("cannot merge into a quantised base: load the model without quantisation (quantize none)")
     adapter = HeadAdapter.load(adapter_dir, device=lm.device)
@@ -597,7 +585,7 @@ def merged_weights(lm, adapter_dir):
     diff = geometry_mismatch(adapter.geometry, lm.geometry)
     if diff:
         raise UserError(f"adapter {adapter_dir} does not fit model {lm.spec!r} ({diff}): merge it into "
-                        f"{adapter.config.get('base_model', 'the model it was trained on')}")
+                        f"{adapter.config.base_model or 'the model it was trained on'}")
     backup = adapter._base_slices(lm.model)
     try:
         adapter.merge_into(lm.model)

@@ -14,15 +14,38 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import os
 import sys
 import typing
 from dataclasses import asdict, fields
 from pathlib import Path
 
-from .config import RunConfig, choices_of
+import yaml
+
+from . import __version__
+from .adapter import AdapterConfig, load_adapter, merge_and_save
+from .bench.config import BenchConfig
+from .bench.runner import run_bench
+from .chat import compare_replies
+from .config import PRESETS, RunConfig, choices_of, options_from
+from .controls import CONTROLS, LORA_LR, LORA_RANK, run_controls
+from .data.formats import Sample
+from .data.loading import load_data
+from .distributed import Processes, check_engine
 from .errors import OOM_ADVICE, UserError, is_out_of_memory
+from .evaluation import evaluate
+from .explore import compare_head_maps, forgetting
+from .export import EXPORT_FORMATS, export_peft
+from .gguf_export import DEFAULT_TYPE, GGUF_TYPES, export_gguf
+from .files import dumps
+from .head_view import check_head, inspect_head
+from .heads import HeadScores
+from .hub import model_card, push_run
+from .pipeline import CONFIG_FILE, Run, build_builtin_pool, default_loader, fresh_folder, load_run_data
 from .progress import ConsoleProgress
+from .studio.options import StudioOptions
+from .training import CHECKPOINT_SUBDIR, checkpoint_step
 
 # which RunConfig groups each command takes
 MODEL = ("model",)
@@ -46,9 +69,6 @@ EVAL_DATA = ("pool", "probe", "eval", "columns", "target", "pool_size", "probe_s
 
 def _print(obj) -> None:
     """The command's result on stdout (once: by the main process when several run)."""
-    from .distributed import Processes
-    from .files import dumps
-
     if Processes.current().is_main:
         print(dumps(obj, indent=1))
 
@@ -108,9 +128,6 @@ def _given(args, names) -> dict:
 
 def config_from_args(args, names, folder_config: bool = False) -> RunConfig:
     """Defaults < the run folder's config.yaml (``folder_config``) < --preset < --config < flags."""
-    from .config import PRESETS
-    from .pipeline import CONFIG_FILE
-
     given = _given(args, names)
     file_values = _raw_yaml(args.config) if getattr(args, "config", None) else {}
     merged: dict = {}
@@ -131,8 +148,6 @@ def _raw_yaml(path) -> dict:
     """The settings a YAML file sets (only those; unknown names are an error)."""
     cfg_path = Path(path)
     loaded = RunConfig.load(cfg_path)  # validates names and values
-    import yaml
-
     data = yaml.safe_load(cfg_path.read_text(encoding="utf-8")) or {}
     return {k: getattr(loaded, k) for k in data}
 
@@ -144,9 +159,7 @@ def _announce(config: RunConfig, command: str) -> None:
 
 
 def _load_lm(config: RunConfig):
-    from .pipeline import _default_loader
-
-    return _default_loader(config)
+    return default_loader(config)
 
 
 # -- commands ------------------------------------------------------------------------------------
@@ -155,15 +168,11 @@ def cmd_info(args) -> None:
 
 
 def cmd_data(args) -> None:
-    from .data.loading import load_data
-
     config = config_from_args(args, ["columns"])
     _print(load_data(args.file, mapping=config.columns, split=args.split, limit=args.limit).summary())
 
 
 def cmd_demo_data(args) -> None:
-    from .pipeline import build_builtin_pool
-
     config = config_from_args(args, ["pool", "target", "pool_size", "probe_size", "eval_size", "seed"])
     if not config.builtin_pool:
         raise UserError("demo-data writes a built-in pool: --pool builtin or builtin-hard")
@@ -174,15 +183,10 @@ def cmd_demo_data(args) -> None:
 
 
 def cmd_eval(args) -> None:
-    from .evaluation import evaluate
-    from .pipeline import load_run_data
-
     config = config_from_args(args, _group_fields(COMMAND_GROUPS["eval"]))
     if not config.builtin_pool and not config.eval:
         raise UserError("give the eval file (--eval FILE); without files the built-in eval set is used")
     if config.eval:
-        from .data.loading import load_data
-
         data = load_data(config.eval, mapping=config.columns)
         samples, skipped = data.samples, sum(data.skipped.values())
     else:
@@ -192,8 +196,6 @@ def cmd_eval(args) -> None:
         samples, skipped = ev.samples, 0
     lm = _load_lm(config)
     if args.adapter:
-        from .adapter import load_adapter
-
         load_adapter(lm, args.adapter)
     res = evaluate(lm, samples, batch_size=max(config.batch_size, 16), max_new_tokens=config.max_new_tokens,
                    limit=config.eval_limit, max_length=config.max_length, progress=_progress())
@@ -204,8 +206,6 @@ def cmd_eval(args) -> None:
 
 def _stage_run(args, command: str):
     """The run in the folder of the settings, with what it already finished."""
-    from .pipeline import CONFIG_FILE, Run
-
     config = config_from_args(args, _group_fields(COMMAND_GROUPS[command]), folder_config=True)
     _announce(config, command)
     if (Path(config.out) / CONFIG_FILE).is_file():
@@ -213,8 +213,6 @@ def _stage_run(args, command: str):
     else:
         run = Run(config, progress=_progress())
     run.resume = bool(getattr(args, "resume", False))
-    from .distributed import Processes
-
     Processes.current().barrier()  # several processes: all have read the folder before the main one changes it
     return run
 
@@ -224,8 +222,6 @@ def _check_processes(command: str) -> None:
     DeepSpeed)."""
     if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
         return
-    from .distributed import check_engine
-
     check_engine()
     if command not in DISTRIBUTED:
         raise UserError(f"`{command}` runs in one process so far (several processes: {', '.join(DISTRIBUTED)}); "
@@ -241,8 +237,6 @@ def cmd_heads(args) -> None:
 
 
 def cmd_select(args) -> None:
-    from .heads import HeadScores
-
     run = _stage_run(args, "select")
     if args.heads:
         run.use_heads(HeadScores.load(args.heads), source=args.heads)
@@ -254,27 +248,25 @@ def cmd_select(args) -> None:
 
 
 def cmd_train(args) -> None:
-    from .heads import HeadScores
-
-    if args.data:  # train on a given file instead of the run's selection
-        from .data.loading import load_data
-        from .pipeline import Run
-        from .training import train_heads
-
-        config = config_from_args(args, _group_fields(COMMAND_GROUPS["train"]), folder_config=True)
-        _announce(config, "train")
-        heads = HeadScores.load(args.heads or Path(config.out) / "heads.json")
-        data = load_data(args.data, mapping=config.columns)
-        run = Run(config)
-        res = train_heads(_load_lm(config), heads, data.samples, run.train_config(), config.out,
-                          progress=_progress(), overwrite=True, resume=args.resume,
-                          checkpoint_every=config.checkpoint_every)
+    run = _stage_run(args, "train")
+    data = None
+    if args.data:  # train on a given file instead of the run's selection (read before the model loads)
+        data = load_data(args.data, mapping=run.config.columns)
+    if args.heads:
+        run.use_heads(HeadScores.load(args.heads), source=args.heads)
+    trains = data is not None or not run.is_done("train")
+    saved = checkpoint_step(run.out) if args.resume and trains else None
+    if args.resume and trains and saved is None:
+        print(f"no checkpoint in {run.out / CHECKPOINT_SUBDIR} to resume from: training starts at step 0",
+              file=sys.stderr)
+    if data is not None:
+        res = run.train_on(data.samples, source=args.data)
     else:
-        run = _stage_run(args, "train")
-        if args.heads:
-            run.use_heads(HeadScores.load(args.heads), source=args.heads)
         run.run(["train"])
         res = run.train_result
+    if saved is not None and res.extra.get("resumed_from") is None:
+        print(f"the checkpoint in {run.out / CHECKPOINT_SUBDIR} was made with other settings or data: trained from "
+              "step 0", file=sys.stderr)
     _print(asdict(res))
     if res.stopped:
         print(f"stopped early ({res.stop_reason}); adapter and log saved in {res.adapter_dir}; continue with "
@@ -282,22 +274,15 @@ def cmd_train(args) -> None:
 
 
 def cmd_merge(args) -> None:
-    from .adapter import merge_and_save
-
     lm = _load_lm(config_from_args(args, _group_fields(MODEL)))
     _print({"merged_model": str(merge_and_save(lm, args.adapter, args.out))})
 
 
 def cmd_export(args) -> None:
-    from .adapter import HeadAdapter
-    from .export import export_peft
-
     if getattr(args, "model", None) is None:  # default: the model the adapter was trained on
-        args.model = HeadAdapter.read_config(args.adapter).get("base_model") or "default"
+        args.model = AdapterConfig.read(args.adapter).base_model or "default"
     config = config_from_args(args, _group_fields(MODEL))
     if args.format == "gguf":
-        from .gguf_export import export_gguf
-
         out = export_gguf(_load_lm(config), args.adapter, args.out, args.gguf_type)
     else:
         out = export_peft(_load_lm(config), args.adapter, args.out, base_model_name=args.base_model_name)
@@ -305,8 +290,6 @@ def cmd_export(args) -> None:
 
 
 def cmd_push(args) -> None:
-    from .hub import model_card, push_run
-
     if args.card_only:
         print(model_card(args.run, args.repo))
         return
@@ -314,9 +297,6 @@ def cmd_push(args) -> None:
 
 
 def cmd_compare_heads(args) -> None:
-    from .explore import compare_head_maps
-    from .heads import HeadScores
-
     out = compare_head_maps(HeadScores.load(args.a), HeadScores.load(args.b), name_a=args.a, name_b=args.b)
     if not args.map:
         out.pop("rank_difference")
@@ -325,8 +305,6 @@ def cmd_compare_heads(args) -> None:
 
 def _open_run(folder: str):
     """A finished run folder (its own settings), the model loaded when needed."""
-    from .pipeline import Run
-
     return Run.open(folder, progress=_progress())
 
 
@@ -336,8 +314,6 @@ def _sampling(args) -> dict:
 
 
 def cmd_chat(args) -> None:
-    from .chat import compare_replies
-
     if args.run:
         run = _open_run(args.run)
         run.require_loaded()
@@ -351,9 +327,6 @@ def cmd_chat(args) -> None:
 
 
 def cmd_inspect_head(args) -> None:
-    from .data.formats import Sample
-    from .head_view import check_head, inspect_head
-
     run = _open_run(args.run)
     if run.heads is None:
         raise UserError(f"{args.run} has no head scores (heads.json): run its heads stage first")
@@ -374,16 +347,12 @@ def cmd_inspect_head(args) -> None:
 
 
 def cmd_controls(args) -> None:
-    from .controls import run_controls
-
     run = _open_run(args.run)
     _print(run_controls(run, controls=[c.strip() for c in args.controls.split(",") if c.strip()],
                         lora_lr=args.lora_lr, lora_rank=args.lora_rank, progress=_progress()))
 
 
 def cmd_forgetting(args) -> None:
-    from .explore import forgetting
-
     run = _open_run(args.run)
     if run.eval_after is None:
         raise UserError(f"{args.run} has no evaluation after training: run `python -m p2d run --resume --out "
@@ -392,16 +361,12 @@ def cmd_forgetting(args) -> None:
 
 
 def cmd_run(args) -> None:
-    from .pipeline import Run, fresh_folder
-
     if args.resume:
         run = _stage_run(args, "run")
     else:
         config = config_from_args(args, _group_fields(COMMAND_GROUPS["run"]))
         _announce(config, "run")
         fresh_folder(config.out)
-        from .distributed import Processes
-
         Processes.current().barrier()  # several processes: the folder is fresh before any starts
         run = Run(config, progress=_progress())
     metrics = run.run_all()
@@ -412,21 +377,16 @@ def cmd_run(args) -> None:
 
 def options_from_args(cls, args):
     """An options dataclass (StudioOptions, BenchConfig) from --config and the flags."""
-    from .config import options_from
-
     return options_from(cls, getattr(args, "config", None), _given(args, [f.name for f in fields(cls)]))
 
 
 def cmd_bench(args) -> None:
-    from .bench.config import BenchConfig
-    from .bench.runner import run_bench
-
     _print(run_bench(options_from_args(BenchConfig, args), progress=_progress()))
 
 
 def cmd_studio(args) -> None:
-    from .config import options_from
-    from .studio.options import StudioOptions
+    # the one import inside a function: gradio loads only when the app starts, so `python -m p2d --help` and the
+    # library's commands start fast and run where the app's packages are not installed
 
     try:
         from .studio.server import launch
@@ -442,8 +402,6 @@ def cmd_studio(args) -> None:
 
 # -- parser --------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
-
     parser = argparse.ArgumentParser(prog="python -m p2d", description="P2D Studio: find task-sensitive attention "
                                      "heads, select data with them, and fine-tune only those heads.")
     parser.add_argument("--version", action="version", version=f"p2d {__version__}")
@@ -491,9 +449,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", required=True, help="adapter folder")
     p.add_argument("--out", required=True, metavar="DIR", help="new folder for the merged model")
 
-    from .export import EXPORT_FORMATS
-    from .gguf_export import DEFAULT_TYPE, GGUF_TYPES
-
     p = command("export", "convert a head adapter to another format (peft: a LoRA adapter PEFT, vLLM and TGI load; "
                 "gguf: the merged model as one GGUF file for llama.cpp, Ollama and LM Studio; Llama-family models)",
                 cmd_export, MODEL)
@@ -536,8 +491,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pattern", action="store_true", help="also print the token x token weights")
     p.set_defaults(func=cmd_inspect_head)
 
-    from .controls import CONTROLS, LORA_LR, LORA_RANK
-
     p = sub.add_parser("controls", help="train a finished run's controls (random heads, random data, TF-IDF data, "
                        "LoRA) at the "
                        "same budget", description="train a finished run's controls at the same budget and compare "
@@ -567,19 +520,13 @@ def build_parser() -> argparse.ArgumentParser:
                 COMMAND_GROUPS["run"])
     p.add_argument("--resume", action="store_true", help="keep the finished stages of the run folder and continue "
                    "training from its last checkpoint")
-    from .config import PRESETS
-
     p.add_argument("--preset", choices=tuple(PRESETS), help="start from a named preset (quick-tour: the whole "
                    "pipeline in a few minutes on a CPU); --config and flags override it")
-
-    from .studio.options import StudioOptions
 
     p = sub.add_parser("studio", help="start the P2D Studio app (Gradio)", description="start the P2D Studio app")
     p.add_argument("--config", metavar="FILE.yaml", help="run settings (the YAML the app saves) to fill the form with")
     add_dataclass_flags(p, StudioOptions, [f.name for f in fields(StudioOptions) if f.name != "config"])
     p.set_defaults(func=cmd_studio)
-
-    from .bench.config import BenchConfig
 
     p = sub.add_parser("bench", help="benchmark P2D against full fine-tuning, LoRA and its controls",
                        description=BenchConfig.__doc__.replace("%", "%%"))
@@ -610,8 +557,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {OOM_ADVICE}", file=sys.stderr)
         return 2
     except OSError as exc:
-        import errno
-
         if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
             raise
         print(f"error: {exc.strerror or 'no space left'} writing {exc.filename or 'a file'}: free some disk space or "

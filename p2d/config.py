@@ -30,6 +30,9 @@ import yaml
 
 from .adapter import ADAPTER_KINDS, PROJECTIONS
 from .cost import REFERENCE_MODES
+from .data.builtin import DEFAULT_TARGET, TASKS
+from .data.builtin_hard import HARD_POOL, HARD_TARGETS
+from .data.formats import parse_mapping
 from .errors import UserError, shown
 from .files import write_text
 from .heads import DEFAULT_HEAD_METHOD, HEAD_METHODS
@@ -78,9 +81,6 @@ STAGES = ("load", "heads", "select", "eval_before", "reference", "train", "eval_
 
 
 def _targets():
-    from .data.builtin import TASKS
-    from .data.builtin_hard import HARD_TARGETS
-
     return tuple(dict.fromkeys(TASKS + HARD_TARGETS))
 
 
@@ -242,9 +242,6 @@ class RunConfig:
 
     def validate(self) -> "RunConfig":
         """`normalize` plus the checks that involve several settings or the built-in pool."""
-        from .data.builtin import DEFAULT_TARGET, TASKS
-        from .data.builtin_hard import HARD_POOL, HARD_TARGETS
-
         self.normalize()
         if self.builtin_pool:
             self.target = self.target or DEFAULT_TARGET
@@ -252,7 +249,12 @@ class RunConfig:
             if self.target not in allowed:
                 raise UserError(f"the target {self.target!r} is not a task of the {self.builtin_pool} pool; choose "
                                 f"from {', '.join(allowed)}")
-        elif not self.probe:
+        return self
+
+    def require_probe(self) -> "RunConfig":
+        """Scoring heads needs target examples: a pool file without a probe file is refused (`p2d.pipeline.Run`
+        checks this before it scores heads; a run given its heads from elsewhere needs no probe)."""
+        if not self.builtin_pool and not self.probe:
             raise UserError("a pool file needs a probe file (probe: ~100 examples of the target task) to find heads")
         return self
 
@@ -485,8 +487,6 @@ def _normalize_value(f: dataclasses.Field, hint, value):
         return [c for c in allowed if c in items] if allowed else items
     if kind is dict:
         if isinstance(value, str):
-            from .data.formats import parse_mapping
-
             return parse_mapping(value)
         if not isinstance(value, dict):
             raise UserError(f"{_label(f)} must be key=column pairs (prompt=question,answer=reply), got {shown(value)}")

@@ -42,8 +42,11 @@ import torch
 
 from .data.encoding import collate, encode
 from .data.formats import Sample
+from .distributed import Processes, is_shard
 from .errors import UserError, is_out_of_memory
+from .models import trainable
 from .progress import ProgressFn, StopFn, report
+from .training import NonFinite, backward_shared, clip_gradients, epoch_batches, loss_backward
 
 REFERENCE_MODES = ("estimate", "measure")
 REFERENCE_FILE = "full_ft.json"
@@ -87,8 +90,6 @@ def reference_steps(n_batches_per_epoch: int, epochs: float) -> int:
 
 def reference_batches(encoded, batch_size: int, epochs: float, seed: int = 0, group_by_length: bool = True):
     """Every reference step's batch, in order (epoch after epoch, as `p2d.training` draws them)."""
-    from .training import epoch_batches
-
     per_epoch = math.ceil(len(encoded) / batch_size)
     steps = reference_steps(per_epoch, epochs)
     out, epoch = [], 0
@@ -137,10 +138,6 @@ def full_finetune_cost(lm, pool: list[Sample], epochs: float = 3.0, batch_size: 
                        mode: str = "estimate", timed_steps: int = 6, seed: int = 0, max_grad_norm: float = 1.0,
                        progress: ProgressFn = None, should_stop: StopFn = None) -> FullFinetuneCost:
     """Time full fine-tuning on ``pool`` (see the module docstring). The model is left unchanged."""
-    from .distributed import Processes, is_shard
-    from .models import trainable
-    from .training import NonFinite, _backward_shared, clip_gradients, loss_backward
-
     if mode not in REFERENCE_MODES:
         raise UserError(f"full fine-tuning reference must be one of {', '.join(REFERENCE_MODES)}, got {mode!r}")
     if not pool:
@@ -189,7 +186,7 @@ def full_finetune_cost(lm, pool: list[Sample], epochs: float = 3.0, batch_size: 
                     if procs.world == 1:
                         loss_backward(model, micro, lm.device)
                     else:
-                        _backward_shared(model, whole, micro, lm.device, procs,
+                        backward_shared(model, whole, micro, lm.device, procs,
                                          fillers=1 if procs.sharded and not micro else 0)
                         for p in shards:
                             if p.grad is not None:

@@ -51,6 +51,11 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from .errors import UserError
+
+# torch, accelerate and the geometry (which needs torch) are imported where used: p2d.files and p2d.data import
+# this module and stay importable without torch; accelerate is only needed with several processes
+
 __all__ = ["Processes", "check_engine", "fsdp_requested", "is_shard", "shard_layers"]
 
 TRUE = ("1", "true", "yes")
@@ -70,8 +75,6 @@ def is_shard(t) -> bool:
 
 def check_engine() -> None:
     """Refuse launchers P2D does not run under (one line): DeepSpeed."""
-    from .errors import UserError
-
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in TRUE:
         raise UserError("DeepSpeed is not supported: P2D trains only the head deltas, so ZeRO-1/2 would shard only "
                         "their small optimizer state; for a model larger than one device use an FSDP config "
@@ -207,8 +210,6 @@ class Processes:
         """Refuse ``what`` (one line, saying ``instead``) when the model is sharded: it needs whole
         weights on each process."""
         if self.sharded:
-            from .errors import UserError
-
             raise UserError(f"{what} needs each process to hold the whole model, so it does not run with a sharded "
                             f"(FSDP) model: {instead}, or launch without FSDP (--multi_gpu)")
 

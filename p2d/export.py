@@ -91,7 +91,7 @@ def export_peft(lm, adapter_dir, out_dir, base_model_name: str | None = None) ->
     diff = geometry_mismatch(adapter.geometry, lm.geometry)
     if diff:
         raise UserError(f"adapter {adapter_dir} does not fit model {lm.spec!r} ({diff}): export it with the model "
-                        f"it was trained on ({adapter.config.get('base_model', '?')})")
+                        f"it was trained on ({adapter.config.base_model or '?'})")
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"{out_dir} already exists and is not empty: choose a new folder or delete it first")
@@ -110,7 +110,7 @@ def export_peft(lm, adapter_dir, out_dir, base_model_name: str | None = None) ->
     }
     provenance = {"exported_by": f"p2d {__version__}", "heads": adapter.heads, "projections": list(adapter.projections),
                   "source_adapter": str(adapter_dir), "ranks": ranks, "max_rank": max(ranks.values()),
-                  "training": adapter.config.get("training", {})}
+                  "training": adapter.config.training}
     with atomic_dir(out) as tmp:
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         write_json(tmp / "adapter_config.json", config, indent=2)

@@ -18,6 +18,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterable
 
+from .distributed import Processes
+from .errors import UserError
+
 __all__ = ["atomic_write", "write_text", "write_json", "write_jsonl", "atomic_dir", "read_json", "jsonable", "remove"]
 
 _FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
@@ -26,8 +29,6 @@ _FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 def _disk_full(exc: BaseException, path) -> BaseException:
     """A UserError for a full disk (or a file size limit), else ``exc`` itself."""
     if isinstance(exc, OSError) and exc.errno in _FULL:
-        from .errors import UserError
-
         return UserError(f"could not write {path}: {os.strerror(exc.errno).lower()}; free some disk space or choose "
                          "another folder (what was written before is intact)")
     return exc
@@ -68,8 +69,6 @@ def remove(path) -> None:
 
 
 def _writes() -> bool:
-    from .distributed import Processes
-
     return Processes.current().is_main
 
 

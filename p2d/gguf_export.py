@@ -248,7 +248,7 @@ def export_gguf(lm, adapter_dir, out_dir, outtype: str = DEFAULT_TYPE, name: str
     ``out_dir/model-<outtype>.gguf``, with ``p2d_export.json`` (heads, type, tokenizer) next to it. ``out_dir``
     must not exist or be empty; ``lm.model`` is left as it was. Returns the folder."""
     from . import __version__
-    from .adapter import HeadAdapter, merged_weights
+    from .adapter import AdapterConfig, merged_weights
 
     check_exportable(lm.model, outtype)
     out = Path(out_dir)
@@ -256,7 +256,7 @@ def export_gguf(lm, adapter_dir, out_dir, outtype: str = DEFAULT_TYPE, name: str
         raise UserError(f"{out_dir} already exists and is not empty: choose a new folder or delete it first")
     name = name or Path(str(lm.spec)).name or "model"
     pre = _pre_tokenizer(lm.spec)
-    adapter = HeadAdapter.read_config(adapter_dir) if adapter_dir is not None else {}
+    adapter = AdapterConfig.read(adapter_dir) if adapter_dir is not None else None
     if out.exists():
         out.rmdir()  # empty (checked above): atomic_dir creates it whole
     with atomic_dir(out) as tmp:
@@ -268,5 +268,6 @@ def export_gguf(lm, adapter_dir, out_dir, outtype: str = DEFAULT_TYPE, name: str
         write_json(tmp / "p2d_export.json", {
             "exported_by": f"p2d {__version__}", "format": "gguf", "type": outtype, "file": gguf_name(outtype),
             "base_model": str(lm.spec), "source_adapter": str(adapter_dir) if adapter_dir is not None else None,
-            "heads": adapter.get("heads"), "projections": adapter.get("projections"), **info}, indent=2)
+            "heads": adapter.heads if adapter else None, "projections": adapter.projections if adapter else None,
+            **info}, indent=2)
     return out

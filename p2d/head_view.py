@@ -23,7 +23,7 @@ import math
 
 import torch
 
-from .data.encoding import encode
+from .data.encoding import encode, encode_prompts
 from .data.formats import Sample
 from .errors import UserError
 from .evaluation import mean_answer_loss
@@ -80,8 +80,6 @@ def attention_pattern(lm, sample: Sample, layer: int, head: int, max_tokens: int
     if enc:
         ids, labels = enc[0]["input_ids"], enc[0]["labels"]
     else:  # no answer tokens (e.g. a prompt typed in the app): the prompt alone
-        from .data.encoding import encode_prompts
-
         ids = encode_prompts([sample], lm.tokenizer, max_length=max_length)[0]
         labels = [-100] * len(ids)
     if not ids:

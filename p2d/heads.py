@@ -1,70 +1,37 @@
 """Stage 1: score every (layer, query head) for how task-specific it is, and keep the top ones.
 
-Methods (``HEAD_METHODS``; formulas and sources also in docs/METHOD.md):
+The default method, ``gradient_logratio`` (``DEFAULT_HEAD_METHOD``; formulas and sources also in
+docs/METHOD.md). A gate ``g_h = 1`` sits on each head's output (its slice of the o_proj input,
+`p2d.gating.HeadGate`); a head's importance on a set of samples is the mean over the samples of
+``|dL_i/dg_h|``, L_i the sample's mean answer-token loss (per-sample gates: one backward per batch gives
+every sample's own gradient; no weight moves). Importance is measured on the probe set P and on a
+seeded sample D of the pool (``max(len(probe), 64)`` rows, or the whole pool if smaller); with the
+global shares ``s_P = imp_P / sum(imp_P)`` and ``s_D = imp_D / sum(imp_D)`` over all heads, ::
 
-- ``shift`` (paper-style proxy, as ALPS): a short proxy fine-tune (``proxy_steps`` AdamW steps,
-  ``proxy_lr`` (default 1e-4), no weight decay, dropout off) of *all* attention projections on the
-  probe set, with everything else frozen; then each query head is scored by the Wasserstein-1
-  distance between softmax(flattened head weights) before and after. The model's weights are restored
-  bit-identically afterwards (only the attention projections are copied). Caveat: Adam divides each
-  step by the running gradient RMS, so after a few steps every coordinate with a consistent gradient
-  sign has moved by about ``steps * lr`` whatever its gradient size: the movement measures sign
-  consistency more than importance.
+    score_h = log(s_P,h + eps) - log(s_D,h + eps),    eps = LOGRATIO_EPS / (n_layers * n_q)
 
-  A query head's weight vector is, in this order: its ``q_proj`` rows ``[d, hidden]``, its kv head's
-  ``k_proj`` rows and ``v_proj`` rows (GQA: kv head ``h // (n_q / n_kv)``), and its ``o_proj``
-  columns transposed to ``[d, hidden]``; each block flattened row-major. For GPT-2 the same blocks
-  are cut from the fused ``c_attn`` columns (q, k, v thirds) and ``c_proj`` rows.
+(a thousandth of the mean share): the log of how much more the target task needs the head than the
+pool does, independent of the head's magnitude. `select_top` keeps the top ``ratio`` of all heads.
 
-  W1 formulation: the one in ALPS's released code ("wasserstein_normalized": scipy's
-  ``wasserstein_distance(x, x, p, q)`` with ``x = linspace(0, 1, N)``), i.e. the two softmax vectors
-  are distributions over the *same index support* placed evenly on [0, 1] in the flattening order
-  above, and ``W1 = sum_i |CDF_p(i) - CDF_q(i)| / (N - 1)``. Computed in float64 (the CDF of ~10^5
-  values near 1/N would drown the signal in float32 rounding). ``extra["update_norm"]`` also holds
-  the cheaper relative update norm ``||W_after - W_before|| / ||W_before||`` per head.
+The same importance maps with other contrasts (``HEAD_CONTRASTS``, `contrast_scores`):
 
-- ``shift_sgd``: the same proxy run and W1 score with plain SGD (no momentum, ``proxy_lr`` default
-  1e-2), so each weight moves by ``lr`` times its accumulated gradient: the movement reflects how
-  large the gradients are, not only their sign consistency.
+- ``gradient`` (Michel et al. 2019; contrast ``difference``): ``s_P - s_D``, a difference of global
+  shares; heads every task needs (high on both) do not dominate, but the difference scales with a
+  head's overall magnitude, so a layer of large-importance heads that are only slightly enriched can
+  outrank small heads that are strongly enriched. Without a pool (or ``contrast=False``) it scores
+  the normalised probe importance ``s_P``;
+- ``gradient_layer`` (contrast ``layer``): the same difference with shares taken *within each layer*
+  (each layer's importances divided by that layer's sum), so magnitude differences between layers
+  cancel.
 
-- ``gradient`` (Michel et al. 2019): a gate on each head's output; importance = mean over samples of
-  |dL_i/dgate| (per-sample gates, so it is the per-sample absolute value, one backward per batch),
-  L_i = the sample's mean answer-token loss. With ``contrast=True`` (default) and a pool, the same
-  importance is measured on a seeded sample of the pool (``max(len(probe), 64)`` rows, or the whole
-  pool if smaller) and the score contrasts the two maps (``HEAD_CONTRASTS``, `contrast_scores`):
+``gradient_layer`` / ``gradient_logratio`` need a pool (UserError without one). ``extra`` keeps both
+raw importance maps (``probe_importance``, ``pool_importance``), so `recontrast` computes any other
+contrast without rerunning the model.
 
-  * ``difference`` (``gradient``'s default): ``probe_imp / sum(probe_imp) - pool_imp / sum(pool_imp)``,
-    a difference of global shares; heads every task needs (high on both) do not dominate, but the
-    difference scales with a head's overall magnitude, so a layer of large-importance heads that are
-    only slightly enriched can outrank small heads that are strongly enriched;
-  * ``layer`` (method ``gradient_layer``): the same difference of shares, with shares taken *within
-    each layer* (each layer's importances divided by that layer's sum), so magnitude differences
-    between layers cancel;
-  * ``logratio`` (method ``gradient_logratio``): ``log(share_probe + eps) - log(share_pool + eps)``
-    with global shares and ``eps = LOGRATIO_EPS / (n_layers * n_q)`` (a thousandth of the mean
-    share); with eps -> 0 this is the log of the enrichment ratio, independent of magnitude.
-
-  Without a pool (or ``contrast=False``) ``gradient`` scores the normalised probe importance;
-  ``gradient_layer`` / ``gradient_logratio`` need a pool (UserError without one). ``extra`` keeps
-  both raw importance maps (``probe_importance``, ``pool_importance``), so `recontrast` can compute
-  any other contrast without rerunning the model.
-
-- ``taylor`` (first-order Taylor importance, Molchanov et al. 2017/2019): no weight update;
-  importance = mean over probe batches of ``sum |g * w|`` over the head's weight slices (the same q,
-  k, v, o slices as ``shift``; with GQA a kv head's k/v terms count for each of its query heads),
-  ``g`` the gradient of the batch's mean answer loss. Contrasted with a pool sample exactly like
-  ``gradient`` (default ``difference``; ``contrast`` may name another of ``HEAD_CONTRASTS``).
-
-- ``lofit`` (head selection step of LoFiT, Yin, Ye & Durrett, NeurIPS 2024): one learnable
-  multiplicative scale per head output (initialised at 1, through the `p2d.gating.HeadGate` hooks),
-  all weights frozen, trained for ``proxy_steps`` Adam steps (``proxy_lr`` default 1e-2) on the probe
-  set with the loss ``mean answer loss + l1 * sum |scale - 1|`` (``l1`` default ``LOFIT_L1`` = 1e-3,
-  LoFiT's value); score = ``|scale - 1|``. Differences from LoFiT: LoFiT learns a ``head_dim`` vector
-  per head (score = its L2 norm), initialised N(0, 1e-3), for several epochs at lr 1e-3; here it is
-  one scalar per head and a few steps. Adam's sign-equalisation (see ``shift``) applies here too; the
-  L1 term makes heads whose gradient stays below ``l1`` hover around 1. No pool contrast.
-
-- ``random``: a seeded control (uniform scores from ``torch.Generator().manual_seed(seed)``).
+Variants (`p2d.head_variants`): ``shift`` and ``shift_sgd`` (a short proxy fine-tune, then how far each
+head's weights moved), ``taylor`` (``|gradient x weight|`` over each head's weights, contrasted with the
+pool like ``gradient``) and ``lofit`` (a learned scale per head output). ``random`` is a seeded control
+(uniform scores from ``torch.Generator().manual_seed(seed)``).
 
 Answer positions: every loss above is the per-sample mean cross-entropy over the answer positions
 chosen by ``positions`` (`p2d.gating.POSITIONS`): ``"all"`` (default) or ``"content"`` (without the
@@ -75,13 +42,11 @@ projections, and ``taylor`` asks autograd for their gradients without storing ``
 model is in eval mode; previous ``requires_grad`` flags and training mode are restored afterwards,
 also on errors. ``progress(done, total, desc)`` is called as work proceeds; ``should_stop()``
 returning True ends the run early with the scores measured so far and ``extra["stopped"] = True``.
-
-Not supported: shift / shift_sgd with a model held in bf16/fp16 move weights by less than their
-resolution for small ``proxy_lr`` (most updates round away): use fp32 for them, or ``gradient``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -91,14 +56,16 @@ from pathlib import Path
 
 import torch
 
-from .data.encoding import collate, encode, iter_batches
 from .data.formats import Sample
 from .distributed import Processes
 from .errors import UserError
-from .gating import POSITIONS, HeadGate, answer_losses, position_mask, special_token_ids
+from .files import write_json
+from .gating import HeadGate
 from .geometry import HeadGeometry
+from .head_variants import score_lofit, score_shift, taylor_importance
 from .models import frozen
 from .progress import Ticker
+from .scoring import batch_losses, check_positions, check_ratio, loss_batches, top_count
 
 HEAD_METHODS = ("shift", "gradient", "random", "gradient_layer", "gradient_logratio", "taylor", "shift_sgd", "lofit")
 #: one line per head method, for UIs and CLI help
@@ -131,434 +98,77 @@ LOFIT_L1 = 1e-3
 DEFAULT_HEAD_METHOD = "gradient_logratio"
 HEADS_FILE = "heads.json"
 
+
 __all__ = ["HEAD_METHODS", "HEAD_METHOD_HELP", "HEAD_CONTRASTS", "METHOD_CONTRAST", "LOGRATIO_EPS", "PROXY_LR", "LOFIT_L1",
-           "DEFAULT_HEAD_METHOD", "HeadScores", "select_top", "score_heads", "contrast_scores", "recontrast",
-           "attention_snapshot", "head_weight_vector", "head_slice_sums", "weight_shift_scores", "w1_index",
-           "gate_importance", "taylor_importance"]
+           "DEFAULT_HEAD_METHOD", "HeadScores", "select_top", "head_ranks", "score_heads", "contrast_scores", "recontrast",
+           "gate_importance"]
 
 
-# ------------------------------------------------------------------------------------------ result
+def score_heads(lm, probe: list[Sample], method: str = DEFAULT_HEAD_METHOD, ratio: float = 0.1,
+                pool: list[Sample] | None = None, seed: int = 0, batch_size: int = 8, max_length: int = 256,
+                proxy_steps: int = 20, proxy_lr: float | None = None, contrast: bool | str = True,
+                l1: float = LOFIT_L1, progress=None, should_stop=None, positions: str = "all") -> HeadScores:
+    """Score every query head of ``lm`` (a `p2d.models.LoadedModel`) and keep the top ``ratio``.
 
-
-@dataclass
-class HeadScores:
-    """Per-head scores (n_layers x n_q_heads) and the selected heads, best first."""
-
-    method: str
-    ratio: float
-    scores: list[list[float]]
-    selected: list[list[int]]
-    time_s: float
-    model: str
-    extra: dict = field(default_factory=dict)
-
-    @property
-    def n_layers(self) -> int:
-        return len(self.scores)
-
-    @property
-    def n_q_heads(self) -> int:
-        return len(self.scores[0]) if self.scores else 0
-
-    def to_dict(self) -> dict:
-        return {"method": self.method, "ratio": self.ratio, "scores": self.scores, "selected": self.selected,
-                "time_s": self.time_s, "model": self.model, "extra": self.extra}
-
-    def with_ratio(self, ratio: float) -> "HeadScores":
-        """The same scores with a different share of heads selected (no rescoring)."""
-        import dataclasses
-
-        return dataclasses.replace(self, ratio=ratio, selected=select_top(self.scores, ratio))
-
-    def save(self, out_dir) -> Path:
-        """Write ``out_dir/heads.json``; returns its path."""
-        from .files import write_json
-
-        return write_json(Path(out_dir) / HEADS_FILE, self.to_dict())
-
-    @classmethod
-    def load(cls, path) -> "HeadScores":
-        """Read a heads.json (``path`` is the file or its folder); UserError if missing or invalid."""
-        p = Path(path).expanduser()
-        if p.is_dir():
-            p = p / HEADS_FILE
-        if not p.is_file():
-            raise UserError(f"heads file not found: {p} (run the heads stage first, or point to its heads.json)")
-        try:
-            d = json.loads(p.read_text())
-        except (OSError, UnicodeDecodeError, ValueError) as exc:
-            raise UserError(f"{p} is not a valid heads.json ({exc}); rerun the heads stage") from exc
-        missing = [k for k in ("method", "ratio", "scores", "selected") if not isinstance(d, dict) or k not in d]
-        if missing:
-            raise UserError(f"{p} is not a valid heads.json: missing {', '.join(missing)}; rerun the heads stage")
-        scores, selected = d["scores"], d["selected"]
-        ok = (isinstance(scores, list) and scores and all(isinstance(r, list) and r for r in scores)
-              and len({len(r) for r in scores}) == 1
-              and all(x is None or isinstance(x, (int, float)) for r in scores for x in r)
-              and isinstance(selected, list)
-              and all(isinstance(s, list) and len(s) == 2 and all(isinstance(i, int) for i in s) for s in selected))
-        if not ok:
-            raise UserError(f"{p} is not a valid heads.json: 'scores' must be a layers x heads table of numbers and "
-                            "'selected' a list of [layer, head] pairs; rerun the heads stage")
-        n_l, n_h = len(scores), len(scores[0])
-        bad = [s for s in selected if not (0 <= s[0] < n_l and 0 <= s[1] < n_h)]
-        if bad:
-            raise UserError(f"{p}: selected head {bad[0]} is outside the {n_l} x {n_h} score table")
-        scores = [[float("nan") if x is None else float(x) for x in r] for r in scores]
-        return cls(method=str(d["method"]), ratio=float(d["ratio"]), scores=scores, selected=selected,
-                   time_s=float(d.get("time_s") or 0.0), model=str(d.get("model") or ""), extra=dict(d.get("extra") or {}))
-
-
-# ------------------------------------------------------------------------------------------ top-k
-
-
-def check_ratio(ratio: float, what: str = "ratio") -> float:
-    try:
-        r = float(ratio)
-    except (TypeError, ValueError):
-        raise UserError(f"{what} must be a number in (0, 1], got {ratio!r}") from None
-    if not (0.0 < r <= 1.0):
-        raise UserError(f"{what} must be in (0, 1] (e.g. 0.1 for 10%), got {ratio!r}")
-    return r
-
-
-def top_count(n: int, ratio: float) -> int:
-    """round(ratio * n) (halves up), at least 1, at most n."""
-    return max(1, min(n, int(math.floor(ratio * n + 0.5))))
-
-
-def select_top(scores, ratio: float) -> list[list[int]]:
-    """The top ``ratio`` of all query heads as [[layer, head], ...], best first (at least one).
-
-    Ties are broken by (layer, head) ascending; NaN scores rank last.
+    See the module docstring for the methods. ``pool`` is used by the contrasted methods
+    (``gradient*``, ``taylor``). ``proxy_steps`` / ``proxy_lr`` are the steps and learning rate of
+    ``shift``, ``shift_sgd`` and ``lofit`` (``proxy_lr=None``: ``PROXY_LR[method]``). ``contrast``:
+    True (the method's default, ``METHOD_CONTRAST``), False (none), or one of ``HEAD_CONTRASTS``.
+    ``l1``: lofit's L1 weight. ``positions`` (one of `p2d.gating.POSITIONS`): the answer positions
+    every loss is taken at ("content" drops end-of-turn / template positions).
     """
-    ratio = check_ratio(ratio)
-    flat = _ranked(scores)
-    if not flat:
-        return []
-    return [[layer, head] for _, layer, head in flat[:top_count(len(flat), ratio)]]
-
-
-def _ranked(scores) -> list[tuple[float, int, int]]:
-    """(score, layer, head) best first: ties by (layer, head) ascending, NaN last."""
-    rows = scores.tolist() if isinstance(scores, torch.Tensor) else scores
-    flat = [(float(s), layer, head) for layer, row in enumerate(rows) for head, s in enumerate(row)]
-    flat.sort(key=lambda t: (math.isnan(t[0]), 0.0 if math.isnan(t[0]) else -t[0], t[1], t[2]))
-    return flat
-
-
-def head_ranks(scores) -> list[list[int | None]]:
-    """Rank of every head in the order `select_top` picks them (1 = best); NaN and inf scores get None."""
-    rows = scores.tolist() if isinstance(scores, torch.Tensor) else scores
-    ranks: list[list[int | None]] = [[None] * len(row) for row in rows]
-    for r, (s, layer, head) in enumerate(_ranked(rows), start=1):
-        if math.isfinite(s):
-            ranks[layer][head] = r
-    return ranks
-
-
-# ------------------------------------------------------------------------------------- shift maths
-
-
-def _attention_params(model: torch.nn.Module, geometry: HeadGeometry) -> list[tuple[str, torch.nn.Parameter]]:
-    out = []
-    for layer in range(geometry.n_layers):
-        for name, module in geometry.projections(model, layer).items():
-            for pname, p in module.named_parameters(recurse=False):
-                out.append((f"{layer}.{name}.{pname}", p))
-    return out
-
-
-def attention_snapshot(model: torch.nn.Module, geometry: HeadGeometry) -> dict[int, dict[str, torch.Tensor]]:
-    """Copies of every layer's attention projection weights: {layer: {"q","k","v","o"} or {"qkv","o"}}."""
-    with torch.no_grad():
-        return {layer: {name: m.weight.detach().clone() for name, m in geometry.projections(model, layer).items()}
-                for layer in range(geometry.n_layers)}
-
-
-def head_weight_vector(geometry: HeadGeometry, weights: dict[str, torch.Tensor], head: int) -> torch.Tensor:
-    """Flattened weights of one query head (see the module docstring for the order), float64."""
-    d = geometry.head_dim
-    qs = slice(head * d, (head + 1) * d)
-    g = geometry.kv_head(head)
-    ks = slice(g * d, (g + 1) * d)
-    if geometry.layout == "split":
-        parts = [weights["q"][qs], weights["k"][ks], weights["v"][ks], weights["o"][:, qs].T]
+    if method not in HEAD_METHODS:
+        raise UserError(f"unknown head method {method!r}: use one of {', '.join(HEAD_METHODS)}")
+    positions = check_positions(positions)
+    ratio = check_ratio(ratio, "head ratio")
+    if batch_size < 1:
+        raise UserError(f"batch size must be at least 1 (got {batch_size})")
+    geo: HeadGeometry = lm.geometry
+    start = time.perf_counter()
+    stopped = False
+    if method == "random":
+        gen = torch.Generator().manual_seed(int(seed))
+        scores = torch.rand(geo.n_layers, geo.n_q_heads, generator=gen, dtype=torch.float64).tolist()
+        extra: dict = {"seed": seed}
+        if progress is not None:
+            progress(1, 1, "random head scores")
     else:
-        hd = geometry.n_q_heads * d
-        w = weights["qkv"]  # Conv1D [in, 3 * H * d]
-        parts = [w[:, qs].T, w[:, hd + ks.start:hd + ks.stop].T, w[:, 2 * hd + ks.start:2 * hd + ks.stop].T,
-                 weights["o"][qs]]  # c_proj Conv1D [H * d, out]
-    return torch.cat([p.reshape(-1).to(torch.float64) for p in parts])
+        probe = _check_samples(probe, "probe")
+        lr = PROXY_LR.get(method) if proxy_lr is None else float(proxy_lr)
+        if method in PROXY_LR:
+            if proxy_steps < 1:
+                raise UserError(f"proxy steps must be at least 1 (got {proxy_steps})")
+            if not (lr > 0 and math.isfinite(lr)):
+                raise UserError(f"proxy learning rate must be a positive number (got {proxy_lr})")
+        procs = Processes.current()
+        if method in ("shift", "shift_sgd", "taylor"):
+            procs.check_sharding(f"the {method} head score", f"use head method {DEFAULT_HEAD_METHOD} (the default)")
+        should_stop = procs.agreed(should_stop)
+        with frozen(lm.model):
+            if method in ("shift", "shift_sgd"):
+                tick = Ticker(progress, proxy_steps)
+                scores, extra, stopped = score_shift(lm, probe, batch_size, max_length, seed, proxy_steps, lr,
+                                                     tick, should_stop, positions=positions,
+                                                     optimizer="sgd" if method == "shift_sgd" else "adamw")
+            elif method == "lofit":
+                if not (l1 >= 0 and math.isfinite(l1)):
+                    raise UserError(f"the L1 weight must be a non-negative number (got {l1})")
+                tick = Ticker(progress, proxy_steps)
+                scores, extra, stopped = score_lofit(lm, probe, batch_size, max_length, seed, proxy_steps, lr,
+                                                     float(l1), tick, should_stop, positions)
+            else:
+                tick = Ticker(progress, 0)
+                scores, extra, stopped = _score_importance(lm, method, probe, pool, contrast, batch_size,
+                                                           max_length, seed, tick, should_stop, positions)
+        extra["probe_size"] = len(probe)
+        extra["positions"] = positions
+    extra["stopped"] = stopped
+    extra["geometry"] = geo.to_dict()
+    return HeadScores(method=method, ratio=ratio, scores=scores, selected=select_top(scores, ratio),
+                      time_s=round(time.perf_counter() - start, 3), model=str(lm.spec), extra=extra)
 
 
-def w1_index(p: torch.Tensor, q: torch.Tensor) -> float:
-    """W1 between two distributions on the same N support points evenly spaced on [0, 1]."""
-    n = p.numel()
-    if n < 2:
-        return 0.0
-    cdf = torch.cumsum(p.to(torch.float64) - q.to(torch.float64), dim=0)
-    return float(cdf[:-1].abs().sum() / (n - 1))
-
-
-def _batch_cycle(batches: list, rng: random.Random):
-    """The batches in a new shuffled order on every pass, without end (the proxy fine-tunes' data order)."""
-    if not batches:
-        raise ValueError("no batches to cycle through")
-    while True:
-        queue = list(range(len(batches)))
-        rng.shuffle(queue)
-        while queue:
-            yield batches[queue.pop()]
-
-
-def weight_shift_scores(geometry: HeadGeometry, before: dict, after: dict) -> tuple[list[list[float]], list[list[float]]]:
-    """(W1 scores, relative update norms), each n_layers x n_q_heads, from two `attention_snapshot`s
-    (or any {layer: weights} mapping with the same keys)."""
-    w1, rel = [], []
-    for layer in range(geometry.n_layers):
-        row_w1, row_rel = [], []
-        for head in range(geometry.n_q_heads):
-            a = head_weight_vector(geometry, before[layer], head)
-            b = head_weight_vector(geometry, after[layer], head)
-            row_w1.append(w1_index(torch.softmax(a, 0), torch.softmax(b, 0)))
-            row_rel.append(float((b - a).norm() / a.norm().clamp_min(1e-30)))
-        w1.append(row_w1)
-        rel.append(row_rel)
-    return w1, rel
-
-
-# ------------------------------------------------------------------------------------ bookkeeping
-
-
-def _batches(lm, samples: list[Sample], batch_size: int, max_length: int, shuffle=False, seed=0,
-             positions: str = "all"):
-    """Encoded, length-bucketed batches (dicts of tensors on the model's device); ``"positions"`` is
-    the bool mask of the answer positions the loss is taken at (see `p2d.gating.POSITIONS`)."""
-    encoded = encode(samples, lm.tokenizer, max_length)
-    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
-    special = special_token_ids(lm.tokenizer) if positions == "content" else None
-    out = []
-    for items in iter_batches(encoded, batch_size, shuffle=shuffle, seed=seed, sort_by_length=True):
-        b = collate(items, pad)
-        b["positions"] = position_mask(b["labels"], positions, special)
-        out.append({k: v.to(lm.device) for k, v in b.items()} | {"index": [it["index"] for it in items]})
-    return out
-
-
-def _model_inputs(batch: dict) -> dict:
-    return {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
-
-
-def _loss(model, batch: dict) -> torch.Tensor:
-    """Per-sample mean answer loss of a `_batches` batch, at its chosen positions ([B])."""
-    return answer_losses(model, _model_inputs(batch), positions=batch.get("positions"))
-
-
-def _check_samples(samples, what: str) -> list[Sample]:
-    samples = list(samples or [])
-    if not samples:
-        raise UserError(f"the {what} set is empty: give at least one sample")
-    return samples
-
-
-# ---------------------------------------------------------------------------------------- methods
-
-
-def _score_shift(lm, probe, batch_size, max_length, seed, proxy_steps, proxy_lr, tick, should_stop,
-                 optimizer: str = "adamw", positions: str = "all"):
-    model, geo = lm.model, lm.geometry
-    params = _attention_params(model, geo)
-    saved = {name: p.detach().clone() for name, p in params}  # the only copy: attention weights (+ biases)
-    before = {layer: {name: saved[f"{layer}.{name}.weight"] for name in geo.projections(model, layer)}
-              for layer in range(geo.n_layers)}
-    batches = _batches(lm, probe, batch_size, max_length, positions=positions)
-    if not batches:
-        raise UserError("no probe sample has answer tokens within the max length; raise max_length")
-    order = _batch_cycle(batches, random.Random(seed))
-    steps_done, losses, stopped = 0, [], False
-    try:
-        for _, p in params:
-            p.requires_grad_(True)
-        if optimizer == "sgd":
-            opt = torch.optim.SGD([p for _, p in params], lr=proxy_lr, momentum=0.0, weight_decay=0.0)
-        else:
-            opt = torch.optim.AdamW([p for _, p in params], lr=proxy_lr, weight_decay=0.0)
-        for step in range(proxy_steps):
-            if should_stop is not None and should_stop():
-                stopped = True
-                break
-            batch = next(order)
-            with torch.enable_grad():
-                loss = _loss(model, batch).mean()
-                loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            losses.append(float(loss.detach()))
-            steps_done += 1
-            tick(f"proxy step {steps_done}/{proxy_steps}, loss {losses[-1]:.3f}")
-        del opt
-        with torch.no_grad():
-            after = {layer: {name: m.weight.detach() for name, m in geo.projections(model, layer).items()}
-                     for layer in range(geo.n_layers)}
-            scores, rel = weight_shift_scores(geo, before, after)
-    finally:
-        with torch.no_grad():
-            for name, p in params:
-                p.grad = None
-                p.copy_(saved[name])
-                p.requires_grad_(False)
-    extra = {"proxy_steps": steps_done, "proxy_steps_requested": proxy_steps, "proxy_lr": proxy_lr,
-             "proxy_loss_first": losses[0] if losses else None, "proxy_loss_last": losses[-1] if losses else None,
-             "optimizer": "SGD(momentum=0)" if optimizer == "sgd" else "AdamW(weight_decay=0)",
-             "distance": "W1, index support on [0,1] (ALPS)", "update_norm": rel}
-    return scores, extra, stopped
-
-
-# ---------------------------------------------------------------------------- importance maps
-
-
-def gate_importance(lm, batches, tick=None, should_stop=None, layers=None, own=None) -> tuple[torch.Tensor, int, bool]:
-    """Sum over samples of |dL_i/dgate| per head ([n_layers, n_q], float64), samples seen, stopped.
-    ``own``: only the first ``own`` batches count (the rest pad a sharded model's lockstep)."""
-    model, geo = lm.model, lm.geometry
-    layers = list(range(geo.n_layers)) if layers is None else list(layers)
-    total = torch.zeros(geo.n_layers, geo.n_q_heads, dtype=torch.float64)
-    seen = 0
-    own = len(batches) if own is None else own
-    with torch.enable_grad(), HeadGate(model, geo, layers=layers) as gate:
-        for i, batch in enumerate(batches):
-            if should_stop is not None and should_stop():
-                return total, seen, True
-            n = batch["input_ids"].shape[0]
-            gates = {layer: torch.ones(n, geo.n_q_heads, device=lm.device, dtype=torch.float32, requires_grad=True)
-                     for layer in layers}
-            for layer, g in gates.items():
-                gate.set_gate(layer, g)
-            loss = _loss(model, batch).sum()
-            grads = torch.autograd.grad(loss, [gates[layer] for layer in layers], allow_unused=True)
-            gate.clear_gates()
-            if i >= own:
-                continue
-            for layer, gr in zip(layers, grads):
-                if gr is not None:
-                    total[layer] += gr.detach().abs().sum(0).double().cpu()
-            seen += n
-            if tick is not None:
-                tick(f"gate gradients: {seen} samples")
-    return total, seen, False
-
-
-def head_slice_sums(geometry: HeadGeometry, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Per query head, the sum of a per-weight tensor (shaped like one layer's projection weights,
-    keys as `HeadGeometry.projections`) over that head's q, k, v, o slices: ``[n_q]`` float64.
-
-    GQA: the k/v rows of kv head g count for every query head that reads g.
-    """
-    g, d, n_q = geometry, geometry.head_dim, geometry.n_q_heads
-    kv = torch.tensor([g.kv_head(h) for h in range(n_q)])
-    if g.layout == "split":
-        q = tensors["q"].double().reshape(n_q, -1).sum(1)
-        k = tensors["k"].double().reshape(g.n_kv_heads, -1).sum(1)
-        v = tensors["v"].double().reshape(g.n_kv_heads, -1).sum(1)
-        o = tensors["o"].double().reshape(tensors["o"].shape[0], n_q, d).sum((0, 2))
-    else:  # GPT-2 Conv1D: c_attn [in, 3 * H * d], c_proj [H * d, out]
-        w = tensors["qkv"].double()
-        hd = n_q * d
-        q = w[:, :hd].reshape(w.shape[0], n_q, d).sum((0, 2))
-        k = w[:, hd:2 * hd].reshape(w.shape[0], n_q, d).sum((0, 2))
-        v = w[:, 2 * hd:].reshape(w.shape[0], n_q, d).sum((0, 2))
-        o = tensors["o"].double().reshape(n_q, -1).sum(1)
-    return (q + k[kv.to(k.device)] + v[kv.to(v.device)] + o).cpu()
-
-
-def taylor_importance(lm, batches, tick=None, should_stop=None) -> tuple[torch.Tensor, int, int, bool]:
-    """Sum over batches of ``sum |g * w|`` per head's weight slices ([n_layers, n_q], float64), batches
-    and samples seen, stopped. ``g`` = gradient of the batch's mean answer loss; the weights keep
-    ``requires_grad=False`` outside this call and ``.grad`` is never written."""
-    model, geo = lm.model, lm.geometry
-    mods = [geo.projections(model, layer) for layer in range(geo.n_layers)]
-    weights = [[m.weight for m in layer_mods.values()] for layer_mods in mods]
-    flat = [w for ws in weights for w in ws]
-    flags = [w.requires_grad for w in flat]
-    total = torch.zeros(geo.n_layers, geo.n_q_heads, dtype=torch.float64)
-    n_batches = seen = 0
-    try:
-        for w in flat:
-            w.requires_grad_(True)
-        with torch.enable_grad():
-            for batch in batches:
-                if should_stop is not None and should_stop():
-                    return total, n_batches, seen, True
-                loss = _loss(model, batch).mean()
-                grads = torch.autograd.grad(loss, flat)
-                it = iter(grads)
-                with torch.no_grad():
-                    for layer, layer_mods in enumerate(mods):
-                        prod = {name: (next(it) * m.weight).abs() for name, m in layer_mods.items()}
-                        total[layer] += head_slice_sums(geo, prod)
-                n_batches += 1
-                seen += batch["input_ids"].shape[0]
-                if tick is not None:
-                    tick(f"taylor |g*w|: {seen} samples")
-    finally:
-        for w, flag in zip(flat, flags):
-            w.requires_grad_(flag)
-    return total, n_batches, seen, False
-
-
-def contrast_scores(probe_mean, pool_mean, kind: str = "difference") -> torch.Tensor:
-    """Contrast two importance maps ([n_layers, n_q], any non-negative scale) into scores (float64).
-
-    ``difference``: global share of probe minus global share of pool; ``layer``: the same with shares
-    taken within each layer; ``logratio``: log(share_probe + eps) - log(share_pool + eps) with global
-    shares and ``eps = LOGRATIO_EPS / (n_layers * n_q)``.
-    """
-    if kind not in HEAD_CONTRASTS:
-        raise UserError(f"unknown contrast {kind!r}: use one of {', '.join(HEAD_CONTRASTS)}")
-    a = torch.as_tensor(probe_mean, dtype=torch.float64)
-    b = torch.as_tensor(pool_mean, dtype=torch.float64)
-    if kind == "layer":
-        return a / a.sum(dim=1, keepdim=True).clamp_min(1e-300) - b / b.sum(dim=1, keepdim=True).clamp_min(1e-300)
-    sa, sb = a / a.sum().clamp_min(1e-300), b / b.sum().clamp_min(1e-300)
-    if kind == "difference":
-        return sa - sb
-    eps = LOGRATIO_EPS / a.numel()
-    return torch.log(sa + eps) - torch.log(sb + eps)
-
-
-def recontrast(hs: "HeadScores", kind: str, ratio: float | None = None) -> "HeadScores":
-    """The same importance run (``gradient*`` or ``taylor``) re-scored with another contrast, from the
-    maps kept in ``hs.extra`` (no model pass). UserError if ``hs`` has no pool importance."""
-    import dataclasses
-
-    probe, pool = hs.extra.get("probe_importance"), hs.extra.get("pool_importance")
-    if probe is None or pool is None:
-        raise UserError(f"{hs.method} scores carry no probe/pool importance maps: rerun it with a pool")
-    scores = contrast_scores(probe, pool, kind).tolist()
-    ratio = hs.ratio if ratio is None else check_ratio(ratio, "head ratio")
-    extra = dict(hs.extra, contrast=_CONTRAST_TEXT[kind], contrast_kind=kind)
-    return dataclasses.replace(hs, ratio=ratio, scores=scores, selected=select_top(scores, ratio), extra=extra)
-
-
-_CONTRAST_TEXT = {"difference": "difference of normalised importances (probe - pool)",
-                  "layer": "difference of per-layer normalised importances (probe - pool)",
-                  "logratio": "log-ratio of normalised importances (probe / pool)"}
-
-
-def _pool_sample(pool, probe, seed) -> list[Sample]:
-    n = min(len(pool), max(len(probe), 64))
-    return [pool[i] for i in sorted(random.Random(seed).sample(range(len(pool)), n))]
-
-
-def _add_up(procs, probe_imp, probe_counts, pool_imp, pool_counts, pool_batches, stopped):
-    """Several processes: the importance sums and counts of every process added up (each process takes
-    part in every sum, with or without batches of its own); stopped if any stopped."""
-    probe_imp, probe_counts = procs.total(probe_imp), tuple(procs.total(c) for c in probe_counts)
-    if procs.total(len(pool_batches)):
-        pool_imp = procs.total(pool_imp if pool_imp is not None else torch.zeros_like(probe_imp))
-        pool_counts = tuple(procs.total(c) for c in pool_counts)
-    return probe_imp, probe_counts, pool_imp, pool_counts, any(procs.gather(stopped))
+# -------------------------------------------------------------- gate importance and contrasts (the default)
 
 
 def _score_importance(lm, method, probe, pool, contrast, batch_size, max_length, seed, tick, should_stop,
@@ -576,11 +186,11 @@ def _score_importance(lm, method, probe, pool, contrast, batch_size, max_length,
         kind = default if contrast else None
     if method in ("gradient_layer", "gradient_logratio") and (kind is None or not pool):
         raise UserError(f"{method} contrasts the probe with the pool: give a pool file (pool) or use the built-in pool")
-    probe_batches = _batches(lm, probe, batch_size, max_length, positions=positions)
+    probe_batches = loss_batches(lm, probe, batch_size, max_length, positions=positions)
     if not probe_batches:
         raise UserError("no probe sample has answer tokens within the max length; raise max_length")
     pool_sample = _pool_sample(pool, probe, seed) if kind is not None and pool else []
-    pool_batches = _batches(lm, pool_sample, batch_size, max_length, positions=positions) if pool_sample else []
+    pool_batches = loss_batches(lm, pool_sample, batch_size, max_length, positions=positions) if pool_sample else []
     procs = Processes.current()  # several processes: each sums its share of the batches, then the sums add up
     (probe_batches, probe_own), (pool_batches, pool_own) = procs.padded(probe_batches), procs.padded(pool_batches)
     tick.total = probe_own + pool_own  # the progress of this process's own batches
@@ -624,101 +234,192 @@ def _score_importance(lm, method, probe, pool, contrast, batch_size, max_length,
     return scores.tolist(), extra, stopped
 
 
-def _score_lofit(lm, probe, batch_size, max_length, seed, steps, lr, l1, tick, should_stop, positions="all"):
-    """LoFiT-style head scaling: scales [n_layers, n_q] at 1, Adam on answer loss + l1 * |scale - 1|."""
+def gate_importance(lm, batches, tick=None, should_stop=None, layers=None, own=None) -> tuple[torch.Tensor, int, bool]:
+    """Sum over samples of |dL_i/dgate| per head ([n_layers, n_q], float64), samples seen, stopped.
+    ``own``: only the first ``own`` batches count (the rest pad a sharded model's lockstep)."""
     model, geo = lm.model, lm.geometry
-    batches = _batches(lm, probe, batch_size, max_length, positions=positions)
-    if not batches:
-        raise UserError("no probe sample has answer tokens within the max length; raise max_length")
-    scales = torch.ones(geo.n_layers, geo.n_q_heads, dtype=torch.float32, device=lm.device, requires_grad=True)
-    opt = torch.optim.Adam([scales], lr=lr)
-    order = _batch_cycle(batches, random.Random(seed))
-    losses: list[float] = []
-    stopped = False
-    with torch.enable_grad(), HeadGate(model, geo) as gate:
-        for _ in range(steps):
+    layers = list(range(geo.n_layers)) if layers is None else list(layers)
+    total = torch.zeros(geo.n_layers, geo.n_q_heads, dtype=torch.float64)
+    seen = 0
+    own = len(batches) if own is None else own
+    with torch.enable_grad(), HeadGate(model, geo, layers=layers) as gate:
+        for i, batch in enumerate(batches):
             if should_stop is not None and should_stop():
-                stopped = True
-                break
-            batch = next(order)
-            for layer in range(geo.n_layers):
-                gate.set_gate(layer, scales[layer])
-            loss = _loss(model, batch).mean()
-            total = loss + l1 * (scales - 1.0).abs().sum()
-            opt.zero_grad(set_to_none=True)
-            total.backward()
-            opt.step()
+                return total, seen, True
+            n = batch["input_ids"].shape[0]
+            gates = {layer: torch.ones(n, geo.n_q_heads, device=lm.device, dtype=torch.float32, requires_grad=True)
+                     for layer in layers}
+            for layer, g in gates.items():
+                gate.set_gate(layer, g)
+            loss = batch_losses(model, batch).sum()
+            grads = torch.autograd.grad(loss, [gates[layer] for layer in layers], allow_unused=True)
             gate.clear_gates()
-            losses.append(float(loss.detach()))
-            tick(f"lofit step {len(losses)}/{steps}, loss {losses[-1]:.3f}")
-    final = scales.detach().double().cpu()
-    scores = (final - 1.0).abs()
-    extra = {"steps": len(losses), "steps_requested": steps, "lr": lr, "l1": l1, "optimizer": "Adam",
-             "init": 1.0, "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
-             "scales": final.tolist()}
-    return scores.tolist(), extra, stopped
+            if i >= own:
+                continue
+            for layer, gr in zip(layers, grads):
+                if gr is not None:
+                    total[layer] += gr.detach().abs().sum(0).double().cpu()
+            seen += n
+            if tick is not None:
+                tick(f"gate gradients: {seen} samples")
+    return total, seen, False
 
 
-def score_heads(lm, probe: list[Sample], method: str = DEFAULT_HEAD_METHOD, ratio: float = 0.1,
-                pool: list[Sample] | None = None, seed: int = 0, batch_size: int = 8, max_length: int = 256,
-                proxy_steps: int = 20, proxy_lr: float | None = None, contrast: bool | str = True,
-                l1: float = LOFIT_L1, progress=None, should_stop=None, positions: str = "all") -> HeadScores:
-    """Score every query head of ``lm`` (a `p2d.models.LoadedModel`) and keep the top ``ratio``.
+def contrast_scores(probe_mean, pool_mean, kind: str = "difference") -> torch.Tensor:
+    """Contrast two importance maps ([n_layers, n_q], any non-negative scale) into scores (float64).
 
-    See the module docstring for the methods. ``pool`` is used by the contrasted methods
-    (``gradient*``, ``taylor``). ``proxy_steps`` / ``proxy_lr`` are the steps and learning rate of
-    ``shift``, ``shift_sgd`` and ``lofit`` (``proxy_lr=None``: ``PROXY_LR[method]``). ``contrast``:
-    True (the method's default, ``METHOD_CONTRAST``), False (none), or one of ``HEAD_CONTRASTS``.
-    ``l1``: lofit's L1 weight. ``positions`` (one of `p2d.gating.POSITIONS`): the answer positions
-    every loss is taken at ("content" drops end-of-turn / template positions).
+    ``difference``: global share of probe minus global share of pool; ``layer``: the same with shares
+    taken within each layer; ``logratio``: log(share_probe + eps) - log(share_pool + eps) with global
+    shares and ``eps = LOGRATIO_EPS / (n_layers * n_q)``.
     """
-    if method not in HEAD_METHODS:
-        raise UserError(f"unknown head method {method!r}: use one of {', '.join(HEAD_METHODS)}")
-    if positions not in POSITIONS:
-        raise UserError(f"unknown answer positions {positions!r}: use one of {', '.join(POSITIONS)}")
-    ratio = check_ratio(ratio, "head ratio")
-    if batch_size < 1:
-        raise UserError(f"batch size must be at least 1 (got {batch_size})")
-    geo: HeadGeometry = lm.geometry
-    start = time.perf_counter()
-    stopped = False
-    if method == "random":
-        gen = torch.Generator().manual_seed(int(seed))
-        scores = torch.rand(geo.n_layers, geo.n_q_heads, generator=gen, dtype=torch.float64).tolist()
-        extra: dict = {"seed": seed}
-        if progress is not None:
-            progress(1, 1, "random head scores")
-    else:
-        probe = _check_samples(probe, "probe")
-        lr = PROXY_LR.get(method) if proxy_lr is None else float(proxy_lr)
-        if method in PROXY_LR:
-            if proxy_steps < 1:
-                raise UserError(f"proxy steps must be at least 1 (got {proxy_steps})")
-            if not (lr > 0 and math.isfinite(lr)):
-                raise UserError(f"proxy learning rate must be a positive number (got {proxy_lr})")
-        procs = Processes.current()
-        if method in ("shift", "shift_sgd", "taylor"):
-            procs.check_sharding(f"the {method} head score", f"use head method {DEFAULT_HEAD_METHOD} (the default)")
-        should_stop = procs.agreed(should_stop)
-        with frozen(lm.model):
-            if method in ("shift", "shift_sgd"):
-                tick = Ticker(progress, proxy_steps)
-                scores, extra, stopped = _score_shift(lm, probe, batch_size, max_length, seed, proxy_steps, lr,
-                                                      tick, should_stop, positions=positions,
-                                                      optimizer="sgd" if method == "shift_sgd" else "adamw")
-            elif method == "lofit":
-                if not (l1 >= 0 and math.isfinite(l1)):
-                    raise UserError(f"the L1 weight must be a non-negative number (got {l1})")
-                tick = Ticker(progress, proxy_steps)
-                scores, extra, stopped = _score_lofit(lm, probe, batch_size, max_length, seed, proxy_steps, lr,
-                                                      float(l1), tick, should_stop, positions)
-            else:
-                tick = Ticker(progress, 0)
-                scores, extra, stopped = _score_importance(lm, method, probe, pool, contrast, batch_size,
-                                                           max_length, seed, tick, should_stop, positions)
-        extra["probe_size"] = len(probe)
-        extra["positions"] = positions
-    extra["stopped"] = stopped
-    extra["geometry"] = geo.to_dict()
-    return HeadScores(method=method, ratio=ratio, scores=scores, selected=select_top(scores, ratio),
-                      time_s=round(time.perf_counter() - start, 3), model=str(lm.spec), extra=extra)
+    if kind not in HEAD_CONTRASTS:
+        raise UserError(f"unknown contrast {kind!r}: use one of {', '.join(HEAD_CONTRASTS)}")
+    a = torch.as_tensor(probe_mean, dtype=torch.float64)
+    b = torch.as_tensor(pool_mean, dtype=torch.float64)
+    if kind == "layer":
+        return a / a.sum(dim=1, keepdim=True).clamp_min(1e-300) - b / b.sum(dim=1, keepdim=True).clamp_min(1e-300)
+    sa, sb = a / a.sum().clamp_min(1e-300), b / b.sum().clamp_min(1e-300)
+    if kind == "difference":
+        return sa - sb
+    eps = LOGRATIO_EPS / a.numel()
+    return torch.log(sa + eps) - torch.log(sb + eps)
+
+
+def recontrast(hs: "HeadScores", kind: str, ratio: float | None = None) -> "HeadScores":
+    """The same importance run (``gradient*`` or ``taylor``) re-scored with another contrast, from the
+    maps kept in ``hs.extra`` (no model pass). UserError if ``hs`` has no pool importance."""
+    probe, pool = hs.extra.get("probe_importance"), hs.extra.get("pool_importance")
+    if probe is None or pool is None:
+        raise UserError(f"{hs.method} scores carry no probe/pool importance maps: rerun it with a pool")
+    scores = contrast_scores(probe, pool, kind).tolist()
+    ratio = hs.ratio if ratio is None else check_ratio(ratio, "head ratio")
+    extra = dict(hs.extra, contrast=_CONTRAST_TEXT[kind], contrast_kind=kind)
+    return dataclasses.replace(hs, ratio=ratio, scores=scores, selected=select_top(scores, ratio), extra=extra)
+
+
+_CONTRAST_TEXT = {"difference": "difference of normalised importances (probe - pool)",
+                  "layer": "difference of per-layer normalised importances (probe - pool)",
+                  "logratio": "log-ratio of normalised importances (probe / pool)"}
+
+
+def _pool_sample(pool, probe, seed) -> list[Sample]:
+    n = min(len(pool), max(len(probe), 64))
+    return [pool[i] for i in sorted(random.Random(seed).sample(range(len(pool)), n))]
+
+
+def _add_up(procs, probe_imp, probe_counts, pool_imp, pool_counts, pool_batches, stopped):
+    """Several processes: the importance sums and counts of every process added up (each process takes
+    part in every sum, with or without batches of its own); stopped if any stopped."""
+    probe_imp, probe_counts = procs.total(probe_imp), tuple(procs.total(c) for c in probe_counts)
+    if procs.total(len(pool_batches)):
+        pool_imp = procs.total(pool_imp if pool_imp is not None else torch.zeros_like(probe_imp))
+        pool_counts = tuple(procs.total(c) for c in pool_counts)
+    return probe_imp, probe_counts, pool_imp, pool_counts, any(procs.gather(stopped))
+
+
+def _check_samples(samples, what: str) -> list[Sample]:
+    samples = list(samples or [])
+    if not samples:
+        raise UserError(f"the {what} set is empty: give at least one sample")
+    return samples
+
+
+# ------------------------------------------------------------------------------------------ result
+
+
+@dataclass
+class HeadScores:
+    """Per-head scores (n_layers x n_q_heads) and the selected heads, best first."""
+
+    method: str
+    ratio: float
+    scores: list[list[float]]
+    selected: list[list[int]]
+    time_s: float
+    model: str
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.scores)
+
+    @property
+    def n_q_heads(self) -> int:
+        return len(self.scores[0]) if self.scores else 0
+
+    def to_dict(self) -> dict:
+        return {"method": self.method, "ratio": self.ratio, "scores": self.scores, "selected": self.selected,
+                "time_s": self.time_s, "model": self.model, "extra": self.extra}
+
+    def with_ratio(self, ratio: float) -> "HeadScores":
+        """The same scores with a different share of heads selected (no rescoring)."""
+        return dataclasses.replace(self, ratio=ratio, selected=select_top(self.scores, ratio))
+
+    def save(self, out_dir) -> Path:
+        """Write ``out_dir/heads.json``; returns its path."""
+        return write_json(Path(out_dir) / HEADS_FILE, self.to_dict())
+
+    @classmethod
+    def load(cls, path) -> "HeadScores":
+        """Read a heads.json (``path`` is the file or its folder); UserError if missing or invalid."""
+        p = Path(path).expanduser()
+        if p.is_dir():
+            p = p / HEADS_FILE
+        if not p.is_file():
+            raise UserError(f"heads file not found: {p} (run the heads stage first, or point to its heads.json)")
+        try:
+            d = json.loads(p.read_text())
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise UserError(f"{p} is not a valid heads.json ({exc}); rerun the heads stage") from exc
+        missing = [k for k in ("method", "ratio", "scores", "selected") if not isinstance(d, dict) or k not in d]
+        if missing:
+            raise UserError(f"{p} is not a valid heads.json: missing {', '.join(missing)}; rerun the heads stage")
+        scores, selected = d["scores"], d["selected"]
+        ok = (isinstance(scores, list) and scores and all(isinstance(r, list) and r for r in scores)
+              and len({len(r) for r in scores}) == 1
+              and all(x is None or isinstance(x, (int, float)) for r in scores for x in r)
+              and isinstance(selected, list)
+              and all(isinstance(s, list) and len(s) == 2 and all(isinstance(i, int) for i in s) for s in selected))
+        if not ok:
+            raise UserError(f"{p} is not a valid heads.json: 'scores' must be a layers x heads table of numbers and "
+                            "'selected' a list of [layer, head] pairs; rerun the heads stage")
+        n_l, n_h = len(scores), len(scores[0])
+        bad = [s for s in selected if not (0 <= s[0] < n_l and 0 <= s[1] < n_h)]
+        if bad:
+            raise UserError(f"{p}: selected head {bad[0]} is outside the {n_l} x {n_h} score table")
+        scores = [[float("nan") if x is None else float(x) for x in r] for r in scores]
+        return cls(method=str(d["method"]), ratio=float(d["ratio"]), scores=scores, selected=selected,
+                   time_s=float(d.get("time_s") or 0.0), model=str(d.get("model") or ""), extra=dict(d.get("extra") or {}))
+
+
+# ------------------------------------------------------------------------------------------ top-k
+
+
+def select_top(scores, ratio: float) -> list[list[int]]:
+    """The top ``ratio`` of all query heads as [[layer, head], ...], best first (at least one).
+
+    Ties are broken by (layer, head) ascending; NaN scores rank last.
+    """
+    ratio = check_ratio(ratio)
+    flat = _ranked(scores)
+    if not flat:
+        return []
+    return [[layer, head] for _, layer, head in flat[:top_count(len(flat), ratio)]]
+
+
+def _ranked(scores) -> list[tuple[float, int, int]]:
+    """(score, layer, head) best first: ties by (layer, head) ascending, NaN last."""
+    rows = scores.tolist() if isinstance(scores, torch.Tensor) else scores
+    flat = [(float(s), layer, head) for layer, row in enumerate(rows) for head, s in enumerate(row)]
+    flat.sort(key=lambda t: (math.isnan(t[0]), 0.0 if math.isnan(t[0]) else -t[0], t[1], t[2]))
+    return flat
+
+
+def head_ranks(scores) -> list[list[int | None]]:
+    """Rank of every head in the order `select_top` picks them (1 = best); NaN and inf scores get None."""
+    rows = scores.tolist() if isinstance(scores, torch.Tensor) else scores
+    ranks: list[list[int | None]] = [[None] * len(row) for row in rows]
+    for r, (s, layer, head) in enumerate(_ranked(rows), start=1):
+        if math.isfinite(s):
+            ranks[layer][head] = r
+    return ranks

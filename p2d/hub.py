@@ -120,11 +120,11 @@ def push_run(run_dir, repo_id: str, lm=None, merged: bool = False, private: bool
         raise UserError("pushing needs a Hugging Face token with write access: huggingface-cli login, or set HF_TOKEN")
     config = RunConfig.load(run_dir / CONFIG_FILE)
     if lm is None:
-        from .pipeline import _default_loader
+        from .pipeline import default_loader
 
-        lm = _default_loader(config)
+        lm = default_loader(config)
     with tempfile.TemporaryDirectory(prefix="p2d-push-") as tmp:
-        folder = export_peft(lm, adapter, Path(tmp) / "repo", base_model_name=_base_name(config.model))
+        folder = export_peft(lm, adapter, Path(tmp) / "repo", base_model_name=base_name(config.model))
         (folder / "README.md").write_text(model_card(run_dir, repo_id), encoding="utf-8")
         if merged:
             from .adapter import merge_and_save
@@ -143,7 +143,8 @@ def push_run(run_dir, repo_id: str, lm=None, merged: bool = False, private: bool
             "merged": merged}
 
 
-def _base_name(spec: str) -> str:
+def base_name(spec: str) -> str:
+    """The hub id recorded for a model spec: the embedded default's hub id, any other spec as it is."""
     if spec == "default":
         from .models import EMBEDDED_HUB_ID
 

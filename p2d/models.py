@@ -42,8 +42,11 @@ from typing import Callable
 
 import torch
 
+from .distributed import Processes, is_shard, shard_layers
 from .errors import UserError
 from .geometry import HeadGeometry
+
+# transformers is imported where a model or tokenizer loads: importing p2d (and `python -m p2d --help`) stays fast
 
 try:
     import fcntl
@@ -415,7 +418,6 @@ def load_model(spec: str | os.PathLike | None = DEFAULT_SPEC, device: str | torc
     """
     from transformers import AutoModelForCausalLM
 
-    from .distributed import Processes, shard_layers
 
     resolved = resolve_spec(spec)
     dev = resolve_device(device)
@@ -465,8 +467,6 @@ def load_model(spec: str | os.PathLike | None = DEFAULT_SPEC, device: str | torc
 
 def local_params(model: torch.nn.Module) -> int:
     """Parameters this process holds: a sharded weight counts with its local shard only."""
-    from .distributed import is_shard
-
     return sum(p.to_local().numel() if is_shard(p) else p.numel() for p in model.parameters())
 
 

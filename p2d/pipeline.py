@@ -21,6 +21,8 @@ current settings and the results it was built on; anything else is rerun, never 
 - `reconfigure(config)` switches to new settings and drops exactly the results they invalidate
   (a new head or data share re-cuts the existing scores instead of rescoring).
 - `reset_from(stage)` drops a stage and everything built on it.
+- `use_heads(heads, source)` and `train_on(samples, source)` take a head map or training data from
+  outside; the manifest records them as external (their source) and later stages keep them.
 - `Run.open(folder)` reads a run folder back (results, settings) without loading the model;
   ``resume=True`` continues a killed or stopped run from its last checkpoint.
 """
@@ -79,6 +81,10 @@ LABELS = {"load": "loading model and data", "heads": "scoring heads", "select": 
           "eval_before": "evaluating the base model", "reference": "timing full fine-tuning (AER reference)",
           "train": "training the heads", "eval_after": "evaluating the trained heads"}
 
+#: what a result given from outside is built on: heads checked against the loaded model (`Run.use_heads`),
+#: a training on given data built on the heads, not on a selection (`Run.train_on`)
+EXTERNAL_UPSTREAM: dict[str, tuple[str, ...]] = {"heads": ("load",), "train": ("heads",)}
+
 assert tuple(UPSTREAM) == STAGES and tuple(OUTPUTS) == STAGES
 
 
@@ -101,7 +107,8 @@ def upstream_closure(stages) -> list[str]:
 
 
 class RunData:
-    """The pool, probe and eval sets; ``other``: held-out rows of the pool's other tasks (built-in pool)."""
+    """The pool, probe and eval sets; ``other``: held-out rows of the pool's other tasks (built-in pool).
+    Without a probe file (heads given from elsewhere) the probe set is empty."""
 
     def __init__(self, pool: LoadedData, probe: LoadedData, eval: LoadedData | None, other: LoadedData | None = None):
         self.pool, self.probe, self.eval, self.other = pool, probe, eval, other
@@ -129,7 +136,8 @@ def load_run_data(config: RunConfig, out_dir: Path | None = None, max_rows: dict
     mapping, rows = config.columns, max_rows or {}
     caps = dict(max_bytes=max_bytes, max_field_chars=max_field_chars)
     pool = load_data(config.pool, mapping=mapping, max_rows=rows.get("pool"), **caps)
-    probe = load_data(config.probe, mapping=mapping, max_rows=rows.get("probe"), **caps)
+    probe = load_data(config.probe, mapping=mapping, max_rows=rows.get("probe"), **caps) \
+        if config.probe else LoadedData(samples=[], format="none", columns=[], source="no probe file")
     ev = load_data(config.eval, mapping=mapping, max_rows=rows.get("eval"), **caps) if config.eval else None
     return RunData(pool, probe, ev)
 
@@ -171,13 +179,14 @@ class Run:
         self.out = Path(self.config.out)
         self.progress = progress
         self.should_stop = should_stop
-        self.model_loader = model_loader or _default_loader
+        self.model_loader = model_loader or default_loader
         self.lm = lm
         self.data_limits = dict(data_limits or {})
         self.data: RunData | None = None
         self.results: dict[str, object] = {}
         self.manifest: dict[str, dict] = {}
         self.resume = False
+        self._given_samples: list[Sample] | None = None  # training data given from outside (train_on)
         self.tracker = None  # opened on the first stage that reports (p2d.tracking)
         self.launch_processes = 1  # the training runs in this many processes elsewhere (the app's launcher)
 
@@ -197,7 +206,8 @@ class Run:
         """A complete result for the current settings, built on the current upstream results
         (`p2d.manifest.is_valid`)."""
         entry = self.manifest.get(stage)
-        return bool(entry) and is_valid(entry, self._settings(stage), {u: self.result_digest(u) for u in UPSTREAM[stage]})
+        built_on = EXTERNAL_UPSTREAM[stage] if entry and entry.get("external") else UPSTREAM[stage]
+        return bool(entry) and is_valid(entry, self._settings(stage), {u: self.result_digest(u) for u in built_on})
 
     @property
     def stages_done(self) -> list[str]:
@@ -212,19 +222,23 @@ class Run:
         stage is redone, so anything derived from the result can tell it is out of date."""
         return self.manifest[stage]["digest"] if self.is_done(stage) else None
 
-    def _settings(self, stage: str) -> dict:
+    def _settings(self, stage: str, external: dict | None = None) -> dict:
+        """The settings a result of ``stage`` depends on. A result given from outside (``external``, or the
+        one recorded) depends on its source instead, a training on given data on its training settings too."""
+        external = external or (self.manifest.get(stage) or {}).get("external")
+        if external:
+            return {"external": external, **(self.config.stage_settings(stage) if stage == "train" else {})}
         s = self.config.stage_settings(stage)
         if stage == "load":
             s["files"] = [_file_stamp(self.config.pool), _file_stamp(self.config.probe), _file_stamp(self.config.eval)]
-        entry = self.manifest.get(stage) or {}
-        if entry.get("external"):  # a result given from outside (a heads.json, a training file)
-            return entry["settings"]
         return s
 
     # -- the sequence --------------------------------------------------------------------------------
     def run(self, stages=STAGES) -> dict:
         """Execute ``stages`` and whatever they need that is not done, in sequence order; return the
         metrics. Stops after a stage that ended partial (stopped) or when a stop is requested."""
+        if "heads" in upstream_closure(stages) and not self.is_done("heads"):
+            self.config.require_probe()  # before any loading
         try:
             for stage in upstream_closure(stages):
                 if self.is_done(stage):
@@ -261,22 +275,24 @@ class Run:
         write_json(self.out / METRICS_FILE, m)
         return m
 
-    def execute(self, stage: str, on_partial: bool = False):
+    def execute(self, stage: str, on_partial: bool = False, external: dict | None = None):
         """Run one stage now: clear its outputs, compute, record. Its upstream stages must be done;
         with ``on_partial`` a stopped (partial) upstream result is accepted too (e.g. to evaluate the
-        adapter of a stopped training), and the new result is recorded as partial."""
-        missing = [u for u in UPSTREAM[stage] if not self.is_done(u)
+        adapter of a stopped training), and the new result is recorded as partial. ``external``: the
+        stage computes on inputs given from outside (recorded as its source; see `train_on`)."""
+        built_on = EXTERNAL_UPSTREAM[stage] if external else UPSTREAM[stage]
+        missing = [u for u in built_on if not self.is_done(u)
                    and not (on_partial and u in self.results and self.manifest.get(u, {}).get("partial"))]
         if missing:
             raise UserError(f"{LABELS[stage]} needs {', '.join(LABELS[m] for m in missing)} first")
-        built_on_partial = any(not self.is_done(u) for u in UPSTREAM[stage])
+        built_on_partial = any(not self.is_done(u) for u in built_on)
         if stage != "load":
             self.require_loaded()
         self._clear(stage, keep=(CHECKPOINT_SUBDIR, LOG_NAME) if stage == "train" and self.resume else ())
         with _fault_injection(self, stage):
             result, partial = getattr(self, f"_stage_{stage}")()
         self.results[stage] = result
-        self._record(stage, partial=partial or built_on_partial, result=result)
+        self._record(stage, partial=partial or built_on_partial, result=result, external=external)
         self.write_metrics()
         Processes.current().barrier()  # several processes: what the main one wrote is there for all
         if stage != "load":
@@ -340,7 +356,12 @@ class Run:
 
     # -- giving results from outside ------------------------------------------------------------------
     def use_heads(self, heads: HeadScores, source: str) -> None:
-        """Use head scores made elsewhere (e.g. another run's heads.json) instead of scoring heads."""
+        """Use head scores made elsewhere (e.g. another run's heads.json) instead of scoring heads.
+
+        They are recorded as built on this run's load stage (done first if it is not), so later stages keep
+        them until the model or the data change; no probe set is needed."""
+        if not self.is_done("load"):
+            self.execute("load")
         self.require_loaded()
         g = self.lm.geometry
         if (heads.n_layers, heads.n_q_heads) != (g.n_layers, g.n_q_heads):
@@ -351,6 +372,22 @@ class Run:
         self.results["heads"] = heads
         self._record("heads", partial=False, result=heads, external={"source": str(source)})
         self.write_metrics()
+
+    def train_on(self, samples: list[Sample], source: str) -> TrainResult:
+        """Train the heads on ``samples`` given from outside (e.g. a training file) instead of the run's
+        selection. The heads are scored first if they are not done (or give them with `use_heads`). The
+        training is the run's train stage, recorded as built on the heads with ``source`` as its data, and
+        reports to the trackers like any run's; the evaluation after training is then redone for it."""
+        self.run(["heads"])
+        if not self.is_done("heads"):
+            raise UserError("head scoring was stopped: score the heads before training on a file")
+        self._given_samples = list(samples)
+        try:
+            self.execute("train", external={"source": str(source)})
+        finally:
+            self._given_samples = None
+            self.close_tracker()
+        return self.train_result
 
     # -- stages -------------------------------------------------------------------------------------
     def require_loaded(self) -> None:
@@ -375,7 +412,7 @@ class Run:
         return summary, False
 
     def _stage_heads(self):
-        c = self.config
+        c = self.config.require_probe()
         hs = score_heads(self.lm, self.data.probe.samples, method=c.head_method, ratio=c.head_ratio,
                          pool=self.data.pool.samples, seed=c.seed, batch_size=c.batch_size, max_length=c.max_length,
                          progress=self.progress, should_stop=self.should_stop, positions=c.positions)
@@ -437,6 +474,9 @@ class Run:
                            val_ratio=c.val_ratio, val_every=c.val_every, adapter=c.adapter)
 
     def training_samples(self) -> list[Sample]:
+        """What the heads train on: the selected rows of the pool, or the samples given to `train_on`."""
+        if self._given_samples is not None:
+            return self._given_samples
         return self.selection.selected_samples(self.data.pool.samples)
 
     def planned_steps(self) -> int | None:
@@ -469,12 +509,12 @@ class Run:
                 remove(self.out / name)
 
     def _record(self, stage: str, partial: bool, result, external: dict | None = None) -> None:
+        built_on = EXTERNAL_UPSTREAM[stage] if external else UPSTREAM[stage]
         extra = {"external": external} if external else {}
         if stage == "train" and result is not None:
             extra["result"] = asdict(result)
-        self.manifest[stage] = make_entry(external and {"external": external} or self._settings(stage),
-                                          {u: self.result_digest(u) for u in UPSTREAM[stage]}, self._digest_of(stage, result),
-                                          partial=partial, **extra)
+        self.manifest[stage] = make_entry(self._settings(stage, external), {u: self.result_digest(u) for u in built_on},
+                                          self._digest_of(stage, result), partial=partial, **extra)
         self._write_manifest()
 
     def _digest_of(self, stage: str, result) -> str:
@@ -609,7 +649,8 @@ def _fault_injection(run: "Run", stage: str):
         run.progress = inner
 
 
-def _default_loader(config: RunConfig) -> LoadedModel:
+def default_loader(config: RunConfig) -> LoadedModel:
+    """The model of ``config`` loaded with `p2d.models.load_model` (how `Run` loads unless given a loader)."""
     return load_model(config.model, device=config.device, dtype=config.dtype,
                       trust_remote_code=config.trust_remote_code, quantize=config.quantize)
 

@@ -11,6 +11,8 @@ import sys
 import weakref
 from typing import Callable, Optional
 
+from tqdm.auto import tqdm
+
 ProgressFn = Optional[Callable[[int, int, str], None]]
 StopFn = Optional[Callable[[], bool]]
 
@@ -54,8 +56,6 @@ class ConsoleProgress:
             progress.close()
 
     def __call__(self, done: int, total: int, desc: str) -> None:
-        from tqdm.auto import tqdm
-
         if self.disable:
             return
         bar = self._bar

@@ -24,6 +24,8 @@ from pathlib import Path
 
 from .errors import UserError
 
+# each tracker's package is optional and imported when that tracker opens
+
 REPORT_TO = ("auto", "none", "tensorboard", "trackio", "wandb")
 TENSORBOARD_DIR = "tensorboard"
 

@@ -38,9 +38,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import math
 import os
+import random
 import signal
 import threading
 import time
@@ -55,7 +57,7 @@ from .adapter import ADAPTER_KINDS, PROJECTIONS, WEIGHTS_NAME, make_adapter, nor
 from .data.encoding import IGNORE_INDEX, collate, encode, filler_batch, iter_batches
 from .distributed import Processes, is_shard
 from .errors import UserError, is_out_of_memory
-from .files import atomic_dir, remove, write_text
+from .files import atomic_dir, read_json, remove, write_json, write_text
 from .gating import answer_token_losses
 from .models import trainable
 
@@ -251,7 +253,7 @@ def loss_backward(model, micro: list[dict], device, n_answer_total: int | None =
     return loss_sum, n_answer, n_tokens
 
 
-def _backward_shared(model, params: list, micro: list[dict], device, procs, fillers: int = 0) -> tuple[float, int, int]:
+def backward_shared(model, params: list, micro: list[dict], device, procs, fillers: int = 0) -> tuple[float, int, int]:
     """This process's share of a step (possibly empty), scaled by the step's answer tokens over every
     process; the gradients of ``params`` and the counts summed over the processes (every process ends
     with the same). ``fillers``: micro-batches this process has no rows of, run on a one-token filler
@@ -375,7 +377,7 @@ def train_loop(model, params: list, encoded, config: TrainConfig, log_path, pad_
                         loss_sum, n_answer, n_tokens = loss_backward(model, micro, device)
                     else:
                         fillers = len(shares) - len(micro) if procs.sharded else 0
-                        loss_sum, n_answer, n_tokens = _backward_shared(model, params, micro, device, procs, fillers)
+                        loss_sum, n_answer, n_tokens = backward_shared(model, params, micro, device, procs, fillers)
                 except Exception as exc:
                     optimizer.zero_grad(set_to_none=True)
                     if is_out_of_memory(exc):
@@ -460,8 +462,6 @@ def split_validation(samples: list, ratio: float, seed: int) -> tuple[list, list
     ratio > 0 and there are two or more samples)."""
     if ratio <= 0 or len(samples) < 2:
         return list(samples), []
-    import random
-
     n_val = min(len(samples) - 1, max(1, round(ratio * len(samples))))
     idx = set(random.Random(f"p2d-val:{seed}").sample(range(len(samples)), n_val))
     return [s for i, s in enumerate(samples) if i not in idx], [s for i, s in enumerate(samples) if i in idx]
@@ -515,8 +515,6 @@ class Checkpointer:
         return self.every > 0 and step < total and step % self.every == 0
 
     def save(self, params: list, optimizer, state: dict) -> None:
-        from .files import atomic_dir, write_json
-
         with atomic_dir(self.folder) as tmp:
             torch.save({"params": [p.detach().cpu() for p in params], "optimizer": optimizer.state_dict(),
                         "rng": torch.get_rng_state(),
@@ -527,8 +525,6 @@ class Checkpointer:
     def load(self, params: list, optimizer) -> dict | None:
         """Restore into ``params`` and ``optimizer``; the saved counters, or None without a usable
         checkpoint (missing, or made with other settings)."""
-        from .files import read_json
-
         meta = read_json(self.folder / "checkpoint.json")
         if not meta or meta.get("signature") != self.signature or not (self.folder / "state.pt").is_file():
             return None
@@ -546,6 +542,13 @@ class Checkpointer:
 
     def clear(self) -> None:
         remove(self.folder)
+
+
+def checkpoint_step(out_dir) -> int | None:
+    """The step of the training checkpoint in ``out_dir`` (None without one). Whether it is used depends on
+    the settings and data it was made with (`Checkpointer.load`)."""
+    meta = read_json(Path(out_dir) / CHECKPOINT_SUBDIR / "checkpoint.json")
+    return meta.get("step") if isinstance(meta, dict) else None
 
 
 def train_heads(lm, heads, samples: list, config: TrainConfig, out_dir, progress: Callable | None = None,
@@ -636,8 +639,6 @@ def train_heads(lm, heads, samples: list, config: TrainConfig, out_dir, progress
 
 def _fingerprint(encoded) -> str:
     """A short hash of the encoded training items (a checkpoint only resumes on the same data)."""
-    import hashlib
-
     h = hashlib.sha256()
     for item in encoded:
         h.update(bytes(str(item["input_ids"]), "ascii"))

@@ -10,6 +10,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# one torch thread unless the environment says otherwise: the tiny test models are dominated by per-operation
+# overhead, and on a shared 2-core machine a second thread mostly waits (measured: a gradient head-scoring test
+# took 11.4 s with torch's default threads and 0.3 s with one)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -204,3 +204,38 @@ def test_geometry_mismatch_and_corrupt_files_are_user_errors(tiny_llama, tiny_gp
     (trunc / WEIGHTS_NAME).unlink()
     with pytest.raises(UserError, match=WEIGHTS_NAME):
         HeadAdapter.load(trunc)
+
+
+def test_folders_written_before_the_typed_config_still_load(tiny_llama, tmp_path):
+    """An adapter_config.json as P2D wrote it before kinds existed (no ``kind``) and an offset folder as the
+    offset adapter's own writer made it both load, and saving again writes the same keys."""
+    from safetensors.torch import save_file
+
+    from p2d import __version__
+    from p2d.adapter import AdapterConfig, OffsetAdapter
+
+    g = tiny_llama.geometry
+    old = tmp_path / "old"
+    old.mkdir()
+    d = g.head_dim
+    save_file({f"layers.1.{p}": torch.full((d, g.hidden_size) if p != "o" else (g.hidden_size, d), 0.5)
+               for p in ("q", "k", "v", "o")}, str(old / WEIGHTS_NAME))
+    legacy = {"format": "p2d-head-adapter", "format_version": 1, "p2d_version": "0.1.0", "base_model": "tiny",
+              "geometry": g.to_dict(), "heads": [[1, 0]], "projections": ["q", "k", "v", "o"], "dtype": "float32",
+              "num_params": 4 * d * g.hidden_size, "layers": {"1": {"q_heads": [0], "kv_heads": [0]}},
+              "training": {"lr": 0.1}}
+    (old / CONFIG_NAME).write_text(json.dumps(legacy))
+    a = HeadAdapter.load(old)
+    assert type(a) is HeadAdapter and a.config.kind == "heads" and a.config.training == {"lr": 0.1}
+    assert torch.equal(a.delta(1, "o"), torch.full((g.hidden_size, d), 0.5))
+    again = a.save(tmp_path / "again", base_model="tiny", training={"lr": 0.1})
+    assert json.loads((again / CONFIG_NAME).read_text()) == {**legacy, "kind": "heads", "p2d_version": __version__}
+
+    off = tmp_path / "off"
+    off.mkdir()
+    save_file({"layers.2.offset": torch.ones(2, d)}, str(off / WEIGHTS_NAME))
+    (off / CONFIG_NAME).write_text(json.dumps({**legacy, "kind": "offset", "heads": [[2, 1], [2, 3]], "projections": [],
+                                               "num_params": 2 * d, "layers": {"2": {"q_heads": [1, 3]}}}))
+    o = HeadAdapter.load(off)
+    assert isinstance(o, OffsetAdapter) and isinstance(o.config, AdapterConfig) and o.config.projections == []
+    assert torch.equal(o.offset(2), torch.ones(2, d)) and o.heads == [[2, 1], [2, 3]]

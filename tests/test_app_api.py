@@ -270,6 +270,7 @@ def test_workspace_reattach(tmp_path):
         st.close()
 
 
+@pytest.mark.slow
 def test_studio_config_file_fills_the_form(tmp_path):
     from p2d.cli import build_parser
     from p2d.config import options_from
@@ -294,6 +295,7 @@ def test_studio_config_file_fills_the_form(tmp_path):
 # ------------------------------------------------------------------------------------ the live app
 
 
+@pytest.mark.slow
 def test_full_run_through_the_api(served, client, tiny_llama_dir, tmp_path):
     kw = _kw(tiny_llama_dir)
     status, info, table, mix = client.predict(**kw, api_name="/load")
@@ -395,6 +397,7 @@ def test_full_run_through_the_api(served, client, tiny_llama_dir, tmp_path):
     assert {"load", "eval_before", "reference"} <= set(summary["stages_done"])
 
 
+@pytest.mark.slow
 def test_settings_save_and_load_round_trip(client, tiny_llama_dir):
     from p2d.studio.form import FIELD_NAMES
 
@@ -420,6 +423,7 @@ def test_settings_save_and_load_round_trip(client, tiny_llama_dir):
     assert "unknown setting" in unknown[-1]
 
 
+@pytest.mark.slow
 def test_user_error_is_a_message(client, tmp_path):
     status, *_ = client.predict(**_kw(str(tmp_path / "no-such-model")), api_name="/load")
     assert "failed" in status and "model not found" in status
@@ -433,6 +437,7 @@ def test_user_error_is_a_message(client, tmp_path):
     assert "Training failed" in polled[1] and "model not found" in polled[1]
 
 
+@pytest.mark.slow
 def test_stop_keeps_adapter_and_other_sessions_queue(served, tiny_llama_dir):
     from gradio_client import Client
 
@@ -469,6 +474,7 @@ def test_stop_keeps_adapter_and_other_sessions_queue(served, tiny_llama_dir):
     assert metrics["eval_after"] is not None and {"train", "eval_after"} <= set(metrics["stages_partial"])
 
 
+@pytest.mark.slow
 def test_stopped_stage_is_partial_then_rerun(client, tiny_llama_dir, monkeypatch):
     from p2d.studio.runner import Job
 
@@ -491,6 +497,7 @@ def test_stopped_stage_is_partial_then_rerun(client, tiny_llama_dir, monkeypatch
     assert client.predict(10, api_name="/wait_job")["stages_partial"] == []
 
 
+@pytest.mark.slow
 def test_demo_mode_caps_and_refuses_local_paths(served_demo, tiny_llama_dir, tmp_path):
     from gradio_client import Client
 
@@ -529,6 +536,7 @@ def test_demo_mode_caps_and_refuses_local_paths(served_demo, tiny_llama_dir, tmp
                                              for comp in config["components"])
 
 
+@pytest.mark.slow
 def test_upload_files_and_load_them(client, tiny_llama_dir, tmp_path):
     from gradio_client import handle_file
 

@@ -155,7 +155,7 @@ def default_is_tiny(tiny_llama_dir):
     from p2d.models import load_model
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(p2d.pipeline, "_default_loader",
+        mp.setattr(p2d.pipeline, "default_loader",
                    lambda config: load_model(tiny_llama_dir if config.model == "default" else config.model,
                                              device="cpu"))
         yield tiny_llama_dir

@@ -65,6 +65,7 @@ def _css_rgb(text: str) -> tuple:
     return tuple(float(x) for x in text[text.index("(") + 1:text.index(")")].split(",")[:3])
 
 
+@pytest.mark.slow
 def test_walk_tabs_train_and_reload(app_url, tiny_llama_dir, capsys, tmp_path):
     from playwright.sync_api import expect, sync_playwright
 
@@ -227,6 +228,7 @@ def test_walk_tabs_train_and_reload(app_url, tiny_llama_dir, capsys, tmp_path):
     assert (SHOTS / "4-train.png").stat().st_size > 10_000
 
 
+@pytest.mark.slow
 def test_dark_mode_charts_and_notes(app_url):
     """?__theme=dark: a chart's background is the dark page's (transparent figures), not white; its text and the
     notes under the charts take the theme's light text colour. The light page for comparison."""

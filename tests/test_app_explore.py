@@ -44,6 +44,7 @@ def _texts(messages) -> list[str]:
             for m in messages]
 
 
+@pytest.mark.slow
 def test_chat_is_multi_turn_and_streamed(trained, served):
     job = trained.submit("", "What is 2 + 3?", 6, 0.0, 1.0, 0, api_name="/chat")
     status, base, tuned, _ = job.result()
@@ -78,6 +79,7 @@ def test_chat_is_multi_turn_and_streamed(trained, served):
     assert "no run folder" in str(nope)
 
 
+@pytest.mark.slow
 def test_inspect_head(trained, served):
     ws = next(w for w in served.studio.registry.all() if w.run is not None and w.run.out.name == "run-001")
     layer, head = ws.run.heads.selected[0]
@@ -91,6 +93,7 @@ def test_inspect_head(trained, served):
     assert "no head (99, 0)" in bad[0]
 
 
+@pytest.mark.slow
 def test_compare_and_reuse_heads(trained, served):
     status, info, heat_a, heat_b, diff, out = trained.predict("run-001", "run-002", api_name="/compare_heads")
     assert status == "" and "Jaccard" in info and "Spearman" in info
@@ -106,6 +109,7 @@ def test_compare_and_reuse_heads(trained, served):
     assert "own head map" in trained.predict("run-001", api_name="/reuse_heads")[0]
 
 
+@pytest.mark.slow
 def test_forgetting_and_controls(trained, tiny_llama_dir):
     trained.predict("run-001", api_name="/open_run")
     trained.predict(**_kw(tiny_llama_dir, lr=0.01, other_eval_size=3), api_name="/train")  # heads back to addition
@@ -146,6 +150,7 @@ def test_explore_charts():
     assert charts.difference_heatmap([[0.5, -0.5]], "a", "b").data[0].zmid == 0
 
 
+@pytest.mark.slow
 def test_quick_tour_starts_the_preset(served):
     """/quick_tour puts the preset in the form and starts the whole pipeline as one job (stopped here: the
     measured tour is in the README)."""

@@ -45,6 +45,7 @@ def _wait_for_steps(c, served, n: int, timeout: float = 120) -> None:
     raise AssertionError(f"training did not reach {n} steps")
 
 
+@pytest.mark.slow
 def test_shared_model_is_unchanged_by_every_job(served, tiny_llama_dir, tmp_path):
     from gradio_client import Client
 
@@ -107,6 +108,7 @@ def test_shared_model_is_unchanged_by_every_job(served, tiny_llama_dir, tmp_path
     assert fingerprint(lm.model) == base
 
 
+@pytest.mark.slow
 def test_stop_interrupts_evaluation_and_it_is_shown_partial(served, tiny_llama_dir):
     from gradio_client import Client
 

@@ -40,6 +40,7 @@ def _start_server(root: Path, port: int) -> subprocess.Popen:
     return proc
 
 
+@pytest.mark.slow
 def test_restart_finds_runs_reopens_and_resumes(tmp_path, tiny_llama_dir):
     from gradio_client import Client
 
@@ -123,6 +124,7 @@ def test_restart_finds_runs_reopens_and_resumes(tmp_path, tiny_llama_dir):
 CHROMIUM = "/usr/bin/chromium"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"{CHROMIUM} not installed")
 def test_browser_returns_to_its_runs_after_a_restart(tmp_path, tiny_llama_dir):
     from playwright.sync_api import expect, sync_playwright

@@ -56,7 +56,7 @@ def test_shared_model_cache_is_the_runs_model_loader(monkeypatch):
         loads.append(config.model)
         return SimpleNamespace(info=lambda: {"model": config.model, "layers": 2})
 
-    monkeypatch.setattr(p2d.pipeline, "_default_loader", fake_loader)
+    monkeypatch.setattr(p2d.pipeline, "default_loader", fake_loader)
     runner = Runner(max_models=1)
     try:
         cfg = RunConfig(model="org/a", device="cpu")

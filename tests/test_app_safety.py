@@ -47,7 +47,7 @@ def default_is_tiny(tiny_llama_dir):
     from p2d.models import load_model
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(p2d.pipeline, "_default_loader",
+        mp.setattr(p2d.pipeline, "default_loader",
                    lambda config: load_model(tiny_llama_dir if config.model == "default" else config.model,
                                              device="cpu"))
         yield tiny_llama_dir
@@ -81,6 +81,7 @@ def _kept(value) -> bool:
 # ----------------------------------------------------------------------------- 1. nothing served by URL
 
 
+@pytest.mark.slow
 def test_no_run_or_upload_file_is_reachable_by_url(demo, tmp_path):
     st = demo.studio
     c = _client(demo)
@@ -122,6 +123,7 @@ def test_no_run_or_upload_file_is_reachable_by_url(demo, tmp_path):
     assert got.is_file() and "model: default" in got.read_text() and not got.is_relative_to(demo.root)
 
 
+@pytest.mark.slow
 def test_download_hands_out_only_files_of_the_session(demo):
     st = demo.studio
     a = st.attach(SimpleNamespace(session_hash="dl-a"), None)
@@ -149,6 +151,7 @@ def _gzip_bomb(path: Path, rows: int = 200_000) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_uploads_are_capped_before_they_are_stored(demo, tmp_path):
     from gradio_client import handle_file
 
@@ -193,6 +196,7 @@ def test_uploads_are_capped_before_they_are_stored(demo, tmp_path):
     assert "was not stored" not in msgs[0] and "uploads would pass 2.9 MB" in msgs[-1], msgs
 
 
+@pytest.mark.slow
 def test_caps_apply_whatever_the_api_sends(demo, tmp_path):
     from gradio_client import handle_file
 
@@ -241,6 +245,7 @@ def test_caps_apply_whatever_the_api_sends(demo, tmp_path):
     assert before["n"] == 32
 
 
+@pytest.mark.slow
 def test_typed_paths_are_refused_in_the_demo(demo):
     c = _client(demo, ip="10.0.4.1")
     other = demo.studio.attach(SimpleNamespace(session_hash="paths-victim"), None)
@@ -256,6 +261,7 @@ def test_typed_paths_are_refused_in_the_demo(demo):
 # ----------------------------------------------------------------------------- 3. model allowlist
 
 
+@pytest.mark.slow
 def test_model_allowlist(demo, monkeypatch):
     from p2d.studio.server import limits_of
     from p2d.studio.limits import DEFAULT_ALLOWLIST, current_limits
@@ -279,6 +285,7 @@ def test_model_allowlist(demo, monkeypatch):
 # ----------------------------------------------------------------------------- 5. workspaces
 
 
+@pytest.mark.slow
 def test_light_endpoints_never_create_a_workspace(demo):
     st = demo.studio
     before = {w.id for w in st.registry.all()}
@@ -298,6 +305,7 @@ def test_light_endpoints_never_create_a_workspace(demo):
     assert {w.id for w in st.registry.all()} == before
 
 
+@pytest.mark.slow
 def test_teaching_endpoints_keep_to_the_session_and_the_caps(demo):
     """/chat's reply length is capped server-side; /compare_heads and /reuse_heads take only this session's
     run folders by name (no paths)."""
@@ -313,6 +321,7 @@ def test_teaching_endpoints_keep_to_the_session_and_the_caps(demo):
         assert "no run folder" in c.predict(name, api_name="/reuse_heads")[0]
 
 
+@pytest.mark.slow
 def test_sessions_are_bounded_and_nobody_is_evicted_by_others(tmp_path, default_is_tiny):
     from p2d.studio.workspace import folder_name
 
@@ -396,6 +405,7 @@ def test_idle_workspaces_expire(tmp_path):
 # ----------------------------------------------------------------------------- 6. queue and waiting
 
 
+@pytest.mark.slow
 def test_queue_size_and_wait_concurrency(tmp_path):
     from p2d.studio.limits import LOCAL
 
@@ -464,6 +474,7 @@ def test_share_implies_demo_unless_trusted_or_login(tmp_path, monkeypatch):
     assert (args.share, args.auth, args.expire_hours) == (True, "ann:secret", "2")
 
 
+@pytest.mark.slow
 def test_login_is_required_when_set(tmp_path):
     from gradio_client import Client
 
@@ -480,6 +491,7 @@ def test_login_is_required_when_set(tmp_path):
 # ----------------------------------------------------------------------------- ZeroGPU
 
 
+@pytest.mark.slow
 def test_zero_gpu_is_refused_at_start(monkeypatch, tmp_path, capsys):
     from p2d.cli import main
     from p2d.studio.server import build_app

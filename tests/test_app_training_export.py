@@ -38,6 +38,7 @@ def no_token(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_TOKEN_PATH", str(tmp_path / "hf-home" / "token"))
 
 
+@pytest.mark.slow
 def test_training_options_reach_the_run_and_the_chart(tmp_path, tiny_llama_dir, no_token):
     from gradio_client import Client
 
@@ -101,6 +102,7 @@ class RecordingHfApi:
         return SimpleNamespace(oid="0123abc")
 
 
+@pytest.mark.slow
 def test_push_to_the_hub_from_the_results_tab(tmp_path, tiny_llama_dir, monkeypatch, no_token):
     import huggingface_hub
     from gradio_client import Client

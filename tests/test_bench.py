@@ -90,6 +90,7 @@ def test_bench_config_quick_and_errors():
         BenchConfig(pool="p.jsonl")
 
 
+@pytest.mark.slow
 def test_component_figures(tiny_llama, tmp_path):
     from p2d.bench.components import component_figures, components_markdown
     from p2d.bench.runner import Split
@@ -107,6 +108,7 @@ def test_component_figures(tiny_llama, tmp_path):
     assert all(torch.equal(before[k], v) for k, v in tiny_llama.model.state_dict().items())
 
 
+@pytest.mark.slow
 def test_gpu_check_dry_runs_on_the_cpu(tmp_path, capsys):
     """bench/gpu_check.py (what a session lent a GPU runs) on a tiny model of the same family: every
     stage is timed, the run's figures and the table come out (peak memory only on CUDA)."""

@@ -21,6 +21,7 @@ def _say(words):
             for i, w in enumerate(words)]
 
 
+@pytest.mark.slow
 def test_forced_strict_match_is_greedy_generation(tiny_llama, tmp_path):
     """After training the tiny model to answer "yes"/"no", the strict forced match of a row is True exactly
     when greedy generation reproduces the gold answer's tokens and stops."""

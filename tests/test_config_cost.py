@@ -90,9 +90,11 @@ def test_config_validation(bad, match):
         RunConfig(**bad).validate()
 
 
-def test_pool_needs_probe():
+def test_pool_needs_probe_to_score_heads():
+    config = RunConfig(pool="p.jsonl").validate()  # heads given from elsewhere need no probe
     with pytest.raises(UserError, match="probe"):
-        RunConfig(pool="p.jsonl").validate()
+        config.require_probe()
+    assert RunConfig(pool="p.jsonl", probe="q.jsonl").validate().require_probe().probe == "q.jsonl"
 
 
 def test_config_rejects_unknown_keys_and_bad_yaml():

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 
+import pytest
 
 from p2d.config import STAGES
 
@@ -26,6 +27,7 @@ def _manifest(out):
     return json.loads((out / "stages.json").read_text())["stages"]
 
 
+@pytest.mark.slow
 def test_sigkill_in_every_stage_then_resume(tiny_llama_dir, tmp_path):
     out = tmp_path / "run"
     done_before = []
@@ -48,6 +50,7 @@ def test_sigkill_in_every_stage_then_resume(tiny_llama_dir, tmp_path):
     assert [json.loads(line)["step"] for line in (out / "train_log.jsonl").read_text().splitlines()] == list(range(1, 7))
 
 
+@pytest.mark.slow
 def test_full_disk_leaves_no_half_written_adapter(tiny_llama_dir, tmp_path):
     out = tmp_path / "run"
 
@@ -68,6 +71,7 @@ def test_full_disk_leaves_no_half_written_adapter(tiny_llama_dir, tmp_path):
     assert json.loads(proc.stdout)["stages_done"] == list(STAGES)
 
 
+@pytest.mark.slow
 def test_out_of_memory_in_every_stage_is_one_line_then_resume(tiny_llama_dir, tmp_path):
     out = tmp_path / "run"
     for i, stage in enumerate(s for s in STAGES if s != "load"):

@@ -47,6 +47,7 @@ def _one(*argv):
     return subprocess.run([sys.executable, "-m", "p2d", *argv], capture_output=True, text=True, env=_env(), timeout=600)
 
 
+@pytest.mark.slow
 def test_two_processes_select_what_one_selects(tmp_path, tiny_llama_dir):
     one, two = tmp_path / "one", tmp_path / "two"
     a = _one("select", "--model", tiny_llama_dir, *ARGS, "--out", str(one))
@@ -71,6 +72,7 @@ def test_two_processes_select_what_one_selects(tmp_path, tiny_llama_dir):
     assert not list(two.rglob("*.tmp"))  # one writer, nothing half-written
 
 
+@pytest.mark.slow
 def test_two_processes_run_the_whole_pipeline(tmp_path, tiny_llama_dir):
     """`run` in two processes: every stage split across them, the AER reference timed the same way
     (data parallel over the global batch), the evaluations gathered; one process writes."""
@@ -91,6 +93,7 @@ def test_two_processes_run_the_whole_pipeline(tmp_path, tiny_llama_dir):
     assert ma["eval_before"]["other_tasks"].keys() == mb["eval_before"]["other_tasks"].keys()
 
 
+@pytest.mark.slow
 def test_commands_not_distributed_yet_say_so(tmp_path, tiny_llama_dir):
     proc = _launch("merge", "--model", tiny_llama_dir, "--adapter", str(tmp_path / "a"), "--out", str(tmp_path / "m"))
     assert proc.returncode != 0
@@ -98,6 +101,7 @@ def test_commands_not_distributed_yet_say_so(tmp_path, tiny_llama_dir):
     assert not (tmp_path / "m").exists()
 
 
+@pytest.mark.slow
 def test_two_processes_train_as_one_with_the_global_batch(tmp_path, tiny_llama_dir):
     """2 processes x batch 4 = 1 process x batch 8: the same losses, the same adapter within float
     rounding of differently padded batches (measured here: at most 7e-6 on deltas of about 0.025)."""
@@ -123,6 +127,7 @@ def test_two_processes_train_as_one_with_the_global_batch(tmp_path, tiny_llama_d
     assert cfg["training"]["processes"] == 2 and cfg["training"]["global_batch_size"] == 8
 
 
+@pytest.mark.slow
 def test_the_app_trains_with_two_processes(tmp_path, tiny_llama_dir):
     """/train with processes=2 runs the training as accelerate launch and follows the run folder: the
     log and adapter come from the two processes, the evaluation after it from the app."""
@@ -162,6 +167,7 @@ def test_the_app_trains_with_two_processes(tmp_path, tiny_llama_dir):
         close(served)
 
 
+@pytest.mark.slow
 def test_a_sharded_model_gives_what_whole_copies_give(tmp_path, tiny_llama_dir):
     """`run` with the shipped FSDP config (decoder layers sharded over 2 processes) against the shipped
     plain config (2 whole copies): the same heads, rows, training steps, adapter and evaluations. The
@@ -205,6 +211,7 @@ def test_a_sharded_model_gives_what_whole_copies_give(tmp_path, tiny_llama_dir):
     assert mb["full_ft"]["processes"] == 2 and mb["full_ft"]["steps"] == ma["full_ft"]["steps"] and mb["aer"] > 0
 
 
+@pytest.mark.slow
 def test_a_sharded_model_refuses_what_needs_whole_weights(tmp_path, tiny_llama_dir):
     proc = _launch_with("fsdp.yaml", "heads", "--model", tiny_llama_dir, "--pool-size", "60", "--probe-size", "10",
                         "--head-method", "taylor", "--out", str(tmp_path / "t"))

@@ -49,6 +49,7 @@ def test_empty_eval_set_is_user_error(tiny_llama):
         evaluate(tiny_llama, [])
 
 
+@pytest.mark.slow
 def test_embedded_model_knows_paris(embedded):
     samples = _samples([{"question": "What is the capital of France?", "answer": "Paris"}])
     pred = generate_answers(embedded, samples, max_new_tokens=20)[0]

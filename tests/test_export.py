@@ -63,6 +63,7 @@ def test_export_refuses_wrong_model_and_non_empty_folder(tiny_llama_dir, tiny_gp
         export_peft(lm, adapter_dir, tmp_path / "full")
 
 
+@pytest.mark.slow
 def test_export_on_the_embedded_model(embedded, tmp_path):
     adapter_dir = _random_adapter(embedded, [[3, 1], [17, 4], [17, 5]], tmp_path / "adapter")
     out = export_peft(embedded, adapter_dir, tmp_path / "peft")

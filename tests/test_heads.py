@@ -8,8 +8,8 @@ import torch
 
 from p2d.data.loading import load_records
 from p2d.errors import UserError
-from p2d.heads import (HEAD_METHODS, HeadScores, attention_snapshot, score_heads, select_top, w1_index,
-                       weight_shift_scores)
+from p2d.head_variants import attention_snapshot, w1_index, weight_shift_scores
+from p2d.heads import HEAD_METHODS, HeadScores, score_heads, select_top
 
 ROWS_A = [{"instruction": f"Add {a} and {b}.", "output": str(a + b), "task": "addition"}
           for a, b in [(12, 7), (30, 45), (8, 91), (23, 23), (5, 60), (77, 11)]]
@@ -276,7 +276,7 @@ def test_contrast_methods_need_a_pool(tiny_llama, probe, pool):
 
 
 def test_head_slice_sums_gqa_and_fused(tiny_llama, tiny_gpt2):
-    from p2d.heads import head_slice_sums
+    from p2d.head_variants import head_slice_sums
 
     g = tiny_llama.geometry  # 4 query heads, 2 kv heads, d = 16, hidden 64
     d = g.head_dim
@@ -296,14 +296,15 @@ def test_head_slice_sums_gqa_and_fused(tiny_llama, tiny_gpt2):
 
 def test_taylor_matches_manual_g_times_w(tiny_llama, probe):
     from p2d.gating import answer_losses
-    from p2d.heads import _batches, _model_inputs, head_slice_sums
+    from p2d.head_variants import head_slice_sums
+    from p2d.scoring import loss_batches, model_inputs
 
     lm = tiny_llama
     hs = score_heads(lm, probe, "taylor", pool=None, batch_size=len(probe))
     assert hs.extra["contrast"].startswith("none") and hs.extra["importance"].startswith("mean over batches")
-    (batch,) = _batches(lm, probe, len(probe), 256)
+    (batch,) = loss_batches(lm, probe, len(probe), 256)
     mods = lm.geometry.projections(lm.model, 2)
-    loss = answer_losses(lm.model, _model_inputs(batch)).mean()
+    loss = answer_losses(lm.model, model_inputs(batch)).mean()
     grads = torch.autograd.grad(loss, [m.weight for m in mods.values()])
     manual = head_slice_sums(lm.geometry, {k: (g * m.weight).abs() for (k, m), g in zip(mods.items(), grads)})
     assert hs.extra["probe_importance"][2] == pytest.approx(manual.tolist(), rel=1e-4)

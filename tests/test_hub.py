@@ -23,6 +23,7 @@ def run_dir(tmp_path_factory, tokenizer):
     return out
 
 
+@pytest.mark.slow
 def test_model_card_says_what_was_trained_and_measured(run_dir):
     card = model_card(run_dir, "me/tiny-p2d")
     assert card.startswith("---\nbase_model: ") and "library_name: peft" in card
@@ -32,6 +33,7 @@ def test_model_card_says_what_was_trained_and_measured(run_dir):
     assert "2 steps (1 epochs over the 8 selected rows)" in card
 
 
+@pytest.mark.slow
 def test_push_without_network_or_token_is_one_clear_line(run_dir, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(UserError, match="HF_HUB_OFFLINE"):

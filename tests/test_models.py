@@ -76,6 +76,7 @@ def test_cache_dir_respects_env(monkeypatch, tmp_path):
     assert cache_dir() == tmp_path / "x" / "p2d"
 
 
+@pytest.mark.slow
 def test_embedded_default_model(embedded):
     info = embedded.info()
     assert info["architecture"] == "LlamaForCausalLM"
@@ -143,6 +144,7 @@ def _text(path: Path) -> str:
     return path.read_text() if path.exists() else ""
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 def test_two_processes_convert_once(tmp_path):
     ctx = multiprocessing.get_context("fork")
@@ -173,6 +175,7 @@ def test_two_processes_convert_once(tmp_path):
     assert (target / "model.safetensors").is_file() and _temps(target.parent) == []
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 def test_killed_conversion_is_cleaned_up(tmp_path):
     ctx = multiprocessing.get_context("fork")

@@ -7,10 +7,12 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from p2d.config import STAGES, RunConfig
+from p2d.errors import UserError
 from p2d.pipeline import MANIFEST_FILE, Run, downstream, upstream_closure
 
 TINY = dict(pool_size=40, probe_size=8, eval_size=4, batch_size=4, max_length=64, head_ratio=0.25, data_ratio=0.2,
@@ -29,6 +31,7 @@ def test_stage_graph():
     assert upstream_closure(["eval_after"]) == ["load", "heads", "select", "train", "eval_after"]
 
 
+@pytest.mark.slow
 def test_run_executes_only_what_is_needed(tiny_llama, tmp_path):
     run = _run(tiny_llama, tmp_path)
     run.run(["select"])
@@ -52,6 +55,7 @@ def test_planned_steps_count_the_global_batch_of_a_launched_training(tiny_llama,
     assert run.planned_steps() == 3
 
 
+@pytest.mark.slow
 def test_reconfigure_drops_exactly_what_changed(tiny_llama, tmp_path):
     run = _run(tiny_llama, tmp_path)
     run.run(STAGES)
@@ -93,6 +97,7 @@ def test_stopped_stage_is_partial_and_never_reused(tiny_llama, tmp_path):
     assert again.is_done("heads") and not again.heads.extra["stopped"]
 
 
+@pytest.mark.slow
 def test_open_reads_results_and_checks_settings(tiny_llama, tmp_path):
     run = _run(tiny_llama, tmp_path)
     run.run(STAGES)
@@ -116,6 +121,68 @@ def test_edited_data_file_invalidates(tiny_llama, tmp_path):
     assert not run.is_done("load") and not run.is_done("heads")
 
 
+def _reversed(heads):
+    """``heads`` with its scores negated: the map selects the heads scoring would rank last."""
+    import dataclasses
+
+    from p2d.heads import select_top
+
+    scores = [[-x for x in row] for row in heads.scores]
+    return dataclasses.replace(heads, method="random", scores=scores, selected=select_top(scores, heads.ratio))
+
+
+def test_given_heads_are_kept_whatever_the_folder_holds(tiny_llama, tmp_path):
+    run = _run(tiny_llama, tmp_path, head_method="gradient", select_method="activation")
+    run.run(["select"])  # a folder with its own scored heads and selection
+    given = _reversed(run.heads)
+    assert sorted(given.selected) != sorted(run.heads.selected)
+    # a fresh folder: use_heads before anything is loaded, then select
+    fresh = _run(tiny_llama, tmp_path / "fresh", head_method="gradient", select_method="activation")
+    fresh.use_heads(given, source="given.json")
+    fresh.run(["select"])
+    assert fresh.heads.selected == given.selected and fresh.heads.method == "random"
+    assert fresh.selection.extra["heads"] == sorted(given.selected) and fresh.selection.extra["head_method"] == "random"
+    entry = json.loads((fresh.out / MANIFEST_FILE).read_text())["stages"]["heads"]
+    assert entry["external"] == {"source": "given.json"}
+    assert Run.open(fresh.out, lm=tiny_llama).stages_done == ["load", "heads", "select"]  # kept on reopening
+    # the scored folder, under settings that invalidate its load stage: the given heads win again
+    other = Run.open(run.out, config=run.config.replace(seed=1), lm=tiny_llama)
+    other.use_heads(given, source="given.json")
+    other.run(["train"])
+    assert other.heads.selected == given.selected and other.selection.extra["heads"] == sorted(given.selected)
+    adapter = json.loads((other.out / "adapter" / "adapter_config.json").read_text())
+    assert adapter["heads"] == sorted(given.selected)
+
+
+def test_given_heads_need_no_probe_file(tiny_llama, tmp_path):
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text("".join(json.dumps({"question": f"q{i}", "answer": f"a{i}"}) + "\n" for i in range(20)))
+    scored = _run(tiny_llama, tmp_path / "scored", head_method="gradient", pool=str(pool), probe=str(pool), eval=None)
+    scored.run(["heads"])
+    run = _run(tiny_llama, tmp_path, pool=str(pool), probe=None, eval=None, select_method="activation")
+    with pytest.raises(UserError, match="needs a probe file"):
+        run.run(["heads"])
+    assert run.lm is tiny_llama and not run.out.exists()  # refused before loading anything
+    run.use_heads(_reversed(scored.heads), source="given.json")
+    run.run(["select"])
+    assert run.selection.extra["heads"] == sorted(_reversed(scored.heads).selected) and run.data.probe.samples == []
+
+
+def test_training_on_given_samples_is_the_runs_train_stage(tiny_llama, tmp_path):
+    run = _run(tiny_llama, tmp_path)
+    run.run(["heads"])
+    given = list(run.data.probe.samples)
+    res = run.train_on(given, source="mine.jsonl")
+    assert res.extra["n_samples"] == len(given) and run.is_done("train") and not run.is_done("select")
+    entry = json.loads((run.out / MANIFEST_FILE).read_text())["stages"]["train"]
+    assert entry["external"] == {"source": "mine.jsonl"} and set(entry["inputs"]) == {"heads"}
+    back = Run.open(run.out, lm=tiny_llama)
+    assert back.is_done("train") and back.train_result.extra["n_samples"] == len(given)
+    back.run(["eval_after"])  # evaluates the adapter trained on the given samples
+    assert back.is_done("eval_after") and back.train_result.extra["n_samples"] == len(given)
+    assert back.reconfigure(back.config.replace(lr=5e-4)) == ["train", "eval_after"]  # its settings still count
+
+
 def _tiny_run_argv(model_dir, out, steps):
     return [sys.executable, "-m", "p2d", "run", "--model", model_dir, "--out", str(out), "--device", "cpu",
             "--pool-size", "60", "--probe-size", "8", "--eval-size", "0", "--batch-size", "2", "--max-length", "48",
@@ -123,6 +190,7 @@ def _tiny_run_argv(model_dir, out, steps):
             "--steps", str(steps), "--checkpoint-every", "3", "--lr", "0.01"]
 
 
+@pytest.mark.slow
 def test_sigkill_during_training_then_resume_gives_the_same_adapter(tiny_llama_dir, tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
     steps = 40

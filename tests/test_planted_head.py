@@ -61,6 +61,8 @@ PLANTINGS = [(0, 3, 1), (0, 2, 2)]
 FIRST = ("gradient", "gradient_logratio")
 SELECTED_AT_QUARTER = ("gradient_layer", "taylor", "lofit")
 
+pytestmark = pytest.mark.slow  # every test trains a model until a head is planted (the module fixture)
+
 
 def _auroc(scores, positive):
     pos = [s for s, p in zip(scores, positive) if p]

@@ -139,6 +139,7 @@ def test_gpt2_selection(tiny_gpt2, pool, probe):
         assert sel.n_selected == 2 and all(math.isfinite(s) for s in sel.scores)
 
 
+@pytest.mark.slow
 def test_embedded_end_to_end(embedded, tmp_path):
     """Real SmolLM2 on a 24-row pool: contrasted gradient heads -> activation selection.
 
@@ -193,7 +194,7 @@ def test_with_ratio_reselects_without_rescoring():
 def test_features_reproduce_select_data(tiny_llama, pool, probe, positions):
     """activation / alignment / activation_length_z of any head set from one all-heads feature pass
     equal select_data's scores (tolerance 1e-5 absolute: same batches, float32 sums in another order)."""
-    from p2d.selection import activation_from_features, alignment_from_features, head_features
+    from p2d.head_features import activation_from_features, alignment_from_features, head_features
 
     feats = head_features(tiny_llama, pool, batch_size=4, positions=positions)
     pfeats = head_features(tiny_llama, probe, batch_size=4, positions=positions)
@@ -215,6 +216,20 @@ def test_features_reproduce_select_data(tiny_llama, pool, probe, positions):
         activation_from_features(feats, [[4, 0]])
 
 
+def test_head_norms_of_several_settings_in_one_pass(tiny_llama, pool):
+    """One no-grad forward with a capture hook per answer-position setting gives each setting's norms (as the
+    gradient pass captures them) and its own position counts."""
+    from p2d.head_features import head_features, head_norms
+
+    both = head_norms(tiny_llama, pool, batch_size=4, positions=("all", "content"))
+    assert set(both) == {"all", "content"} and both["all"].grads is None
+    for positions in ("all", "content"):
+        with_grads = head_features(tiny_llama, pool, batch_size=4, positions=positions)
+        assert torch.allclose(both[positions].norms, with_grads.norms, atol=1e-5)
+        assert torch.equal(both[positions].lengths, with_grads.lengths)
+    assert (both["content"].lengths < both["all"].lengths).all()
+
+
 def test_content_positions_change_selection_scores(tiny_llama, pool, probe):
     for method in ("ablation", "activation", "alignment"):
         a = select_data(tiny_llama, HEADS, pool, method, probe=probe, positions="all")
@@ -226,7 +241,7 @@ def test_content_positions_change_selection_scores(tiny_llama, pool, probe):
 
 
 def test_length_z_buckets():
-    from p2d.selection import length_z
+    from p2d.select_variants import length_z
 
     # two length groups whose raw scores differ only by a length offset -> identical z-scores
     lengths = [1] * 10 + [5] * 10
@@ -268,7 +283,7 @@ def test_prefilter_alignment_is_alignment_on_the_activation_top(tiny_llama, pool
 
 
 def test_plain_forward_seconds(tiny_llama, pool):
-    from p2d.selection import plain_forward_seconds
+    from p2d.head_features import plain_forward_seconds
 
     before = {k: v.clone() for k, v in tiny_llama.model.state_dict().items()}
     t = plain_forward_seconds(tiny_llama, pool, batch_size=4)

@@ -62,6 +62,7 @@ def test_sampling_is_seeded_and_checked(tiny_llama):
         list(stream_reply(tiny_llama, "  "))
 
 
+@pytest.mark.slow
 def test_compare_replies_leaves_the_model_as_it_was(tiny_run):
     from p2d.adapter import load_adapter
     from p2d.models import load_model
@@ -184,6 +185,7 @@ def test_forgetting_rows():
     assert forgetting(None, after)[0]["before"] is None
 
 
+@pytest.mark.slow
 def test_run_evaluates_the_other_tasks(tiny_run):
     from p2d.data.builtin import TASKS
 
@@ -198,6 +200,7 @@ def test_run_evaluates_the_other_tasks(tiny_run):
 
 
 # -- the commands ---------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_teaching_commands(tiny_run, capsys):
     assert main(["chat", "--run", str(tiny_run), "--prompt", "What is 3 + 4?", "--max-new-tokens", "4"]) == 0
     reply = json.loads(capsys.readouterr().out)
@@ -221,6 +224,7 @@ def test_teaching_commands(tiny_run, capsys):
     assert err.startswith("error: no head (9, 0)") and len(err.splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_controls(tiny_run, capsys):
     from p2d.controls import CONTROLS_FILE, read_controls
     from p2d.pipeline import Run

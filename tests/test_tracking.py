@@ -10,6 +10,7 @@ from p2d.pipeline import Run
 from p2d.tracking import open_tracker
 
 
+@pytest.mark.slow
 def test_tensorboard_scalars_read_back(tiny_llama, tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

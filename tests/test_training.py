@@ -48,7 +48,7 @@ def test_frozen_weights_bit_identical_and_merge_changes_only_the_slices(tiny_lla
     assert all(p.grad is None for p in lm.model.parameters())
 
     adapter = HeadAdapter.load(res.adapter_dir)
-    assert adapter.heads == heads and adapter.config["training"]["steps_done"] == 3
+    assert adapter.heads == heads and adapter.config.training["steps_done"] == 3
     assert res.trainable_params == adapter.num_params()
     adapter.merge_into(lm.model)
     g, d = lm.geometry, lm.geometry.head_dim
@@ -140,7 +140,7 @@ def test_should_stop_after_step_two(tiny_llama, tmp_path):
     assert len(_log(res)) == 2
     assert (tmp_path / "adapter" / WEIGHTS_NAME).is_file() and (tmp_path / "adapter" / CONFIG_NAME).is_file()
     assert progress == [(0, 10, "train"), (1, 10, "train"), (2, 10, "train")]
-    assert HeadAdapter.load(res.adapter_dir).config["training"]["stopped"] is True
+    assert HeadAdapter.load(res.adapter_dir).config.training["stopped"] is True
 
 
 def test_keyboard_interrupt_from_callback_ends_cleanly(tiny_llama, tmp_path):
@@ -257,6 +257,7 @@ def test_grad_accum_runs(tiny_llama, tmp_path):
     assert _log(res)[0]["tokens"] > 0
 
 
+@pytest.mark.slow
 def test_embedded_model_two_steps(embedded, tmp_path):
     """27 heads (10%) of the real SmolLM2-135M: 2 steps on 8 tiny samples, model left untouched."""
     heads = [[layer, h] for layer in range(27, 30) for h in range(9)]

@@ -38,11 +38,12 @@ import torch
 from ..cells import ADAPTERS, CELLS, Cell, curve_steps, evaluate_cell, train_cell
 from ..errors import UserError
 from ..evaluation import forced_eval
+from ..head_features import activation_from_features, alignment_from_features, head_features
 from ..heads import HeadScores, score_heads, top_count
 from ..manifest import EntryFiles, content_digest
 from ..models import count_params, load_model
 from ..pipeline import load_run_data
-from ..selection import Selection, activation_from_features, alignment_from_features, head_features, select_data
+from ..selection import Selection, select_data
 from ..training import TrainConfig
 from .config import BenchConfig
 

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Iterator
 from p2d.data.formats import Sample
 from p2d.errors import UserError
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # torch is imported where tensors are built: p2d.data reads and encodes without it
     import torch
 
 IGNORE_INDEX = -100

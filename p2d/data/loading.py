@@ -88,6 +88,8 @@ from p2d.data.formats import (
 )
 from p2d.errors import UserError
 
+# pyarrow (Parquet) and datasets (save_to_disk folders, hub ids) are imported only for the sources that need them
+
 SUPPORTED = (".jsonl, .json, .csv, .tsv, .parquet (optionally .gz), a save_to_disk folder or a dataset "
              "ID[:CONFIG][@SPLIT] (hub id or dataset folder)")
 MAX_DEPTH = 100  # nesting levels of a row (the row itself is level 1; a chat message is level 3)

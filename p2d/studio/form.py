@@ -23,7 +23,11 @@ from __future__ import annotations
 from dataclasses import fields
 
 from p2d.config import RunConfig, choices_of, config_field, label
+from p2d.data.builtin import DEFAULT_TARGET, available_tasks
+from p2d.data.builtin_hard import HARD_TARGETS
 from p2d.errors import UserError
+
+# gradio is imported where the inputs are built: the form <-> RunConfig conversion works without it
 
 from .limits import Limits, looks_like_local_path
 
@@ -83,7 +87,7 @@ def to_config(values: dict) -> RunConfig:
         data.update(pool=pool, probe=None, eval=None, columns=None)
     if not str(data.get("out") or "").strip():
         data.pop("out", None)
-    return RunConfig.from_dict(data).validate()
+    return RunConfig.from_dict(data).validate().require_probe()  # the app always scores heads
 
 
 def explicit_out(values: dict) -> str | None:
@@ -93,8 +97,6 @@ def explicit_out(values: dict) -> str | None:
 
 def to_values(cfg: RunConfig, out_auto: bool = False) -> dict:
     """A RunConfig -> form values (by FIELD_NAMES). ``out_auto`` leaves the run folder empty (auto)."""
-    from p2d.data.builtin import DEFAULT_TARGET
-
     values = {name: getattr(cfg, name) for name in CONFIG_NAMES}
     for name in ZERO_IS_UNSET:
         values[name] = values[name] or 0
@@ -141,9 +143,6 @@ def _label(name: str, hint: str = "") -> str:
 
 def target_choices(data_source: str) -> list[str]:
     """The targets of a built-in pool (the plain one's tasks, or the hard pools' targets)."""
-    from p2d.data.builtin import available_tasks
-    from p2d.data.builtin_hard import HARD_TARGETS
-
     return list(HARD_TARGETS) if data_source == "builtin-hard" else list(available_tasks())
 
 

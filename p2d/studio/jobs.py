@@ -9,12 +9,24 @@ stopped ends ``partial`` in the Run and the job ``stopped``; the next press runs
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from pathlib import Path
 
+from p2d.adapter import merge_and_save
+from p2d.chat import compare_replies
 from p2d.config import RunConfig
+from p2d.controls import run_controls
 from p2d.errors import UserError
+from p2d.gguf_export import export_gguf as export_gguf_file
+from p2d.gguf_export import gguf_name
+from p2d.head_view import check_head
+from p2d.head_view import inspect_head as inspect
+from p2d.heads import HeadScores
+from p2d.hub import push_run
 from p2d.pipeline import CONFIG_FILE, LABELS, Run, upstream_closure
 
+from .launcher import launch_training
 from .runner import Job
 
 #: what the Train button runs (the reference before training, so the AER chart is live)
@@ -114,8 +126,6 @@ def train(studio, ws, cfg: RunConfig, processes: int = 1):
 
 
 def _train_launched(studio, ws, run: Run, job: Job, processes: int) -> str:
-    from .launcher import launch_training
-
     before = ["select", "eval_before", "reference"]
     follow(job, run, before)
     run.run(before)
@@ -172,8 +182,6 @@ def _trained(ws):
 
 
 def merge(studio, ws, folder: str):
-    from p2d.adapter import merge_and_save
-
     def body(job: Job):
         run, trained = _trained(ws)
         job.set_phase("merging the trained heads into the model and saving it")
@@ -195,18 +203,13 @@ def export_peft(studio, ws):
 def export_gguf(studio, ws, outtype: str):
     """The merged model as GGUF (`p2d.gguf_export`) in the workspace's downloads folder; the file's path."""
     def body(job: Job):
-        import shutil
-        import tempfile
-
-        from p2d.gguf_export import export_gguf as export, gguf_name
-
         run, trained = _trained(ws)
         job.set_phase(f"writing the merged model as GGUF ({outtype})")
         lm = studio.runner.load_model(run.config)
         target = ws.download_dir / f"{run.out.name}-{gguf_name(outtype)}"
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix="p2d-gguf-", dir=ws.download_dir) as tmp:
-            out = export(lm, trained.adapter_dir, Path(tmp) / "gguf", outtype, name=run.out.name)
+            out = export_gguf_file(lm, trained.adapter_dir, Path(tmp) / "gguf", outtype, name=run.out.name)
             shutil.move(str(out / gguf_name(outtype)), target)
         return str(target)
     return body
@@ -216,8 +219,6 @@ def push(studio, ws, repo_id: str, private: bool, merged: bool, token_box: list 
     """Upload the run's adapter (PEFT format, optionally the merged model) and its model card. With
     ``token_box`` (a visitor's login): the token in it is taken out once and used for this push only, never
     the server's own."""
-    from p2d.hub import push_run
-
     def body(job: Job):
         token = token_box.pop() if token_box else None  # handed over once: nothing keeps it after this push
         if token_box is not None and not token:
@@ -253,8 +254,6 @@ def resume(studio, ws, name: str):
 def chat(studio, ws, run_name: str | None, prompt: str, sampling: dict, history: list | None = None):
     """The prompt answered by the run's base model and by base + its trained heads, each continuing its side
     of ``history`` (`p2d.chat.compare_replies`); the replies so far are in ``job.live`` ("base", "tuned")."""
-    from p2d.chat import compare_replies
-
     def body(job: Job):
         run = studio.explore_run(ws, run_name)
         adapter = run.train_result.adapter_dir if run.train_result is not None else None
@@ -272,9 +271,6 @@ def chat(studio, ws, run_name: str | None, prompt: str, sampling: dict, history:
 
 def inspect_head(studio, ws, run_name: str | None, layer: int, head: int, row: int):
     """`p2d.head_view.inspect_head` on the run's eval row ``row`` (the probe set when it has no eval set)."""
-    from p2d.head_view import check_head
-    from p2d.head_view import inspect_head as inspect
-
     def body(job: Job):
         run = studio.explore_run(ws, run_name)
         if run.heads is None:
@@ -293,8 +289,6 @@ def inspect_head(studio, ws, run_name: str | None, layer: int, head: int, row: i
 
 def controls(studio, ws):
     """`p2d.controls.run_controls` for the current run (its training and evaluation done first if missing)."""
-    from p2d.controls import run_controls
-
     def body(job: Job):
         run = ws.run
         if run is None or run.train_result is None:
@@ -312,8 +306,6 @@ def controls(studio, ws):
 def reuse_heads(studio, ws, source_run: str):
     """The head map of the session's run folder ``source_run`` becomes the current run's heads (selection and
     training are then redone with them: the transfer question)."""
-    from p2d.heads import HeadScores
-
     def body(job: Job):
         run = ws.run
         if run is None:

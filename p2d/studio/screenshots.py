@@ -18,6 +18,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+from .launcher import free_port
+from .server import build_app
+
+# Pillow and Playwright (dev tools, not app requirements) are imported where used
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
         "--disable-sync", "--disable-dev-shm-usage"]
@@ -118,9 +122,6 @@ def main(argv: list[str] | None = None) -> None:
     for key, value in (("HF_HUB_OFFLINE", "1"), ("GRADIO_ANALYTICS_ENABLED", "False"),
                        ("TOKENIZERS_PARALLELISM", "false")):
         os.environ.setdefault(key, value)
-    from .launcher import free_port
-    from .server import build_app
-
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     app = build_app(demo=False, runs_root=tempfile.mkdtemp(prefix="p2d-screenshots-"))

@@ -183,10 +183,3 @@ def launch(options) -> None:
     """Serve the app with `p2d.studio.options.StudioOptions` (blocks until stopped)."""
     app = build_app(runs_root=options.runs, config=options.config, limits=limits_of(options))
     app.launch(server_name=options.host, server_port=options.port, **launch_kwargs(app, options))
-
-
-def main(argv: list[str] | None = None) -> None:
-    """`python app.py [flags]`: the same flags as `python -m p2d studio`."""
-    from p2d.cli import main as cli_main
-
-    raise SystemExit(cli_main(["studio", *(sys.argv[1:] if argv is None else argv)]))

@@ -29,7 +29,12 @@ import time
 from pathlib import Path
 
 from p2d.config import STAGES, RunConfig
+from p2d.data.loading import load_data
 from p2d.errors import UserError, shown
+from p2d.export import export_peft
+from p2d.files import read_json
+from p2d.hub import base_name
+from p2d.pipeline import CONFIG_FILE, Run
 
 from . import form
 from .gate import Gate
@@ -274,8 +279,6 @@ class Studio:
         return ws.root / name
 
     def _open(self, ws: Workspace, name: str):
-        from p2d.pipeline import CONFIG_FILE, Run
-
         folder = self._run_folder(ws, name)
         cfg, _ = self.limits.apply(RunConfig.load(folder / CONFIG_FILE))
         self.limits.check(cfg, ws.upload_dir)
@@ -320,8 +323,6 @@ class Studio:
 
     def runs_table(self, ws: Workspace) -> list[dict]:
         """One row per run folder of the session: name, model, data, stages done and partial, last job."""
-        from p2d.files import read_json
-
         rows = []
         for folder in ws.run_dirs():
             manifest = (read_json(folder / "stages.json") or {}).get("stages") or {}
@@ -392,8 +393,6 @@ class Studio:
         """Validate, store and describe an uploaded data file: (stored path or None when rejected,
         markdown). The description (format, rows, skipped rows, tasks) or the loader's error. In the
         public demo the path is relative to the session's folder (``uploads/pool-....jsonl``)."""
-        from p2d.data.loading import load_data
-
         display = safe_name(Path(str(file)).name)
         rows_cap = self.limits.data_rows().get(kind) if self.limits.demo else None
 
@@ -499,13 +498,10 @@ class Studio:
         zip_path = ws.download_dir / f"{run.out.name}-adapter-peft.zip"
 
         def build(tmp: str) -> str:
-            from p2d.export import export_peft
-            from p2d.hub import _base_name
-
             lm = self.runner.load_model(run.config)
             with tempfile.TemporaryDirectory(prefix="p2d-peft-") as folder:
                 out = export_peft(lm, adapter, Path(folder) / f"{run.out.name}-peft",
-                                  base_model_name=_base_name(run.config.model))
+                                  base_model_name=base_name(run.config.model))
                 return shutil.make_archive(tmp, "zip", root_dir=out.parent, base_dir=out.name)
         return self._zip(ws, adapter, zip_path, build if make else None)
 

@@ -14,8 +14,13 @@ from pathlib import Path
 
 import pandas as pd
 
+from p2d.controls import read_controls
+from p2d.explore import forgetting as rows_of
+
 from . import charts
 from .runner import Job
+
+# gradio is imported where an output needs its update type: the rest renders plain values without it
 
 PAGE_SIZE = 10
 PREVIEW_CHARS = 240
@@ -452,8 +457,6 @@ def _pct(x) -> str:
 
 def forgetting(studio, ws) -> dict:
     """Per-task accuracy before vs after training (the eval set's tasks and the pool's other tasks)."""
-    from p2d.explore import forgetting as rows_of
-
     run = ws.run
     rows = rows_of(run.eval_before, run.eval_after) if run is not None else []
     others = [r for r in rows if r["set"] == "other tasks" and r["change"] is not None]
@@ -473,8 +476,6 @@ def forgetting(studio, ws) -> dict:
 
 def controls(studio, ws) -> dict:
     """P2D next to its controls (controls.json of the current run, when built on its current results)."""
-    from p2d.controls import read_controls
-
     run = ws.run
     data = read_controls(run) if run is not None and run.train_result is not None else None
     if not data:

@@ -16,6 +16,8 @@ import gradio as gr
 
 from p2d.chat import MAX_NEW_TOKENS, MAX_TURNS, check_sampling
 from p2d.errors import UserError
+from p2d.explore import compare_head_maps
+from p2d.heads import HeadScores
 
 from .. import charts, jobs, views
 from ..lessons import LESSONS
@@ -170,9 +172,6 @@ def build(ctx) -> SimpleNamespace:
     def compare_heads(request, a, b):
         """Two head maps side by side: overlap of the selected sets (Jaccard), rank correlation (Spearman)
         and the rank-difference heatmap."""
-        from p2d.explore import compare_head_maps
-        from p2d.heads import HeadScores
-
         if not a or not b:
             raise UserError("pick two runs with head maps (map a and map b)")
         ws = st.workspace(request)

@@ -11,6 +11,7 @@ from types import SimpleNamespace
 
 import gradio as gr
 
+from p2d.config import RunConfig
 from p2d.errors import UserError
 
 from .. import form, jobs, views
@@ -112,8 +113,6 @@ def build(ctx) -> SimpleNamespace:
         """The quick-tour preset (`p2d.config.PRESETS`: the embedded model, the built-in pool, target addition, small
         sizes) put in the form and run end to end as one training job: load, heads, selection, evaluation,
         reference, training, evaluation (follow it with /train_status or /wait_job, or on the Train tab)."""
-        from p2d.config import RunConfig
-
         ws = st.workspace(request, create=True)
         values = form.to_values(RunConfig.preset("quick-tour"), out_auto=True)
         cfg, notes = st.run_config(values, ws)

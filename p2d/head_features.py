@@ -1,0 +1,214 @@
+"""Per-sample head statistics for benchmarks: score any head set without rerunning the model.
+
+`head_features` records, for every sample, the activation statistic and the gate gradient of *every*
+(layer, head) in one pass; `head_norms` records the activation statistic alone for several
+answer-position settings from one no-grad forward. `activation_from_features` and
+`alignment_from_features` then give `p2d.selection.select_data`'s activation / activation_length_z /
+alignment scores of any head set (equal to float rounding; tests/test_selection.py).
+`plain_forward_seconds` times one plain no-grad forward over the same samples and batching, the unit
+in which the benchmark reports selection cost.
+
+Not used by a run (`p2d.pipeline`): only by the benchmark scripts (bench/select_quality.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .data.formats import Sample
+from .errors import UserError
+from .gating import HeadGate, answer_losses
+from .geometry import normalize_heads
+from .models import frozen
+from .progress import Ticker
+from .scoring import EncodedBatches, check_positions, model_inputs
+from .select_variants import length_z
+from .selection import DEFAULT_POSITIONS
+
+__all__ = ["HeadFeatures", "head_features", "head_norms", "activation_from_features", "alignment_from_features",
+           "plain_forward_seconds"]
+
+
+@dataclass
+class HeadFeatures:
+    """Per-sample statistics of every (layer, head), from `head_features`.
+
+    norms: [N, L, H] mean head-output norm over the chosen answer positions (NaN rows: unscored);
+    grads: [N, L, H] per-sample gate gradient dL_i/dgate (gates at 1), or None when not computed;
+    lengths: [N] number of positions averaged (0 when unscored); positions: "all" or "content".
+    """
+
+    norms: torch.Tensor
+    grads: torch.Tensor | None
+    lengths: torch.Tensor
+    positions: str
+    time_s: float
+    extra: dict = field(default_factory=dict)
+
+
+def head_features(lm, samples: list[Sample], batch_size: int = 8, max_length: int = 256,
+                  positions: str = DEFAULT_POSITIONS, gradients: bool = True, progress=None,
+                  should_stop=None) -> HeadFeatures:
+    """Activation statistic and (with ``gradients``) gate gradient of every head for every sample.
+
+    One pass over ``samples``: with ``gradients`` a forward with per-sample gates at 1 on every layer
+    (capturing the head-output norms on the way) and one backward down to layer 0; without, the
+    no-grad forward of `head_norms`. Same encoding and batching as `select_data`, so
+    `activation_from_features` / `alignment_from_features` reproduce its scores.
+    """
+    positions = check_positions(positions)
+    if not gradients:
+        return head_norms(lm, samples, batch_size, max_length, (positions,), progress, should_stop)[positions]
+    samples = _check_samples(samples)
+    geo = lm.geometry
+    L, H = geo.n_layers, geo.n_q_heads
+    n = len(samples)
+    norms = torch.full((n, L, H), float("nan"), dtype=torch.float32)
+    grads = torch.full((n, L, H), float("nan"), dtype=torch.float32)
+    lengths = torch.zeros(n, dtype=torch.long)
+    start = time.perf_counter()
+    enc = EncodedBatches(lm, samples, batch_size, max_length, positions)
+    bar = Ticker(progress, len(enc.groups))
+    stopped = False
+    model = lm.model
+    layers = list(range(L))
+    with frozen(model), HeadGate(model, geo, layers=layers) as gate:
+        for items in enc.groups:
+            if should_stop is not None and should_stop():
+                stopped = True
+                break
+            batch = enc.tensors(items)
+            mask = enc.mask(batch)
+            rows = torch.tensor([it["index"] for it in items])
+            gate.capture(mask)
+            b = batch["input_ids"].shape[0]
+            gates = [torch.ones(b, H, device=lm.device, dtype=torch.float32, requires_grad=True) for _ in layers]
+            for layer in layers:
+                gate.set_gate(layer, gates[layer])
+            try:
+                with torch.enable_grad():
+                    loss = answer_losses(model, model_inputs(batch), positions=mask).sum()
+                gr = torch.autograd.grad(loss, gates, allow_unused=True)
+            finally:
+                gate.clear_gates()
+            grads[rows] = torch.stack([torch.zeros(b, H) if g is None else g.detach().float().cpu() for g in gr], 1)
+            norms[rows] = torch.stack([gate.norms[layer].float().cpu() for layer in layers], 1)
+            lengths[rows] = mask.sum(dim=1).cpu()
+            gate.capture(None)
+            bar.step(f"head features: {bar.done + 1}/{bar.total} batches")
+    extra = enc.info() | {"stopped": stopped, "gradients": True}
+    return HeadFeatures(norms=norms, grads=grads, lengths=lengths, positions=positions,
+                        time_s=round(time.perf_counter() - start, 3), extra=extra)
+
+
+def head_norms(lm, samples: list[Sample], batch_size: int = 8, max_length: int = 256,
+               positions=(DEFAULT_POSITIONS,), progress=None, should_stop=None) -> dict[str, HeadFeatures]:
+    """The activation statistic of every head for every sample (no gradients), for each answer-position
+    setting in ``positions``, from one no-grad forward that stops after the last layer (one capture hook
+    per setting): {setting: HeadFeatures}."""
+    positions = [check_positions(p) for p in dict.fromkeys(positions)]
+    if not positions:
+        raise UserError("no answer-position setting given")
+    samples = _check_samples(samples)
+    geo = lm.geometry
+    L, H, n = geo.n_layers, geo.n_q_heads, len(samples)
+    norms = {p: torch.full((n, L, H), float("nan"), dtype=torch.float32) for p in positions}
+    lengths = {p: torch.zeros(n, dtype=torch.long) for p in positions}
+    start = time.perf_counter()
+    encs = {p: EncodedBatches(lm, samples, batch_size, max_length, p) for p in positions}
+    enc = encs[positions[0]]  # the same items and batches for every setting; only the masks differ
+    bar = Ticker(progress, len(enc.groups))
+    stopped = False
+    model = lm.model
+    body = getattr(model, "base_model", None) or model
+    with frozen(model), torch.no_grad(), contextlib.ExitStack() as stack:
+        gates = {p: stack.enter_context(HeadGate(model, geo, stop_after=L - 1 if i == len(positions) - 1 else None))
+                 for i, p in enumerate(positions)}
+        for items in enc.groups:
+            if should_stop is not None and should_stop():
+                stopped = True
+                break
+            batch = enc.tensors(items)
+            rows = torch.tensor([it["index"] for it in items])
+            masks = {p: encs[p].mask(batch) for p in positions}
+            for p in positions:
+                gates[p].capture(masks[p])
+            gates[positions[-1]].run(body, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                     use_cache=False)
+            for p in positions:
+                norms[p][rows] = torch.stack([gates[p].norms[layer].float().cpu() for layer in range(L)], 1)
+                lengths[p][rows] = masks[p].sum(dim=1).cpu()
+                gates[p].capture(None)
+            bar.step(f"head features: {bar.done + 1}/{bar.total} batches")
+    time_s, extra = round(time.perf_counter() - start, 3), enc.info() | {"stopped": stopped, "gradients": False}
+    return {p: HeadFeatures(norms=norms[p], grads=None, lengths=lengths[p], positions=p, time_s=time_s, extra=dict(extra))
+            for p in positions}
+
+
+def _check_samples(samples) -> list[Sample]:
+    samples = list(samples or [])
+    if not samples:
+        raise UserError("no samples to compute head features for")
+    return samples
+
+
+def _feature_heads(features: HeadFeatures, heads) -> tuple[torch.Tensor, torch.Tensor]:
+    hl = normalize_heads(heads)
+    if not hl:
+        raise UserError("the head list is empty: select at least one head")
+    _, L, H = features.norms.shape
+    bad = [h for h in hl if not (0 <= h[0] < L and 0 <= h[1] < H)]
+    if bad:
+        raise UserError(f"head {bad[0]} is outside the {L} x {H} feature table")
+    return torch.tensor([l for l, _ in hl]), torch.tensor([h for _, h in hl])
+
+
+def activation_from_features(features: HeadFeatures, heads, debias: str | None = None) -> list[float]:
+    """`select_data`'s ``activation`` score of any head set (HeadScores or [[layer, head], ...]) from
+    features; ``debias="length"`` gives ``activation_length_z``. NaN for unscored samples."""
+    layers, hs = _feature_heads(features, heads)
+    norms = features.norms.double()
+    rel = norms / norms.mean(dim=2, keepdim=True).clamp_min(1e-12)
+    scores = rel[:, layers, hs].mean(dim=1).tolist()
+    if debias == "length":
+        return length_z(scores, features.lengths.tolist())
+    if debias is not None:
+        raise ValueError(f"debias must be None or 'length', not {debias!r}")
+    return scores
+
+
+def alignment_from_features(features: HeadFeatures, probe_features: HeadFeatures, heads) -> list[float]:
+    """`select_data`'s ``alignment`` score of any head set from pool and probe features (both with
+    gradients, same ``positions``). NaN for unscored samples."""
+    if features.grads is None or probe_features.grads is None:
+        raise UserError("alignment needs gate gradients: compute the features with gradients=True")
+    layers, hs = _feature_heads(features, heads)
+    v = features.grads[:, layers, hs].double()
+    p = probe_features.grads[:, layers, hs].double()
+    p = p[torch.isfinite(p).all(dim=1)]
+    if not len(p):
+        raise UserError("the probe features hold no scored sample")
+    target = p.mean(dim=0)
+    target = target / target.norm().clamp_min(1e-12)
+    cos = (v @ target) / v.norm(dim=1).clamp_min(1e-12)
+    return cos.tolist()
+
+
+def plain_forward_seconds(lm, samples: list[Sample], batch_size: int = 8, max_length: int = 256) -> float:
+    """Wall seconds of one plain no-grad forward of the model (full logits, as ``model(**inputs)``)
+    over ``samples``, encoded and batched exactly as `select_data` does (encoding included, as in
+    ``Selection.time_s``). The unit for selection-cost ratios."""
+    samples = list(samples or [])
+    if not samples:
+        raise UserError("no samples to time")
+    start = time.perf_counter()
+    enc = EncodedBatches(lm, samples, batch_size, max_length, "all")
+    with frozen(lm.model), torch.no_grad():
+        for items in enc.groups:
+            batch = enc.tensors(items)
+            lm.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    return time.perf_counter() - start

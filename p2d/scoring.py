@@ -1,0 +1,102 @@
+"""What head scoring (`p2d.heads`) and data selection (`p2d.selection`) share: the share checks and top
+shares, samples encoded once into length-sorted batches with their answer-position masks
+(`p2d.gating.POSITIONS`), and the per-sample answer loss of such a batch.
+
+Two batch forms: `loss_batches` encodes and moves every batch to the model's device at once (head
+scoring: a probe set and a pool sample, passed over several times); `EncodedBatches` keeps the
+encoded items and builds each batch's tensors when asked (data selection: a whole pool, passed over
+once, so only one batch is on the device at a time).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+from .data.encoding import collate, encode, iter_batches
+from .data.formats import Sample
+from .errors import UserError
+from .gating import POSITIONS, answer_losses, position_mask, special_token_ids
+
+
+def check_ratio(ratio: float, what: str = "ratio") -> float:
+    """``ratio`` as a float in (0, 1]; UserError naming ``what`` otherwise."""
+    try:
+        r = float(ratio)
+    except (TypeError, ValueError):
+        raise UserError(f"{what} must be a number in (0, 1], got {ratio!r}") from None
+    if not (0.0 < r <= 1.0):
+        raise UserError(f"{what} must be in (0, 1] (e.g. 0.1 for 10%), got {ratio!r}")
+    return r
+
+
+def top_count(n: int, ratio: float) -> int:
+    """round(ratio * n) (halves up), at least 1, at most n."""
+    return max(1, min(n, int(math.floor(ratio * n + 0.5))))
+
+
+def top_samples(scores: list[float], ratio: float) -> list[int]:
+    """Positions of the top ``ratio`` of ``scores`` (at least one), best first; NaN never kept."""
+    order = sorted((i for i, v in enumerate(scores) if math.isfinite(v)), key=lambda i: (-scores[i], i))
+    return order[:top_count(len(scores), ratio)]
+
+
+def check_positions(positions: str) -> str:
+    """``positions`` if it is one of `p2d.gating.POSITIONS`; UserError otherwise."""
+    if positions not in POSITIONS:
+        raise UserError(f"unknown answer positions {positions!r}: use one of {', '.join(POSITIONS)}")
+    return positions
+
+
+def loss_batches(lm, samples: list[Sample], batch_size: int, max_length: int, shuffle=False, seed=0,
+                 positions: str = "all"):
+    """Encoded, length-bucketed batches (dicts of tensors on the model's device); ``"positions"`` is
+    the bool mask of the answer positions the loss is taken at (see `p2d.gating.POSITIONS`)."""
+    encoded = encode(samples, lm.tokenizer, max_length)
+    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
+    special = special_token_ids(lm.tokenizer) if positions == "content" else None
+    out = []
+    for items in iter_batches(encoded, batch_size, shuffle=shuffle, seed=seed, sort_by_length=True):
+        b = collate(items, pad)
+        b["positions"] = position_mask(b["labels"], positions, special)
+        out.append({k: v.to(lm.device) for k, v in b.items()} | {"index": [it["index"] for it in items]})
+    return out
+
+
+def model_inputs(batch: dict) -> dict:
+    """The keys of a batch the model's forward and `answer_losses` take."""
+    return {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
+
+
+def batch_losses(model, batch: dict) -> torch.Tensor:
+    """Per-sample mean answer loss of a `loss_batches` batch, at its chosen positions ([B])."""
+    return answer_losses(model, model_inputs(batch), positions=batch.get("positions"))
+
+
+class EncodedBatches:
+    """Samples encoded once (``index`` = position in the given list), length-sorted batch groups, and
+    the per-batch tensors / position masks."""
+
+    def __init__(self, lm, samples: list[Sample], batch_size: int, max_length: int, positions: str):
+        indexed = [dataclasses.replace(s, index=i) for i, s in enumerate(samples)]
+        self.items = encode(indexed, lm.tokenizer, max_length)
+        self.groups = list(iter_batches(self.items, batch_size, sort_by_length=True))
+        self.pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
+        self.device = lm.device
+        self.positions = positions
+        self.special = special_token_ids(lm.tokenizer) if positions == "content" else None
+        self.batch_size = batch_size
+
+    def tensors(self, items) -> dict:
+        b = collate(items, self.pad)
+        return {k: v.to(self.device) for k, v in b.items()}
+
+    def mask(self, batch: dict):
+        return position_mask(batch["labels"], self.positions, self.special)
+
+    def info(self) -> dict:
+        return {"unscored": len(self.items.dropped), "truncated": self.items.truncated,
+                "tokens": sum(len(it["input_ids"]) for it in self.items), "batches": len(self.groups)}
+
