@@ -67,11 +67,15 @@ def test_bench_runs_every_part_and_resumes(tiny_llama_dir, tmp_path):
     assert (out / "results.md").read_text().split("Total time")[0] == md.split("Total time")[0]
     # another head method redoes what depends on P2D's heads, and only that
     seed0 = out / "units" / "builtin-hard-addition" / "seed0"
-    run_bench(_cfg(tiny_llama_dir, out, head_method="gradient_layer", seeds=1, parts=["precision", "selectors"]))
-    # (P2D's heads are trained in every selector cell, so those are redone too)
-    for unit in ("base", "select-tfidf", "select-random", "heads-gradient"):
+    run_bench(_cfg(tiny_llama_dir, out, head_method="gradient_layer", seeds=1, parts=["precision", "sweep", "selectors"]))
+    # (P2D's heads are trained in every selector cell, so those are redone too; the derived head sets are read
+    # from the same gradient_logratio pass whatever head_method is, so they stay)
+    for unit in ("base", "select-tfidf", "select-random", "heads-gradient", "heads-gradient_logratio",
+                 "heads-gradient_layer"):
         assert (seed0 / f"{unit}.json").stat().st_mtime_ns == stamps[seed0 / f"{unit}.json"], unit
-    assert (seed0 / "heads-gradient_layer.json").is_file()
+    picked = {m: json.loads((seed0 / f"heads-{m}.json").read_text())["result"]["selected"]
+              for m in ("gradient_layer", "gradient_logratio")}
+    assert picked["gradient_layer"] != picked["gradient_logratio"]  # so the cells below train other heads
     for unit in ("cell-p2d-qkvo-p2d", "cell-p2d-qkvo-tfidf"):
         assert (seed0 / f"{unit}.json").stat().st_mtime_ns != stamps[seed0 / f"{unit}.json"], unit
 
