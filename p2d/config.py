@@ -311,14 +311,7 @@ class RunConfig:
 
     @classmethod
     def load(cls, path) -> "RunConfig":
-        path = Path(path)
-        if not path.is_file():
-            raise UserError(f"settings file not found: {path}")
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise UserError(f"could not read the settings file {path}: {exc}") from None
-        return cls.from_yaml(text)
+        return cls.from_yaml(read_settings_file(path))
 
     # -- command line ----------------------------------------------------------------------------
     def to_command(self, command: str = "run") -> str:
@@ -370,17 +363,23 @@ def normalize_fields(obj):
     return obj
 
 
+def read_settings_file(path) -> str:
+    """The text of a YAML settings file, or a UserError that names the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"settings file not found: {path}")
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"could not read the settings file {path}: {str(exc).splitlines()[0]}") from None
+
+
 def options_from(cls, yaml_path: str | None = None, given: dict | None = None):
     """An options dataclass from its defaults, a YAML file (``yaml_path``) and explicit values."""
     data: dict = {}
     if yaml_path:
         path = Path(yaml_path)
-        if not path.is_file():
-            raise UserError(f"settings file not found: {path}")
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise UserError(f"could not read the settings file {path}: {str(exc).splitlines()[0]}") from None
+        text = read_settings_file(path)
         loaded = parse_yaml(text, f"the settings file {path}")
         if loaded is not None and not isinstance(loaded, dict):
             raise UserError(f"{path} must be a YAML mapping of setting: value")

@@ -78,6 +78,19 @@ def tiny_gpt2(tiny_gpt2_dir):
     return load_model(tiny_gpt2_dir, device="cpu")
 
 
+@pytest.fixture(scope="module")
+def default_is_tiny(tiny_llama_dir):
+    """The embedded model spec ("default") loads the tiny Llama in the requesting module (its apps and runs)."""
+    import p2d.pipeline
+    from p2d.models import load_model
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(p2d.pipeline, "default_loader",
+                   lambda config: load_model(tiny_llama_dir if config.model == "default" else config.model,
+                                             device="cpu"))
+        yield tiny_llama_dir
+
+
 @pytest.fixture(scope="session")
 def embedded():
     """The embedded SmolLM2-135M-Instruct, loaded once per session (do not modify it in tests)."""

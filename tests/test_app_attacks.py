@@ -149,18 +149,6 @@ def test_the_gate_refuses_in_the_demo_only(tmp_path):
 # ----------------------------------------------------------------------------- the served demo
 
 
-@pytest.fixture(scope="module")
-def default_is_tiny(tiny_llama_dir):
-    import p2d.pipeline
-    from p2d.models import load_model
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(p2d.pipeline, "default_loader",
-                   lambda config: load_model(tiny_llama_dir if config.model == "default" else config.model,
-                                             device="cpu"))
-        yield tiny_llama_dir
-
-
 def _serve(root: Path, limits):
     from p2d.studio.server import build_app
 

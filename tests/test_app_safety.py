@@ -40,19 +40,6 @@ def _close(served) -> None:
     served.studio.close()
 
 
-@pytest.fixture(scope="module")
-def default_is_tiny(tiny_llama_dir):
-    """The embedded model spec ("default") loads the tiny Llama in this module's apps."""
-    import p2d.pipeline
-    from p2d.models import load_model
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(p2d.pipeline, "default_loader",
-                   lambda config: load_model(tiny_llama_dir if config.model == "default" else config.model,
-                                             device="cpu"))
-        yield tiny_llama_dir
-
-
 def _demo_limits(**changes):
     from p2d.studio.limits import DEMO
 
