@@ -34,7 +34,8 @@ LESSONS = {
         "a word-matching selector picks without any heads or model (TF-IDF: does the head-guided selection beat "
         "a cheap one?) and LoRA on P2D's data (the adapter most people use). **Look for:** a control as good "
         "as P2D means that half of the method is not what helped. One draw each: the benchmark repeats them "
-        "over seeds."),
+        "over seeds, and there random heads trained better than P2D's (q/k/v/o slices) and TF-IDF rows "
+        "better than P2D's where the words give the task away (docs/BENCHMARKS.md)."),
     "chat": (
         "**What this shows:** the same prompt answered by the base model and by the base model with the "
         "trained heads (greedy by default, so answers are repeatable). **Look for:** target-task prompts that "
