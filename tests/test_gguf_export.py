@@ -33,6 +33,7 @@ def _logits(model, ids):
         return model(ids).logits
 
 
+@pytest.mark.slow  # transformers' GGUF reader dequantises every tensor in Python (9 s each)
 @pytest.mark.parametrize("outtype", ["f32", "q8_0"])
 def test_transformers_reads_back_the_merged_model(tiny_llama_dir, tmp_path, outtype):
     from transformers import AutoModelForCausalLM
@@ -54,6 +55,7 @@ def test_transformers_reads_back_the_merged_model(tiny_llama_dir, tmp_path, outt
     assert info["type"] == outtype and info["heads"] == [[1, 0], [1, 3], [3, 2]] and info["tokenizer"] == "gpt2"
 
 
+@pytest.mark.slow
 def test_file_layout_and_tokenizer_match_llama_cpp(tiny_llama_dir, tmp_path):
     """q/k rows interleaved per head as llama.cpp's rope expects, norms f32, no output.weight when tied; and the
     tokenizer metadata equals what llama.cpp's converter wrote for the same (SmolLM2) tokenizer."""
