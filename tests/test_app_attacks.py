@@ -120,7 +120,7 @@ def test_the_tabs_only_lay_out_and_bind():
         text = path.read_text()
         assert not re.search(r"if [\w.]*limits\.demo[^\n]*:\s*\n\s*raise", text), path.name
         assert "public demo" not in " ".join(re.findall(r"raise UserError\(([^)]*)\)", text)), path.name
-    assert {"push", "merge"} <= set(gate.REFUSED_IN_DEMO) and "train" in gate.ARGUMENT_CHECKS
+    assert {"push", "merge", "export_gguf", "dataset_options"} <= set(gate.REFUSED_IN_DEMO) and "train" in gate.ARGUMENT_CHECKS
 
 
 def test_the_gate_refuses_in_the_demo_only(tmp_path):

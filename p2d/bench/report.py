@@ -138,8 +138,8 @@ def _summarise_split(cfg, split: str, seeds: dict[int, dict], sweeps: dict) -> d
         draws = draws_of("strict")
         if not p2d or not any(draws.values()):
             continue
-        row = {"p2d": _cell_summary({k: u[_cell_name("p2d", adapter, "p2d")]["result"] for k, u in seeds.items()
-                                     if _cell_name("p2d", adapter, "p2d") in u}, seeds, "p2d", cfg.head_method),
+        row = {"p2d": _cell_summary({k: u[p2d_name]["result"] for k, u in seeds.items() if p2d_name in u}, seeds,
+                                    "p2d", cfg.head_method),
                "random": _stat(statistics.fmean(r) for v in draws.values() for r in v),
                "random_range": _dist([statistics.fmean(r) for v in draws.values() for r in v]),
                "p2d_vs_random": _both(null_comparison, p2d_name, draws_of, seeds, B), "candidates": {},
