@@ -13,7 +13,7 @@ Two modes:
 variants reuse a gradient run: ``gradient:ratio`` (old name of the log-ratio contrast, by `recontrast`),
 ``gradient:none`` (no contrast) and ``all`` (every head).
 
-``--mode features``: `p2d.head_features` passes over the pool (`head_norms`: every head's activation
+``--mode features``: `p2d.method.features` passes over the pool (`head_norms`: every head's activation
 statistic for all answer-position settings from one forward; `head_features`: also every head's gate
 gradient, for the settings that get alignment) and the probe; the gradient heads come from one real
 `score_heads` run per setting (``gradient``; the ``layer`` and ``logratio`` contrasts by `recontrast`);
@@ -52,15 +52,15 @@ import torch  # noqa: E402
 
 from p2d.data.builtin import build_task_pool  # noqa: E402
 from p2d.data.loading import load_records  # noqa: E402
-from p2d.head_features import (activation_from_features, alignment_from_features, head_features,  # noqa: E402
+from p2d.method.features import (activation_from_features, alignment_from_features, head_features,  # noqa: E402
                                head_norms, plain_forward_seconds)
-from p2d.heads import HEAD_METHODS, HeadScores, recontrast, score_heads, select_top  # noqa: E402
+from p2d.method.heads import HEAD_METHODS, HeadScores, recontrast, score_heads, select_top  # noqa: E402
 from p2d.bench.cells import auroc  # noqa: E402
 from p2d.explore import spearman as rank_correlation  # noqa: E402
 from p2d.models import load_model  # noqa: E402
-from p2d.scoring import top_samples  # noqa: E402
-from p2d.select_variants import rank_below_kept  # noqa: E402
-from p2d.selection import select_data  # noqa: E402
+from p2d.method.scoring import top_samples  # noqa: E402
+from p2d.method.selection_variants import rank_below_kept  # noqa: E402
+from p2d.method.selection import select_data  # noqa: E402
 
 
 def variant(base: HeadScores, name: str, ratio: float, geometry) -> HeadScores:
@@ -219,12 +219,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--head-ratio", type=float, default=0.1)
     ap.add_argument("--data-ratio", type=float, default=0.1)
     ap.add_argument("--head-methods", default="shift,gradient,random",
-                    help="comma list of p2d.heads.HEAD_METHODS and the variants gradient:ratio,gradient:none,all")
+                    help="comma list of p2d.method.heads.HEAD_METHODS and the variants gradient:ratio,gradient:none,all")
     ap.add_argument("--select-methods", default="alignment,ablation,activation")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--proxy-steps", type=int, default=20)
-    ap.add_argument("--proxy-lr", type=float, default=None, help="default: p2d.heads.PROXY_LR[method]")
+    ap.add_argument("--proxy-lr", type=float, default=None, help="default: p2d.method.heads.PROXY_LR[method]")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--mode", choices=("runs", "features"), default="runs")

@@ -35,12 +35,11 @@ from .data.loading import load_data
 from .distributed import Processes, check_engine
 from .errors import OOM_ADVICE, UserError, is_out_of_memory
 from .evaluation import evaluate
-from .explore import compare_head_maps, forgetting
+from .explore import check_head, compare_head_maps, forgetting, inspect_head
 from .export import EXPORT_FORMATS, export_peft
 from .gguf_export import DEFAULT_TYPE, GGUF_TYPES, export_gguf
 from .files import dumps
-from .head_view import check_head, inspect_head
-from .heads import HeadScores
+from .method.heads import HeadScores
 from .hub import model_card, push_run
 from .pipeline import CONFIG_FILE, Run, build_builtin_pool, default_loader, fresh_folder, load_run_data
 from .progress import ConsoleProgress

@@ -35,10 +35,10 @@ from .data.builtin_hard import HARD_POOL, HARD_TARGETS
 from .data.formats import parse_mapping
 from .errors import UserError, shown
 from .files import write_text
-from .heads import DEFAULT_HEAD_METHOD, HEAD_METHODS
+from .method.heads import DEFAULT_HEAD_METHOD, HEAD_METHODS
 from .models import DTYPES, QUANTIZE
-from .gating import POSITIONS
-from .selection import DEFAULT_POSITIONS, DEFAULT_SELECT_METHOD, SELECT_METHODS
+from .method.gating import POSITIONS
+from .method.selection import DEFAULT_POSITIONS, DEFAULT_SELECT_METHOD, SELECT_METHODS
 from .tracking import REPORT_TO
 from .training import SCHEDULERS
 

@@ -9,7 +9,7 @@ evaluates each on the run's eval set (and the other tasks' held-out rows) exactl
 - ``heads-random``: P2D's heads trained on a random sample of the pool of the selection's size (does the
   data matter?);
 - ``heads-tfidf``: P2D's heads trained on the rows a selector without heads and without a model picks
-  (TF-IDF of the prompt's words, cosine to the probe; `p2d.selection_baselines`): does the head-guided
+  (TF-IDF of the prompt's words, cosine to the probe; `p2d.method.selection_baselines`): does the head-guided
   selection beat a cheap one? Its selection time counts in its cost;
 - ``lora-p2d``: LoRA (q, k, v, o; rank 8, alpha 16) on P2D's data, the adapter most users know.
 
@@ -37,10 +37,10 @@ from pathlib import Path
 from .cells import CELLS, Cell, cell_cost, evaluate_cell, train_cell
 from .errors import UserError
 from .files import read_json, write_json
-from .heads import score_heads
+from .method.heads import score_heads
 from .manifest import fresh_digest, is_valid, make_entry
 from .progress import ProgressFn, StopFn, report
-from .selection import select_data
+from .method.selection import select_data
 
 __all__ = ["CONTROLS", "run_controls", "read_controls", "CONTROLS_FILE"]
 

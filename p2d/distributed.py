@@ -12,8 +12,8 @@ started by ``accelerate launch --num_processes N`` (``WORLD_SIZE`` > 1 in the en
   run on every process and only one copy of its outputs lands on disk); `barrier()`.
 - `summary(rows)`: what a result file records: how many processes ran and how many rows each scored.
 
-Supported: pool scoring in `p2d.selection.select_data` (every method but ``random``, which scores
-nothing); head scoring by gradients (`p2d.heads`: ``gradient``, ``gradient_layer``,
+Supported: pool scoring in `p2d.method.selection.select_data` (every method but ``random``, which scores
+nothing); head scoring by gradients (`p2d.method.heads`: ``gradient``, ``gradient_layer``,
 ``gradient_logratio``, ``taylor``; their sums add up across processes, equal to one process within
 float64 rounding); head training (`p2d.training.train_loop`): data parallel, each process takes its
 rows of the global batch (``batch_size`` x processes), the head deltas' gradients are summed with

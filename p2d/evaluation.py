@@ -27,7 +27,7 @@ from .data.encoding import collate, encode, encode_prompts, filler_batch
 from .data.formats import Sample
 from .distributed import Processes
 from .errors import UserError
-from .gating import answer_logits, answer_token_losses
+from .method.gating import answer_logits, answer_token_losses
 from .progress import ProgressFn, StopFn, report
 
 _TRAILING = ".!?,;:。"

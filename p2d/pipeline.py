@@ -49,11 +49,11 @@ from .errors import UserError
 from .cells import evaluate_cell
 from .evaluation import EVAL_FILES, EvalResult
 from .files import read_json, remove, write_json
-from .heads import HEADS_FILE, HeadScores, score_heads
+from .method.heads import HEADS_FILE, HeadScores, score_heads
 from .manifest import content_digest, fresh_digest, is_valid, make_entry
 from .models import LoadedModel, count_params, load_model
 from .progress import ProgressFn, StopFn
-from .selection import SCORES_FILE, SELECTED_FILE, SELECTION_FILE, Selection, select_data
+from .method.selection import SCORES_FILE, SELECTED_FILE, SELECTION_FILE, Selection, select_data
 from .training import ADAPTER_SUBDIR, CHECKPOINT_SUBDIR, LOG_NAME, TrainConfig, TrainResult, train_heads
 
 CONFIG_FILE = "config.yaml"

@@ -58,7 +58,7 @@ from .data.encoding import IGNORE_INDEX, collate, encode, filler_batch, iter_bat
 from .distributed import Processes, is_shard
 from .errors import UserError, is_out_of_memory
 from .files import atomic_dir, read_json, remove, write_json, write_text
-from .gating import answer_token_losses
+from .method.gating import answer_token_losses
 from .models import trainable
 
 LOG_NAME = "train_log.jsonl"
@@ -173,7 +173,7 @@ def lr_factor(step: int, total: int, warmup: int, scheduler: str = "cosine") -> 
 
 def answer_loss(model, batch: dict, fast: bool = True) -> tuple[torch.Tensor, int]:
     """(sum of token cross-entropies over answer tokens, number of answer tokens); see
-    `p2d.gating.answer_token_losses` for the fast path (LM head only at answer positions)."""
+    `p2d.method.gating.answer_token_losses` for the fast path (LM head only at answer positions)."""
     token_loss, _ = answer_token_losses(model, batch, fast=fast)
     return token_loss.sum(), token_loss.numel()
 

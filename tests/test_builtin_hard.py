@@ -13,8 +13,8 @@ from p2d.data.builtin import build_task_pool
 from p2d.data.builtin_hard import HARD_POOL, HARD_TARGETS, TWIN_SUFFIX, build_hard_pool, hard_target_info
 from p2d.data.loading import load_records
 from p2d.errors import UserError
-from p2d.selection import select_data
-from p2d.selection_baselines import tfidf_scores
+from p2d.method.selection import select_data
+from p2d.method.selection_baselines import tfidf_scores
 
 
 def _template(text: str) -> str:

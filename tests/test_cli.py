@@ -115,7 +115,7 @@ def test_select_and_train_keep_the_given_heads(capsys, tmp_path, tiny_llama_dir)
     """select/train --heads use exactly the given map, in a fresh folder and with a pool file but no probe."""
     import dataclasses
 
-    from p2d.heads import HeadScores, select_top
+    from p2d.method.heads import HeadScores, select_top
 
     common = ["--model", tiny_llama_dir, "--device", "cpu", "--batch-size", "4", "--max-length", "64",
               "--head-ratio", "0.25"]

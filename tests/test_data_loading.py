@@ -665,7 +665,7 @@ def test_mapping_skips_the_shape_check():
 
 
 def test_lone_surrogates_are_replaced_and_counted(tmp_path, tokenizer):
-    from p2d.selection import Selection
+    from p2d.method.selection import Selection
 
     p = tmp_path / "s.jsonl"
     chat_cell = r'[{"role": "user", "content": "hi \udc80"}, {"role": "assistant", "content": "yo"}]'

@@ -8,7 +8,7 @@ import pytest
 from p2d.cli import main
 from p2d.errors import UserError
 from p2d.explore import compare_head_maps, rank_percentiles, spearman
-from p2d.heads import HeadScores, select_top
+from p2d.method.heads import HeadScores, select_top
 
 
 def _map(scores, ratio=0.25, method="gradient"):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from p2d.gating import HeadGate, StopForward, answer_losses, answer_positions, heads_by_layer
+from p2d.method.gating import HeadGate, StopForward, answer_losses, answer_positions, heads_by_layer
 
 
 def _batch(vocab: int, seed: int = 0, n: int = 3, t: int = 12):
@@ -161,7 +161,7 @@ def test_content_positions_drop_exactly_the_chatml_tail(tokenizer):
     """ChatML renders an answer as ``answer<|im_end|>\\n``: "all" counts the positions predicting
     <|im_end|> and the newline, "content" keeps exactly the positions predicting the answer text
     (including newlines *inside* it)."""
-    from p2d.gating import content_positions, special_token_ids
+    from p2d.method.gating import content_positions, special_token_ids
 
     answers = ["5", "Paris", "def f(x):\n    return x + 1\n\nprint(f(2))", "I am fine, thank you."]
     rows = [{"instruction": f"Question {i}?", "output": a} for i, a in enumerate(answers)]
@@ -186,7 +186,7 @@ def test_content_positions_plain_layout_and_fallback(tokenizer):
     token keeps all its positions (fallback) unless fallback=False."""
     import copy
 
-    from p2d.gating import content_positions, position_mask, special_token_ids
+    from p2d.method.gating import content_positions, position_mask, special_token_ids
 
     plain = copy.deepcopy(tokenizer)
     plain.chat_template = None
@@ -209,7 +209,7 @@ def test_content_positions_plain_layout_and_fallback(tokenizer):
 
 
 def test_answer_losses_at_given_positions(tiny_llama, tokenizer):
-    from p2d.gating import content_positions, special_token_ids
+    from p2d.method.gating import content_positions, special_token_ids
 
     lm = tiny_llama
     rows = [{"instruction": "Name a city.", "output": "Paris"}, {"instruction": "Count.", "output": "one two three"}]

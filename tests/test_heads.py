@@ -8,8 +8,8 @@ import torch
 
 from p2d.data.loading import load_records
 from p2d.errors import UserError
-from p2d.head_variants import attention_snapshot, w1_index, weight_shift_scores
-from p2d.heads import HEAD_METHODS, HeadScores, score_heads, select_top
+from p2d.method.heads_variants import attention_snapshot, w1_index, weight_shift_scores
+from p2d.method.heads import HEAD_METHODS, HeadScores, score_heads, select_top
 
 ROWS_A = [{"instruction": f"Add {a} and {b}.", "output": str(a + b), "task": "addition"}
           for a, b in [(12, 7), (30, 45), (8, 91), (23, 23), (5, 60), (77, 11)]]
@@ -212,7 +212,7 @@ def test_bad_arguments(tiny_llama, probe):
 
 
 def test_head_scores_with_ratio():
-    from p2d.heads import HeadScores
+    from p2d.method.heads import HeadScores
 
     hs = HeadScores("random", 0.25, [[0.1, 0.9], [0.5, 0.2]], [[0, 1]], 0.0, "m", {})
     assert hs.with_ratio(0.5).selected == [[0, 1], [1, 0]] and hs.with_ratio(0.5).ratio == 0.5
@@ -225,7 +225,7 @@ def test_contrast_magnitude_bias_synthetic():
     """Layer 0 holds 10x-magnitude heads enriched 1.15x on the probe; layer 1 holds unit heads, two of
     them enriched 1.5x. The global-share difference ranks the big heads first; per-layer shares and
     the log-ratio rank the truly enriched heads first."""
-    from p2d.heads import contrast_scores
+    from p2d.method.heads import contrast_scores
 
     pool = torch.tensor([[10.0] * 4, [1.0] * 4], dtype=torch.float64)
     probe = pool.clone()
@@ -245,7 +245,7 @@ def test_contrast_magnitude_bias_synthetic():
 
 
 def test_gradient_variants_share_one_importance_run(tiny_llama, probe, pool):
-    from p2d.heads import contrast_scores, recontrast
+    from p2d.method.heads import contrast_scores, recontrast
 
     base = score_heads(tiny_llama, probe, "gradient", pool=pool, batch_size=4)
     for method, kind in (("gradient_layer", "layer"), ("gradient_logratio", "logratio")):
@@ -276,7 +276,7 @@ def test_contrast_methods_need_a_pool(tiny_llama, probe, pool):
 
 
 def test_head_slice_sums_gqa_and_fused(tiny_llama, tiny_gpt2):
-    from p2d.head_variants import head_slice_sums
+    from p2d.method.heads_variants import head_slice_sums
 
     g = tiny_llama.geometry  # 4 query heads, 2 kv heads, d = 16, hidden 64
     d = g.head_dim
@@ -295,9 +295,9 @@ def test_head_slice_sums_gqa_and_fused(tiny_llama, tiny_gpt2):
 
 
 def test_taylor_matches_manual_g_times_w(tiny_llama, probe):
-    from p2d.gating import answer_losses
-    from p2d.head_variants import head_slice_sums
-    from p2d.scoring import loss_batches, model_inputs
+    from p2d.method.gating import answer_losses
+    from p2d.method.heads_variants import head_slice_sums
+    from p2d.method.scoring import loss_batches, model_inputs
 
     lm = tiny_llama
     hs = score_heads(lm, probe, "taylor", pool=None, batch_size=len(probe))
@@ -351,7 +351,7 @@ def test_positions_option_changes_the_loss(tiny_llama, probe, pool):
 
 
 def test_every_head_method_has_help():
-    from p2d.heads import HEAD_METHOD_HELP
+    from p2d.method.heads import HEAD_METHOD_HELP
 
     assert set(HEAD_METHOD_HELP) == set(HEAD_METHODS)
     assert all(HEAD_METHOD_HELP[m].startswith(m + ":") for m in HEAD_METHODS)

@@ -125,7 +125,7 @@ def _reversed(heads):
     """``heads`` with its scores negated: the map selects the heads scoring would rank last."""
     import dataclasses
 
-    from p2d.heads import select_top
+    from p2d.method.heads import select_top
 
     scores = [[-x for x in row] for row in heads.scores]
     return dataclasses.replace(heads, method="random", scores=scores, selected=select_top(scores, heads.ratio))

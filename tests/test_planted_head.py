@@ -50,9 +50,9 @@ import torch
 from p2d.adapter import HeadAdapter
 from p2d.data.encoding import collate, encode, iter_batches
 from p2d.data.loading import load_records
-from p2d.gating import HeadGate, answer_losses, content_positions, special_token_ids
-from p2d.heads import score_heads
-from p2d.selection import select_data
+from p2d.method.gating import HeadGate, answer_losses, content_positions, special_token_ids
+from p2d.method.heads import score_heads
+from p2d.method.selection import select_data
 
 WORDS = ["apple", "river", "chair", "cloud", "bread", "horse", "stone", "green", "house", "water", "music", "paper"]
 OTHER = ["table", "sun", "dog", "cat", "tree", "book", "car", "road", "fish", "bird", "door", "milk"]

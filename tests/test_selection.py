@@ -8,8 +8,8 @@ import torch
 
 from p2d.data.loading import load_records
 from p2d.errors import UserError
-from p2d.heads import HeadScores, score_heads
-from p2d.selection import SELECT_METHODS, Selection, select_data
+from p2d.method.heads import HeadScores, score_heads
+from p2d.method.selection import SELECT_METHODS, Selection, select_data
 
 ROWS = (
     [{"instruction": f"Add {a} and {b}.", "output": str(a + b), "task": "addition", "id": f"a{a}"}
@@ -179,7 +179,7 @@ def test_gradient_scores_work_under_no_grad(tiny_llama, pool, probe):
 
 
 def test_with_ratio_reselects_without_rescoring():
-    from p2d.selection import Selection
+    from p2d.method.selection import Selection
 
     sel = Selection("random", 0.5, 4, 2, 0.0, [0.1, float("nan"), 0.9, 0.5], [2, 3])
     assert sel.with_ratio(0.25).selected == [2]
@@ -194,7 +194,7 @@ def test_with_ratio_reselects_without_rescoring():
 def test_features_reproduce_select_data(tiny_llama, pool, probe, positions):
     """activation / alignment / activation_length_z of any head set from one all-heads feature pass
     equal select_data's scores (tolerance 1e-5 absolute: same batches, float32 sums in another order)."""
-    from p2d.head_features import activation_from_features, alignment_from_features, head_features
+    from p2d.method.features import activation_from_features, alignment_from_features, head_features
 
     feats = head_features(tiny_llama, pool, batch_size=4, positions=positions)
     pfeats = head_features(tiny_llama, probe, batch_size=4, positions=positions)
@@ -219,7 +219,7 @@ def test_features_reproduce_select_data(tiny_llama, pool, probe, positions):
 def test_head_norms_of_several_settings_in_one_pass(tiny_llama, pool):
     """One no-grad forward with a capture hook per answer-position setting gives each setting's norms (as the
     gradient pass captures them) and its own position counts."""
-    from p2d.head_features import head_features, head_norms
+    from p2d.method.features import head_features, head_norms
 
     both = head_norms(tiny_llama, pool, batch_size=4, positions=("all", "content"))
     assert set(both) == {"all", "content"} and both["all"].grads is None
@@ -241,7 +241,7 @@ def test_content_positions_change_selection_scores(tiny_llama, pool, probe):
 
 
 def test_length_z_buckets():
-    from p2d.select_variants import length_z
+    from p2d.method.selection_variants import length_z
 
     # two length groups whose raw scores differ only by a length offset -> identical z-scores
     lengths = [1] * 10 + [5] * 10
@@ -283,7 +283,7 @@ def test_prefilter_alignment_is_alignment_on_the_activation_top(tiny_llama, pool
 
 
 def test_plain_forward_seconds(tiny_llama, pool):
-    from p2d.head_features import plain_forward_seconds
+    from p2d.method.features import plain_forward_seconds
 
     before = {k: v.clone() for k, v in tiny_llama.model.state_dict().items()}
     t = plain_forward_seconds(tiny_llama, pool, batch_size=4)
@@ -294,7 +294,7 @@ def test_plain_forward_seconds(tiny_llama, pool):
 
 
 def test_every_select_method_has_help():
-    from p2d.selection import SELECT_METHOD_HELP
+    from p2d.method.selection import SELECT_METHOD_HELP
 
     assert set(SELECT_METHOD_HELP) == set(SELECT_METHODS)
     assert all(SELECT_METHOD_HELP[m].startswith(m + ":") for m in SELECT_METHODS)
@@ -304,7 +304,7 @@ def test_head_free_selectors(tiny_llama, pool, probe):
     """tfidf and bm25 read only the prompt's words (no model); hidden is the mean of one layer's output over
     every token, the same as transformers' own hidden states, from a forward that stops there."""
     from p2d.data.encoding import collate, encode
-    from p2d.selection_baselines import bm25_scores, mean_hidden_states, tfidf_scores
+    from p2d.method.selection_baselines import bm25_scores, mean_hidden_states, tfidf_scores
 
     for method in ("tfidf", "bm25"):
         sel = select_data(None, None, pool, method, ratio=0.5, probe=probe)

@@ -1,5 +1,5 @@
 """Explore and teach, in the library and on the command line: chat (p2d.chat), open a head
-(p2d.head_view), forgetting (p2d.explore.forgetting, the runs' other-task evaluation) and the
+(p2d.explore), forgetting (p2d.explore.forgetting, the runs' other-task evaluation) and the
 controls (p2d.controls), on tiny real models and one tiny real run."""
 
 import json
@@ -14,8 +14,8 @@ from p2d.data.formats import Sample
 from p2d.errors import UserError
 from p2d.evaluation import generate_answers, mean_answer_loss
 from p2d.explore import forgetting
-from p2d.head_view import attention_pattern, gate_off_effect, head_rank
-from p2d.heads import HeadScores, select_top
+from p2d.explore import attention_pattern, gate_off_effect, head_rank
+from p2d.method.heads import HeadScores, select_top
 
 
 def _sample(q="What is 12 + 30?", a="42", task="addition"):

@@ -17,9 +17,9 @@ import time
 import torch
 
 from ..data.encoding import IGNORE_INDEX, collate, encode, iter_batches
-from ..heads import score_heads
+from ..method.heads import score_heads
 from ..models import trainable
-from ..selection import SELECT_METHODS, select_data
+from ..method.selection import SELECT_METHODS, select_data
 from ..training import loss_backward
 from ..cells import LORA_TARGETS, PeakMemory
 
@@ -134,7 +134,7 @@ def component_figures(lm, split, cfg, heads, progress=None) -> dict:
     res["plain_forward_pool_s"], res["plain_forward_probe_s"] = fwd_pool, fwd_probe
     res["head_scoring"] = {}
     for method in ("gradient", "shift", "random"):
-        from ..heads import HEAD_METHODS
+        from ..method.heads import HEAD_METHODS
 
         if method not in HEAD_METHODS:
             continue

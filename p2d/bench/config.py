@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from ..cells import ADAPTERS
 from ..config import BUILTIN_POOLS, RunConfig, inherited, normalize_fields, setting
 from ..errors import UserError
-from ..heads import HEAD_METHODS
+from ..method.heads import HEAD_METHODS
 
 #: the parts of the benchmark, in the order they run for each split (see p2d/bench/runner.py)
 PARTS = ("precision", "sweep", "selectors", "heads", "classic", "aer", "components")

@@ -38,12 +38,12 @@ import torch
 from ..cells import ADAPTERS, CELLS, Cell, curve_steps, evaluate_cell, train_cell
 from ..errors import UserError
 from ..evaluation import forced_eval
-from ..head_features import activation_from_features, alignment_from_features, head_features
-from ..heads import HeadScores, score_heads, top_count
+from ..method.features import activation_from_features, alignment_from_features, head_features
+from ..method.heads import HeadScores, score_heads, top_count
 from ..manifest import EntryFiles, content_digest
 from ..models import count_params, load_model
 from ..pipeline import load_run_data
-from ..selection import Selection, select_data
+from ..method.selection import Selection, select_data
 from ..training import TrainConfig
 from .config import BenchConfig
 
@@ -63,7 +63,7 @@ def derive_heads(hs: HeadScores, method: str) -> HeadScores:
     """Another contrast of the same gate importances (``importance``: the probe's share alone)."""
     import dataclasses as dc
 
-    from ..heads import METHOD_CONTRAST, recontrast, select_top
+    from ..method.heads import METHOD_CONTRAST, recontrast, select_top
 
     if method == "importance":
         probe = torch.tensor(hs.extra["probe_importance"], dtype=torch.float64)
@@ -229,7 +229,7 @@ class Bench:
         """Heads of ``method`` (``random<d>``: the d-th random draw of this seed, no unit needed). The
         other contrasts of P2D's gate gradients (``gradient``, ``gradient_layer``, ``gradient_logratio``)
         and ``importance`` (gate importance on the probe alone, no contrast) are read off the importance
-        maps of one ``gradient_logratio`` scoring pass (`p2d.heads.recontrast`): the same model pass, so the
+        maps of one ``gradient_logratio`` scoring pass (`p2d.method.heads.recontrast`): the same model pass, so the
         same cost."""
         c = self.cfg
         if method.startswith("random"):
@@ -267,7 +267,7 @@ class Bench:
     def selection(self, sp: Split, selector: str, layer: int | None = None, features: dict | None = None) -> dict:
         """The rows ``selector`` picks (P2D's: the selected heads' activation; rh-alignment: gradient
         alignment on the first random head set; the head-free ones; random rows). With a feature pass
-        of this seed, rh-alignment's scores are read from it (`p2d.selection.alignment_from_features`,
+        of this seed, rh-alignment's scores are read from it (`p2d.method.selection.alignment_from_features`,
         equal to `select_data`'s) and its cost is the one measured at the choice seed."""
         c = self.cfg
         name = selector if layer is None else f"{selector}-L{layer}"
@@ -330,7 +330,7 @@ class Bench:
 
     def features_study(self, sp: Split, methods: list[str]) -> dict:
         """Precision of every head method's heads (activation and alignment) and of the random-head null
-        distribution, from one feature pass over pool and probe (`p2d.selection.head_features`)."""
+        distribution, from one feature pass over pool and probe (`p2d.method.selection.head_features`)."""
         c = self.cfg
         heads = {m: self.heads(sp, m) for m in methods}
         draws = {f"random{d}": self.heads(sp, f"random{d}") for d in range(c.random_head_draws)}

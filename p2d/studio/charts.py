@@ -17,7 +17,7 @@ from typing import Iterable, Sequence
 import plotly.graph_objects as go
 import plotly.io as pio
 
-from p2d.heads import head_ranks  # noqa: F401 - the library's ranks (one order everywhere), used below and by views
+from p2d.method.heads import head_ranks  # noqa: F401 - the library's ranks (one order everywhere), used below and by views
 
 GRID = "rgba(128,128,128,0.25)"
 #: plotly_white with transparent backgrounds and grid lines that read on light and dark pages
@@ -293,7 +293,7 @@ def eval_chart(before: dict | None, after: dict | None) -> go.Figure:
 
 
 def attention_heatmap(pattern: dict | None) -> go.Figure:
-    """One head's attention weights (`p2d.head_view.attention_pattern`): rows attend to columns, tokens as
+    """One head's attention weights (`p2d.explore.attention_pattern`): rows attend to columns, tokens as
     labels, the first answer token marked."""
     if not pattern or not pattern.get("weights"):
         return empty_figure("Open a head to see its attention pattern")

@@ -20,9 +20,9 @@ from p2d.controls import run_controls
 from p2d.errors import UserError
 from p2d.gguf_export import export_gguf as export_gguf_file
 from p2d.gguf_export import gguf_name
-from p2d.head_view import check_head
-from p2d.head_view import inspect_head as inspect
-from p2d.heads import HeadScores
+from p2d.explore import check_head
+from p2d.explore import inspect_head as inspect
+from p2d.method.heads import HeadScores
 from p2d.hub import push_run
 from p2d.pipeline import CONFIG_FILE, LABELS, Run, upstream_closure
 
@@ -270,7 +270,7 @@ def chat(studio, ws, run_name: str | None, prompt: str, sampling: dict, history:
 
 
 def inspect_head(studio, ws, run_name: str | None, layer: int, head: int, row: int):
-    """`p2d.head_view.inspect_head` on the run's eval row ``row`` (the probe set when it has no eval set)."""
+    """`p2d.explore.inspect_head` on the run's eval row ``row`` (the probe set when it has no eval set)."""
     def body(job: Job):
         run = studio.explore_run(ws, run_name)
         if run.heads is None:

@@ -545,7 +545,7 @@ def explore(studio, ws) -> dict:
 
 
 def head_md(out: dict) -> str:
-    """What `p2d.head_view.inspect_head` found, in two lines."""
+    """What `p2d.explore.inspect_head` found, in two lines."""
     p, r, g = out["pattern"], out.get("rank"), out["gate_off"]
     lines = [f"**Layer {p['layer']}, head {p['head']}**" + (
         f": score {r['score']:.4g}, rank {r['rank']} of {r['of']} under `{r['method']}`"

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import gradio as gr
 
-from p2d.selection import SELECT_METHOD_HELP, SELECT_METHODS
+from p2d.method.selection import SELECT_METHOD_HELP, SELECT_METHODS
 
 from .. import jobs, views
 from ..lessons import LESSONS

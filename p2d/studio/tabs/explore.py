@@ -17,7 +17,7 @@ import gradio as gr
 from p2d.chat import MAX_NEW_TOKENS, MAX_TURNS, check_sampling
 from p2d.errors import UserError
 from p2d.explore import compare_head_maps
-from p2d.heads import HeadScores
+from p2d.method.heads import HeadScores
 
 from .. import charts, jobs, views
 from ..lessons import LESSONS

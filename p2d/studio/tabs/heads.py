@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import gradio as gr
 
-from p2d.heads import HEAD_METHOD_HELP, HEAD_METHODS
+from p2d.method.heads import HEAD_METHOD_HELP, HEAD_METHODS
 
 from .. import jobs
 from ..lessons import LESSONS

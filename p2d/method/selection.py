@@ -9,17 +9,17 @@ layer l at the same positions, ::
 
 how strongly the selected heads respond to the sample relative to their layers. One no-grad forward
 that stops right after the last layer of H (no logits). The top ``ratio`` of the pool by score is kept
-(`p2d.scoring.top_samples`: best first, ties by position).
+(`p2d.method.scoring.top_samples`: best first, ties by position).
 
-Variants (`p2d.select_variants`): ``ablation`` (the answer loss with H gated off minus with it on),
+Variants (`p2d.method.selection_variants`): ``ablation`` (the answer loss with H gated off minus with it on),
 ``alignment`` (cosine between a sample's gate gradient on H and the probe set's mean),
 ``activation_length_z`` (activation z-scored among samples of similar answer length) and
 ``prefilter_alignment`` (activation keeps a larger share, alignment ranks it). ``random`` is a seeded
 control (``random.Random(seed)``, no model pass); ``tfidf``, ``bm25`` and ``hidden``
-(`p2d.selection_baselines`) select without heads, the cheap alternatives head-guided selection has to
+(`p2d.method.selection_baselines`) select without heads, the cheap alternatives head-guided selection has to
 beat.
 
-Answer positions (``positions``, one of ``POSITIONS``; `p2d.gating`): ``"all"`` (default) takes every
+Answer positions (``positions``, one of ``POSITIONS``; `p2d.method.gating`): ``"all"`` (default) takes every
 position that predicts an answer token, which with a chat template includes the end-of-turn marker
 and the template's trailing newline; ``"content"`` drops those (positions predicting the first
 special token of the answer and everything after it). It applies to activation (where the norms are
@@ -50,18 +50,18 @@ from pathlib import Path
 
 import torch
 
-from .data.encoding import encode, iter_batches
-from .data.formats import Sample
-from .distributed import Processes
-from .errors import UserError
-from .files import write_json, write_jsonl
+from ..data.encoding import encode, iter_batches
+from ..data.formats import Sample
+from ..distributed import Processes
+from ..errors import UserError
+from ..files import write_json, write_jsonl
 from .gating import POSITIONS, HeadGate, heads_by_layer
-from .geometry import normalize_heads
+from ..geometry import normalize_heads
 from .heads import HeadScores
-from .models import frozen
-from .progress import Ticker
+from ..models import frozen
+from ..progress import Ticker
 from .scoring import EncodedBatches, check_positions, check_ratio, top_samples
-from .select_variants import (PREFILTER_FACTOR, finite_range, length_z, score_ablation, score_alignment,
+from .selection_variants import (PREFILTER_FACTOR, finite_range, length_z, score_ablation, score_alignment,
                               score_prefilter_alignment)
 from .selection_baselines import BASELINE_HELP, BASELINE_METHODS, baseline_scores
 
@@ -77,10 +77,10 @@ SELECT_METHOD_HELP = {
     "prefilter_alignment": "prefilter_alignment: activation keeps the top 3x share, alignment ranks those",
     **{m: f"{m}: {h}" for m, h in BASELINE_HELP.items()},
 }
-#: answer positions used by default (see `p2d.gating.POSITIONS`): all answer positions beat content-only ones
+#: answer positions used by default (see `p2d.method.gating.POSITIONS`): all answer positions beat content-only ones
 #: with gradient, gradient_layer and gradient_logratio heads in the same study (bench/choose_defaults.py)
 DEFAULT_POSITIONS = "all"
-#: Chosen with the head method (see `p2d.heads.DEFAULT_HEAD_METHOD`, bench/choose_defaults.py): activation at
+#: Chosen with the head method (see `p2d.method.heads.DEFAULT_HEAD_METHOD`, bench/choose_defaults.py): activation at
 #: all answer positions gave the highest mean precision over the seven built-in targets; the length z-score
 #: lowered it on every target (answer length is itself task information on the built-in pool); alignment
 #: (measured on a 300-row pool, docs/BENCHMARKS.md) was at or below activation at ~3x its cost, and finds
@@ -102,7 +102,7 @@ def select_data(lm, heads, pool: list[Sample], method: str = DEFAULT_SELECT_METH
     """Score every sample of ``pool`` with heads ``heads`` (HeadScores or [[layer, head], ...]) and
     keep the top ``ratio`` (at least one). See the module docstring for the methods, ``positions``
     (one of ``POSITIONS``) and ``prefilter_factor`` (prefilter_alignment only). The head-free methods
-    (`p2d.selection_baselines`: tfidf, bm25, hidden) ignore ``heads`` (None is fine) and
+    (`p2d.method.selection_baselines`: tfidf, bm25, hidden) ignore ``heads`` (None is fine) and
     ``positions``; ``hidden_layer`` is hidden's layer (None: the middle one)."""
     if method not in SELECT_METHODS:
         raise UserError(f"unknown selection method {method!r}: use one of {', '.join(SELECT_METHODS)}")

@@ -1,5 +1,5 @@
-"""The head-scoring variants `p2d.heads.score_heads` offers besides its default (``gradient_logratio``, the
-gradient contrasts and ``random`` live in `p2d.heads`); formulas and sources also in docs/METHOD.md.
+"""The head-scoring variants `p2d.method.heads.score_heads` offers besides its default (``gradient_logratio``, the
+gradient contrasts and ``random`` live in `p2d.method.heads`); formulas and sources also in docs/METHOD.md.
 
 - ``shift`` (paper-style proxy, as ALPS): a short proxy fine-tune (``proxy_steps`` AdamW steps,
   ``proxy_lr`` (default 1e-4), no weight decay, dropout off) of *all* attention projections on the
@@ -33,7 +33,7 @@ gradient contrasts and ``random`` live in `p2d.heads`); formulas and sources als
   ``gradient`` (default ``difference``; ``contrast`` may name another of ``HEAD_CONTRASTS``).
 
 - ``lofit`` (head selection step of LoFiT, Yin, Ye & Durrett, NeurIPS 2024): one learnable
-  multiplicative scale per head output (initialised at 1, through the `p2d.gating.HeadGate` hooks),
+  multiplicative scale per head output (initialised at 1, through the `p2d.method.gating.HeadGate` hooks),
   all weights frozen, trained for ``proxy_steps`` Adam steps (``proxy_lr`` default 1e-2) on the probe
   set with the loss ``mean answer loss + l1 * sum |scale - 1|`` (``l1`` default ``LOFIT_L1`` = 1e-3,
   LoFiT's value); score = ``|scale - 1|``. Differences from LoFiT: LoFiT learns a ``head_dim`` vector
@@ -51,9 +51,9 @@ import random
 
 import torch
 
-from .errors import UserError
+from ..errors import UserError
 from .gating import HeadGate
-from .geometry import HeadGeometry
+from ..geometry import HeadGeometry
 from .scoring import batch_losses, loss_batches
 
 __all__ = ["score_shift", "score_lofit", "taylor_importance", "head_slice_sums", "attention_snapshot",

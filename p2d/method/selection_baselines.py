@@ -1,7 +1,7 @@
 """Selectors that use no heads: the cheap alternatives P2D's head-guided selection has to beat.
 
 Each scores every pool sample by its similarity to the probe set (the target examples); higher =
-more wanted. They are selection methods like any other (``select_method``; `p2d.selection` calls
+more wanted. They are selection methods like any other (``select_method``; `p2d.method.selection` calls
 `baseline_scores`), and the benchmark's baselines.
 
 - ``tfidf`` (no model): TF-IDF vectors of the prompt text (every turn before the answer, lower-cased,
@@ -31,15 +31,15 @@ from collections import Counter
 
 import torch
 
-from .data.encoding import collate, encode, iter_batches
-from .data.formats import Sample
-from .errors import UserError
-from .geometry import decoder_layers
+from ..data.encoding import collate, encode, iter_batches
+from ..data.formats import Sample
+from ..errors import UserError
+from ..geometry import decoder_layers
 from .gating import StopForward
-from .models import frozen
-from .progress import Ticker
+from ..models import frozen
+from ..progress import Ticker
 
-#: selection methods of this module (`p2d.selection.SELECT_METHODS` includes them)
+#: selection methods of this module (`p2d.method.selection.SELECT_METHODS` includes them)
 BASELINE_METHODS = ("tfidf", "bm25", "hidden")
 BASELINE_HELP = {
     "tfidf": "no heads, no model: TF-IDF of the prompt's words and symbols, cosine to the probe's centroid",

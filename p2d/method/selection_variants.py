@@ -1,6 +1,6 @@
-"""The selection variants `p2d.selection.select_data` offers besides its default (``activation`` and
-``random`` live in `p2d.selection`); formulas and sources also in docs/METHOD.md. Each scores the
-batches of an `p2d.scoring.EncodedBatches` into ``scores`` (indexed by pool position).
+"""The selection variants `p2d.method.selection.select_data` offers besides its default (``activation`` and
+``random`` live in `p2d.method.selection`); formulas and sources also in docs/METHOD.md. Each scores the
+batches of an `p2d.method.scoring.EncodedBatches` into ``scores`` (indexed by pool position).
 
 - ``ablation``: answer-token loss with the heads of H gated to zero minus the loss of the full model
   (AttentionInfluence-style): how much the sample relies on H. Two no-grad forwards per batch on the
@@ -29,7 +29,7 @@ import time
 
 import torch
 
-from .data.encoding import iter_batches
+from ..data.encoding import iter_batches
 from .gating import HeadGate, answer_losses
 from .scoring import model_inputs, top_samples
 
@@ -117,7 +117,7 @@ def score_alignment(lm, by_layer, enc, probe_groups, groups, scores, bar, should
 
 def score_prefilter_alignment(lm, by_layer, enc, probe_groups, scores, ratio, factor, bar, should_stop, procs,
                               first_pass):
-    """Activation on the whole pool (``first_pass``: `p2d.selection`'s activation scorer), then alignment on
+    """Activation on the whole pool (``first_pass``: `p2d.method.selection`'s activation scorer), then alignment on
     the top ``factor x ratio``; returns (stopped, info, the indices this process aligned)."""
     t0 = time.perf_counter()
     n = len(scores)

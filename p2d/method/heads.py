@@ -2,7 +2,7 @@
 
 The default method, ``gradient_logratio`` (``DEFAULT_HEAD_METHOD``; formulas and sources also in
 docs/METHOD.md). A gate ``g_h = 1`` sits on each head's output (its slice of the o_proj input,
-`p2d.gating.HeadGate`); a head's importance on a set of samples is the mean over the samples of
+`p2d.method.gating.HeadGate`); a head's importance on a set of samples is the mean over the samples of
 ``|dL_i/dg_h|``, L_i the sample's mean answer-token loss (per-sample gates: one backward per batch gives
 every sample's own gradient; no weight moves). Importance is measured on the probe set P and on a
 seeded sample D of the pool (``max(len(probe), 64)`` rows, or the whole pool if smaller); with the
@@ -28,13 +28,13 @@ The same importance maps with other contrasts (``HEAD_CONTRASTS``, `contrast_sco
 raw importance maps (``probe_importance``, ``pool_importance``), so `recontrast` computes any other
 contrast without rerunning the model.
 
-Variants (`p2d.head_variants`): ``shift`` and ``shift_sgd`` (a short proxy fine-tune, then how far each
+Variants (`p2d.method.heads_variants`): ``shift`` and ``shift_sgd`` (a short proxy fine-tune, then how far each
 head's weights moved), ``taylor`` (``|gradient x weight|`` over each head's weights, contrasted with the
 pool like ``gradient``) and ``lofit`` (a learned scale per head output). ``random`` is a seeded control
 (uniform scores from ``torch.Generator().manual_seed(seed)``).
 
 Answer positions: every loss above is the per-sample mean cross-entropy over the answer positions
-chosen by ``positions`` (`p2d.gating.POSITIONS`): ``"all"`` (default) or ``"content"`` (without the
+chosen by ``positions`` (`p2d.method.gating.POSITIONS`): ``"all"`` (default) or ``"content"`` (without the
 end-of-turn marker and what the chat template adds after it).
 
 During scoring every model parameter is frozen (only the proxy runs unfreeze the attention
@@ -56,15 +56,15 @@ from pathlib import Path
 
 import torch
 
-from .data.formats import Sample
-from .distributed import Processes
-from .errors import UserError
-from .files import write_json
+from ..data.formats import Sample
+from ..distributed import Processes
+from ..errors import UserError
+from ..files import write_json
 from .gating import HeadGate
-from .geometry import HeadGeometry
-from .head_variants import score_lofit, score_shift, taylor_importance
-from .models import frozen
-from .progress import Ticker
+from ..geometry import HeadGeometry
+from .heads_variants import score_lofit, score_shift, taylor_importance
+from ..models import frozen
+from ..progress import Ticker
 from .scoring import batch_losses, check_positions, check_ratio, loss_batches, top_count
 
 HEAD_METHODS = ("shift", "gradient", "random", "gradient_layer", "gradient_logratio", "taylor", "shift_sgd", "lofit")
@@ -114,7 +114,7 @@ def score_heads(lm, probe: list[Sample], method: str = DEFAULT_HEAD_METHOD, rati
     (``gradient*``, ``taylor``). ``proxy_steps`` / ``proxy_lr`` are the steps and learning rate of
     ``shift``, ``shift_sgd`` and ``lofit`` (``proxy_lr=None``: ``PROXY_LR[method]``). ``contrast``:
     True (the method's default, ``METHOD_CONTRAST``), False (none), or one of ``HEAD_CONTRASTS``.
-    ``l1``: lofit's L1 weight. ``positions`` (one of `p2d.gating.POSITIONS`): the answer positions
+    ``l1``: lofit's L1 weight. ``positions`` (one of `p2d.method.gating.POSITIONS`): the answer positions
     every loss is taken at ("content" drops end-of-turn / template positions).
     """
     if method not in HEAD_METHODS:

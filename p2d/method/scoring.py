@@ -1,6 +1,6 @@
-"""What head scoring (`p2d.heads`) and data selection (`p2d.selection`) share: the share checks and top
+"""What head scoring (`p2d.method.heads`) and data selection (`p2d.method.selection`) share: the share checks and top
 shares, samples encoded once into length-sorted batches with their answer-position masks
-(`p2d.gating.POSITIONS`), and the per-sample answer loss of such a batch.
+(`p2d.method.gating.POSITIONS`), and the per-sample answer loss of such a batch.
 
 Two batch forms: `loss_batches` encodes and moves every batch to the model's device at once (head
 scoring: a probe set and a pool sample, passed over several times); `EncodedBatches` keeps the
@@ -15,9 +15,9 @@ import math
 
 import torch
 
-from .data.encoding import collate, encode, iter_batches
-from .data.formats import Sample
-from .errors import UserError
+from ..data.encoding import collate, encode, iter_batches
+from ..data.formats import Sample
+from ..errors import UserError
 from .gating import POSITIONS, answer_losses, position_mask, special_token_ids
 
 
@@ -44,7 +44,7 @@ def top_samples(scores: list[float], ratio: float) -> list[int]:
 
 
 def check_positions(positions: str) -> str:
-    """``positions`` if it is one of `p2d.gating.POSITIONS`; UserError otherwise."""
+    """``positions`` if it is one of `p2d.method.gating.POSITIONS`; UserError otherwise."""
     if positions not in POSITIONS:
         raise UserError(f"unknown answer positions {positions!r}: use one of {', '.join(POSITIONS)}")
     return positions
@@ -53,7 +53,7 @@ def check_positions(positions: str) -> str:
 def loss_batches(lm, samples: list[Sample], batch_size: int, max_length: int, shuffle=False, seed=0,
                  positions: str = "all"):
     """Encoded, length-bucketed batches (dicts of tensors on the model's device); ``"positions"`` is
-    the bool mask of the answer positions the loss is taken at (see `p2d.gating.POSITIONS`)."""
+    the bool mask of the answer positions the loss is taken at (see `p2d.method.gating.POSITIONS`)."""
     encoded = encode(samples, lm.tokenizer, max_length)
     pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
     special = special_token_ids(lm.tokenizer) if positions == "content" else None

@@ -45,8 +45,8 @@ from typing import Iterable
 import torch
 import torch.nn.functional as F
 
-from .data.encoding import IGNORE_INDEX
-from .geometry import HeadGeometry
+from ..data.encoding import IGNORE_INDEX
+from ..geometry import HeadGeometry
 
 __all__ = ["HeadGate", "StopForward", "POSITIONS", "answer_losses", "answer_token_losses", "answer_logits",
            "answer_positions",

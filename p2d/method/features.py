@@ -3,7 +3,7 @@
 `head_features` records, for every sample, the activation statistic and the gate gradient of *every*
 (layer, head) in one pass; `head_norms` records the activation statistic alone for several
 answer-position settings from one no-grad forward. `activation_from_features` and
-`alignment_from_features` then give `p2d.selection.select_data`'s activation / activation_length_z /
+`alignment_from_features` then give `p2d.method.selection.select_data`'s activation / activation_length_z /
 alignment scores of any head set (equal to float rounding; tests/test_selection.py).
 `plain_forward_seconds` times one plain no-grad forward over the same samples and batching, the unit
 in which the benchmark reports selection cost.
@@ -19,14 +19,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .data.formats import Sample
-from .errors import UserError
+from ..data.formats import Sample
+from ..errors import UserError
 from .gating import HeadGate, answer_losses
-from .geometry import normalize_heads
-from .models import frozen
-from .progress import Ticker
+from ..geometry import normalize_heads
+from ..models import frozen
+from ..progress import Ticker
 from .scoring import EncodedBatches, check_positions, model_inputs
-from .select_variants import length_z
+from .selection_variants import length_z
 from .selection import DEFAULT_POSITIONS
 
 __all__ = ["HeadFeatures", "head_features", "head_norms", "activation_from_features", "alignment_from_features",
