@@ -263,6 +263,25 @@ def test_gradient_variants_share_one_importance_run(tiny_llama, probe, pool):
     assert base.extra["contrast_kind"] == "difference"
 
 
+def test_methods_of_the_same_maps_are_read_off_one_run(tiny_llama, probe, pool):
+    """`from_maps`: every method of the gate importance maps (the contrasts and ``importance``, the probe's
+    shares alone) from one gradient_logratio run picks what the method scored on its own picks."""
+    from p2d.method.heads import from_maps
+
+    source = score_heads(tiny_llama, probe, "gradient_logratio", pool=pool, batch_size=4)
+    for method in ("gradient", "gradient_layer", "importance"):
+        own = score_heads(tiny_llama, probe, method, pool=pool, batch_size=4)
+        read = from_maps(source, method)
+        assert read.method == method and read.selected == own.selected, method
+    alone = score_heads(tiny_llama, probe, "importance", pool=pool, batch_size=4)
+    assert alone.extra["pool_samples"] == 0 and alone.extra["contrast_kind"] is None  # no pool pass
+    assert alone.selected == score_heads(tiny_llama, probe, "gradient", pool=pool, batch_size=4, contrast=False).selected
+    with pytest.raises(UserError, match="importance maps"):
+        from_maps(score_heads(tiny_llama, probe, "random", seed=1), "gradient")
+    with pytest.raises(UserError, match="contrast"):
+        score_heads(tiny_llama, probe, "importance", pool=pool, batch_size=4, contrast="difference")
+
+
 def test_contrast_methods_need_a_pool(tiny_llama, probe, pool):
     for method in ("gradient_layer", "gradient_logratio"):
         with pytest.raises(UserError, match="pool"):

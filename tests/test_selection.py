@@ -283,7 +283,7 @@ def test_prefilter_alignment_is_alignment_on_the_activation_top(tiny_llama, pool
 
 
 def test_plain_forward_seconds(tiny_llama, pool):
-    from p2d.method.features import plain_forward_seconds
+    from p2d.bench.components import plain_forward_seconds
 
     before = {k: v.clone() for k, v in tiny_llama.model.state_dict().items()}
     t = plain_forward_seconds(tiny_llama, pool, batch_size=4)

@@ -1,7 +1,8 @@
 """Component figures of the benchmark: where the time of a P2D run goes, as ratios measured in one run.
 
 - scoring throughput: every head-scoring and selection method over the same data, as a ratio to one
-  plain no-grad forward (full logits) over that data with the same length-grouped batches;
+  plain no-grad forward (full logits) over that data with the same length-grouped batches
+  (`plain_forward_seconds`);
 - one optimizer step of head training, LoRA (q,k,v,o) and full fine-tuning on the same batch: median
   time and peak memory;
 - how the head step and the activation selection grow with the share of heads (5, 10, 30, 100%) and
@@ -16,12 +17,14 @@ import time
 
 import torch
 
-from ..data.encoding import IGNORE_INDEX, collate, encode, iter_batches
-from ..method.heads import score_heads
-from ..models import trainable
-from ..method.selection import SELECT_METHODS, select_data
-from ..training import loss_backward
 from ..cells import LORA_TARGETS, PeakMemory
+from ..data.encoding import IGNORE_INDEX, collate, encode, iter_batches
+from ..errors import UserError
+from ..method.heads import score_heads
+from ..method.scoring import EncodedBatches
+from ..method.selection import SELECT_METHODS, select_data
+from ..models import frozen, trainable
+from ..training import loss_backward
 
 SHARES = (0.05, 0.1, 0.3, 1.0)
 LENGTHS = (64, 128, 256)
@@ -32,17 +35,20 @@ def _sync(lm):
         torch.cuda.synchronize()
 
 
-def plain_forward_s(lm, samples, batch_size: int, max_length: int) -> float:
-    """Seconds of one no-grad forward (every position's logits) over ``samples``, length-grouped batches."""
-    enc = encode(samples, lm.tokenizer, max_length)
-    pad = lm.tokenizer.pad_token_id or 0
+def plain_forward_seconds(lm, samples: list, batch_size: int = 8, max_length: int = 256) -> float:
+    """Wall seconds of one plain no-grad forward of the model (full logits, as ``model(**inputs)``)
+    over ``samples``, encoded and batched exactly as `p2d.method.selection.select_data` does (encoding
+    included, as in ``Selection.time_s``): the unit of every cost ratio here."""
+    samples = list(samples or [])
+    if not samples:
+        raise UserError("no samples to time")
     _sync(lm)
     start = time.perf_counter()
-    with torch.no_grad():
-        for items in iter_batches(enc, batch_size, sort_by_length=True):
-            b = collate(items, pad)
-            lm.model(input_ids=b["input_ids"].to(lm.device), attention_mask=b["attention_mask"].to(lm.device),
-                     use_cache=False)
+    enc = EncodedBatches(lm, samples, batch_size, max_length, "all")
+    with frozen(lm.model), torch.no_grad():
+        for items in enc.groups:
+            batch = enc.tensors(items)
+            lm.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
     _sync(lm)
     return time.perf_counter() - start
 
@@ -129,15 +135,11 @@ def component_figures(lm, split, cfg, heads, progress=None) -> dict:
     bs, ml = cfg.batch_size, cfg.max_length
     pool, probe = split.pool, split.probe
     res: dict = {"pool_rows": len(pool), "probe_rows": len(probe)}
-    fwd_pool = plain_forward_s(lm, pool, bs, ml)
-    fwd_probe = plain_forward_s(lm, probe, bs, ml)
+    fwd_pool = plain_forward_seconds(lm, pool, bs, ml)
+    fwd_probe = plain_forward_seconds(lm, probe, bs, ml)
     res["plain_forward_pool_s"], res["plain_forward_probe_s"] = fwd_pool, fwd_probe
     res["head_scoring"] = {}
     for method in ("gradient", "shift", "random"):
-        from ..method.heads import HEAD_METHODS
-
-        if method not in HEAD_METHODS:
-            continue
         hs = score_heads(lm, probe, method=method, ratio=cfg.head_ratio, pool=pool, seed=split.seed, batch_size=bs,
                          max_length=ml)
         # gradient contrasts with a pool sample of max(len(probe), 64) rows: compare with a forward over both

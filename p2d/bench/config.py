@@ -99,7 +99,7 @@ class BenchConfig:
     head_candidates: list[str] = setting(None, "heads", "Head candidates", "head methods whose heads are trained "
                                          "next to P2D's (heads chosen for training value; importance: gate "
                                          "importance on the probe without a contrast)",
-                                         choices=lambda: HEAD_METHODS + ("importance",),
+                                         choices=lambda: tuple(HEAD_METHODS),
                                          factory=lambda: ["importance", "lofit"])
     adapters: list[str] = setting(None, "heads", "Adapters", "the regimes of the heads comparison",
                                   choices=tuple(ADAPTERS), factory=lambda: list(ADAPTERS))

@@ -39,7 +39,7 @@ from ..cells import ADAPTERS, CELLS, Cell, curve_steps, evaluate_cell, train_cel
 from ..errors import UserError
 from ..evaluation import forced_eval
 from ..method.features import activation_from_features, alignment_from_features, head_features
-from ..method.heads import HeadScores, score_heads, top_count
+from ..method.heads import HeadScores, from_maps, score_heads, top_count
 from ..manifest import EntryFiles, content_digest
 from ..models import count_params, load_model
 from ..pipeline import load_run_data
@@ -60,19 +60,8 @@ DERIVED_SOURCE = "gradient_logratio"
 
 
 def derive_heads(hs: HeadScores, method: str) -> HeadScores:
-    """Another contrast of the same gate importances (``importance``: the probe's share alone)."""
-    import dataclasses as dc
-
-    from ..method.heads import METHOD_CONTRAST, recontrast, select_top
-
-    if method == "importance":
-        probe = torch.tensor(hs.extra["probe_importance"], dtype=torch.float64)
-        scores = (probe / probe.sum()).tolist()
-        out = dc.replace(hs, scores=scores, selected=select_top(scores, hs.ratio),
-                         extra=dict(hs.extra, contrast="none (gate importance on the probe)"))
-    else:
-        out = recontrast(hs, METHOD_CONTRAST[method])
-    return dc.replace(out, method=method)
+    """Another method of the same gate importances (`p2d.method.heads.from_maps`)."""
+    return from_maps(hs, method)
 
 
 class OutOfTime(Exception):

@@ -5,10 +5,9 @@
 answer-position settings from one no-grad forward. `activation_from_features` and
 `alignment_from_features` then give `p2d.method.selection.select_data`'s activation / activation_length_z /
 alignment scores of any head set (equal to float rounding; tests/test_selection.py).
-`plain_forward_seconds` times one plain no-grad forward over the same samples and batching, the unit
-in which the benchmark reports selection cost.
 
-Not used by a run (`p2d.pipeline`): only by the benchmark scripts (bench/select_quality.py).
+Not used by a run (`p2d.pipeline`) yet: the benchmark (`p2d.bench`) reads every head set's selection
+precision and its random-head nulls off one feature pass.
 """
 
 from __future__ import annotations
@@ -29,8 +28,7 @@ from .scoring import EncodedBatches, check_positions, model_inputs
 from .selection_variants import length_z
 from .selection import DEFAULT_POSITIONS
 
-__all__ = ["HeadFeatures", "head_features", "head_norms", "activation_from_features", "alignment_from_features",
-           "plain_forward_seconds"]
+__all__ = ["HeadFeatures", "head_features", "head_norms", "activation_from_features", "alignment_from_features"]
 
 
 @dataclass
@@ -197,18 +195,3 @@ def alignment_from_features(features: HeadFeatures, probe_features: HeadFeatures
     cos = (v @ target) / v.norm(dim=1).clamp_min(1e-12)
     return cos.tolist()
 
-
-def plain_forward_seconds(lm, samples: list[Sample], batch_size: int = 8, max_length: int = 256) -> float:
-    """Wall seconds of one plain no-grad forward of the model (full logits, as ``model(**inputs)``)
-    over ``samples``, encoded and batched exactly as `select_data` does (encoding included, as in
-    ``Selection.time_s``). The unit for selection-cost ratios."""
-    samples = list(samples or [])
-    if not samples:
-        raise UserError("no samples to time")
-    start = time.perf_counter()
-    enc = EncodedBatches(lm, samples, batch_size, max_length, "all")
-    with frozen(lm.model), torch.no_grad():
-        for items in enc.groups:
-            batch = enc.tensors(items)
-            lm.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-    return time.perf_counter() - start

@@ -24,14 +24,21 @@ The same importance maps with other contrasts (``HEAD_CONTRASTS``, `contrast_sco
   (each layer's importances divided by that layer's sum), so magnitude differences between layers
   cancel.
 
+- ``importance`` (no contrast): the probe's shares ``s_P`` alone (no pool pass); heads every task needs
+  rank high.
+
 ``gradient_layer`` / ``gradient_logratio`` need a pool (UserError without one). ``extra`` keeps both
 raw importance maps (``probe_importance``, ``pool_importance``), so `recontrast` computes any other
-contrast without rerunning the model.
+contrast, and `from_maps` any other method of the same maps, without rerunning the model.
 
 Variants (`p2d.method.heads_variants`): ``shift`` and ``shift_sgd`` (a short proxy fine-tune, then how far each
 head's weights moved), ``taylor`` (``|gradient x weight|`` over each head's weights, contrasted with the
 pool like ``gradient``) and ``lofit`` (a learned scale per head output). ``random`` is a seeded control
 (uniform scores from ``torch.Generator().manual_seed(seed)``).
+
+Every method is one entry of the registry `HEAD_METHODS` (a `HeadMethod`: its function of a
+`p2d.method.scoring.HeadJob`, its help line and what it needs); a new method is its function plus one
+line there.
 
 Answer positions: every loss above is the per-sample mean cross-entropy over the answer positions
 chosen by ``positions`` (`p2d.method.gating.POSITIONS`): ``"all"`` (default) or ``"content"`` (without the
@@ -47,12 +54,14 @@ returning True ends the run early with the scores measured so far and ``extra["s
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -65,29 +74,12 @@ from ..geometry import HeadGeometry
 from .heads_variants import score_lofit, score_shift, taylor_importance
 from ..models import frozen
 from ..progress import Ticker
-from .scoring import batch_losses, check_positions, check_ratio, loss_batches, top_count
+from .scoring import HeadJob, batch_losses, check_positions, check_ratio, loss_batches, top_count
 
-HEAD_METHODS = ("shift", "gradient", "random", "gradient_layer", "gradient_logratio", "taylor", "shift_sgd", "lofit")
-#: one line per head method, for UIs and CLI help
-HEAD_METHOD_HELP = {
-    "shift": "shift: a short AdamW proxy fine-tune of all attention weights on the probe set; how far each head moved",
-    "gradient": "gradient: |dL/dgate| of a gate on each head, probe share minus pool share (no weight update)",
-    "random": "random: a seeded control (falsification test)",
-    "gradient_layer": "gradient_layer: |dL/dgate|, probe vs pool shares taken within each layer (needs a pool)",
-    "gradient_logratio": "gradient_logratio: |dL/dgate|, log of the probe/pool share ratio (needs a pool)",
-    "taylor": "taylor: sum of |gradient x weight| over each head's weights, probe share minus pool share",
-    "shift_sgd": "shift_sgd: the shift proxy fine-tune with plain SGD (movement follows gradient size)",
-    "lofit": "lofit: a learned scale per head output (LoFiT), trained a few steps on the probe set; |scale - 1|",
-}
 #: how importance methods contrast the probe map with the pool map (see `contrast_scores`)
 HEAD_CONTRASTS = ("difference", "layer", "logratio")
-#: the contrast each importance-map method uses when ``contrast=True``
-METHOD_CONTRAST = {"gradient": "difference", "gradient_layer": "layer", "gradient_logratio": "logratio",
-                   "taylor": "difference"}
 #: ``logratio`` contrast: eps = LOGRATIO_EPS / (n_layers * n_q), added to both global shares
 LOGRATIO_EPS = 1e-3
-#: default ``proxy_lr`` per method that trains something
-PROXY_LR = {"shift": 1e-4, "shift_sgd": 1e-2, "lofit": 1e-2}
 #: ``lofit``: weight of the L1 penalty on (scale - 1), LoFiT's value
 LOFIT_L1 = 1e-3
 #: Chosen by the rule in bench/choose_defaults.py (highest mean target precision of the selected 10%) on
@@ -99,25 +91,50 @@ DEFAULT_HEAD_METHOD = "gradient_logratio"
 HEADS_FILE = "heads.json"
 
 
-__all__ = ["HEAD_METHODS", "HEAD_METHOD_HELP", "HEAD_CONTRASTS", "METHOD_CONTRAST", "LOGRATIO_EPS", "PROXY_LR", "LOFIT_L1",
-           "DEFAULT_HEAD_METHOD", "HeadScores", "select_top", "head_ranks", "score_heads", "contrast_scores", "recontrast",
-           "gate_importance"]
+__all__ = ["HEAD_METHODS", "HEAD_METHOD_HELP", "HeadMethod", "HEAD_CONTRASTS", "LOGRATIO_EPS", "LOFIT_L1",
+           "DEFAULT_HEAD_METHOD", "HEADS_FILE", "HeadScores", "select_top", "head_ranks", "score_heads",
+           "contrast_scores", "recontrast", "from_maps", "gate_importance"]
+
+
+@dataclass(frozen=True)
+class HeadMethod:
+    """One head-scoring method of the registry `HEAD_METHODS`.
+
+    ``score(job: p2d.method.scoring.HeadJob) -> (scores, extra, stopped)`` does the work; ``help`` is its
+    line in UIs and CLI help. ``maps``: the importance maps it keeps in ``extra`` (``"gate"`` or
+    ``"taylor"``), so that `recontrast` / `from_maps` read other contrasts off them; ``contrast``: the
+    contrast it applies to its maps (None: none); ``any_contrast``: ``score_heads(contrast=...)`` may pick
+    another one; ``needs_pool``: refused without a pool; ``proxy_lr``: it trains a proxy (the default
+    learning rate); ``shardable``: it runs on a model sharded over processes; ``uses_model``: False for
+    the control that never runs the model (no probe needed, nothing frozen)."""
+
+    help: str
+    score: Callable
+    maps: str | None = None
+    contrast: str | None = None
+    any_contrast: bool = False
+    needs_pool: bool = False
+    proxy_lr: float | None = None
+    shardable: bool = True
+    uses_model: bool = True
 
 
 def score_heads(lm, probe: list[Sample], method: str = DEFAULT_HEAD_METHOD, ratio: float = 0.1,
                 pool: list[Sample] | None = None, seed: int = 0, batch_size: int = 8, max_length: int = 256,
                 proxy_steps: int = 20, proxy_lr: float | None = None, contrast: bool | str = True,
                 l1: float = LOFIT_L1, progress=None, should_stop=None, positions: str = "all") -> HeadScores:
-    """Score every query head of ``lm`` (a `p2d.models.LoadedModel`) and keep the top ``ratio``.
+    """Score every query head of ``lm`` (a `p2d.models.LoadedModel`) with the method ``method`` of
+    `HEAD_METHODS` and keep the top ``ratio``.
 
     See the module docstring for the methods. ``pool`` is used by the contrasted methods
     (``gradient*``, ``taylor``). ``proxy_steps`` / ``proxy_lr`` are the steps and learning rate of
-    ``shift``, ``shift_sgd`` and ``lofit`` (``proxy_lr=None``: ``PROXY_LR[method]``). ``contrast``:
-    True (the method's default, ``METHOD_CONTRAST``), False (none), or one of ``HEAD_CONTRASTS``.
+    ``shift``, ``shift_sgd`` and ``lofit`` (``proxy_lr=None``: the method's ``proxy_lr``). ``contrast``:
+    True (the method's own), False (none), or one of ``HEAD_CONTRASTS`` (methods with ``any_contrast``).
     ``l1``: lofit's L1 weight. ``positions`` (one of `p2d.method.gating.POSITIONS`): the answer positions
     every loss is taken at ("content" drops end-of-turn / template positions).
     """
-    if method not in HEAD_METHODS:
+    spec = HEAD_METHODS.get(method)
+    if spec is None:
         raise UserError(f"unknown head method {method!r}: use one of {', '.join(HEAD_METHODS)}")
     positions = check_positions(positions)
     ratio = check_ratio(ratio, "head ratio")
@@ -125,42 +142,26 @@ def score_heads(lm, probe: list[Sample], method: str = DEFAULT_HEAD_METHOD, rati
         raise UserError(f"batch size must be at least 1 (got {batch_size})")
     geo: HeadGeometry = lm.geometry
     start = time.perf_counter()
-    stopped = False
-    if method == "random":
-        gen = torch.Generator().manual_seed(int(seed))
-        scores = torch.rand(geo.n_layers, geo.n_q_heads, generator=gen, dtype=torch.float64).tolist()
-        extra: dict = {"seed": seed}
-        if progress is not None:
-            progress(1, 1, "random head scores")
+    job = HeadJob(method, lm, probe, pool, seed, batch_size, max_length, positions, proxy_steps, proxy_lr, contrast,
+                  l1, progress, should_stop)
+    if not spec.uses_model:
+        scores, extra, stopped = spec.score(job)
     else:
-        probe = _check_samples(probe, "probe")
-        lr = PROXY_LR.get(method) if proxy_lr is None else float(proxy_lr)
-        if method in PROXY_LR:
+        job.probe = _check_samples(probe, "probe")
+        if spec.proxy_lr is not None:
+            job.proxy_lr = spec.proxy_lr if proxy_lr is None else float(proxy_lr)
             if proxy_steps < 1:
                 raise UserError(f"proxy steps must be at least 1 (got {proxy_steps})")
-            if not (lr > 0 and math.isfinite(lr)):
+            if not (job.proxy_lr > 0 and math.isfinite(job.proxy_lr)):
                 raise UserError(f"proxy learning rate must be a positive number (got {proxy_lr})")
         procs = Processes.current()
-        if method in ("shift", "shift_sgd", "taylor"):
+        if not spec.shardable:
             procs.check_sharding(f"the {method} head score", f"use head method {DEFAULT_HEAD_METHOD} (the default)")
-        should_stop = procs.agreed(should_stop)
+        job.should_stop = procs.agreed(should_stop)
+        job.tick = Ticker(progress, proxy_steps if spec.proxy_lr is not None else 0)
         with frozen(lm.model):
-            if method in ("shift", "shift_sgd"):
-                tick = Ticker(progress, proxy_steps)
-                scores, extra, stopped = score_shift(lm, probe, batch_size, max_length, seed, proxy_steps, lr,
-                                                     tick, should_stop, positions=positions,
-                                                     optimizer="sgd" if method == "shift_sgd" else "adamw")
-            elif method == "lofit":
-                if not (l1 >= 0 and math.isfinite(l1)):
-                    raise UserError(f"the L1 weight must be a non-negative number (got {l1})")
-                tick = Ticker(progress, proxy_steps)
-                scores, extra, stopped = score_lofit(lm, probe, batch_size, max_length, seed, proxy_steps, lr,
-                                                     float(l1), tick, should_stop, positions)
-            else:
-                tick = Ticker(progress, 0)
-                scores, extra, stopped = _score_importance(lm, method, probe, pool, contrast, batch_size,
-                                                           max_length, seed, tick, should_stop, positions)
-        extra["probe_size"] = len(probe)
+            scores, extra, stopped = spec.score(job)
+        extra["probe_size"] = len(job.probe)
         extra["positions"] = positions
     extra["stopped"] = stopped
     extra["geometry"] = geo.to_dict()
@@ -171,31 +172,34 @@ def score_heads(lm, probe: list[Sample], method: str = DEFAULT_HEAD_METHOD, rati
 # -------------------------------------------------------------- gate importance and contrasts (the default)
 
 
-def _score_importance(lm, method, probe, pool, contrast, batch_size, max_length, seed, tick, should_stop,
-                      positions: str = "all"):
-    """gradient / gradient_layer / gradient_logratio / taylor: probe map, pool map, contrast."""
-    default = METHOD_CONTRAST[method]
+def importance_scores(job: HeadJob):
+    """gradient / gradient_layer / gradient_logratio / importance / taylor: probe map, pool map, contrast."""
+    method, spec, contrast, pool = job.method, HEAD_METHODS[job.method], job.contrast, job.pool
+    default = spec.contrast
     if isinstance(contrast, str):
         if contrast not in HEAD_CONTRASTS:
             raise UserError(f"unknown contrast {contrast!r}: use one of {', '.join(HEAD_CONTRASTS)}")
-        if method in ("gradient_layer", "gradient_logratio") and contrast != default:
-            raise UserError(f"{method} always uses the {default!r} contrast (got contrast={contrast!r}); "
+        if not spec.any_contrast and contrast != default:
+            own = f"the {default!r} contrast" if default else "no contrast"
+            raise UserError(f"{method} always uses {own} (got contrast={contrast!r}); "
                             f"use method 'gradient' or 'taylor' with contrast={contrast!r}")
         kind: str | None = contrast
     else:
         kind = default if contrast else None
-    if method in ("gradient_layer", "gradient_logratio") and (kind is None or not pool):
+    if spec.needs_pool and (kind is None or not pool):
         raise UserError(f"{method} contrasts the probe with the pool: give a pool file (pool) or use the built-in pool")
-    probe_batches = loss_batches(lm, probe, batch_size, max_length, positions=positions)
+    lm, probe, tick, should_stop = job.lm, job.probe, job.tick, job.should_stop
+    probe_batches = loss_batches(lm, probe, job.batch_size, job.max_length, positions=job.positions)
     if not probe_batches:
         raise UserError("no probe sample has answer tokens within the max length; raise max_length")
-    pool_sample = _pool_sample(pool, probe, seed) if kind is not None and pool else []
-    pool_batches = loss_batches(lm, pool_sample, batch_size, max_length, positions=positions) if pool_sample else []
+    pool_sample = _pool_sample(pool, probe, job.seed) if kind is not None and pool else []
+    pool_batches = loss_batches(lm, pool_sample, job.batch_size, job.max_length, positions=job.positions) \
+        if pool_sample else []
     procs = Processes.current()  # several processes: each sums its share of the batches, then the sums add up
     (probe_batches, probe_own), (pool_batches, pool_own) = procs.padded(probe_batches), procs.padded(pool_batches)
     tick.total = probe_own + pool_own  # the progress of this process's own batches
     extra: dict = {}
-    if method == "taylor":
+    if spec.maps == "taylor":
         probe_imp, n_probe_b, n_probe, stopped = taylor_importance(lm, probe_batches, tick, should_stop)
         probe_mean = probe_imp / max(n_probe_b, 1)
         pool_imp, n_pool_b, n_pool = None, 0, 0
@@ -224,7 +228,7 @@ def _score_importance(lm, method, probe, pool, contrast, batch_size, max_length,
         mode = _CONTRAST_TEXT[kind]
     else:  # no pool, contrast off, or stopped before the pool map: the normalised probe map
         scores = probe_mean / probe_mean.sum().clamp_min(1e-30)
-        mode = "none (no pool given)" if contrast and not pool else "none"
+        mode = (_NO_CONTRAST if default is None else "none (no pool given)" if contrast and not pool else "none")
         kind = None
     extra.update({"contrast": mode, "contrast_kind": kind, "probe_samples": n_probe, "pool_samples": n_pool,
                   "probe_importance": probe_mean.tolist(),
@@ -302,6 +306,36 @@ _CONTRAST_TEXT = {"difference": "difference of normalised importances (probe - p
                   "logratio": "log-ratio of normalised importances (probe / pool)"}
 
 
+_NO_CONTRAST = "none (gate importance on the probe)"
+
+
+def from_maps(hs: "HeadScores", method: str) -> "HeadScores":
+    """The heads ``method`` picks, read off the importance maps of ``hs`` (a run of a method with the same
+    ``maps``: ``gradient_logratio``'s pass gives ``gradient``, ``gradient_layer`` and ``importance`` too),
+    without a model pass. UserError when ``hs`` holds no such maps."""
+    spec, own = HEAD_METHODS.get(method), HEAD_METHODS.get(hs.method)
+    if spec is None or spec.maps is None or own is None or own.maps != spec.maps:
+        raise UserError(f"the heads of {method!r} cannot be read off a {hs.method} run: they need its importance maps")
+    if spec.contrast is None:
+        probe = torch.tensor(hs.extra["probe_importance"], dtype=torch.float64)
+        scores = (probe / probe.sum()).tolist()
+        out = dataclasses.replace(hs, scores=scores, selected=select_top(scores, hs.ratio),
+                                  extra=dict(hs.extra, contrast=_NO_CONTRAST))
+    else:
+        out = recontrast(hs, spec.contrast)
+    return dataclasses.replace(out, method=method)
+
+
+def random_scores(job: HeadJob):
+    """The control: uniform scores from ``torch.Generator().manual_seed(seed)``, no model pass."""
+    geo = job.lm.geometry
+    gen = torch.Generator().manual_seed(int(job.seed))
+    scores = torch.rand(geo.n_layers, geo.n_q_heads, generator=gen, dtype=torch.float64).tolist()
+    if job.progress is not None:
+        job.progress(1, 1, "random head scores")
+    return scores, {"seed": job.seed}, False
+
+
 def _pool_sample(pool, probe, seed) -> list[Sample]:
     n = min(len(pool), max(len(probe), 64))
     return [pool[i] for i in sorted(random.Random(seed).sample(range(len(pool)), n))]
@@ -322,6 +356,34 @@ def _check_samples(samples, what: str) -> list[Sample]:
     if not samples:
         raise UserError(f"the {what} set is empty: give at least one sample")
     return samples
+
+
+# ------------------------------------------------------------------------------------------ the registry
+
+#: every head method (a new one: its function, in this file or heads_variants.py, and one line here); the
+#: order is the order UIs list them in
+HEAD_METHODS: dict[str, HeadMethod] = {
+    "shift": HeadMethod("shift: a short AdamW proxy fine-tune of all attention weights on the probe set; how far "
+                        "each head moved", functools.partial(score_shift, optimizer="adamw"), proxy_lr=1e-4,
+                        shardable=False),
+    "gradient": HeadMethod("gradient: |dL/dgate| of a gate on each head, probe share minus pool share (no weight "
+                           "update)", importance_scores, maps="gate", contrast="difference", any_contrast=True),
+    "random": HeadMethod("random: a seeded control (falsification test)", random_scores, uses_model=False),
+    "gradient_layer": HeadMethod("gradient_layer: |dL/dgate|, probe vs pool shares taken within each layer (needs "
+                                 "a pool)", importance_scores, maps="gate", contrast="layer", needs_pool=True),
+    "gradient_logratio": HeadMethod("gradient_logratio: |dL/dgate|, log of the probe/pool share ratio (needs a "
+                                    "pool)", importance_scores, maps="gate", contrast="logratio", needs_pool=True),
+    "taylor": HeadMethod("taylor: sum of |gradient x weight| over each head's weights, probe share minus pool share",
+                         importance_scores, maps="taylor", contrast="difference", any_contrast=True, shardable=False),
+    "shift_sgd": HeadMethod("shift_sgd: the shift proxy fine-tune with plain SGD (movement follows gradient size)",
+                            functools.partial(score_shift, optimizer="sgd"), proxy_lr=1e-2, shardable=False),
+    "lofit": HeadMethod("lofit: a learned scale per head output (LoFiT), trained a few steps on the probe set; "
+                        "|scale - 1|", score_lofit, proxy_lr=1e-2),
+    "importance": HeadMethod("importance: |dL/dgate| on the probe alone, no contrast with the pool (heads every "
+                             "task needs rank high)", importance_scores, maps="gate"),
+}
+#: one line per head method, for UIs and CLI help
+HEAD_METHOD_HELP = {name: m.help for name, m in HEAD_METHODS.items()}
 
 
 # ------------------------------------------------------------------------------------------ result

@@ -1,5 +1,6 @@
 """The head-scoring variants `p2d.method.heads.score_heads` offers besides its default (``gradient_logratio``, the
-gradient contrasts and ``random`` live in `p2d.method.heads`); formulas and sources also in docs/METHOD.md.
+other contrasts of its importance maps and ``random`` live in `p2d.method.heads`); formulas and sources also in
+docs/METHOD.md. Each scores a `p2d.method.scoring.HeadJob` and is one line of `p2d.method.heads.HEAD_METHODS`.
 
 - ``shift`` (paper-style proxy, as ALPS): a short proxy fine-tune (``proxy_steps`` AdamW steps,
   ``proxy_lr`` (default 1e-4), no weight decay, dropout off) of *all* attention projections on the
@@ -47,6 +48,7 @@ resolution for small ``proxy_lr`` (most updates round away): use fp32 for them, 
 
 from __future__ import annotations
 
+import math
 import random
 
 import torch
@@ -54,7 +56,7 @@ import torch
 from ..errors import UserError
 from .gating import HeadGate
 from ..geometry import HeadGeometry
-from .scoring import batch_losses, loss_batches
+from .scoring import HeadJob, batch_losses, loss_batches
 
 __all__ = ["score_shift", "score_lofit", "taylor_importance", "head_slice_sums", "attention_snapshot",
            "head_weight_vector", "weight_shift_scores", "w1_index"]
@@ -131,15 +133,16 @@ def weight_shift_scores(geometry: HeadGeometry, before: dict, after: dict) -> tu
     return w1, rel
 
 
-def score_shift(lm, probe, batch_size, max_length, seed, proxy_steps, proxy_lr, tick, should_stop,
-                optimizer: str = "adamw", positions: str = "all"):
+def score_shift(job: HeadJob, optimizer: str = "adamw"):
     """``shift`` (``optimizer="adamw"``) and ``shift_sgd`` (``"sgd"``): (scores, extra, stopped)."""
+    lm, probe, seed, tick, should_stop = job.lm, job.probe, job.seed, job.tick, job.should_stop
+    proxy_steps, proxy_lr = job.proxy_steps, job.proxy_lr
     model, geo = lm.model, lm.geometry
     params = _attention_params(model, geo)
     saved = {name: p.detach().clone() for name, p in params}  # the only copy: attention weights (+ biases)
     before = {layer: {name: saved[f"{layer}.{name}.weight"] for name in geo.projections(model, layer)}
               for layer in range(geo.n_layers)}
-    batches = loss_batches(lm, probe, batch_size, max_length, positions=positions)
+    batches = loss_batches(lm, probe, job.batch_size, job.max_length, positions=job.positions)
     if not batches:
         raise UserError("no probe sample has answer tokens within the max length; raise max_length")
     order = batch_cycle(batches, random.Random(seed))
@@ -246,16 +249,20 @@ def taylor_importance(lm, batches, tick=None, should_stop=None) -> tuple[torch.T
 # ------------------------------------------------------------------------------------- lofit
 
 
-def score_lofit(lm, probe, batch_size, max_length, seed, steps, lr, l1, tick, should_stop, positions="all"):
+def score_lofit(job: HeadJob):
     """LoFiT-style head scaling: scales [n_layers, n_q] at 1, Adam on answer loss + l1 * |scale - 1|;
     (scores, extra, stopped)."""
+    lm, steps, lr, l1, tick, should_stop = job.lm, job.proxy_steps, job.proxy_lr, job.l1, job.tick, job.should_stop
+    if not (l1 >= 0 and math.isfinite(l1)):
+        raise UserError(f"the L1 weight must be a non-negative number (got {l1})")
+    l1 = float(l1)
     model, geo = lm.model, lm.geometry
-    batches = loss_batches(lm, probe, batch_size, max_length, positions=positions)
+    batches = loss_batches(lm, job.probe, job.batch_size, job.max_length, positions=job.positions)
     if not batches:
         raise UserError("no probe sample has answer tokens within the max length; raise max_length")
     scales = torch.ones(geo.n_layers, geo.n_q_heads, dtype=torch.float32, device=lm.device, requires_grad=True)
     opt = torch.optim.Adam([scales], lr=lr)
-    order = batch_cycle(batches, random.Random(seed))
+    order = batch_cycle(batches, random.Random(job.seed))
     losses: list[float] = []
     stopped = False
     with torch.enable_grad(), HeadGate(model, geo) as gate:

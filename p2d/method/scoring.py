@@ -1,6 +1,7 @@
 """What head scoring (`p2d.method.heads`) and data selection (`p2d.method.selection`) share: the share checks and top
 shares, samples encoded once into length-sorted batches with their answer-position masks
-(`p2d.method.gating.POSITIONS`), and the per-sample answer loss of such a batch.
+(`p2d.method.gating.POSITIONS`), the per-sample answer loss of such a batch, and the job record every
+registered method receives (`HeadJob`, `SelectJob`: a method is one function of its job).
 
 Two batch forms: `loss_batches` encodes and moves every batch to the model's device at once (head
 scoring: a probe set and a pool sample, passed over several times); `EncodedBatches` keeps the
@@ -12,6 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import torch
 
@@ -100,3 +103,59 @@ class EncodedBatches:
         return {"unscored": len(self.items.dropped), "truncated": self.items.truncated,
                 "tokens": sum(len(it["input_ids"]) for it in self.items), "batches": len(self.groups)}
 
+
+
+@dataclass
+class HeadJob:
+    """What a head-scoring method (`p2d.method.heads.HEAD_METHODS`) is given: the model, the probe set and
+    the pool, and `p2d.method.heads.score_heads`'s settings (checked there). ``tick`` reports progress
+    (`p2d.progress.Ticker`); the method returns ``(scores [n_layers][n_q], extra, stopped)``."""
+
+    method: str
+    lm: Any
+    probe: list
+    pool: list | None
+    seed: int
+    batch_size: int
+    max_length: int
+    positions: str
+    proxy_steps: int
+    proxy_lr: float | None
+    contrast: bool | str
+    l1: float
+    progress: Callable | None
+    should_stop: Callable | None
+    tick: Any = None
+
+
+@dataclass
+class SelectJob:
+    """What a selection method (`p2d.method.selection.SELECT_METHODS`) is given: `select_data`'s inputs and
+    settings (checked there), and where it writes: ``scores`` (one per pool row, NaN until scored) and
+    ``extra``. A head-guided method also gets its heads by layer (``by_layer``), the encoded pool
+    (``enc``) and this process's batches of it (``groups``), the encoded probe batches when it needs the
+    probe (``probe_groups``), a progress ``bar`` and the processes (``procs``); ``owned`` lists the pool
+    rows this process scored (a method that scores other rows replaces it). It returns True when stopped."""
+
+    method: str
+    lm: Any
+    pool: list
+    probe: list | None
+    ratio: float
+    seed: int
+    batch_size: int
+    max_length: int
+    positions: str
+    hidden_layer: int | None
+    prefilter_factor: float
+    progress: Callable | None
+    should_stop: Callable | None
+    scores: list = field(default_factory=list)
+    extra: dict = field(default_factory=dict)
+    by_layer: dict = field(default_factory=dict)
+    enc: Any = None
+    groups: list = field(default_factory=list)
+    probe_groups: list = field(default_factory=list)
+    bar: Any = None
+    procs: Any = None
+    owned: list = field(default_factory=list)

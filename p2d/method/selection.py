@@ -41,12 +41,14 @@ early; the selection is then made among the samples scored so far and ``extra["s
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -60,23 +62,11 @@ from ..geometry import normalize_heads
 from .heads import HeadScores
 from ..models import frozen
 from ..progress import Ticker
-from .scoring import EncodedBatches, check_positions, check_ratio, top_samples
-from .selection_variants import (PREFILTER_FACTOR, finite_range, length_z, score_ablation, score_alignment,
-                              score_prefilter_alignment)
-from .selection_baselines import BASELINE_HELP, BASELINE_METHODS, baseline_scores
+from .scoring import EncodedBatches, SelectJob, check_positions, check_ratio, top_samples
+from .selection_baselines import score_bm25, score_hidden, score_tfidf
+from .selection_variants import (PREFILTER_FACTOR, score_ablation, score_alignment, score_length_z,
+                                 score_prefilter_alignment)
 
-SELECT_METHODS = ("ablation", "alignment", "activation", "random", "activation_length_z", "prefilter_alignment",
-                  *BASELINE_METHODS)
-#: one line per selection method, for UIs and CLI help
-SELECT_METHOD_HELP = {
-    "ablation": "ablation: answer loss with the selected heads gated off minus with them on",
-    "alignment": "alignment: cosine between a sample's head-gate gradient and the probe set's mean",
-    "activation": "activation: output norm of the selected heads on the answer tokens (one forward)",
-    "random": "random: a seeded control",
-    "activation_length_z": "activation_length_z: activation z-scored among samples of similar answer length",
-    "prefilter_alignment": "prefilter_alignment: activation keeps the top 3x share, alignment ranks those",
-    **{m: f"{m}: {h}" for m, h in BASELINE_HELP.items()},
-}
 #: answer positions used by default (see `p2d.method.gating.POSITIONS`): all answer positions beat content-only ones
 #: with gradient, gradient_layer and gradient_logratio heads in the same study (bench/choose_defaults.py)
 DEFAULT_POSITIONS = "all"
@@ -87,24 +77,44 @@ DEFAULT_POSITIONS = "all"
 #: the target with random heads too (its signal is gradient similarity, not the heads).
 DEFAULT_SELECT_METHOD = "activation"
 
-__all__ = ["SELECT_METHODS", "SELECT_METHOD_HELP", "DEFAULT_SELECT_METHOD", "POSITIONS", "DEFAULT_POSITIONS", "PREFILTER_FACTOR",
-           "Selection", "select_data", "head_list"]
+__all__ = ["SELECT_METHODS", "SELECT_METHOD_HELP", "SelectMethod", "DEFAULT_SELECT_METHOD", "POSITIONS",
+           "DEFAULT_POSITIONS", "PREFILTER_FACTOR", "Selection", "select_data", "head_list", "SELECTED_FILE",
+           "SCORES_FILE", "SELECTION_FILE"]
 
 SELECTED_FILE = "selected.jsonl"    # the kept pool rows (with their score as p2d_score), best first
 SCORES_FILE = "scores.jsonl"        # every pool row's score, in pool order
 SELECTION_FILE = "selection.json"   # method, counts, kept positions, extra
 
 
+@dataclass(frozen=True)
+class SelectMethod:
+    """One selection method of the registry `SELECT_METHODS`.
+
+    ``score(job: p2d.method.scoring.SelectJob) -> stopped`` writes every pool row's score into
+    ``job.scores``; ``help`` is its line in UIs and CLI help. ``uses_heads``: False for a head-free
+    selector (it ignores the heads and ``positions``, and gets no encoded batches); ``model_pass``: False
+    for a head-guided method that never runs the model; ``needs_probe``: a head-guided method that
+    reads the probe set (its batches are encoded for it, and a missing probe set is refused)."""
+
+    help: str
+    score: Callable
+    uses_heads: bool = True
+    model_pass: bool = True
+    needs_probe: bool = False
+
+
 def select_data(lm, heads, pool: list[Sample], method: str = DEFAULT_SELECT_METHOD, ratio: float = 0.1,
                 probe: list[Sample] | None = None, batch_size: int = 8, max_length: int = 256, seed: int = 0,
                 progress=None, should_stop=None, positions: str = DEFAULT_POSITIONS,
                 prefilter_factor: float = PREFILTER_FACTOR, hidden_layer: int | None = None) -> Selection:
-    """Score every sample of ``pool`` with heads ``heads`` (HeadScores or [[layer, head], ...]) and
-    keep the top ``ratio`` (at least one). See the module docstring for the methods, ``positions``
-    (one of ``POSITIONS``) and ``prefilter_factor`` (prefilter_alignment only). The head-free methods
-    (`p2d.method.selection_baselines`: tfidf, bm25, hidden) ignore ``heads`` (None is fine) and
-    ``positions``; ``hidden_layer`` is hidden's layer (None: the middle one)."""
-    if method not in SELECT_METHODS:
+    """Score every sample of ``pool`` with the method ``method`` of `SELECT_METHODS` and heads ``heads``
+    (HeadScores or [[layer, head], ...]) and keep the top ``ratio`` (at least one). See the module
+    docstring for the methods, ``positions`` (one of ``POSITIONS``) and ``prefilter_factor``
+    (prefilter_alignment only). The head-free methods (`p2d.method.selection_baselines`: tfidf, bm25,
+    hidden) ignore ``heads`` (None is fine) and ``positions``; ``hidden_layer`` is hidden's layer (None:
+    the middle one)."""
+    spec = SELECT_METHODS.get(method)
+    if spec is None:
         raise UserError(f"unknown selection method {method!r}: use one of {', '.join(SELECT_METHODS)}")
     ratio = check_ratio(ratio, "data ratio")
     positions = check_positions(positions)
@@ -116,87 +126,67 @@ def select_data(lm, heads, pool: list[Sample], method: str = DEFAULT_SELECT_METH
     if method == "prefilter_alignment" and not (isinstance(prefilter_factor, (int, float)) and prefilter_factor >= 1
                                                 and math.isfinite(prefilter_factor)):
         raise UserError(f"the prefilter factor must be a number >= 1 (got {prefilter_factor!r})")
-    if method in BASELINE_METHODS:
-        start = time.perf_counter()
-        scores, extra, stopped = baseline_scores(method, lm, pool, probe, batch_size, max_length, hidden_layer,
-                                                 progress, should_stop)
-        extra["stopped"] = stopped
-        selected = top_samples(scores, ratio)
-        return Selection(method=method, ratio=ratio, n_pool=len(pool), n_selected=len(selected),
-                         time_s=round(time.perf_counter() - start, 3), scores=scores, selected=selected, extra=extra)
-    geo = lm.geometry
-    hl = head_list(heads, geo)
-    by_layer = heads_by_layer(hl)
-    if method in ("alignment", "prefilter_alignment") and not probe:
-        raise UserError(f"the {method} score needs a probe set (a few target-task samples): give a probe file (probe), "
-                        "or pick another selection method")
-    start = time.perf_counter()
     n = len(pool)
-    scores = [float("nan")] * n
-    extra: dict = {"heads": hl, "n_heads": len(hl), "layers": sorted(by_layer)}
-    if isinstance(heads, HeadScores):
-        extra["head_method"] = heads.method
-    stopped = False
-
-    if method == "random":
-        rng = random.Random(seed)
-        scores = [rng.random() for _ in range(n)]
-        extra["seed"] = seed
-        if progress is not None:
-            progress(1, 1, "random scores")
+    job = SelectJob(method, lm, pool, probe, ratio, seed, batch_size, max_length, positions, hidden_layer,
+                    float(prefilter_factor), progress, should_stop, scores=[float("nan")] * n)
+    if not spec.uses_heads:
+        start = time.perf_counter()
+        stopped = spec.score(job)
     else:
-        procs = Processes.current()
-        should_stop = procs.agreed(should_stop)
-        enc = EncodedBatches(lm, pool, batch_size, max_length, positions)
-        extra.update(enc.info(), positions=positions)
-        groups, own = procs.padded(enc.groups)  # a sharded model: padded with copies, never merged
-        owned = [it["index"] for g in groups[:own] for it in g]
-        probe_groups = []
-        if method in ("alignment", "prefilter_alignment"):
-            penc = encode(list(probe), lm.tokenizer, max_length)
-            if not penc:
-                raise UserError("no probe sample has answer tokens within the max length; raise max_length")
-            probe_groups = list(iter_batches(penc, batch_size, sort_by_length=True))
-        bar = Ticker(progress, len(groups) + len(probe_groups))
-
-        with frozen(lm.model):
-            if method == "ablation":
-                stopped = score_ablation(lm, by_layer, enc, groups, scores, bar, should_stop)
-            elif method in ("activation", "activation_length_z"):
-                lengths = [0] * n
-                stopped = _activation(lm, by_layer, enc, groups, scores, bar, should_stop, lengths)
-                lengths = procs.merge(lengths, owned)
-                if method == "activation_length_z":
-                    scores = procs.merge(scores, owned)
-                    extra["raw_scores_range"] = finite_range(scores)
-                    scores = length_z(scores, lengths)
-            elif method == "alignment":
-                stopped, info = score_alignment(lm, by_layer, enc, probe_groups, groups, scores, bar, should_stop)
-                extra.update(info)
-            else:
-                stopped, info, owned = score_prefilter_alignment(lm, by_layer, enc, probe_groups, scores, ratio,
-                                                                 float(prefilter_factor), bar, should_stop, procs,
-                                                                 first_pass=_activation)
-                extra.update(info)
-        scores = procs.merge(scores, owned)
-        stopped = any(procs.gather(stopped))
-        extra.update(procs.summary(len(owned)))
-
-    extra["stopped"] = stopped
-    selected = top_samples(scores, ratio)
+        hl = head_list(heads, lm.geometry)
+        job.by_layer = heads_by_layer(hl)
+        if spec.needs_probe and not probe:
+            raise UserError(f"the {method} score needs a probe set (a few target-task samples): give a probe file "
+                            "(probe), or pick another selection method")
+        start = time.perf_counter()
+        job.extra = {"heads": hl, "n_heads": len(hl), "layers": sorted(job.by_layer)}
+        if isinstance(heads, HeadScores):
+            job.extra["head_method"] = heads.method
+        if not spec.model_pass:
+            stopped = spec.score(job)
+        else:
+            stopped = _model_pass(job, spec)
+    job.extra["stopped"] = stopped
+    selected = top_samples(job.scores, ratio)
     return Selection(method=method, ratio=ratio, n_pool=n, n_selected=len(selected),
-                     time_s=round(time.perf_counter() - start, 3), scores=scores, selected=selected, extra=extra)
+                     time_s=round(time.perf_counter() - start, 3), scores=job.scores, selected=selected,
+                     extra=job.extra)
 
 
-def _activation(lm, by_layer, enc, groups, scores, bar, should_stop, lengths=None) -> bool:
-    """The default score of the batches ``groups`` into ``scores`` (and each sample's number of answer
-    positions into ``lengths``); True when stopped."""
+def _model_pass(job: SelectJob, spec: SelectMethod) -> bool:
+    """A head-guided method over the encoded pool, this process's share of it (several processes: the
+    scores merged afterwards), every weight frozen; True when stopped."""
+    lm, procs = job.lm, Processes.current()
+    job.procs = procs
+    job.should_stop = procs.agreed(job.should_stop)
+    job.enc = EncodedBatches(lm, job.pool, job.batch_size, job.max_length, job.positions)
+    job.extra.update(job.enc.info(), positions=job.positions)
+    job.groups, own = procs.padded(job.enc.groups)  # a sharded model: padded with copies, never merged
+    job.owned = [it["index"] for g in job.groups[:own] for it in g]
+    if spec.needs_probe:
+        penc = encode(list(job.probe), lm.tokenizer, job.max_length)
+        if not penc:
+            raise UserError("no probe sample has answer tokens within the max length; raise max_length")
+        job.probe_groups = list(iter_batches(penc, job.batch_size, sort_by_length=True))
+    job.bar = Ticker(job.progress, len(job.groups) + len(job.probe_groups))
+    with frozen(lm.model):
+        stopped = spec.score(job)
+    job.scores = procs.merge(job.scores, job.owned)
+    stopped = any(procs.gather(stopped))
+    job.extra.update(procs.summary(len(job.owned)))
+    return stopped
+
+
+def activation_scores(job: SelectJob, lengths: list[int] | None = None) -> bool:
+    """The default score of the batches ``job.groups`` into ``job.scores`` (and each sample's number of
+    answer positions into ``lengths``); True when stopped."""
+    lm, by_layer, enc, scores, bar, should_stop = job.lm, job.by_layer, job.enc, job.scores, job.bar, job.should_stop
     geo = lm.geometry
     model = lm.model
     body = getattr(model, "base_model", None) or model
     last = max(by_layer)
     with torch.no_grad(), HeadGate(model, geo, layers=list(by_layer), stop_after=last) as gate:
-        for items in groups:
+        for items in job.groups:
             if should_stop is not None and should_stop():
                 return True
             batch = enc.tensors(items)
@@ -216,6 +206,44 @@ def _activation(lm, by_layer, enc, groups, scores, bar, should_stop, lengths=Non
             gate.capture(None)
             bar.step(f"activation: {bar.done + 1}/{bar.total} batches")
     return False
+
+
+def random_scores(job: SelectJob) -> bool:
+    """The control: ``random.Random(seed)`` scores, no model pass."""
+    rng = random.Random(job.seed)
+    job.scores = [rng.random() for _ in range(len(job.pool))]
+    job.extra["seed"] = job.seed
+    if job.progress is not None:
+        job.progress(1, 1, "random scores")
+    return False
+
+
+# ------------------------------------------------------------------------------------------ the registry
+
+#: every selection method (a new one: its function, in this file, selection_variants.py or
+#: selection_baselines.py, and one line here); the order is the order UIs list them in
+SELECT_METHODS: dict[str, SelectMethod] = {
+    "ablation": SelectMethod("ablation: answer loss with the selected heads gated off minus with them on",
+                             score_ablation),
+    "alignment": SelectMethod("alignment: cosine between a sample's head-gate gradient and the probe set's mean",
+                              score_alignment, needs_probe=True),
+    "activation": SelectMethod("activation: output norm of the selected heads on the answer tokens (one forward)",
+                               activation_scores),
+    "random": SelectMethod("random: a seeded control", random_scores, model_pass=False),
+    "activation_length_z": SelectMethod("activation_length_z: activation z-scored among samples of similar answer "
+                                        "length", functools.partial(score_length_z, first_pass=activation_scores)),
+    "prefilter_alignment": SelectMethod("prefilter_alignment: activation keeps the top 3x share, alignment ranks "
+                                        "those", functools.partial(score_prefilter_alignment,
+                                                                   first_pass=activation_scores), needs_probe=True),
+    "tfidf": SelectMethod("tfidf: no heads, no model: TF-IDF of the prompt's words and symbols, cosine to the "
+                          "probe's centroid", score_tfidf, uses_heads=False),
+    "bm25": SelectMethod("bm25: no heads, no model: BM25 of the prompt against the probe's terms", score_bm25,
+                         uses_heads=False),
+    "hidden": SelectMethod("hidden: no heads: the model's mean hidden state of one layer, cosine to the probe's "
+                           "centroid", score_hidden, uses_heads=False),
+}
+#: one line per selection method, for UIs and CLI help
+SELECT_METHOD_HELP = {name: m.help for name, m in SELECT_METHODS.items()}
 
 
 # ------------------------------------------------------------------------------------------ result

@@ -1,8 +1,10 @@
 """Selectors that use no heads: the cheap alternatives P2D's head-guided selection has to beat.
 
 Each scores every pool sample by its similarity to the probe set (the target examples); higher =
-more wanted. They are selection methods like any other (``select_method``; `p2d.method.selection` calls
-`baseline_scores`), and the benchmark's baselines.
+more wanted. They are selection methods like any other (``select_method``; each ``score_*`` function of a
+`p2d.method.scoring.SelectJob` is one line of `p2d.method.selection.SELECT_METHODS`, marked
+``uses_heads=False``), and the benchmark's baselines. A selector that reads the rows' answers rather than
+their prompts belongs here too, as its own function and registry line.
 
 - ``tfidf`` (no model): TF-IDF vectors of the prompt text (every turn before the answer, lower-cased,
   tokens = runs of letters/digits and single other non-space symbols, so ``+`` and ``?`` count);
@@ -36,16 +38,10 @@ from ..data.formats import Sample
 from ..errors import UserError
 from ..geometry import decoder_layers
 from .gating import StopForward
+from .scoring import SelectJob
 from ..models import frozen
 from ..progress import Ticker
 
-#: selection methods of this module (`p2d.method.selection.SELECT_METHODS` includes them)
-BASELINE_METHODS = ("tfidf", "bm25", "hidden")
-BASELINE_HELP = {
-    "tfidf": "no heads, no model: TF-IDF of the prompt's words and symbols, cosine to the probe's centroid",
-    "bm25": "no heads, no model: BM25 of the prompt against the probe's terms",
-    "hidden": "no heads: the model's mean hidden state of one layer, cosine to the probe's centroid",
-}
 BM25_K1, BM25_B = 1.2, 0.75
 
 _TOKEN = re.compile(r"\w+|[^\w\s]")
@@ -171,17 +167,36 @@ def hidden_scores(lm, pool: list[Sample], probe: list[Sample], layer: int | None
     return scores, {"hidden_layer": layer}, stopped
 
 
-def baseline_scores(method: str, lm, pool: list[Sample], probe: list[Sample] | None, batch_size: int = 8,
-                    max_length: int = 256, hidden_layer: int | None = None, progress=None,
-                    should_stop=None) -> tuple[list[float], dict, bool]:
-    """Scores of a head-free selection method (`BASELINE_METHODS`): (scores, extra, stopped)."""
-    if method not in BASELINE_METHODS:
-        raise UserError(f"unknown head-free selection method {method!r}: use one of {', '.join(BASELINE_METHODS)}")
-    if not probe:
-        raise UserError(f"the {method} selection compares the pool with the probe set: give a probe file (probe)")
-    if method == "hidden":
-        return hidden_scores(lm, pool, probe, hidden_layer, batch_size, max_length, progress, should_stop)
-    scores = tfidf_scores(pool, probe) if method == "tfidf" else bm25_scores(pool, probe)
-    if progress is not None:
-        progress(1, 1, f"{method} scores")
-    return scores, {"uses_model": False}, False
+def _need_probe(job: SelectJob) -> None:
+    if not job.probe:
+        raise UserError(f"the {job.method} selection compares the pool with the probe set: give a probe file (probe)")
+
+
+def score_tfidf(job: SelectJob) -> bool:
+    """``tfidf``: `tfidf_scores` of the pool against the probe (no model)."""
+    _need_probe(job)
+    job.scores = tfidf_scores(job.pool, job.probe)
+    return _model_free(job)
+
+
+def score_bm25(job: SelectJob) -> bool:
+    """``bm25``: `bm25_scores` of the pool against the probe (no model)."""
+    _need_probe(job)
+    job.scores = bm25_scores(job.pool, job.probe)
+    return _model_free(job)
+
+
+def _model_free(job: SelectJob) -> bool:
+    job.extra["uses_model"] = False
+    if job.progress is not None:
+        job.progress(1, 1, f"{job.method} scores")
+    return False
+
+
+def score_hidden(job: SelectJob) -> bool:
+    """``hidden``: `hidden_scores` of the pool against the probe at layer ``job.hidden_layer``."""
+    _need_probe(job)
+    job.scores, extra, stopped = hidden_scores(job.lm, job.pool, job.probe, job.hidden_layer, job.batch_size,
+                                               job.max_length, job.progress, job.should_stop)
+    job.extra.update(extra)
+    return stopped

@@ -1,6 +1,7 @@
 """The selection variants `p2d.method.selection.select_data` offers besides its default (``activation`` and
 ``random`` live in `p2d.method.selection`); formulas and sources also in docs/METHOD.md. Each scores the
-batches of an `p2d.method.scoring.EncodedBatches` into ``scores`` (indexed by pool position).
+batches of a `p2d.method.scoring.SelectJob` (its encoded pool) into ``job.scores`` (indexed by pool position)
+and is one line of `p2d.method.selection.SELECT_METHODS`.
 
 - ``ablation``: answer-token loss with the heads of H gated to zero minus the loss of the full model
   (AttentionInfluence-style): how much the sample relies on H. Two no-grad forwards per batch on the
@@ -24,6 +25,7 @@ batches of an `p2d.method.scoring.EncodedBatches` into ``scores`` (indexed by po
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 
@@ -31,10 +33,10 @@ import torch
 
 from ..data.encoding import iter_batches
 from .gating import HeadGate, answer_losses
-from .scoring import model_inputs, top_samples
+from .scoring import SelectJob, model_inputs, top_samples
 
-__all__ = ["score_ablation", "score_alignment", "score_prefilter_alignment", "rank_below_kept", "length_z", "PREFILTER_FACTOR",
-           "LENGTH_BUCKET_MIN", "LENGTH_BUCKETS"]
+__all__ = ["score_ablation", "score_alignment", "score_length_z", "score_prefilter_alignment", "rank_below_kept",
+           "length_z", "finite_range", "PREFILTER_FACTOR", "LENGTH_BUCKET_MIN", "LENGTH_BUCKETS"]
 
 #: prefilter_alignment: the first (activation) pass keeps this many times the final ratio
 PREFILTER_FACTOR = 3.0
@@ -43,7 +45,10 @@ LENGTH_BUCKET_MIN = 10
 LENGTH_BUCKETS = 20
 
 
-def score_ablation(lm, by_layer, enc, groups, scores, bar, should_stop) -> bool:
+def score_ablation(job: SelectJob) -> bool:
+    """``ablation`` of the batches ``job.groups`` into ``job.scores``; True when stopped."""
+    lm, by_layer, enc, groups, scores, bar, should_stop = (job.lm, job.by_layer, job.enc, job.groups, job.scores,
+                                                           job.bar, job.should_stop)
     geo = lm.geometry
     off = {}
     for layer, heads in by_layer.items():
@@ -88,7 +93,16 @@ def _gate_vectors(lm, gate: HeadGate, by_layer: dict[int, list[int]], batch: dic
     return torch.cat(cols, dim=1).cpu()
 
 
-def score_alignment(lm, by_layer, enc, probe_groups, groups, scores, bar, should_stop):
+def score_alignment(job: SelectJob) -> bool:
+    """``alignment`` of the batches ``job.groups`` into ``job.scores`` (its probe facts into ``job.extra``);
+    True when stopped."""
+    stopped, info = _alignment(job.lm, job.by_layer, job.enc, job.probe_groups, job.groups, job.scores, job.bar,
+                               job.should_stop)
+    job.extra.update(info)
+    return stopped
+
+
+def _alignment(lm, by_layer, enc, probe_groups, groups, scores, bar, should_stop):
     info: dict = {}
     with HeadGate(lm.model, lm.geometry, layers=list(by_layer)) as gate:
         total, count = None, 0
@@ -115,34 +129,39 @@ def score_alignment(lm, by_layer, enc, probe_groups, groups, scores, bar, should
     return False, info
 
 
-def score_prefilter_alignment(lm, by_layer, enc, probe_groups, scores, ratio, factor, bar, should_stop, procs,
-                              first_pass):
-    """Activation on the whole pool (``first_pass``: `p2d.method.selection`'s activation scorer), then alignment on
-    the top ``factor x ratio``; returns (stopped, info, the indices this process aligned)."""
+def score_prefilter_alignment(job: SelectJob, first_pass) -> bool:
+    """Activation on the whole pool (``first_pass``: `p2d.method.selection`'s activation scorer), then
+    alignment on the top ``prefilter_factor x ratio``; the rows this process aligned become ``job.owned``.
+    True when stopped."""
+    lm, by_layer, enc, scores, bar, should_stop, procs = (job.lm, job.by_layer, job.enc, job.scores, job.bar,
+                                                          job.should_stop, job.procs)
     t0 = time.perf_counter()
     n = len(scores)
     first = [float("nan")] * n
     mine, own = procs.padded(enc.groups)
-    stopped = first_pass(lm, by_layer, enc, mine, first, bar, should_stop)
+    stopped = first_pass(dataclasses.replace(job, scores=first, groups=mine))
     first = procs.merge(first, [it["index"] for g in mine[:own] for it in g])
-    share = min(1.0, factor * ratio)
+    share = min(1.0, job.prefilter_factor * job.ratio)
     keep = set(top_samples(first, share))
-    info: dict = {"prefilter_factor": factor, "prefilter_share": share, "prefilter_kept": len(keep),
+    info: dict = {"prefilter_factor": job.prefilter_factor, "prefilter_share": share, "prefilter_kept": len(keep),
                   "first_pass_s": round(time.perf_counter() - t0, 3)}
     rank_below_kept(first, keep, scores)
+    job.extra.update(info)
     if stopped:
-        return True, info, []
+        job.owned = []
+        return True
     kept_items = [it for it in enc.items if it["index"] in keep]
     groups, own = procs.padded(list(iter_batches(kept_items, enc.batch_size, sort_by_length=True)))
-    bar.total = bar.done + len(probe_groups) + len(groups)
+    bar.total = bar.done + len(job.probe_groups) + len(groups)
     t1 = time.perf_counter()
-    stopped, align_info = score_alignment(lm, by_layer, enc, probe_groups, groups, scores, bar, should_stop)
-    info.update(align_info, alignment_s=round(time.perf_counter() - t1, 3))
+    stopped, align_info = _alignment(lm, by_layer, enc, job.probe_groups, groups, scores, bar, should_stop)
+    job.extra.update(align_info, alignment_s=round(time.perf_counter() - t1, 3))
     if stopped:  # kept samples not reached yet keep a score below the aligned ones, above the rest
         for i in keep:
             if not math.isfinite(scores[i]):
                 scores[i] = -1.5
-    return stopped, info, [it["index"] for g in groups[:own] for it in g]
+    job.owned = [it["index"] for g in groups[:own] for it in g]
+    return stopped
 
 
 def rank_below_kept(first: list[float], keep: set[int], scores: list[float]) -> None:
@@ -154,6 +173,18 @@ def rank_below_kept(first: list[float], keep: set[int], scores: list[float]) -> 
 
 
 # ------------------------------------------------------------------------------------- length_z
+
+
+def score_length_z(job: SelectJob, first_pass) -> bool:
+    """``activation_length_z``: the activation scores (``first_pass``) z-scored within buckets of similar
+    answer length (`length_z`), over the whole pool (several processes: merged first); True when stopped."""
+    lengths = [0] * len(job.scores)
+    stopped = first_pass(job, lengths)
+    lengths = job.procs.merge(lengths, job.owned)
+    job.scores = job.procs.merge(job.scores, job.owned)
+    job.extra["raw_scores_range"] = finite_range(job.scores)
+    job.scores = length_z(job.scores, lengths)
+    return stopped
 
 
 def length_z(scores: list[float], lengths: list[int], min_bucket: int | None = None) -> list[float]:
