@@ -23,7 +23,9 @@ Files (PEFT-like names): ``adapter_model.safetensors`` with tensors ``layers.{l}
 the trained slices) and ``adapter_config.json`` (base model spec, geometry, heads, projections,
 training settings, P2D version, format version, ``kind``).
 
-Adapter kinds (``ADAPTER_KINDS``; ``kind`` in adapter_config.json, missing = ``"heads"``):
+Adapter kinds (``ADAPTER_KINDS``; ``kind`` in adapter_config.json, missing = ``"heads"``); an adapter's
+name (`adapter_name`, `parse_adapter`: ``qkvo``, ``qo``, ``offset`` ...) is its kind and projections in one
+word, as the comparison cells and the benchmark write it:
 
 - ``heads`` (`HeadAdapter`, above): deltas on the q/k/v/o slices of the selected heads;
 - ``offset`` (`OffsetAdapter`): LoFiT's second step (Yin, Ye & Durrett, NeurIPS 2024): a learned
@@ -63,6 +65,15 @@ from .models import is_quantized
 PROJECTIONS = ("q", "k", "v", "o")
 #: adapter classes by ``kind`` (adapter_config.json; `p2d.training.TrainConfig.adapter`)
 ADAPTER_KINDS = ("heads", "offset")
+#: what "training a head" means, by name: (kind, projections). The settings and adapter_config.json store
+#: the kind and the projections; the comparison cells, the benchmark and its reports name the same adapter
+#: by `adapter_name` (these three are the regimes the benchmark compares; any other projection subset is
+#: named by its letters, e.g. ``qv``)
+ADAPTERS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "qkvo": ("heads", ("q", "k", "v", "o")),   # the head's q rows, its kv head's k/v rows, its o columns
+    "qo": ("heads", ("q", "o")),               # q rows and o columns only: no kv row shared across a GQA group
+    "offset": ("offset", ()),                  # LoFiT-style per-head output scale and offset vectors
+}
 ADAPTER_FORMAT = "p2d-head-adapter"
 FORMAT_VERSION = 1
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -81,6 +92,27 @@ def normalize_projections(projections) -> tuple[str, ...]:
     if not projs:
         raise UserError("no projection to train: choose at least one of q, k, v, o")
     return projs
+
+
+def adapter_name(kind: str, projections=PROJECTIONS) -> str:
+    """The name of the adapter of ``kind`` on ``projections``: ``offset``, or the projections a ``heads``
+    adapter trains (``qkvo``, ``qo``, ``qv`` ...)."""
+    if kind not in ADAPTER_KINDS:
+        raise UserError(f"unknown adapter kind {kind!r}: use one of {', '.join(ADAPTER_KINDS)}")
+    return "offset" if kind == "offset" else "".join(normalize_projections(projections))
+
+
+def parse_adapter(name: str) -> tuple[str, tuple[str, ...]]:
+    """(kind, projections) of an adapter name (`adapter_name`'s names, and ``heads``: every projection;
+    ``offset`` has no projections). UserError for anything else."""
+    name = str(name).strip().lower()
+    if name in ADAPTERS:
+        return ADAPTERS[name]
+    if name == "heads":
+        return "heads", PROJECTIONS
+    if name and set(name) <= set(PROJECTIONS) and len(set(name)) == len(name):
+        return "heads", normalize_projections(list(name))
+    raise UserError(f"unknown adapter {name!r}: use offset, heads or the projections to train ({', '.join(ADAPTERS)} ...)")
 
 
 def geometry_mismatch(a: HeadGeometry, b: HeadGeometry) -> str | None:

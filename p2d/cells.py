@@ -13,10 +13,10 @@ module, so that both sides train and are evaluated the same way:
 - `cell_cost`: the cost rule of a cell (training time, plus what its heads and its data cost).
 
 Users: `p2d.pipeline.Run` (its evaluation), `p2d.controls` (the controls of one run) and the
-benchmark (`p2d.bench`). Supported trainable parts: ``heads`` (adapters ``qkvo``, ``qo``, ``offset``:
-see `ADAPTERS`), ``lora`` (q, k, v, o of every layer, alpha = 2 x rank) and ``full``. LoRA and full
-cells train a fresh copy of the model (not supported: quantised or remote-code models); head cells
-leave the shared base untouched.
+benchmark (`p2d.bench`). Supported trainable parts: ``heads`` (adapters by name: ``qkvo``, ``qo``,
+``offset``, ...: `p2d.adapter.ADAPTERS`), ``lora`` (q, k, v, o of every layer, alpha = 2 x rank) and
+``full``. LoRA and full cells train a fresh copy of the model (not supported: quantised or remote-code
+models); head cells leave the shared base untouched.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from .adapter import load_adapter, parse_adapter
 from .data.encoding import encode
 from .data.formats import Sample
 from .errors import UserError
@@ -39,17 +40,11 @@ from .evaluation import EvalResult, evaluate, forced_eval
 from .models import LoadedModel, load_model, trainable
 from .training import TrainConfig, train_heads, train_loop
 
-__all__ = ["Cell", "CELLS", "ADAPTERS", "TRAINABLES", "CellResult", "PeakMemory", "train_cell", "evaluate_cell",
+__all__ = ["Cell", "CELLS", "TRAINABLES", "CellResult", "PeakMemory", "train_cell", "evaluate_cell",
            "cell_cost", "curve_steps", "LORA_TARGETS"]
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 TRAINABLES = ("heads", "lora", "full")
-#: what "training a head" means, per adapter name: (adapter kind of `p2d.adapter`, projections)
-ADAPTERS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "qkvo": ("heads", ("q", "k", "v", "o")),   # the head's q rows, its kv head's k/v rows, its o columns
-    "qo": ("heads", ("q", "o")),               # q rows and o columns only: no kv row shared across a GQA group
-    "offset": ("offset", ()),                  # LoFiT-style per-head output scale and offset vectors
-}
 
 
 @dataclass(frozen=True)
@@ -61,14 +56,17 @@ class Cell:
     trainable: str
     data: str
     heads: str | None = None
-    adapter: str | None = None  # head cells: one of ADAPTERS; None: as the training settings say
+    adapter: str | None = None  # head cells: an adapter name (`p2d.adapter.parse_adapter`); None: as the training settings say
     label: str = ""
 
     def __post_init__(self):
         if self.trainable not in TRAINABLES:
             raise ValueError(f"unknown trainable part {self.trainable!r}")
-        if self.adapter is not None and self.adapter not in ADAPTERS:
-            raise ValueError(f"unknown adapter {self.adapter!r}")
+        if self.adapter is not None:
+            try:
+                parse_adapter(self.adapter)
+            except UserError:
+                raise ValueError(f"unknown adapter {self.adapter!r}") from None
 
     @property
     def uses_heads(self) -> bool:
@@ -78,7 +76,7 @@ class Cell:
         """``tc`` with this cell's adapter (head cells with an adapter; otherwise unchanged)."""
         if not self.uses_heads or self.adapter is None:
             return tc
-        kind, projections = ADAPTERS[self.adapter]
+        kind, projections = parse_adapter(self.adapter)
         return dataclasses.replace(tc, adapter=kind, projections=projections or tc.projections)
 
 
@@ -173,8 +171,6 @@ def train_cell(cell: Cell, base: LoadedModel, samples: list[Sample], tc: TrainCo
     out.mkdir(parents=True, exist_ok=True)
     cpu0 = time.process_time()
     if cell.uses_heads:
-        from .adapter import load_adapter
-
         if heads is None:
             raise ValueError("a head cell needs its heads")
         with PeakMemory(base.device) as mem:

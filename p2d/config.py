@@ -28,7 +28,7 @@ from pathlib import Path
 
 import yaml
 
-from .adapter import ADAPTER_KINDS, PROJECTIONS
+from .adapter import ADAPTER_KINDS, PROJECTIONS, adapter_name
 from .cost import REFERENCE_MODES
 from .data.builtin import DEFAULT_TARGET, TASKS
 from .data.builtin_hard import HARD_POOL, HARD_TARGETS
@@ -263,6 +263,12 @@ class RunConfig:
     def builtin_pool(self) -> str | None:
         """``"builtin"`` (the plain built-in pool), ``"builtin-hard"``, or None when the pool is a file."""
         return "builtin" if not self.pool else (self.pool if self.pool in BUILTIN_POOLS else None)
+
+    @property
+    def adapter_name(self) -> str:
+        """The adapter's name (`p2d.adapter.adapter_name`: ``qkvo``, ``qo``, ``offset`` ...): the kind and
+        projections of ``adapter`` and ``projections`` in the word the cells and the benchmark use."""
+        return adapter_name(self.adapter, self.projections)
 
     @property
     def train_epochs(self) -> float:

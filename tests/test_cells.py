@@ -7,7 +7,9 @@ import random
 import pytest
 import torch
 
-from p2d.cells import ADAPTERS, CELLS, Cell, cell_cost, evaluate_cell, train_cell
+from p2d.adapter import ADAPTERS, adapter_name, parse_adapter
+from p2d.cells import CELLS, Cell, cell_cost, evaluate_cell, train_cell
+from p2d.config import RunConfig
 from p2d.cost import time_to_reach
 from p2d.data.formats import Sample
 from p2d.data.loading import load_records
@@ -61,6 +63,11 @@ def test_cells_train_what_they_say(tiny_llama, tmp_path):
     assert Cell("heads", "p2d", "p2d", "qo").train_config(tc).projections == ("q", "o")
     with pytest.raises(ValueError):
         Cell("heads", "p2d", adapter="lora")
+    # one vocabulary: an adapter's name is its kind and projections (the settings' and adapter_config.json's)
+    assert all(adapter_name(*parse_adapter(name)) == name for name in ADAPTERS)
+    assert parse_adapter("heads") == ("heads", ("q", "k", "v", "o")) and adapter_name("heads", ["v", "q"]) == "qv"
+    assert Cell("heads", "p2d", "p2d", "vq").train_config(tc).projections == ("q", "v")
+    assert RunConfig(projections="q,o").adapter_name == "qo" and RunConfig(adapter="offset").adapter_name == "offset"
     assert cell_cost(10.0, 2.0, 3.0) == 15.0
 
 

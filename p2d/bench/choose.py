@@ -20,8 +20,17 @@ from __future__ import annotations
 
 import statistics
 
+from ..adapter import parse_adapter
+
 TIE_PRECISION = 0.02
 TIE_LOSS = 0.01
+
+
+def _reach(adapter: str) -> int:
+    """How far an adapter's change reaches: k/v rows a whole GQA group (2), q/o slices their own query
+    heads (1), an offset only the head's output (0)."""
+    kind, projections = parse_adapter(adapter)
+    return 0 if kind == "offset" else 2 if {"k", "v"} & set(projections) else 1
 
 
 def _mean(xs):
@@ -91,13 +100,9 @@ def choose_defaults(bench) -> dict | None:
             adapters.append({"adapter": adapter, "probe_loss": _mean(losses), "per_split": losses})
     adapter_winner = None
     if adapters:
-        from ..cells import ADAPTERS
-
         low = min(a["probe_loss"] for a in adapters)
         close = [a for a in adapters if a["probe_loss"] - low <= TIE_LOSS]
-        reach = {"qkvo": 2, "qo": 1, "offset": 0}  # k/v rows reach a whole GQA group; offsets only the head
-        adapter_winner = min(close, key=lambda a: (reach.get(a["adapter"], 3), a["probe_loss"]))["adapter"]
-        assert adapter_winner in ADAPTERS
+        adapter_winner = min(close, key=lambda a: (_reach(a["adapter"]), a["probe_loss"]))["adapter"]
     return {"choice_seed": cfg.choice_seed, "splits": splits_seen, "selection": table, "selection_winner": winner,
             "adapters": adapters, "adapter_winner": adapter_winner}
 

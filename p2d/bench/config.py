@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..cells import ADAPTERS
+from ..adapter import ADAPTERS
 from ..config import BUILTIN_POOLS, RunConfig, inherited, normalize_fields, setting
 from ..errors import UserError
 from ..method.heads import HEAD_METHODS

@@ -35,7 +35,8 @@ from pathlib import Path
 
 import torch
 
-from ..cells import ADAPTERS, CELLS, Cell, curve_steps, evaluate_cell, train_cell
+from ..adapter import ADAPTERS
+from ..cells import CELLS, Cell, curve_steps, evaluate_cell, train_cell
 from ..errors import UserError
 from ..evaluation import forced_eval
 from ..method.features import activation_from_features, alignment_from_features, head_features
