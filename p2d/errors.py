@@ -5,7 +5,8 @@ The CLI prints its message on one line and exits with code 2; the app shows it i
 Anything else is a bug and may crash with a traceback.
 
 `shown(value)` is how a message quotes a value it got: a short repr, built without formatting the whole
-value (a huge or deeply shared structure never turns into a huge message).
+value (a huge or deeply shared structure never turns into a huge message); `one_line(exc)` how it quotes
+an exception raised by a library.
 """
 
 import reprlib
@@ -23,6 +24,13 @@ def shown(value, limit: int = 80) -> str:
     except Exception:  # noqa: BLE001 - a value whose repr fails is still named
         text = f"<{type(value).__name__}>"
     text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def one_line(exc: BaseException, limit: int = 200) -> str:
+    """An exception's message on one line of at most ``limit`` characters (its type name when empty), for
+    quoting a library's error inside a UserError."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 

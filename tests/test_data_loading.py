@@ -910,7 +910,7 @@ def _hub_style_folder(root):
 
 
 def test_dataset_spec_parsing(tmp_path):
-    from p2d.data.loading import DatasetSpec, parse_dataset_spec
+    from p2d.data.read_datasets import DatasetSpec, parse_dataset_spec
 
     assert parse_dataset_spec("openai/gsm8k:main@test") == DatasetSpec("openai/gsm8k", "main", "test")
     assert parse_dataset_spec("gsm8k") == DatasetSpec("gsm8k")
@@ -926,7 +926,7 @@ def test_dataset_spec_parsing(tmp_path):
 
 def test_configs_and_splits_of_a_dataset_folder(tmp_path):
     """The same `datasets` code path as a hub id (load_dataset with a config and a split, streamed), offline."""
-    from p2d.data.loading import dataset_options
+    from p2d.data.read_datasets import dataset_options
 
     root = _hub_style_folder(tmp_path / "gsm")
     assert dataset_options(str(root)) == {"configs": ["main", "socratic"],
@@ -947,7 +947,7 @@ def test_configs_and_splits_of_a_dataset_folder(tmp_path):
 
 
 def test_dataset_options_offline_says_so():
-    from p2d.data.loading import dataset_options
+    from p2d.data.read_datasets import dataset_options
 
     msg = user_error(dataset_options, "someone/not-a-real-dataset-p2d")
     assert "offline" in msg and "id:config@split" in msg and "\n" not in msg

@@ -1,8 +1,21 @@
-"""Dataset loading and encoding.
+"""The data: files and datasets read into samples, samples encoded into batches, the built-in task pools.
 
-`load_data` reads JSONL/JSON/CSV/TSV/Parquet files, `save_to_disk` folders and hub ids into
-`Sample`s (see `p2d.data.formats` for the row shapes it recognises); `encode` and friends turn
-samples into token ids, loss labels and padded batches.
+What belongs here, one job per module:
+
+- ``formats.py``: `Sample`, the row shapes a row is recognised by (alpaca, prompt/response, messages,
+  ...) and the column mapping that overrides them;
+- ``loading.py``: `load_data` / `load_records` -> `LoadedData`: which reader reads a source, and the
+  samples built from its rows (shape, mapping, skipped and repaired rows, the caps for untrusted input);
+- ``sniff.py``: what a file is (kind by name, a look at its first bytes) and byte streams capped at
+  ``max_bytes``;
+- one module per reader, each yielding ``(index, row)`` records: ``read_jsonl.py`` (JSON Lines),
+  ``read_json.py`` (JSON documents, whole or streamed), ``read_csv.py`` (CSV/TSV), ``read_parquet.py``,
+  ``read_datasets.py`` (``save_to_disk`` folders, dataset folders and hub ids, and their spec syntax);
+- ``encoding.py``: samples -> token ids, answer-token labels and padded, length-sorted batches;
+- ``builtin.py`` and ``builtin_hard.py``: the built-in task pools (no download).
+
+A new file format is a reader module plus one branch in `p2d.data.loading`; a new built-in pool is its
+own module next to the others.
 """
 
 from p2d.data.encoding import IGNORE_INDEX, Encoded, collate, encode, encode_prompts, iter_batches, render

@@ -79,6 +79,12 @@ class SkipRow(Exception):
         self.reason = reason
 
 
+#: the skip reason of a row nested too deeply (by a reader's parser or `p2d.data.loading`'s check)
+TOO_DEEP = "too deeply nested"
+#: what a reader yields: (index, row) for a row dict, or (index, SkipRow) for a row already known bad
+Record = tuple[int, "dict | SkipRow"]
+
+
 @dataclass
 class Sample:
     """One training/evaluation example.

@@ -8,7 +8,7 @@ two steps, so the form has six names of its own:
 - ``data_source`` (builtin / files / hub) and ``pool_path``, ``probe_path``, ``eval_path``  ->  ``pool``,
   ``probe``, ``eval`` (with the built-in pool, ``columns`` is not used and left unset; with files or a
   dataset, ``target`` is). ``hub`` (local mode only) fills the paths with dataset specs
-  ``ID:CONFIG@SPLIT`` (`p2d.data.loading.parse_dataset_spec`) picked on the Model & data tab.
+  ``ID:CONFIG@SPLIT`` (`p2d.data.read_datasets.parse_dataset_spec`) picked on the Model & data tab.
 
 `to_config` hands the values to `RunConfig.from_dict`, which parses and checks every one of them
 (errors name the setting as "Label (field_name)"); `to_values` fills the form from a RunConfig. An
@@ -117,7 +117,7 @@ def _data_source(pool: str | None) -> str:
     """builtin without a pool; hub for a dataset spec that is not a file; files otherwise."""
     from pathlib import Path
 
-    from p2d.data.loading import parse_dataset_spec
+    from p2d.data.read_datasets import parse_dataset_spec
 
     from p2d.config import BUILTIN_POOLS
 

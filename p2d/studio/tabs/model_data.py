@@ -207,7 +207,7 @@ def build(ctx) -> SimpleNamespace:
         """The configs of a dataset (hub id or local dataset folder) and the splits of each, through the
         ``datasets`` library (a hub id needs the network); the pickers get sensible defaults (pool: the train
         split from row 100, probe: its first 100 rows, eval: a test split)."""
-        from p2d.data.loading import dataset_options as options_of
+        from p2d.data.read_datasets import dataset_options as options_of
 
         dataset = str(dataset or "").strip()
         if not dataset:
@@ -235,7 +235,7 @@ def build(ctx) -> SimpleNamespace:
 
     def specs(dataset, config, pool, probe, ev):
         """The pool/probe/eval paths as dataset specs (ID:CONFIG@SPLIT), in the one syntax the loader reads."""
-        from p2d.data.loading import DatasetSpec, parse_dataset_spec
+        from p2d.data.read_datasets import DatasetSpec, parse_dataset_spec
 
         dataset = str(dataset or "").strip()
 
