@@ -81,7 +81,7 @@ def run_case(name: str, spec: str, quantize: str | None, settings: dict, args, o
     """Load ``spec`` and run every stage; the figures of one case."""
     from p2d.config import STAGES, RunConfig
     from p2d.models import load_model
-    from p2d.pipeline import Run
+    from p2d.pipeline import METRICS_FILE, Run
 
     cfg = RunConfig(model=spec, device=args.device, dtype=args.dtype, quantize=quantize, out=str(out / name),
                     **settings)
@@ -95,7 +95,7 @@ def run_case(name: str, spec: str, quantize: str | None, settings: dict, args, o
         t0 = time.perf_counter()
         run.run([stage])
         stages[stage] = {"s": round(time.perf_counter() - t0, 2), "peak_gib": _peak_gib(args.device)}
-    m = json.loads((Path(cfg.out) / "metrics.json").read_text())
+    m = json.loads((Path(cfg.out) / METRICS_FILE).read_text())
     steps = max(1, m.get("steps_done") or 1)
     result = {"case": name, "model": spec, "params": m.get("total_params"), "quantize": quantize,
               "dtype": str(lm.dtype).replace("torch.", ""), "device": str(lm.device), "stages": stages,

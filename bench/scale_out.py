@@ -35,7 +35,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from p2d.adapter import CONFIG_NAME  # noqa: E402
+from p2d.method.heads import HEADS_FILE  # noqa: E402
+from p2d.method.selection import SELECTED_FILE, SELECTION_FILE  # noqa: E402
 from p2d.studio.launcher import free_port  # noqa: E402
+from p2d.training import ADAPTER_SUBDIR  # noqa: E402
 CONFIGS = {"whole": ROOT / "configs/accelerate/multi_process.yaml", "sharded": ROOT / "configs/accelerate/fsdp.yaml"}
 
 
@@ -63,14 +67,14 @@ def measure(setting: str, args, out: Path) -> dict:
     select_wall, _ = _run(setting, args.processes, ["select", *common, "--pool-size", str(args.pool_size),
                                                      "--probe-size", str(args.probe_size), "--out", str(sel_dir)],
                           args.threads)
-    heads = json.loads((sel_dir / "heads.json").read_text())
-    selection = json.loads((sel_dir / "selection.json").read_text())
+    heads = json.loads((sel_dir / HEADS_FILE).read_text())
+    selection = json.loads((sel_dir / SELECTION_FILE).read_text())
     per_process = args.batch_size if setting == "one" else max(1, args.batch_size // args.processes)
-    train_wall, _ = _run(setting, args.processes, ["train", *common, "--data", str(sel_dir / "selected.jsonl"),
-                                                    "--heads", str(sel_dir / "heads.json"), "--steps", str(args.steps),
+    train_wall, _ = _run(setting, args.processes, ["train", *common, "--data", str(sel_dir / SELECTED_FILE),
+                                                    "--heads", str(sel_dir / HEADS_FILE), "--steps", str(args.steps),
                                                     "--batch-size", str(per_process), "--out", str(train_dir)],
                          args.threads)
-    training = json.loads((train_dir / "adapter" / "adapter_config.json").read_text())["training"]
+    training = json.loads((train_dir / ADAPTER_SUBDIR / CONFIG_NAME).read_text())["training"]
     _, info = _run(setting, args.processes, ["info", "--model", args.model], args.threads) if setting == "sharded" \
         else (0.0, "")
     held = json.loads(info[info.index("{"):]).get("params_per_process") if info else None

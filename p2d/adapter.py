@@ -353,7 +353,7 @@ class HeadAdapter(_HookAdapter):
                                                                        dtype=torch.long, device=device),
                                      persistent=False)
                 if g.layout == "fused" and p != "o":
-                    self.register_buffer(f"_fidx_{layer}_{p}", torch.tensor(self._fused_cols(layer, p),
+                    self.register_buffer(f"_fidx_{layer}_{p}", torch.tensor(self.fused_cols(layer, p),
                                                                             dtype=torch.long, device=device),
                                          persistent=False)
 
@@ -375,7 +375,7 @@ class HeadAdapter(_HookAdapter):
             return _rows(info["q_heads"], d)
         return _rows(info["kv_heads"], d)
 
-    def _fused_cols(self, layer: int, proj: str) -> list[int]:
+    def fused_cols(self, layer: int, proj: str) -> list[int]:
         """GPT-2 c_attn output columns for q/k/v of this layer."""
         n = self.geometry.n_q_heads * self.geometry.head_dim
         offset = {"q": 0, "k": n, "v": 2 * n}[proj]
@@ -452,7 +452,7 @@ class HeadAdapter(_HookAdapter):
                         w.index_add_(0, idx, delta.T.to(device=w.device, dtype=w.dtype))
                     else:
                         w = mods["qkv"].weight
-                        idx = torch.tensor(self._fused_cols(layer, p), device=w.device)
+                        idx = torch.tensor(self.fused_cols(layer, p), device=w.device)
                         w.index_add_(1, idx, delta.T.to(device=w.device, dtype=w.dtype))
 
     def _base_slices(self, model: nn.Module) -> list[tuple[torch.Tensor, int, torch.Tensor, torch.Tensor]]:
@@ -466,7 +466,7 @@ class HeadAdapter(_HookAdapter):
                 elif p == "o":
                     w, dim, idx = mods["o"].weight, 0, self.target_indices(layer, p)
                 else:
-                    w, dim, idx = mods["qkv"].weight, 1, self._fused_cols(layer, p)
+                    w, dim, idx = mods["qkv"].weight, 1, self.fused_cols(layer, p)
                 idx_t = torch.tensor(idx, device=w.device)
                 out.append((w, dim, idx_t, w.detach().index_select(dim, idx_t).clone()))
         return out

@@ -38,7 +38,7 @@ from .data.formats import Sample
 from .errors import UserError
 from .evaluation import EvalResult, evaluate, forced_eval
 from .models import LoadedModel, load_model, trainable
-from .training import TrainConfig, train_heads, train_loop
+from .training import LOG_NAME, TrainConfig, train_heads, train_loop
 
 __all__ = ["Cell", "CELLS", "TRAINABLES", "CellResult", "PeakMemory", "train_cell", "evaluate_cell",
            "cell_cost", "curve_steps", "LORA_TARGETS"]
@@ -214,7 +214,7 @@ def train_cell(cell: Cell, base: LoadedModel, samples: list[Sample], tc: TrainCo
                 curve.append({"step": step, "train_s": last["elapsed_s"], **point})
 
         with PeakMemory(lm.device) as mem, trainable(model, params):
-            loop = train_loop(model, params, encoded, tc, out / "train_log.jsonl", pad, lm.device,
+            loop = train_loop(model, params, encoded, tc, out / LOG_NAME, pad, lm.device,
                               progress=progress, on_log=lambda r: last.update(r), between_steps=between,
                               should_stop=should_stop)
         yield lm, CellResult(loop.time_s, loop.steps_done, sum(p.numel() for p in params), loop.state_bytes,

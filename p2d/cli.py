@@ -39,7 +39,8 @@ from .explore import check_head, compare_head_maps, forgetting, inspect_head
 from .export import EXPORT_FORMATS, export_peft
 from .gguf_export import DEFAULT_TYPE, GGUF_TYPES, export_gguf
 from .files import dumps
-from .method.heads import HeadScores
+from .method.heads import HEADS_FILE, HeadScores
+from .method.selection import SCORES_FILE, SELECTED_FILE, SELECTION_FILE
 from .hub import model_card, push_run
 from .pipeline import CONFIG_FILE, Run, build_builtin_pool, default_loader, fresh_folder, load_run_data
 from .progress import ConsoleProgress
@@ -231,7 +232,7 @@ def cmd_heads(args) -> None:
     run = _stage_run(args, "heads")
     run.run(["heads"])
     hs = run.heads
-    _print({"heads": str(run.out / "heads.json"), "method": hs.method, "selected": hs.selected,
+    _print({"heads": str(run.out / HEADS_FILE), "method": hs.method, "selected": hs.selected,
             "time_s": hs.time_s, "partial": "heads" in run.stages_partial})
 
 
@@ -241,7 +242,7 @@ def cmd_select(args) -> None:
         run.use_heads(HeadScores.load(args.heads), source=args.heads)
     run.run(["select"])
     sel = run.selection
-    _print({"files": {k: str(run.out / k) for k in ("selected.jsonl", "scores.jsonl", "selection.json")},
+    _print({"files": {k: str(run.out / k) for k in (SELECTED_FILE, SCORES_FILE, SELECTION_FILE)},
             "method": sel.method, "n_pool": sel.n_pool, "n_selected": sel.n_selected, "time_s": sel.time_s,
             "task_counts": sel.task_counts(run.data.pool.samples), "partial": "select" in run.stages_partial})
 
@@ -328,7 +329,7 @@ def cmd_chat(args) -> None:
 def cmd_inspect_head(args) -> None:
     run = _open_run(args.run)
     if run.heads is None:
-        raise UserError(f"{args.run} has no head scores (heads.json): run its heads stage first")
+        raise UserError(f"{args.run} has no head scores ({HEADS_FILE}): run its heads stage first")
     check_head(run.heads.n_layers, run.heads.n_q_heads, args.layer, args.head)  # before the model loads
     run.require_loaded()
     if args.prompt:

@@ -24,7 +24,8 @@ from pathlib import Path
 
 import torch
 
-from .adapter import HeadAdapter, geometry_mismatch
+from . import __version__
+from .adapter import CONFIG_NAME, WEIGHTS_NAME, HeadAdapter, geometry_mismatch
 from .errors import UserError
 from .files import atomic_dir, write_json
 
@@ -62,7 +63,7 @@ def lora_tensors(adapter: HeadAdapter, model) -> tuple[dict[str, torch.Tensor], 
         else:
             qkv = [p for p in adapter.projections if p != "o"]
             if qkv:
-                cols = [c for p in qkv for c in adapter._fused_cols(layer, p)]
+                cols = [c for p in qkv for c in adapter.fused_cols(layer, p)]
                 out_features = mods["qkv"].weight.shape[1]  # Conv1D weight is [in, out]
                 b = torch.zeros(out_features, len(cols))
                 b[cols, torch.arange(len(cols))] = 1.0
@@ -84,8 +85,6 @@ def export_peft(lm, adapter_dir, out_dir, base_model_name: str | None = None) ->
     ``base_model_name`` is recorded as ``base_model_name_or_path`` (default: the model spec).
     """
     from safetensors.torch import save_file
-
-    from . import __version__
 
     adapter = HeadAdapter.load(adapter_dir)
     diff = geometry_mismatch(adapter.geometry, lm.geometry)
@@ -112,7 +111,7 @@ def export_peft(lm, adapter_dir, out_dir, base_model_name: str | None = None) ->
                   "source_adapter": str(adapter_dir), "ranks": ranks, "max_rank": max(ranks.values()),
                   "training": adapter.config.training}
     with atomic_dir(out) as tmp:
-        save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
-        write_json(tmp / "adapter_config.json", config, indent=2)
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})  # PEFT's names, as P2D's adapter
+        write_json(tmp / CONFIG_NAME, config, indent=2)
         write_json(tmp / P2D_EXPORT_INFO, provenance, indent=2)
     return out

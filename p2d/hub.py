@@ -16,8 +16,19 @@ import os
 import tempfile
 from pathlib import Path
 
+from .adapter import CONFIG_NAME as ADAPTER_CONFIG
+from .adapter import merge_and_save
+from .config import RunConfig
 from .errors import UserError
+from .export import export_peft
 from .files import read_json
+from .method.heads import HEADS_FILE
+from .method.selection import SELECTION_FILE
+from .models import EMBEDDED_HUB_ID
+from .pipeline import CONFIG_FILE, METRICS_FILE, default_loader
+from .training import ADAPTER_SUBDIR
+
+MERGED_DIR = "merged"  # the subfolder of the repo with the merged model
 
 
 def _pct(x) -> str:
@@ -37,19 +48,12 @@ def _loss(x) -> str:
 
 def model_card(run_dir, repo_id: str | None = None, base_model: str | None = None) -> str:
     """README.md text for the run in ``run_dir`` (YAML front matter + what was done and measured)."""
-    from .config import RunConfig
-    from .pipeline import CONFIG_FILE, METRICS_FILE
-
     run_dir = Path(run_dir)
     config = RunConfig.load(run_dir / CONFIG_FILE)
     metrics = read_json(run_dir / METRICS_FILE) or {}
-    heads = read_json(run_dir / "heads.json") or {}
-    selection = read_json(run_dir / "selection.json") or {}
-    base = base_model or config.model
-    if base == "default":
-        from .models import EMBEDDED_HUB_ID
-
-        base = EMBEDDED_HUB_ID
+    heads = read_json(run_dir / HEADS_FILE) or {}
+    selection = read_json(run_dir / SELECTION_FILE) or {}
+    base = base_name(base_model or config.model)
     before, after = metrics.get("eval_before") or {}, metrics.get("eval_after") or {}
     n_heads = len(heads.get("selected") or [])
     geo = (heads.get("extra") or {}).get("geometry") or {}
@@ -101,13 +105,9 @@ def model_card(run_dir, repo_id: str | None = None, base_model: str | None = Non
 def push_run(run_dir, repo_id: str, lm=None, merged: bool = False, private: bool = False, token: str | None = None,
              progress=None) -> dict:
     """Upload the run's adapter (PEFT format) and model card to ``repo_id``; see the module docstring."""
-    from .config import RunConfig
-    from .export import export_peft
-    from .pipeline import CONFIG_FILE
-
     run_dir = Path(run_dir)
-    adapter = run_dir / "adapter"
-    if not (adapter / "adapter_config.json").is_file():
+    adapter = run_dir / ADAPTER_SUBDIR
+    if not (adapter / ADAPTER_CONFIG).is_file():
         raise UserError(f"{run_dir} has no trained adapter (adapter/): train first")
     if os.environ.get("HF_HUB_OFFLINE", "").strip() in ("1", "true", "yes"):
         raise UserError("the Hugging Face hub is switched off here (HF_HUB_OFFLINE=1): unset it to push")
@@ -120,16 +120,12 @@ def push_run(run_dir, repo_id: str, lm=None, merged: bool = False, private: bool
         raise UserError("pushing needs a Hugging Face token with write access: huggingface-cli login, or set HF_TOKEN")
     config = RunConfig.load(run_dir / CONFIG_FILE)
     if lm is None:
-        from .pipeline import default_loader
-
         lm = default_loader(config)
     with tempfile.TemporaryDirectory(prefix="p2d-push-") as tmp:
         folder = export_peft(lm, adapter, Path(tmp) / "repo", base_model_name=base_name(config.model))
         (folder / "README.md").write_text(model_card(run_dir, repo_id), encoding="utf-8")
         if merged:
-            from .adapter import merge_and_save
-
-            merge_and_save(lm, adapter, folder / "merged")
+            merge_and_save(lm, adapter, folder / MERGED_DIR)
         api = HfApi(token=token)
         try:
             api.create_repo(repo_id, private=private, exist_ok=True)
@@ -145,8 +141,4 @@ def push_run(run_dir, repo_id: str, lm=None, merged: bool = False, private: bool
 
 def base_name(spec: str) -> str:
     """The hub id recorded for a model spec: the embedded default's hub id, any other spec as it is."""
-    if spec == "default":
-        from .models import EMBEDDED_HUB_ID
-
-        return EMBEDDED_HUB_ID
-    return spec
+    return EMBEDDED_HUB_ID if spec == "default" else spec

@@ -18,7 +18,7 @@ Two stores use the same entries:
 - `EntryFiles`: one JSON file per entry, result included (the benchmark's units: several processes
   may write into one folder tree without racing on a shared file).
 
-`p2d.pipeline.Run`, `p2d.bench.runner` and `p2d.controls` all decide validity with `is_valid`.
+`p2d.pipeline.Run`, the benchmark (`p2d.bench`) and `p2d.controls` all decide validity with `is_valid`.
 """
 
 from __future__ import annotations
@@ -76,8 +76,14 @@ class Manifest:
         m.entries = dict((read_json(m.path) or {}).get("stages") or {})
         return m
 
-    def get(self, name: str) -> dict | None:
-        return self.entries.get(name)
+    def get(self, name: str, default=None) -> dict | None:
+        return self.entries.get(name, default)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.entries
+
+    def __getitem__(self, name: str) -> dict:
+        return self.entries[name]
 
     def put(self, name: str, entry: dict) -> None:
         self.entries[name] = entry

@@ -40,8 +40,12 @@ from typing import Callable
 
 import torch
 
+from .adapter import CONFIG_NAME as ADAPTER_CONFIG
+from .adapter import load_adapter
 from .config import STAGES, RunConfig
 from .cost import REFERENCE_FILE, FullFinetuneCost, aer, full_finetune_cost
+from .data.builtin import build_task_pool
+from .data.builtin_hard import HARD_POOL, build_hard_pool
 from .data.formats import Sample
 from .distributed import Processes
 from .data.loading import LoadedData, load_data, load_records
@@ -50,9 +54,10 @@ from .cells import evaluate_cell
 from .evaluation import EVAL_FILES, EvalResult
 from .files import read_json, remove, write_json
 from .method.heads import HEADS_FILE, HeadScores, score_heads
-from .manifest import content_digest, fresh_digest, is_valid, make_entry
+from .manifest import Manifest, content_digest, fresh_digest, is_valid, make_entry
 from .models import LoadedModel, count_params, load_model
 from .progress import ProgressFn, StopFn
+from .tracking import open_tracker, stage_values
 from .method.selection import SCORES_FILE, SELECTED_FILE, SELECTION_FILE, Selection, select_data
 from .training import ADAPTER_SUBDIR, CHECKPOINT_SUBDIR, LOG_NAME, TrainConfig, TrainResult, train_heads
 
@@ -144,9 +149,6 @@ def load_run_data(config: RunConfig, out_dir: Path | None = None, max_rows: dict
 
 def build_builtin_pool(config: RunConfig):
     """The `TaskPool` of a config whose pool is built in (``config.builtin_pool``), at its sizes and seed."""
-    from .data.builtin import build_task_pool
-    from .data.builtin_hard import HARD_POOL, build_hard_pool
-
     build = build_hard_pool if config.builtin_pool == HARD_POOL else build_task_pool
     return build(target=config.target, seed=config.seed, pool_size=config.pool_size, probe_size=config.probe_size,
                  eval_size=config.eval_size, other_eval_size=config.other_eval_size)
@@ -184,7 +186,7 @@ class Run:
         self.data_limits = dict(data_limits or {})
         self.data: RunData | None = None
         self.results: dict[str, object] = {}
-        self.manifest: dict[str, dict] = {}
+        self.manifest = Manifest(self.out / MANIFEST_FILE)  # stages.json: the entry of every finished stage
         self.resume = False
         self._given_samples: list[Sample] | None = None  # training data given from outside (train_on)
         self.tracker = None  # opened on the first stage that reports (p2d.tracking)
@@ -257,8 +259,6 @@ class Run:
             self.close_tracker()
 
     def _track(self, values: dict, step: int | None = None) -> None:
-        from .tracking import open_tracker
-
         if self.tracker is None:
             self.tracker = open_tracker(self.config.report_to, self.out, self.config.to_dict())
         self.tracker.log({k: v for k, v in values.items() if v is not None}, step=step)
@@ -296,8 +296,6 @@ class Run:
         self.write_metrics()
         Processes.current().barrier()  # several processes: what the main one wrote is there for all
         if stage != "load":
-            from .tracking import stage_values
-
             self._track(stage_values(stage, result))
         return result
 
@@ -437,8 +435,6 @@ class Run:
         c = self.config
         adapter = None
         if when == "after":
-            from .adapter import load_adapter
-
             adapter = load_adapter(self.lm, self.train_result.adapter_dir)
         try:
             res = evaluate_cell(self.lm, self.data.eval.samples, self.data.other.samples if self.data.other else None,
@@ -501,9 +497,7 @@ class Run:
     # -- files and the manifest ---------------------------------------------------------------------
     def _clear(self, stage: str, keep: tuple = ()) -> None:
         self.results.pop(stage, None)
-        if stage in self.manifest:
-            del self.manifest[stage]
-            self._write_manifest()
+        self.manifest.drop(stage)
         for name in OUTPUTS[stage]:
             if name not in keep:
                 remove(self.out / name)
@@ -513,9 +507,8 @@ class Run:
         extra = {"external": external} if external else {}
         if stage == "train" and result is not None:
             extra["result"] = asdict(result)
-        self.manifest[stage] = make_entry(self._settings(stage, external), {u: self.result_digest(u) for u in built_on},
-                                          self._digest_of(stage, result), partial=partial, **extra)
-        self._write_manifest()
+        self.manifest.put(stage, make_entry(self._settings(stage, external), {u: self.result_digest(u) for u in built_on},
+                                            self._digest_of(stage, result), partial=partial, **extra))
 
     def _digest_of(self, stage: str, result) -> str:
         if stage == "heads":
@@ -525,9 +518,6 @@ class Run:
         if stage == "load":
             return content_digest(self._settings("load"))
         return fresh_digest()
-
-    def _write_manifest(self) -> None:
-        write_json(self.out / MANIFEST_FILE, {"stages": self.manifest})
 
     # -- reopening a folder -----------------------------------------------------------------------------
     @classmethod
@@ -541,8 +531,7 @@ class Run:
                 raise UserError(f"{folder} is not a P2D run folder (no {CONFIG_FILE})")
             config = RunConfig.load(folder / CONFIG_FILE)
         run = cls(config.replace(out=str(folder)), **kwargs)
-        manifest = read_json(folder / MANIFEST_FILE)
-        run.manifest = dict((manifest or {}).get("stages") or {})
+        run.manifest = Manifest.read(folder / MANIFEST_FILE)
         for stage in STAGES:
             if stage in run.manifest:
                 try:
@@ -550,7 +539,7 @@ class Run:
                 except UserError:
                     result = None
                 if result is None and stage != "load":
-                    del run.manifest[stage]
+                    del run.manifest.entries[stage]
                 else:
                     run.results[stage] = result
         return run
@@ -570,7 +559,7 @@ class Run:
             d = read_json(out / REFERENCE_FILE)
             return FullFinetuneCost.from_dict(d) if d else None
         d = self.manifest[stage].get("result")
-        if not d or not (out / ADAPTER_SUBDIR / "adapter_config.json").is_file():
+        if not d or not (out / ADAPTER_SUBDIR / ADAPTER_CONFIG).is_file():
             return None
         return TrainResult(**d)
 

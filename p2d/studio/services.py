@@ -34,7 +34,7 @@ from p2d.errors import UserError, shown
 from p2d.export import export_peft
 from p2d.files import read_json
 from p2d.hub import base_name
-from p2d.pipeline import CONFIG_FILE, Run
+from p2d.pipeline import CONFIG_FILE, MANIFEST_FILE, Run
 
 from . import form
 from .gate import Gate
@@ -272,9 +272,9 @@ class Studio:
         if not self.limits.demo:  # local mode: also a run folder typed in the form, by its full path
             if ws.run is not None and name in (str(ws.run.out), ws.run.out.name):
                 return Path(ws.run.out)
-            if Path(name).is_absolute() and (Path(name) / "config.yaml").is_file():
+            if Path(name).is_absolute() and (Path(name) / CONFIG_FILE).is_file():
                 return Path(name)
-        if not re.fullmatch(r"run-\d{3,6}", name) or not (ws.root / name / "config.yaml").is_file():
+        if not re.fullmatch(r"run-\d{3,6}", name) or not (ws.root / name / CONFIG_FILE).is_file():
             raise UserError(f"no run folder {shown(name)} in this session: pick one from the list")
         return ws.root / name
 
@@ -325,9 +325,9 @@ class Studio:
         """One row per run folder of the session: name, model, data, stages done and partial, last job."""
         rows = []
         for folder in ws.run_dirs():
-            manifest = (read_json(folder / "stages.json") or {}).get("stages") or {}
+            manifest = (read_json(folder / MANIFEST_FILE) or {}).get("stages") or {}
             try:
-                cfg = RunConfig.load(folder / "config.yaml")
+                cfg = RunConfig.load(folder / CONFIG_FILE)
                 model = cfg.model
                 data = Path(cfg.pool).name.split("-", 2)[-1] if cfg.pool else f"built-in ({cfg.target})"
             except UserError:

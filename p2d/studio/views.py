@@ -16,6 +16,9 @@ import pandas as pd
 
 from p2d.controls import read_controls
 from p2d.explore import forgetting as rows_of
+from p2d.method.heads import HEADS_FILE
+from p2d.method.selection import SELECTED_FILE
+from p2d.pipeline import METRICS_FILE
 
 from . import charts
 from .runner import Job
@@ -116,7 +119,7 @@ def job_summary(studio, ws) -> dict:
     if run is not None:
         d["run_dir"] = str(run.out)
         d["log_lines"] = len(ws.log())
-        d["metrics"] = (run.out / "metrics.json").exists()
+        d["metrics"] = (run.out / METRICS_FILE).exists()
         d["stages_done"], d["stages_partial"] = run.stages_done, run.stages_partial
     return d
 
@@ -279,7 +282,7 @@ def data(studio, ws, query: str = "", page=1) -> dict:
         md += ("  \n■ **Partial:** data selection was stopped part-way; samples not scored yet rank last. "
                "Press **Select data** to score them all.")
     return {"info": md, "hist": charts.score_histogram(sel.scores, sel.selected), "mix": mix,
-            "download": studio.download(ws, run.out / "selected.jsonl"), **preview(studio, ws, query, page)}
+            "download": studio.download(ws, run.out / SELECTED_FILE), **preview(studio, ws, query, page)}
 
 
 # ----------------------------------------------------------------------------------------- 4 train
@@ -444,7 +447,7 @@ def results(studio, ws) -> dict:
             "examples": pd.DataFrame(_example_rows(before, after), columns=EXAMPLE_COLUMNS),
             "adapter_dl": studio.download(ws, studio.adapter_zip(ws)),
             "peft_dl": studio.download(ws, studio.peft_zip(ws)),
-            "metrics_dl": studio.download(ws, run.out / "metrics.json")}
+            "metrics_dl": studio.download(ws, run.out / METRICS_FILE)}
 
 
 # ---------------------------------------------------------------------------------- results: extras
@@ -532,8 +535,8 @@ def explore(studio, ws) -> dict:
         for i, s in enumerate((run.data.eval or run.data.probe).samples[:40]):
             text = s.prompt[-1]["content"] if s.prompt else ""
             prompts.append((f"{i}: {short(text, 70)}", text))
-    maps = [r["run"] for r in rows if (ws.root / r["run"] / "heads.json").is_file()]
-    if run is not None and (run.out / "heads.json").is_file() and run.out.name not in maps:
+    maps = [r["run"] for r in rows if (ws.root / r["run"] / HEADS_FILE).is_file()]
+    if run is not None and (run.out / HEADS_FILE).is_file() and run.out.name not in maps:
         maps.append(run.out.name)
     hs = run.heads if run is not None else None
     info = ("Click a cell to open that head (#rank under the run's method, ★ = selected)." if hs is not None else

@@ -37,6 +37,8 @@ from typing import Any, Callable
 
 from p2d.errors import UserError
 from p2d.files import read_json, write_json
+from p2d.pipeline import CONFIG_FILE
+from p2d.training import LOG_NAME
 
 WORKSPACE_FILE = "workspace.json"
 KEEP_JOBS = 20          # job summaries kept per workspace
@@ -140,7 +142,7 @@ class Workspace:
         """The run folders of this workspace (``run-NNN`` holding a config.yaml), oldest first."""
         if self.blank or not self.root.is_dir():
             return []
-        return sorted(p for p in self.root.glob("run-*") if p.is_dir() and (p / "config.yaml").is_file())
+        return sorted(p for p in self.root.glob("run-*") if p.is_dir() and (p / CONFIG_FILE).is_file())
 
     def upload_bytes(self) -> int:
         """Bytes of the uploads stored so far."""
@@ -153,7 +155,7 @@ class Workspace:
         new job, since a new training starts a new log)."""
         if self.run is None:
             return []
-        path = self.out / "train_log.jsonl"
+        path = self.out / LOG_NAME
         tail = self.cache.get("log")
         if tail is None or tail.path != path or tail.key != self.job_id:
             tail = self.cache["log"] = LogTail(path, self.job_id)
