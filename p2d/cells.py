@@ -6,14 +6,19 @@ module, so that both sides train and are evaluated the same way:
 
 - `Cell`: what is trained (``trainable``: head slices, LoRA or every weight; for heads, which head set
   and which ``adapter``) on which rows (``data``);
+- `random_rows` and `random_heads`: the random rows and the random head sets of the controls, drawn
+  one way for the app's controls and the benchmark alike (the controls of a run with seed s train
+  the benchmark's draw 0 at seed s: the same rows, the same heads);
 - `train_cell`: trains it with `p2d.training` (the same batching, answer-token loss, clipping and
-  schedule for every trainable part) and yields the model to evaluate;
+  schedule for every trainable part, with the `p2d.training.TrainConfig` of
+  `p2d.config.RunConfig.train_config`) and yields the model to evaluate;
 - `evaluate_cell`: one evaluation of the target eval set plus the held-out rows of the pool's other
   tasks (greedy generation with exact match, or the cheaper teacher-forced strict match);
-- `cell_cost`: the cost rule of a cell (training time, plus what its heads and its data cost).
+- `cell_cost` and `cell_aer`: the cost rule of a cell (training time, plus what its heads and its data
+  cost) and its AER against the full fine-tuning reference (`p2d.cost.aer_ratio`: None without one).
 
-Users: `p2d.pipeline.Run` (its evaluation), `p2d.controls` (the controls of one run) and the
-benchmark (`p2d.bench`). Supported trainable parts: ``heads`` (adapters by name: ``qkvo``, ``qo``,
+Users: `p2d.pipeline.Run` (its training and evaluation), `p2d.controls` (the controls of one run) and
+the benchmark (`p2d.bench`). Supported trainable parts: ``heads`` (adapters by name: ``qkvo``, ``qo``,
 ``offset``, ...: `p2d.adapter.ADAPTERS`), ``lora`` (q, k, v, o of every layer, alpha = 2 x rank) and
 ``full``. LoRA and full cells train a fresh copy of the model (not supported: quantised or remote-code
 models); head cells leave the shared base untouched.
@@ -24,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import math
+import random
 import threading
 import time
 from contextlib import contextmanager
@@ -36,12 +42,14 @@ from .adapter import load_adapter, parse_adapter
 from .data.encoding import encode
 from .data.formats import Sample
 from .errors import UserError
+from .cost import aer_ratio
 from .evaluation import EvalResult, evaluate, forced_eval
+from .method.heads import HeadScores, score_heads
 from .models import LoadedModel, load_model, trainable
-from .training import LOG_NAME, TrainConfig, train_heads, train_loop
+from .training import LOG_NAME, TrainConfig, TrainResult, train_heads, train_loop
 
 __all__ = ["Cell", "CELLS", "TRAINABLES", "CellResult", "PeakMemory", "train_cell", "evaluate_cell",
-           "cell_cost", "curve_steps", "LORA_TARGETS"]
+           "cell_cost", "cell_aer", "curve_steps", "random_rows", "random_heads", "LORA_TARGETS"]
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 TRAINABLES = ("heads", "lora", "full")
@@ -150,6 +158,7 @@ class CellResult:
     curve_cpu_s: float = 0.0  # CPU seconds spent evaluating the curve (not training)
     cpu_s: float = 0.0  # CPU seconds of the training itself (curve evaluations excluded)
     query_heads_changed: int | None = None  # head cells: query heads whose computation the adapter changes
+    train: TrainResult | None = None  # head cells: the whole training result (adapter folder, stop reason, ...)
 
 
 def curve_steps(total_steps: int, points: int) -> set[int]:
@@ -159,13 +168,17 @@ def curve_steps(total_steps: int, points: int) -> set[int]:
 
 @contextmanager
 def train_cell(cell: Cell, base: LoadedModel, samples: list[Sample], tc: TrainConfig, out: Path, heads=None,
-               lora_rank: int = 8, curve_at=(), curve_eval=None, progress=None, should_stop=None):
+               lora_rank: int = 8, curve_at=(), curve_eval=None, progress=None, should_stop=None, on_log=None,
+               resume: bool = False, checkpoint_every: int = 0, attach: bool = True):
     """Train ``cell`` on ``samples``; yield (the model to evaluate, `CellResult`); clean up afterwards.
 
     Head cells train ``heads`` (HeadScores or [[layer, head], ...]) with the cell's adapter through
-    `p2d.training.train_heads` and evaluate the shared base with the adapter attached (detached on
-    exit). LoRA and full cells train a fresh copy of ``base`` through the same `train_loop`;
-    ``curve_eval(lm) -> dict`` runs after each step in ``curve_at`` off the clock (the learning curve).
+    `p2d.training.train_heads` (``on_log``, ``resume`` and ``checkpoint_every`` as it takes them) and
+    evaluate the shared base with the adapter attached (detached on exit); with ``attach=False`` nothing
+    is attached and the model yielded is None (the caller evaluates the saved adapter later, as a run's
+    evaluation stage does). LoRA and full cells train a fresh copy of ``base`` through the same
+    `train_loop`; ``curve_eval(lm) -> dict`` runs after each step in ``curve_at`` off the clock (the
+    learning curve).
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -175,12 +188,17 @@ def train_cell(cell: Cell, base: LoadedModel, samples: list[Sample], tc: TrainCo
             raise ValueError("a head cell needs its heads")
         with PeakMemory(base.device) as mem:
             tr = train_heads(base, heads, samples, cell.train_config(tc), out, progress=progress,
-                             should_stop=should_stop, overwrite=True)
+                             should_stop=should_stop, on_log=on_log, overwrite=True, resume=resume,
+                             checkpoint_every=checkpoint_every)
+        res = CellResult(tr.time_s, tr.steps_done, tr.trainable_params, tr.optimizer_state_bytes, mem.peak_mb,
+                         tr.final_loss, cpu_s=time.process_time() - cpu0, query_heads_changed=tr.query_heads_changed,
+                         train=tr)
+        if not attach:
+            yield None, res
+            return
         adapter = load_adapter(base, tr.adapter_dir)
         try:
-            yield base, CellResult(tr.time_s, tr.steps_done, tr.trainable_params, tr.optimizer_state_bytes,
-                                   mem.peak_mb, tr.final_loss, cpu_s=time.process_time() - cpu0,
-                                   query_heads_changed=tr.query_heads_changed)
+            yield base, res
         finally:
             adapter.detach()
         return
@@ -260,15 +278,33 @@ def evaluate_cell(lm, eval_samples: list[Sample], other: list[Sample] | None = N
     return res
 
 
-def mean_other_accuracy(res: EvalResult) -> float | None:
-    """The mean over the other tasks of their accuracy (None without other tasks)."""
-    accs = [v["accuracy"] for v in (res.other_tasks or {}).values() if v.get("accuracy") is not None]
-    return sum(accs) / len(accs) if accs else None
-
-
 # ----------------------------------------------------------------------------------------- cost
 def cell_cost(train_s: float, heads_s: float = 0.0, select_s: float = 0.0) -> float:
     """A cell's cost in seconds: its training, plus the head scoring it relies on (``heads_s``: the
     scored heads it trains, or that chose its data) and the selection pass that picked its rows
     (``select_s``). Random heads and random rows cost nothing to pick."""
     return train_s + heads_s + select_s
+
+
+def cell_aer(cost_s: float, reference_s: float | None) -> float | None:
+    """A cell's AER: its cost over the full fine-tuning reference's time; None without a reference
+    (the one rule of `p2d.cost.aer_ratio`)."""
+    return aer_ratio(cost_s, reference_s)
+
+
+# ----------------------------------------------------------------------------------------- random draws
+#: the seed domain of `random_rows` (the benchmark's since its first units: they stay reproducible)
+RANDOM_ROWS_SALT = "bench-random"
+
+
+def random_rows(n_pool: int, n: int, seed: int) -> list[int]:
+    """``n`` pool positions (at most the pool) drawn at random for seed ``seed``, sorted: the rows of
+    the random-data control of a run and of the benchmark's random selection."""
+    return sorted(random.Random(f"{RANDOM_ROWS_SALT}:{seed}").sample(range(n_pool), min(n, n_pool)))
+
+
+def random_heads(lm, ratio: float, seed: int, draw: int = 0) -> HeadScores:
+    """The ``draw``-th random head set of seed ``seed``: the ``random`` head method
+    (`p2d.method.heads.score_heads`) at torch seed ``10_000 * seed + draw + 1``, ``ratio`` of the heads.
+    A run's random-heads control (seed s) is draw 0 of seed s, the benchmark's ``random0``."""
+    return score_heads(lm, [], method="random", ratio=ratio, seed=10_000 * int(seed) + int(draw) + 1)

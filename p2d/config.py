@@ -40,7 +40,7 @@ from .models import DTYPES, QUANTIZE
 from .method.gating import POSITIONS
 from .method.selection import DEFAULT_POSITIONS, DEFAULT_SELECT_METHOD, SELECT_METHODS
 from .tracking import REPORT_TO
-from .training import SCHEDULERS
+from .training import SCHEDULERS, TrainConfig
 
 #: the longest settings text `RunConfig.from_yaml` parses (a saved file of every setting is about 1.5 KB)
 MAX_SETTINGS_BYTES = 256 * 1024
@@ -274,6 +274,17 @@ class RunConfig:
     def train_epochs(self) -> float:
         """Epochs of head training over the selected data (default: the reference epochs)."""
         return self.epochs if self.epochs is not None else self.reference_epochs
+
+    def train_config(self) -> TrainConfig:
+        """The `p2d.training.TrainConfig` of these settings: the one way a run, its controls and the
+        benchmark's cells get their training settings (a cell changes only what it varies: its learning
+        rate, its adapter)."""
+        return TrainConfig(steps=self.steps, epochs=self.train_epochs, max_steps=self.max_steps, lr=self.lr,
+                           batch_size=self.batch_size, grad_accum=self.grad_accum, max_length=self.max_length,
+                           projections=tuple(self.projections), weight_decay=self.weight_decay,
+                           warmup_ratio=self.warmup_ratio, max_grad_norm=self.max_grad_norm, seed=self.seed,
+                           scheduler=self.scheduler, gradient_checkpointing=self.gradient_checkpointing,
+                           val_ratio=self.val_ratio, val_every=self.val_every, adapter=self.adapter)
 
     def stage_settings(self, stage: str) -> dict:
         """The settings a stage's result depends on directly (see `p2d.pipeline` for upstream)."""

@@ -5,19 +5,21 @@ own training settings (same steps/epochs, batch size, max length, seed, adapter,
 of training rows), the comparison cells of `p2d.cells.CELLS` plus a head-free selection, and
 evaluates each on the run's eval set (and the other tasks' held-out rows) exactly as the run was:
 
-- ``randomheads-p2d``: as many random heads as P2D selected, trained on P2D's data (do the heads matter?);
-- ``heads-random``: P2D's heads trained on a random sample of the pool of the selection's size (does the
-  data matter?);
+- ``randomheads-p2d``: as many random heads as P2D selected (`p2d.cells.random_heads`: the benchmark's
+  random head set ``random0`` of the run's seed), trained on P2D's data (do the heads matter?);
+- ``heads-random``: P2D's heads trained on a random sample of the pool of the selection's size
+  (`p2d.cells.random_rows`: the benchmark's random rows of the run's seed; does the data matter?);
 - ``heads-tfidf``: P2D's heads trained on the rows a selector without heads and without a model picks
   (TF-IDF of the prompt's words, cosine to the probe; `p2d.method.selection_baselines`): does the head-guided
   selection beat a cheap one? Its selection time counts in its cost;
 - ``lora-p2d``: LoRA (q, k, v, o; rank 8, alpha 16) on P2D's data, the adapter most users know.
 
 Every cell goes through `p2d.cells.train_cell` (head cells through `p2d.training.train_heads` like P2D
-itself, LoRA through the same answer-token loss and batching) and `p2d.cells.evaluate_cell`. Costs
-follow `p2d.cells.cell_cost` (training, plus P2D's head scoring when a cell trains P2D's heads or uses
-its data, plus the selection that picked its rows) and the AER divides by the run's own full
-fine-tuning reference. LoRA's learning rate is a setting (default 3e-3, the benchmark's sweep choice on
+itself, LoRA through the same answer-token loss and batching) with the run's
+`p2d.config.RunConfig.train_config`, and `p2d.cells.evaluate_cell`. Costs follow `p2d.cells.cell_cost`
+(training, plus P2D's head scoring when a cell trains P2D's heads or uses its data, plus the selection
+that picked its rows) and the AER (`p2d.cells.cell_aer`) divides by the run's own full fine-tuning
+reference (None without one). LoRA's learning rate is a setting (default 3e-3, the benchmark's sweep choice on
 the embedded model, ``docs/BENCHMARKS.md``); the head cells use the run's learning rate. One draw per
 control: the benchmark has the spread.
 
@@ -30,14 +32,12 @@ Not supported: quantised or remote-code base models for the LoRA cell (it loads 
 from __future__ import annotations
 
 import dataclasses
-import random
 import time
 from pathlib import Path
 
-from .cells import CELLS, Cell, cell_cost, evaluate_cell, train_cell
+from .cells import CELLS, Cell, cell_aer, cell_cost, evaluate_cell, random_heads, random_rows, train_cell
 from .errors import UserError
 from .files import read_json, write_json
-from .method.heads import score_heads
 from .manifest import fresh_digest, is_valid, make_entry
 from .progress import ProgressFn, StopFn, report
 from .method.selection import select_data
@@ -90,16 +90,14 @@ def run_controls(run, controls=CONTROLS, lora_lr: float = LORA_LR, lora_rank: in
     pool, probe = run.data.pool.samples, run.data.probe.samples
     selected = list(run.selection.selected)
     n = len(selected)
-    data = {"p2d": selected,
-            "random": sorted(random.Random(f"p2d-controls:{c.seed}").sample(range(len(pool)), min(n, len(pool))))}
+    data = {"p2d": selected, "random": random_rows(len(pool), n, c.seed)}
     select_s = {"p2d": run.selection.time_s}
     if "heads-tfidf" in controls:
         sel = select_data(lm, None, pool, method="tfidf", ratio=n / len(pool), probe=probe)
         data["tfidf"], select_s["tfidf"] = sel.selected[:n], sel.time_s
     heads = {"p2d": run.heads}
     if "randomheads-p2d" in controls:
-        heads["random"] = score_heads(lm, probe[:1], method="random", ratio=c.head_ratio, seed=10_000 + c.seed,
-                                      batch_size=c.batch_size, max_length=c.max_length)
+        heads["random"] = random_heads(lm, c.head_ratio, c.seed)
     t_heads = run.heads.time_s
     t_full = run.full.time_s if run.full is not None else None
     other = run.data.other.samples if run.data.other is not None else None
@@ -109,7 +107,7 @@ def run_controls(run, controls=CONTROLS, lora_lr: float = LORA_LR, lora_rank: in
             break
         cell = CONTROL_CELLS[name]
         report(progress, i, len(controls), f"control {LABELS[name]}")
-        tc = run.train_config()
+        tc = c.train_config()
         if cell.trainable == "lora":
             tc = dataclasses.replace(tc, lr=float(lora_lr))
         samples = [pool[j] for j in data[cell.data]]
@@ -123,7 +121,7 @@ def run_controls(run, controls=CONTROLS, lora_lr: float = LORA_LR, lora_rank: in
         cost = cell_cost(res.train_s, t_heads if uses_p2d_heads else 0.0, select_s.get(cell.data, 0.0))
         results[name] = {"label": LABELS[name], "kind": cell.trainable, "data": cell.data, "rows": len(samples),
                          "lr": tc.lr, "steps": res.steps, "train_s": res.train_s, "cost_s": cost,
-                         "aer": cost / t_full if t_full else None, "trainable_params": res.trainable_params,
+                         "aer": cell_aer(cost, t_full), "trainable_params": res.trainable_params,
                          "accuracy": ev.accuracy, "contains": ev.contains, "loss": ev.loss,
                          "other_tasks": ev.other_tasks}
     report(progress, len(results), len(controls), "controls")
@@ -134,7 +132,7 @@ def run_controls(run, controls=CONTROLS, lora_lr: float = LORA_LR, lora_rank: in
            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "complete": len(results) == len(controls),
            "lora_rank": lora_rank,
            "p2d": {"label": LABELS["p2d"], "rows": n, "lr": c.lr, "steps": tr.steps_done,
-                   "train_s": tr.time_s, "cost_s": p2d_cost, "aer": p2d_cost / t_full if t_full else None,
+                   "train_s": tr.time_s, "cost_s": p2d_cost, "aer": cell_aer(p2d_cost, t_full),
                    "trainable_params": tr.trainable_params,
                    "accuracy": after.accuracy if after is not None else None,
                    "loss": after.loss if after is not None else None,

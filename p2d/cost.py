@@ -237,11 +237,17 @@ def full_finetune_cost(lm, pool: list[Sample], epochs: float = 3.0, batch_size: 
                             stderr_s=math.sqrt(max(0.0, var)), fit={"intercept_s": a, "s_per_token": b}, **common)
 
 
-def aer(t_heads: float, t_select: float, t_train: float, t_full: float) -> dict:
-    """AER and speed-up from stage times (seconds)."""
+def aer_ratio(spent_s: float, reference_s: float | None) -> float | None:
+    """The AER of ``spent_s`` seconds against a full fine-tuning reference of ``reference_s`` seconds;
+    None when there is no reference (missing or not positive): the one rule for a missing reference."""
+    return spent_s / reference_s if reference_s is not None and reference_s > 0 else None
+
+
+def aer(t_heads: float, t_select: float, t_train: float, t_full: float | None) -> dict:
+    """AER and speed-up from stage times (seconds); both None without a reference (`aer_ratio`)."""
     spent = t_heads + t_select + t_train
-    ratio = spent / t_full if t_full > 0 else float("inf")
-    return {"aer": ratio, "speedup": (1 / ratio) if ratio > 0 else float("inf"), "time_p2d_s": spent}
+    ratio = aer_ratio(spent, t_full)
+    return {"aer": ratio, "speedup": (1 / ratio) if ratio else None, "time_p2d_s": spent}
 
 
 def time_to_reach(curve: list[dict], accuracy: float | None, base_accuracy: float | None,

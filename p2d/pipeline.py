@@ -50,7 +50,7 @@ from .data.formats import Sample
 from .distributed import Processes
 from .data.loading import LoadedData, load_data, load_records
 from .errors import UserError
-from .cells import evaluate_cell
+from .cells import CELLS, evaluate_cell, train_cell
 from .evaluation import EVAL_FILES, EvalResult
 from .files import read_json, remove, write_json
 from .method.heads import HEADS_FILE, HeadScores, score_heads
@@ -59,7 +59,7 @@ from .models import LoadedModel, count_params, load_model
 from .progress import ProgressFn, StopFn
 from .tracking import open_tracker, stage_values
 from .method.selection import SCORES_FILE, SELECTED_FILE, SELECTION_FILE, Selection, select_data
-from .training import ADAPTER_SUBDIR, CHECKPOINT_SUBDIR, LOG_NAME, TrainConfig, TrainResult, train_heads
+from .training import ADAPTER_SUBDIR, CHECKPOINT_SUBDIR, LOG_NAME, TrainResult
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.json"
@@ -460,15 +460,6 @@ class Run:
         write_json(self.out / REFERENCE_FILE, full.to_dict())
         return full, False
 
-    def train_config(self) -> TrainConfig:
-        c = self.config
-        return TrainConfig(steps=c.steps, epochs=c.train_epochs, max_steps=c.max_steps, lr=c.lr,
-                           batch_size=c.batch_size, grad_accum=c.grad_accum, max_length=c.max_length,
-                           projections=tuple(c.projections), weight_decay=c.weight_decay,
-                           warmup_ratio=c.warmup_ratio, max_grad_norm=c.max_grad_norm, seed=c.seed,
-                           scheduler=c.scheduler, gradient_checkpointing=c.gradient_checkpointing,
-                           val_ratio=c.val_ratio, val_every=c.val_every, adapter=c.adapter)
-
     def training_samples(self) -> list[Sample]:
         """What the heads train on: the selected rows of the pool, or the samples given to `train_on`."""
         if self._given_samples is not None:
@@ -481,7 +472,8 @@ class Run:
         if self.selection is None:
             return None
         procs = max(Processes.current().world, self.launch_processes)
-        config = dataclasses.replace(self.train_config(), batch_size=self.train_config().batch_size * procs)
+        tc = self.config.train_config()
+        config = dataclasses.replace(tc, batch_size=tc.batch_size * procs)
         return config.planned_steps(max(1, len(self.selection.selected)))
 
     def _stage_train(self):
@@ -489,9 +481,10 @@ class Run:
             self._track({f"train/{k}": record.get(k) for k in ("loss", "lr", "tokens_per_s", "grad_norm", "val_loss")},
                         step=record["step"])
 
-        tr = train_heads(self.lm, self.heads, self.training_samples(), self.train_config(), self.out,
-                         progress=self.progress, should_stop=self.should_stop, on_log=on_log, overwrite=True,
-                         resume=self.resume, checkpoint_every=self.config.checkpoint_every)
+        with train_cell(CELLS["p2d"], self.lm, self.training_samples(), self.config.train_config(), self.out,
+                        heads=self.heads, progress=self.progress, should_stop=self.should_stop, on_log=on_log,
+                        resume=self.resume, checkpoint_every=self.config.checkpoint_every, attach=False) as (_, res):
+            tr = res.train
         return tr, tr.stopped
 
     # -- files and the manifest ---------------------------------------------------------------------

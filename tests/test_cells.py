@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from p2d.adapter import ADAPTERS, adapter_name, parse_adapter
-from p2d.cells import CELLS, Cell, cell_cost, evaluate_cell, train_cell
+from p2d.cells import CELLS, Cell, cell_aer, cell_cost, evaluate_cell, random_heads, random_rows, train_cell
 from p2d.config import RunConfig
 from p2d.cost import time_to_reach
 from p2d.data.formats import Sample
@@ -69,6 +69,19 @@ def test_cells_train_what_they_say(tiny_llama, tmp_path):
     assert Cell("heads", "p2d", "p2d", "vq").train_config(tc).projections == ("q", "v")
     assert RunConfig(projections="q,o").adapter_name == "qo" and RunConfig(adapter="offset").adapter_name == "offset"
     assert cell_cost(10.0, 2.0, 3.0) == 15.0
+    assert cell_aer(15.0, 30.0) == 0.5 and cell_aer(15.0, None) is None and cell_aer(15.0, 0.0) is None
+
+
+def test_controls_and_the_benchmark_draw_alike(tiny_llama):
+    """One draw rule: a run's random-data and random-heads controls at seed s are the benchmark's random
+    rows and its head set ``random0`` at seed s (`random_rows`, `random_heads`)."""
+    rows = random_rows(100, 10, 3)
+    assert rows == sorted(rows) and len(set(rows)) == 10 and rows == random_rows(100, 10, 3) != random_rows(100, 10, 4)
+    assert random_rows(5, 10, 0) == [0, 1, 2, 3, 4]  # never more than the pool
+    first, again, second = (random_heads(tiny_llama, 0.25, 3), random_heads(tiny_llama, 0.25, 3, draw=0),
+                            random_heads(tiny_llama, 0.25, 3, draw=1))
+    assert first.selected == again.selected and len(first.selected) == 4 and first.method == "random"
+    assert (first.extra["seed"], second.extra["seed"]) == (30_001, 30_002)
 
 
 def test_evaluate_cell_forced_and_generated(tiny_llama):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from p2d.config import RunConfig
-from p2d.cost import aer, full_finetune_cost, reference_steps, stratified_sample, fit_line
+from p2d.cost import aer, aer_ratio, full_finetune_cost, reference_steps, stratified_sample, fit_line
 from p2d.data.loading import load_records
 from p2d.errors import UserError
 
@@ -128,6 +128,9 @@ def test_reference_steps_and_sampling():
 def test_aer_arithmetic():
     r = aer(10, 20, 30, 600)
     assert r["aer"] == pytest.approx(0.1) and r["speedup"] == pytest.approx(10)
+    # one rule for a missing reference: no AER (not infinity), in a run's metrics and in every cell
+    assert aer(10, 20, 30, 0) == {"aer": None, "speedup": None, "time_p2d_s": 60}
+    assert aer_ratio(60, None) is None and aer_ratio(60, 120) == 0.5
 
 
 def _pool(n, vary=True):

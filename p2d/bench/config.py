@@ -190,12 +190,14 @@ class BenchConfig:
         return bool(self.pool)
 
     def run_config(self, split: str, seed: int) -> RunConfig:
-        """The run settings of one split at one seed: the benchmark's shared fields, the split's pool and
-        target (what `p2d.pipeline.load_run_data` and the stage functions read)."""
+        """The run settings of one split at one seed: the benchmark's shared fields and epochs, the split's
+        pool and target (what `p2d.pipeline.load_run_data`, the stage functions and every cell's training,
+        `RunConfig.train_config`, read; the other training settings are RunConfig's defaults)."""
         shared = {name: getattr(self, name) for name in ("model", "device", "dtype", "columns", "pool_size",
                                                           "probe_size", "eval_size", "other_eval_size", "max_length",
                                                           "batch_size", "head_method", "select_method", "positions",
                                                           "head_ratio", "data_ratio", "hidden_layer")}
+        shared["epochs"] = self.epochs  # every cell trains this many passes over its own rows
         if split == "custom":
             return RunConfig(**shared, pool=self.pool, probe=self.probe, eval=self.eval, seed=seed).validate()
         pool, target = split.split(":", 1)

@@ -28,7 +28,6 @@ import dataclasses
 import math
 import os
 import platform
-import random
 import sys
 import time
 from pathlib import Path
@@ -36,7 +35,7 @@ from pathlib import Path
 import torch
 
 from ..adapter import ADAPTERS
-from ..cells import CELLS, Cell, curve_steps, evaluate_cell, train_cell
+from ..cells import CELLS, Cell, curve_steps, evaluate_cell, random_heads, random_rows, train_cell
 from ..errors import UserError
 from ..evaluation import forced_eval
 from ..method.features import activation_from_features, alignment_from_features, head_features
@@ -168,7 +167,7 @@ class Split:
         return p
 
     def random_rows(self) -> list[int]:
-        return sorted(random.Random(f"bench-random:{self.seed}").sample(range(len(self.pool)), self.budget))
+        return random_rows(len(self.pool), self.budget, self.seed)
 
 
 class Bench:
@@ -224,7 +223,7 @@ class Bench:
         c = self.cfg
         if method.startswith("random"):
             d = int(method[6:] or 0)
-            hs = score_heads(self.lm, sp.probe[:1], method="random", ratio=c.head_ratio, seed=10_000 * sp.seed + d + 1)
+            hs = random_heads(self.lm, c.head_ratio, sp.seed, d)
             return hs, content_digest(hs.selected)
         derived = method in DERIVED_HEADS and method != DERIVED_SOURCE
         source, source_digest = self.heads(sp, DERIVED_SOURCE) if derived else (None, None)
@@ -357,9 +356,10 @@ class Bench:
                          f"{c.random_head_draws} random draws)")
 
     # -- training cells -------------------------------------------------------------------------
-    def train_config(self, lr: float, seed: int) -> TrainConfig:
-        c = self.cfg
-        return TrainConfig(epochs=c.epochs, lr=lr, batch_size=c.batch_size, max_length=c.max_length, seed=seed)
+    @staticmethod
+    def train_config(sp: Split, lr: float) -> TrainConfig:
+        """The split's run settings' training (`p2d.config.RunConfig.train_config`) at learning rate ``lr``."""
+        return sp.config.replace(lr=lr).train_config()
 
     def cell(self, sp: Split, cell: Cell, rows: dict, heads: tuple | None, lr: float, curve: bool = False) -> dict:
         """Train ``cell`` on ``rows`` (a selection unit's entry) and evaluate it (forced, per row)."""
@@ -369,7 +369,7 @@ class Bench:
         hs, heads_digest = heads if heads is not None else (None, None)
         samples = [sp.pool[i] for i in rows["result"]["selected"]] if cell.data != "pool" else list(sp.pool)
         name = f"cell-{cell.heads or cell.trainable}-{cell.adapter or cell.trainable}-{cell.data}"
-        tc = self.train_config(lr, sp.seed)
+        tc = self.train_config(sp, lr)
         steps = tc.planned_steps(len(samples))
         at = curve_steps(steps, c.curve_points) if curve else set()
 
@@ -423,7 +423,7 @@ class Bench:
             points: dict[float, dict] = {}
 
             def run(lr):
-                tc = self.train_config(lr, sp.seed)
+                tc = self.train_config(sp, lr)
                 with train_cell(cell, self.lm, samples, tc, sp.folder(f"sweep-{kind}"), heads=heads[0] if heads else None,
                                 lora_rank=c.lora_rank) as (lm, res):
                     fe = forced_eval(lm, sp.probe, batch_size=max(16, c.batch_size), max_length=c.max_length)
