@@ -26,7 +26,7 @@ import yaml
 from . import __version__
 from .adapter import AdapterConfig, load_adapter, merge_and_save
 from .bench.config import BenchConfig
-from .bench.runner import run_bench
+from .bench.benchmark import run_bench
 from .chat import compare_replies
 from .config import PRESETS, RunConfig, choices_of, options_from
 from .controls import CONTROLS, LORA_LR, LORA_RANK, run_controls

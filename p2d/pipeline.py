@@ -289,10 +289,12 @@ class Run:
         if stage != "load":
             self.require_loaded()
         self._clear(stage, keep=(CHECKPOINT_SUBDIR, LOG_NAME) if stage == "train" and self.resume else ())
+        cpu0 = time.process_time()
         with _fault_injection(self, stage):
             result, partial = getattr(self, f"_stage_{stage}")()
         self.results[stage] = result
-        self._record(stage, partial=partial or built_on_partial, result=result, external=external)
+        self._record(stage, partial=partial or built_on_partial, result=result, external=external,
+                     cpu_s=round(time.process_time() - cpu0, 3))
         self.write_metrics()
         Processes.current().barrier()  # several processes: what the main one wrote is there for all
         if stage != "load":
@@ -409,11 +411,29 @@ class Run:
         write_json(self.out / DATA_SUMMARY_FILE, summary)
         return summary, False
 
+    def heads_of(self, method: str) -> HeadScores:
+        """The heads ``method`` scores with this run's data and settings (the heads stage's own call, for any
+        method; nothing is recorded: the benchmark's head candidates)."""
+        c = self.config
+        self.require_loaded()
+        return score_heads(self.lm, self.data.probe.samples, method=method, ratio=c.head_ratio,
+                           pool=self.data.pool.samples, seed=c.seed, batch_size=c.batch_size, max_length=c.max_length,
+                           progress=self.progress, should_stop=self.should_stop, positions=c.positions)
+
+    def selection_of(self, heads, method: str, hidden_layer: int | None = None) -> Selection:
+        """The pool rows ``method`` selects with ``heads`` and this run's data and settings (the select
+        stage's own call, for any method and head set; ``hidden_layer`` None: the run's; nothing is
+        recorded: the benchmark's other selectors)."""
+        c = self.config
+        self.require_loaded()
+        return select_data(self.lm, heads, self.data.pool.samples, method=method, ratio=c.data_ratio,
+                           probe=self.data.probe.samples, batch_size=c.batch_size, max_length=c.max_length,
+                           seed=c.seed, progress=self.progress, should_stop=self.should_stop, positions=c.positions,
+                           hidden_layer=c.hidden_layer if hidden_layer is None else hidden_layer)
+
     def _stage_heads(self):
         c = self.config.require_probe()
-        hs = score_heads(self.lm, self.data.probe.samples, method=c.head_method, ratio=c.head_ratio,
-                         pool=self.data.pool.samples, seed=c.seed, batch_size=c.batch_size, max_length=c.max_length,
-                         progress=self.progress, should_stop=self.should_stop, positions=c.positions)
+        hs = self.heads_of(c.head_method)
         g = self.lm.geometry  # grouped-query attention: training k/v rows changes every query head of the group
         hs.extra["query_heads_changed"] = {"with k/v (q,k,v,o)": len(g.query_heads_changed(hs.selected)),
                                            "without k/v (q,o or offset)": len(hs.selected)}
@@ -421,11 +441,7 @@ class Run:
         return hs, bool(hs.extra.get("stopped"))
 
     def _stage_select(self):
-        c = self.config
-        sel = select_data(self.lm, self.heads, self.data.pool.samples, method=c.select_method, ratio=c.data_ratio,
-                          probe=self.data.probe.samples, batch_size=c.batch_size, max_length=c.max_length,
-                          seed=c.seed, progress=self.progress, should_stop=self.should_stop, positions=c.positions,
-                          hidden_layer=c.hidden_layer)
+        sel = self.selection_of(self.heads, self.config.select_method)
         sel.save(self.out, self.data.pool.samples)
         return sel, bool(sel.extra.get("stopped"))
 
@@ -495,9 +511,12 @@ class Run:
             if name not in keep:
                 remove(self.out / name)
 
-    def _record(self, stage: str, partial: bool, result, external: dict | None = None) -> None:
+    def _record(self, stage: str, partial: bool, result, external: dict | None = None,
+                cpu_s: float | None = None) -> None:
         built_on = EXTERNAL_UPSTREAM[stage] if external else UPSTREAM[stage]
         extra = {"external": external} if external else {}
+        if cpu_s is not None:
+            extra["cpu_s"] = cpu_s  # this process's CPU seconds of the stage (robust to other load with one thread)
         if stage == "train" and result is not None:
             extra["result"] = asdict(result)
         self.manifest.put(stage, make_entry(self._settings(stage, external), {u: self.result_digest(u) for u in built_on},

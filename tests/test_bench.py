@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from p2d.bench.config import BenchConfig
-from p2d.bench.runner import run_bench
+from p2d.bench.benchmark import run_bench
 from p2d.errors import UserError
 
 
@@ -96,11 +96,11 @@ def test_bench_config_quick_and_errors():
 @pytest.mark.slow
 def test_component_figures(tiny_llama, tmp_path):
     from p2d.bench.components import component_figures, components_markdown
-    from p2d.bench.runner import Split
+    from p2d.bench.split import Split
     from p2d.manifest import EntryFiles
 
     cfg = _cfg(tiny_llama.spec, tmp_path)
-    split = Split(cfg, "builtin-hard:addition", 0, EntryFiles(tmp_path))
+    split = Split(cfg, "builtin-hard:addition", 0, EntryFiles(tmp_path), lm=tiny_llama)
     before = {k: v.clone() for k, v in tiny_llama.model.state_dict().items()}
     c = component_figures(tiny_llama, split, cfg, [[1, 0], [3, 2]])
     assert c["plain_forward_pool_s"] > 0 and set(c["selection"]) >= {"activation", "alignment", "random", "tfidf"}
@@ -134,3 +134,27 @@ def test_gpu_check_dry_runs_on_the_cpu(tmp_path, capsys):
                                     "eval_after"}
         assert r["steps"] == 2 and r["aer"] > 0 and r["time_full_s"] > 0 and r["stages"]["train"]["peak_gib"] is None
     assert "| case |" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_select_quality_script_runs_on_the_library(tiny_llama_dir, tmp_path):
+    """bench/select_quality.py (the selection study the defaults' comments cite) on a tiny model: every head
+    set x score pair, with the random draws of `p2d.cells.random_heads`, in the JSON bench/choose_defaults.py reads."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    spec = importlib.util.spec_from_file_location("select_quality", root / "bench" / "select_quality.py")
+    script = importlib.util.module_from_spec(spec)
+    sys.modules["select_quality"] = script
+    spec.loader.exec_module(script)
+    res = script.main(["--model", tiny_llama_dir, "--pool-size", "40", "--probe-size", "8", "--max-length", "64",
+                       "--batch-size", "8", "--random-draws", "2", "--alignment-positions", "all",
+                       "--json", str(tmp_path / "addition.json")])
+    summary = {(r["heads"], r["head_positions"], r["select"], r["positions"]): r for r in res["summary"]}
+    assert summary[("random", "-", "activation", "all")]["n"] == 2
+    assert ("gradient_logratio", "content", "activation_length_z", "content") in summary
+    assert ("gradient", "all", "prefilter_alignment", "all") in summary
+    assert ("gradient", "content", "alignment", "content") not in summary  # no gate gradients at content positions
+    assert all(0 <= r["precision"] <= 1 for r in res["rows"]) and json.loads((tmp_path / "addition.json").read_text())["total_s"]

@@ -21,6 +21,7 @@ from __future__ import annotations
 import statistics
 
 from ..adapter import parse_adapter
+from .split import folder_name
 
 TIE_PRECISION = 0.02
 TIE_LOSS = 0.01
@@ -40,8 +41,6 @@ def _mean(xs):
 
 def choose_defaults(bench) -> dict | None:
     """The rule applied to what the invocation found valid (None without a choice study)."""
-    from .runner import folder_name
-
     cfg = bench.cfg
     seed = f"seed{cfg.choice_seed}"
     cand: dict[str, dict] = {}

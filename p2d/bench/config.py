@@ -14,7 +14,7 @@ from ..config import BUILTIN_POOLS, RunConfig, inherited, normalize_fields, sett
 from ..errors import UserError
 from ..method.heads import HEAD_METHODS
 
-#: the parts of the benchmark, in the order they run for each split (see p2d/bench/runner.py)
+#: the parts of the benchmark, in the order they run for each split (see p2d/bench/benchmark.py)
 PARTS = ("precision", "sweep", "selectors", "heads", "classic", "aer", "components")
 #: what runs without --parts (the component figures of the earlier report are on request)
 DEFAULT_PARTS = ("precision", "sweep", "selectors", "heads", "classic", "aer")

@@ -22,6 +22,7 @@ from ..cost import time_to_reach
 from ..files import write_json, write_text
 from .choose import choose_defaults, choice_markdown
 from .config import SELECTOR_LABELS
+from .split import folder_name
 from .stats import null_comparison, paired_difference
 
 HEAD_FREE = ("tfidf", "bm25", "hidden", "rh-alignment", "random")  # selectors that do not use P2D's heads
@@ -44,8 +45,6 @@ def _cell_name(heads: str, adapter: str, data: str) -> str:
 
 def collect(bench, machine: dict, model: dict) -> dict:
     """Everything the invocation found valid, summarised per split (see the module docstring)."""
-    from .runner import folder_name
-
     cfg = bench.cfg
     out = {"config": asdict(cfg), "machine": machine, "model": model, "splits": {}}
     for split in cfg.splits:

@@ -1,4 +1,9 @@
-"""The benchmark's statistics: paired differences with bootstrap intervals, and what they can detect.
+"""The benchmark's statistics: what a selection holds, paired differences with bootstrap intervals, and
+what they can detect.
+
+A selection of a labelled pool (`target_stats`): the share of target-skill rows and of their lexical
+twins among the selected rows, their shares of the pool, the `auroc` of the scores for target rows,
+and the task mix; an evaluation's `mean_other_accuracy` over the held-out rows of the other tasks.
 
 Accuracies are per-row 0/1 values (strict greedy match of every eval row, `p2d.evaluation.forced_eval`),
 so a difference between two cells is estimated from the *same rows* of the *same seeds*:
@@ -19,13 +24,57 @@ Seeds with missing values on either side are left out (``n_seeds`` says how many
 
 from __future__ import annotations
 
+import math
 import random
 import statistics
 
 import numpy as np
 
+from ..data.builtin_hard import TWIN_SUFFIX
+
 Z95 = 1.959964
 POWER80 = 2.8  # z(0.975) + z(0.8)
+
+
+def target_stats(selected: list[int], scores: list[float], labels: list[str | None], target: str | None) -> dict:
+    """What a selection holds: the share of target-skill rows and of twins (``<target>_twin``), their pool
+    shares, the AUROC of the scores for target rows, and the task mix (labelled pools only)."""
+    if target is None or not any(labels):
+        return {}
+    twin = target + TWIN_SUFFIX
+    n = max(1, len(selected))
+    picked = [labels[i] for i in selected]
+    counts: dict[str, int] = {}
+    for t in picked:
+        counts[str(t)] = counts.get(str(t), 0) + 1
+    return {"precision": sum(t == target for t in picked) / n, "twins": sum(t == twin for t in picked) / n,
+            "pool_share": sum(t == target for t in labels) / len(labels),
+            "pool_twins": sum(t == twin for t in labels) / len(labels),
+            "auroc": auroc(scores, [t == target for t in labels]), "task_counts": counts}
+
+
+def auroc(scores: list[float], positive: list[bool]) -> float | None:
+    """Probability that a random positive outranks a random negative (ties count half)."""
+    pairs = [(s, p) for s, p in zip(scores, positive) if s is not None and math.isfinite(s)]
+    n_pos = sum(p for _, p in pairs)
+    n_neg = len(pairs) - n_pos
+    if not n_pos or not n_neg:
+        return None
+    pairs.sort(key=lambda t: t[0])
+    rank_sum, i = 0.0, 0
+    while i < len(pairs):  # average ranks over ties
+        j = i
+        while j + 1 < len(pairs) and pairs[j + 1][0] == pairs[i][0]:
+            j += 1
+        rank_sum += ((i + j) / 2 + 1) * sum(p for _, p in pairs[i:j + 1])
+        i = j + 1
+    return (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+
+
+def mean_other_accuracy(other_tasks: dict | None) -> float | None:
+    """The mean accuracy over the other tasks of an evaluation (``EvalResult.other_tasks``; None without)."""
+    accs = [v["accuracy"] for v in (other_tasks or {}).values() if v.get("accuracy") is not None]
+    return sum(accs) / len(accs) if accs else None
 
 
 def _mean(xs) -> float:

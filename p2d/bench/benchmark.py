@@ -1,25 +1,27 @@
-"""`python -m p2d bench`: run the benchmark's units, resumably, then write the report.
+"""`python -m p2d bench`: the benchmark's units in order, resumably, then the report.
 
-For every split (a pool and a target: ``builtin-hard:addition`` ...) and seed the data come from
-`p2d.pipeline.load_run_data` and the stages from the same functions a run uses (`score_heads`,
-`select_data`), the training and evaluation of every cell from `p2d.cells`. This module only orders
-the work and keeps what finished:
+Every split (a pool and a target: ``builtin-hard:addition`` ...) at every seed is a `p2d.bench.split.Split`:
+a `p2d.pipeline.Run` whose load, heads and select stages give the data, P2D's heads and P2D's selection
+(checked and kept by the run's manifest like any run's). This module adds what a benchmark adds on
+top, as units, and orders them:
 
 - at the **choice seed** (never reported as evidence): P2D's heads and selection, one random head
   set, and the learning-rate sweeps of every trainable kind on the data it will train on (P2D's
   selection), judged by the probe loss; on the choice splits also the selection study every default
   is chosen from (`p2d.bench.choose`);
 - at each **reporting seed**: the base model; the heads of P2D's method and of the candidate head
-  methods; every selector's rows (``precision``: target-skill rows, twins, pool shares, time) and
-  the null distribution of random heads; then the training cells — every selector's rows trained
-  the same way (``selectors``), P2D's heads against candidate and random head sets in each adapter
-  regime (``heads``), LoRA and full fine-tuning at the same budget (``classic``), and full fine-tuning
-  of the whole pool with its learning curve (``aer``, first reporting seed).
+  methods (the run's `heads_of`); every selector's rows (the run's `selection_of`; ``precision``:
+  target-skill rows, twins, pool shares, time) and the null distribution of random heads; then the
+  training cells (`p2d.cells`) — every selector's rows trained the same way (``selectors``), P2D's
+  heads against candidate and random head sets in each adapter regime (``heads``), LoRA and full
+  fine-tuning at the same budget (``classic``), and full fine-tuning of the whole pool with its
+  learning curve (``aer``, first reporting seed).
 
 Each unit is a `p2d.manifest` entry file under ``out/units/`` with the settings it depends on and the
 digests of the units it was built on; a rerun reuses exactly the valid ones, so the benchmark can run
 in parts, in several processes (different seeds or parts) and across sessions. Every timed unit
 records wall and process CPU seconds (``--threads 1`` makes the CPU seconds independent of other load).
+The statistics are `p2d.bench.stats`; the report is `p2d.bench.report`.
 """
 
 from __future__ import annotations
@@ -36,32 +38,30 @@ import torch
 
 from ..adapter import ADAPTERS
 from ..cells import CELLS, Cell, curve_steps, evaluate_cell, random_heads, random_rows, train_cell
-from ..errors import UserError
 from ..evaluation import forced_eval
-from ..method.features import activation_from_features, alignment_from_features, head_features
-from ..method.heads import HeadScores, from_maps, score_heads, top_count
 from ..manifest import EntryFiles, content_digest
+from ..method.features import activation_from_features, alignment_from_features, head_features
+from ..method.heads import HeadScores, from_maps
+from ..method.scoring import top_samples
+from ..method.selection import Selection
 from ..models import count_params, load_model
-from ..pipeline import load_run_data
-from ..method.selection import Selection, select_data
 from ..training import TrainConfig
+from .components import component_figures
 from .config import BenchConfig
+from .report import collect, write_report
+from .split import Split
+from .stats import mean_other_accuracy, target_stats
 
 #: sweep kinds: the trainable part whose learning rate is chosen (``<adapter>-<head set>``, lora, full)
 GRID_OF = {"qkvo": "lr_qkvo", "qo": "lr_qo", "offset": "lr_offset", "lora": "lr_lora", "full": "lr_full"}
 EXTEND = 10 ** 0.5  # a grid is extended by this factor while its best value sits at an edge
 
 
-#: head sets read off the gate-gradient importance maps of one scoring pass (`derive_heads`)
+#: head sets read off the gate-gradient importance maps of one scoring pass (`p2d.method.heads.from_maps`)
 DERIVED_HEADS = ("gradient", "gradient_layer", "gradient_logratio", "importance")
 #: the method whose scoring pass the others in DERIVED_HEADS are read from, whatever head_method is, so that
 #: changing head_method does not redo the derived sets
 DERIVED_SOURCE = "gradient_logratio"
-
-
-def derive_heads(hs: HeadScores, method: str) -> HeadScores:
-    """Another method of the same gate importances (`p2d.method.heads.from_maps`)."""
-    return from_maps(hs, method)
 
 
 class OutOfTime(Exception):
@@ -92,85 +92,16 @@ class Clock:
         return False
 
 
-def folder_name(split: str) -> str:
-    return split.replace(":", "-")
-
-
-def target_stats(selected: list[int], scores: list[float], labels: list[str | None], target: str | None) -> dict:
-    """What a selection holds: the share of target-skill rows and of twins (``<target>_twin``), their pool
-    shares, the AUROC of the scores for target rows, and the task mix (labelled pools only)."""
-    from ..data.builtin_hard import TWIN_SUFFIX
-
-    if target is None or not any(labels):
-        return {}
-    twin = target + TWIN_SUFFIX
-    n = max(1, len(selected))
-    picked = [labels[i] for i in selected]
-    counts: dict[str, int] = {}
-    for t in picked:
-        counts[str(t)] = counts.get(str(t), 0) + 1
-    return {"precision": sum(t == target for t in picked) / n, "twins": sum(t == twin for t in picked) / n,
-            "pool_share": sum(t == target for t in labels) / len(labels),
-            "pool_twins": sum(t == twin for t in labels) / len(labels),
-            "auroc": auroc(scores, [t == target for t in labels]), "task_counts": counts}
-
-
-def auroc(scores: list[float], positive: list[bool]) -> float | None:
-    """Probability that a random positive outranks a random negative (ties count half)."""
-    pairs = [(s, p) for s, p in zip(scores, positive) if s is not None and math.isfinite(s)]
-    n_pos = sum(p for _, p in pairs)
-    n_neg = len(pairs) - n_pos
-    if not n_pos or not n_neg:
-        return None
-    pairs.sort(key=lambda t: t[0])
-    rank_sum, i = 0.0, 0
-    while i < len(pairs):  # average ranks over ties
-        j = i
-        while j + 1 < len(pairs) and pairs[j + 1][0] == pairs[i][0]:
-            j += 1
-        rank_sum += ((i + j) / 2 + 1) * sum(p for _, p in pairs[i:j + 1])
-        i = j + 1
-    return (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
-
-
 def eval_record(res) -> dict:
     """A forced evaluation as stored in a unit: accuracy, loss, per-row values, other tasks."""
     other = res.other_tasks or {}
-    accs = [v["accuracy"] for v in other.values()]
     return {"accuracy": res.accuracy, "loss": res.loss, "n": res.n, "strict": res.per_row["strict"],
-            "row_loss": res.per_row["loss"], "other_tasks": other,
-            "other_accuracy": sum(accs) / len(accs) if accs else None}
-
-
-class Split:
-    """One split at one seed: its run settings, data and unit folder."""
-
-    def __init__(self, cfg: BenchConfig, name: str, seed: int, units: EntryFiles):
-        self.name, self.seed = name, seed
-        self.config = cfg.run_config(name, seed)
-        self.data = load_run_data(self.config)
-        self.pool = self.data.pool.samples
-        self.probe = self.data.probe.samples
-        self.eval = self.data.eval.samples if self.data.eval is not None else []
-        self.other = self.data.other.samples if self.data.other is not None else []
-        if not self.eval:
-            raise UserError(f"the split {name} has no eval rows: raise eval_size or give an eval file")
-        self.target = cfg.target_label if name == "custom" else self.config.target
-        self.labels = [s.task for s in self.pool]
-        self.key = (folder_name(name), f"seed{seed}")
-        self.units = units
-        self.budget = top_count(len(self.pool), cfg.data_ratio)
-
-    def folder(self, unit: str) -> Path:
-        p = self.units.root.joinpath(*self.key, unit)
-        p.mkdir(parents=True, exist_ok=True)
-        return p
-
-    def random_rows(self) -> list[int]:
-        return random_rows(len(self.pool), self.budget, self.seed)
+            "row_loss": res.per_row["loss"], "other_tasks": other, "other_accuracy": mean_other_accuracy(other)}
 
 
 class Bench:
+    """The benchmark of ``cfg``: its units (``out/units``), in the order of `run`."""
+
     def __init__(self, cfg: BenchConfig, progress=None):
         self.cfg = cfg
         self.progress = progress
@@ -215,31 +146,38 @@ class Bench:
         return self.unit(sp.key + ("base",), self.common(sp), {}, compute, f"{sp.name} seed {sp.seed}: base model")
 
     def heads(self, sp: Split, method: str) -> tuple[HeadScores, str]:
-        """Heads of ``method`` (``random<d>``: the d-th random draw of this seed, no unit needed). The
-        other contrasts of P2D's gate gradients (``gradient``, ``gradient_layer``, ``gradient_logratio``)
-        and ``importance`` (gate importance on the probe alone, no contrast) are read off the importance
-        maps of one ``gradient_logratio`` scoring pass (`p2d.method.heads.recontrast`): the same model pass, so the
-        same cost."""
+        """Heads of ``method`` (``random<d>``: the d-th random draw of this seed, `p2d.cells.random_heads`,
+        no unit needed). P2D's method is the split's run's heads stage; the other contrasts of P2D's gate
+        gradients (``gradient``, ``gradient_layer``, ``gradient_logratio``) and ``importance`` (gate
+        importance on the probe alone, no contrast) are read off the importance maps of one
+        ``gradient_logratio`` scoring pass (`p2d.method.heads.from_maps`): the same model pass, so the same
+        cost; any other method is scored with the run's settings (`p2d.pipeline.Run.heads_of`). Every
+        unit keeps its heads.json in its folder."""
         c = self.cfg
         if method.startswith("random"):
             d = int(method[6:] or 0)
             hs = random_heads(self.lm, c.head_ratio, sp.seed, d)
             return hs, content_digest(hs.selected)
-        derived = method in DERIVED_HEADS and method != DERIVED_SOURCE
+        derived = method in DERIVED_HEADS and method not in (DERIVED_SOURCE, c.head_method)
         source, source_digest = self.heads(sp, DERIVED_SOURCE) if derived else (None, None)
         folder = sp.folder(f"heads-{method}")
 
         def compute():
             with Clock() as clock:
                 if derived:
-                    hs = derive_heads(source, method)
+                    hs = from_maps(source, method)
+                elif method == c.head_method:  # P2D's heads: the run's stage (kept by its manifest)
+                    if (sp.run.manifest.get("heads") or {}).get("external"):  # given from a unit: score them
+                        sp.run.reset_from("heads")
+                    if not sp.run.is_done("heads"):
+                        sp.run.run(["heads"])
+                    hs = sp.run.heads
                 else:
-                    hs = score_heads(self.lm, sp.probe, method=method, ratio=c.head_ratio, pool=sp.pool, seed=sp.seed,
-                                     batch_size=c.batch_size, max_length=c.max_length, positions=c.positions,
-                                     progress=self.progress)
+                    hs = sp.run.heads_of(method)
             hs.save(folder)
             time_s = source.time_s if derived else hs.time_s
-            cpu_s = source.extra.get("cpu_s", 0.0) if derived else clock.cpu_s
+            cpu_s = (source.extra.get("cpu_s", 0.0) if derived
+                     else sp.run.manifest["heads"].get("cpu_s", clock.cpu_s) if method == c.head_method else clock.cpu_s)
             return {"time_s": time_s, "cpu_s": cpu_s, "selected": hs.selected, "method": method,
                     "derived_from": DERIVED_SOURCE if derived else None}, content_digest(hs.selected)
 
@@ -256,7 +194,7 @@ class Bench:
     def selection(self, sp: Split, selector: str, layer: int | None = None, features: dict | None = None) -> dict:
         """The rows ``selector`` picks (P2D's: the selected heads' activation; rh-alignment: gradient
         alignment on the first random head set; the head-free ones; random rows). With a feature pass
-        of this seed, rh-alignment's scores are read from it (`p2d.method.selection.alignment_from_features`,
+        of this seed, rh-alignment's scores are read from it (`p2d.method.features.alignment_from_features`,
         equal to `select_data`'s) and its cost is the one measured at the choice seed."""
         c = self.cfg
         name = selector if layer is None else f"{selector}-L{layer}"
@@ -271,20 +209,25 @@ class Bench:
 
         def compute():
             if selector == "random":
-                rows = sp.random_rows()
+                rows = random_rows(len(sp.pool), sp.budget, sp.seed)
                 chosen = set(rows)
                 scores = [1.0 if i in chosen else 0.0 for i in range(len(sp.pool))]
                 sel = Selection(method="random", ratio=c.data_ratio, n_pool=len(sp.pool), n_selected=len(rows),
                                 time_s=0.0, scores=scores, selected=rows)
                 cpu_s = 0.0
+            elif selector == "p2d":  # P2D's selection: the run's stage, on the heads unit's heads (given to the
+                # run when its own heads stage does not hold them, e.g. units made before splits were runs)
+                if sp.run.result_digest("heads") != inputs["heads"]:
+                    sp.run.use_heads(heads, source=f"benchmark unit heads-{c.head_method}")
+                if not sp.run.is_done("select"):
+                    sp.run.run(["select"])
+                sel, cpu_s = sp.run.selection, sp.run.manifest["select"].get("cpu_s", 0.0)
             else:
                 with Clock() as clock:
-                    sel = select_data(self.lm, heads, sp.pool, method=method, ratio=c.data_ratio, probe=sp.probe,
-                                      batch_size=c.batch_size, max_length=c.max_length, seed=sp.seed,
-                                      positions=c.positions, progress=self.progress,
-                                      hidden_layer=layer if layer is not None else c.hidden_layer)
+                    sel = sp.run.selection_of(heads, method, hidden_layer=layer)
                 cpu_s = clock.cpu_s
-            sel.save(folder, sp.pool)
+            if selector != "p2d":
+                sel.save(folder, sp.pool)
             heads_s = heads.time_s if heads is not None and selector == "p2d" else 0.0
             return {"selected": sel.selected, "time_s": sel.time_s, "cpu_s": cpu_s, "heads_s": heads_s,
                     "heads_cpu_s": heads.extra.get("cpu_s", 0.0) if heads_s else 0.0, "method": method,
@@ -302,8 +245,7 @@ class Bench:
 
         def compute():
             scores = [float("nan") if v is None else v for v in features["result"]["rh_alignment_scores"]]
-            order = sorted((i for i, v in enumerate(scores) if math.isfinite(v)), key=lambda i: (-scores[i], i))
-            selected = order[:sp.budget]
+            selected = top_samples(scores, c.data_ratio)
             cost = (choice or {}).get("result", {})
             sel = Selection(method="alignment", ratio=c.data_ratio, n_pool=len(sp.pool), n_selected=len(selected),
                             time_s=cost.get("time_s", 0.0), scores=scores, selected=selected,
@@ -319,7 +261,7 @@ class Bench:
 
     def features_study(self, sp: Split, methods: list[str]) -> dict:
         """Precision of every head method's heads (activation and alignment) and of the random-head null
-        distribution, from one feature pass over pool and probe (`p2d.method.selection.head_features`)."""
+        distribution, from one feature pass over pool and probe (`p2d.method.features.head_features`)."""
         c = self.cfg
         heads = {m: self.heads(sp, m) for m in methods}
         draws = {f"random{d}": self.heads(sp, f"random{d}") for d in range(c.random_head_draws)}
@@ -328,8 +270,9 @@ class Bench:
 
         def compute():
             with Clock() as clock:
-                pf = head_features(self.lm, sp.pool, c.batch_size, c.max_length, c.positions, progress=self.progress)
-                qf = head_features(self.lm, sp.probe, c.batch_size, c.max_length, c.positions)
+                rc = sp.config
+                pf = head_features(self.lm, sp.pool, rc.batch_size, rc.max_length, rc.positions, progress=self.progress)
+                qf = head_features(self.lm, sp.probe, rc.batch_size, rc.max_length, rc.positions)
             out = {"features_s": clock.wall_s, "features_cpu_s": clock.cpu_s, "methods": {}, "random": []}
 
             def stats(hs):
@@ -337,8 +280,7 @@ class Bench:
                 for score, fn in (("activation", lambda h: activation_from_features(pf, h)),
                                   ("alignment", lambda h: alignment_from_features(pf, qf, h))):
                     scores = fn(hs.selected)
-                    order = sorted((i for i, v in enumerate(scores) if math.isfinite(v)), key=lambda i: (-scores[i], i))
-                    res[score] = target_stats(order[:sp.budget], scores, sp.labels, sp.target)
+                    res[score] = target_stats(top_samples(scores, c.data_ratio), scores, sp.labels, sp.target)
                 return res
 
             for m, (hs, _) in heads.items():
@@ -490,8 +432,6 @@ class Bench:
         except OutOfTime:
             complete = False
             _say(f"time limit of {cfg.max_minutes:g} min reached: reporting what finished; rerun to continue")
-        from .report import collect, write_report
-
         results = collect(self, machine(), {"model": self.lm.spec, "params": count_params(self.lm.model),
                                             "device": str(self.lm.device),
                                             "dtype": str(self.lm.dtype).replace("torch.", ""),
@@ -524,14 +464,14 @@ class Bench:
         choice = None
         if split != "custom" and ({"sweep", "selectors", "heads", "classic", "aer"} & set(cfg.parts)
                                   or split in cfg.choice_splits):
-            choice = Split(cfg, split, cfg.choice_seed, self.units)
+            choice = self.split_at(split, cfg.choice_seed)
             if "precision" in cfg.parts and split in cfg.choice_splits:
                 self.choice_study(choice)
             if "precision" in cfg.parts and "rh-alignment" in cfg.selectors:
                 self.selection(choice, "rh-alignment")  # its cost, measured once (the reporting seeds read it)
         lrs = self.rates(choice, self.kinds(split))
         for seed in cfg.seed_list:
-            sp = Split(cfg, split, seed, self.units)
+            sp = self.split_at(split, seed)
             self.base(sp)
             heads_split = split in cfg.heads_splits
             methods = [cfg.head_method] + ([m for m in cfg.head_candidates if m != cfg.head_method]
@@ -571,10 +511,11 @@ class Bench:
             if "components" in cfg.parts and split == cfg.splits[0] and seed == cfg.seed_list[0]:
                 self.components(sp, p2d[0])
 
+    def split_at(self, split: str, seed: int) -> Split:
+        return Split(self.cfg, split, seed, self.units, lm=self.lm, progress=self.progress)
+
     def components(self, sp: Split, heads: HeadScores) -> dict:
         """The cost of each part of a step and of every scoring method (`p2d.bench.components`)."""
-        from .components import component_figures
-
         return self.unit(("components",), {**self.common(sp), "head_ratio": self.cfg.head_ratio,
                                            "data_ratio": self.cfg.data_ratio, "lora_rank": self.cfg.lora_rank},
                          {"heads": content_digest(heads.selected)},
