@@ -12,11 +12,13 @@
 
 from __future__ import annotations
 
+import copy
 import statistics
 import time
 
 import torch
 
+from ..adapter import HeadAdapter
 from ..cells import LORA_TARGETS, PeakMemory
 from ..data.encoding import IGNORE_INDEX, collate, encode, iter_batches
 from ..errors import UserError
@@ -76,8 +78,6 @@ def _step_time(lm, model, params, micro, n: int = 3) -> tuple[float, float | Non
 
 def step_comparison(lm, micro, heads, lora_rank: int = 8) -> dict:
     """Head / LoRA / full step on the same batch (the base model is left as it was)."""
-    from ..adapter import HeadAdapter
-
     out = {}
     adapter = HeadAdapter(lm.geometry, heads, device=lm.device)
     with trainable(lm.model, []):
@@ -96,12 +96,10 @@ def step_comparison(lm, micro, heads, lora_rank: int = 8) -> dict:
             for p, s in zip(params, saved):
                 p.copy_(s)
         del saved
-    from copy import deepcopy
-
     from peft import LoraConfig, inject_adapter_in_model
 
     model = inject_adapter_in_model(LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, target_modules=LORA_TARGETS),
-                                    deepcopy(lm.model))
+                                    copy.deepcopy(lm.model))
     lora = [p for n, p in model.named_parameters() if "lora_" in n]
     with trainable(model, lora):
         out["lora"] = _step_time(lm, model, lora, micro)
@@ -158,8 +156,6 @@ def component_figures(lm, split, cfg, heads, progress=None) -> dict:
     res["head_share"] = []
     for share in SHARES:
         hl = _random_heads(lm, share, seed=7)
-        from ..adapter import HeadAdapter
-
         adapter = HeadAdapter(lm.geometry, hl, device=lm.device)
         with trainable(lm.model, []):
             adapter.attach(lm.model)
@@ -178,8 +174,6 @@ def component_figures(lm, split, cfg, heads, progress=None) -> dict:
         batch = synthetic_batch(lm, bs, length)
         steps = step_comparison(lm, batch, heads, cfg.lora_rank)
         res["length"].append({"tokens": length, **{k: v["step_s"] for k, v in steps.items()}})
-    from ..adapter import HeadAdapter
-
     adapter = HeadAdapter(lm.geometry, heads, device=lm.device)
     with trainable(lm.model, []):
         adapter.attach(lm.model)

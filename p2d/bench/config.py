@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 from ..adapter import ADAPTERS
 from ..config import BUILTIN_POOLS, RunConfig, inherited, normalize_fields, setting
+from ..data.builtin import TASKS
+from ..data.builtin_hard import HARD_TARGETS
 from ..errors import UserError
 from ..method.heads import HEAD_METHODS
 
@@ -40,9 +42,6 @@ HEADS_SPLITS = ("builtin:addition", "builtin-hard:addition")
 
 
 def _split_choices():
-    from ..data.builtin import TASKS
-    from ..data.builtin_hard import HARD_TARGETS
-
     return tuple(f"builtin:{t}" for t in TASKS) + tuple(f"builtin-hard:{t}" for t in HARD_TARGETS) + ("custom",)
 
 
