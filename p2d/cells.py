@@ -39,10 +39,10 @@ from pathlib import Path
 import torch
 
 from .adapter import load_adapter, parse_adapter
+from .cost import aer_ratio
 from .data.encoding import encode
 from .data.formats import Sample
 from .errors import UserError
-from .cost import aer_ratio
 from .evaluation import EvalResult, evaluate, forced_eval
 from .method.heads import HeadScores, score_heads
 from .models import LoadedModel, load_model, trainable

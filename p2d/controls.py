@@ -39,8 +39,8 @@ from .cells import CELLS, Cell, cell_aer, cell_cost, evaluate_cell, random_heads
 from .errors import UserError
 from .files import read_json, write_json
 from .manifest import fresh_digest, is_valid, make_entry
-from .progress import ProgressFn, StopFn, report
 from .method.selection import select_data
+from .progress import ProgressFn, StopFn, report
 
 __all__ = ["CONTROLS", "run_controls", "read_controls", "CONTROLS_FILE"]
 

@@ -42,23 +42,23 @@ import torch
 
 from .adapter import CONFIG_NAME as ADAPTER_CONFIG
 from .adapter import load_adapter
+from .cells import CELLS, evaluate_cell, train_cell
 from .config import STAGES, RunConfig
 from .cost import REFERENCE_FILE, FullFinetuneCost, aer, full_finetune_cost
 from .data.builtin import build_task_pool
 from .data.builtin_hard import HARD_POOL, build_hard_pool
 from .data.formats import Sample
-from .distributed import Processes
 from .data.loading import LoadedData, load_data, load_records
+from .distributed import Processes
 from .errors import UserError
-from .cells import CELLS, evaluate_cell, train_cell
 from .evaluation import EVAL_FILES, EvalResult
 from .files import read_json, remove, write_json
-from .method.heads import HEADS_FILE, HeadScores, score_heads
 from .manifest import Manifest, content_digest, fresh_digest, is_valid, make_entry
+from .method.heads import HEADS_FILE, HeadScores, score_heads
+from .method.selection import SCORES_FILE, SELECTED_FILE, SELECTION_FILE, Selection, select_data
 from .models import LoadedModel, count_params, load_model
 from .progress import ProgressFn, StopFn
 from .tracking import open_tracker, stage_values
-from .method.selection import SCORES_FILE, SELECTED_FILE, SELECTION_FILE, Selection, select_data
 from .training import ADAPTER_SUBDIR, CHECKPOINT_SUBDIR, LOG_NAME, TrainResult
 
 CONFIG_FILE = "config.yaml"

@@ -20,13 +20,13 @@ import torch
 
 from ..data.formats import Sample
 from ..errors import UserError
-from .gating import HeadGate, answer_losses
 from ..geometry import normalize_heads
 from ..models import frozen
 from ..progress import Ticker
+from .gating import HeadGate, answer_losses
 from .scoring import EncodedBatches, check_positions, model_inputs
-from .selection_variants import length_z
 from .selection import DEFAULT_POSITIONS
+from .selection_variants import length_z
 
 __all__ = ["HeadFeatures", "head_features", "head_norms", "activation_from_features", "alignment_from_features"]
 

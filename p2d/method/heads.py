@@ -69,11 +69,11 @@ from ..data.formats import Sample
 from ..distributed import Processes
 from ..errors import UserError
 from ..files import write_json
-from .gating import HeadGate
 from ..geometry import HeadGeometry
-from .heads_variants import score_lofit, score_shift, taylor_importance
 from ..models import frozen
 from ..progress import Ticker
+from .gating import HeadGate
+from .heads_variants import score_lofit, score_shift, taylor_importance
 from .scoring import HeadJob, batch_losses, check_positions, check_ratio, loss_batches, top_count
 
 #: how importance methods contrast the probe map with the pool map (see `contrast_scores`)

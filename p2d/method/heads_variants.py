@@ -54,8 +54,8 @@ import random
 import torch
 
 from ..errors import UserError
-from .gating import HeadGate
 from ..geometry import HeadGeometry
+from .gating import HeadGate
 from .scoring import HeadJob, batch_losses, loss_batches
 
 __all__ = ["score_shift", "score_lofit", "taylor_importance", "head_slice_sums", "attention_snapshot",

@@ -57,11 +57,11 @@ from ..data.formats import Sample
 from ..distributed import Processes
 from ..errors import UserError
 from ..files import write_json, write_jsonl
-from .gating import POSITIONS, HeadGate, heads_by_layer
 from ..geometry import normalize_heads
-from .heads import HeadScores
 from ..models import frozen
 from ..progress import Ticker
+from .gating import POSITIONS, HeadGate, heads_by_layer
+from .heads import HeadScores
 from .scoring import EncodedBatches, SelectJob, check_positions, check_ratio, top_samples
 from .selection_baselines import score_bm25, score_hidden, score_tfidf
 from .selection_variants import (PREFILTER_FACTOR, score_ablation, score_alignment, score_length_z,

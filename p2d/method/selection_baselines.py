@@ -37,10 +37,10 @@ from ..data.encoding import collate, encode, iter_batches
 from ..data.formats import Sample
 from ..errors import UserError
 from ..geometry import decoder_layers
-from .gating import StopForward
-from .scoring import SelectJob
 from ..models import frozen
 from ..progress import Ticker
+from .gating import StopForward
+from .scoring import SelectJob
 
 BM25_K1, BM25_B = 1.2, 0.75
 
