@@ -212,7 +212,7 @@ def _upload(served, ip: str, files: list[tuple[str, bytes]], headers: dict | Non
 
 
 def _upload_folder_files() -> set[Path]:
-    from p2d.studio.services import gradio_upload_folder
+    from p2d.studio.guard import gradio_upload_folder
 
     return {p for p in gradio_upload_folder().rglob("*") if p.is_file()}
 
@@ -298,7 +298,7 @@ def test_one_address_cannot_fill_the_queue_or_hold_the_waits(served):
             t.join(60)
     finally:
         gate.set()
-        st.runner.wait(job, timeout=30)
+        st.worker.wait(job, timeout=30)
     queue_refused = sum(o[0] == 429 for o in outcomes)
     waits_refused = sum(o[0] == 200 and "calls waiting" in o[1] for o in outcomes)
     waited = sum(o[0] == 200 and "waited_at_most_s" in o[1] for o in outcomes)

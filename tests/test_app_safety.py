@@ -90,7 +90,7 @@ def test_no_run_or_upload_file_is_reachable_by_url(demo, tmp_path):
     assert "was not stored" in msg and not _kept(path) and not _kept(source), msg
     assert "/tmp" not in msg and str(demo.root) not in msg  # no server paths in the message
     assert not list(demo.root.rglob("*evil*"))  # nothing kept in any workspace
-    from p2d.studio.services import gradio_upload_folder
+    from p2d.studio.guard import gradio_upload_folder
 
     assert not list(gradio_upload_folder().rglob("evil.html"))  # nor in Gradio's served upload folder
 
@@ -384,7 +384,7 @@ def test_idle_workspaces_expire(tmp_path):
         assert busy.id not in gone and fresh.id not in gone and fresh.root.exists()
         assert st.registry.by_key(old.key) is None  # its files and its key are gone
         gate.set()
-        st.runner.wait(job, timeout=30)
+        st.worker.wait(job, timeout=30)
     finally:
         st.close()
 

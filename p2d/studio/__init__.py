@@ -8,13 +8,15 @@ Layout (LlamaBoard-like, kept apart from the library; the app lays out and wires
                            handler); re-renders the other tabs when a job ends; the page load
 - ``studio/tabs/*.py``     one module per tab: its layout and its events
 - ``studio/form.py``       the settings inputs (one per `p2d.config.RunConfig` field) <-> RunConfig
-- ``studio/services.py``   `Studio`: runner, workspaces, form -> the RunConfig a job runs, uploads and
-                           downloads (one function each)
+- ``studio/services.py``   `Studio`: the job worker, workspaces, form -> the RunConfig a job runs, uploads
+                           and downloads (one function each)
 - ``studio/jobs.py``       job bodies: `p2d.pipeline.Run` driven through its public API
 - ``studio/views.py``      a workspace rendered into a tab's output values (dicts by output name)
 - ``studio/charts.py``     pure Plotly figure builders (no Gradio, testable without a browser)
-- ``studio/runner.py``     background job runner: one job at a time, a visible queue, stop flags, a job
-                           registry so a reloaded page re-attaches; the shared model cache
+- ``studio/worker.py``     the one background job worker: one job at a time, taken from the queue round
+                           robin across client addresses, a visible place in it with an estimate, stop
+                           flags and the demo's job time cap, a job registry so a reloaded page
+                           re-attaches; the shared model cache
 - ``studio/workspace.py``  per-session workspaces (run folders run-NNN, uploads, downloads)
 - ``studio/limits.py``     local vs public demo mode; the demo caps, applied once to the RunConfig
 - ``studio/gate.py``       the one gate every endpoint passes: caps, the demo's refusals, waits, no server

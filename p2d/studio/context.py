@@ -173,7 +173,7 @@ class Context:
                 if line != last:
                     last = line
                     yield {"status": line}
-                st.runner.wait(job, timeout=every)
+                st.worker.wait(job, timeout=every)
         if job.status == "failed":
             gr.Warning(st.gate.scrub(job.error or "failed"))
         final = {"status": views.job_line(st, job, notes)}

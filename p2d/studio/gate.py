@@ -38,6 +38,8 @@ from pathlib import Path
 
 from p2d.errors import UserError
 
+from .guard import gradio_upload_folder
+
 #: endpoint -> why the public demo refuses it (whatever the page shows)
 REFUSED_IN_DEMO = {
     "push": "pushing to the Hub is disabled in the public demo (it would use the host's token): download the PEFT "
@@ -80,8 +82,6 @@ ARGUMENT_CHECKS = {"train": _processes, "apply_config": _settings_text, "chat": 
 
 def server_folders(studio) -> list[tuple[str, str]]:
     """(server folder, what a response shows instead), longest first."""
-    from .services import gradio_upload_folder
-
     folders = {str(studio.runs_root): "<runs>", str(gradio_upload_folder()): "<uploads>",
                str(studio.outbox): "<downloads>", str(Path(tempfile.gettempdir()).resolve()): "<tmp>",
                str(Path.home()): "~", os.getcwd(): "."}

@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import tempfile
 import threading
 import time
 from collections import Counter, deque
@@ -42,6 +43,11 @@ FORM_OVERHEAD = 64 * 1024  # multipart headers and boundaries around one file
 #: Gradio routes that take files this app never asks for (a recording's video); refused in the public demo
 UNUSED_UPLOAD_ROUTES = ("/gradio_api/process_recording",)
 HOUR = 3600.0
+
+
+def gradio_upload_folder() -> Path:
+    """Where Gradio's upload route stores files (its served cache; `gradio.utils.get_upload_folder`)."""
+    return Path(os.environ.get("GRADIO_TEMP_DIR") or Path(tempfile.gettempdir()) / "gradio").resolve()
 
 
 @dataclass

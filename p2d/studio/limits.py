@@ -20,7 +20,7 @@ arguments a page or a direct API call sends:
   refuses (`p2d.studio.gate.REFUSED_IN_DEMO`), the ``/wait_job`` timeout and how many calls wait at
   once per session and per client address; the Gradio queue size, per-event concurrency and queued
   requests per client address (`p2d.studio.guard`);
-- sessions (`p2d.studio.workspace.Registry`, `p2d.studio.runner.Runner`): workspaces kept in
+- sessions (`p2d.studio.workspace.Registry`, `p2d.studio.worker.Worker`): workspaces kept in
   memory, per client address (and new ones per address per hour), jobs queued or running per client
   address, and how long an idle workspace and its files are kept.
 

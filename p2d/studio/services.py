@@ -1,6 +1,6 @@
 """`Studio`: the app-wide services every tab uses (no Gradio layout here).
 
-- the job runner (one job at a time, the shared model cache) and the per-session workspaces: which
+- the job worker (one job at a time, the shared model cache) and the per-session workspaces: which
   requests may create one (`workspace` with ``create=True``: the job and upload endpoints; `attach`:
   a page load or ``/attach``), the client address caps, and the job registry kept on disk
   (each workspace's ``workspace.json``; `restore` reads it back after a restart);
@@ -38,9 +38,9 @@ from p2d.pipeline import CONFIG_FILE, Run
 
 from . import form
 from .gate import Gate
-from .guard import Uploads, delete_upload
+from .guard import Uploads, delete_upload, gradio_upload_folder
 from .limits import Limits, client_ip
-from .runner import ACTIVE, Job, Runner
+from .worker import ACTIVE, Job, Worker
 from .workspace import Registry, Workspace
 
 INTERRUPTED = "interrupted: the server restarted while it ran (Resume it under Runs of this session)"
@@ -54,11 +54,6 @@ def session_of(request) -> str | None:
     return getattr(request, "session_hash", None) or None
 
 
-def gradio_upload_folder() -> Path:
-    """Where Gradio's upload route stores files (its served cache; `gradio.utils.get_upload_folder`)."""
-    return Path(os.environ.get("GRADIO_TEMP_DIR") or Path(tempfile.gettempdir()) / "gradio").resolve()
-
-
 def fmt_mb(n: int) -> str:
     return f"{n / (1024 * 1024):.1f} MB"
 
@@ -70,15 +65,15 @@ def safe_name(name: str) -> str:
 
 
 class Studio:
-    """App-wide state: limits, runner, workspaces and the settings the form starts with."""
+    """App-wide state: limits, the job worker, workspaces and the settings the form starts with."""
 
-    def __init__(self, limits: Limits, runs_root: Path, runner: Runner | None = None,
+    def __init__(self, limits: Limits, runs_root: Path, worker: Worker | None = None,
                  config: RunConfig | None = None):
         self.limits = limits
         self.runs_root = Path(runs_root).resolve()
         self.runs_root.mkdir(parents=True, exist_ok=True)
-        self.runner = runner or Runner(max_models=1)
-        self.runner.on_change = self._job_changed
+        self.worker = worker or Worker(max_models=1)
+        self.worker.on_change = self._job_changed
         self.registry = Registry(self.runs_root, limits, busy=self._busy, restore=self.restore)
         self.outbox = Path(tempfile.mkdtemp(prefix="p2d-studio-out-"))  # not served; Gradio copies from it
         self._staged: dict[str, tuple] = {}
@@ -95,7 +90,7 @@ class Studio:
 
     def close(self) -> None:
         self._closed.set()
-        self.runner.close()
+        self.worker.close()
         shutil.rmtree(self.outbox, ignore_errors=True)
 
     def _sweeper(self, every: float) -> None:
@@ -139,7 +134,7 @@ class Studio:
         ws = self.registry.by_key(key) if key else None
         told = key if ws is not None else None
         if ws is None and page and not self.limits.demo:
-            job = self.runner.latest()
+            job = self.worker.latest()
             if job is not None and job.active:
                 ws = self.registry.get(job.owner)
                 told = ws.key if ws is not None else None
@@ -153,17 +148,17 @@ class Studio:
         return ws, told
 
     def _busy(self, ws: Workspace) -> bool:
-        return self.runner.active_job(ws.id) is not None
+        return self.worker.active_job(ws.id) is not None
 
     def current_job(self, ws: Workspace) -> Job | None:
-        return self.runner.get(ws.job_id)
+        return self.worker.get(ws.job_id)
 
     def submit(self, ws: Workspace, kind: str, body, label: str, request=None) -> Job:
         if ws.blank:
             raise UserError("this session has nothing to work on yet: press Load on the Model & data tab (or reload "
                             "the page)")
         with ws.lock:
-            job = self.runner.submit(kind, ws.id, body, label=label, client=self.client(request) if request else ws.ip,
+            job = self.worker.submit(kind, ws.id, body, label=label, client=self.client(request) if request else ws.ip,
                                      max_per_client=self.limits.max_jobs_per_ip)
             ws.job_id = job.id
             self._owners[job.id] = ws
@@ -180,7 +175,7 @@ class Studio:
         self._job_changed(job)
 
     def _job_changed(self, job: Job) -> None:
-        """The runner's callback: keep the job in its workspace's file (a restart finds it)."""
+        """The worker's callback: keep the job in its workspace's file (a restart finds it)."""
         ws = self._owners.get(job.id) or self.registry.get(job.owner)
         if not job.active:
             self._owners.pop(job.id, None)
@@ -193,10 +188,10 @@ class Studio:
 
     def restore(self, ws: Workspace) -> None:
         """A workspace read back from disk (after a restart or an eviction): its jobs back into the
-        runner's registry (one that was queued or running is marked interrupted), its current run
+        worker's registry (one that was queued or running is marked interrupted), its current run
         reopened (results and data, not the model)."""
         for d in ws.jobs:
-            job = self.runner.get(d.get("id"))
+            job = self.worker.get(d.get("id"))
             if job is None:
                 status, error = d.get("status", "done"), d.get("error")
                 if status in ACTIVE:
@@ -207,7 +202,7 @@ class Studio:
                           finished=d.get("finished") or d.get("started"), phase=str(d.get("phase") or ""),
                           done=int(d.get("done") or 0), total=int(d.get("total") or 0), error=error,
                           info={k: d[k] for k in ("plan", "run") if k in d})
-                self.runner.adopt(job)
+                self.worker.adopt(job)
             ws.job_id = job.id
         saved = ws.cache.pop("saved_run", None)
         if saved:
@@ -265,7 +260,7 @@ class Studio:
         return form.to_values(run.config, out_auto=auto)
 
     # -- past runs -----------------------------------------------------------------------------
-    def _run_folder(self, ws: Workspace, name: str) -> Path:
+    def run_folder(self, ws: Workspace, name: str) -> Path:
         """The run folder ``name`` of ``ws`` (a ``run-NNN`` of its own; locally also the current run's
         folder by its full path)."""
         name = str(name or "").strip()
@@ -279,10 +274,10 @@ class Studio:
         return ws.root / name
 
     def _open(self, ws: Workspace, name: str):
-        folder = self._run_folder(ws, name)
+        folder = self.run_folder(ws, name)
         cfg, _ = self.limits.apply(RunConfig.load(folder / CONFIG_FILE))
         self.limits.check(cfg, ws.upload_dir)
-        run = Run.open(folder, config=cfg.replace(out=str(folder)), model_loader=self.runner.load_model,
+        run = Run.open(folder, config=cfg.replace(out=str(folder)), model_loader=self.worker.load_model,
                        data_limits=self.limits.data_limits())
         try:
             run.require_data()  # the data (not the model): enough for every tab's view
@@ -498,7 +493,7 @@ class Studio:
         zip_path = ws.download_dir / f"{run.out.name}-adapter-peft.zip"
 
         def build(tmp: str) -> str:
-            lm = self.runner.load_model(run.config)
+            lm = self.worker.load_model(run.config)
             with tempfile.TemporaryDirectory(prefix="p2d-peft-") as folder:
                 out = export_peft(lm, adapter, Path(folder) / f"{run.out.name}-peft",
                                   base_model_name=base_name(run.config.model))

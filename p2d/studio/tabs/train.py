@@ -132,7 +132,7 @@ def build(ctx) -> SimpleNamespace:
         """Stop this session's job (a queued one is cancelled; training keeps the heads trained so far)."""
         ws = st.workspace(request)
         job = st.current_job(ws)
-        if st.runner.stop(job):
+        if st.worker.stop(job):
             msg = (f"■ Stop requested: {job.label} ends after the current step"
                    + (" (the heads trained so far are kept)" if job.kind == "train" else ""))
         else:
@@ -154,7 +154,7 @@ def build(ctx) -> SimpleNamespace:
             job = st.current_job(ws)
             if job is not None and (job.active or not job.settled.is_set()):
                 with st.gate.waiting(ws, st.client(request)):
-                    st.runner.wait(job, timeout=granted)
+                    st.worker.wait(job, timeout=granted)
             return st.gate.outgoing({**views.job_summary(st, ws), "waited_at_most_s": granted})
         except UserError as exc:
             raise gr.Error(st.gate.scrub(describe_error(exc))) from None

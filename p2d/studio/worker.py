@@ -1,6 +1,6 @@
-"""The job runner: library calls run here, in one background worker thread, one job at a time.
+"""The job worker: library calls run here, in one background thread, one job at a time.
 
-Why a runner (and not the Gradio event itself): a training run outlives the browser request that
+Why a worker (and not the Gradio event itself): a training run outlives the browser request that
 started it. Jobs stay in a registry, so a reloaded page asks for its workspace's current or latest
 job and resumes showing it; other sessions' jobs wait in a FIFO queue and see their position.
 
@@ -97,7 +97,7 @@ class Job:
                 "elapsed_s": round(self.elapsed(), 2), "stop_requested": self.stop_requested, **self.info}
 
 
-class Runner:
+class Worker:
     """A FIFO of jobs executed by one worker thread, with a registry of finished jobs."""
 
     def __init__(self, max_models: int = 1, keep_finished: int = 200,
@@ -114,7 +114,7 @@ class Runner:
         self._max_models = max(1, max_models)
         self._closed = False
         self.on_change = on_change
-        self._worker = threading.Thread(target=self._loop, name="p2d-studio-runner", daemon=True)
+        self._worker = threading.Thread(target=self._loop, name="p2d-studio-worker", daemon=True)
         self._worker.start()
 
     # -- queue -----------------------------------------------------------------------------------
