@@ -452,7 +452,7 @@ def test_stop_keeps_adapter_and_other_sessions_queue(served, tiny_llama_dir):
         time.sleep(0.2)
     # another session's job waits in the queue, with its position shown
     status, *_ = b.predict(**_kw(tiny_llama_dir), api_name="/train")
-    assert "queued, 1 job ahead" in status, status
+    assert "queued, 1 job ahead of yours" in status, status
     assert "Stop requested" in b.predict(api_name="/stop")[0]  # cancels b's queued job
     assert "Stop requested" in a.predict(api_name="/stop")[0]
     summary = a.predict(120, api_name="/wait_job")

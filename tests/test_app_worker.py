@@ -75,3 +75,66 @@ def test_shared_model_cache_is_the_runs_model_loader(monkeypatch):
         assert worker.model_info(cfg.replace(model="org/b")) is None
     finally:
         worker.close()
+
+
+def test_jobs_take_turns_across_addresses_and_see_their_place():
+    """Issue 27, "one worker for everyone": a heavy visitor's queued jobs made another visitor's export wait, with
+    no sign why or for how long. Jobs now run round robin across client addresses (not first come), and a
+    waiting job sees how many run before it and about how long that takes."""
+    import threading
+
+    order, gate = [], threading.Event()
+    worker = Worker()
+    try:
+        first = worker.submit("select", "a0", lambda job: gate.wait(30) and order.append("a0"), client="10.0.0.1")
+        while first.status != "running":
+            threading.Event().wait(0.01)
+        heavy = [worker.submit("select", f"a{i}", lambda job, i=i: order.append(f"a{i}"), client="10.0.0.1")
+                 for i in (1, 2, 3)]
+        honest = worker.submit("export", "b", lambda job: order.append("b"), client="10.0.0.2")
+        assert [j.owner for j in worker.order()] == ["b", "a1", "a2", "a3"]  # b goes next: a0 of 10.0.0.1 runs
+        line = worker.describe(honest)
+        assert "queued, 1 job ahead of yours" in line and "about" not in line  # no job has finished yet
+        gate.set()
+        for job in (first, *heavy, honest):
+            assert worker.wait(job, timeout=30) and job.status == "done"
+        assert order == ["a0", "b", "a1", "a2", "a3"]
+        # with durations known, a queued job gets an estimate: here 2 jobs of about 2 s run before it
+        gate.clear()
+        slow = [worker.submit("select", f"c{i}", lambda job: gate.wait(30), client="10.0.0.3") for i in (0, 1)]
+        later = worker.submit("export", "d", lambda job: None, client="10.0.0.3")
+        worker._durations["select"].extend([2.0] * 10)
+        line = worker.describe(later)
+        assert "queued, 2 jobs ahead of yours, about" in line, line
+        assert 2.0 <= worker.estimate(later) <= 4.5
+        gate.set()
+        assert worker.wait(later, timeout=30) and all(worker.wait(j, timeout=30) for j in slow)
+        assert later.summary()["queued_s"] >= 0
+    finally:
+        gate.set()
+        worker.close()
+
+
+def test_a_job_over_the_time_cap_is_stopped_with_a_message():
+    """Issue 27: no job time cap. With ``max_job_s`` a job is asked to stop once it has run that long; it ends
+    stopped, saying why, and the next job runs."""
+    import time
+
+    steps = []
+
+    def long(job):
+        while not job.should_stop():
+            steps.append(1)
+            time.sleep(0.02)
+        return "partial"
+
+    worker = Worker(max_job_s=0.5)
+    try:
+        job = worker.submit("heads", "ws", long)
+        nxt = worker.submit("export", "other", lambda job: "ok", client="10.0.0.9")
+        assert worker.wait(job, timeout=30) and worker.wait(nxt, timeout=30)
+    finally:
+        worker.close()
+    assert job.status == "stopped" and job.timed_out and job.result == "partial" and steps
+    assert "job time limit (0.5 s" in job.error and "what it finished is kept" in job.error
+    assert 0.5 <= job.elapsed() < 3 and nxt.status == "done"

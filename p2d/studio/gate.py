@@ -13,7 +13,9 @@ name for events the page calls by index) and its arguments by name:
 `Gate.waiting(ws, client)` is held by every call that waits on a job (``/wait_job`` and the stage buttons
 that follow their job): at most ``max_waits_per_workspace`` per session (attached viewers of one workspace
 count together) and ``max_waits_per_ip`` per client address; ``/wait_job`` is refused beyond them at once,
-so waiting calls never pile up in the queue.
+so waiting calls never pile up in the queue. While every ``/wait_job`` slot is taken (`Gate.crowded`), a
+wait returns within a second (the job's summary says it is still running) so that the slots go round:
+Gradio's queue then starts the waiting call of the address with the fewest running first.
 
 `Gate.outgoing(value)` is what every response passes through: in the public demo no server path leaves the
 app (a path under the session's folder becomes relative to it, ``run-001/metrics.json``; other server
@@ -98,6 +100,7 @@ class Gate:
         self._lock = threading.Lock()
         self._waits_ws: Counter = Counter()
         self._waits_ip: Counter = Counter()
+        self._wait_calls = 0  # /wait_job calls waiting now (those that ``refuse``)
         workspace = re.escape(str(studio.runs_root)) + r"/ws-[0-9a-f]{8,64}(?:/|(?=[^/\w-])|$)"
         others = "|".join(re.escape(f) for f, _ in server_folders(studio))
         self._pattern = re.compile(f"({workspace})|({others})(?![\\w.-])")
@@ -130,14 +133,23 @@ class Gate:
                                 "those (or poll /train_status)")
             self._waits_ws[key] += 1
             self._waits_ip[client] += 1
+            self._wait_calls += refuse
         try:
             yield
         finally:
             with self._lock:
+                self._wait_calls -= refuse
                 for counter, k in ((self._waits_ws, key), (self._waits_ip, client)):
                     counter[k] -= 1
                     if counter[k] <= 0:
                         del counter[k]
+
+    def crowded(self) -> bool:
+        """Every ``/wait_job`` slot (``wait_concurrency``) is taken: waits should make way."""
+        if not self.limits.demo:
+            return False
+        with self._lock:
+            return self._wait_calls >= self.limits.wait_concurrency
 
     def waits(self) -> dict:
         """Calls waiting now, by workspace id and by client address (for tests and the bench)."""

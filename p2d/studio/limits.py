@@ -117,6 +117,7 @@ class Limits:
     max_uploads_per_ip_hour: int | None = None
     max_upload_bytes_per_ip_hour: int | None = None
     max_pending_upload_bytes: int | None = None  # uploads no session has received yet, all clients
+    max_pending_upload_share: float | None = None  # of that pool, the most one client address holds
     upload_ttl_s: float | None = None      # an upload no session received is deleted after this
     # requests
     max_text_chars: int | None = None      # any text argument of any endpoint
@@ -136,6 +137,7 @@ class Limits:
     max_workspaces_per_ip: int | None = None
     max_new_workspaces_per_ip_hour: int | None = None
     max_jobs_per_ip: int | None = None     # queued or running, all sessions of one client address
+    max_job_s: float | None = None         # a job is stopped after running this long (the one worker is shared)
     workspace_ttl_s: float | None = None   # idle workspaces (and their files) are deleted after this
     proxy_hops: int = 0                    # trusted proxies in front of the app (X-Forwarded-For)
 
@@ -246,12 +248,12 @@ DEMO = Limits(demo=True, max_pool=400, max_probe=64, max_eval=32, max_other_eval
               model_allowlist=("default", *DEFAULT_ALLOWLIST),
               max_file_bytes=20 * MB, max_session_bytes=60 * MB, max_data_bytes=50 * MB, max_field_chars=100_000,
               max_upload_files=1, max_uploads_per_ip_hour=60, max_upload_bytes_per_ip_hour=150 * MB,
-              max_pending_upload_bytes=200 * MB, upload_ttl_s=600.0,
+              max_pending_upload_bytes=200 * MB, max_pending_upload_share=0.25, upload_ttl_s=600.0,
               max_text_chars=64 * 1024, max_settings_chars=16 * 1024, max_prompt_chars=4000, max_prompt_tokens=256,
               max_wait_s=30.0, queue_size=256, max_queued_per_ip=16, concurrency=4, follow_concurrency=16,
-              wait_concurrency=8, max_waits_per_workspace=2, max_waits_per_ip=4,
+              wait_concurrency=8, max_waits_per_workspace=2, max_waits_per_ip=2,
               max_workspaces=64, max_workspaces_per_ip=8, max_new_workspaces_per_ip_hour=30,
-              max_jobs_per_ip=2, workspace_ttl_s=24 * 3600.0, proxy_hops=0)
+              max_jobs_per_ip=2, max_job_s=300.0, workspace_ttl_s=24 * 3600.0, proxy_hops=0)
 
 
 def current_limits(demo: bool | None = None, **options) -> Limits:

@@ -39,7 +39,7 @@ from p2d.config import RunConfig
 
 from .context import Context
 from .gpu import check_hardware
-from .guard import Guard, forwarded_headers_untrusted
+from .guard import Guard, forwarded_headers_untrusted, take_turns
 from .limits import Limits, current_limits
 from .services import Studio
 from .tabs import data as data_tab
@@ -68,8 +68,9 @@ TABS = (("1 · Model & data", "model", model_tab), ("2 · Heads", "heads", heads
 
 
 class StudioBlocks(gr.Blocks):
-    """The app's Blocks: `launch` serves it with the upload size cap, the guard (`p2d.studio.guard.Guard`)
-    and uvicorn's X-Forwarded-For rewriting off, however it is launched (app.py, the CLI, tests, benches)."""
+    """The app's Blocks: `launch` serves it with the upload size cap, the guard (`p2d.studio.guard.Guard`),
+    Gradio's queue taking turns across client addresses (`p2d.studio.guard.take_turns`) and uvicorn's
+    X-Forwarded-For rewriting off, however it is launched (app.py, the CLI, tests, benches)."""
 
     studio: Studio
 
@@ -80,6 +81,7 @@ class StudioBlocks(gr.Blocks):
         app_kwargs = dict(kwargs.pop("app_kwargs", None) or {})
         app_kwargs["middleware"] = [*app_kwargs.get("middleware", []),
                                     Middleware(Guard, studio=self.studio, blocks=self)]
+        take_turns(self._queue, self.studio.limits.proxy_hops)
         with forwarded_headers_untrusted():
             return super().launch(*args, app_kwargs=app_kwargs, **kwargs)
 

@@ -72,7 +72,7 @@ class Studio:
         self.limits = limits
         self.runs_root = Path(runs_root).resolve()
         self.runs_root.mkdir(parents=True, exist_ok=True)
-        self.worker = worker or Worker(max_models=1)
+        self.worker = worker or Worker(max_models=1, max_job_s=limits.max_job_s)
         self.worker.on_change = self._job_changed
         self.registry = Registry(self.runs_root, limits, busy=self._busy, restore=self.restore)
         self.outbox = Path(tempfile.mkdtemp(prefix="p2d-studio-out-"))  # not served; Gradio copies from it
