@@ -41,6 +41,7 @@ from pathlib import Path
 
 from p2d.config import RunConfig, label
 from p2d.errors import UserError, shown
+from p2d.models import check_spec
 
 #: the hub ids the public demo allows besides the embedded model (override: env P2D_MODEL_ALLOWLIST)
 DEFAULT_ALLOWLIST = ("HuggingFaceTB/SmolLM2-135M-Instruct", "HuggingFaceTB/SmolLM2-360M-Instruct")
@@ -293,8 +294,9 @@ def looks_like_local_path(spec: str) -> bool:
     s = (spec or "").strip()
     if not s or s == "default":
         return False
-    p = Path(s).expanduser()
-    return s.startswith((".", "/", "~", "\\")) or s.lower().endswith(".gguf") or p.exists() or s.count("/") > 1
+    check_spec(s)
+    return s.startswith((".", "/", "~", "\\")) or s.lower().endswith(".gguf") or s.count("/") > 1 or \
+        Path(s).expanduser().exists()
 
 
 def check_model(config: RunConfig, limits: Limits) -> None:

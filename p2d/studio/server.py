@@ -30,7 +30,6 @@ entrance and the client address are guarded below Gradio's handlers (`p2d.studio
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import gradio as gr
@@ -41,6 +40,7 @@ from .context import Context
 from .gpu import check_hardware
 from .guard import Guard, forwarded_headers_untrusted, take_turns
 from .limits import Limits, current_limits
+from .log import LOG
 from .services import Studio
 from .tabs import data as data_tab
 from .tabs import explore as explore_tab
@@ -124,7 +124,7 @@ def build_app(demo: bool | None = None, runs_root: str | os.PathLike | None = No
         config = RunConfig.load(config)
     st = studio or Studio(limits, root, config=config)
     for note in st.start_notes:
-        print(f"p2d studio: {note}", file=sys.stderr)
+        LOG.note(note)
     # No static paths: run folders and uploads are never served by URL (downloads: Studio.download).
     # Gradio's own cache (downloads handed out, uploads until received) is emptied of old files.
     ttl = int(limits.workspace_ttl_s or 0)

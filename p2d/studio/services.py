@@ -22,7 +22,6 @@ import os
 import re
 import secrets
 import shutil
-import sys
 import tempfile
 import threading
 import time
@@ -40,6 +39,7 @@ from . import form
 from .gate import Gate
 from .guard import Uploads, delete_upload, gradio_upload_folder
 from .limits import Limits, client_ip
+from .log import LOG
 from .worker import ACTIVE, Job, Worker
 from .workspace import Registry, Workspace
 
@@ -100,7 +100,7 @@ class Studio:
                 self.uploads.sweep()
                 self._prune_outbox()
             except Exception as exc:  # noqa: BLE001 - the sweeper must keep running
-                print(f"p2d studio: sweep failed: {exc}", file=sys.stderr)
+                LOG.note(f"sweep failed: {exc}")
 
     # -- sessions ------------------------------------------------------------------------------
     def client(self, request) -> str:
@@ -168,7 +168,7 @@ class Studio:
         try:
             ws.save()
         except OSError as exc:
-            print(f"p2d studio: could not save workspace {ws.id}: {exc}", file=sys.stderr)
+            LOG.note(f"could not save workspace {ws.id}: {exc}")
 
     def note_job(self, job: Job) -> None:
         """Record ``job`` in its workspace's file now (a job body calls this once it knows its run)."""
@@ -282,7 +282,7 @@ class Studio:
         try:
             run.require_data()  # the data (not the model): enough for every tab's view
         except UserError as exc:
-            print(f"p2d studio: the data of {folder} could not be read back: {exc}", file=sys.stderr)
+            LOG.note(f"the data of {folder} could not be read back: {exc}")
         return run
 
     def open_run(self, ws: Workspace, name: str, in_job: bool = False):
@@ -435,7 +435,7 @@ class Studio:
         if not p.is_file():
             return None
         if not self._owns(ws, p):
-            print(f"p2d studio: refused to hand out {p}: not a file of workspace {ws.id or '(none)'}", file=sys.stderr)
+            LOG.note(f"refused to hand out {p}: not a file of workspace {ws.id or '(none)'}")
             return None
         st = p.stat()
         stamp = (st.st_mtime_ns, st.st_size)

@@ -14,7 +14,8 @@ what it finished is kept as a stopped job's is.
 
 - ``submit(kind, owner, fn, client=...)`` queues a job; ``fn(job)`` runs in the worker. A
   ``UserError`` ends the job as ``failed`` with its message; any other exception too, with the type
-  in the message and the traceback on the server log. One active job per workspace (``owner``), and
+  in the message and the traceback on the server log (`p2d.studio.log`). One active job per workspace
+  (``owner``), and
   at most ``max_per_client`` queued or running per client address.
 - ``on_change(job)`` (optional) is called when a job is queued, starts and ends (the app writes the
   job into its workspace's file there, so a restarted server still lists it); ``adopt`` puts such a
@@ -36,16 +37,16 @@ import gc
 import itertools
 import statistics
 import secrets
-import sys
 import threading
 import time
-import traceback
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from p2d import pipeline
 from p2d.errors import OOM_ADVICE, UserError, is_out_of_memory
+
+from .log import LOG, cut
 
 ACTIVE = ("queued", "running")
 FINISHED = ("done", "failed", "stopped")
@@ -188,8 +189,8 @@ class Worker:
         try:
             if self.on_change is not None:
                 self.on_change(job)
-        except Exception:  # noqa: BLE001 - bookkeeping must never take the worker down
-            traceback.print_exc(file=sys.stderr)
+        except Exception as exc:  # noqa: BLE001 - bookkeeping must never take the worker down
+            LOG.bug(job.client, f"recording job {job.kind}", exc)
         finally:
             if not job.active:
                 with self._cond:
@@ -229,6 +230,7 @@ class Worker:
                 error = None
             except UserError as exc:
                 status, error = ("stopped" if job.stop_event.is_set() else "failed"), str(exc)
+                LOG.user_error(job.client, f"job {job.kind}", exc)
             except Exception as exc:  # noqa: BLE001 - a bug: keep the worker alive, log the traceback
                 if is_out_of_memory(exc):
                     status, error = "failed", OOM_ADVICE
@@ -239,8 +241,8 @@ class Worker:
                         self._cond.notify_all()
                     self._changed(job)
                     continue
-                traceback.print_exc(file=sys.stderr)
-                status, error = "failed", f"internal error ({type(exc).__name__}: {exc}); see the server log"
+                LOG.bug(job.client, f"job {job.kind}", exc)
+                status, error = "failed", f"internal error ({type(exc).__name__}: {cut(exc, 200)}); see the server log"
             if job.timed_out:
                 error = self.timed_out_message(job)
             with self._cond:

@@ -27,7 +27,6 @@ import hashlib
 import json
 import secrets
 import shutil
-import sys
 import threading
 import time
 from collections import OrderedDict, deque
@@ -37,6 +36,8 @@ from typing import Any, Callable
 
 from p2d.errors import UserError
 from p2d.files import read_json, write_json
+
+from .log import LOG
 
 WORKSPACE_FILE = "workspace.json"
 KEEP_JOBS = 20          # job summaries kept per workspace
@@ -298,7 +299,7 @@ class Registry:
             try:
                 self.restore(ws)
             except Exception as exc:  # noqa: BLE001 - a damaged run folder must not lock the visitor out
-                print(f"p2d studio: could not reopen the run of workspace {name}: {exc}", file=sys.stderr)
+                LOG.note(f"could not reopen the run of workspace {name}: {exc}")
         with self._lock:
             current = self._by_id.get(name)
             if current is not None:  # restored by another request meanwhile
