@@ -22,7 +22,11 @@ arguments a page or a direct API call sends:
   requests per client address (`p2d.studio.guard`);
 - sessions (`p2d.studio.workspace.Registry`, `p2d.studio.worker.Worker`): workspaces kept in
   memory, per client address (and new ones per address per hour), jobs queued or running per client
-  address, and how long an idle workspace and its files are kept.
+  address, how long one job runs (the one worker takes turns across addresses), and how long an idle
+  workspace and its files are kept;
+- the disk (`p2d.studio.workspace.Registry.room`): the runs folder's total (idle workspaces go,
+  least recently used first, beyond it) and what one address stores in 24 hours;
+- the server log (`p2d.studio.log`): every line cut, repeats counted, a line budget per address.
 
 The client address is the connection's peer, or with ``proxy_hops`` trusted proxies the address the
 outermost of them saw (`client_ip`); uvicorn's own rewriting of it from X-Forwarded-For is switched
@@ -140,6 +144,9 @@ class Limits:
     max_jobs_per_ip: int | None = None     # queued or running, all sessions of one client address
     max_job_s: float | None = None         # a job is stopped after running this long (the one worker is shared)
     workspace_ttl_s: float | None = None   # idle workspaces (and their files) are deleted after this
+    max_disk_bytes: int | None = None      # the runs folder in all: idle workspaces go, oldest first, beyond it
+    max_disk_bytes_per_ip_day: int | None = None  # what one client address stores in 24 hours
+    sweep_every_s: float | None = None     # expiry and disk sweeps (None: a quarter of the shortest expiry, <= 300 s)
     proxy_hops: int = 0                    # trusted proxies in front of the app (X-Forwarded-For)
 
     @property
@@ -254,7 +261,8 @@ DEMO = Limits(demo=True, max_pool=400, max_probe=64, max_eval=32, max_other_eval
               max_wait_s=30.0, queue_size=256, max_queued_per_ip=16, concurrency=4, follow_concurrency=16,
               wait_concurrency=8, max_waits_per_workspace=2, max_waits_per_ip=2,
               max_workspaces=64, max_workspaces_per_ip=8, max_new_workspaces_per_ip_hour=30,
-              max_jobs_per_ip=2, max_job_s=300.0, workspace_ttl_s=24 * 3600.0, proxy_hops=0)
+              max_jobs_per_ip=2, max_job_s=300.0, workspace_ttl_s=24 * 3600.0,
+              max_disk_bytes=10 * 1024 * MB, max_disk_bytes_per_ip_day=400 * MB, proxy_hops=0)
 
 
 def current_limits(demo: bool | None = None, **options) -> Limits:

@@ -41,7 +41,7 @@ from .guard import Uploads, delete_upload, gradio_upload_folder
 from .limits import Limits, client_ip
 from .log import LOG
 from .worker import ACTIVE, Job, Worker
-from .workspace import Registry, Workspace
+from .workspace import Registry, Workspace, folder_bytes
 
 INTERRUPTED = "interrupted: the server restarted while it ran (Resume it under Runs of this session)"
 OUTBOX_KEEP_S = 3600.0  # staged downloads older than this are deleted (Gradio has its own copy by then)
@@ -68,24 +68,26 @@ class Studio:
     """App-wide state: limits, the job worker, workspaces and the settings the form starts with."""
 
     def __init__(self, limits: Limits, runs_root: Path, worker: Worker | None = None,
-                 config: RunConfig | None = None):
+                 config: RunConfig | None = None, clock=time.time):
         self.limits = limits
         self.runs_root = Path(runs_root).resolve()
         self.runs_root.mkdir(parents=True, exist_ok=True)
         self.worker = worker or Worker(max_models=1, max_job_s=limits.max_job_s)
         self.worker.on_change = self._job_changed
-        self.registry = Registry(self.runs_root, limits, busy=self._busy, restore=self.restore)
+        self.registry = Registry(self.runs_root, limits, busy=self._busy, restore=self.restore, clock=clock)
+        self._sizes: dict[str, int] = {}  # job id -> bytes of its workspace when it was submitted (demo)
         self.outbox = Path(tempfile.mkdtemp(prefix="p2d-studio-out-"))  # not served; Gradio copies from it
         self._staged: dict[str, tuple] = {}
         self._owners: dict[str, Workspace] = {}  # job id -> its workspace, until the job is recorded
         self.gate = Gate(self)
-        self.uploads = Uploads(limits, gradio_upload_folder())
+        self.uploads = Uploads(limits, gradio_upload_folder(), clock=clock)
         start, self.start_notes = limits.apply((config or RunConfig()).validate())
         limits.check(start, None)
         self.initial = form.to_values(start, out_auto=limits.demo)
         self._closed = threading.Event()
-        if limits.workspace_ttl_s or limits.upload_ttl_s:
-            every = max(1.0, min(300.0, *(t / 4 for t in (limits.workspace_ttl_s, limits.upload_ttl_s) if t)))
+        if limits.workspace_ttl_s or limits.upload_ttl_s or limits.max_disk_bytes:
+            every = limits.sweep_every_s or max(1.0, min(300.0, *(t / 4 for t in (limits.workspace_ttl_s,
+                                                                                   limits.upload_ttl_s) if t)))
             threading.Thread(target=self._sweeper, args=(every,), name="p2d-studio-sweeper", daemon=True).start()
 
     def close(self) -> None:
@@ -96,11 +98,18 @@ class Studio:
     def _sweeper(self, every: float) -> None:
         while not self._closed.wait(every):
             try:
-                self.registry.sweep()
-                self.uploads.sweep()
-                self._prune_outbox()
+                self.sweep()
             except Exception as exc:  # noqa: BLE001 - the sweeper must keep running
                 LOG.note(f"sweep failed: {exc}")
+
+    def sweep(self) -> None:
+        """What the sweeper does every ``sweep_every_s``: idle workspaces past their expiry, uploads nobody
+        received, old staged downloads, and idle workspaces beyond the disk cap."""
+        self.registry.sweep()
+        self.uploads.sweep()
+        self._prune_outbox()
+        if self.limits.max_disk_bytes is not None:
+            self.registry.free(self.limits.max_disk_bytes)
 
     # -- sessions ------------------------------------------------------------------------------
     def client(self, request) -> str:
@@ -157,11 +166,17 @@ class Studio:
         if ws.blank:
             raise UserError("this session has nothing to work on yet: press Load on the Model & data tab (or reload "
                             "the page)")
+        client = self.client(request) if request else ws.ip
+        counted = self.limits.max_disk_bytes_per_ip_day is not None
+        if counted:
+            self.registry.room(client, keep=ws)
         with ws.lock:
-            job = self.worker.submit(kind, ws.id, body, label=label, client=self.client(request) if request else ws.ip,
+            job = self.worker.submit(kind, ws.id, body, label=label, client=client,
                                      max_per_client=self.limits.max_jobs_per_ip)
             ws.job_id = job.id
             self._owners[job.id] = ws
+        if counted:
+            self._sizes[job.id] = folder_bytes(ws.root)
         return job
 
     def save(self, ws: Workspace) -> None:
@@ -179,6 +194,9 @@ class Studio:
         ws = self._owners.get(job.id) or self.registry.get(job.owner)
         if not job.active:
             self._owners.pop(job.id, None)
+            before = self._sizes.pop(job.id, None)
+            if before is not None and ws is not None:  # what the job wrote counts against its address's day
+                self.registry.charge(job.client, folder_bytes(ws.root) - before)
         if ws is None:
             return
         summary = job.summary()
@@ -365,6 +383,8 @@ class Studio:
             if store:
                 if ws.blank:
                     raise UserError("this session has no workspace: reload the page")
+                if lim.demo:
+                    self.registry.room(client or ws.ip, size, keep=ws)
                 ws.upload_dir.mkdir(parents=True, exist_ok=True)
                 dest = ws.upload_dir / f"{kind}-{secrets.token_hex(4)}-{name}"
                 tmp = dest.with_name(f".{dest.name}.part")
@@ -380,6 +400,7 @@ class Studio:
             if claimed:
                 delete_upload(src, gradio_upload_folder())
         if store:
+            self.registry.charge(client or ws.ip, size)
             self.save(ws)
         return dest, checked
 
