@@ -78,6 +78,10 @@ def test_the_queue_starts_the_address_with_the_fewest_running():
     assert events == [honest] and group == "results" and not batch
     events, _, _ = queue.get_events()  # then the flood, in its own order
     assert events == [flood[0]]
+    busy = [_event("10.0.0.1") for _ in range(4)]
+    capped = _queue({"results": [_event("10.0.0.1")]}, running=busy)
+    take_turns(capped, hops=0, max_running=4)
+    assert capped.get_events() is None  # 10.0.0.1 already runs 4: its request waits
     full = _queue({"results": [_event("10.0.0.3")]}, running=[])
     full.event_queue_per_concurrency_id["results"].current_concurrency = 4  # no free slot: nothing starts
     take_turns(full, hops=0)

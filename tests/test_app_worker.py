@@ -79,9 +79,11 @@ def test_shared_model_cache_is_the_runs_model_loader(monkeypatch):
 
 def test_jobs_take_turns_across_addresses_and_see_their_place():
     """Issue 27, "one worker for everyone": a heavy visitor's queued jobs made another visitor's export wait, with
-    no sign why or for how long. Jobs now run round robin across client addresses (not first come), and a
-    waiting job sees how many run before it and about how long that takes."""
+    no sign why or for how long. The worker's time is now shared across client addresses (round robin for
+    equal jobs, not first come), and a waiting job sees how many run before it and about how long that takes."""
     import threading
+    import time
+    from collections import deque
 
     order, gate = [], threading.Event()
     worker = Worker()
@@ -110,6 +112,19 @@ def test_jobs_take_turns_across_addresses_and_see_their_place():
         gate.set()
         assert worker.wait(later, timeout=30) and all(worker.wait(j, timeout=30) for j in slow)
         assert later.summary()["queued_s"] >= 0
+        # the worker's time is what is shared: an address that kept it busy waits for one whose jobs were short
+        gate.clear()
+        blocker = worker.submit("select", "e0", lambda job: gate.wait(30), client="10.0.0.5")
+        while blocker.status != "running":
+            threading.Event().wait(0.01)
+        worker._used.clear()
+        worker._used["10.0.0.1"] = deque([(time.time(), 120.0)])  # heavy selections a minute ago
+        worker._used["10.0.0.2"] = deque([(time.time(), 0.5)])    # one short export
+        heavy, light = (worker.submit("select", "a9", lambda job: None, client="10.0.0.1"),
+                        worker.submit("export", "b9", lambda job: None, client="10.0.0.2"))
+        assert worker.order() == [light, heavy]
+        gate.set()
+        assert worker.wait(heavy, timeout=30) and light.started <= heavy.started
     finally:
         gate.set()
         worker.close()

@@ -13,10 +13,10 @@ Layout (LlamaBoard-like, kept apart from the library; the app lays out and wires
 - ``studio/jobs.py``       job bodies: `p2d.pipeline.Run` driven through its public API
 - ``studio/views.py``      a workspace rendered into a tab's output values (dicts by output name)
 - ``studio/charts.py``     pure Plotly figure builders (no Gradio, testable without a browser)
-- ``studio/worker.py``     the one background job worker: one job at a time, taken from the queue round
-                           robin across client addresses, a visible place in it with an estimate, stop
-                           flags and the demo's job time cap, a job registry so a reloaded page
-                           re-attaches; the shared model cache
+- ``studio/worker.py``     the one background job worker: one job at a time, its time shared fairly
+                           across client addresses (not first come), a visible place in the queue with an
+                           estimate, stop flags and the demo's job time cap, a job registry so a reloaded
+                           page re-attaches; the shared model cache
 - ``studio/workspace.py``  per-session workspaces (run folders run-NNN, uploads, downloads)
 - ``studio/limits.py``     local vs public demo mode; the demo caps, applied once to the RunConfig
 - ``studio/gate.py``       the one gate every endpoint passes: caps, the demo's refusals, waits, no server

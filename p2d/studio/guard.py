@@ -18,8 +18,9 @@
   refused (429) when the client address already has ``max_queued_per_ip`` requests in it, waiting or
   running, so one client cannot fill it (``queue_size``), or hold its workers, for everyone else.
 - Gradio's queue starts, in each concurrency group, the first waiting request of the address with the
-  fewest requests running (`take_turns`; Gradio's own order is first come, first served), so a
-  newcomer's light request is the next to start however many another address has queued.
+  fewest requests running (`take_turns`; Gradio's own order is first come, first served), and at most
+  ``max_running_per_ip`` of one address at once, so a newcomer's light request is the next to start
+  however many another address has queued, and shares the CPU with few of its requests.
 
 Requests without a body limit (no Content-Length) are refused on the upload route in the public demo, and
 so is every request to Gradio's other file-taking route the app never uses (``process_recording``).
@@ -362,10 +363,11 @@ def queued_events(queue) -> list:
     return waiting + [e for job in list(queue.active_jobs) if job for e in job]
 
 
-def take_turns(queue, hops: int) -> None:
+def take_turns(queue, hops: int, max_running: int | None = None) -> None:
     """Make Gradio's queue start, in each concurrency group with a free slot, the first waiting request of
-    the client address with the fewest requests running (Gradio takes the group's first request). Groups
-    are visited in random order as Gradio does; batched functions (this app has none) keep Gradio's way."""
+    the client address with the fewest requests running (Gradio takes the group's first request), and
+    none of an address that has ``max_running`` running already (it waits its turn). Groups are visited
+    in random order as Gradio does; batched functions (this app has none) keep Gradio's way."""
     original = queue.get_events
 
     def get_events():
@@ -378,7 +380,11 @@ def take_turns(queue, hops: int) -> None:
                 continue
             if any(e.fn.batch for e in group.queue):
                 return original()
-            first = min(enumerate(group.queue), key=lambda ie: (running[event_client(ie[1], hops)], ie[0]))[1]
+            ready = [(running[event_client(e, hops)], i, e) for i, e in enumerate(group.queue)]
+            ready = [r for r in ready if max_running is None or r[0] < max_running]
+            if not ready:
+                continue
+            first = min(ready, key=lambda r: r[:2])[2]
             group.queue.remove(first)
             return [first], False, group_id
         return None

@@ -81,7 +81,7 @@ class StudioBlocks(gr.Blocks):
         app_kwargs = dict(kwargs.pop("app_kwargs", None) or {})
         app_kwargs["middleware"] = [*app_kwargs.get("middleware", []),
                                     Middleware(Guard, studio=self.studio, blocks=self)]
-        take_turns(self._queue, self.studio.limits.proxy_hops)
+        take_turns(self._queue, self.studio.limits.proxy_hops, self.studio.limits.max_running_per_ip)
         with forwarded_headers_untrusted():
             return super().launch(*args, app_kwargs=app_kwargs, **kwargs)
 

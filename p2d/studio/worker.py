@@ -4,9 +4,12 @@ Why a worker (and not the Gradio event itself): a training run outlives the brow
 started it. Jobs stay in a registry, so a reloaded page asks for its workspace's current or latest
 job and resumes showing it.
 
-Fair turns: the worker takes the next job round robin across client addresses (the address served
-least recently goes first; one address's jobs keep their order), so one visitor's queue of heavy
-jobs never pushes another visitor's job back more than one job. A waiting job sees its place and an
+Fair turns: the worker shares its time across client addresses, not first come first served. The next
+job is the first queued job of the address that used the worker least in the last ``FAIR_WINDOW_S``
+(its jobs' running time), then the one with fewer jobs queued; one address's jobs keep their order.
+With jobs of equal length this is round robin; a visitor whose jobs are short goes before one who keeps
+the worker busy with heavy ones, so the heavy queue of one visitor never makes another wait more than
+the job that is running. A waiting job sees its place and an
 estimate from the recent durations of each kind of job ("2 jobs ahead of yours, about 40 s").
 With ``max_job_s`` (the public demo's job time cap) a job is asked to stop once it has run that long
 (the library checks between steps and batches); it ends ``stopped`` with a message saying so, and
@@ -51,6 +54,7 @@ from .log import LOG, cut
 ACTIVE = ("queued", "running")
 FINISHED = ("done", "failed", "stopped")
 RECENT = 10  # finished jobs of each kind whose durations make the estimate
+FAIR_WINDOW_S = 900.0  # how far back the worker time an address used counts for its turn
 
 
 def fmt_wait(seconds: float) -> str:
@@ -128,15 +132,14 @@ class Job:
 
 
 class Worker:
-    """A queue of jobs taken round robin across client addresses by one thread, with a registry of
+    """A queue of jobs whose worker time is shared across client addresses, run by one thread, with a registry of
     finished jobs. ``max_job_s``: the job time cap (None: none)."""
 
     def __init__(self, max_models: int = 1, keep_finished: int = 200,
                  on_change: Callable[["Job"], None] | None = None, max_job_s: float | None = None):
         self._cond = threading.Condition()
         self._queue: list[Job] = []  # in submission order; `order` says in which they run
-        self._turn = itertools.count()
-        self._served: dict[str, int] = {}  # client address -> the turn its last job started in
+        self._used: dict[str, deque] = {}  # client address -> (when, seconds) of its jobs' running time
         self._durations: dict[str, deque] = {}  # job kind -> seconds its last jobs ran
         self.max_job_s = max_job_s
         self._current: Job | None = None
@@ -209,7 +212,7 @@ class Worker:
                     self._cond.wait()
                 if self._closed:
                     return
-                job = self._next(self._queue, self._served)
+                job = self._next(self._queue, self._usage())
                 self._queue.remove(job)
                 self._current = job
                 if job.stop_event.is_set():  # cancelled while queued
@@ -220,7 +223,6 @@ class Worker:
                     self._changed(job)
                     continue
                 job.status, job.started = "running", time.time()
-                self._served[job.client] = next(self._turn)
                 if self.max_job_s:
                     job.deadline = job.started + self.max_job_s
             self._changed(job)
@@ -248,6 +250,7 @@ class Worker:
             with self._cond:
                 job.status, job.error, job.finished = status, error, time.time()
                 self._durations.setdefault(job.kind, deque(maxlen=RECENT)).append(job.elapsed())
+                self._used.setdefault(job.client, deque()).append((job.finished, job.elapsed()))
                 self._current = None
                 self._cond.notify_all()
             self._changed(job)
@@ -258,20 +261,39 @@ class Worker:
         return (f"stopped at the public demo's job time limit ({self.max_job_s:g} s, so that other visitors get "
                 f"their turn); what it finished is kept: {what}")
 
+    def _usage(self) -> dict[str, float]:
+        """Seconds of worker time each client address used in the last `FAIR_WINDOW_S` (the running job
+        included); the caller holds the lock."""
+        since = time.time() - FAIR_WINDOW_S
+        used = {}
+        for client, spans in list(self._used.items()):
+            while spans and spans[0][0] < since:
+                spans.popleft()
+            if spans:
+                used[client] = sum(s for _, s in spans)
+            else:
+                del self._used[client]
+        if self._current is not None:
+            used[self._current.client] = used.get(self._current.client, 0.0) + self._current.elapsed()
+        return used
+
     @staticmethod
-    def _next(queue: list[Job], served: dict[str, int]) -> Job:
-        """The job that runs next: the first queued job of the address served least recently (never: first)."""
-        return min(queue, key=lambda j: (served.get(j.client, -1), queue.index(j)))
+    def _next(queue: list[Job], used: dict[str, float]) -> Job:
+        """The job that runs next: the first queued job of the address that used the worker least; between
+        addresses alike, the one with fewer jobs queued."""
+        waiting = {c: sum(1 for j in queue if j.client == c) for c in {j.client for j in queue}}
+        return min(queue, key=lambda j: (used.get(j.client, 0.0), waiting[j.client], queue.index(j)))
 
     def order(self) -> list[Job]:
-        """The queued jobs in the order they will run (if no other job is submitted meanwhile)."""
+        """The queued jobs in the order they will run (if no other job is submitted meanwhile; each is
+        expected to run as long as `expected_s` says)."""
         with self._cond:
-            queue, served = list(self._queue), dict(self._served)
-        turn, out = max(served.values(), default=0) + 1, []
+            queue, used = list(self._queue), self._usage()
+        out = []
         while queue:
-            job = self._next(queue, served)
+            job = self._next(queue, used)
             queue.remove(job)
-            served[job.client], turn = turn, turn + 1
+            used[job.client] = used.get(job.client, 0.0) + (self.expected_s(job.kind) or 1.0)
             out.append(job)
         return out
 

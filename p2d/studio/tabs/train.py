@@ -158,7 +158,8 @@ def build(ctx) -> SimpleNamespace:
                     st.worker.wait(job, timeout=granted, until=st.gate.crowded)
             return st.gate.outgoing({**views.job_summary(st, ws), "waited_at_most_s": granted})
         except UserError as exc:
-            raise gr.Error(st.gate.scrub(describe_error(exc, st.client(request), "wait_job"))) from None
+            raise gr.Error(st.gate.scrub(describe_error(exc, st.client(request), "wait_job")),
+                           print_exception=False) from None  # logged, within bounds, by describe_error
 
     gr.api(wait_job, api_name="wait_job", concurrency_limit=ctx.limits.wait_concurrency, concurrency_id="wait")
     return c
