@@ -244,7 +244,7 @@ class Hostile:
             self.got[what] = self.got.get(what, 0) + 1
 
     def outcome(self, ok: bool, value) -> None:
-        text = json.dumps(value, default=str)
+        text = json.dumps(value, default=str, ensure_ascii=False)
         self.count("answered" if ok and "✗" not in text and "HTTP" not in text else
                    "refused (429)" if "HTTP 429" in text else "refused" if not ok or "✗" in text else "other")
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
 import os
 import re
 import threading
@@ -557,3 +558,32 @@ def test_chat_prompt_is_capped_in_tokens(served, trained):
     assert "prompt: 5000 characters is over the 4000" in status
     status, base, tuned, _ = c.predict("", "What is 2 + 1?", 4, 0.0, 1.0, 0, api_name="/chat")
     assert "answered" in status and [m["role"] for m in base] == ["user", "assistant"]
+
+
+@pytest.mark.slow
+def test_chat_numbers_are_one_line_messages(served, trained):
+    """Issue 27, "a NaN max_new_tokens on the chat endpoint ends in internal error (int(nan))" with a traceback in
+    the log: the chat's numbers are checked as the settings are."""
+    c = trained.client
+    for args, words in (((math.nan, 0.0, 1.0, 0), "Max new tokens must be a whole number"),
+                        ((8, math.inf, 1.0, 0), "Temperature must be a finite number"),
+                        ((8, 0.0, 1.0, -3), "Seed must be at least 0"),
+                        ((2**64, 0.0, 1.0, 0), "Max new tokens must be at most")):
+        status = c.predict("", "What is 2 + 1?", *args, api_name="/chat")[0]
+        assert words in status and "internal error" not in status, status
+
+
+@pytest.mark.slow
+def test_a_long_model_name_costs_the_log_one_short_line(served, capfd):
+    """Issue 27, "log amplification": a 65,000-character hub model name sent to /heads wrote its traceback, 66 KB
+    a request, 12.7 MB in 11 s from one address. Now each request is refused with one line and the log grows by a
+    line or two whatever the number of requests."""
+    c = _client(served, "10.20.11.1")
+    name = "x" * 65_000
+    capfd.readouterr()
+    for _ in range(20):
+        status = c.predict(model_source="hub", model_name=name, **TINY, api_name="/heads")[0]
+        assert "65000 characters is longer than any name or path" in status and len(status) < 400, status[:400]
+    err = capfd.readouterr().err
+    print(f"20 requests with a 65,000-character model name: {len(err)} bytes of log")
+    assert len(err) < 2000 and "Traceback" not in err, err[:2000]
