@@ -436,6 +436,9 @@ def run(args) -> dict:
         except subprocess.TimeoutExpired:
             server.kill()
         log.close()
+    capped = [float(j.get("elapsed_s") or 0) for f in runs.glob("ws-*/workspace.json")
+              for j in (json.loads(f.read_text()).get("jobs") or []) if "job time limit" in str(j.get("error"))]
+    overrun = max((e - args.job_cap for e in capped), default=0.0)  # a job stops at its first check past the cap
     light = {name: {"n": len(t), "p50_s": round(statistics.median(t), 3), "p95_s": round(pct(t, 0.95), 3),
                     "max_s": round(max(t), 3)} for name, t in honest.times.items()}
     limits = DEMO
@@ -447,6 +450,7 @@ def run(args) -> dict:
         "job_cap_s": args.job_cap, "warmup_s": warmup, "seconds": round(took, 1), "honest_finished": finished,
         "honest_steps": honest.steps, "honest_latency": light,
         "honest_job_queued_s": {k: (round(v, 1) if v is not None else None) for k, v in honest.queued.items()},
+        "jobs_stopped_at_the_cap": len(capped), "longest_overrun_of_the_cap_s": round(overrun, 1),
         "log_bytes": log_bytes, "log_kb_per_min": round(log_bytes / 1024 / (took / 60), 1),
         "disk_peak": {"runs_mb": round(peak_runs / MB, 1), "runs_cap_mb": round(limits.max_disk_bytes / MB),
                       "uploads_mb": round(peak_uploads / MB, 1),
@@ -460,7 +464,8 @@ def run(args) -> dict:
                                        and all(s["ok"] for s in honest.steps.values()),
         "light calls p95 < 2 s": light_p95 < 2.0,
         "the form call (/show_command) p95 < 2 s": form_p95 < 2.0,
-        "honest jobs started within one job cap": all(v is not None and v <= args.job_cap for v in honest.queued.values()),
+        "honest jobs started within one job cap": all(v is not None and v <= args.job_cap + overrun
+                                                      for v in honest.queued.values()),
         "log growth < 100 KB/min": out["log_kb_per_min"] < 100,
         "disk within its caps": peak_runs <= limits.max_disk_bytes and peak_uploads <= limits.max_pending_upload_bytes
                                 + 2 * limits.max_file_bytes,  # plus uploads still arriving
