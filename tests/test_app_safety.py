@@ -301,7 +301,7 @@ def test_teaching_endpoints_keep_to_the_session_and_the_caps(demo):
     for args in ((10_000, 0.0, 1.0), (8, 9.0, 1.0), (8, 0.0, 0.0)):  # the sliders' ranges hold for API calls too
         with pytest.raises(Exception, match="maximum|minimum"):
             c.predict("", "hi", *args, 0, api_name="/chat")
-    assert "sampling seed" in c.predict("", "hi", 8, 0.5, 1.0, 10 ** 30, api_name="/chat")[0]  # no overflow error
+    assert "Seed must be at most" in c.predict("", "hi", 8, 0.5, 1.0, 10 ** 30, api_name="/chat")[0]  # no overflow error
     assert "off in the public demo" in c.predict(model_source="embedded", **TINY, processes=2, api_name="/train")[0]
     for name in ("/etc", "../run-001", "run-001/../../x"):
         assert "no run folder" in c.predict(name, "run-001", api_name="/compare_heads")[0]

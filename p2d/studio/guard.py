@@ -40,14 +40,17 @@ import json
 import os
 import random
 import secrets
+import sys
 import tempfile
 import threading
 import time
+import traceback
 from collections import Counter, deque
 from dataclasses import dataclass
 from pathlib import Path
 
 from .limits import client_ip
+from .log import LOG
 
 FORM_OVERHEAD = 64 * 1024  # multipart headers and boundaries around one file
 #: Gradio routes that take files this app never asks for (a recording's video); refused in the public demo
@@ -390,6 +393,28 @@ def take_turns(queue, hops: int, max_running: int | None = None) -> None:
         return None
 
     queue.get_events = get_events
+
+
+class _GradioTracebacks:
+    """What Gradio's queue prints for an error in its own processing of a request (a slider value over its
+    range, a malformed file argument: the sender's doing): one bounded line of the server log instead of a
+    traceback per request (`quiet_gradio_tracebacks`). Everything else is the `traceback` module's."""
+
+    def __getattr__(self, name):
+        return getattr(traceback, name)
+
+    @staticmethod
+    def print_exc(*args, **kwargs):
+        exc = sys.exc_info()[1]
+        if exc is not None:
+            LOG.user_error("", "gradio", f"{type(exc).__name__}: {exc}")
+
+
+def quiet_gradio_tracebacks() -> None:
+    """Route the tracebacks Gradio's queue prints through the bounded server log (`p2d.studio.log`)."""
+    import gradio.queueing
+
+    gradio.queueing.traceback = _GradioTracebacks()
 
 
 @contextlib.contextmanager

@@ -38,7 +38,7 @@ from p2d.config import RunConfig
 
 from .context import Context
 from .gpu import check_hardware
-from .guard import Guard, forwarded_headers_untrusted, take_turns
+from .guard import Guard, forwarded_headers_untrusted, quiet_gradio_tracebacks, take_turns
 from .limits import Limits, current_limits
 from .log import LOG
 from .services import Studio
@@ -82,6 +82,8 @@ class StudioBlocks(gr.Blocks):
         app_kwargs["middleware"] = [*app_kwargs.get("middleware", []),
                                     Middleware(Guard, studio=self.studio, blocks=self)]
         take_turns(self._queue, self.studio.limits.proxy_hops, self.studio.limits.max_running_per_ip)
+        if self.studio.limits.demo:
+            quiet_gradio_tracebacks()
         with forwarded_headers_untrusted():
             return super().launch(*args, app_kwargs=app_kwargs, **kwargs)
 
