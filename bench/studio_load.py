@@ -127,7 +127,7 @@ def main() -> None:
             browser.close()
     finally:
         app.close()
-        app.studio.runner.close()
+        app.studio.worker.close()
     out["load_avg_1m_at_end"] = os.getloadavg()[0]
     print(json.dumps(out, indent=1))
 

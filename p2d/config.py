@@ -573,3 +573,12 @@ def _check_range(value, meta: dict, what: str) -> None:
         raise UserError(f"{what} must be at least {_num(lo)}, got {_num(value)}")
     if hi is not None and value > hi:
         raise UserError(f"{what} must be at most {_num(hi)}, got {_num(value)}")
+
+
+def check_number(value, what: str, whole: bool = False, minimum=None, maximum=None, above=None):
+    """``value`` as a whole number (``whole``) or a finite float within the bounds, checked as a setting is
+    (NaN, inf, text and out-of-range values are a UserError naming ``what``); for numbers that are not
+    settings, such as an endpoint's arguments."""
+    number = _to_int(value, what) if whole else _to_float(value, what)
+    _check_range(number, {"minimum": minimum, "maximum": maximum, "above": above}, what)
+    return number

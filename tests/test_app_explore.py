@@ -58,7 +58,7 @@ def test_chat_is_multi_turn_and_streamed(trained, served):
     from p2d.chat import conversation, stream_reply
 
     ws = next(w for w in served.studio.registry.all() if w.run is not None and w.run.out.name == "run-001")
-    lm = served.studio.runner.load_model(ws.run.config)
+    lm = served.studio.worker.load_model(ws.run.config)
     first = list(stream_reply(lm, "What is 2 + 3?", max_new_tokens=6))[-1]
     assert _texts(base)[1] == first.strip()  # (the Chatbot trims whitespace)
     turn = {"user": "What is 2 + 3?", "base": first, "tuned": None}

@@ -3,7 +3,7 @@ evaluation (which is then shown as partial).
 
 The app is served for real on the tiny Llama of conftest.py; the fingerprint covers every weight
 (bytes), the requires_grad flags, train/eval mode and the hooks on every module, taken from the very
-model object the runner's cache hands to every session.
+model object the worker's cache hands to every session.
 """
 
 from __future__ import annotations
@@ -54,8 +54,8 @@ def test_shared_model_is_unchanged_by_every_job(served, tiny_llama_dir, tmp_path
     c = Client(served.url, verbose=False)
     kw = _kw(tiny_llama_dir)
     assert "Load done" in c.predict(**kw, api_name="/load")[0]
-    runner = served.studio.runner
-    (key, lm), = runner._models.items()
+    worker = served.studio.worker
+    (key, lm), = worker._models.items()
     base = fingerprint(lm.model)
     assert base["weights"] == fingerprint(load_model(tiny_llama_dir, device="cpu").model)["weights"]  # as on disk
 
@@ -88,7 +88,7 @@ def test_shared_model_is_unchanged_by_every_job(served, tiny_llama_dir, tmp_path
     for what, run, expect in jobs:
         outcome = run()
         assert expect in outcome, (what, outcome)
-        assert runner._models.get(key) is lm, what  # still the one shared model object ...
+        assert worker._models.get(key) is lm, what  # still the one shared model object ...
         assert fingerprint(lm.model) == base, f"{what} changed the shared model"  # ... unchanged
 
     # non-finite gradients: a learning rate so large that training hits NaN/inf
@@ -100,7 +100,7 @@ def test_shared_model_is_unchanged_by_every_job(served, tiny_llama_dir, tmp_path
     assert "Traceback" not in error
     polled = c.predict({}, api_name="/train_status")
     assert "Training failed" in polled[1] and "NaN" in polled[1]
-    assert runner._models.get(key) is lm and fingerprint(lm.model) == base, "a NaN training changed the model"
+    assert worker._models.get(key) is lm and fingerprint(lm.model) == base, "a NaN training changed the model"
     run_dir = Path(summary["run_dir"])
     assert not (run_dir / "adapter" / "adapter_config.json").exists()  # no adapter saved from a NaN run
     # and the model still works for the next job

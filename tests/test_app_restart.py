@@ -98,7 +98,7 @@ def test_restart_finds_runs_reopens_and_resumes(tmp_path, tiny_llama_dir):
         assert adapter_zip and Path(adapter_zip).stat().st_size > 0
         heads = back.predict(**kw, api_name="/heads")  # the run's stages are done: nothing is recomputed
         assert "Head scoring done" in heads[0]
-        assert app.studio.runner.model_info(app.studio.registry.by_key(key).run.config) is not None
+        assert app.studio.worker.model_info(app.studio.registry.by_key(key).run.config) is not None
 
         # resume the interrupted training: it continues from its last checkpoint to the end
         status, *_ = back.predict("run-002", api_name="/resume_run")

@@ -90,7 +90,7 @@ def test_no_run_or_upload_file_is_reachable_by_url(demo, tmp_path):
     assert "was not stored" in msg and not _kept(path) and not _kept(source), msg
     assert "/tmp" not in msg and str(demo.root) not in msg  # no server paths in the message
     assert not list(demo.root.rglob("*evil*"))  # nothing kept in any workspace
-    from p2d.studio.services import gradio_upload_folder
+    from p2d.studio.guard import gradio_upload_folder
 
     assert not list(gradio_upload_folder().rglob("evil.html"))  # nor in Gradio's served upload folder
 
@@ -301,7 +301,7 @@ def test_teaching_endpoints_keep_to_the_session_and_the_caps(demo):
     for args in ((10_000, 0.0, 1.0), (8, 9.0, 1.0), (8, 0.0, 0.0)):  # the sliders' ranges hold for API calls too
         with pytest.raises(Exception, match="maximum|minimum"):
             c.predict("", "hi", *args, 0, api_name="/chat")
-    assert "sampling seed" in c.predict("", "hi", 8, 0.5, 1.0, 10 ** 30, api_name="/chat")[0]  # no overflow error
+    assert "Seed must be at most" in c.predict("", "hi", 8, 0.5, 1.0, 10 ** 30, api_name="/chat")[0]  # no overflow error
     assert "off in the public demo" in c.predict(model_source="embedded", **TINY, processes=2, api_name="/train")[0]
     for name in ("/etc", "../run-001", "run-001/../../x"):
         assert "no run folder" in c.predict(name, "run-001", api_name="/compare_heads")[0]
@@ -384,7 +384,7 @@ def test_idle_workspaces_expire(tmp_path):
         assert busy.id not in gone and fresh.id not in gone and fresh.root.exists()
         assert st.registry.by_key(old.key) is None  # its files and its key are gone
         gate.set()
-        st.runner.wait(job, timeout=30)
+        st.worker.wait(job, timeout=30)
     finally:
         st.close()
 

@@ -139,7 +139,7 @@ def test_results_tab_offers_the_gguf_download(tmp_path, tiny_llama_dir):
         back = AutoModelForCausalLM.from_pretrained(str(Path(path).parent), gguf_file=Path(path).name,
                                                     dtype=torch.float32)
         ids = torch.tensor([[1, 2, 3, 4, 5]])
-        lm = served.studio.runner.load_model(run.config)
+        lm = served.studio.worker.load_model(run.config)
         with merged_weights(lm, run.train_result.adapter_dir):
             expected = _logits(lm.model, ids)
         assert (_logits(back, ids) - expected).abs().max().item() <= TOLERANCE["f32"]

@@ -41,7 +41,8 @@ COLORS = {
 }
 
 
-def _finite(x) -> bool:
+def finite(x) -> bool:
+    """A real number (not a bool) that is neither NaN nor infinite."""
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
@@ -74,7 +75,7 @@ def heads_heatmap(scores: Sequence[Sequence[float]], selected: Iterable[Sequence
     if not scores or not len(scores[0]):
         return empty_figure("Run head scoring to see the heatmap")
     n_layers, n_heads = len(scores), len(scores[0])
-    z = [[float(s) if _finite(s) else None for s in row] for row in scores]
+    z = [[float(s) if finite(s) else None for s in row] for row in scores]
     ranks = head_ranks(scores)
     total = n_layers * n_heads
     custom = [[[ranks[l][h] if ranks[l][h] is not None else "-", total] for h in range(n_heads)]
@@ -127,10 +128,10 @@ def heads_per_layer(selected: Iterable[Sequence[int]], n_layers: int, n_heads: i
 
 def score_histogram(scores: Sequence[float | None], selected: Iterable[int] = (), bins: int = 40) -> go.Figure:
     """Histogram of pool sample scores, all samples vs the selected ones (overlaid)."""
-    vals = [float(s) for s in scores if _finite(s)]
+    vals = [float(s) for s in scores if finite(s)]
     if not vals:
         return empty_figure("Run data selection to see the score histogram")
-    sel_vals = [float(scores[i]) for i in selected if 0 <= i < len(scores) and _finite(scores[i])]
+    sel_vals = [float(scores[i]) for i in selected if 0 <= i < len(scores) and finite(scores[i])]
     lo, hi = min(vals), max(vals)
     size = (hi - lo) / bins if hi > lo else 1.0
     xbins = dict(start=lo, end=hi + size, size=size)
@@ -194,7 +195,7 @@ def smooth(values: Sequence[float], beta: float = 0.8) -> list[float]:
 
 def loss_chart(records: Sequence[dict], planned_steps: int | None = None, beta: float = 0.8) -> go.Figure:
     """Training loss per step from train_log.jsonl records: raw (thin) and smoothed (bold)."""
-    pts = [(int(r["step"]), float(r["loss"])) for r in records if "step" in r and _finite(r.get("loss"))]
+    pts = [(int(r["step"]), float(r["loss"])) for r in records if "step" in r and finite(r.get("loss"))]
     if not pts:
         return empty_figure("Start training to see the loss curve", height=320)
     steps = [s for s, _ in pts]
@@ -206,7 +207,7 @@ def loss_chart(records: Sequence[dict], planned_steps: int | None = None, beta: 
     fig.add_trace(go.Scatter(x=steps, y=smooth(losses, beta), mode="lines", name="smoothed",
                              line=dict(color=COLORS["smooth"], width=3),
                              hovertemplate="step %{x}<br>smoothed %{y:.4f}<extra></extra>"))
-    val = [(int(r["step"]), float(r["val_loss"])) for r in records if "step" in r and _finite(r.get("val_loss"))]
+    val = [(int(r["step"]), float(r["val_loss"])) for r in records if "step" in r and finite(r.get("val_loss"))]
     if val:
         fig.add_trace(go.Scatter(x=[s for s, _ in val], y=[v for _, v in val], mode="lines+markers",
                                  name="validation", line=dict(color=COLORS.get("val", "#f59e0b"), width=2, dash="dot"),
@@ -223,7 +224,7 @@ def loss_chart(records: Sequence[dict], planned_steps: int | None = None, beta: 
 
 def aer_value(t_heads: float, t_select: float, t_train: float, t_full: float | None) -> float | None:
     """(heads + selection + training time) / full fine-tuning time; None when t_full is unknown."""
-    if not t_full or not _finite(t_full) or t_full <= 0:
+    if not t_full or not finite(t_full) or t_full <= 0:
         return None
     return (t_heads + t_select + t_train) / t_full
 
@@ -280,7 +281,7 @@ def eval_chart(before: dict | None, after: dict | None) -> go.Figure:
     for name, res, color in (("before", before, COLORS["before"]), ("after", after, COLORS["after"])):
         if not res:
             continue
-        ys = [100.0 * res[k] if _finite(res.get(k)) else None for k, _ in metrics]
+        ys = [100.0 * res[k] if finite(res.get(k)) else None for k, _ in metrics]
         fig.add_trace(go.Bar(x=[label for _, label in metrics], y=ys, name=name, marker_color=color,
                              text=[f"{y:.0f}%" if y is not None else "n/a" for y in ys], textposition="outside",
                              hovertemplate="%{x}: %{y:.1f}%<extra>" + name + "</extra>"))
@@ -332,13 +333,13 @@ def difference_heatmap(diff: Sequence[Sequence[float]], name_a: str, name_b: str
 
 def forgetting_chart(rows: Sequence[dict]) -> go.Figure:
     """Bars per task: accuracy (%) before and after training (`p2d.explore.forgetting` rows)."""
-    rows = [r for r in rows if _finite(r.get("before")) or _finite(r.get("after"))]
+    rows = [r for r in rows if finite(r.get("before")) or finite(r.get("after"))]
     if not rows:
         return empty_figure("Per-task accuracy appears here after the evaluation after training", height=300)
     names = [r["task"] + (" (eval)" if r["set"] == "eval" else "") for r in rows]
     fig = go.Figure()
     for when in ("before", "after"):
-        ys = [100.0 * r[when] if _finite(r.get(when)) else None for r in rows]
+        ys = [100.0 * r[when] if finite(r.get(when)) else None for r in rows]
         fig.add_trace(go.Bar(x=names, y=ys, name=when, marker_color=COLORS[when],
                              text=[f"{y:.0f}%" if y is not None else "" for y in ys], textposition="outside",
                              hovertemplate="%{x}: %{y:.0f}%<extra>" + when + "</extra>"))
@@ -352,9 +353,9 @@ def controls_chart(p2d: dict | None, controls: dict) -> go.Figure:
     items = ([("P2D", p2d)] if p2d else []) + [(c.get("label", k), c) for k, c in controls.items()]
     if not controls:
         return empty_figure("Press “Run the controls” to train them", height=300)
-    ys = [100.0 * c["accuracy"] if _finite(c.get("accuracy")) else None for _, c in items]
+    ys = [100.0 * c["accuracy"] if finite(c.get("accuracy")) else None for _, c in items]
     colors = [COLORS["train"] if name == "P2D" else COLORS["pool"] for name, _ in items]
-    aers = [f"{c['aer']:.3f}" if _finite(c.get("aer")) else "n/a" for _, c in items]
+    aers = [f"{c['aer']:.3f}" if finite(c.get("aer")) else "n/a" for _, c in items]
     fig = go.Figure(go.Bar(x=[n for n, _ in items], y=ys, marker_color=colors, customdata=aers,
                            text=[f"{y:.0f}%" if y is not None else "n/a" for y in ys], textposition="outside",
                            hovertemplate="%{x}<br>accuracy %{y:.0f}%<br>AER %{customdata}<extra></extra>"))

@@ -11,7 +11,7 @@ A tab lays out its part of the page and binds its own events with `Context.bind`
   (no server paths in the public demo);
 - is the one error handler: a `UserError` becomes a one-line message in the page (the ``status``
   output) and a warning toast; anything else "internal error" (one line), with the traceback in the
-  server log.
+  server log (both logged within bounds: `p2d.studio.log`).
 
 Shared components live here: the settings inputs (created unrendered by `p2d.studio.form`, placed by
 the tabs), the job banner, the poll timer, and ``job_end``, a state a handler sets when a job has
@@ -21,14 +21,13 @@ ended so the other tabs re-render (`finish` wires that, and the page load, once 
 from __future__ import annotations
 
 import inspect
-import sys
-import traceback
 
 import gradio as gr
 
 from p2d.errors import UserError
 
 from . import form, views
+from .log import LOG
 from .services import Studio
 
 
@@ -37,11 +36,13 @@ def one_line(text: str, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def describe_error(exc: BaseException) -> str:
-    """A UserError's own text; anything else as 'internal error' (traceback to the server log); one line."""
+def describe_error(exc: BaseException, client: str = "", where: str = "") -> str:
+    """A UserError's own text; anything else as 'internal error'; one line. The server log
+    (`p2d.studio.log.LOG`) gets a short line for the UserError, the traceback for anything else."""
     if isinstance(exc, UserError):
+        LOG.user_error(client, where, exc)
         return one_line(str(exc), 1000)
-    traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
+    LOG.bug(client, where, exc)
     return f"internal error ({type(exc).__name__}: {one_line(exc, 200)}); see the server log"
 
 
@@ -104,8 +105,10 @@ class Context:
                 kwargs["token"] = getattr(login, "token", None) or None
             return request, kwargs
 
-        def failed(exc: BaseException):
-            message = gate.scrub(describe_error(exc))
+        def failed(exc: BaseException, args):
+            request = args[len(names)] if len(args) > len(names) else None
+            client = self.studio.client(request) if request is not None else ""
+            message = gate.scrub(describe_error(exc, client, endpoint))
             gr.Warning(message)
             if status is None:
                 return pack({})
@@ -119,14 +122,14 @@ class Context:
                     for result in fn(request, **kwargs):
                         yield pack(result)
                 except Exception as exc:  # noqa: BLE001 - the one error handler
-                    yield failed(exc)
+                    yield failed(exc, args)
         else:
             def handler(*args):
                 try:
                     request, kwargs = call_args(args)
                     return pack(fn(request, **kwargs))
                 except Exception as exc:  # noqa: BLE001 - the one error handler
-                    return failed(exc)
+                    return failed(exc, args)
 
         params = [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None) for n in names]
         params.append(inspect.Parameter("request", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None,
@@ -173,7 +176,7 @@ class Context:
                 if line != last:
                     last = line
                     yield {"status": line}
-                st.runner.wait(job, timeout=every)
+                st.worker.wait(job, timeout=every)
         if job.status == "failed":
             gr.Warning(st.gate.scrub(job.error or "failed"))
         final = {"status": views.job_line(st, job, notes)}

@@ -4,16 +4,24 @@ functions, ``/attach`` and ``/wait_job``); tabs only lay out and bind.
 `Gate.check(name, args)` runs before a handler, with the endpoint's name (its ``api_name``, or the handler's
 name for events the page calls by index) and its arguments by name:
 
-- every text argument within `p2d.studio.limits.Limits.max_text_chars`;
+- every text argument within `p2d.studio.limits.Limits.max_text_chars`, and every one that names a model,
+  a file, a folder, a run or a repository (`NAME_ARGUMENTS`) within what a file system or the hub takes
+  (`p2d.models.check_spec`), before anything looks it up; in both modes;
 - in the public demo, what the demo does not do at all (`REFUSED_IN_DEMO`: pushing with the host's token,
   writing a merged model into a server folder, training in several processes);
+- every number an endpoint takes besides the settings (`NUMBER_ARGUMENTS`: the chat's reply length,
+  temperature, top-p and seed, a head's layer, head and row, a preview page) checked as the settings are
+  (`p2d.config.check_number`: NaN, inf, text, negative or huge values are one clear line), in both modes;
 - the checks of single arguments (`ARGUMENT_CHECKS`): the training processes, the settings text, the chat
-  prompt's characters (its tokens are counted in the job, `Limits.check_prompt_tokens`) and reply length.
+  prompt's characters (its tokens are counted in the job, `Limits.check_prompt_tokens`) and, in the demo,
+  its reply length.
 
 `Gate.waiting(ws, client)` is held by every call that waits on a job (``/wait_job`` and the stage buttons
 that follow their job): at most ``max_waits_per_workspace`` per session (attached viewers of one workspace
 count together) and ``max_waits_per_ip`` per client address; ``/wait_job`` is refused beyond them at once,
-so waiting calls never pile up in the queue.
+so waiting calls never pile up in the queue. While every ``/wait_job`` slot is taken (`Gate.crowded`), a
+wait returns within a second (the job's summary says it is still running) so that the slots go round:
+Gradio's queue then starts the waiting call of the address with the fewest running first.
 
 `Gate.outgoing(value)` is what every response passes through: in the public demo no server path leaves the
 app (a path under the session's folder becomes relative to it, ``run-001/metrics.json``; other server
@@ -36,7 +44,12 @@ import threading
 from collections import Counter
 from pathlib import Path
 
+from p2d.chat import MAX_NEW_TOKENS
+from p2d.config import check_number
 from p2d.errors import UserError
+from p2d.models import check_spec
+
+from .guard import gradio_upload_folder
 
 #: endpoint -> why the public demo refuses it (whatever the page shows)
 REFUSED_IN_DEMO = {
@@ -48,6 +61,9 @@ REFUSED_IN_DEMO = {
     "dataset_options": "datasets from the hub are off in the public demo: upload files instead, or duplicate the Space",
 }
 MAX_PROCESSES = 64
+#: arguments that name a model, file, folder, run or repository (looked up on disk or on the hub)
+NAME_ARGUMENTS = ("model_name", "pool_path", "probe_path", "eval_path", "repo_id", "run", "run_pick", "name", "a", "b",
+                  "folder", "dataset", "source_run")
 
 
 def _processes(limits, args: dict) -> None:
@@ -70,8 +86,18 @@ def _chat(limits, args: dict) -> None:
     limits.check_text("prompt", args.get("prompt"), limits.max_prompt_chars)
     cap = limits.max_new_tokens
     asked = args.get("max_new_tokens")
-    if cap is not None and isinstance(asked, (int, float)) and asked > cap:
+    if cap is not None and asked is not None and check_number(asked, "Max new tokens", whole=True) > cap:
         raise UserError(f"Max new tokens: at most {cap} here")
+
+
+#: endpoint -> {argument: (what it is, whole number, minimum, maximum)}; None values take the handler's default
+NUMBER_ARGUMENTS = {
+    "chat": {"max_new_tokens": ("Max new tokens", True, 1, MAX_NEW_TOKENS), "temperature": ("Temperature", False, 0.0, 5.0),
+             "top_p": ("Top-p", False, 0.0, 1.0), "seed": ("Seed", True, 0, 2 ** 32 - 1)},
+    "inspect_head": {"layer": ("Layer", True, 0, 10_000), "head": ("Head", True, 0, 10_000),
+                     "row": ("Sample row", True, 0, 10 ** 9)},
+    "preview": {"page": ("Page", True, 0, 10 ** 9)},
+}
 
 
 #: endpoint -> a check of its arguments (``fn(limits, args)``, UserError to refuse)
@@ -80,8 +106,6 @@ ARGUMENT_CHECKS = {"train": _processes, "apply_config": _settings_text, "chat": 
 
 def server_folders(studio) -> list[tuple[str, str]]:
     """(server folder, what a response shows instead), longest first."""
-    from .services import gradio_upload_folder
-
     folders = {str(studio.runs_root): "<runs>", str(gradio_upload_folder()): "<uploads>",
                str(studio.outbox): "<downloads>", str(Path(tempfile.gettempdir()).resolve()): "<tmp>",
                str(Path.home()): "~", os.getcwd(): "."}
@@ -98,6 +122,7 @@ class Gate:
         self._lock = threading.Lock()
         self._waits_ws: Counter = Counter()
         self._waits_ip: Counter = Counter()
+        self._wait_calls = 0  # /wait_job calls waiting now (those that ``refuse``)
         workspace = re.escape(str(studio.runs_root)) + r"/ws-[0-9a-f]{8,64}(?:/|(?=[^/\w-])|$)"
         others = "|".join(re.escape(f) for f, _ in server_folders(studio))
         self._pattern = re.compile(f"({workspace})|({others})(?![\\w.-])")
@@ -109,8 +134,13 @@ class Gate:
         lim = self.limits
         for arg, value in args.items():
             lim.check_text(arg, value)
+            if arg in NAME_ARGUMENTS and isinstance(value, str):
+                check_spec(value.strip(), what=arg)
         if lim.demo and name in REFUSED_IN_DEMO:
             raise UserError(REFUSED_IN_DEMO[name])
+        for arg, (what, whole, low, high) in NUMBER_ARGUMENTS.get(name, {}).items():
+            if args.get(arg) is not None:
+                check_number(args[arg], what, whole=whole, minimum=low, maximum=high)
         check = ARGUMENT_CHECKS.get(name)
         if check is not None:
             check(lim, args)
@@ -130,14 +160,23 @@ class Gate:
                                 "those (or poll /train_status)")
             self._waits_ws[key] += 1
             self._waits_ip[client] += 1
+            self._wait_calls += refuse
         try:
             yield
         finally:
             with self._lock:
+                self._wait_calls -= refuse
                 for counter, k in ((self._waits_ws, key), (self._waits_ip, client)):
                     counter[k] -= 1
                     if counter[k] <= 0:
                         del counter[k]
+
+    def crowded(self) -> bool:
+        """Every ``/wait_job`` slot (``wait_concurrency``) is taken: waits should make way."""
+        if not self.limits.demo:
+            return False
+        with self._lock:
+            return self._wait_calls >= self.limits.wait_concurrency
 
     def waits(self) -> dict:
         """Calls waiting now, by workspace id and by client address (for tests and the bench)."""

@@ -1,9 +1,9 @@
-"""Job bodies: what the runner executes for each button (``make(...)`` returns ``body(job)``).
+"""Job bodies: what the worker executes for each button (``make(...)`` returns ``body(job)``).
 
 They drive `p2d.pipeline.Run` through its public API only: ``Run(...)``/``Run.open``, ``reconfigure``,
 ``reset_from``, ``run(stages)``, ``execute(stage, on_partial=True)``, ``require_loaded`` and the result
 properties. The Run decides what to compute, reuse, re-cut or drop, and owns every file of its run
-folder; the model comes through the runner's shared cache (``model_loader``). A stage that was
+folder; the model comes through the worker's shared cache (``model_loader``). A stage that was
 stopped ends ``partial`` in the Run and the job ``stopped``; the next press runs that stage again.
 """
 
@@ -27,7 +27,7 @@ from p2d.hub import push_run
 from p2d.pipeline import CONFIG_FILE, LABELS, Run, upstream_closure
 
 from .launcher import launch_training
-from .runner import Job
+from .worker import Job
 
 #: what the Train button runs (the reference before training, so the AER chart is live)
 TRAIN_STAGES = ["eval_before", "reference", "train", "eval_after"]
@@ -43,7 +43,7 @@ def session_run(studio, ws, cfg: RunConfig, job: Job) -> Run:
         run.reconfigure(cfg)
     else:
         out = Path(cfg.out)
-        loader, limits = studio.runner.load_model, studio.limits.data_limits()
+        loader, limits = studio.worker.load_model, studio.limits.data_limits()
         if (out / CONFIG_FILE).is_file():
             run = Run.open(out, config=cfg, model_loader=loader, data_limits=limits)
         else:
@@ -185,7 +185,7 @@ def merge(studio, ws, folder: str):
     def body(job: Job):
         run, trained = _trained(ws)
         job.set_phase("merging the trained heads into the model and saving it")
-        lm = studio.runner.load_model(run.config)
+        lm = studio.worker.load_model(run.config)
         return str(merge_and_save(lm, trained.adapter_dir, Path(folder).expanduser()))
     return body
 
@@ -205,7 +205,7 @@ def export_gguf(studio, ws, outtype: str):
     def body(job: Job):
         run, trained = _trained(ws)
         job.set_phase(f"writing the merged model as GGUF ({outtype})")
-        lm = studio.runner.load_model(run.config)
+        lm = studio.worker.load_model(run.config)
         target = ws.download_dir / f"{run.out.name}-{gguf_name(outtype)}"
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix="p2d-gguf-", dir=ws.download_dir) as tmp:
@@ -225,7 +225,7 @@ def push(studio, ws, repo_id: str, private: bool, merged: bool, token_box: list 
             raise UserError("sign in with Hugging Face first: the push uses your own account")
         run, _ = _trained(ws)
         job.set_phase(f"pushing to the Hugging Face Hub ({repo_id})")
-        lm = studio.runner.load_model(run.config)
+        lm = studio.worker.load_model(run.config)
         return push_run(run.out, repo_id, lm=lm, merged=merged, private=private, token=token)
     return body
 
@@ -258,7 +258,7 @@ def chat(studio, ws, run_name: str | None, prompt: str, sampling: dict, history:
         run = studio.explore_run(ws, run_name)
         adapter = run.train_result.adapter_dir if run.train_result is not None else None
         job.set_phase("answering with the base model" + (" and the trained heads" if adapter else ""))
-        lm = studio.runner.load_model(run.config)
+        lm = studio.worker.load_model(run.config)
         studio.limits.check_prompt_tokens(lm.tokenizer, prompt)
         last = {"base": "", "tuned": None}
         for last in compare_replies(lm, adapter, prompt, history or (), **sampling):
@@ -310,7 +310,7 @@ def reuse_heads(studio, ws, source_run: str):
         run = ws.run
         if run is None:
             raise UserError("no current run: load a model and data first")
-        folder = studio._run_folder(ws, source_run)
+        folder = studio.run_folder(ws, source_run)
         if Path(folder) == Path(run.out):
             raise UserError("that is the current run's own head map: pick another run")
         job.set_phase(f"using the heads of {folder.name}")

@@ -20,9 +20,13 @@ arguments a page or a direct API call sends:
   refuses (`p2d.studio.gate.REFUSED_IN_DEMO`), the ``/wait_job`` timeout and how many calls wait at
   once per session and per client address; the Gradio queue size, per-event concurrency and queued
   requests per client address (`p2d.studio.guard`);
-- sessions (`p2d.studio.workspace.Registry`, `p2d.studio.runner.Runner`): workspaces kept in
+- sessions (`p2d.studio.workspace.Registry`, `p2d.studio.worker.Worker`): workspaces kept in
   memory, per client address (and new ones per address per hour), jobs queued or running per client
-  address, and how long an idle workspace and its files are kept.
+  address, how long one job runs (the one worker takes turns across addresses), and how long an idle
+  workspace and its files are kept;
+- the disk (`p2d.studio.workspace.Registry.room`): the runs folder's total (idle workspaces go,
+  least recently used first, beyond it) and what one address stores in 24 hours;
+- the server log (`p2d.studio.log`): every line cut, repeats counted, a line budget per address.
 
 The client address is the connection's peer, or with ``proxy_hops`` trusted proxies the address the
 outermost of them saw (`client_ip`); uvicorn's own rewriting of it from X-Forwarded-For is switched
@@ -41,6 +45,7 @@ from pathlib import Path
 
 from p2d.config import RunConfig, label
 from p2d.errors import UserError, shown
+from p2d.models import check_spec
 
 #: the hub ids the public demo allows besides the embedded model (override: env P2D_MODEL_ALLOWLIST)
 DEFAULT_ALLOWLIST = ("HuggingFaceTB/SmolLM2-135M-Instruct", "HuggingFaceTB/SmolLM2-360M-Instruct")
@@ -117,6 +122,7 @@ class Limits:
     max_uploads_per_ip_hour: int | None = None
     max_upload_bytes_per_ip_hour: int | None = None
     max_pending_upload_bytes: int | None = None  # uploads no session has received yet, all clients
+    max_pending_upload_share: float | None = None  # of that pool, the most one client address holds
     upload_ttl_s: float | None = None      # an upload no session received is deleted after this
     # requests
     max_text_chars: int | None = None      # any text argument of any endpoint
@@ -125,7 +131,8 @@ class Limits:
     max_prompt_tokens: int | None = None   # the chat prompt, in the model's tokens
     max_wait_s: float = 600.0              # /wait_job blocks at most this long
     queue_size: int | None = 256           # Gradio queue: requests waiting beyond this are refused
-    max_queued_per_ip: int | None = None   # requests of one client address waiting in the queue
+    max_queued_per_ip: int | None = None   # requests of one client address in the queue, waiting or running
+    max_running_per_ip: int | None = None  # requests of one client address running at once (the rest wait)
     concurrency: int = 4                   # default per-event concurrency
     follow_concurrency: int | None = None  # requests following a job (load/heads/select/evaluate/...)
     wait_concurrency: int = 8              # /wait_job callers at once
@@ -136,7 +143,11 @@ class Limits:
     max_workspaces_per_ip: int | None = None
     max_new_workspaces_per_ip_hour: int | None = None
     max_jobs_per_ip: int | None = None     # queued or running, all sessions of one client address
+    max_job_s: float | None = None         # a job is stopped after running this long (the one worker is shared)
     workspace_ttl_s: float | None = None   # idle workspaces (and their files) are deleted after this
+    max_disk_bytes: int | None = None      # the runs folder in all: idle workspaces go, oldest first, beyond it
+    max_disk_bytes_per_ip_day: int | None = None  # what one client address stores in 24 hours
+    sweep_every_s: float | None = None     # expiry and disk sweeps (None: a quarter of the shortest expiry, <= 300 s)
     proxy_hops: int = 0                    # trusted proxies in front of the app (X-Forwarded-For)
 
     @property
@@ -246,12 +257,13 @@ DEMO = Limits(demo=True, max_pool=400, max_probe=64, max_eval=32, max_other_eval
               model_allowlist=("default", *DEFAULT_ALLOWLIST),
               max_file_bytes=20 * MB, max_session_bytes=60 * MB, max_data_bytes=50 * MB, max_field_chars=100_000,
               max_upload_files=1, max_uploads_per_ip_hour=60, max_upload_bytes_per_ip_hour=150 * MB,
-              max_pending_upload_bytes=200 * MB, upload_ttl_s=600.0,
+              max_pending_upload_bytes=200 * MB, max_pending_upload_share=0.25, upload_ttl_s=600.0,
               max_text_chars=64 * 1024, max_settings_chars=16 * 1024, max_prompt_chars=4000, max_prompt_tokens=256,
-              max_wait_s=30.0, queue_size=256, max_queued_per_ip=16, concurrency=4, follow_concurrency=16,
-              wait_concurrency=8, max_waits_per_workspace=2, max_waits_per_ip=4,
+              max_wait_s=30.0, queue_size=256, max_queued_per_ip=16, max_running_per_ip=4, concurrency=4, follow_concurrency=16,
+              wait_concurrency=8, max_waits_per_workspace=2, max_waits_per_ip=2,
               max_workspaces=64, max_workspaces_per_ip=8, max_new_workspaces_per_ip_hour=30,
-              max_jobs_per_ip=2, workspace_ttl_s=24 * 3600.0, proxy_hops=0)
+              max_jobs_per_ip=2, max_job_s=300.0, workspace_ttl_s=24 * 3600.0,
+              max_disk_bytes=10 * 1024 * MB, max_disk_bytes_per_ip_day=400 * MB, proxy_hops=0)
 
 
 def current_limits(demo: bool | None = None, **options) -> Limits:
@@ -291,8 +303,9 @@ def looks_like_local_path(spec: str) -> bool:
     s = (spec or "").strip()
     if not s or s == "default":
         return False
-    p = Path(s).expanduser()
-    return s.startswith((".", "/", "~", "\\")) or s.lower().endswith(".gguf") or p.exists() or s.count("/") > 1
+    check_spec(s)
+    return s.startswith((".", "/", "~", "\\")) or s.lower().endswith(".gguf") or s.count("/") > 1 or \
+        Path(s).expanduser().exists()
 
 
 def check_model(config: RunConfig, limits: Limits) -> None:

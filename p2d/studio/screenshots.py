@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> None:
         capture(url, out, a)
     finally:
         app.close()
-        app.studio.runner.close()
+        app.studio.worker.close()
     print(f"screenshots in {out}", file=sys.stderr)
 
 

@@ -30,7 +30,6 @@ entrance and the client address are guarded below Gradio's handlers (`p2d.studio
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import gradio as gr
@@ -39,8 +38,9 @@ from p2d.config import RunConfig
 
 from .context import Context
 from .gpu import check_hardware
-from .guard import Guard, forwarded_headers_untrusted
+from .guard import Guard, forwarded_headers_untrusted, quiet_gradio_tracebacks, take_turns
 from .limits import Limits, current_limits
+from .log import LOG
 from .services import Studio
 from .tabs import data as data_tab
 from .tabs import explore as explore_tab
@@ -68,8 +68,9 @@ TABS = (("1 · Model & data", "model", model_tab), ("2 · Heads", "heads", heads
 
 
 class StudioBlocks(gr.Blocks):
-    """The app's Blocks: `launch` serves it with the upload size cap, the guard (`p2d.studio.guard.Guard`)
-    and uvicorn's X-Forwarded-For rewriting off, however it is launched (app.py, the CLI, tests, benches)."""
+    """The app's Blocks: `launch` serves it with the upload size cap, the guard (`p2d.studio.guard.Guard`),
+    Gradio's queue taking turns across client addresses (`p2d.studio.guard.take_turns`) and uvicorn's
+    X-Forwarded-For rewriting off, however it is launched (app.py, the CLI, tests, benches)."""
 
     studio: Studio
 
@@ -80,6 +81,9 @@ class StudioBlocks(gr.Blocks):
         app_kwargs = dict(kwargs.pop("app_kwargs", None) or {})
         app_kwargs["middleware"] = [*app_kwargs.get("middleware", []),
                                     Middleware(Guard, studio=self.studio, blocks=self)]
+        take_turns(self._queue, self.studio.limits.proxy_hops, self.studio.limits.max_running_per_ip)
+        if self.studio.limits.demo:
+            quiet_gradio_tracebacks()
         with forwarded_headers_untrusted():
             return super().launch(*args, app_kwargs=app_kwargs, **kwargs)
 
@@ -122,7 +126,7 @@ def build_app(demo: bool | None = None, runs_root: str | os.PathLike | None = No
         config = RunConfig.load(config)
     st = studio or Studio(limits, root, config=config)
     for note in st.start_notes:
-        print(f"p2d studio: {note}", file=sys.stderr)
+        LOG.note(note)
     # No static paths: run folders and uploads are never served by URL (downloads: Studio.download).
     # Gradio's own cache (downloads handed out, uploads until received) is emptied of old files.
     ttl = int(limits.workspace_ttl_s or 0)

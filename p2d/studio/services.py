@@ -1,6 +1,6 @@
 """`Studio`: the app-wide services every tab uses (no Gradio layout here).
 
-- the job runner (one job at a time, the shared model cache) and the per-session workspaces: which
+- the job worker (one job at a time, the shared model cache) and the per-session workspaces: which
   requests may create one (`workspace` with ``create=True``: the job and upload endpoints; `attach`:
   a page load or ``/attach``), the client address caps, and the job registry kept on disk
   (each workspace's ``workspace.json``; `restore` reads it back after a restart);
@@ -22,7 +22,6 @@ import os
 import re
 import secrets
 import shutil
-import sys
 import tempfile
 import threading
 import time
@@ -38,10 +37,11 @@ from p2d.pipeline import CONFIG_FILE, MANIFEST_FILE, Run
 
 from . import form
 from .gate import Gate
-from .guard import Uploads, delete_upload
+from .guard import Uploads, delete_upload, gradio_upload_folder
 from .limits import Limits, client_ip
-from .runner import ACTIVE, Job, Runner
-from .workspace import Registry, Workspace
+from .log import LOG
+from .worker import ACTIVE, Job, Worker
+from .workspace import Registry, Workspace, folder_bytes
 
 INTERRUPTED = "interrupted: the server restarted while it ran (Resume it under Runs of this session)"
 OUTBOX_KEEP_S = 3600.0  # staged downloads older than this are deleted (Gradio has its own copy by then)
@@ -52,11 +52,6 @@ TEXT_FILES = (".json", ".yaml", ".yml", ".txt", ".md", ".log")
 
 def session_of(request) -> str | None:
     return getattr(request, "session_hash", None) or None
-
-
-def gradio_upload_folder() -> Path:
-    """Where Gradio's upload route stores files (its served cache; `gradio.utils.get_upload_folder`)."""
-    return Path(os.environ.get("GRADIO_TEMP_DIR") or Path(tempfile.gettempdir()) / "gradio").resolve()
 
 
 def fmt_mb(n: int) -> str:
@@ -70,42 +65,51 @@ def safe_name(name: str) -> str:
 
 
 class Studio:
-    """App-wide state: limits, runner, workspaces and the settings the form starts with."""
+    """App-wide state: limits, the job worker, workspaces and the settings the form starts with."""
 
-    def __init__(self, limits: Limits, runs_root: Path, runner: Runner | None = None,
-                 config: RunConfig | None = None):
+    def __init__(self, limits: Limits, runs_root: Path, worker: Worker | None = None,
+                 config: RunConfig | None = None, clock=time.time):
         self.limits = limits
         self.runs_root = Path(runs_root).resolve()
         self.runs_root.mkdir(parents=True, exist_ok=True)
-        self.runner = runner or Runner(max_models=1)
-        self.runner.on_change = self._job_changed
-        self.registry = Registry(self.runs_root, limits, busy=self._busy, restore=self.restore)
+        self.worker = worker or Worker(max_models=1, max_job_s=limits.max_job_s)
+        self.worker.on_change = self._job_changed
+        self.registry = Registry(self.runs_root, limits, busy=self._busy, restore=self.restore, clock=clock)
+        self._sizes: dict[str, int] = {}  # job id -> bytes of its workspace when it was submitted (demo)
         self.outbox = Path(tempfile.mkdtemp(prefix="p2d-studio-out-"))  # not served; Gradio copies from it
         self._staged: dict[str, tuple] = {}
         self._owners: dict[str, Workspace] = {}  # job id -> its workspace, until the job is recorded
         self.gate = Gate(self)
-        self.uploads = Uploads(limits, gradio_upload_folder())
+        self.uploads = Uploads(limits, gradio_upload_folder(), clock=clock)
         start, self.start_notes = limits.apply((config or RunConfig()).validate())
         limits.check(start, None)
         self.initial = form.to_values(start, out_auto=limits.demo)
         self._closed = threading.Event()
-        if limits.workspace_ttl_s or limits.upload_ttl_s:
-            every = max(1.0, min(300.0, *(t / 4 for t in (limits.workspace_ttl_s, limits.upload_ttl_s) if t)))
+        if limits.workspace_ttl_s or limits.upload_ttl_s or limits.max_disk_bytes:
+            every = limits.sweep_every_s or max(1.0, min(300.0, *(t / 4 for t in (limits.workspace_ttl_s,
+                                                                                   limits.upload_ttl_s) if t)))
             threading.Thread(target=self._sweeper, args=(every,), name="p2d-studio-sweeper", daemon=True).start()
 
     def close(self) -> None:
         self._closed.set()
-        self.runner.close()
+        self.worker.close()
         shutil.rmtree(self.outbox, ignore_errors=True)
 
     def _sweeper(self, every: float) -> None:
         while not self._closed.wait(every):
             try:
-                self.registry.sweep()
-                self.uploads.sweep()
-                self._prune_outbox()
+                self.sweep()
             except Exception as exc:  # noqa: BLE001 - the sweeper must keep running
-                print(f"p2d studio: sweep failed: {exc}", file=sys.stderr)
+                LOG.note(f"sweep failed: {exc}")
+
+    def sweep(self) -> None:
+        """What the sweeper does every ``sweep_every_s``: idle workspaces past their expiry, uploads nobody
+        received, old staged downloads, and idle workspaces beyond the disk cap."""
+        self.registry.sweep()
+        self.uploads.sweep()
+        self._prune_outbox()
+        if self.limits.max_disk_bytes is not None:
+            self.registry.free(self.limits.max_disk_bytes)
 
     # -- sessions ------------------------------------------------------------------------------
     def client(self, request) -> str:
@@ -139,7 +143,7 @@ class Studio:
         ws = self.registry.by_key(key) if key else None
         told = key if ws is not None else None
         if ws is None and page and not self.limits.demo:
-            job = self.runner.latest()
+            job = self.worker.latest()
             if job is not None and job.active:
                 ws = self.registry.get(job.owner)
                 told = ws.key if ws is not None else None
@@ -153,37 +157,46 @@ class Studio:
         return ws, told
 
     def _busy(self, ws: Workspace) -> bool:
-        return self.runner.active_job(ws.id) is not None
+        return self.worker.active_job(ws.id) is not None
 
     def current_job(self, ws: Workspace) -> Job | None:
-        return self.runner.get(ws.job_id)
+        return self.worker.get(ws.job_id)
 
     def submit(self, ws: Workspace, kind: str, body, label: str, request=None) -> Job:
         if ws.blank:
             raise UserError("this session has nothing to work on yet: press Load on the Model & data tab (or reload "
                             "the page)")
+        client = self.client(request) if request else ws.ip
+        counted = self.limits.max_disk_bytes_per_ip_day is not None
+        if counted:
+            self.registry.room(client, keep=ws)
         with ws.lock:
-            job = self.runner.submit(kind, ws.id, body, label=label, client=self.client(request) if request else ws.ip,
+            job = self.worker.submit(kind, ws.id, body, label=label, client=client,
                                      max_per_client=self.limits.max_jobs_per_ip)
             ws.job_id = job.id
             self._owners[job.id] = ws
+        if counted:
+            self._sizes[job.id] = folder_bytes(ws.root)
         return job
 
     def save(self, ws: Workspace) -> None:
         try:
             ws.save()
         except OSError as exc:
-            print(f"p2d studio: could not save workspace {ws.id}: {exc}", file=sys.stderr)
+            LOG.note(f"could not save workspace {ws.id}: {exc}")
 
     def note_job(self, job: Job) -> None:
         """Record ``job`` in its workspace's file now (a job body calls this once it knows its run)."""
         self._job_changed(job)
 
     def _job_changed(self, job: Job) -> None:
-        """The runner's callback: keep the job in its workspace's file (a restart finds it)."""
+        """The worker's callback: keep the job in its workspace's file (a restart finds it)."""
         ws = self._owners.get(job.id) or self.registry.get(job.owner)
         if not job.active:
             self._owners.pop(job.id, None)
+            before = self._sizes.pop(job.id, None)
+            if before is not None and ws is not None:  # what the job wrote counts against its address's day
+                self.registry.charge(job.client, folder_bytes(ws.root) - before)
         if ws is None:
             return
         summary = job.summary()
@@ -193,10 +206,10 @@ class Studio:
 
     def restore(self, ws: Workspace) -> None:
         """A workspace read back from disk (after a restart or an eviction): its jobs back into the
-        runner's registry (one that was queued or running is marked interrupted), its current run
+        worker's registry (one that was queued or running is marked interrupted), its current run
         reopened (results and data, not the model)."""
         for d in ws.jobs:
-            job = self.runner.get(d.get("id"))
+            job = self.worker.get(d.get("id"))
             if job is None:
                 status, error = d.get("status", "done"), d.get("error")
                 if status in ACTIVE:
@@ -207,7 +220,7 @@ class Studio:
                           finished=d.get("finished") or d.get("started"), phase=str(d.get("phase") or ""),
                           done=int(d.get("done") or 0), total=int(d.get("total") or 0), error=error,
                           info={k: d[k] for k in ("plan", "run") if k in d})
-                self.runner.adopt(job)
+                self.worker.adopt(job)
             ws.job_id = job.id
         saved = ws.cache.pop("saved_run", None)
         if saved:
@@ -265,7 +278,7 @@ class Studio:
         return form.to_values(run.config, out_auto=auto)
 
     # -- past runs -----------------------------------------------------------------------------
-    def _run_folder(self, ws: Workspace, name: str) -> Path:
+    def run_folder(self, ws: Workspace, name: str) -> Path:
         """The run folder ``name`` of ``ws`` (a ``run-NNN`` of its own; locally also the current run's
         folder by its full path)."""
         name = str(name or "").strip()
@@ -279,15 +292,15 @@ class Studio:
         return ws.root / name
 
     def _open(self, ws: Workspace, name: str):
-        folder = self._run_folder(ws, name)
+        folder = self.run_folder(ws, name)
         cfg, _ = self.limits.apply(RunConfig.load(folder / CONFIG_FILE))
         self.limits.check(cfg, ws.upload_dir)
-        run = Run.open(folder, config=cfg.replace(out=str(folder)), model_loader=self.runner.load_model,
+        run = Run.open(folder, config=cfg.replace(out=str(folder)), model_loader=self.worker.load_model,
                        data_limits=self.limits.data_limits())
         try:
             run.require_data()  # the data (not the model): enough for every tab's view
         except UserError as exc:
-            print(f"p2d studio: the data of {folder} could not be read back: {exc}", file=sys.stderr)
+            LOG.note(f"the data of {folder} could not be read back: {exc}")
         return run
 
     def open_run(self, ws: Workspace, name: str, in_job: bool = False):
@@ -370,6 +383,8 @@ class Studio:
             if store:
                 if ws.blank:
                     raise UserError("this session has no workspace: reload the page")
+                if lim.demo:
+                    self.registry.room(client or ws.ip, size, keep=ws)
                 ws.upload_dir.mkdir(parents=True, exist_ok=True)
                 dest = ws.upload_dir / f"{kind}-{secrets.token_hex(4)}-{name}"
                 tmp = dest.with_name(f".{dest.name}.part")
@@ -385,6 +400,7 @@ class Studio:
             if claimed:
                 delete_upload(src, gradio_upload_folder())
         if store:
+            self.registry.charge(client or ws.ip, size)
             self.save(ws)
         return dest, checked
 
@@ -440,7 +456,7 @@ class Studio:
         if not p.is_file():
             return None
         if not self._owns(ws, p):
-            print(f"p2d studio: refused to hand out {p}: not a file of workspace {ws.id or '(none)'}", file=sys.stderr)
+            LOG.note(f"refused to hand out {p}: not a file of workspace {ws.id or '(none)'}")
             return None
         st = p.stat()
         stamp = (st.st_mtime_ns, st.st_size)
@@ -498,7 +514,7 @@ class Studio:
         zip_path = ws.download_dir / f"{run.out.name}-adapter-peft.zip"
 
         def build(tmp: str) -> str:
-            lm = self.runner.load_model(run.config)
+            lm = self.worker.load_model(run.config)
             with tempfile.TemporaryDirectory(prefix="p2d-peft-") as folder:
                 out = export_peft(lm, adapter, Path(folder) / f"{run.out.name}-peft",
                                   base_model_name=base_name(run.config.model))

@@ -1,7 +1,7 @@
 """Views: a workspace rendered into the values of a tab's outputs, as dicts keyed by output name.
 
 Pure reading: the session's `p2d.pipeline.Run` (its settings, result properties, ``stages_partial``,
-``planned_steps``, ``metrics``), the runner's job and the training log. No Gradio here except the
+``planned_steps``, ``metrics``), the worker's job and the training log. No Gradio here except the
 value types Gradio displays (Markdown strings, pandas tables, Plotly figures, file paths).
 """
 
@@ -21,7 +21,7 @@ from p2d.method.selection import SELECTED_FILE
 from p2d.pipeline import METRICS_FILE
 
 from . import charts
-from .runner import Job
+from .worker import Job
 
 # gradio is imported where an output needs its update type: the rest renders plain values without it
 
@@ -98,8 +98,8 @@ def _partial(run, stage: str) -> bool:
 def banner(studio, ws) -> str:
     """One line above the tabs: this session's job and how many jobs of other sessions wait or run."""
     job = studio.current_job(ws)
-    others = studio.runner.busy() - (1 if job is not None and job.active else 0)
-    parts = [studio.runner.describe(job, clock=False)] if job is not None else []
+    others = studio.worker.busy() - (1 if job is not None and job.active else 0)
+    parts = [studio.worker.describe(job, clock=False)] if job is not None else []
     if others > 0:
         parts.append(f"{others} job{'s' if others != 1 else ''} of other sessions queued or running")
     return " · ".join(parts)
@@ -107,7 +107,7 @@ def banner(studio, ws) -> str:
 
 def job_line(studio, job: Job | None, notes: list[str] = (), clock: bool = True) -> str:
     """The status line under a tab's buttons (``clock``: with the seconds a running job has run)."""
-    text = studio.runner.describe(job, clock) if job is not None else ""
+    text = studio.worker.describe(job, clock) if job is not None else ""
     return text + (("  \n" + "; ".join(notes)) if notes else "")
 
 
@@ -141,7 +141,7 @@ def runs(studio, ws) -> dict:
 
 def model_data(studio, ws) -> dict:
     run = ws.run
-    info = studio.runner.model_info(run.config) if run is not None else None
+    info = studio.worker.model_info(run.config) if run is not None else None
     summary = None
     if run is not None:
         summary = run.data.summary() if run.data is not None else run.results.get("load")
@@ -189,7 +189,7 @@ def heads(studio, ws) -> dict:
                 "table": pd.DataFrame(columns=["rank", "layer", "head", "score"])}
     ranks = charts.head_ranks(hs.scores)
     rows = [{"rank": ranks[l][h], "layer": l, "head": h,
-             "score": round(hs.scores[l][h], 6) if charts._finite(hs.scores[l][h]) else None}
+             "score": round(hs.scores[l][h], 6) if charts.finite(hs.scores[l][h]) else None}
             for l, h in hs.selected]
     contrast = hs.extra.get("contrast")
     md = (f"**{len(hs.selected)} of {hs.n_layers * hs.n_q_heads} heads** selected ({hs.ratio:.0%}) by "
@@ -237,7 +237,7 @@ def preview(studio, ws, query: str = "", page=1) -> dict:
         if q and q not in prompt.lower() and q not in s.answer.lower() and q not in (s.task or "").lower():
             continue
         score = sel.scores[i]
-        rows.append({"rank": rank, "score": round(score, 5) if charts._finite(score) else None,
+        rows.append({"rank": rank, "score": round(score, 5) if charts.finite(score) else None,
                      "task": s.task or "", "prompt": short(prompt), "answer": short(s.answer)})
     pages = max(1, math.ceil(len(rows) / PAGE_SIZE))
     try:
@@ -304,7 +304,7 @@ def train_progress(studio, ws, job: Job | None, records: list[dict]) -> str:
     if job is None:
         return progress_html(0, "No job yet", "press Start training", state="idle")
     if job.status == "queued":
-        return progress_html(0, "Queued", studio.runner.describe(job), state="queued")
+        return progress_html(0, "Queued", studio.worker.describe(job), state="queued")
     training = job.kind == "train" and last is not None and job.phase == "training the heads"
     if job.active and training:
         step, tot = int(last["step"]), planned or job.total or int(last["step"])
@@ -327,7 +327,7 @@ def train_progress(studio, ws, job: Job | None, records: list[dict]) -> str:
         return progress_html(step / max(1, tot), f"{label}: step {step} of {tot}",
                              f"training {fmt_s(last.get('elapsed_s'))} · job {fmt_s(job.elapsed())}",
                              state="stopped" if stopped else job.status)
-    return progress_html(1.0 if job.status == "done" else 0.0, studio.runner.describe(job), "", state=job.status)
+    return progress_html(1.0 if job.status == "done" else 0.0, studio.worker.describe(job), "", state=job.status)
 
 
 def loss_figure(ws, records: list[dict]):
@@ -455,7 +455,7 @@ CONTROL_COLUMNS = ["cell", "accuracy", "AER", "trainable params", "rows", "steps
 
 
 def _pct(x) -> str:
-    return f"{100 * x:.0f}%" if charts._finite(x) else "–"
+    return f"{100 * x:.0f}%" if charts.finite(x) else "–"
 
 
 def forgetting(studio, ws) -> dict:
@@ -486,12 +486,12 @@ def controls(studio, ws) -> dict:
                 "controls_chart": charts.controls_chart(None, {})}
     cells = [("P2D", data["p2d"])] + [(c["label"], c) for c in data["controls"].values()]
     table = [{"cell": name, "accuracy": _pct(c.get("accuracy")),
-              "AER": f"{c['aer']:.3f}" if charts._finite(c.get("aer")) else "–",
+              "AER": f"{c['aer']:.3f}" if charts.finite(c.get("aer")) else "–",
               "trainable params": fmt_params(c.get("trainable_params")), "rows": c.get("rows"),
               "steps": c.get("steps"), "learning rate": f"{c['lr']:g}" if c.get("lr") else "–"} for name, c in cells]
     p2d_acc = data["p2d"].get("accuracy")
     better = [c["label"] for c in data["controls"].values()
-              if charts._finite(c.get("accuracy")) and charts._finite(p2d_acc) and c["accuracy"] >= p2d_acc]
+              if charts.finite(c.get("accuracy")) and charts.finite(p2d_acc) and c["accuracy"] >= p2d_acc]
     md = ("One draw each, at P2D's data budget and steps. " + (
         f"**As good as or better than P2D here:** {', '.join(better)}." if better else
         "**P2D is ahead of every control here** (one draw: see the benchmark for the spread)."))

@@ -19,15 +19,21 @@ workspace, at most ``max_workspaces_per_ip`` per client address in memory (an ad
 its own least recently used idle workspace, never another address's) and at most
 ``max_new_workspaces_per_ip_hour`` new ones per address per hour. In the public demo, workspaces
 unused for ``workspace_ttl_s`` are deleted with their files (`Registry.sweep`).
+
+The disk (public demo): the runs folder holds at most ``max_disk_bytes``; when a new file would pass it
+(`Registry.room`, before an upload is stored or a job starts, and on every sweep) the idle workspaces
+go with their files, least recently used first, never one with a job queued or running. One client
+address stores at most ``max_disk_bytes_per_ip_day`` in 24 hours (`Registry.charge` counts what its
+uploads and jobs added; files deleted since still count). Time comes from ``clock`` (tests move it).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import secrets
 import shutil
-import sys
 import threading
 import time
 from collections import OrderedDict, deque
@@ -40,10 +46,15 @@ from p2d.files import read_json, write_json
 from p2d.pipeline import CONFIG_FILE
 from p2d.training import LOG_NAME
 
+from .log import LOG
+
 WORKSPACE_FILE = "workspace.json"
 KEEP_JOBS = 20          # job summaries kept per workspace
 SAVE_TOUCH_EVERY = 60.0  # seconds between writes of a workspace's last use
 MAX_SESSIONS = 4096     # Gradio sessions mapped to a key (older ones reload the page to re-attach)
+DISK_MEASURE_EVERY = 5.0  # seconds a measure of the runs folder's size is reused
+DAY = 24 * 3600.0
+MB = 1024 * 1024
 
 
 def new_key() -> str:
@@ -214,9 +225,12 @@ class Registry:
     ``restore(ws)`` finishes a workspace read back from disk (its run, its jobs)."""
 
     def __init__(self, root: Path, limits=None, busy: Callable[[Workspace], bool] | None = None,
-                 restore: Callable[[Workspace], None] | None = None):
+                 restore: Callable[[Workspace], None] | None = None, clock: Callable[[], float] = time.time):
         from .limits import LOCAL
 
+        self.clock = clock
+        self._stored: dict[str, deque] = {}  # client address -> (time, bytes) it stored in the last day
+        self._usage: tuple[float, int] | None = None  # (when, bytes) of the last measure of the runs folder
         self.root = Path(root)
         self.limits = limits or LOCAL
         self.max = self.limits.max_workspaces
@@ -228,13 +242,14 @@ class Registry:
         self._lock = threading.RLock()
         self.blank = Workspace(key="", id="", root=self.root / ".no-session", blank=True)
         self.evicted = 0  # workspaces dropped from memory so far (for the bench and tests)
+        self.freed = 0    # idle workspaces deleted to keep the disk within its cap
 
     # -- creating -------------------------------------------------------------------------------
     def create(self, ip: str = "") -> Workspace:
         """A new workspace for a client at ``ip`` (UserError when its caps say no)."""
         lim = self.limits
         with self._lock:
-            now = time.time()
+            now = self.clock()
             if lim.max_new_workspaces_per_ip_hour is not None:
                 recent = self._new_by_ip.setdefault(ip, deque())
                 while recent and recent[0] < now - 3600:
@@ -253,7 +268,7 @@ class Registry:
                     self._drop(idle[0])
                     mine.remove(idle[0])
             key = new_key()
-            ws = Workspace(key=key, id=folder_name(key), root=self.root / folder_name(key), ip=ip)
+            ws = Workspace(key=key, id=folder_name(key), root=self.root / folder_name(key), ip=ip, created=now, touched=now)
             self._by_id[ws.id] = ws
             try:
                 self._evict_over_max(keep=ws)
@@ -296,11 +311,12 @@ class Registry:
         ws = Workspace.load(self.root / name, key)
         if ws is None:
             return None
+        ws.touched = self.clock()
         if self.restore is not None:
             try:
                 self.restore(ws)
             except Exception as exc:  # noqa: BLE001 - a damaged run folder must not lock the visitor out
-                print(f"p2d studio: could not reopen the run of workspace {name}: {exc}", file=sys.stderr)
+                LOG.note(f"could not reopen the run of workspace {name}: {exc}")
         with self._lock:
             current = self._by_id.get(name)
             if current is not None:  # restored by another request meanwhile
@@ -346,7 +362,7 @@ class Registry:
     def touch(self, ws: Workspace) -> None:
         if ws.blank:
             return
-        ws.touched = time.time()
+        ws.touched = self.clock()
         with self._lock:
             if ws.id in self._by_id:
                 self._by_id.move_to_end(ws.id)
@@ -366,7 +382,7 @@ class Registry:
         ttl = self.limits.workspace_ttl_s
         if not ttl:
             return []
-        now = time.time() if now is None else now
+        now = self.clock() if now is None else now
         gone = []
         with self._lock:
             for ws in list(self._by_id.values()):
@@ -392,3 +408,92 @@ class Registry:
                     shutil.rmtree(folder, ignore_errors=True)
                     gone.append(folder.name)
         return gone
+
+    # -- the disk -------------------------------------------------------------------------------
+    def disk_used(self, fresh: bool = False) -> int:
+        """Bytes under the runs folder (measured at most every few seconds unless ``fresh``)."""
+        now = time.monotonic()
+        if not fresh and self._usage is not None and now - self._usage[0] < DISK_MEASURE_EVERY:
+            return self._usage[1]
+        used = folder_bytes(self.root)
+        self._usage = (now, used)
+        return used
+
+    def stored_today(self, ip: str) -> int:
+        """Bytes ``ip`` stored in the last 24 hours (`charge`)."""
+        with self._lock:
+            recent = self._stored.get(ip)
+            if not recent:
+                return 0
+            while recent and recent[0][0] < self.clock() - DAY:
+                recent.popleft()
+            return sum(n for _, n in recent)
+
+    def charge(self, ip: str, nbytes: int) -> None:
+        """Count ``nbytes`` stored by ``ip`` (its uploads, what its jobs wrote) against its daily cap."""
+        if nbytes > 0:
+            with self._lock:
+                self._stored.setdefault(ip, deque()).append((self.clock(), int(nbytes)))
+                self._usage = None
+
+    def room(self, ip: str, nbytes: int = 0, keep: Workspace | None = None) -> None:
+        """Make sure ``ip`` may store ``nbytes`` more: within its daily cap (else a UserError), and within the
+        total cap after idle workspaces other than ``keep`` made room (else a UserError)."""
+        lim = self.limits
+        if lim.max_disk_bytes_per_ip_day is not None:
+            today = self.stored_today(ip)
+            if today + nbytes > lim.max_disk_bytes_per_ip_day:
+                raise UserError(f"your address stored {today / MB:.0f} MB here in the last 24 hours, the most this "
+                                f"server keeps per address is {lim.max_disk_bytes_per_ip_day / MB:.0f} MB: try again "
+                                "tomorrow, or duplicate the Space")
+        if lim.max_disk_bytes is not None:
+            self.free(lim.max_disk_bytes - nbytes, keep=keep)
+            if self.disk_used() + nbytes > lim.max_disk_bytes:
+                raise UserError("the server's disk is full with sessions that have jobs running: try again in a few "
+                                "minutes")
+
+    def free(self, target: int, keep: Workspace | None = None) -> list[str]:
+        """Delete idle workspaces (in memory and on disk), least recently used first, until the runs folder
+        holds at most ``target`` bytes; never one with a job queued or running, nor ``keep``. Their ids."""
+        gone: list[str] = []
+        used = self.disk_used(fresh=True)
+        if used <= target:
+            return gone
+        with self._lock:
+            live = {w.id: w for w in self._by_id.values()}
+            folders = []
+            for folder in self.root.glob("ws-*") if self.root.is_dir() else []:
+                ws = live.get(folder.name)
+                if ws is not None and (ws is keep or self.busy(ws)) or not folder.is_dir():
+                    continue
+                touched = ws.touched if ws is not None else (saved_touch(folder) or 0.0)
+                folders.append((touched, folder))
+            for _, folder in sorted(folders):
+                if used <= target:
+                    break
+                used -= folder_bytes(folder)
+                self._delete(folder.name)
+                gone.append(folder.name)
+        return gone
+
+    def _delete(self, ws_id: str) -> None:
+        """Forget a workspace and delete its folder (the caller holds the lock)."""
+        self._by_id.pop(ws_id, None)
+        for session, key in list(self._sessions.items()):
+            if folder_name(key) == ws_id:
+                self._sessions.pop(session, None)
+        shutil.rmtree(self.root / ws_id, ignore_errors=True)
+        self._usage = None
+        self.freed += 1
+
+
+def folder_bytes(folder: Path) -> int:
+    """Bytes of the files under ``folder`` (0 when it is missing)."""
+    total = 0
+    for base, _, files in os.walk(folder):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(base, name)).st_size
+            except OSError:
+                pass
+    return total

@@ -126,7 +126,7 @@ def build(ctx) -> SimpleNamespace:
                 shown = now
                 yield {"status": views.job_line(st, job), "base": messages(turns, "base", now),
                        "tuned": messages(turns, "tuned", now)}
-            st.runner.wait(job, timeout=0.25)
+            st.worker.wait(job, timeout=0.25)
         res = job.result if isinstance(job.result, dict) else dict(job.live)
         tuned = res.get("tuned")
         done = job.status == "done"
@@ -175,7 +175,7 @@ def build(ctx) -> SimpleNamespace:
         if not a or not b:
             raise UserError("pick two runs with head maps (map a and map b)")
         ws = st.workspace(request)
-        maps = [HeadScores.load(st._run_folder(ws, name)) for name in (a, b)]
+        maps = [HeadScores.load(st.run_folder(ws, name)) for name in (a, b)]
         out = compare_head_maps(*maps, name_a=str(a), name_b=str(b))
         return {"status": "", "info": views.compare_md(out), "heat_a": charts.heads_heatmap(maps[0].scores, maps[0].selected,
                                                                                       title=f"a: {a}"),

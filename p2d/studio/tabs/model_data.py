@@ -173,7 +173,8 @@ def build(ctx) -> SimpleNamespace:
             return st.gate.outgoing({"key": told, "run": ws.out.name if ws.out is not None else None,
                                      "runs": [r["run"] for r in st.runs_table(ws)]})
         except UserError as exc:
-            raise gr.Error(st.gate.scrub(describe_error(exc))) from None
+            raise gr.Error(st.gate.scrub(describe_error(exc, st.client(request), "attach")),
+                           print_exception=False) from None  # logged, within bounds, by describe_error
 
     gr.api(attach, api_name="attach", concurrency_limit=ctx.limits.concurrency)
 

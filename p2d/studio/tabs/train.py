@@ -132,7 +132,7 @@ def build(ctx) -> SimpleNamespace:
         """Stop this session's job (a queued one is cancelled; training keeps the heads trained so far)."""
         ws = st.workspace(request)
         job = st.current_job(ws)
-        if st.runner.stop(job):
+        if st.worker.stop(job):
             msg = (f"■ Stop requested: {job.label} ends after the current step"
                    + (" (the heads trained so far are kept)" if job.kind == "train" else ""))
         else:
@@ -144,9 +144,10 @@ def build(ctx) -> SimpleNamespace:
 
     def wait_job(timeout: float = 600.0, request: gr.Request = None) -> dict:
         """Block until this session's job has ended, or ``timeout`` seconds (the server grants at most
-        its own cap: 600 s locally, 30 s in the public demo; call again to keep waiting); the job's
-        summary. In the public demo a session, and a client address, has only a few calls waiting at
-        once (the gate's caps); more are refused at once."""
+        its own cap: 600 s locally, 30 s in the public demo; call again to keep waiting), or about a
+        second while every slot for waiting calls is taken; the job's summary. In the public demo a
+        session, and a client address, has only a few calls waiting at once (the gate's caps); more are
+        refused at once."""
         try:
             st.gate.check("wait_job", {"timeout": timeout})
             granted = ctx.limits.wait_timeout(timeout)
@@ -154,10 +155,11 @@ def build(ctx) -> SimpleNamespace:
             job = st.current_job(ws)
             if job is not None and (job.active or not job.settled.is_set()):
                 with st.gate.waiting(ws, st.client(request)):
-                    st.runner.wait(job, timeout=granted)
+                    st.worker.wait(job, timeout=granted, until=st.gate.crowded)
             return st.gate.outgoing({**views.job_summary(st, ws), "waited_at_most_s": granted})
         except UserError as exc:
-            raise gr.Error(st.gate.scrub(describe_error(exc))) from None
+            raise gr.Error(st.gate.scrub(describe_error(exc, st.client(request), "wait_job")),
+                           print_exception=False) from None  # logged, within bounds, by describe_error
 
     gr.api(wait_job, api_name="wait_job", concurrency_limit=ctx.limits.wait_concurrency, concurrency_id="wait")
     return c
