@@ -145,9 +145,10 @@ def load_run_data(config: RunConfig, out_dir: Path | None = None, max_rows: dict
 def build_builtin_pool(config: RunConfig):
     """The `TaskPool` of a config whose pool is built in (``config.builtin_pool``), at its sizes and seed."""
     from .data.builtin import build_task_pool
+    from .data.builtin_align import ALIGN_POOL, build_align_pool
     from .data.builtin_hard import HARD_POOL, build_hard_pool
 
-    build = build_hard_pool if config.builtin_pool == HARD_POOL else build_task_pool
+    build = {HARD_POOL: build_hard_pool, ALIGN_POOL: build_align_pool}.get(config.builtin_pool, build_task_pool)
     return build(target=config.target, seed=config.seed, pool_size=config.pool_size, probe_size=config.probe_size,
                  eval_size=config.eval_size, other_eval_size=config.other_eval_size)
 

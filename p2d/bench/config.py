@@ -40,10 +40,9 @@ HEADS_SPLITS = ("builtin:addition", "builtin-hard:addition")
 
 
 def _split_choices():
-    from ..data.builtin import TASKS
-    from ..data.builtin_hard import HARD_TARGETS
+    from ..config import pool_targets
 
-    return tuple(f"builtin:{t}" for t in TASKS) + tuple(f"builtin-hard:{t}" for t in HARD_TARGETS) + ("custom",)
+    return tuple(f"{pool}:{t}" for pool in BUILTIN_POOLS for t in pool_targets(pool)) + ("custom",)
 
 
 @dataclass
