@@ -257,9 +257,12 @@ def evaluate_cell(lm, eval_samples: list[Sample], other: list[Sample] | None = N
     (``other_tasks``: accuracy per task, what tuning changed elsewhere).
 
     ``forced=False``: greedy generation, exact match after normalisation (`p2d.evaluation.evaluate`;
-    the run's and the app's figure). ``forced=True``: teacher-forced strict greedy match and answer loss
-    per row (`p2d.evaluation.forced_eval`, about ten times cheaper; the benchmark's figure), with the
-    per-row values in ``per_row`` for paired statistics. A stop request ends early (``partial``).
+    the run's and the app's figure); a row with a behaviour check (`p2d.checks`) is scored by its check,
+    and ``other_checks`` holds the other rows' check parts (the false-refusal rate of the alignment
+    pools' ``refusal`` target). ``forced=True``: teacher-forced strict greedy match and answer loss per
+    row (`p2d.evaluation.forced_eval`, about ten times cheaper; the benchmark's figure, but only a proxy
+    on rows with a behaviour check), with the per-row values in ``per_row`` for paired statistics. A stop
+    request ends early (``partial``).
     """
     eval_samples = list(eval_samples)[:limit] if limit else list(eval_samples)
     if forced:
@@ -274,7 +277,7 @@ def evaluate_cell(lm, eval_samples: list[Sample], other: list[Sample] | None = N
     if other and not res.partial:
         oth = evaluate(lm, other, batch_size=batch_size, max_length=max_length, n_examples=0, progress=progress,
                        should_stop=should_stop)
-        res.other_tasks, res.partial = oth.by_task, oth.partial
+        res.other_tasks, res.other_checks, res.partial = oth.by_task, oth.checks, oth.partial
     return res
 
 

@@ -175,7 +175,7 @@ def cmd_data(args) -> None:
 def cmd_demo_data(args) -> None:
     config = config_from_args(args, ["pool", "target", "pool_size", "probe_size", "eval_size", "seed"])
     if not config.builtin_pool:
-        raise UserError("demo-data writes a built-in pool: --pool builtin or builtin-hard")
+        raise UserError("demo-data writes a built-in pool: --pool builtin, builtin-hard or builtin-align")
     tp = build_builtin_pool(config.replace(other_eval_size=0))
     paths = tp.write(args.out)
     _print({"files": paths, "target": tp.target, "pool_tasks": tp.counts(), "probe": len(tp.probe),
@@ -423,7 +423,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="train", help="split for folders / datasets without @SPLIT (default: train)")
     p.add_argument("--limit", type=int, help="read at most this many usable rows")
 
-    p = command("demo-data", "write a built-in task pool (--pool builtin or builtin-hard) as pool/probe/eval JSONL",
+    p = command("demo-data", "write a built-in task pool (--pool builtin, builtin-hard or builtin-align) as "
+                "pool/probe/eval JSONL",
                 cmd_demo_data, names=["pool", "target", "pool_size", "probe_size", "eval_size", "seed"])
     p.add_argument("--out", required=True, metavar="DIR", help="folder to write pool.jsonl, probe.jsonl, eval.jsonl "
                    "into")

@@ -31,6 +31,7 @@ import yaml
 from .adapter import ADAPTER_KINDS, PROJECTIONS, adapter_name
 from .cost import REFERENCE_MODES
 from .data.builtin import DEFAULT_TARGET, TASKS
+from .data.builtin_align import ALIGN_POOL, ALIGN_TARGETS
 from .data.builtin_hard import HARD_POOL, HARD_TARGETS
 from .data.formats import parse_mapping
 from .errors import UserError, shown
@@ -81,11 +82,16 @@ STAGES = ("load", "heads", "select", "eval_before", "reference", "train", "eval_
 
 
 def _targets():
-    return tuple(dict.fromkeys(TASKS + HARD_TARGETS))
+    return tuple(dict.fromkeys(TASKS + HARD_TARGETS + ALIGN_TARGETS))
 
 
 #: pool specs that name a built-in pool instead of a file (``None`` is the plain built-in pool)
-BUILTIN_POOLS = ("builtin", "builtin-hard")
+BUILTIN_POOLS = ("builtin", HARD_POOL, ALIGN_POOL)
+
+
+def pool_targets(pool: str) -> tuple[str, ...]:
+    """The targets a built-in pool (one of `BUILTIN_POOLS`) offers."""
+    return {HARD_POOL: HARD_TARGETS, ALIGN_POOL: ALIGN_TARGETS}.get(pool, TASKS)
 
 
 def setting(default, group: str, label: str, help: str, stages: tuple = (), choices=None, minimum=None,
@@ -134,9 +140,11 @@ class RunConfig:
                                    "CPU); none: dense", stages=("load",), choices=QUANTIZE)
     # data ------------------------------------------------------------------------------------------
     pool: str | None = setting(None, "data", "Pool file", "training pool: a data file, a dataset "
-                               "ID[:CONFIG][@SPLIT[START:STOP]] (hub id or dataset folder, streamed), or builtin-hard "
+                               "ID[:CONFIG][@SPLIT[START:STOP]] (hub id or dataset folder, streamed), builtin-hard "
                                "(the built-in pools where surface words mislead: the target skill only in other "
-                               "wordings, plus lexical twins); none or builtin: the built-in task pool",
+                               "wordings, plus lexical twins) or builtin-align (a behaviour the model already has, "
+                               "scarce among decoys: json, signoff, refusal, ordinal); none or builtin: the built-in "
+                               "task pool",
                                stages=("load",))
     probe: str | None = setting(None, "data", "Probe file", "~100 examples of the target task, used to find the heads "
                                 "(a file or ID[:CONFIG][@SPLIT[START:STOP]], e.g. openai/gsm8k:main@train[:100])",
@@ -147,7 +155,8 @@ class RunConfig:
                                    "column mapping such as prompt=question,answer=reply,task=label (formats are "
                                    "detected otherwise)", stages=("load",))
     target: str | None = setting(None, "data", "Target task", "built-in pools: the target task (default addition; "
-                                 "builtin-hard: addition, alphabetical, dates or past_tense)", stages=("load",),
+                                 "builtin-hard: addition, alphabetical, dates or past_tense; builtin-align: json, "
+                                 "signoff, refusal or ordinal)", stages=("load",),
                                  choices=_targets)
     pool_size: int = setting(1000, "data", "Pool size", "built-in pool: rows in the pool", stages=("load",), minimum=1)
     probe_size: int = setting(100, "data", "Probe size", "built-in pool: probe rows (target task)", stages=("load",),
@@ -244,8 +253,8 @@ class RunConfig:
         """`normalize` plus the checks that involve several settings or the built-in pool."""
         self.normalize()
         if self.builtin_pool:
-            self.target = self.target or DEFAULT_TARGET
-            allowed = HARD_TARGETS if self.builtin_pool == HARD_POOL else TASKS
+            allowed = pool_targets(self.builtin_pool)
+            self.target = self.target or (DEFAULT_TARGET if DEFAULT_TARGET in allowed else allowed[0])
             if self.target not in allowed:
                 raise UserError(f"the target {self.target!r} is not a task of the {self.builtin_pool} pool; choose "
                                 f"from {', '.join(allowed)}")
@@ -261,7 +270,8 @@ class RunConfig:
     # -- derived values ----------------------------------------------------------------------------
     @property
     def builtin_pool(self) -> str | None:
-        """``"builtin"`` (the plain built-in pool), ``"builtin-hard"``, or None when the pool is a file."""
+        """``"builtin"`` (the plain built-in pool), ``"builtin-hard"``, ``"builtin-align"``, or None when the
+        pool is a file."""
         return "builtin" if not self.pool else (self.pool if self.pool in BUILTIN_POOLS else None)
 
     @property

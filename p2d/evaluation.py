@@ -7,6 +7,16 @@ compared to the gold answer after normalisation (case, whitespace, trailing punc
 whole word — a model that answers in full sentences scores there before it learns the format.
 Plain-text samples (no prompt) count towards the loss only.
 
+Behaviour checks: a row with a ``check`` field (`p2d.checks`: a JSON wrapper, a closing line, a
+refusal, an exact function value) is scored by its check instead of exact match: its pass counts as
+the row's accuracy, and each named part of the check (``format``, ``content``, ``refused`` ...) is
+reported as a rate, overall (``EvalResult.checks``) and per task (``by_task``). ``metric`` says
+``check`` when every generated row had one, ``exact_match+check`` when some had. The alignment pools
+(`p2d.data.builtin_align`) are scored this way: for them a benchmark should report `evaluate`'s
+(generated) figures; `forced_eval` stays a cheap proxy there (its strict match asks for the written
+gold answer token for token, which many passing replies are not, and its answer loss says how close
+the model is to the target rows' wording).
+
 `forced_eval` is the cheap per-row variant the benchmark uses: one teacher-forced forward per batch
 gives every row's answer loss and whether greedy decoding would reproduce the gold answer token for
 token (``strict``: the argmax at every answer position up to and including the first end-of-turn
@@ -18,44 +28,17 @@ spacing, and the same tokenisation as the gold answer) and about ten times cheap
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import asdict, dataclass, field
 
 import torch
 
+from .checks import check_reply, contains_answer, exact_match, parse_check
 from .data.encoding import collate, encode, encode_prompts, filler_batch
 from .data.formats import Sample
 from .distributed import Processes
 from .errors import UserError
 from .method.gating import answer_logits, answer_token_losses
 from .progress import ProgressFn, StopFn, report
-
-_TRAILING = ".!?,;:。"
-
-
-def normalize_answer(text: str) -> str:
-    """Lowercase, collapse whitespace (and around commas), strip surrounding quotes and trailing
-    punctuation."""
-    text = re.sub(r"\s*,\s*", ", ", " ".join(str(text).lower().split()))
-    previous = None
-    while text != previous:
-        previous = text
-        text = text.strip().strip("\"'`")
-        while text and text[-1] in _TRAILING:
-            text = text[:-1].rstrip()
-    return text
-
-
-def exact_match(pred: str, gold: str) -> bool:
-    return normalize_answer(pred) == normalize_answer(gold)
-
-
-def contains_answer(pred: str, gold: str) -> bool:
-    g = normalize_answer(gold)
-    if not g:
-        return False
-    return re.search(r"(?<!\w)" + re.escape(g) + r"(?!\w)", normalize_answer(pred)) is not None
-
 
 EVAL_FILES = {"before": "eval_before.json", "after": "eval_after.json"}
 
@@ -71,8 +54,11 @@ class EvalResult:
     by_task: dict = field(default_factory=dict)  # task -> {"accuracy", "contains", "n"} (labelled rows only)
     partial: bool = False  # stopped before every row was generated: the figures cover the rows done
     other_tasks: dict = field(default_factory=dict)  # held-out rows of the pool's other tasks, like by_task
-    metric: str = "exact_match"  # what accuracy is: "exact_match" (generated, normalised) or "strict" (forced_eval)
+    metric: str = "exact_match"  # what accuracy is: "exact_match" (generated, normalised), "check" (behaviour
+    # checks, see p2d.checks), "exact_match+check" (some rows had a check) or "strict" (forced_eval)
     per_row: dict | None = None  # forced evaluation: {"strict": [0/1/None ...], "loss": [...]} in row order
+    checks: dict = field(default_factory=dict)  # named part of the rows' checks -> rate over the rows that have it
+    other_checks: dict = field(default_factory=dict)  # the same over the other tasks' held-out rows
 
     def to_dict(self, with_examples: bool = False) -> dict:
         d = asdict(self)
@@ -228,6 +214,29 @@ def forced_eval(lm, samples: list[Sample], batch_size: int = 16, max_length: int
     return ForcedEval(strict, loss, [s.task for s in samples])
 
 
+def row_check(sample: Sample) -> dict | None:
+    """The sample's behaviour check (`p2d.checks.parse_check` of its row's ``check``), None without one."""
+    return parse_check(sample.row.get("check")) if isinstance(sample.row, dict) else None
+
+
+def score_reply(sample: Sample, pred: str, check: dict | None) -> tuple[bool, dict | None]:
+    """A generated reply's hit (``check``, the row's check, when there is one, else exact match) and the
+    check's named parts (None without a check)."""
+    if check is None:
+        return exact_match(pred, sample.answer), None
+    parts = check_reply(check, pred)
+    return parts["pass"], {k: v for k, v in parts.items() if k != "pass"}
+
+
+def part_rates(parts: list[dict | None]) -> dict[str, float]:
+    """name -> share of true among the rows whose check has that part."""
+    seen: dict[str, list[bool]] = {}
+    for p in parts:
+        for k, v in (p or {}).items():
+            seen.setdefault(k, []).append(bool(v))
+    return {k: sum(v) / len(v) for k, v in sorted(seen.items())}
+
+
 def default_max_new_tokens(lm, samples: list[Sample], cap: int = 64) -> int:
     longest = max((len(lm.tokenizer(s.answer, add_special_tokens=False)["input_ids"]) for s in samples), default=8)
     return max(1, min(cap, longest + 8))
@@ -236,8 +245,9 @@ def default_max_new_tokens(lm, samples: list[Sample], cap: int = 64) -> int:
 def evaluate(lm, samples: list[Sample], batch_size: int = 16, max_new_tokens: int | None = None,
              limit: int | None = None, max_length: int = 256, n_examples: int = 5,
              progress: ProgressFn = None, should_stop: StopFn = None) -> EvalResult:
-    """Exact-match accuracy, contains-accuracy and answer loss of `lm` on `samples` (per task too,
-    when rows carry task labels). A stop request ends early with ``partial=True``."""
+    """Exact-match accuracy (or a row's behaviour check, see the module docstring), contains-accuracy
+    and answer loss of `lm` on `samples` (per task too, when rows carry task labels). A stop request
+    ends early with ``partial=True``."""
     samples = list(samples)[:limit] if limit else list(samples)
     if not samples:
         raise UserError("the eval set is empty: give an eval file with at least one usable row")
@@ -246,6 +256,7 @@ def evaluate(lm, samples: list[Sample], batch_size: int = 16, max_new_tokens: in
     mine = procs.shard(samples)
     chat_all = [s for s in samples if s.kind != "text"]
     chat = [s for s in mine if s.kind != "text"]
+    row_checks = {id(s): row_check(s) for s in chat_all}  # a malformed check fails here, before any generation
     total, count = answer_loss_sums(lm, mine, batch_size, max_length, progress, should_stop)
     if procs.world > 1:
         total, count = procs.total(total), procs.total(count)
@@ -253,6 +264,8 @@ def evaluate(lm, samples: list[Sample], batch_size: int = 16, max_new_tokens: in
     accuracy = contains = None
     examples: list[dict] = []
     by_task: dict[str, dict] = {}
+    checks: dict[str, float] = {}
+    metric = "exact_match"
     partial = should_stop is not None and should_stop()
     if chat_all and not partial:
         mnt = max_new_tokens or default_max_new_tokens(lm, chat_all)
@@ -266,25 +279,34 @@ def evaluate(lm, samples: list[Sample], batch_size: int = 16, max_new_tokens: in
             chat = chat_all
         done = [(s, p) for s, p in zip(chat, preds) if p is not None]
         partial = len(done) < len(chat)
-        hits = [exact_match(p, s.answer) for s, p in done]
+        scored = [score_reply(s, p, row_checks[id(s)]) for s, p in done]
+        hits = [h for h, _ in scored]
+        parts = [pt for _, pt in scored]
         has = [contains_answer(p, s.answer) for s, p in done]
         if done:
             accuracy = sum(hits) / len(done)
             contains = sum(has) / len(done)
-        for (s, p), h, c in zip(done, hits, has):
+        for (s, p), h, c, pt in zip(done, hits, has, parts):
             if s.task is not None:
-                row = by_task.setdefault(s.task, {"hits": 0, "contains": 0, "n": 0})
+                row = by_task.setdefault(s.task, {"hits": 0, "contains": 0, "n": 0, "parts": []})
                 row["hits"] += h
                 row["contains"] += c
                 row["n"] += 1
-        by_task = {k: {"accuracy": v["hits"] / v["n"], "contains": v["contains"] / v["n"], "n": v["n"]}
-                   for k, v in sorted(by_task.items())}
-        for (s, p), h in list(zip(done, hits))[:n_examples]:
+                row["parts"].append(pt)
+        by_task = {k: {"accuracy": v["hits"] / v["n"], "contains": v["contains"] / v["n"], "n": v["n"],
+                       **part_rates(v["parts"])} for k, v in sorted(by_task.items())}
+        checks = part_rates(parts)
+        n_checked = sum(pt is not None for pt in parts)
+        if n_checked:
+            metric = "check" if n_checked == len(parts) else "exact_match+check"
+        for (s, p), h, pt in list(zip(done, hits, parts))[:n_examples]:
             prompt = s.prompt[-1]["content"] if s.prompt else ""
-            examples.append({"index": s.index, "prompt": prompt, "gold": s.answer, "prediction": p, "correct": h})
+            examples.append({"index": s.index, "prompt": prompt, "gold": s.answer, "prediction": p, "correct": h,
+                             **({"check": pt} if pt is not None else {})})
         n_generated = len(done)
     else:
         n_generated = 0
     if loss is not None and not math.isfinite(loss):
         loss = None
-    return EvalResult(accuracy, loss, len(samples), contains, n_generated, examples, by_task, partial)
+    return EvalResult(accuracy, loss, len(samples), contains, n_generated, examples, by_task, partial,
+                      metric=metric, checks=checks)

@@ -46,6 +46,7 @@ from .cells import CELLS, evaluate_cell, train_cell
 from .config import STAGES, RunConfig
 from .cost import REFERENCE_FILE, FullFinetuneCost, aer, full_finetune_cost
 from .data.builtin import build_task_pool
+from .data.builtin_align import ALIGN_POOL, build_align_pool
 from .data.builtin_hard import HARD_POOL, build_hard_pool
 from .data.formats import Sample
 from .data.loading import LoadedData, load_data, load_records
@@ -149,7 +150,7 @@ def load_run_data(config: RunConfig, out_dir: Path | None = None, max_rows: dict
 
 def build_builtin_pool(config: RunConfig):
     """The `TaskPool` of a config whose pool is built in (``config.builtin_pool``), at its sizes and seed."""
-    build = build_hard_pool if config.builtin_pool == HARD_POOL else build_task_pool
+    build = {HARD_POOL: build_hard_pool, ALIGN_POOL: build_align_pool}.get(config.builtin_pool, build_task_pool)
     return build(target=config.target, seed=config.seed, pool_size=config.pool_size, probe_size=config.probe_size,
                  eval_size=config.eval_size, other_eval_size=config.other_eval_size)
 

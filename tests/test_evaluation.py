@@ -2,7 +2,8 @@ import pytest
 
 from p2d.data.loading import load_records
 from p2d.errors import UserError
-from p2d.evaluation import contains_answer, evaluate, exact_match, generate_answers, normalize_answer
+from p2d.checks import contains_answer, exact_match, normalize_answer
+from p2d.evaluation import evaluate, generate_answers
 
 
 def test_normalisation():

@@ -10,9 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..adapter import ADAPTERS
-from ..config import BUILTIN_POOLS, RunConfig, inherited, normalize_fields, setting
-from ..data.builtin import TASKS
-from ..data.builtin_hard import HARD_TARGETS
+from ..config import BUILTIN_POOLS, RunConfig, inherited, normalize_fields, pool_targets, setting
 from ..errors import UserError
 from ..method.heads import HEAD_METHODS
 
@@ -42,7 +40,7 @@ HEADS_SPLITS = ("builtin:addition", "builtin-hard:addition")
 
 
 def _split_choices():
-    return tuple(f"builtin:{t}" for t in TASKS) + tuple(f"builtin-hard:{t}" for t in HARD_TARGETS) + ("custom",)
+    return tuple(f"{pool}:{t}" for pool in BUILTIN_POOLS for t in pool_targets(pool)) + ("custom",)
 
 
 @dataclass

@@ -58,7 +58,7 @@ def _addition_items() -> tuple:
     return tuple((a, b) for a in range(10, 100) for b in range(10, 100))
 
 
-_NOUNS = (
+NOUNS = (
     "anchor", "apple", "arrow", "badge", "banana", "basket", "beach", "bell", "blanket", "boat", "bottle", "bridge",
     "brush", "bucket", "cabin", "camera", "candle", "carpet", "castle", "cherry", "circle", "clock", "cloud", "coat",
     "copper", "cotton", "desert", "diamond", "dinner", "dragon", "drum", "eagle", "engine", "feather", "fence",
@@ -79,7 +79,7 @@ def _alphabetical_items() -> tuple:
     rng = random.Random("p2d-hard:alphabetical")
     seen, out = set(), []
     while len(out) < 6000:
-        words = tuple(rng.sample(_NOUNS, 3))
+        words = tuple(rng.sample(NOUNS, 3))
         lengths = sorted(len(w) for w in words)
         if words in seen or lengths[0] == lengths[1] or lengths[1] == lengths[2]:
             continue
@@ -101,7 +101,7 @@ def _dates_items() -> tuple:
 
 
 # (present 3rd person, past, complements)
-_VERBS = (
+VERBS = (
     ("walks", "walked", ("to the park", "to school", "home slowly", "along the river")),
     ("plays", "played", ("the piano", "football after lunch", "a new game", "with the dog")),
     ("cleans", "cleaned", ("the kitchen", "the windows", "her bike", "the old car")),
@@ -139,10 +139,10 @@ _SUBJECTS = ("The cat", "My brother", "Anna", "The teacher", "Our neighbour", "T
 
 @functools.lru_cache(maxsize=None)
 def _past_tense_items() -> tuple:
-    return tuple((s, pres, past, comp) for s in _SUBJECTS for pres, past, comps in _VERBS for comp in comps)
+    return tuple((s, pres, past, comp) for s in _SUBJECTS for pres, past, comps in VERBS for comp in comps)
 
 
-def _base_form(present: str) -> str:
+def base_form(present: str) -> str:
     """'walks' -> 'walk', 'carries' -> 'carry', 'watches' -> 'watch', 'goes' -> 'go'."""
     irregular = {"goes": "go", "does": "do", "has": "have"}
     if present in irregular:
@@ -298,12 +298,12 @@ _TARGETS: dict[str, _Target] = {
         ),
         twins=(
             ("negative", lambda it: (f"Rewrite the sentence in the negative: {it[0]} {it[1]} {it[3]}.", "",
-                                     f"{it[0]} does not {_base_form(it[1])} {it[3]}.")),
+                                     f"{it[0]} does not {base_form(it[1])} {it[3]}.")),
             ("upper-case", lambda it: (f"Rewrite the sentence in upper case: {it[0]} {it[1]} {it[3]}.", "",
                                        f"{it[0]} {it[1]} {it[3]}.".upper())),
             ("question", lambda it: (f"Rewrite the sentence as a question: {it[0]} {it[1]} {it[3]}.", "",
                                      f"Does {it[0][0].lower() + it[0][1:] if it[0].startswith(('The', 'My', 'Our', 'His')) else it[0]}"
-                                     f" {_base_form(it[1])} {it[3]}?")),
+                                     f" {base_form(it[1])} {it[3]}?")),
         ),
         exclude=(),
     ),

@@ -22,9 +22,8 @@ from __future__ import annotations
 
 from dataclasses import fields
 
-from p2d.config import RunConfig, choices_of, config_field, label
+from p2d.config import BUILTIN_POOLS, RunConfig, choices_of, config_field, label, pool_targets
 from p2d.data.builtin import DEFAULT_TARGET, available_tasks
-from p2d.data.builtin_hard import HARD_TARGETS
 from p2d.errors import UserError
 
 # gradio is imported where the inputs are built: the form <-> RunConfig conversion works without it
@@ -55,6 +54,7 @@ assert sorted(CONFIG_NAMES + _ASKED_IN_TWO_STEPS) == sorted(f.name for f in fiel
 MODEL_SOURCES = (("Embedded default (SmolLM2-135M-Instruct)", "embedded"), ("Hugging Face hub id", "hub"),
                  ("Local folder or .gguf file", "local"))
 DATA_SOURCES = (("Built-in task pool", "builtin"), ("Built-in pool where words mislead", "builtin-hard"),
+                ("Built-in alignment pool (a behaviour the model already has, scarce)", "builtin-align"),
                 ("My files", "files"), ("Dataset (hub id or folder)", "hub"))
 #: number inputs where 0 means "not set" (RunConfig reads 0 as none for them)
 ZERO_IS_UNSET = tuple(f.name for f in fields(RunConfig) if f.metadata.get("none_if_zero"))
@@ -83,7 +83,8 @@ def to_config(values: dict) -> RunConfig:
                             "built-in task pool")
         data["target"] = None
     else:
-        pool = "builtin-hard" if v.get("data_source") == "builtin-hard" else None
+        source = v.get("data_source")
+        pool = source if source in BUILTIN_POOLS and source != "builtin" else None
         data.update(pool=pool, probe=None, eval=None, columns=None)
     if not str(data.get("out") or "").strip():
         data.pop("out", None)
@@ -119,13 +120,11 @@ def _data_source(pool: str | None) -> str:
 
     from p2d.data.read_datasets import parse_dataset_spec
 
-    from p2d.config import BUILTIN_POOLS
-
     if not pool:
         return "builtin"
-    if pool == "builtin-hard":
-        return "builtin-hard"
-    if pool not in BUILTIN_POOLS and not Path(pool).expanduser().is_file() and parse_dataset_spec(pool) is not None:
+    if pool in BUILTIN_POOLS:
+        return pool
+    if not Path(pool).expanduser().is_file() and parse_dataset_spec(pool) is not None:
         return "hub"
     return "files"
 
@@ -142,8 +141,10 @@ def _label(name: str, hint: str = "") -> str:
 
 
 def target_choices(data_source: str) -> list[str]:
-    """The targets of a built-in pool (the plain one's tasks, or the hard pools' targets)."""
-    return list(HARD_TARGETS) if data_source == "builtin-hard" else list(available_tasks())
+    """The targets of a built-in pool (the plain one's available tasks, or the other pools' targets)."""
+    if data_source in BUILTIN_POOLS and data_source != "builtin":
+        return list(pool_targets(data_source))
+    return list(available_tasks())
 
 
 def build_inputs(limits: Limits, initial: dict) -> dict:

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import gradio as gr
 
-from p2d.config import RunConfig
+from p2d.config import BUILTIN_POOLS, RunConfig
 from p2d.errors import UserError
 
 from .. import form, jobs, views
@@ -38,7 +38,7 @@ def build(ctx) -> SimpleNamespace:
         with gr.Column(scale=2):
             gr.Markdown("### Data")
             f["data_source"].render()
-            builtin = f["data_source"].value in ("builtin", "builtin-hard")
+            builtin = f["data_source"].value in BUILTIN_POOLS
             with gr.Group(visible=f["data_source"].value == "hub") as c.hub_group:
                 with gr.Row(equal_height=True):
                     c.ds_id = gr.Textbox(label="Dataset: hub id or dataset folder", scale=3, elem_id="ds-id",
@@ -195,9 +195,9 @@ def build(ctx) -> SimpleNamespace:
                  status="status", api_name=f"upload_{kind}")
 
     def show_source(source, target):
-        """The inputs of the chosen data source; a built-in pool's own targets (the hard pools have four)."""
+        """The inputs of the chosen data source; a built-in pool's own targets."""
         tasks = form.target_choices(source)
-        return (gr.Group(visible=source in ("builtin", "builtin-hard")), gr.Group(visible=source == "files"),
+        return (gr.Group(visible=source in BUILTIN_POOLS), gr.Group(visible=source == "files"),
                 gr.Group(visible=source == "hub"), gr.Dropdown(choices=tasks, value=target if target in tasks else tasks[0]))
 
     f["data_source"].change(show_source, [f["data_source"], f["target"]],
