@@ -227,7 +227,7 @@ def train_cell(cell: Cell, base: LoadedModel, samples: list[Sample], tc: TrainCo
         def between(step):
             if step in curve_at and curve_eval is not None:
                 c0 = time.process_time()
-                cpu_s = c0 - cpu0 - paused[0]  # the cell's CPU seconds so far, as its cpu_s counts them (curve evaluations excluded)
+                cpu_s = c0 - cpu0 - paused[0]  # CPU seconds so far as cpu_s counts them (no curve evaluations)
                 with torch.no_grad():
                     point = curve_eval(lm)
                 paused[0] += time.process_time() - c0

@@ -270,8 +270,9 @@ def svg(frontiers: dict[str, dict], width: int = 760, height: int = 420) -> str:
             out.append(f'<text x="{X(p["cost_s"]) + 5:.1f}" y="{Y(p["accuracy"]) - 4:.1f}" font-size="8" '
                        f'fill="{col}">{p["selector"]}</text>')
     ly = top
+    shown = {p["adapter"] for f in frontiers.values() for p in f["points"]}
     for name, col in [("full FT, whole pool (curve)", "#888")] + [(ADAPTER_LABELS.get(k, f"heads {k}"), v)
-                                                                   for k, v in COLORS.items()]:
+                                                                   for k, v in COLORS.items() if k in shown]:
         out.append(f'<rect x="{right + 15}" y="{ly}" width="10" height="10" fill="{col}"/>'
                    f'<text x="{right + 30}" y="{ly + 9}">{name}</text>')
         ly += 16

@@ -89,8 +89,8 @@ def run(bench, sp, rows: dict | None) -> None:
     null(bench, sp, sets)
     for adapter in bench.cfg.adapters:
         grid, _ = grid_of(bench, sp.name, adapter)
-        for lr in grid:
-            for name, heads in sets.items():
+        for name, heads in sets.items():  # set by set, so that a run cut short leaves whole sets
+            for lr in grid:
                 bench.cell(sp, Cell("heads", "p2d", name, adapter), rows, heads, lr, tag=lr_tag(lr), probe=True)
 
 
@@ -181,7 +181,10 @@ def summarise(cfg, split: str, seeds: dict[int, dict], choice: dict, bootstrap: 
             e = units.get(f"cell-{name}-{adapter}-p2d{lr_tag(lr)}")
             return e["result"].get(key) if e else None
 
-        set_names = sorted({n for n, _ in found})
+        # the sets trained at every rate at every seed where they were trained (a run cut short: no partial set)
+        set_names = sorted(n for n in {n for n, _ in found} if all(
+            all(f"cell-{n}-{adapter}-p2d{lr_tag(lr)}" in u for lr in rates)
+            for u in list(seeds.values()) + [choice] if any(k.startswith(f"cell-{n}-{adapter}-p2d@lr") for k in u)))
         kinds = list(dict.fromkeys(kind_of(n) for n in ["p2d"] + set_names))
         members = {k: [n for n in set_names if kind_of(n) == k] for k in kinds}
         table = {}
