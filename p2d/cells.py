@@ -8,7 +8,8 @@ module, so that both sides train and are evaluated the same way:
   and which ``adapter``) on which rows (``data``);
 - `random_rows` and `random_heads`: the random rows and the random head sets of the controls, drawn
   one way for the app's controls and the benchmark alike (the controls of a run with seed s train
-  the benchmark's draw 0 at seed s: the same rows, the same heads);
+  the benchmark's draw 0 at seed s: the same rows, the same heads); `matched_heads`: a random head
+  set with a reference set's heads per layer and kv groups per layer (the benchmark's heads test);
 - `train_cell`: trains it with `p2d.training` (the same batching, answer-token loss, clipping and
   schedule for every trainable part, with the `p2d.training.TrainConfig` of
   `p2d.config.RunConfig.train_config`) and yields the model to evaluate;
@@ -49,7 +50,7 @@ from .models import LoadedModel, load_model, trainable
 from .training import LOG_NAME, TrainConfig, TrainResult, train_heads, train_loop
 
 __all__ = ["Cell", "CELLS", "TRAINABLES", "CellResult", "PeakMemory", "train_cell", "evaluate_cell",
-           "cell_cost", "cell_aer", "curve_steps", "random_rows", "random_heads", "LORA_TARGETS"]
+           "cell_cost", "cell_aer", "curve_steps", "random_rows", "random_heads", "matched_heads", "LORA_TARGETS"]
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 TRAINABLES = ("heads", "lora", "full")
@@ -226,10 +227,11 @@ def train_cell(cell: Cell, base: LoadedModel, samples: list[Sample], tc: TrainCo
         def between(step):
             if step in curve_at and curve_eval is not None:
                 c0 = time.process_time()
+                cpu_s = c0 - cpu0 - paused[0]  # CPU seconds so far as cpu_s counts them (no curve evaluations)
                 with torch.no_grad():
                     point = curve_eval(lm)
                 paused[0] += time.process_time() - c0
-                curve.append({"step": step, "train_s": last["elapsed_s"], **point})
+                curve.append({"step": step, "train_s": last["elapsed_s"], "cpu_s": cpu_s, **point})
 
         with PeakMemory(lm.device) as mem, trainable(model, params):
             loop = train_loop(model, params, encoded, tc, out / LOG_NAME, pad, lm.device,
@@ -311,3 +313,41 @@ def random_heads(lm, ratio: float, seed: int, draw: int = 0) -> HeadScores:
     (`p2d.method.heads.score_heads`) at torch seed ``10_000 * seed + draw + 1``, ``ratio`` of the heads.
     A run's random-heads control (seed s) is draw 0 of seed s, the benchmark's ``random0``."""
     return score_heads(lm, [], method="random", ratio=ratio, seed=10_000 * int(seed) + int(draw) + 1)
+
+
+#: matched draws use torch seeds ``10_000 * seed + MATCHED_OFFSET + draw + 1``, apart from `random_heads`'
+MATCHED_OFFSET = 5_000
+
+
+def matched_heads(lm, reference, seed: int, draw: int = 0) -> HeadScores:
+    """The ``draw``-th random head set of seed ``seed`` matched to ``reference`` (HeadScores or
+    [[layer, head], ...]): in every layer as many query heads as the reference there, spread over as
+    many kv groups (grouped-query attention) as the reference touches there, so the same layer
+    distribution, kv groups touched and (for every adapter) trainable parameters. The randomness is
+    `random_heads`' recipe (the ``random`` head method's uniform scores, at torch seed
+    ``10_000 * seed + MATCHED_OFFSET + draw + 1``): per layer the kv groups whose best head scores
+    highest, the best head of each, then the best remaining heads of those groups."""
+    geo = lm.geometry
+    ref = reference.selected if isinstance(reference, HeadScores) else reference
+    per_layer: dict[int, set[int]] = {}
+    for layer, head in ref:
+        per_layer.setdefault(int(layer), set()).add(int(head))
+    hs = score_heads(lm, [], method="random", ratio=len(ref) / geo.n_heads_total,
+                     seed=10_000 * int(seed) + MATCHED_OFFSET + int(draw) + 1)
+    chosen: list[tuple[float, list[int]]] = []
+    for layer, heads in per_layer.items():
+        score = hs.scores[layer]
+        groups: dict[int, list[int]] = {}
+        for h in range(geo.n_q_heads):
+            groups.setdefault(geo.kv_head(h), []).append(h)
+        for g in groups.values():
+            g.sort(key=lambda h: -score[h])
+        n_groups = len({geo.kv_head(h) for h in heads})
+        picked_groups = sorted(groups, key=lambda g: -score[groups[g][0]])[:n_groups]
+        picked = [groups[g][0] for g in picked_groups]
+        rest = sorted((h for g in picked_groups for h in groups[g][1:]), key=lambda h: -score[h])
+        picked += rest[:len(heads) - len(picked)]
+        chosen += [(score[h], [layer, h]) for h in picked]
+    selected = [lh for _, lh in sorted(chosen, key=lambda x: -x[0])]
+    return dataclasses.replace(hs, method="matched", selected=selected,
+                               extra={**hs.extra, "matched_to": [list(map(int, x)) for x in ref]})

@@ -46,6 +46,7 @@ from ..method.scoring import top_samples
 from ..method.selection import Selection
 from ..models import count_params, load_model
 from ..training import TrainConfig
+from . import frontier, heads_test
 from .components import component_figures
 from .config import BenchConfig
 from .report import collect, write_report
@@ -303,17 +304,21 @@ class Bench:
         """The split's run settings' training (`p2d.config.RunConfig.train_config`) at learning rate ``lr``."""
         return sp.config.replace(lr=lr).train_config()
 
-    def cell(self, sp: Split, cell: Cell, rows: dict, heads: tuple | None, lr: float, curve: bool = False) -> dict:
-        """Train ``cell`` on ``rows`` (a selection unit's entry) and evaluate it (forced, per row)."""
+    def cell(self, sp: Split, cell: Cell, rows: dict, heads: tuple | None, lr: float, curve: bool = False,
+             tag: str = "", probe: bool = False, curve_at=None) -> dict:
+        """Train ``cell`` on ``rows`` (a selection unit's entry) and evaluate it (forced, per row).
+        ``tag`` ends the unit's name (another unit of the same cell: the heads test's ``@lr<rate>``);
+        ``probe`` also records the probe rows' loss (for choices: never eval rows); ``curve_at(steps)``
+        gives the learning curve's steps instead of `curve_steps`."""
         c = self.cfg
         if rows is None or (heads is not None and heads[0] is None):
             return None
         hs, heads_digest = heads if heads is not None else (None, None)
         samples = [sp.pool[i] for i in rows["result"]["selected"]] if cell.data != "pool" else list(sp.pool)
-        name = f"cell-{cell.heads or cell.trainable}-{cell.adapter or cell.trainable}-{cell.data}"
+        name = f"cell-{cell.heads or cell.trainable}-{cell.adapter or cell.trainable}-{cell.data}{tag}"
         tc = self.train_config(sp, lr)
         steps = tc.planned_steps(len(samples))
-        at = curve_steps(steps, c.curve_points) if curve else set()
+        at = (set(curve_at(steps)) if curve_at is not None else curve_steps(steps, c.curve_points)) if curve else set()
 
         def curve_eval(lm):
             fe = forced_eval(lm, sp.eval, batch_size=max(16, c.batch_size), max_length=c.max_length)
@@ -324,7 +329,9 @@ class Bench:
                             curve_at=at, curve_eval=curve_eval) as (lm, res):
                 ev = evaluate_cell(lm, sp.eval, sp.other, batch_size=max(16, c.batch_size), max_length=c.max_length,
                                    forced=True)
-            return {"cell": dataclasses.asdict(cell), "rows": len(samples), "lr": lr, "train_s": res.train_s,
+                pe = forced_eval(lm, sp.probe, batch_size=max(16, c.batch_size), max_length=c.max_length) if probe else None
+            extra = {"probe_loss": pe.mean_loss, "probe_strict": pe.accuracy} if probe else {}
+            return {**extra, "cell": dataclasses.asdict(cell), "rows": len(samples), "lr": lr, "train_s": res.train_s,
                     "cpu_s": res.cpu_s, "steps": res.steps, "trainable_params": res.trainable_params,
                     "optimizer_state_bytes": res.optimizer_state_bytes, "final_loss": res.final_loss,
                     "peak_mem_mb": res.peak_mem_mb, "curve": res.curve, "query_heads_changed": res.query_heads_changed,
@@ -332,6 +339,10 @@ class Bench:
 
         settings = {**self.common(sp), "cell": dataclasses.asdict(cell), "lr": lr, "epochs": c.epochs,
                     "lora_rank": c.lora_rank if cell.trainable == "lora" else None, "curve": c.curve_points if curve else 0}
+        if probe:
+            settings["probe"] = True
+        if curve and curve_at is not None:
+            settings["curve"] = sorted(at)
         inputs = {"rows": rows["digest"]}
         if heads_digest is not None:
             inputs["heads"] = heads_digest
@@ -457,12 +468,14 @@ class Bench:
                 kinds += sorted({CELLS[n].trainable for n in c.classic})
             if "aer" in c.parts:
                 kinds.append("full")
+        if "frontier" in c.parts:  # every selector x adapter, LoRA and full fine-tuning (p2d/bench/frontier.py)
+            kinds += [f"{a}-p2d" for a in c.adapters] + ["lora", "full"]
         return list(dict.fromkeys(kinds))
 
     def split(self, split: str) -> None:
         cfg = self.cfg
         choice = None
-        if split != "custom" and ({"sweep", "selectors", "heads", "classic", "aer"} & set(cfg.parts)
+        if split != "custom" and ({"sweep", "selectors", "heads", "classic", "aer", "frontier"} & set(cfg.parts)
                                   or split in cfg.choice_splits):
             choice = self.split_at(split, cfg.choice_seed)
             if "precision" in cfg.parts and split in cfg.choice_splits:
@@ -470,6 +483,9 @@ class Bench:
             if "precision" in cfg.parts and "rh-alignment" in cfg.selectors:
                 self.selection(choice, "rh-alignment")  # its cost, measured once (the reporting seeds read it)
         lrs = self.rates(choice, self.kinds(split))
+        if "heads_test" in cfg.parts and split in cfg.heads_splits and split != "custom":  # after the sweeps: its
+            choice = choice or self.split_at(split, cfg.choice_seed)  # grid spans their winners
+            heads_test.run(self, choice, self.selection(choice, "p2d"))  # each kind's best rate is read here
         for seed in cfg.seed_list:
             sp = self.split_at(split, seed)
             self.base(sp)
@@ -479,7 +495,7 @@ class Bench:
             rows, features = {}, None
             if "precision" in cfg.parts:
                 features = self.features_study(sp, methods)
-            if "precision" in cfg.parts or {"selectors", "heads", "classic", "aer"} & set(cfg.parts):
+            if "precision" in cfg.parts or {"selectors", "heads", "classic", "aer", "frontier"} & set(cfg.parts):
                 rows = {s: self.selection(sp, s, features=features) for s in cfg.selectors}
                 rows.setdefault("p2d", self.selection(sp, "p2d"))
                 rows.setdefault("random", self.selection(sp, "random"))
@@ -508,6 +524,10 @@ class Bench:
             if "aer" in cfg.parts and heads_split and seed == cfg.seed_list[0] and "full" in lrs:
                 pool_rows = {"result": {"selected": list(range(len(sp.pool)))}, "digest": content_digest(len(sp.pool))}
                 self.cell(sp, CELLS["full-pool"], pool_rows, None, lrs["full"], curve=True)
+            if "heads_test" in cfg.parts and heads_split:
+                heads_test.run(self, sp, rows.get("p2d") or self.selection(sp, "p2d"))
+            if "frontier" in cfg.parts:
+                frontier.run(self, sp, rows, lrs)
             if "components" in cfg.parts and split == cfg.splits[0] and seed == cfg.seed_list[0]:
                 self.components(sp, p2d[0])
 

@@ -15,8 +15,9 @@ from ..errors import UserError
 from ..method.heads import HEAD_METHODS
 
 #: the parts of the benchmark, in the order they run for each split (see p2d/bench/benchmark.py)
-PARTS = ("precision", "sweep", "selectors", "heads", "classic", "aer", "components")
-#: what runs without --parts (the component figures of the earlier report are on request)
+PARTS = ("precision", "sweep", "selectors", "heads", "classic", "aer", "components", "heads_test", "frontier")
+#: what runs without --parts (the component figures of the earlier report, the heads test across a learning-rate
+#: grid (p2d/bench/heads_test.py) and the frontier (p2d/bench/frontier.py) are on request)
 DEFAULT_PARTS = ("precision", "sweep", "selectors", "heads", "classic", "aer")
 #: selection cells: how the training rows of the same budget are picked (P2D's selection first)
 SELECTORS = ("p2d", "tfidf", "bm25", "hidden", "rh-alignment", "random")
@@ -127,6 +128,16 @@ class BenchConfig:
     curve_points: int = setting(10, "cost", "Curve points", "evaluations along full fine-tuning of the whole pool "
                                 "(the equal-accuracy AER is interpolated on them, from the base model at 0 s)",
                                 minimum=1)
+    test_draws: int = setting(10, "heads", "Heads-test random draws", "random head sets per seed trained at every "
+                              "point of the heads test's learning-rate grid (p2d/bench/heads_test.py)", minimum=1)
+    matched_draws: int = setting(10, "heads", "Heads-test matched draws", "random head sets per seed matched to "
+                                 "P2D's by layer distribution and kv groups touched (p2d.cells.matched_heads)",
+                                 minimum=0)
+    test_grid_points: int = setting(3, "heads", "Heads-test grid points", "at least this many learning rates in "
+                                    "the heads test's shared grid per adapter (x3.16 apart beyond the sweep grid)",
+                                    minimum=3)
+    frontier_every: int = setting(0, "cost", "Frontier curve step", "evaluate full fine-tuning of the whole pool "
+                                  "every this many steps over its first epoch (0: about ten points)", minimum=0)
     bootstrap: int = setting(2000, "output", "Bootstrap draws", "resamples for the 95% intervals", minimum=100)
     parts: list[str] = setting(None, "output", "Parts", "what to run (components: the cost of each part of a "
                                "step, on request)", choices=PARTS, factory=lambda: list(DEFAULT_PARTS))

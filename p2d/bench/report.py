@@ -20,6 +20,7 @@ from pathlib import Path
 from ..cells import CELLS, cell_cost
 from ..cost import time_to_reach
 from ..files import write_json, write_text
+from . import frontier, heads_test
 from .choose import choose_defaults, choice_markdown
 from .config import SELECTOR_LABELS
 from .split import folder_name
@@ -53,6 +54,9 @@ def collect(bench, machine: dict, model: dict) -> dict:
         seeds = {s: u for s, u in seeds.items() if u}
         sweeps = {k[2]: e["result"] for k, e in bench.touched.items() if len(k) == 3 and k[:2] == (f, "sweep")}
         out["splits"][split] = _summarise_split(cfg, split, seeds, sweeps)
+        out["splits"][split]["heads_test"] = heads_test.summarise(cfg, split, seeds, _units_of(bench, f, cfg.choice_seed),
+                                                                  cfg.bootstrap)
+        out["splits"][split]["frontier"] = frontier.summarise(cfg, seeds, _cost)
     out["defaults"] = choose_defaults(bench)
     return out
 
@@ -389,6 +393,10 @@ def markdown(results: dict) -> str:
                       + (f"{eq:.3f} [95% {lo:.3f}, {hi:.3g}]" if eq else a["note"]) + " (full fine-tuning's curve "
                       "from the base model at 0 s: " + ", ".join(f"{p['train_s']:.0f} s {100 * p['accuracy']:.1f}%"
                                                                  for p in a["curve"]) + ").", ""]
+        if s.get("heads_test"):
+            lines.append(heads_test.markdown(s["heads_test"], cfg["head_method"]))
+        if s.get("frontier"):
+            lines += [frontier.markdown(s["frontier"]), f"![frontier of {split}]({frontier.svg_name(split)})", ""]
     if results.get("defaults"):
         lines.append(choice_markdown(results["defaults"]))
     return "\n".join(lines)
@@ -415,6 +423,9 @@ def figure(results: dict):
 def write_report(out: Path, results: dict) -> None:
     write_json(out / "results.json", results)
     write_text(out / "results.md", markdown(results))
+    for split, s in results["splits"].items():
+        if s.get("frontier"):
+            write_text(out / frontier.svg_name(split), frontier.svg({split: s["frontier"]}))
     try:
         fig = figure(results)
     except ImportError:  # plotly missing (a bare GPU image): rerunning the same command elsewhere redraws it
