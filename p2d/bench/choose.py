@@ -67,8 +67,8 @@ def choose_defaults(bench) -> dict | None:
                 continue
             sel = name[len("select-"):]
             layer = int(sel.split("-L")[1]) if "-L" in sel else (cfg.hidden_layer if sel == "hidden" else None)
-            key = sel if sel in ("tfidf", "bm25") else (f"hidden (layer {layer})" if layer is not None
-                                                         else "hidden (middle layer)")
+            key = sel if not sel.startswith("hidden") else (f"hidden (layer {layer})" if layer is not None
+                                                             else "hidden (middle layer)")
             c = cand.setdefault(key, {"kind": "no heads", "select_method": sel.split("-L")[0], "hidden_layer": layer,
                                       "precision": [], "twins": [], "cpu_s": []})
             c["precision"].append(u.get("precision"))

@@ -19,7 +19,7 @@ PARTS = ("precision", "sweep", "selectors", "heads", "classic", "aer", "componen
 #: what runs without --parts (the component figures of the earlier report are on request)
 DEFAULT_PARTS = ("precision", "sweep", "selectors", "heads", "classic", "aer")
 #: selection cells: how the training rows of the same budget are picked (P2D's selection first)
-SELECTORS = ("p2d", "tfidf", "bm25", "hidden", "rh-alignment", "random")
+SELECTORS = ("p2d", "tfidf", "bm25", "hidden", "rh-alignment", "random", "answer_shape", "answer_tfidf", "shape_tfidf")
 SELECTOR_LABELS = {
     "p2d": "P2D: the selected heads (activation)",
     "tfidf": "TF-IDF of the prompt (no heads, no model)",
@@ -27,6 +27,9 @@ SELECTOR_LABELS = {
     "hidden": "mean hidden state, one layer (no heads)",
     "rh-alignment": "gradient alignment on random heads",
     "random": "random rows",
+    "answer_shape": "the probe answers' shape (no heads, no model)",
+    "answer_tfidf": "TF-IDF of the answer (no heads, no model)",
+    "shape_tfidf": "answer shape, then prompt TF-IDF (no heads, no model)",
 }
 #: cells of the classic comparison kept for continuity (LoRA and full fine-tuning at the same budget)
 CLASSIC = ("lora-p2d", "full-p2d", "lora-random", "full-random")

@@ -25,7 +25,8 @@ from .config import SELECTOR_LABELS
 from .split import folder_name
 from .stats import null_comparison, paired_difference
 
-HEAD_FREE = ("tfidf", "bm25", "hidden", "rh-alignment", "random")  # selectors that do not use P2D's heads
+HEAD_FREE = ("tfidf", "bm25", "hidden", "rh-alignment", "random",  # selectors that do not use P2D's heads
+             "answer_shape", "answer_tfidf", "shape_tfidf")
 
 
 def _stat(values) -> dict | None:
