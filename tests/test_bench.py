@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from p2d.bench.config import BenchConfig
-from p2d.bench.benchmark import run_bench
+from p2d.bench.benchmark import code_version, run_bench
 from p2d.errors import UserError
 
 
@@ -42,8 +42,15 @@ def test_bench_runs_every_part_and_resumes(tiny_llama_dir, tmp_path):
     for adapter in ("qkvo", "offset"):
         h = s["heads"][adapter]
         assert h["p2d_vs_random"]["n_draws"] == 2 * 2 and "gradient" in h["candidates"]
-    assert s["heads"]["qkvo"]["p2d"]["query_heads_changed"] > s["heads"]["offset"]["p2d"]["query_heads_changed"]
-    assert s["heads"]["offset"]["p2d"]["trainable_params"] < s["heads"]["qkvo"]["p2d"]["trainable_params"]
+    qkvo, offset = s["heads"]["qkvo"]["p2d"], s["heads"]["offset"]["p2d"]  # per seed, not seed 0's only
+    assert qkvo["query_heads_changed"]["min"] > offset["query_heads_changed"]["max"]
+    assert offset["trainable_params"]["max"] < qkvo["trainable_params"]["min"]
+    assert len(qkvo["trainable_params"]["per_seed"]) == len(qkvo["query_heads_changed"]["per_seed"]) == 2
+    # every unit records the code that made it, and the report says which commits its units came from
+    code = code_version()
+    entries = [e for p in (out / "units").rglob("*.json") if "settings" in (e := json.loads(p.read_text()))]
+    assert len(entries) > 20 and all(e["code"] == code for e in entries)
+    assert code["commit"] is None or set(results["units"]["code"]) == {code["commit"][:12] + "+dirty" * code["dirty"]}
     # the sweep extends its grid while the best value sits at an edge, and says whether it ended inside
     sw = s["sweeps"]["qkvo-p2d"]
     assert len(sw["points"]) >= 2 and sw["chosen"] in [p["lr"] for p in sw["points"]]
@@ -65,6 +72,12 @@ def test_bench_runs_every_part_and_resumes(tiny_llama_dir, tmp_path):
     (out / "results.md").unlink()
     run_bench(_cfg(tiny_llama_dir, out, report_only=True))
     assert (out / "results.md").read_text().split("Total time")[0] == md.split("Total time")[0]
+    # ... and with another thread count (the count changes a unit's seconds, not its result; a run would redo it)
+    run_bench(_cfg(tiny_llama_dir, out, report_only=True, threads=1))
+    rebuilt = (out / "results.md").read_text()
+    assert rebuilt.split("Total time")[0].replace(", 1 torch threads", "") == \
+        md.split("Total time")[0].replace(f", {torch.get_num_threads()} torch threads", "")
+    assert "by torch threads: 0: " in rebuilt
     # another head method redoes what depends on P2D's heads, and only that
     seed0 = out / "units" / "builtin-hard-addition" / "seed0"
     run_bench(_cfg(tiny_llama_dir, out, head_method="gradient_layer", seeds=1, parts=["precision", "sweep", "selectors"]))
@@ -158,3 +171,25 @@ def test_select_quality_script_runs_on_the_library(tiny_llama_dir, tmp_path):
     assert ("gradient", "all", "prefilter_alignment", "all") in summary
     assert ("gradient", "content", "alignment", "content") not in summary  # no gate gradients at content positions
     assert all(0 <= r["precision"] <= 1 for r in res["rows"]) and json.loads((tmp_path / "addition.json").read_text())["total_s"]
+
+
+def test_code_version_of_a_checkout_and_of_a_copy(tmp_path):
+    """The commit and dirty flag of the checkout that runs; None for both outside a git checkout."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import p2d
+
+    here = Path(p2d.__file__).resolve().parent
+    head = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True)
+    code = code_version()
+    if head.returncode == 0:
+        assert code["commit"] == head.stdout.strip() and isinstance(code["dirty"], bool)
+    shutil.copytree(here, tmp_path / "p2d", ignore=shutil.ignore_patterns("__pycache__"))
+    out = subprocess.run([sys.executable, "-c", "import p2d.bench.benchmark as b; print(b.code_version())"],
+                         cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "{'commit': None, 'dirty': None}"

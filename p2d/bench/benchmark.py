@@ -27,9 +27,11 @@ The statistics are `p2d.bench.stats`; the report is `p2d.bench.report`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import platform
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -70,6 +72,25 @@ class OutOfTime(Exception):
 
 def _say(msg: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+@functools.lru_cache(maxsize=1)
+def code_version() -> dict:
+    """The commit of the p2d checkout that runs (``git rev-parse HEAD``) and whether its tracked files differ
+    from it (``dirty``); both None outside a git checkout of the project (an installed package). Read once
+    per process: every unit of an invocation records it."""
+    pkg = Path(__file__).resolve().parents[1]
+
+    def git(*args):
+        return subprocess.run(["git", "-C", str(pkg), *args], capture_output=True, text=True, timeout=30, check=True
+                              ).stdout.strip()
+
+    try:
+        if Path(git("rev-parse", "--show-toplevel")).resolve() / "p2d" != pkg:
+            return {"commit": None, "dirty": None}
+        return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
 
 
 def machine() -> dict:
@@ -125,6 +146,8 @@ class Bench:
         if any(d is None for d in inputs.values()):
             return None
         done = self.units.valid(key, settings, inputs)
+        if done is None and self.cfg.report_only:
+            done = self._made_with_other_threads(key, settings, inputs)
         if done is None:
             if self.read_only:
                 return None
@@ -132,9 +155,18 @@ class Bench:
                 raise OutOfTime()
             _say(what)
             result, digest = compute()
-            done = self.units.put(key, settings, inputs, result, digest)
+            done = self.units.put(key, settings, inputs, result, digest, code=code_version())
         self.touched[key] = done
         return done
+
+    def _made_with_other_threads(self, key: tuple, settings: dict, inputs: dict) -> dict | None:
+        """Report only: the unit of ``key`` when it differs from ``settings`` in the thread count alone (the
+        count changes a unit's seconds, not its result; a run recomputes such a unit, a report reads it)."""
+        entry = self.units.get(key)
+        threads = (entry or {}).get("settings", {}).get("threads")
+        if threads is None or "threads" not in settings:
+            return None
+        return self.units.valid(key, {**settings, "threads": threads}, inputs)
 
     # -- stages ---------------------------------------------------------------------------------
     def base(self, sp: Split) -> dict:
