@@ -193,3 +193,70 @@ def test_code_version_of_a_checkout_and_of_a_copy(tmp_path):
                          cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(tmp_path)})
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "{'commit': None, 'dirty': None}"
+
+
+def _outcome(strict_by_split, cpu, adapter="qkvo", heads="p2d", rows="p2d", seeds=(100, 101)):
+    return {sp: {s: {"strict": list(v), "cpu_s": cpu, "adapter": adapter, "heads": heads, "rows": rows}
+                 for s in seeds} for sp, v in strict_by_split.items()}
+
+
+def test_rule_judged_by_training_takes_the_worst_split_and_the_cheapest_of_the_tied():
+    from p2d.bench.choose import judge_outcomes
+
+    n = 40
+    rows = lambda k: [1.0] * k + [0.0] * (n - k)  # noqa: E731  k of n held-out rows right
+    outcomes = {
+        "A": _outcome({"s1": rows(40), "s2": rows(0)}, cpu=1.0),            # perfect on one split, nothing on the other
+        "B": _outcome({"s1": rows(32), "s2": rows(31)}, cpu=50.0),          # the best worst split
+        "C": _outcome({"s1": rows(30), "s2": rows(29)}, cpu=5.0, rows="shape_tfidf"),  # overlaps B, cheaper
+        "D": _outcome({"s1": rows(12), "s2": rows(10)}, cpu=0.5),           # cheapest, clearly worse
+        "E": {**_outcome({"s1": rows(40)}, cpu=0.1), "s2": {100: {"strict": rows(40), "cpu_s": 0.1, "adapter": "qo",
+                                                                   "heads": "p2d", "rows": "tfidf"}}},  # one seed short
+    }
+    d = judge_outcomes(outcomes, draws=500)
+    by = {r["candidate"]: r for r in d["table"]}
+    assert set(by) == {"A", "B", "C", "D"}  # E is measured on fewer seeds: not ranked
+    assert by["A"]["score"] == 0.0 and by["A"]["worst_split"] == "s2"
+    assert by["B"]["score"] == pytest.approx(31 / 40) and d["best"] == "B"
+    assert set(d["tied"]) == {"B", "C"} and d["winner"]["candidate"] == "C"
+    assert by["C"]["ci95"][0] < by["C"]["score"] < by["C"]["ci95"][1]
+    assert judge_outcomes({}) is None
+
+
+def test_rule_candidates_are_frozen_and_its_seeds_never_report():
+    from p2d.bench.choose import RULE_CANDIDATES, RULE_ROWS
+    from p2d.bench.config import DEFAULT_PARTS
+
+    assert {"answer_shape", "answer_tfidf", "shape_tfidf", "tfidf", "random", "p2d"} == set(RULE_ROWS)
+    assert len(RULE_CANDIDATES) == 2 * 6 * 3 and "rule" in DEFAULT_PARTS
+    assert BenchConfig().rule_seeds == 2
+    with pytest.raises(UserError, match="overlap the reporting seeds"):
+        BenchConfig(choice_seed=1)
+
+
+@pytest.mark.slow
+def test_rule_cells_are_judged_on_held_out_probe_rows(tiny_llama_dir, tmp_path):
+    """The rule trains its candidates at two choice seeds through the benchmark's cells, scores them on the
+    other seed's probe rows (never eval rows), and the report says what it chose."""
+    from p2d.bench.benchmark import Bench
+    from p2d.bench.choose import held_out_rows, judged_rule, rule_cells
+
+    out = tmp_path / "bench"
+    cfg = _cfg(tiny_llama_dir, out, parts=["sweep"], seeds=1, lr_qkvo=["1e-3"])
+    bench = Bench(cfg)
+    from p2d.models import load_model
+
+    bench.lm = load_model(tiny_llama_dir, device="cpu")
+    split = "builtin-hard:addition"
+    candidates = [("p2d", "p2d", "qkvo"), ("p2d", "shape_tfidf", "qkvo"), ("lofit", "random", "offset")]
+    rule_cells(bench, split, {"qkvo-p2d": 1e-3, "offset-p2d": 1e-2}, candidates=candidates)
+    a, b = bench.split_at(split, 100), bench.split_at(split, 101)
+    judge = held_out_rows(a, b)
+    key = lambda s: (tuple(t["content"] for t in s.prompt), s.answer)  # noqa: E731
+    assert judge and not {key(s) for s in judge} & {key(s) for s in a.pool + a.probe}
+    unit = bench.units.get(("builtin-hard-addition", "seed100", "cell-p2d-qkvo-shape_tfidf-judged"))
+    assert unit["result"]["n"] == len(judge) != len(a.eval) and unit["settings"]["judged_on"]
+    assert unit["result"]["other_tasks"] == {} and unit["code"] == code_version()
+    d = judged_rule(bench, candidates)
+    assert d["splits"] == [split] and len(d["table"]) == 3 and d["winner"]["candidate"] in d["tied"]
+    assert d["seeds"] == {split: [100, 101]}

@@ -48,6 +48,7 @@ from ..method.scoring import top_samples
 from ..method.selection import Selection
 from ..models import count_params, load_model
 from ..training import TrainConfig
+from .choose import RULE_ADAPTERS, rule_cells
 from .components import component_figures
 from .config import BenchConfig
 from .report import collect, write_report
@@ -335,14 +336,20 @@ class Bench:
         """The split's run settings' training (`p2d.config.RunConfig.train_config`) at learning rate ``lr``."""
         return sp.config.replace(lr=lr).train_config()
 
-    def cell(self, sp: Split, cell: Cell, rows: dict, heads: tuple | None, lr: float, curve: bool = False) -> dict:
-        """Train ``cell`` on ``rows`` (a selection unit's entry) and evaluate it (forced, per row)."""
+    def cell(self, sp: Split, cell: Cell, rows: dict, heads: tuple | None, lr: float, curve: bool = False,
+             judge: list | None = None) -> dict:
+        """Train ``cell`` on ``rows`` (a selection unit's entry) and evaluate it (forced, per row). With
+        ``judge`` (rows held out from this split's data: `p2d.bench.choose`'s rule) the trained model is
+        evaluated on those rows instead of the eval and other-task rows (which are then never read); its
+        own unit, ``<cell>-judged``."""
         c = self.cfg
         if rows is None or (heads is not None and heads[0] is None):
             return None
         hs, heads_digest = heads if heads is not None else (None, None)
         samples = [sp.pool[i] for i in rows["result"]["selected"]] if cell.data != "pool" else list(sp.pool)
         name = f"cell-{cell.heads or cell.trainable}-{cell.adapter or cell.trainable}-{cell.data}"
+        name += "-judged" if judge is not None else ""
+        eval_rows, other_rows = (sp.eval, sp.other) if judge is None else (judge, None)
         tc = self.train_config(sp, lr)
         steps = tc.planned_steps(len(samples))
         at = curve_steps(steps, c.curve_points) if curve else set()
@@ -354,8 +361,8 @@ class Bench:
         def compute():
             with train_cell(cell, self.lm, samples, tc, sp.folder(name), heads=hs, lora_rank=c.lora_rank,
                             curve_at=at, curve_eval=curve_eval) as (lm, res):
-                ev = evaluate_cell(lm, sp.eval, sp.other, batch_size=max(16, c.batch_size), max_length=c.max_length,
-                                   forced=True)
+                ev = evaluate_cell(lm, eval_rows, other_rows, batch_size=max(16, c.batch_size),
+                                   max_length=c.max_length, forced=True)
             return {"cell": dataclasses.asdict(cell), "rows": len(samples), "lr": lr, "train_s": res.train_s,
                     "cpu_s": res.cpu_s, "steps": res.steps, "trainable_params": res.trainable_params,
                     "optimizer_state_bytes": res.optimizer_state_bytes, "final_loss": res.final_loss,
@@ -364,6 +371,8 @@ class Bench:
 
         settings = {**self.common(sp), "cell": dataclasses.asdict(cell), "lr": lr, "epochs": c.epochs,
                     "lora_rank": c.lora_rank if cell.trainable == "lora" else None, "curve": c.curve_points if curve else 0}
+        if judge is not None:
+            settings["judged_on"] = content_digest([[t.get("content") for t in r.prompt] + [r.answer] for r in judge])
         inputs = {"rows": rows["digest"]}
         if heads_digest is not None:
             inputs["heads"] = heads_digest
@@ -482,6 +491,8 @@ class Bench:
         kinds = [f"{c.adapter}-p2d"] if "selectors" in c.parts or "aer" in c.parts else []
         if split in c.choice_splits and "sweep" in c.parts:  # the adapter rule compares every adapter's probe loss
             kinds += [f"{a}-p2d" for a in c.adapters]
+        if split in c.choice_splits and "rule" in c.parts:  # the rule judged by training: every candidate adapter
+            kinds += [f"{a}-p2d" for a in RULE_ADAPTERS]
         if split in c.heads_splits:
             if "heads" in c.parts:
                 kinds += [f"{a}-{h}" for a in c.adapters for h in ("p2d", "random")]
@@ -502,6 +513,8 @@ class Bench:
             if "precision" in cfg.parts and "rh-alignment" in cfg.selectors:
                 self.selection(choice, "rh-alignment")  # its cost, measured once (the reporting seeds read it)
         lrs = self.rates(choice, self.kinds(split))
+        if "rule" in cfg.parts and split in cfg.choice_splits:  # at the choice seeds, before any reporting seed
+            rule_cells(self, split, lrs)
         for seed in cfg.seed_list:
             sp = self.split_at(split, seed)
             self.base(sp)

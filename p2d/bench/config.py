@@ -15,9 +15,9 @@ from ..errors import UserError
 from ..method.heads import HEAD_METHODS
 
 #: the parts of the benchmark, in the order they run for each split (see p2d/bench/benchmark.py)
-PARTS = ("precision", "sweep", "selectors", "heads", "classic", "aer", "components")
+PARTS = ("precision", "sweep", "rule", "selectors", "heads", "classic", "aer", "components")
 #: what runs without --parts (the component figures of the earlier report are on request)
-DEFAULT_PARTS = ("precision", "sweep", "selectors", "heads", "classic", "aer")
+DEFAULT_PARTS = ("precision", "sweep", "rule", "selectors", "heads", "classic", "aer")
 #: selection cells: how the training rows of the same budget are picked (P2D's selection first)
 SELECTORS = ("p2d", "tfidf", "bm25", "hidden", "rh-alignment", "random", "answer_shape", "answer_tfidf", "shape_tfidf")
 SELECTOR_LABELS = {
@@ -76,6 +76,8 @@ class BenchConfig:
     first_seed: int = setting(0, "data", "First seed", "reporting seeds are first_seed, first_seed+1, ...", minimum=0)
     choice_seed: int = setting(100, "data", "Choice seed", "the seed learning rates and defaults are chosen on "
                                "(never a reporting seed)", minimum=0)
+    rule_seeds: int = setting(2, "data", "Rule seeds", "choice seeds the rule judged by training runs at: "
+                              "choice_seed, choice_seed+1, ... (p2d/bench/choose.py; never a reporting seed)", minimum=2)
     pool_size: int = inherited("pool_size", 400)
     probe_size: int = inherited("probe_size", 64)
     eval_size: int = inherited("eval_size", 300, help="target rows the accuracy is measured on (capped by what a "
@@ -177,6 +179,10 @@ class BenchConfig:
                 grid = getattr(self, name)
                 setattr(self, name, [grid[len(grid) // 2]])
         self.training_draws = min(self.training_draws, self.random_head_draws)
+        rule = set(range(self.choice_seed, self.choice_seed + self.rule_seeds))
+        if rule & set(self.seed_list):
+            raise UserError(f"the choice seeds {sorted(rule)} overlap the reporting seeds {self.seed_list}: "
+                            "move choice_seed or first_seed")
         bad = [s for s in self.splits if s != "custom" and s.split(":")[0] not in BUILTIN_POOLS]
         if bad:
             raise UserError(f"unknown split {bad[0]!r}: use pool:target with a built-in pool")

@@ -20,7 +20,7 @@ from pathlib import Path
 from ..cells import CELLS, cell_cost
 from ..cost import time_to_reach
 from ..files import write_json, write_text
-from .choose import choose_defaults, choice_markdown
+from .choose import choice_markdown, choose_defaults, judged_rule, rule_markdown
 from .config import SELECTOR_LABELS
 from .split import folder_name
 from .stats import null_comparison, paired_difference
@@ -55,6 +55,7 @@ def collect(bench, machine: dict, model: dict) -> dict:
         sweeps = {k[2]: e["result"] for k, e in bench.touched.items() if len(k) == 3 and k[:2] == (f, "sweep")}
         out["splits"][split] = _summarise_split(cfg, split, seeds, sweeps)
     out["defaults"] = choose_defaults(bench)
+    out["rule"] = judged_rule(bench)
     out["units"] = units_provenance(bench.touched.values())
     return out
 
@@ -428,6 +429,8 @@ def markdown(results: dict) -> str:
                       + (f"{eq:.3f} [95% {lo:.3f}, {hi:.3g}]" if eq else a["note"]) + " (full fine-tuning's curve "
                       "from the base model at 0 s: " + ", ".join(f"{p['train_s']:.0f} s {100 * p['accuracy']:.1f}%"
                                                                  for p in a["curve"]) + ").", ""]
+    if results.get("rule"):
+        lines.append(rule_markdown(results["rule"]))
     if results.get("defaults"):
         lines.append(choice_markdown(results["defaults"]))
     return "\n".join(lines)
