@@ -57,6 +57,8 @@ def test_bench_runs_every_part_and_resumes(tiny_llama_dir, tmp_path):
     assert set(s["classic"]) == {"lora-p2d"}
     a = s["aer"]
     assert a["curve"][0]["train_s"] == 0.0 and len(a["curve"]) == 1 + 3 and a["aer"] > 0
+    r = results["rule"]  # the rule judged by training runs in the default parts, every candidate complete
+    assert r["candidates"] == len(r["table"]) == 36 and r["winner"]["candidate"] in r["tied"]
     d = results["defaults"]
     assert d["splits"] == ["builtin-hard:addition"] and d["selection_winner"]["candidate"]
     assert {r["candidate"] for r in d["selection"]} >= {"tfidf", "gradient_logratio + activation", "gradient + alignment"}
@@ -94,7 +96,8 @@ def test_bench_runs_every_part_and_resumes(tiny_llama_dir, tmp_path):
 
 def test_bench_config_quick_and_errors():
     q = BenchConfig(quick=True)
-    assert q.seeds == 1 and q.splits == ["builtin-hard:addition"] and q.pool_size <= 160 and len(q.lr_qkvo) == 1
+    assert q.seeds == 1 and q.splits == ["builtin-hard:addition", "builtin-align:json"] and q.pool_size <= 160
+    assert q.heads_splits == ["builtin-hard:addition"] and len(q.lr_qkvo) == 1
     assert q.training_draws <= q.random_head_draws and q.choice_splits == []
     rc = BenchConfig().run_config("builtin-hard:dates", 3)
     assert rc.pool == "builtin-hard" and rc.target == "dates" and rc.seed == 3 and rc.pool_size == 400

@@ -38,6 +38,8 @@ DEFAULT_SPLITS = ("builtin-hard:addition", "builtin-hard:alphabetical", "builtin
                   "builtin-hard:past_tense", "builtin:addition", "builtin:dates")
 #: where the defaults are chosen (at the choice seed); the other splits were never used for a choice
 CHOICE_SPLITS = ("builtin-hard:addition", "builtin-hard:dates", "builtin:addition")
+#: the alignment split of ``--quick`` (a behaviour the base model already has, scarce in the pool)
+QUICK_ALIGN_SPLIT = "builtin-align:json"
 #: where the heads comparison, the classic cells and the equal-accuracy AER run
 HEADS_SPLITS = ("builtin:addition", "builtin-hard:addition")
 
@@ -137,7 +139,8 @@ class BenchConfig:
                                "step, on request)", choices=PARTS, factory=lambda: list(DEFAULT_PARTS))
     report_only: bool = setting(False, "output", "Report only", "rebuild the report from the finished units; "
                                 "compute nothing")
-    quick: bool = setting(False, "output", "Quick", "smoke size: one words-mislead split, one seed, small pool, "
+    quick: bool = setting(False, "output", "Quick", "smoke size: one words-mislead split (with the heads "
+                          "comparison) and one alignment split (selection and selector cells), one seed, small pool, "
                           "few draws, no sweep (about 15 minutes on 2 idle cores)")
     threads: int = setting(0, "output", "Threads", "torch CPU threads (0: torch's default); with 1 the CPU seconds "
                            "of each unit are robust to other load on the machine", minimum=0)
@@ -157,8 +160,8 @@ class BenchConfig:
         if self.custom_data:
             self.splits = ["custom"]
         if self.quick:
-            self.splits = self.splits[:1] if self.custom_data else ["builtin-hard:addition"]
-            self.heads_splits = list(self.splits)
+            self.splits = self.splits[:1] if self.custom_data else ["builtin-hard:addition", QUICK_ALIGN_SPLIT]
+            self.heads_splits = self.splits[:1]
             self.choice_splits = []
             self.seeds = 1
             self.pool_size = min(self.pool_size, 160)
