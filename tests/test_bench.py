@@ -98,6 +98,7 @@ def test_bench_config_quick_and_errors():
     q = BenchConfig(quick=True)
     assert q.seeds == 1 and q.splits == ["builtin-hard:addition", "builtin-align:json"] and q.pool_size <= 160
     assert q.heads_splits == ["builtin-hard:addition"] and len(q.lr_qkvo) == 1
+    assert q.trained_selectors == ["p2d", "tfidf", "random", "shape_tfidf"] and "answer_shape" in q.selectors
     assert q.training_draws <= q.random_head_draws and q.choice_splits == []
     rc = BenchConfig().run_config("builtin-hard:dates", 3)
     assert rc.pool == "builtin-hard" and rc.target == "dates" and rc.seed == 3 and rc.pool_size == 400

@@ -38,6 +38,8 @@ DEFAULT_SPLITS = ("builtin-hard:addition", "builtin-hard:alphabetical", "builtin
                   "builtin-hard:past_tense", "builtin:addition", "builtin:dates")
 #: where the defaults are chosen (at the choice seed); the other splits were never used for a choice
 CHOICE_SPLITS = ("builtin-hard:addition", "builtin-hard:dates", "builtin:addition")
+#: the selectors whose rows ``--quick`` trains on (P2D, a prompt reader, an answer reader, random rows)
+QUICK_TRAINED = ("p2d", "tfidf", "shape_tfidf", "random")
 #: the alignment split of ``--quick`` (a behaviour the base model already has, scarce in the pool)
 QUICK_ALIGN_SPLIT = "builtin-align:json"
 #: where the heads comparison, the classic cells and the equal-accuracy AER run
@@ -174,6 +176,7 @@ class BenchConfig:
             self.head_candidates = self.head_candidates[:1]
             self.adapters = [self.adapter, "offset"] if self.adapter != "offset" else ["offset"]
             self.selectors = [s for s in self.selectors if s != "bm25"]
+            self.trained_selectors = [s for s in self.trained_selectors if s in QUICK_TRAINED]  # the rest: selection only
             self.classic = []
             self.curve_points = min(self.curve_points, 4)
             self.bootstrap = min(self.bootstrap, 500)
