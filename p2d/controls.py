@@ -12,6 +12,9 @@ evaluates each on the run's eval set (and the other tasks' held-out rows) exactl
 - ``heads-tfidf``: P2D's heads trained on the rows a selector without heads and without a model picks
   (TF-IDF of the prompt's words, cosine to the probe; `p2d.method.selection_baselines`): does the head-guided
   selection beat a cheap one? Its selection time counts in its cost;
+- ``heads-shape_tfidf``: P2D's heads trained on the rows an answer reader picks (``shape_tfidf``: rows whose
+  answer has the probe answers' shape, then prompt TF-IDF; no heads, no model): does the head-guided
+  selection beat reading the answers' form? Its selection time counts in its cost;
 - ``lora-p2d``: LoRA (q, k, v, o; rank 8, alpha 16) on P2D's data, the adapter most users know.
 
 Every cell goes through `p2d.cells.train_cell` (head cells through `p2d.training.train_heads` like P2D
@@ -48,6 +51,7 @@ CONTROL_CELLS: dict[str, Cell] = {
     "randomheads-p2d": CELLS["randomheads-p2d"],
     "heads-random": CELLS["heads-random"],
     "heads-tfidf": Cell("heads", "tfidf", "p2d", label="P2D heads / TF-IDF data (no heads)"),
+    "heads-shape_tfidf": Cell("heads", "shape_tfidf", "p2d", label="P2D heads / answer-shape + TF-IDF data (no heads)"),
     "lora-p2d": CELLS["lora-p2d"],
 }
 CONTROLS = tuple(CONTROL_CELLS)
@@ -92,9 +96,10 @@ def run_controls(run, controls=CONTROLS, lora_lr: float = LORA_LR, lora_rank: in
     n = len(selected)
     data = {"p2d": selected, "random": random_rows(len(pool), n, c.seed)}
     select_s = {"p2d": run.selection.time_s}
-    if "heads-tfidf" in controls:
-        sel = select_data(lm, None, pool, method="tfidf", ratio=n / len(pool), probe=probe)
-        data["tfidf"], select_s["tfidf"] = sel.selected[:n], sel.time_s
+    for method in dict.fromkeys(CONTROL_CELLS[name].data for name in controls):  # the head-free selectors' rows
+        if method not in data:
+            sel = select_data(lm, None, pool, method=method, ratio=n / len(pool), probe=probe)
+            data[method], select_s[method] = sel.selected[:n], sel.time_s
     heads = {"p2d": run.heads}
     if "randomheads-p2d" in controls:
         heads["random"] = random_heads(lm, c.head_ratio, c.seed)

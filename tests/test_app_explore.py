@@ -126,10 +126,10 @@ def test_forgetting_and_controls(trained, tiny_llama_dir):
     res = dict(zip(names, out))
     assert res["status"].startswith("✓ Controls done"), res["status"]
     cells = [r[0] for r in res["controls_table"]["data"]]
-    assert cells[0] == "P2D" and len(cells) == 5 and "One draw each" in res["controls_md"]
+    assert cells[0] == "P2D" and len(cells) == 6 and "One draw each" in res["controls_md"]
     assert len(trained.predict(api_name="/results")) == 8  # the endpoint scripts know keeps its outputs
-    assert [len(r) for r in res["controls_table"]["data"]] == [7] * 5
-    assert any("TF-IDF" in c for c in cells)
+    assert [len(r) for r in res["controls_table"]["data"]] == [7] * 6
+    assert any("TF-IDF" in c for c in cells) and any("answer-shape" in c for c in cells)
 
 
 def test_explore_charts():

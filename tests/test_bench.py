@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from p2d.bench.config import BenchConfig
-from p2d.bench.benchmark import run_bench
+from p2d.bench.benchmark import code_version, run_bench
 from p2d.errors import UserError
 
 
@@ -42,14 +42,23 @@ def test_bench_runs_every_part_and_resumes(tiny_llama_dir, tmp_path):
     for adapter in ("qkvo", "offset"):
         h = s["heads"][adapter]
         assert h["p2d_vs_random"]["n_draws"] == 2 * 2 and "gradient" in h["candidates"]
-    assert s["heads"]["qkvo"]["p2d"]["query_heads_changed"] > s["heads"]["offset"]["p2d"]["query_heads_changed"]
-    assert s["heads"]["offset"]["p2d"]["trainable_params"] < s["heads"]["qkvo"]["p2d"]["trainable_params"]
+    qkvo, offset = s["heads"]["qkvo"]["p2d"], s["heads"]["offset"]["p2d"]  # per seed, not seed 0's only
+    assert qkvo["query_heads_changed"]["min"] > offset["query_heads_changed"]["max"]
+    assert offset["trainable_params"]["max"] < qkvo["trainable_params"]["min"]
+    assert len(qkvo["trainable_params"]["per_seed"]) == len(qkvo["query_heads_changed"]["per_seed"]) == 2
+    # every unit records the code that made it, and the report says which commits its units came from
+    code = code_version()
+    entries = [e for p in (out / "units").rglob("*.json") if "settings" in (e := json.loads(p.read_text()))]
+    assert len(entries) > 20 and all(e["code"] == code for e in entries)
+    assert code["commit"] is None or set(results["units"]["code"]) == {code["commit"][:12] + "+dirty" * code["dirty"]}
     # the sweep extends its grid while the best value sits at an edge, and says whether it ended inside
     sw = s["sweeps"]["qkvo-p2d"]
     assert len(sw["points"]) >= 2 and sw["chosen"] in [p["lr"] for p in sw["points"]]
     assert set(s["classic"]) == {"lora-p2d"}
     a = s["aer"]
     assert a["curve"][0]["train_s"] == 0.0 and len(a["curve"]) == 1 + 3 and a["aer"] > 0
+    r = results["rule"]  # the rule judged by training runs in the default parts, every candidate complete
+    assert r["candidates"] == len(r["table"]) == 36 and r["winner"]["candidate"] in r["tied"]
     d = results["defaults"]
     assert d["splits"] == ["builtin-hard:addition"] and d["selection_winner"]["candidate"]
     assert {r["candidate"] for r in d["selection"]} >= {"tfidf", "gradient_logratio + activation", "gradient + alignment"}
@@ -65,6 +74,12 @@ def test_bench_runs_every_part_and_resumes(tiny_llama_dir, tmp_path):
     (out / "results.md").unlink()
     run_bench(_cfg(tiny_llama_dir, out, report_only=True))
     assert (out / "results.md").read_text().split("Total time")[0] == md.split("Total time")[0]
+    # ... and with another thread count (the count changes a unit's seconds, not its result; a run would redo it)
+    run_bench(_cfg(tiny_llama_dir, out, report_only=True, threads=1))
+    rebuilt = (out / "results.md").read_text()
+    assert rebuilt.split("Total time")[0].replace(", 1 torch threads", "") == \
+        md.split("Total time")[0].replace(f", {torch.get_num_threads()} torch threads", "")
+    assert "by torch threads: 0: " in rebuilt
     # another head method redoes what depends on P2D's heads, and only that
     seed0 = out / "units" / "builtin-hard-addition" / "seed0"
     run_bench(_cfg(tiny_llama_dir, out, head_method="gradient_layer", seeds=1, parts=["precision", "sweep", "selectors"]))
@@ -81,7 +96,9 @@ def test_bench_runs_every_part_and_resumes(tiny_llama_dir, tmp_path):
 
 def test_bench_config_quick_and_errors():
     q = BenchConfig(quick=True)
-    assert q.seeds == 1 and q.splits == ["builtin-hard:addition"] and q.pool_size <= 160 and len(q.lr_qkvo) == 1
+    assert q.seeds == 1 and q.splits == ["builtin-hard:addition", "builtin-align:json"] and q.pool_size <= 160
+    assert q.heads_splits == ["builtin-hard:addition"] and len(q.lr_qkvo) == 1
+    assert q.trained_selectors == ["p2d", "tfidf", "random", "shape_tfidf"] and "answer_shape" in q.selectors
     assert q.training_draws <= q.random_head_draws and q.choice_splits == []
     rc = BenchConfig().run_config("builtin-hard:dates", 3)
     assert rc.pool == "builtin-hard" and rc.target == "dates" and rc.seed == 3 and rc.pool_size == 400
@@ -158,3 +175,92 @@ def test_select_quality_script_runs_on_the_library(tiny_llama_dir, tmp_path):
     assert ("gradient", "all", "prefilter_alignment", "all") in summary
     assert ("gradient", "content", "alignment", "content") not in summary  # no gate gradients at content positions
     assert all(0 <= r["precision"] <= 1 for r in res["rows"]) and json.loads((tmp_path / "addition.json").read_text())["total_s"]
+
+
+def test_code_version_of_a_checkout_and_of_a_copy(tmp_path):
+    """The commit and dirty flag of the checkout that runs; None for both outside a git checkout."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import p2d
+
+    here = Path(p2d.__file__).resolve().parent
+    head = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True)
+    code = code_version()
+    if head.returncode == 0:
+        assert code["commit"] == head.stdout.strip() and isinstance(code["dirty"], bool)
+    shutil.copytree(here, tmp_path / "p2d", ignore=shutil.ignore_patterns("__pycache__"))
+    out = subprocess.run([sys.executable, "-c", "import p2d.bench.benchmark as b; print(b.code_version())"],
+                         cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "{'commit': None, 'dirty': None}"
+
+
+def _outcome(strict_by_split, cpu, adapter="qkvo", heads="p2d", rows="p2d", seeds=(100, 101)):
+    return {sp: {s: {"strict": list(v), "cpu_s": cpu, "adapter": adapter, "heads": heads, "rows": rows}
+                 for s in seeds} for sp, v in strict_by_split.items()}
+
+
+def test_rule_judged_by_training_takes_the_worst_split_and_the_cheapest_of_the_tied():
+    from p2d.bench.choose import judge_outcomes
+
+    n = 40
+    rows = lambda k: [1.0] * k + [0.0] * (n - k)  # noqa: E731  k of n held-out rows right
+    outcomes = {
+        "A": _outcome({"s1": rows(40), "s2": rows(0)}, cpu=1.0),            # perfect on one split, nothing on the other
+        "B": _outcome({"s1": rows(32), "s2": rows(31)}, cpu=50.0),          # the best worst split
+        "C": _outcome({"s1": rows(30), "s2": rows(29)}, cpu=5.0, rows="shape_tfidf"),  # overlaps B, cheaper
+        "D": _outcome({"s1": rows(12), "s2": rows(10)}, cpu=0.5),           # cheapest, clearly worse
+        "E": {**_outcome({"s1": rows(40)}, cpu=0.1), "s2": {100: {"strict": rows(40), "cpu_s": 0.1, "adapter": "qo",
+                                                                   "heads": "p2d", "rows": "tfidf"}}},  # one seed short
+    }
+    d = judge_outcomes(outcomes, draws=500)
+    by = {r["candidate"]: r for r in d["table"]}
+    assert set(by) == {"A", "B", "C", "D"}  # E is measured on fewer seeds: not ranked
+    assert by["A"]["score"] == 0.0 and by["A"]["worst_split"] == "s2"
+    assert by["B"]["score"] == pytest.approx(31 / 40) and d["best"] == "B"
+    assert set(d["tied"]) == {"B", "C"} and d["winner"]["candidate"] == "C"
+    assert by["C"]["ci95"][0] < by["C"]["score"] < by["C"]["ci95"][1]
+    assert judge_outcomes({}) is None
+
+
+def test_rule_candidates_are_frozen_and_its_seeds_never_report():
+    from p2d.bench.choose import RULE_CANDIDATES, RULE_ROWS
+    from p2d.bench.config import DEFAULT_PARTS
+
+    assert {"answer_shape", "answer_tfidf", "shape_tfidf", "tfidf", "random", "p2d"} == set(RULE_ROWS)
+    assert len(RULE_CANDIDATES) == 2 * 6 * 3 and "rule" in DEFAULT_PARTS
+    assert BenchConfig().rule_seeds == 2
+    with pytest.raises(UserError, match="overlap the reporting seeds"):
+        BenchConfig(choice_seed=1)
+
+
+@pytest.mark.slow
+def test_rule_cells_are_judged_on_held_out_probe_rows(tiny_llama_dir, tmp_path):
+    """The rule trains its candidates at two choice seeds through the benchmark's cells, scores them on the
+    other seed's probe rows (never eval rows), and the report says what it chose."""
+    from p2d.bench.benchmark import Bench
+    from p2d.bench.choose import held_out_rows, judged_rule, rule_cells
+
+    out = tmp_path / "bench"
+    cfg = _cfg(tiny_llama_dir, out, parts=["sweep"], seeds=1, lr_qkvo=["1e-3"])
+    bench = Bench(cfg)
+    from p2d.models import load_model
+
+    bench.lm = load_model(tiny_llama_dir, device="cpu")
+    split = "builtin-hard:addition"
+    candidates = [("p2d", "p2d", "qkvo"), ("p2d", "shape_tfidf", "qkvo"), ("lofit", "random", "offset")]
+    rule_cells(bench, split, {"qkvo-p2d": 1e-3, "offset-p2d": 1e-2}, candidates=candidates)
+    a, b = bench.split_at(split, 100), bench.split_at(split, 101)
+    judge = held_out_rows(a, b)
+    key = lambda s: (tuple(t["content"] for t in s.prompt), s.answer)  # noqa: E731
+    assert judge and not {key(s) for s in judge} & {key(s) for s in a.pool + a.probe}
+    unit = bench.units.get(("builtin-hard-addition", "seed100", "cell-p2d-qkvo-shape_tfidf-judged"))
+    assert unit["result"]["n"] == len(judge) != len(a.eval) and unit["settings"]["judged_on"]
+    assert unit["result"]["other_tasks"] == {} and unit["code"] == code_version()
+    d = judged_rule(bench, candidates)
+    assert d["splits"] == [split] and len(d["table"]) == 3 and d["winner"]["candidate"] in d["tied"]
+    assert d["seeds"] == {split: [100, 101]}

@@ -231,7 +231,8 @@ def test_controls(tiny_run, capsys):
 
     assert main(["controls", "--run", str(tiny_run)]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert set(out["controls"]) == {"randomheads-p2d", "heads-random", "heads-tfidf", "lora-p2d"} and out["complete"]
+    assert set(out["controls"]) == {"randomheads-p2d", "heads-random", "heads-tfidf", "heads-shape_tfidf",
+                                    "lora-p2d"} and out["complete"]
     p2d = out["p2d"]
     for name, c in out["controls"].items():
         assert c["rows"] == p2d["rows"] == 12 and c["steps"] == p2d["steps"] == 3, name  # same budget
@@ -241,6 +242,8 @@ def test_controls(tiny_run, capsys):
     # the head-free control picks its rows by the words of the prompt, and its selection counts in its cost
     tfidf = out["controls"]["heads-tfidf"]
     assert tfidf["data"] == "tfidf" and tfidf["cost_s"] > tfidf["train_s"]
+    shape = out["controls"]["heads-shape_tfidf"]  # and the answer reader by the answers' shape
+    assert shape["data"] == "shape_tfidf" and shape["cost_s"] > shape["train_s"]
     # random heads on P2D's data cost the same inputs as P2D; P2D's heads on random data skip the selection
     run = Run.open(tiny_run)
     assert read_controls(run) is not None

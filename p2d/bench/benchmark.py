@@ -27,9 +27,11 @@ The statistics are `p2d.bench.stats`; the report is `p2d.bench.report`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import platform
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -47,6 +49,7 @@ from ..method.selection import Selection
 from ..models import count_params, load_model
 from ..training import TrainConfig
 from . import frontier, heads_test
+from .choose import RULE_ADAPTERS, rule_cells
 from .components import component_figures
 from .config import BenchConfig
 from .report import collect, write_report
@@ -71,6 +74,25 @@ class OutOfTime(Exception):
 
 def _say(msg: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+@functools.lru_cache(maxsize=1)
+def code_version() -> dict:
+    """The commit of the p2d checkout that runs (``git rev-parse HEAD``) and whether its tracked files differ
+    from it (``dirty``); both None outside a git checkout of the project (an installed package). Read once
+    per process: every unit of an invocation records it."""
+    pkg = Path(__file__).resolve().parents[1]
+
+    def git(*args):
+        return subprocess.run(["git", "-C", str(pkg), *args], capture_output=True, text=True, timeout=30, check=True
+                              ).stdout.strip()
+
+    try:
+        if Path(git("rev-parse", "--show-toplevel")).resolve() / "p2d" != pkg:
+            return {"commit": None, "dirty": None}
+        return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
 
 
 def machine() -> dict:
@@ -126,6 +148,8 @@ class Bench:
         if any(d is None for d in inputs.values()):
             return None
         done = self.units.valid(key, settings, inputs)
+        if done is None and self.cfg.report_only:
+            done = self._made_with_other_threads(key, settings, inputs)
         if done is None:
             if self.read_only:
                 return None
@@ -133,9 +157,18 @@ class Bench:
                 raise OutOfTime()
             _say(what)
             result, digest = compute()
-            done = self.units.put(key, settings, inputs, result, digest)
+            done = self.units.put(key, settings, inputs, result, digest, code=code_version())
         self.touched[key] = done
         return done
+
+    def _made_with_other_threads(self, key: tuple, settings: dict, inputs: dict) -> dict | None:
+        """Report only: the unit of ``key`` when it differs from ``settings`` in the thread count alone (the
+        count changes a unit's seconds, not its result; a run recomputes such a unit, a report reads it)."""
+        entry = self.units.get(key)
+        threads = (entry or {}).get("settings", {}).get("threads")
+        if threads is None or "threads" not in settings:
+            return None
+        return self.units.valid(key, {**settings, "threads": threads}, inputs)
 
     # -- stages ---------------------------------------------------------------------------------
     def base(self, sp: Split) -> dict:
@@ -305,17 +338,21 @@ class Bench:
         return sp.config.replace(lr=lr).train_config()
 
     def cell(self, sp: Split, cell: Cell, rows: dict, heads: tuple | None, lr: float, curve: bool = False,
-             tag: str = "", probe: bool = False, curve_at=None) -> dict:
+             tag: str = "", probe: bool = False, curve_at=None, judge: list | None = None) -> dict:
         """Train ``cell`` on ``rows`` (a selection unit's entry) and evaluate it (forced, per row).
         ``tag`` ends the unit's name (another unit of the same cell: the heads test's ``@lr<rate>``);
         ``probe`` also records the probe rows' loss (for choices: never eval rows); ``curve_at(steps)``
-        gives the learning curve's steps instead of `curve_steps`."""
+        gives the learning curve's steps instead of `curve_steps`. With ``judge`` (rows held out from this
+        split's data: `p2d.bench.choose`'s rule) the trained model is evaluated on those rows instead of the
+        eval and other-task rows (which are then never read); its own unit, ``<cell>-judged``."""
         c = self.cfg
         if rows is None or (heads is not None and heads[0] is None):
             return None
         hs, heads_digest = heads if heads is not None else (None, None)
         samples = [sp.pool[i] for i in rows["result"]["selected"]] if cell.data != "pool" else list(sp.pool)
         name = f"cell-{cell.heads or cell.trainable}-{cell.adapter or cell.trainable}-{cell.data}{tag}"
+        name += "-judged" if judge is not None else ""
+        eval_rows, other_rows = (sp.eval, sp.other) if judge is None else (judge, None)
         tc = self.train_config(sp, lr)
         steps = tc.planned_steps(len(samples))
         at = (set(curve_at(steps)) if curve_at is not None else curve_steps(steps, c.curve_points)) if curve else set()
@@ -327,8 +364,8 @@ class Bench:
         def compute():
             with train_cell(cell, self.lm, samples, tc, sp.folder(name), heads=hs, lora_rank=c.lora_rank,
                             curve_at=at, curve_eval=curve_eval) as (lm, res):
-                ev = evaluate_cell(lm, sp.eval, sp.other, batch_size=max(16, c.batch_size), max_length=c.max_length,
-                                   forced=True)
+                ev = evaluate_cell(lm, eval_rows, other_rows, batch_size=max(16, c.batch_size),
+                                   max_length=c.max_length, forced=True)
                 pe = forced_eval(lm, sp.probe, batch_size=max(16, c.batch_size), max_length=c.max_length) if probe else None
             extra = {"probe_loss": pe.mean_loss, "probe_strict": pe.accuracy} if probe else {}
             return {**extra, "cell": dataclasses.asdict(cell), "rows": len(samples), "lr": lr, "train_s": res.train_s,
@@ -343,6 +380,8 @@ class Bench:
             settings["probe"] = True
         if curve and curve_at is not None:
             settings["curve"] = sorted(at)
+        if judge is not None:
+            settings["judged_on"] = content_digest([[t.get("content") for t in r.prompt] + [r.answer] for r in judge])
         inputs = {"rows": rows["digest"]}
         if heads_digest is not None:
             inputs["heads"] = heads_digest
@@ -461,6 +500,8 @@ class Bench:
         kinds = [f"{c.adapter}-p2d"] if "selectors" in c.parts or "aer" in c.parts else []
         if split in c.choice_splits and "sweep" in c.parts:  # the adapter rule compares every adapter's probe loss
             kinds += [f"{a}-p2d" for a in c.adapters]
+        if split in c.choice_splits and "rule" in c.parts:  # the rule judged by training: every candidate adapter
+            kinds += [f"{a}-p2d" for a in RULE_ADAPTERS]
         if split in c.heads_splits:
             if "heads" in c.parts:
                 kinds += [f"{a}-{h}" for a in c.adapters for h in ("p2d", "random")]
@@ -483,6 +524,8 @@ class Bench:
             if "precision" in cfg.parts and "rh-alignment" in cfg.selectors:
                 self.selection(choice, "rh-alignment")  # its cost, measured once (the reporting seeds read it)
         lrs = self.rates(choice, self.kinds(split))
+        if "rule" in cfg.parts and split in cfg.choice_splits:  # at the choice seeds, before any reporting seed
+            rule_cells(self, split, lrs)
         if "heads_test" in cfg.parts and split in cfg.heads_splits and split != "custom":  # after the sweeps: its
             choice = choice or self.split_at(split, cfg.choice_seed)  # grid spans their winners
             heads_test.run(self, choice, self.selection(choice, "p2d"))  # each kind's best rate is read here

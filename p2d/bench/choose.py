@@ -1,7 +1,35 @@
-"""The rule that chooses the product's defaults, applied to the choice seed of the choice splits.
+"""The rules that choose the product's defaults, applied at the choice seeds of the choice splits.
 
-Written before the benchmark was run (docs/BENCHMARKS.md quotes it); nothing here reads an eval row
-of a reporting seed:
+**The rule judged by training** (`judged_rule`; issue 26, written and committed before any unit it
+judges ran: every unit records the commit that made it). Nothing it reads is an eval row:
+
+1. **Candidates, frozen here**: every (heads trained, rows, adapter) of `RULE_HEADS` x `RULE_ROWS` x
+   `RULE_ADAPTERS`: P2D's heads or LoFiT's first-pass heads (``lofit``); the rows of P2D's selection
+   (``p2d``: activation of P2D's heads) or of a selector without heads (TF-IDF of the prompt, the three
+   answer readers, random rows); the ``qkvo``, ``qo`` or ``offset`` adapter. Each is one benchmark cell
+   (`p2d.bench.benchmark.Bench.cell`, `p2d.cells`: the same training and budget as every cell) at the
+   learning rate swept for that adapter on P2D's heads at the first choice seed (``<adapter>-p2d``;
+   LoFiT's heads have no sweep of their own, as in the heads comparison).
+2. **Choice seeds**: ``choice_seed``, ``choice_seed + 1``, ... (``rule_seeds`` of them, at least two,
+   never a reporting seed). At each, a candidate is trained on that seed's split and **scored on
+   held-out probe rows**: the probe of the next choice seed (cyclically), without the rows whose prompt
+   and answer also occur in this seed's pool or probe. These are target examples as a user gives them,
+   never seen by the heads, the selection or the training they judge; no eval row is read.
+3. **Score**: strict greedy match (teacher-forced, `p2d.evaluation.forced_eval`: the benchmark's
+   accuracy; on rows scored by a behaviour check it is the proxy of the check) per held-out row. Per
+   split: the mean over choice seeds, with a 95% two-level bootstrap interval (seeds, then rows;
+   `p2d.bench.stats.paired_difference` against zero). **Aggregated by the worst split**: a candidate's
+   score is its lowest split score, its interval that split's.
+4. **Winner**: the highest score; every candidate whose interval overlaps the best one's is **tied**,
+   and among the tied the **cheapest** wins: the lowest mean CPU seconds of heads scoring, selection
+   and training (`TIE_ORDER` after that: smaller reach of the adapter, then the candidate's name). A
+   candidate measured on fewer splits or seeds than the others is not ranked.
+5. The winner's rows, heads and adapter become the product's defaults where they differ (P2D as the
+   paper describes it stays a named configuration); if it is a selector without heads, the heads are
+   still found, for training.
+
+The earlier rule (`choose_defaults`, kept for continuity: docs/BENCHMARKS.md quotes what it chose) judged
+selection by the share of target rows at one choice seed, the mean over the choice splits:
 
 1. **Selection** (head method x score, and the selectors without heads): every head method of the
    choice study (P2D's default, ``gradient`` without contrast, ``gradient_layer``, the candidates) with
@@ -21,7 +49,9 @@ from __future__ import annotations
 import statistics
 
 from ..adapter import parse_adapter
+from ..cells import Cell
 from .split import folder_name
+from .stats import paired_difference
 
 TIE_PRECISION = 0.02
 TIE_LOSS = 0.01
@@ -67,8 +97,8 @@ def choose_defaults(bench) -> dict | None:
                 continue
             sel = name[len("select-"):]
             layer = int(sel.split("-L")[1]) if "-L" in sel else (cfg.hidden_layer if sel == "hidden" else None)
-            key = sel if sel in ("tfidf", "bm25") else (f"hidden (layer {layer})" if layer is not None
-                                                         else "hidden (middle layer)")
+            key = sel if not sel.startswith("hidden") else (f"hidden (layer {layer})" if layer is not None
+                                                             else "hidden (middle layer)")
             c = cand.setdefault(key, {"kind": "no heads", "select_method": sel.split("-L")[0], "hidden_layer": layer,
                                       "precision": [], "twins": [], "cpu_s": []})
             c["precision"].append(u.get("precision"))
@@ -120,4 +150,139 @@ def choice_markdown(d: dict) -> str:
         lines += [f"| {a['adapter']} | {a['probe_loss']:.4f} | {', '.join(f'{x:.4f}' for x in a['per_split'])} |"
                   for a in d["adapters"]]
         lines += ["", f"Adapter by the rule: **{d['adapter_winner']}**."]
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------- the rule judged by training
+#: the candidates of the rule judged by training (frozen: changing them is a new rule, judged on new units)
+RULE_HEADS = ("p2d", "lofit")
+RULE_ROWS = ("p2d", "tfidf", "answer_shape", "answer_tfidf", "shape_tfidf", "random")
+RULE_ADAPTERS = ("qkvo", "qo", "offset")
+RULE_CANDIDATES = tuple((h, r, a) for h in RULE_HEADS for r in RULE_ROWS for a in RULE_ADAPTERS)
+RULE_AGGREGATE = "worst split"
+
+
+def candidate_name(heads: str, rows: str, adapter: str) -> str:
+    return f"{heads} heads / {rows} rows / {adapter}"
+
+
+def rule_seeds(cfg) -> list[int]:
+    """The choice seeds the rule trains at (``choice_seed`` and the next ones)."""
+    return [cfg.choice_seed + i for i in range(cfg.rule_seeds)]
+
+
+def held_out_rows(sp, partner) -> list:
+    """The probe rows of ``partner`` (another choice seed's split) whose prompt and answer occur nowhere in
+    ``sp``'s pool or probe: target examples unseen by everything ``sp`` trains."""
+    def key(s):
+        return (tuple(str(t.get("content", "")) for t in s.prompt), s.answer)
+
+    seen = {key(s) for s in sp.pool} | {key(s) for s in sp.probe}
+    return [s for s in partner.probe if key(s) not in seen]
+
+
+def rule_cells(bench, split: str, lrs: dict[str, float], candidates=RULE_CANDIDATES) -> None:
+    """Train and score every candidate of the rule on ``split`` at every choice seed (units
+    ``cell-<heads>-<adapter>-<rows>-judged``; finished ones are kept). ``lrs``: the benchmark's learning
+    rates of the split (``<adapter>-p2d``); a candidate whose rate is missing is skipped."""
+    cfg = bench.cfg
+    seeds = rule_seeds(cfg)
+    splits = {seed: bench.split_at(split, seed) for seed in seeds}
+    for i, seed in enumerate(seeds):
+        sp = splits[seed]
+        judge = held_out_rows(sp, splits[seeds[(i + 1) % len(seeds)]])
+        if not judge:
+            bench.skipped.append(f"{split} seed {seed}: no held-out probe rows for the rule")
+            continue
+        for heads, rows, adapter in candidates:
+            lr = lrs.get(f"{adapter}-p2d")
+            if lr is None:
+                bench.skipped.append(f"{split}: no {adapter}-p2d learning rate for the rule")
+                continue
+            method = cfg.head_method if heads == "p2d" else heads
+            bench.cell(sp, Cell("heads", rows, heads, adapter), bench.selection(sp, rows), bench.heads(sp, method), lr,
+                       judge=judge)
+
+
+def _outcomes(bench, candidates) -> dict:
+    """candidate -> split -> seed -> {"strict": per held-out row, "cpu_s": heads + selection + training}."""
+    cfg = bench.cfg
+    out: dict = {}
+    for split in cfg.choice_splits:
+        f = folder_name(split)
+        for seed in rule_seeds(cfg):
+            units = {k[2]: e["result"] for k, e in bench.touched.items() if len(k) == 3 and k[:2] == (f, f"seed{seed}")}
+            for heads, rows, adapter in candidates:
+                res = units.get(f"cell-{heads}-{adapter}-{rows}-judged")
+                if res is None:
+                    continue
+                method = cfg.head_method if heads == "p2d" else heads
+                sel = units.get(f"select-{rows}") or {}
+                cpu = ((units.get(f"heads-{method}") or {}).get("cpu_s") or 0.0) + (sel.get("cpu_s") or 0.0) \
+                    + (res.get("cpu_s") or 0.0)
+                if rows == "p2d" and heads != "p2d":  # P2D's rows need P2D's heads too
+                    cpu += sel.get("heads_cpu_s") or 0.0
+                out.setdefault(candidate_name(heads, rows, adapter), {}).setdefault(split, {})[seed] = {
+                    "strict": res["strict"], "cpu_s": cpu, "adapter": adapter, "heads": heads, "rows": rows}
+    return out
+
+
+def judge_outcomes(outcomes: dict, draws: int = 2000) -> dict | None:
+    """The rule's steps 3 and 4 on ``outcomes`` (candidate -> split -> seed -> {"strict": [0/1 per row],
+    "cpu_s", "adapter", "heads", "rows"}): every complete candidate's per-split score and interval, its
+    worst split, the tied set and the winner (None when no candidate is complete)."""
+    if not outcomes:
+        return None
+    splits = sorted({sp for c in outcomes.values() for sp in c})
+    seeds = {sp: sorted({s for c in outcomes.values() for s in c.get(sp, {})}) for sp in splits}
+    table = []
+    for name, by_split in outcomes.items():
+        if any(sorted(by_split.get(sp, {})) != seeds[sp] for sp in splits):
+            continue  # measured on fewer splits or seeds: not comparable
+        per_split = {}
+        for sp in splits:
+            rows = {s: v["strict"] for s, v in by_split[sp].items()}
+            iv = paired_difference(rows, {s: [0.0] * len(r) for s, r in rows.items()}, draws=draws)
+            per_split[sp] = {"score": iv["estimate"], "ci95": iv["ci95"], "n_rows": iv["n_rows"]}
+        worst = min(splits, key=lambda sp: (per_split[sp]["score"], sp))
+        first = next(iter(by_split[splits[0]].values()))
+        table.append({"candidate": name, "heads": first["heads"], "rows": first["rows"], "adapter": first["adapter"],
+                      "score": per_split[worst]["score"], "ci95": per_split[worst]["ci95"], "worst_split": worst,
+                      "per_split": per_split,
+                      "cpu_s": statistics.fmean(v["cpu_s"] for sp in splits for v in by_split[sp].values())})
+    if not table:
+        return None
+    table.sort(key=lambda r: (-r["score"], r["candidate"]))
+    best = table[0]
+    tied = [r for r in table if r["ci95"][1] >= best["ci95"][0]]  # intervals overlap the best one's
+    winner = min(tied, key=lambda r: (r["cpu_s"], _reach(r["adapter"]), r["candidate"]))
+    for r in table:
+        r["tied_with_best"] = r in tied
+    return {"aggregate": RULE_AGGREGATE, "splits": splits, "seeds": seeds, "table": table, "best": best["candidate"],
+            "tied": [r["candidate"] for r in tied], "winner": winner}
+
+
+def judged_rule(bench, candidates=RULE_CANDIDATES) -> dict | None:
+    """The rule judged by training on what the invocation found valid (None before any candidate is
+    complete on every choice split and seed)."""
+    d = judge_outcomes(_outcomes(bench, candidates), draws=bench.cfg.bootstrap)
+    if d is not None:
+        d["candidates"] = len(candidates)
+    return d
+
+
+def rule_markdown(d: dict) -> str:
+    lines = [f"## Defaults by the rule judged by training ({d['aggregate']}; splits {', '.join(d['splits'])}; "
+             f"choice seeds {', '.join(str(s) for s in d['seeds'][d['splits'][0]])})", "",
+             f"Strict match on held-out probe rows (another choice seed's probe; no eval row read); {len(d['table'])} "
+             f"of {d.get('candidates', len(d['table']))} candidates complete. Tied: the interval overlaps the best "
+             "one's; among the tied the cheapest (CPU s of heads, selection and training) wins.", "",
+             "| candidate | score (worst split) [95%] | worst split | per split | CPU s | tied |", "|---|---|---|---|---|---|"]
+    for r in d["table"]:
+        lo, hi = r["ci95"]
+        per = ", ".join(f"{100 * v['score']:.1f}" for v in r["per_split"].values())
+        lines.append(f"| {r['candidate']} | {100 * r['score']:.1f} [{100 * lo:.1f}, {100 * hi:.1f}] | {r['worst_split']} | "
+                     f"{per} | {r['cpu_s']:.0f} | {'yes' if r['tied_with_best'] else ''} |")
+    w = d["winner"]
+    lines += ["", f"Best score: **{d['best']}**; by the rule (cheapest of the tied): **{w['candidate']}**."]
     return "\n".join(lines) + "\n"

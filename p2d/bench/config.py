@@ -15,12 +15,13 @@ from ..errors import UserError
 from ..method.heads import HEAD_METHODS
 
 #: the parts of the benchmark, in the order they run for each split (see p2d/bench/benchmark.py)
-PARTS = ("precision", "sweep", "selectors", "heads", "classic", "aer", "components", "heads_test", "frontier")
+PARTS = ("precision", "sweep", "rule", "selectors", "heads", "classic", "aer", "components", "heads_test",
+         "frontier")
 #: what runs without --parts (the component figures of the earlier report, the heads test across a learning-rate
 #: grid (p2d/bench/heads_test.py) and the frontier (p2d/bench/frontier.py) are on request)
-DEFAULT_PARTS = ("precision", "sweep", "selectors", "heads", "classic", "aer")
+DEFAULT_PARTS = ("precision", "sweep", "rule", "selectors", "heads", "classic", "aer")
 #: selection cells: how the training rows of the same budget are picked (P2D's selection first)
-SELECTORS = ("p2d", "tfidf", "bm25", "hidden", "rh-alignment", "random")
+SELECTORS = ("p2d", "tfidf", "bm25", "hidden", "rh-alignment", "random", "answer_shape", "answer_tfidf", "shape_tfidf")
 SELECTOR_LABELS = {
     "p2d": "P2D: the selected heads (activation)",
     "tfidf": "TF-IDF of the prompt (no heads, no model)",
@@ -28,6 +29,9 @@ SELECTOR_LABELS = {
     "hidden": "mean hidden state, one layer (no heads)",
     "rh-alignment": "gradient alignment on random heads",
     "random": "random rows",
+    "answer_shape": "the probe answers' shape (no heads, no model)",
+    "answer_tfidf": "TF-IDF of the answer (no heads, no model)",
+    "shape_tfidf": "answer shape, then prompt TF-IDF (no heads, no model)",
 }
 #: cells of the classic comparison kept for continuity (LoRA and full fine-tuning at the same budget)
 CLASSIC = ("lora-p2d", "full-p2d", "lora-random", "full-random")
@@ -36,6 +40,10 @@ DEFAULT_SPLITS = ("builtin-hard:addition", "builtin-hard:alphabetical", "builtin
                   "builtin-hard:past_tense", "builtin:addition", "builtin:dates")
 #: where the defaults are chosen (at the choice seed); the other splits were never used for a choice
 CHOICE_SPLITS = ("builtin-hard:addition", "builtin-hard:dates", "builtin:addition")
+#: the selectors whose rows ``--quick`` trains on (P2D, a prompt reader, an answer reader, random rows)
+QUICK_TRAINED = ("p2d", "tfidf", "shape_tfidf", "random")
+#: the alignment split of ``--quick`` (a behaviour the base model already has, scarce in the pool)
+QUICK_ALIGN_SPLIT = "builtin-align:json"
 #: where the heads comparison, the classic cells and the equal-accuracy AER run
 HEADS_SPLITS = ("builtin:addition", "builtin-hard:addition")
 
@@ -74,6 +82,8 @@ class BenchConfig:
     first_seed: int = setting(0, "data", "First seed", "reporting seeds are first_seed, first_seed+1, ...", minimum=0)
     choice_seed: int = setting(100, "data", "Choice seed", "the seed learning rates and defaults are chosen on "
                                "(never a reporting seed)", minimum=0)
+    rule_seeds: int = setting(2, "data", "Rule seeds", "choice seeds the rule judged by training runs at: "
+                              "choice_seed, choice_seed+1, ... (p2d/bench/choose.py; never a reporting seed)", minimum=2)
     pool_size: int = inherited("pool_size", 400)
     probe_size: int = inherited("probe_size", 64)
     eval_size: int = inherited("eval_size", 300, help="target rows the accuracy is measured on (capped by what a "
@@ -143,7 +153,8 @@ class BenchConfig:
                                "step, on request)", choices=PARTS, factory=lambda: list(DEFAULT_PARTS))
     report_only: bool = setting(False, "output", "Report only", "rebuild the report from the finished units; "
                                 "compute nothing")
-    quick: bool = setting(False, "output", "Quick", "smoke size: one words-mislead split, one seed, small pool, "
+    quick: bool = setting(False, "output", "Quick", "smoke size: one words-mislead split (with the heads "
+                          "comparison) and one alignment split (selection and selector cells), one seed, small pool, "
                           "few draws, no sweep (about 15 minutes on 2 idle cores)")
     threads: int = setting(0, "output", "Threads", "torch CPU threads (0: torch's default); with 1 the CPU seconds "
                            "of each unit are robust to other load on the machine", minimum=0)
@@ -163,8 +174,8 @@ class BenchConfig:
         if self.custom_data:
             self.splits = ["custom"]
         if self.quick:
-            self.splits = self.splits[:1] if self.custom_data else ["builtin-hard:addition"]
-            self.heads_splits = list(self.splits)
+            self.splits = self.splits[:1] if self.custom_data else ["builtin-hard:addition", QUICK_ALIGN_SPLIT]
+            self.heads_splits = self.splits[:1]
             self.choice_splits = []
             self.seeds = 1
             self.pool_size = min(self.pool_size, 160)
@@ -177,6 +188,7 @@ class BenchConfig:
             self.head_candidates = self.head_candidates[:1]
             self.adapters = [self.adapter, "offset"] if self.adapter != "offset" else ["offset"]
             self.selectors = [s for s in self.selectors if s != "bm25"]
+            self.trained_selectors = [s for s in self.trained_selectors if s in QUICK_TRAINED]  # the rest: selection only
             self.classic = []
             self.curve_points = min(self.curve_points, 4)
             self.bootstrap = min(self.bootstrap, 500)
@@ -185,6 +197,10 @@ class BenchConfig:
                 grid = getattr(self, name)
                 setattr(self, name, [grid[len(grid) // 2]])
         self.training_draws = min(self.training_draws, self.random_head_draws)
+        rule = set(range(self.choice_seed, self.choice_seed + self.rule_seeds))
+        if rule & set(self.seed_list):
+            raise UserError(f"the choice seeds {sorted(rule)} overlap the reporting seeds {self.seed_list}: "
+                            "move choice_seed or first_seed")
         bad = [s for s in self.splits if s != "custom" and s.split(":")[0] not in BUILTIN_POOLS]
         if bad:
             raise UserError(f"unknown split {bad[0]!r}: use pool:target with a built-in pool")

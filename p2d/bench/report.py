@@ -21,12 +21,13 @@ from ..cells import CELLS, cell_cost
 from ..cost import time_to_reach
 from ..files import write_json, write_text
 from . import frontier, heads_test
-from .choose import choose_defaults, choice_markdown
+from .choose import choice_markdown, choose_defaults, judged_rule, rule_markdown
 from .config import SELECTOR_LABELS
 from .split import folder_name
 from .stats import null_comparison, paired_difference
 
-HEAD_FREE = ("tfidf", "bm25", "hidden", "rh-alignment", "random")  # selectors that do not use P2D's heads
+HEAD_FREE = ("tfidf", "bm25", "hidden", "rh-alignment", "random",  # selectors that do not use P2D's heads
+             "answer_shape", "answer_tfidf", "shape_tfidf")
 
 
 def _stat(values) -> dict | None:
@@ -58,7 +59,25 @@ def collect(bench, machine: dict, model: dict) -> dict:
                                                                   cfg.bootstrap)
         out["splits"][split]["frontier"] = frontier.summarise(cfg, seeds, _cost)
     out["defaults"] = choose_defaults(bench)
+    out["rule"] = judged_rule(bench)
+    out["units"] = units_provenance(bench.touched.values())
     return out
+
+
+def units_provenance(entries) -> dict:
+    """How many of the report's units each code version made (``commit``, ``+dirty`` when its tracked files
+    differed from it; ``not recorded``: units made before units recorded it, ``no git checkout``) and with
+    how many torch threads (``0``: torch's default)."""
+    code: dict[str, int] = {}
+    threads: dict[str, int] = {}
+    for e in entries:
+        c = e.get("code")
+        name = ("not recorded" if c is None else "no git checkout" if not c.get("commit")
+                else c["commit"][:12] + ("+dirty" if c.get("dirty") else ""))
+        code[name] = code.get(name, 0) + 1
+        t = str((e.get("settings") or {}).get("threads", "not recorded"))
+        threads[t] = threads.get(t, 0) + 1
+    return {"code": dict(sorted(code.items())), "threads": dict(sorted(threads.items()))}
 
 
 def _rows(units: dict, name: str, key: str = "strict") -> list | None:
@@ -200,8 +219,24 @@ def _cell_summary(vals: dict[int, dict], seeds: dict, data: str, head_method: st
             "cost_cpu_s": _stat(_cost(r, seeds[k], data, head_method, cpu=True) for k, r in vals.items()),
             "train_s": _stat(r["train_s"] for r in res), "cpu_s": _stat(r.get("cpu_s") for r in res),
             "rows": res[0]["rows"], "steps": res[0]["steps"], "lr": res[0]["lr"],
-            "trainable_params": res[0]["trainable_params"], "query_heads_changed": res[0].get("query_heads_changed"),
+            "trainable_params": _span(r["trainable_params"] for r in res),
+            "query_heads_changed": _span(r.get("query_heads_changed") for r in res),
             "optimizer_state_bytes": res[0]["optimizer_state_bytes"], "per_seed": [r.get("accuracy") for r in res]}
+
+
+def _span(values) -> dict | None:
+    """Per-seed counts (trainable parameters, query heads changed: they differ between seeds when the heads
+    do) as their range and the values, in seed order."""
+    vals = list(values)
+    known = [v for v in vals if v is not None]
+    return {"min": min(known), "max": max(known), "per_seed": vals} if known else None
+
+
+def _count_span(sp, sep: str = ",") -> str:
+    if not sp:
+        return "–"
+    lo, hi = f"{sp['min']:{sep}}", f"{sp['max']:{sep}}"
+    return lo if lo == hi else f"{lo}-{hi}"
 
 
 def _dist(values) -> dict | None:
@@ -313,7 +348,12 @@ def markdown(results: dict) -> str:
              "reproduces the gold answer token for token). Differences: P2D minus the other cell in points, "
              "paired by seed and row, [95% bootstrap interval] and the smallest effect the comparison could "
              "detect (MDE, 80% power).  ",
-             f"Total time of this invocation: {results.get('time_s', 0):.0f} s.", ""]
+             f"Total time of this invocation: {results.get('time_s', 0):.0f} s.  "]
+    prov = results.get("units") or {}
+    if prov.get("code"):
+        lines.append("Units by the code commit that made them: " + ", ".join(f"`{k}` {n}" for k, n in prov["code"].items())
+                     + "; by torch threads: " + ", ".join(f"{k}: {n}" for k, n in prov["threads"].items()) + ".")
+    lines.append("")
     if not results.get("complete", True):
         lines += ["**Incomplete:** " + ("; ".join(results.get("skipped") or []) or "the time limit stopped the run")
                   + ". The tables cover what finished (rerun the same command to continue).", ""]
@@ -367,8 +407,8 @@ def markdown(results: dict) -> str:
                 lines.append(f"| {adapter} | {_pct(v['p2d']['accuracy'])} | {_pct(v['random'])} "
                              f"({_pct(rr.get('p05'))}-{_pct(rr.get('p95'))}) | {_diff(nc)} | "
                              f"{_pct(nc.get('share_of_draws_at_or_above'))}% | {_num(v['p2d']['loss'])} / "
-                             f"{_num(v.get('random_loss'))} | {_ldiff(nc)} | {v['p2d']['query_heads_changed']} | "
-                             f"{v['p2d']['trainable_params']:,} | {_lr(lr.get('p2d'))} / {_lr(lr.get('random'))} "
+                             f"{_num(v.get('random_loss'))} | {_ldiff(nc)} | {_count_span(v['p2d']['query_heads_changed'], '')} | "
+                             f"{_count_span(v['p2d']['trainable_params'])} | {_lr(lr.get('p2d'))} / {_lr(lr.get('random'))} "
                              f"({v['lr_interior'].get('p2d')}/{v['lr_interior'].get('random')}) |")
                 for m_, c in v["candidates"].items():
                     lines.append(f"| {adapter}, {m_} heads (vs random) | {_pct(c['accuracy'])} | | "
@@ -379,7 +419,7 @@ def markdown(results: dict) -> str:
                       "P2D minus it, loss [95%] |", "|---|---|---|---|---|---|"]
             for name, v in s["classic"].items():
                 lines.append(f"| {CELLS[name].label} | {_pct(v['accuracy'])} | {_num(v['loss'])} | "
-                             f"{v['trainable_params']:,} | {_diff(v.get('p2d_minus'))} | {_ldiff(v.get('p2d_minus'))} |")
+                             f"{_count_span(v['trainable_params'])} | {_diff(v.get('p2d_minus'))} | {_ldiff(v.get('p2d_minus'))} |")
             lines.append("")
         a = s.get("aer")
         if a:
@@ -397,6 +437,8 @@ def markdown(results: dict) -> str:
             lines.append(heads_test.markdown(s["heads_test"], cfg["head_method"]))
         if s.get("frontier"):
             lines += [frontier.markdown(s["frontier"]), f"![frontier of {split}]({frontier.svg_name(split)})", ""]
+    if results.get("rule"):
+        lines.append(rule_markdown(results["rule"]))
     if results.get("defaults"):
         lines.append(choice_markdown(results["defaults"]))
     return "\n".join(lines)

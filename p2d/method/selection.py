@@ -17,7 +17,8 @@ Variants (`p2d.method.selection_variants`): ``ablation`` (the answer loss with H
 ``prefilter_alignment`` (activation keeps a larger share, alignment ranks it). ``random`` is a seeded
 control (``random.Random(seed)``, no model pass); ``tfidf``, ``bm25`` and ``hidden``
 (`p2d.method.selection_baselines`) select without heads, the cheap alternatives head-guided selection has to
-beat.
+beat, and so do the answer readers ``answer_shape``, ``answer_tfidf`` and ``shape_tfidf`` (same module: the
+answer's shape class and words, no model).
 
 Answer positions (``positions``, one of ``POSITIONS``; `p2d.method.gating`): ``"all"`` (default) takes every
 position that predicts an answer token, which with a chat template includes the end-of-turn marker
@@ -63,7 +64,8 @@ from ..progress import Ticker
 from .gating import POSITIONS, HeadGate, heads_by_layer
 from .heads import HeadScores
 from .scoring import EncodedBatches, SelectJob, check_positions, check_ratio, top_samples
-from .selection_baselines import score_bm25, score_hidden, score_tfidf
+from .selection_baselines import (score_answer_shape, score_answer_tfidf, score_bm25, score_hidden, score_shape_tfidf,
+                                  score_tfidf)
 from .selection_variants import (PREFILTER_FACTOR, score_ablation, score_alignment, score_length_z,
                                  score_prefilter_alignment)
 
@@ -241,6 +243,13 @@ SELECT_METHODS: dict[str, SelectMethod] = {
                          uses_heads=False),
     "hidden": SelectMethod("hidden: no heads: the model's mean hidden state of one layer, cosine to the probe's "
                            "centroid", score_hidden, uses_heads=False),
+    "answer_shape": SelectMethod("answer_shape: no heads, no model: rows whose answer has the probe answers' shape "
+                                 "(number, word, date, JSON, list, sentence...) first", score_answer_shape,
+                                 uses_heads=False),
+    "answer_tfidf": SelectMethod("answer_tfidf: no heads, no model: TF-IDF of the answer, cosine to the probe "
+                                 "answers' centroid", score_answer_tfidf, uses_heads=False),
+    "shape_tfidf": SelectMethod("shape_tfidf: no heads, no model: the answer-shape filter, then prompt TF-IDF",
+                                score_shape_tfidf, uses_heads=False),
 }
 #: one line per selection method, for UIs and CLI help
 SELECT_METHOD_HELP = {name: m.help for name, m in SELECT_METHODS.items()}

@@ -20,15 +20,43 @@ their prompts belongs here too, as its own function and registry line.
   `default_hidden_layer`: the middle layer). Under several processes every process scores the whole
   pool (same result, no speed-up).
 
+The answer readers (no model) read what tfidf/bm25 leave out, the answer, the part P2D's activation
+score is averaged over; they are the first competitor a head selector has to beat:
+
+- ``answer_shape``: every answer gets one shape class (`answer_shape`, the first that fits, in the
+  order of ``SHAPES``): ``empty``; ``json`` (parses as a JSON object or array); ``number`` (one
+  number: ``-12``, ``3,400``, ``0.85``, ``12%``); ``ordinal`` (``21st``); ``date`` (a month name with
+  a day or year, ``2024-03-01``, ``3/1/2024``); ``list`` (two or more short comma/semicolon items, or
+  bullet / numbered lines); ``code`` (several lines, one of them indented or ending in ``:``, ``{``
+  or ``;``); ``lines`` (several other lines); ``word`` (one word); ``phrase`` (two to four words, no
+  closing ``.!?``); ``sentence`` (one sentence); ``paragraph`` (more). A pool row's score is the share
+  of probe answers with its shape, so rows of the probe's dominant shape rank first, then the next
+  shapes, rows of a shape no probe answer has last. Ties within a shape: the answer length closest to
+  the probe answers' median (``1 / (1 + |log (1 + words) - log (1 + median)|)``), scaled below one
+  probe answer's share so it never reorders shapes; then pool position.
+- ``answer_tfidf``: ``tfidf``'s vectors and cosine, on the answer text instead of the prompt.
+- ``shape_tfidf``: ``answer_shape``'s shape share first, ties within a shape by ``tfidf`` of the
+  prompt (scaled the same way), i.e. the shape filter, then prompt TF-IDF.
+
+Rows without a prompt (plain-text data: the whole text is the answer, as training sees it) are read
+the same way: their shape is the text's, answer_tfidf compares the text, and shape_tfidf's second key
+falls back to the text when a row has no prompt. A probe whose answers are all empty is refused
+(UserError); empty pool answers get the ``empty`` shape and rank with it. ``extra`` records the probe's
+shape shares (``probe_shapes``) and, for the shape selectors, the shapes of the kept rows.
+
 Only the prompt is read by tfidf/bm25 (the answer is what the model must produce; a selector that
-matched answers would favour rows with the probe's answers). Not supported: languages without
-word boundaries in the token pattern (tfidf/bm25 then compare whole runs of characters).
+matched answers would favour rows with the probe's answers: that is what the answer readers do, on
+purpose). Not supported: languages without word boundaries in the token pattern (the TF-IDF
+selectors then compare whole runs of characters); shape classes beyond the ones listed (an answer in
+another format falls into word/phrase/sentence/paragraph by its length).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import re
+import statistics
 from collections import Counter
 
 import torch
@@ -40,11 +68,16 @@ from ..geometry import decoder_layers
 from ..models import frozen
 from ..progress import Ticker
 from .gating import StopForward
-from .scoring import SelectJob
+from .scoring import SelectJob, top_samples
 
 BM25_K1, BM25_B = 1.2, 0.75
 
 _TOKEN = re.compile(r"\w+|[^\w\s]")
+
+
+def answer_text(sample: Sample) -> str:
+    """The answer (plain-text samples: the whole text)."""
+    return str(sample.answer or "")
 
 
 def prompt_text(sample: Sample) -> str:
@@ -71,9 +104,10 @@ def _tfidf_vectors(docs: list[list[str]], idf: dict[str, float]) -> list[dict[st
     return out
 
 
-def tfidf_scores(pool: list[Sample], probe: list[Sample]) -> list[float]:
-    pool_docs = [tokens(prompt_text(s)) for s in pool]
-    probe_docs = [tokens(prompt_text(s)) for s in probe]
+def tfidf_scores(pool: list[Sample], probe: list[Sample], text=prompt_text) -> list[float]:
+    """Cosine of each pool row's TF-IDF vector of ``text(row)`` to the probe's centroid (see the module docstring)."""
+    pool_docs = [tokens(text(s)) for s in pool]
+    probe_docs = [tokens(text(s)) for s in probe]
     docs = pool_docs + probe_docs
     df = Counter(t for d in docs for t in set(d))
     n = len(docs)
@@ -100,6 +134,111 @@ def bm25_scores(pool: list[Sample], probe: list[Sample]) -> list[float]:
         norm = BM25_K1 * (1 - BM25_B + BM25_B * len(doc) / avgdl)
         scores.append(sum(w * idf[t] * tf[t] * (BM25_K1 + 1) / (tf[t] + norm) for t, w in weights.items() if t in tf))
     return scores
+
+
+# ------------------------------------------------------------------------------------------ answer readers
+
+#: the shape classes of `answer_shape`, in the order they are tried
+SHAPES = ("empty", "json", "number", "ordinal", "date", "list", "code", "lines", "word", "phrase", "sentence",
+          "paragraph")
+_MONTH = (r"(?:jan(?:uary)?|feb(?:ruary)?|mar(?:ch)?|apr(?:il)?|may|june?|july?|aug(?:ust)?|sep(?:t(?:ember)?)?"
+          r"|oct(?:ober)?|nov(?:ember)?|dec(?:ember)?)\.?")
+_NUMBER = re.compile(r"[-+−]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?%?|[-+−]?\.\d+%?")
+_ORDINAL = re.compile(r"\d+(?:st|nd|rd|th)")
+_DATE = re.compile(rf"(?:{_MONTH}\s+\d{{1,2}}(?:st|nd|rd|th)?(?:,?\s+\d{{4}})?|\d{{1,2}}(?:st|nd|rd|th)?\s+(?:of\s+)?"
+                   rf"{_MONTH}(?:,?\s+\d{{4}})?|{_MONTH}\s+\d{{4}}|\d{{4}}-\d{{1,2}}-\d{{1,2}}"
+                   rf"|\d{{1,2}}[/.]\d{{1,2}}[/.]\d{{2,4}})", re.IGNORECASE)
+_BULLET = re.compile(r"\s*(?:[-*•]|\d+[.)])\s+\S")
+_WORD = re.compile(r"[^\W\d_](?:[\w'’-]*\w)?[.!?]?")
+_SENTENCE_END = re.compile(r"[.!?](?:\s|$)")
+
+
+def answer_shape(text: str) -> str:
+    """The shape class of an answer (one of `SHAPES`; see the module docstring)."""
+    t = str(text or "").strip()
+    if not t:
+        return "empty"
+    if t[0] in "{[":
+        try:
+            if isinstance(json.loads(t), (dict, list)):
+                return "json"
+        except ValueError:
+            pass
+    if _NUMBER.fullmatch(t):
+        return "number"
+    if _ORDINAL.fullmatch(t):
+        return "ordinal"
+    if _DATE.fullmatch(t.rstrip(".")):
+        return "date"
+    lines = [ln for ln in t.splitlines() if ln.strip()]
+    if len(lines) >= 2 and all(_BULLET.match(ln) for ln in lines):
+        return "list"
+    items = [x.strip() for x in re.split(r"[,;]", t)]
+    if len(lines) == 1 and len(items) >= 2 and all(x and len(x.split()) <= 3 and not _SENTENCE_END.search(x)
+                                                   for x in items):
+        return "list"
+    if len(lines) >= 2:
+        code = any(ln[:1] in " \t" or ln.rstrip().endswith((":", "{", ";")) for ln in t.splitlines() if ln.strip())
+        return "code" if code else "lines"
+    words = t.split()
+    if len(words) == 1 and _WORD.fullmatch(t):
+        return "word"
+    if len(words) <= 4 and not t.endswith((".", "!", "?")):
+        return "phrase"
+    return "sentence" if len(_SENTENCE_END.findall(t.rstrip())) <= 1 else "paragraph"
+
+
+def _probe_shapes(job: SelectJob) -> tuple[list[str], dict[str, float]]:
+    """Every pool answer's shape and the probe answers' shape shares (UserError: no probe answer)."""
+    probe = [answer_text(s) for s in job.probe]
+    if not any(a.strip() for a in probe):
+        raise UserError(f"the {job.method} selection reads the probe's answers, and every probe answer is empty: "
+                        "give a probe file with answers (an output column), or pick another selection method")
+    counts = Counter(answer_shape(a) for a in probe)
+    shares = {k: c / len(probe) for k, c in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))}
+    job.extra["probe_shapes"] = {k: round(v, 4) for k, v in shares.items()}
+    return [answer_shape(answer_text(s)) for s in job.pool], shares
+
+
+def _by_shape(job: SelectJob, tie: list[float]) -> bool:
+    """Scores = the probe's share of each row's shape, ties within a shape by ``tie`` (each in [0, 1]),
+    scaled below one probe answer's share so a tie-break never moves a row past another shape."""
+    shapes, shares = _probe_shapes(job)
+    step = 1.0 / (len(job.probe) + 1)
+    job.scores = [shares.get(sh, 0.0) + step * min(1.0, max(0.0, t)) for sh, t in zip(shapes, tie)]
+    kept = top_samples(job.scores, job.ratio)
+    job.extra["selected_shapes"] = dict(Counter(shapes[i] for i in kept).most_common())
+    return _model_free(job)
+
+
+def _length_closeness(pool: list[Sample], probe: list[Sample]) -> list[float]:
+    median = statistics.median(len(answer_text(s).split()) for s in probe)
+    return [1.0 / (1.0 + abs(math.log1p(len(answer_text(s).split())) - math.log1p(median))) for s in pool]
+
+
+def prompt_or_text(sample: Sample) -> str:
+    """The prompt; a row without one (plain text): its text."""
+    return prompt_text(sample) or answer_text(sample)
+
+
+def score_answer_shape(job: SelectJob) -> bool:
+    """``answer_shape``: the probe's share of each row's answer shape, ties by answer length (no model)."""
+    _need_probe(job)
+    return _by_shape(job, _length_closeness(job.pool, job.probe))
+
+
+def score_answer_tfidf(job: SelectJob) -> bool:
+    """``answer_tfidf``: `tfidf_scores` of the answer texts (no model)."""
+    _need_probe(job)
+    _probe_shapes(job)  # the probe's answers must exist; their shapes go into extra
+    job.scores = tfidf_scores(job.pool, job.probe, text=answer_text)
+    return _model_free(job)
+
+
+def score_shape_tfidf(job: SelectJob) -> bool:
+    """``shape_tfidf``: the answer-shape filter, then TF-IDF of the prompt within a shape (no model)."""
+    _need_probe(job)
+    return _by_shape(job, tfidf_scores(job.pool, job.probe, text=prompt_or_text))
 
 
 def mean_hidden_states(lm, samples: list[Sample], layer: int, batch_size: int = 8, max_length: int = 256,

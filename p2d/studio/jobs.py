@@ -297,7 +297,7 @@ def controls(studio, ws):
         run.run(["eval_after"])
         if not run.is_done("eval_after"):
             return _settled(run, "eval_after")
-        job.set_phase("training the controls (random heads, random data, TF-IDF data, LoRA)")
+        job.set_phase("training the controls (random heads, random data, TF-IDF data, answer-shape data, LoRA)")
         run_controls(run, progress=job.progress, should_stop=job.should_stop)
         return "done"
     return body

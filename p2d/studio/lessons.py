@@ -29,10 +29,12 @@ LESSONS = {
         "after. **Look for:** drops: training a few heads can still change how the model answers elsewhere. "
         "Five rows per task are a glance, not a measurement."),
     "controls": (
-        "**What this shows:** the same training budget spent four other ways: random heads on P2D's data "
+        "**What this shows:** the same training budget spent five other ways: random heads on P2D's data "
         "(do the heads matter?), P2D's heads on random data (does the data matter?), P2D's heads on the rows "
         "a word-matching selector picks without any heads or model (TF-IDF: does the head-guided selection beat "
-        "a cheap one?) and LoRA on P2D's data (the adapter most people use). **Look for:** a control as good "
+        "a cheap one?), on the rows whose answer has the probe answers' shape (a number, a date, JSON...; then "
+        "TF-IDF: is it more than the answer's form?) and LoRA on P2D's data (the adapter most people use). "
+        "**Look for:** a control as good "
         "as P2D means that half of the method is not what helped. One draw each: the benchmark repeats them "
         "over seeds, and there random heads trained better than P2D's (q/k/v/o slices) and TF-IDF rows "
         "better than P2D's where the words give the task away (docs/BENCHMARKS.md)."),
