@@ -134,6 +134,8 @@ class Limits:
     max_queued_per_ip: int | None = None   # requests of one client address in the queue, waiting or running
     max_running_per_ip: int | None = None  # requests of one client address running at once (the rest wait)
     concurrency: int = 4                   # default per-event concurrency
+    light_concurrency: int | None = None   # light requests (every event outside the job, wait groups) at once, all
+    #                                        events together (None: `concurrency` per event)
     follow_concurrency: int | None = None  # requests following a job (load/heads/select/evaluate/...)
     wait_concurrency: int = 8              # /wait_job callers at once
     max_waits_per_workspace: int | None = None  # /wait_job and job-following calls at once, one session
@@ -259,7 +261,8 @@ DEMO = Limits(demo=True, max_pool=400, max_probe=64, max_eval=32, max_other_eval
               max_upload_files=1, max_uploads_per_ip_hour=60, max_upload_bytes_per_ip_hour=150 * MB,
               max_pending_upload_bytes=200 * MB, max_pending_upload_share=0.25, upload_ttl_s=600.0,
               max_text_chars=64 * 1024, max_settings_chars=16 * 1024, max_prompt_chars=4000, max_prompt_tokens=256,
-              max_wait_s=30.0, queue_size=256, max_queued_per_ip=16, max_running_per_ip=4, concurrency=4, follow_concurrency=16,
+              max_wait_s=30.0, queue_size=256, max_queued_per_ip=16, max_running_per_ip=4, concurrency=4, light_concurrency=4,
+              follow_concurrency=16,
               wait_concurrency=8, max_waits_per_workspace=2, max_waits_per_ip=2,
               max_workspaces=64, max_workspaces_per_ip=8, max_new_workspaces_per_ip_hour=30,
               max_jobs_per_ip=2, max_job_s=300.0, workspace_ttl_s=24 * 3600.0,
