@@ -18,7 +18,8 @@ arguments a page or a direct API call sends:
 - requests (`p2d.studio.gate`, the one gate every endpoint goes through): characters of any text
   argument, the settings text, the chat prompt (characters, then tokens in the job), what the demo
   refuses (`p2d.studio.gate.REFUSED_IN_DEMO`), the ``/wait_job`` timeout and how many calls wait at
-  once per session and per client address; the Gradio queue size, per-event concurrency and queued
+  once per session and per client address; the Gradio queue size, per-event concurrency (in the demo
+  one group of slots for every light request, `p2d.studio.server.share_light_slots`) and queued
   requests per client address (`p2d.studio.guard`);
 - sessions (`p2d.studio.workspace.Registry`, `p2d.studio.worker.Worker`): workspaces kept in
   memory, per client address (and new ones per address per hour), jobs queued or running per client
