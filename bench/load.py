@@ -21,7 +21,7 @@ and the largest disk use seen (the runs folder, Gradio's upload folder) against 
 hostile addresses got (answers and refusals). Its loops are bounded in count and time, and it stops by
 itself (``--max-s``). Nothing is sent outside this machine.
 
-    python bench/load.py                           # 8 hostile addresses, the embedded model
+    python bench/load.py                           # 8 hostile addresses, the embedded model, the demo's job cap
     python bench/load.py --hostile 4 --model tiny  # a tiny random Llama (what the test suite runs)
     python bench/load.py --json load.json
 """
@@ -374,6 +374,7 @@ def free_port() -> int:
 def run(args) -> dict:
     from p2d.studio.limits import DEMO
 
+    load_start = [round(x, 2) for x in os.getloadavg()]  # the machine's load beside the run (1, 5, 15 min)
     work = Path(tempfile.mkdtemp(prefix="p2d-load-"))
     runs, uploads, log_path, stop_file = work / "runs", work / "gradio", work / "server.log", work / "stop"
     tiny = tiny_model(work / "tiny") if args.model == "tiny" else None
@@ -446,6 +447,7 @@ def run(args) -> dict:
     peak_uploads = max((s[2] for s in samples), default=0)
     out = {
         "command": " ".join(["python", "bench/load.py", *sys.argv[1:]]), "machine": machine(),
+        "load_average": {"start": load_start, "end": [round(x, 2) for x in os.getloadavg()]},
         "hostile": hostile, "model": args.model,
         "job_cap_s": args.job_cap, "warmup_s": warmup, "seconds": round(took, 1), "honest_finished": finished,
         "honest_steps": honest.steps, "honest_latency": light,
@@ -494,7 +496,8 @@ def main(argv=None) -> None:
     a.add_argument("--heavy-pool", type=int, default=400)
     p.add_argument("--hostile", type=int, default=8, help="hostile addresses (default 8)")
     p.add_argument("--model", choices=("embedded", "tiny"), default="embedded")
-    p.add_argument("--job-cap", type=float, default=120.0, help="the demo's job time cap here (default 120 s)")
+    p.add_argument("--job-cap", type=float, default=None,
+                   help="the demo's job time cap here (default: the demo's own, `DEMO.max_job_s`, 300 s)")
     p.add_argument("--pool", type=int, default=40, help="the honest visitor's pool rows")
     p.add_argument("--steps", type=int, default=3, help="the honest visitor's training steps")
     p.add_argument("--warmup", type=float, default=None,
@@ -511,6 +514,10 @@ def main(argv=None) -> None:
         return serve(args)
     if args.command == "attack":
         return attack(args)
+    if args.job_cap is None:
+        from p2d.studio.limits import DEMO
+
+        args.job_cap = DEMO.max_job_s
     out = run(args)
     text = json.dumps(out, indent=1, ensure_ascii=False)
     print(text)

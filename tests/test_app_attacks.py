@@ -510,6 +510,22 @@ def trained(served):
 
 
 @pytest.mark.slow
+def test_results_never_packs_a_download_in_a_request(served, trained, monkeypatch):
+    """Round three's load test: one /results call took 3.19 s under attack, the first after a training: it packed
+    the adapter zip inside the request. The train job packs it (in the worker); /results only offers it."""
+    import shutil
+
+    assert list(Path(served.root).rglob("run-001-adapter.zip"))  # packed by the job, before any page asked
+
+    def packing(*args, **kwargs):
+        raise AssertionError("a request packed a zip")
+
+    monkeypatch.setattr(shutil, "make_archive", packing)
+    out = trained.client.predict(api_name="/results")
+    assert any(isinstance(v, dict) and str(v.get("value")).endswith("run-001-adapter.zip") for v in out), out
+
+
+@pytest.mark.slow
 def test_numeric_settings_are_capped_and_errors_are_one_line(served, trained):
     """Issue 20 #9: epochs 1e12, checkpoint_every 1, val_ratio 0.5 with val_every 1, weight_decay 1e300 were
     accepted; seed 2**64 answered "internal error (ValueError: Overflow ...)"."""

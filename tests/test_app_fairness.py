@@ -65,6 +65,30 @@ def test_an_address_cap_counts_running_requests_too(tmp_path):
         st.close()
 
 
+def test_light_requests_share_a_few_slots_in_the_demo(tmp_path):
+    """Round three's load test: under attack every light call took about twenty times its idle time (/show_command
+    p50 1.92 s): with a concurrency group per event, a flood over six endpoints ran dozens of handlers at once in
+    the one server process, each with a sliver of the interpreter it shares with the job worker. In the demo every
+    event outside the job and wait groups shares `light_concurrency` slots (the queue takes turns in it)."""
+    from p2d.studio.limits import DEMO, LOCAL
+    from p2d.studio.server import build_app
+
+    demo = build_app(runs_root=tmp_path / "d", limits=DEMO)
+    local = build_app(runs_root=tmp_path / "l", limits=LOCAL)
+    try:
+        groups: dict[str, set] = {}
+        for fn in demo.fns.values():
+            groups.setdefault(fn.concurrency_id, set()).add(fn.concurrency_limit)
+        assert set(groups) == {"light", "jobs", "wait"}, set(groups)
+        assert groups["light"] == {DEMO.light_concurrency} and DEMO.light_concurrency <= DEMO.concurrency
+        light = {fn.api_name for fn in demo.fns.values() if fn.concurrency_id == "light"}
+        assert {"show_command", "results", "runs", "train_status", "preview", "attach", "stop", "page_load"} <= light
+        assert "light" not in {fn.concurrency_id for fn in local.fns.values()}  # the local mode keeps Gradio's way
+    finally:
+        demo.studio.close()
+        local.studio.close()
+
+
 def test_the_queue_starts_the_address_with_the_fewest_running():
     """Issue 27: another address's light call waited up to 14.3 s behind one address's flood (Gradio starts a
     group's first request). Now a group's next request is the first of the address with the fewest running."""

@@ -130,6 +130,36 @@ def test_jobs_take_turns_across_addresses_and_see_their_place():
         worker.close()
 
 
+def test_a_heavy_address_is_remembered_for_several_capped_rounds():
+    """Round three's load test (job cap 300 s): three addresses ran heavy selections of one cap each; the worker's
+    15-minute memory forgot each one's last job just before its next turn, so the honest visitor's training (156 s
+    used) waited behind two of them. With a cap, the window spans `FAIR_ROUNDS` caps."""
+    import threading
+    import time
+    from collections import deque
+
+    from p2d.studio.worker import FAIR_ROUNDS, FAIR_WINDOW_S
+
+    gate = threading.Event()
+    worker = Worker(max_job_s=300.0)
+    try:
+        assert worker.fair_window_s == FAIR_ROUNDS * 300.0 > FAIR_WINDOW_S
+        blocker = worker.submit("select", "x", lambda job: gate.wait(30), client="10.0.0.7")
+        while blocker.status != "running":
+            threading.Event().wait(0.01)
+        now = time.time()
+        worker._used.clear()
+        worker._used["10.0.0.1"] = deque([(now - 1000.0, 300.0)])  # a capped selection 17 minutes ago
+        worker._used["10.0.0.2"] = deque([(now - 60.0, 156.0)])    # the honest visitor's head scoring
+        heavy = worker.submit("select", "a", lambda job: None, client="10.0.0.1")
+        honest = worker.submit("train", "b", lambda job: None, client="10.0.0.2")
+        assert worker.order() == [honest, heavy]
+    finally:
+        gate.set()
+        worker.close()
+    assert Worker().fair_window_s == FAIR_WINDOW_S  # no cap (the local mode): as before
+
+
 def test_a_job_over_the_time_cap_is_stopped_with_a_message():
     """Issue 27: no job time cap. With ``max_job_s`` a job is asked to stop once it has run that long; it ends
     stopped, saying why, and the next job runs."""

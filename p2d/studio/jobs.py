@@ -120,7 +120,10 @@ def train(studio, ws, cfg: RunConfig, processes: int = 1):
             return _train_launched(studio, ws, run, job, processes)
         follow(job, run, TRAIN_STAGES)
         studio.note_job(job)  # with its plan: what Resume continues after a restart
-        run.run(TRAIN_STAGES)
+        try:
+            run.run(TRAIN_STAGES)
+        finally:
+            studio.adapter_zip(ws, make=True)  # the download, packed here rather than in a page request
         return _settled(run, "train")
     return body
 
@@ -141,6 +144,7 @@ def _train_launched(studio, ws, run: Run, job: Job, processes: int) -> str:
     run = studio.open_run(ws, run.out.name, in_job=True)  # what the processes wrote
     if not run.is_done("train"):
         return _settled(run, "train")
+    studio.adapter_zip(ws, make=True)
     follow(job, run, ["eval_after"])
     run.run(["eval_after"])
     return _settled(run, "train")
@@ -246,6 +250,7 @@ def resume(studio, ws, name: str):
             run.run(stages)
         finally:
             run.resume = False
+            studio.adapter_zip(ws, make=True)
         return _settled(run, stages[-1])
     return body
 

@@ -18,7 +18,8 @@ arguments a page or a direct API call sends:
 - requests (`p2d.studio.gate`, the one gate every endpoint goes through): characters of any text
   argument, the settings text, the chat prompt (characters, then tokens in the job), what the demo
   refuses (`p2d.studio.gate.REFUSED_IN_DEMO`), the ``/wait_job`` timeout and how many calls wait at
-  once per session and per client address; the Gradio queue size, per-event concurrency and queued
+  once per session and per client address; the Gradio queue size, per-event concurrency (in the demo
+  one group of slots for every light request, `p2d.studio.server.share_light_slots`) and queued
   requests per client address (`p2d.studio.guard`);
 - sessions (`p2d.studio.workspace.Registry`, `p2d.studio.worker.Worker`): workspaces kept in
   memory, per client address (and new ones per address per hour), jobs queued or running per client
@@ -134,6 +135,8 @@ class Limits:
     max_queued_per_ip: int | None = None   # requests of one client address in the queue, waiting or running
     max_running_per_ip: int | None = None  # requests of one client address running at once (the rest wait)
     concurrency: int = 4                   # default per-event concurrency
+    light_concurrency: int | None = None   # light requests (every event outside the job, wait groups) at once, all
+    #                                        events together (None: `concurrency` per event)
     follow_concurrency: int | None = None  # requests following a job (load/heads/select/evaluate/...)
     wait_concurrency: int = 8              # /wait_job callers at once
     max_waits_per_workspace: int | None = None  # /wait_job and job-following calls at once, one session
@@ -259,7 +262,8 @@ DEMO = Limits(demo=True, max_pool=400, max_probe=64, max_eval=32, max_other_eval
               max_upload_files=1, max_uploads_per_ip_hour=60, max_upload_bytes_per_ip_hour=150 * MB,
               max_pending_upload_bytes=200 * MB, max_pending_upload_share=0.25, upload_ttl_s=600.0,
               max_text_chars=64 * 1024, max_settings_chars=16 * 1024, max_prompt_chars=4000, max_prompt_tokens=256,
-              max_wait_s=30.0, queue_size=256, max_queued_per_ip=16, max_running_per_ip=4, concurrency=4, follow_concurrency=16,
+              max_wait_s=30.0, queue_size=256, max_queued_per_ip=16, max_running_per_ip=4, concurrency=4, light_concurrency=4,
+              follow_concurrency=16,
               wait_concurrency=8, max_waits_per_workspace=2, max_waits_per_ip=2,
               max_workspaces=64, max_workspaces_per_ip=8, max_new_workspaces_per_ip_hour=30,
               max_jobs_per_ip=2, max_job_s=300.0, workspace_ttl_s=24 * 3600.0,

@@ -88,6 +88,21 @@ class StudioBlocks(gr.Blocks):
             return super().launch(*args, app_kwargs=app_kwargs, **kwargs)
 
 
+LIGHT_GROUP = "light"
+
+
+def share_light_slots(app: gr.Blocks, limit: int) -> None:
+    """Put every event that has no concurrency group of its own (all but the job-following ones and
+    ``/wait_job``) into one group of ``limit`` slots. Per event (Gradio's default), a flood over many
+    endpoints runs dozens of handlers at once in this one process: each light call then gets a
+    sliver of the interpreter (one GIL, shared with the job worker) and takes twenty times its
+    idle time. With one small group a flood's requests wait in the queue instead, where
+    `p2d.studio.guard.take_turns` starts the address with the fewest running first."""
+    for fn in app.fns.values():
+        if fn.concurrency_id == str(id(fn.fn)):  # Gradio's default: a group of its own
+            fn.concurrency_id, fn.concurrency_limit = LIGHT_GROUP, limit
+
+
 def default_runs_root() -> Path:
     return Path(os.environ.get("P2D_STUDIO_RUNS") or Path("runs") / "studio").expanduser().resolve()
 
@@ -160,6 +175,8 @@ def build_app(demo: bool | None = None, runs_root: str | os.PathLike | None = No
         ctx.finish(browser_ws, app)
 
     app.studio = st  # for tests and app.py
+    if limits.light_concurrency is not None:
+        share_light_slots(app, limits.light_concurrency)
     app.queue(max_size=limits.queue_size, default_concurrency_limit=limits.concurrency)
     return app
 

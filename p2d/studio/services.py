@@ -492,16 +492,18 @@ class Studio:
             except OSError:
                 pass
 
-    def adapter_zip(self, ws: Workspace) -> Path | None:
-        """The trained heads as a zip in the workspace's downloads folder (rebuilt when the adapter is
-        newer than the zip); None before training."""
+    def adapter_zip(self, ws: Workspace, make: bool = False) -> Path | None:
+        """The trained heads as a zip in the workspace's downloads folder; None before training. ``make``
+        (the jobs that train, in the worker): build it when missing or older than the adapter; without
+        ``make`` (the page's requests) only an up-to-date zip, so that no request packs files."""
         run = ws.run
         trained = run.train_result if run is not None else None
         if trained is None:
             return None
         adapter = Path(trained.adapter_dir)
         return self._zip(ws, adapter, ws.download_dir / f"{run.out.name}-adapter.zip",
-                         lambda tmp: shutil.make_archive(tmp, "zip", root_dir=adapter.parent, base_dir=adapter.name))
+                         (lambda tmp: shutil.make_archive(tmp, "zip", root_dir=adapter.parent, base_dir=adapter.name))
+                         if make else None)
 
     def peft_zip(self, ws: Workspace, run=None, trained=None, make: bool = False) -> Path | None:
         """The PEFT-format export of the trained heads as a zip (``make``: export it when missing or

@@ -445,7 +445,9 @@ def results(studio, ws) -> dict:
     return {"summary": "  \n".join(lines), "table": pd.DataFrame(_eval_rows(before, after), columns=RESULT_COLUMNS),
             "chart": charts.eval_chart(before, after),
             "examples": pd.DataFrame(_example_rows(before, after), columns=EXAMPLE_COLUMNS),
-            "adapter_dl": studio.download(ws, studio.adapter_zip(ws)),
+            # packed by the job that trained (the public demo never packs in a request; locally a run trained
+            # elsewhere is packed when first shown)
+            "adapter_dl": studio.download(ws, studio.adapter_zip(ws, make=not studio.limits.demo)),
             "peft_dl": studio.download(ws, studio.peft_zip(ws)),
             "metrics_dl": studio.download(ws, run.out / METRICS_FILE)}
 

@@ -6,7 +6,8 @@ job and resumes showing it.
 
 Fair turns: the worker shares its time across client addresses, not first come first served. The next
 job is the first queued job of the address that used the worker least in the last ``FAIR_WINDOW_S``
-(its jobs' running time), then the one with fewer jobs queued; one address's jobs keep their order.
+(with a job time cap: ``FAIR_ROUNDS`` caps, if longer; its jobs' running time), then the one with fewer
+jobs queued; one address's jobs keep their order.
 With jobs of equal length this is round robin; a visitor whose jobs are short goes before one who keeps
 the worker busy with heavy ones, so the heavy queue of one visitor never makes another wait more than
 the job that is running. A waiting job sees its place and an
@@ -54,7 +55,11 @@ from .log import LOG, cut
 ACTIVE = ("queued", "running")
 FINISHED = ("done", "failed", "stopped")
 RECENT = 10  # finished jobs of each kind whose durations make the estimate
-FAIR_WINDOW_S = 900.0  # how far back the worker time an address used counts for its turn
+FAIR_WINDOW_S = 900.0  # how far back the worker time an address used counts for its turn (at least)
+#: with a job time cap, the window spans this many capped jobs: several heavy addresses take turns of one cap each,
+#: and a window shorter than their round forgets an address's last job just before its next turn, so it goes again
+#: before a visitor who used the worker less (round three's load test: 900 s, three heavy addresses, a 300 s cap)
+FAIR_ROUNDS = 8
 
 
 def fmt_wait(seconds: float) -> str:
@@ -142,6 +147,7 @@ class Worker:
         self._used: dict[str, deque] = {}  # client address -> (when, seconds) of its jobs' running time
         self._durations: dict[str, deque] = {}  # job kind -> seconds its last jobs ran
         self.max_job_s = max_job_s
+        self.fair_window_s = max(FAIR_WINDOW_S, FAIR_ROUNDS * max_job_s) if max_job_s else FAIR_WINDOW_S
         self._current: Job | None = None
         self._jobs: OrderedDict[str, Job] = OrderedDict()
         self._keep = keep_finished
@@ -262,9 +268,9 @@ class Worker:
                 f"their turn); what it finished is kept: {what}")
 
     def _usage(self) -> dict[str, float]:
-        """Seconds of worker time each client address used in the last `FAIR_WINDOW_S` (the running job
+        """Seconds of worker time each client address used in the last ``fair_window_s`` (the running job
         included); the caller holds the lock."""
-        since = time.time() - FAIR_WINDOW_S
+        since = time.time() - self.fair_window_s
         used = {}
         for client, spans in list(self._used.items()):
             while spans and spans[0][0] < since:
