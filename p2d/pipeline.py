@@ -61,7 +61,7 @@ from .manifest import Manifest, content_digest, fresh_digest, is_valid, make_ent
 from .method.features import (RECORD_FILE, RECORD_LENGTHS_FILE, RECORD_METHODS, HeadFeatures, head_norms,
                               load_record, record_settings, save_record, select_from_features)
 from .method.heads import HEADS_FILE, HeadScores, score_heads
-from .method.selection import SCORES_FILE, SELECTED_FILE, SELECTION_FILE, Selection, select_data
+from .method.selection import SCORES_FILE, SELECTED_FILE, SELECTION_FILE, Selection, head_list, select_data
 from .models import LoadedModel, count_params, load_model
 from .progress import ProgressFn, StopFn
 from .tracking import open_tracker, stage_values
@@ -426,7 +426,8 @@ class Run:
         self.require_loaded()
         return score_heads(self.lm, self.data.probe.samples, method=method, ratio=c.head_ratio,
                            pool=self.data.pool.samples, seed=c.seed, batch_size=c.batch_size, max_length=c.max_length,
-                           progress=self.progress, should_stop=self.should_stop, positions=c.positions)
+                           progress=self.progress, should_stop=self.should_stop, positions=c.positions,
+                           min_layer=c.min_head_layer, max_layer=c.max_head_layer)
 
     def selection_of(self, heads, method: str, hidden_layer: int | None = None) -> Selection:
         """The pool rows ``method`` selects with ``heads`` and this run's data and settings (the select
@@ -436,7 +437,8 @@ class Run:
         the others run the model."""
         c = self.config
         self.require_loaded()
-        if method in RECORD_METHODS and Processes.current().world == 1:
+        if method in RECORD_METHODS and Processes.current().world == 1 and heads is not None and \
+                max(layer for layer, _ in head_list(heads, self.lm.geometry)) < self._record_layers():
             return select_from_features(self.head_record(), heads, method, c.data_ratio, self.lm.geometry)
         return select_data(self.lm, heads, self.data.pool.samples, method=method, ratio=c.data_ratio,
                            probe=self.data.probe.samples, batch_size=c.batch_size, max_length=c.max_length,
@@ -452,7 +454,7 @@ class Run:
         c = self.config
         self.require_loaded()
         pool = self.data.pool.samples
-        n_layers = self.lm.geometry.n_layers
+        n_layers = self._record_layers()
         settings = record_settings(c.model, c.dtype, c.quantize, pool, c.positions, c.max_length, n_layers)
         key = content_digest(settings)
         if self._record_cache is not None and self._record_cache[0] == key:
@@ -468,6 +470,12 @@ class Run:
             self.manifest.put(RECORD_ENTRY, make_entry(settings, {}, key, **save_record(feats, self.out)))
         self._record_cache = (key, feats)
         return feats
+
+    def _record_layers(self) -> int:
+        """How many layers the head record covers: up to the highest head layer (`RunConfig.max_head_layer`),
+        so its pass stops there; every layer without one."""
+        n, top = self.lm.geometry.n_layers, self.config.max_head_layer
+        return n if top is None else min(n, top + 1)
 
     def _stage_heads(self):
         c = self.config.require_probe()

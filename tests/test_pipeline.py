@@ -129,6 +129,18 @@ def test_select_stage_reselects_from_the_head_record(tiny_llama, tmp_path, monke
     assert len(passes) == 2
 
 
+def test_highest_head_layer_cuts_the_record_short(tiny_llama, tmp_path):
+    """With a highest head layer the heads come from layers up to it and the head record stops there."""
+    run = _run(tiny_llama, tmp_path, select_method="activation", min_head_layer=1, max_head_layer=2)
+    run.run(["select"])
+    assert run.heads.window == [1, 2] and all(1 <= layer <= 2 for layer, _ in run.heads.selected)
+    entry = json.loads((run.out / MANIFEST_FILE).read_text())["stages"]["head_record"]
+    assert entry["shape"][1:] == [3, 4] and entry["settings"]["n_layers"] == 3
+    model = select_data(tiny_llama, run.heads, run.data.pool.samples, "activation", ratio=0.2, batch_size=4,
+                        max_length=64)
+    assert run.selection.scores == pytest.approx(model.scores, abs=1e-5)
+
+
 @pytest.mark.slow
 def test_open_reads_results_and_checks_settings(tiny_llama, tmp_path):
     run = _run(tiny_llama, tmp_path)
