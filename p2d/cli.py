@@ -244,7 +244,8 @@ def cmd_select(args) -> None:
     sel = run.selection
     _print({"files": {k: str(run.out / k) for k in (SELECTED_FILE, SCORES_FILE, SELECTION_FILE)},
             "method": sel.method, "n_pool": sel.n_pool, "n_selected": sel.n_selected, "time_s": sel.time_s,
-            "task_counts": sel.task_counts(run.data.pool.samples), "partial": "select" in run.stages_partial})
+            "task_counts": sel.task_counts(run.data.pool.samples), "partial": "select" in run.stages_partial,
+            "from_record": bool(sel.extra.get("from_record"))})
 
 
 def cmd_train(args) -> None:

@@ -177,6 +177,12 @@ class RunConfig:
                                stages=("heads",), choices=HEAD_METHODS)
     head_ratio: float = setting(0.1, "heads", "Share of heads", "share of all query heads to select (0.1 = 10%)",
                                 stages=("heads",), above=0.0, maximum=1.0)
+    min_head_layer: int | None = setting(None, "heads", "Lowest head layer", "heads are selected from this decoder "
+                                         "layer up (none: layer 0); a higher one shortens every training backward",
+                                         stages=("heads",), minimum=0)
+    max_head_layer: int | None = setting(None, "heads", "Highest head layer", "heads are selected up to this decoder "
+                                         "layer (none: the last); a lower one stops the selection forward there",
+                                         stages=("heads",), minimum=0)
     positions: str = setting(DEFAULT_POSITIONS, "heads", "Answer positions",
                              "where head and sample statistics are taken: all answer positions, or content (without "
                              "the end-of-turn and template tokens)", stages=("heads", "select"), choices=POSITIONS)
@@ -252,6 +258,8 @@ class RunConfig:
     def validate(self) -> "RunConfig":
         """`normalize` plus the checks that involve several settings or the built-in pool."""
         self.normalize()
+        if self.min_head_layer is not None and self.max_head_layer is not None and self.min_head_layer > self.max_head_layer:
+            raise UserError(f"the lowest head layer ({self.min_head_layer}) is above the highest ({self.max_head_layer})")
         if self.builtin_pool:
             allowed = pool_targets(self.builtin_pool)
             self.target = self.target or (DEFAULT_TARGET if DEFAULT_TARGET in allowed else allowed[0])

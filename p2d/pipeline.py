@@ -10,7 +10,10 @@
     train        stage 3: head training           train_log.jsonl, adapter/ (checkpoint/ while running)
     eval_after   base + trained heads             eval_after.json
 
-plus ``config.yaml``, ``metrics.json`` (AER, times, accuracy; rewritten after every stage) and
+plus ``head_record.f16`` / ``head_record_lengths.npy`` (the select stage's per-row statistic of every
+head, `p2d.method.features`: an activation-family selection with other heads, another method of that
+family or a control reselects from it without the model; its manifest entry ``head_record`` says what it
+was made with), ``config.yaml``, ``metrics.json`` (AER, times, accuracy; rewritten after every stage) and
 ``stages.json``, the manifest that makes the folder trustworthy. A stage clears its own outputs when
 it starts and is entered in the manifest last, with the settings it used and whether it finished or
 was stopped (``partial``). A result counts as done only when its entry is complete and matches the
@@ -55,8 +58,10 @@ from .errors import UserError
 from .evaluation import EVAL_FILES, EvalResult
 from .files import read_json, remove, write_json
 from .manifest import Manifest, content_digest, fresh_digest, is_valid, make_entry
+from .method.features import (RECORD_FILE, RECORD_LENGTHS_FILE, RECORD_METHODS, HeadFeatures, head_norms,
+                              load_record, record_settings, save_record, select_from_features)
 from .method.heads import HEADS_FILE, HeadScores, score_heads
-from .method.selection import SCORES_FILE, SELECTED_FILE, SELECTION_FILE, Selection, select_data
+from .method.selection import SCORES_FILE, SELECTED_FILE, SELECTION_FILE, Selection, head_list, select_data
 from .models import LoadedModel, count_params, load_model
 from .progress import ProgressFn, StopFn
 from .tracking import open_tracker, stage_values
@@ -65,6 +70,7 @@ from .training import ADAPTER_SUBDIR, CHECKPOINT_SUBDIR, LOG_NAME, TrainResult
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.json"
 MANIFEST_FILE = "stages.json"
+RECORD_ENTRY = "head_record"  # the manifest entry of the head record (`Run.head_record`)
 DATA_DIR = "data"
 DATA_SUMMARY_FILE = "data_summary.json"
 
@@ -192,6 +198,7 @@ class Run:
         self._given_samples: list[Sample] | None = None  # training data given from outside (train_on)
         self.tracker = None  # opened on the first stage that reports (p2d.tracking)
         self.launch_processes = 1  # the training runs in this many processes elsewhere (the app's launcher)
+        self._record_cache: tuple[str, HeadFeatures] | None = None  # the head record of this process's pass
 
     # -- results by name ---------------------------------------------------------------------------
     heads: HeadScores | None = property(lambda self: self.results.get("heads"))
@@ -419,18 +426,56 @@ class Run:
         self.require_loaded()
         return score_heads(self.lm, self.data.probe.samples, method=method, ratio=c.head_ratio,
                            pool=self.data.pool.samples, seed=c.seed, batch_size=c.batch_size, max_length=c.max_length,
-                           progress=self.progress, should_stop=self.should_stop, positions=c.positions)
+                           progress=self.progress, should_stop=self.should_stop, positions=c.positions,
+                           min_layer=c.min_head_layer, max_layer=c.max_head_layer)
 
     def selection_of(self, heads, method: str, hidden_layer: int | None = None) -> Selection:
         """The pool rows ``method`` selects with ``heads`` and this run's data and settings (the select
         stage's own call, for any method and head set; ``hidden_layer`` None: the run's; nothing is
-        recorded: the benchmark's other selectors)."""
+        recorded: the benchmark's other selectors). An activation-family method (`RECORD_METHODS`) is
+        computed from the run's head record (`head_record`: made by the first such call, reused after);
+        the others run the model."""
         c = self.config
         self.require_loaded()
+        if method in RECORD_METHODS and Processes.current().world == 1 and heads is not None and \
+                max(layer for layer, _ in head_list(heads, self.lm.geometry)) < self._record_layers():
+            return select_from_features(self.head_record(), heads, method, c.data_ratio, self.lm.geometry)
         return select_data(self.lm, heads, self.data.pool.samples, method=method, ratio=c.data_ratio,
                            probe=self.data.probe.samples, batch_size=c.batch_size, max_length=c.max_length,
                            seed=c.seed, progress=self.progress, should_stop=self.should_stop, positions=c.positions,
                            hidden_layer=c.hidden_layer if hidden_layer is None else hidden_layer)
+
+    def head_record(self) -> HeadFeatures:
+        """Every head's activation statistic for every pool row (`p2d.method.features.head_norms`): this
+        process's own pass (float32), else the run folder's record when its manifest entry matches the
+        current model, pool, positions and max length (float16, memory-mapped), else one pass over the pool
+        now, saved to the folder (not when stopped part-way: that pass's rows still serve its selection). One
+        process only (`selection_of` runs the model under several)."""
+        c = self.config
+        self.require_loaded()
+        pool = self.data.pool.samples
+        n_layers = self._record_layers()
+        settings = record_settings(c.model, c.dtype, c.quantize, pool, c.positions, c.max_length, n_layers)
+        key = content_digest(settings)
+        if self._record_cache is not None and self._record_cache[0] == key:
+            return self._record_cache[1]
+        entry = self.manifest.get(RECORD_ENTRY)
+        feats = load_record(self.out, entry) if is_valid(entry, settings, {}) else None
+        if feats is None:
+            feats = head_norms(self.lm, pool, c.batch_size, c.max_length, (c.positions,), self.progress,
+                               self.should_stop, n_layers=n_layers)[c.positions]
+            if feats.extra["stopped"]:
+                return feats
+            self.manifest.drop(RECORD_ENTRY)
+            self.manifest.put(RECORD_ENTRY, make_entry(settings, {}, key, **save_record(feats, self.out)))
+        self._record_cache = (key, feats)
+        return feats
+
+    def _record_layers(self) -> int:
+        """How many layers the head record covers: up to the highest head layer (`RunConfig.max_head_layer`),
+        so its pass stops there; every layer without one."""
+        n, top = self.lm.geometry.n_layers, self.config.max_head_layer
+        return n if top is None else min(n, top + 1)
 
     def _stage_heads(self):
         c = self.config.require_probe()
@@ -661,5 +706,6 @@ def fresh_folder(out) -> None:
     """Remove what a previous run left in ``out`` (its stage outputs, manifest and metrics); other
     files stay. Under several processes only the main one removes them (`p2d.files.remove`)."""
     out = Path(out)
-    for name in [n for stage in STAGES for n in OUTPUTS[stage]] + [MANIFEST_FILE, METRICS_FILE]:
+    for name in [n for stage in STAGES for n in OUTPUTS[stage]] + [MANIFEST_FILE, METRICS_FILE, RECORD_FILE,
+                                                                     RECORD_LENGTHS_FILE]:
         remove(out / name)

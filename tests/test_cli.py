@@ -139,6 +139,10 @@ def test_select_and_train_keep_the_given_heads(capsys, tmp_path, tiny_llama_dir)
     assert code == 0, err
     check(tmp_path / "sel")
     assert json.loads((tmp_path / "sel" / "selection.json").read_text())["extra"]["heads"] == sorted(given.selected)
+    assert json.loads(out)["from_record"] is False
+    code, out, err = _run(capsys, "select", *common, *tiny, "--heads", str(tmp_path / "scored" / "heads.json"),
+                          "--out", str(tmp_path / "sel"))
+    assert code == 0 and json.loads(out)["from_record"] is True  # other heads: from the folder's head record
 
     assert _run(capsys, "demo-data", "--out", str(tmp_path / "files"), "--pool-size", "24")[0] == 0
     pool = ["--pool", str(tmp_path / "files" / "pool.jsonl")]

@@ -69,6 +69,29 @@ def test_ratio_to_count_and_tiebreak():
         select_top(scores, 1.5)
 
 
+def test_layer_window_limits_where_heads_come_from(tiny_llama, probe, pool, tmp_path):
+    """A layer window keeps the number of heads and picks them only from its layers, the best there first; a
+    new ratio keeps the window; a window outside the model or upside down is refused."""
+    from p2d.config import RunConfig
+    from p2d.method.heads import layer_window
+
+    full = score_heads(tiny_llama, probe, method="gradient", ratio=0.25, pool=pool, batch_size=4)
+    win = score_heads(tiny_llama, probe, method="gradient", ratio=0.25, pool=pool, batch_size=4, min_layer=2,
+                      max_layer=3)
+    assert win.scores == full.scores and win.window == [2, 3] and full.window is None
+    assert len(win.selected) == len(full.selected) == 4
+    assert win.selected == [h for h in select_top(full.scores, 1.0) if h[0] >= 2][:4]
+    assert all(layer >= 2 for layer, _ in win.with_ratio(0.5).selected) and len(win.with_ratio(0.75).selected) == 8
+    assert HeadScores.load(win.save(tmp_path)).window == [2, 3]
+    assert score_heads(tiny_llama, probe, method="random", ratio=0.25, max_layer=0).selected[0][0] == 0
+    assert layer_window(None, None, 4) is None and layer_window(1, None, 4) == [1, 3]
+    for lo, hi in ((0, 4), (3, 2), (-1, 2)):
+        with pytest.raises(UserError, match="layer window"):
+            layer_window(lo, hi, 4)
+    with pytest.raises(UserError, match="lowest head layer"):
+        RunConfig(min_head_layer=5, max_head_layer=2).validate()
+
+
 def test_random_reproducible_by_seed(tiny_llama, probe):
     a = score_heads(tiny_llama, probe, "random", seed=3)
     b = score_heads(tiny_llama, probe, "random", seed=3)

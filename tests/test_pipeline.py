@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from p2d.config import STAGES, RunConfig
 from p2d.errors import UserError
+from p2d.method.selection import select_data
 from p2d.pipeline import MANIFEST_FILE, Run, downstream, upstream_closure
 
 TINY = dict(pool_size=40, probe_size=8, eval_size=4, batch_size=4, max_length=64, head_ratio=0.25, data_ratio=0.2,
@@ -95,6 +96,49 @@ def test_stopped_stage_is_partial_and_never_reused(tiny_llama, tmp_path):
     assert again.stages_done == ["load"] and again.stages_partial == ["heads"]
     again.run(["heads"])
     assert again.is_done("heads") and not again.heads.extra["stopped"]
+
+
+def test_select_stage_reselects_from_the_head_record(tiny_llama, tmp_path, monkeypatch):
+    """The first activation selection records every head; other heads (a larger head share, a given head map), the
+    length-z variant and a reopened run select from that record without a model pass; a new max length
+    records again."""
+    import p2d.pipeline as pipeline
+    from p2d.method.features import RECORD_FILE
+
+    passes = []
+    real = pipeline.head_norms
+    monkeypatch.setattr(pipeline, "head_norms", lambda *a, **k: passes.append(1) or real(*a, **k))
+    run = _run(tiny_llama, tmp_path, select_method="activation")
+    run.run(["select"])
+    assert len(passes) == 1 and (run.out / RECORD_FILE).is_file()
+    first = run.selection
+    assert not first.extra["from_record"] and first.time_s >= first.extra["record_pass_s"]
+    run.reconfigure(run.config.replace(head_ratio=0.5, select_method="activation_length_z"))
+    run.run(["select"])
+    assert len(passes) == 1 and run.heads.selected != first.extra["heads"]
+    again = Run.open(run.out, config=run.config.replace(select_method="activation"), lm=tiny_llama)
+    again.use_heads(_reversed(run.heads), "given.json")
+    again.run(["select"])
+    assert len(passes) == 1 and again.selection.extra["from_record"]
+    model = select_data(tiny_llama, again.heads, again.data.pool.samples, "activation", ratio=0.2, batch_size=4,
+                        max_length=64)
+    assert again.selection.scores == pytest.approx(model.scores, rel=2e-3, abs=2e-3)
+    assert len(set(again.selection.selected) & set(model.selected)) >= len(model.selected) - 1  # fp16 near-ties
+    again.reconfigure(again.config.replace(max_length=48))
+    again.run(["select"])
+    assert len(passes) == 2
+
+
+def test_highest_head_layer_cuts_the_record_short(tiny_llama, tmp_path):
+    """With a highest head layer the heads come from layers up to it and the head record stops there."""
+    run = _run(tiny_llama, tmp_path, select_method="activation", min_head_layer=1, max_head_layer=2)
+    run.run(["select"])
+    assert run.heads.window == [1, 2] and all(1 <= layer <= 2 for layer, _ in run.heads.selected)
+    entry = json.loads((run.out / MANIFEST_FILE).read_text())["stages"]["head_record"]
+    assert entry["shape"][1:] == [3, 4] and entry["settings"]["n_layers"] == 3
+    model = select_data(tiny_llama, run.heads, run.data.pool.samples, "activation", ratio=0.2, batch_size=4,
+                        max_length=64)
+    assert run.selection.scores == pytest.approx(model.scores, abs=1e-5)
 
 
 @pytest.mark.slow

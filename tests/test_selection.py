@@ -216,6 +216,44 @@ def test_features_reproduce_select_data(tiny_llama, pool, probe, positions):
         activation_from_features(feats, [[4, 0]])
 
 
+def _same_rows_but_near_ties(selected, model, tol):
+    """``selected`` keeps ``model``'s rows, except rows whose model score lies within ``tol`` of the cut (float16
+    rounding may order a near-tie the other way)."""
+    cut = model.scores[model.selected[-1]]
+    for i in set(selected) ^ set(model.selected):
+        assert abs(model.scores[i] - cut) <= tol * max(1.0, abs(cut)), (i, model.scores[i], cut)
+    assert len(selected) == len(model.selected)
+
+
+@pytest.mark.parametrize("positions", ["all", "content"])
+def test_head_record_serves_every_activation_selection(tiny_llama, pool, tmp_path, positions):
+    """One no-grad pass records every head; any head set / ratio / activation-family method selected from the
+    record keeps the model pass's rows with its scores: float32 in memory exactly (1e-5), float16 read back
+    from disk up to its rounding (rows within that rounding of the cut may swap). Methods that need more than the statistic say so."""
+    from p2d.method.features import head_norms, load_record, save_record, select_from_features
+
+    feats = head_norms(tiny_llama, pool, batch_size=4, positions=(positions,))[positions]
+    info = save_record(feats, tmp_path)
+    assert info["shape"] == [len(pool), 4, 4] and info["bytes"] < len(pool) * 16 * 2 + 1024  # float16
+    disk = load_record(tmp_path, {**info})
+    assert disk.norms.dtype == torch.float16 and disk.extra["record"]
+    for heads in (HEADS, [[0, 0]], [[2, 1], [2, 3], [0, 2]]):
+        for method in ("activation", "activation_length_z"):
+            for ratio in (0.2, 0.5):
+                model = select_data(tiny_llama, heads, pool, method, ratio=ratio, batch_size=4, positions=positions)
+                mem = select_from_features(feats, heads, method, ratio, tiny_llama.geometry)
+                back = select_from_features(disk, heads, method, ratio, tiny_llama.geometry)
+                assert mem.scores == pytest.approx(model.scores, abs=1e-5)
+                tol = 2e-3 if method == "activation" else 2e-2  # a z-score divides the rounding by a bucket's spread
+                assert back.scores == pytest.approx(model.scores, rel=tol, abs=tol)
+                assert mem.selected == model.selected
+                _same_rows_but_near_ties(back.selected, model, tol)
+                assert back.extra["from_record"] and back.extra["heads"] == model.extra["heads"]
+    with pytest.raises(UserError, match="runs the model"):
+        select_from_features(feats, HEADS, "alignment")
+    assert load_record(tmp_path, {**info, "shape": [3, 4, 4]}) is None  # files that do not match: not used
+
+
 def test_head_norms_of_several_settings_in_one_pass(tiny_llama, pool):
     """One no-grad forward with a capture hook per answer-position setting gives each setting's norms (as the
     gradient pass captures them) and its own position counts."""

@@ -6,8 +6,15 @@ answer-position settings from one no-grad forward. `activation_from_features` an
 `alignment_from_features` then give `p2d.method.selection.select_data`'s activation / activation_length_z /
 alignment scores of any head set (equal to float rounding; tests/test_selection.py).
 
-Not used by a run (`p2d.pipeline`) yet: the benchmark (`p2d.bench`) reads every head set's selection
-precision and its random-head nulls off one feature pass.
+The benchmark (`p2d.bench`) reads every head set's selection precision and its random-head nulls off
+one feature pass. A run (`p2d.pipeline.Run`) keeps the activation statistic of every head for every pool
+row as its *head record*: a float16 memory map (`RECORD_FILE`, [rows, layers, heads]) plus the answer
+lengths (`RECORD_LENGTHS_FILE`) in the run folder, entered in the run's manifest with what it depends on
+(`record_settings`: model, dtype, quantisation, pool content, positions, max length, recorded layers).
+`select_from_features` then makes any activation-family selection (`RECORD_METHODS`: any head set,
+ratio or control) from it without the model. Methods that need more than this statistic (alignment,
+ablation, prefilter_alignment; the head-free baselines) are not served by the record: they run the model.
+Scores from a record read back from disk carry float16 rounding (relative error under 1e-3 per norm).
 """
 
 from __future__ import annotations
@@ -15,20 +22,32 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..data.formats import Sample
 from ..errors import UserError
 from ..geometry import normalize_heads
+from ..manifest import content_digest
 from ..models import frozen
 from ..progress import Ticker
 from .gating import HeadGate, answer_losses
-from .scoring import EncodedBatches, check_positions, model_inputs
-from .selection import DEFAULT_POSITIONS
-from .selection_variants import length_z
+from .heads import HeadScores
+from .scoring import EncodedBatches, check_positions, check_ratio, model_inputs, top_samples
+from .selection import DEFAULT_POSITIONS, Selection, head_list
+from .selection_variants import finite_range, length_z
 
-__all__ = ["HeadFeatures", "head_features", "head_norms", "activation_from_features", "alignment_from_features"]
+__all__ = ["HeadFeatures", "head_features", "head_norms", "activation_from_features", "alignment_from_features",
+           "RECORD_METHODS", "RECORD_FILE", "RECORD_LENGTHS_FILE", "record_settings", "save_record", "load_record",
+           "select_from_features"]
+
+#: the float16 per-row record of every head's activation statistic in a run folder, and its answer lengths
+RECORD_FILE = "head_record.f16"
+RECORD_LENGTHS_FILE = "head_record_lengths.npy"
+#: selection methods computed from the recorded statistic alone: name -> `activation_from_features`'s debias
+RECORD_METHODS = {"activation": None, "activation_length_z": "length"}
 
 
 @dataclass
@@ -104,16 +123,21 @@ def head_features(lm, samples: list[Sample], batch_size: int = 8, max_length: in
 
 
 def head_norms(lm, samples: list[Sample], batch_size: int = 8, max_length: int = 256,
-               positions=(DEFAULT_POSITIONS,), progress=None, should_stop=None) -> dict[str, HeadFeatures]:
+               positions=(DEFAULT_POSITIONS,), progress=None, should_stop=None,
+               n_layers: int | None = None) -> dict[str, HeadFeatures]:
     """The activation statistic of every head for every sample (no gradients), for each answer-position
-    setting in ``positions``, from one no-grad forward that stops after the last layer (one capture hook
-    per setting): {setting: HeadFeatures}."""
+    setting in ``positions``, from one no-grad forward that stops after the last recorded layer (one
+    capture hook per setting): {setting: HeadFeatures}. ``n_layers``: record layers 0 .. n_layers - 1
+    only (default: all), and stop the forward there."""
     positions = [check_positions(p) for p in dict.fromkeys(positions)]
     if not positions:
         raise UserError("no answer-position setting given")
     samples = _check_samples(samples)
     geo = lm.geometry
-    L, H, n = geo.n_layers, geo.n_q_heads, len(samples)
+    L = geo.n_layers if n_layers is None else int(n_layers)
+    if not 1 <= L <= geo.n_layers:
+        raise UserError(f"the layers to record must be 1 .. {geo.n_layers} (got {n_layers})")
+    H, n = geo.n_q_heads, len(samples)
     norms = {p: torch.full((n, L, H), float("nan"), dtype=torch.float32) for p in positions}
     lengths = {p: torch.zeros(n, dtype=torch.long) for p in positions}
     start = time.perf_counter()
@@ -124,7 +148,8 @@ def head_norms(lm, samples: list[Sample], batch_size: int = 8, max_length: int =
     model = lm.model
     body = getattr(model, "base_model", None) or model
     with frozen(model), torch.no_grad(), contextlib.ExitStack() as stack:
-        gates = {p: stack.enter_context(HeadGate(model, geo, stop_after=L - 1 if i == len(positions) - 1 else None))
+        gates = {p: stack.enter_context(HeadGate(model, geo, layers=list(range(L)),
+                                                 stop_after=L - 1 if i == len(positions) - 1 else None))
                  for i, p in enumerate(positions)}
         for items in enc.groups:
             if should_stop is not None and should_stop():
@@ -167,11 +192,13 @@ def _feature_heads(features: HeadFeatures, heads) -> tuple[torch.Tensor, torch.T
 
 def activation_from_features(features: HeadFeatures, heads, debias: str | None = None) -> list[float]:
     """`select_data`'s ``activation`` score of any head set (HeadScores or [[layer, head], ...]) from
-    features; ``debias="length"`` gives ``activation_length_z``. NaN for unscored samples."""
+    features; ``debias="length"`` gives ``activation_length_z``. NaN for unscored samples. Reads only
+    the layers of the head set (a float16 record stays on disk for the others)."""
     layers, hs = _feature_heads(features, heads)
-    norms = features.norms.double()
+    uniq = torch.unique(layers)  # sorted
+    norms = features.norms[:, uniq].double()
     rel = norms / norms.mean(dim=2, keepdim=True).clamp_min(1e-12)
-    scores = rel[:, layers, hs].mean(dim=1).tolist()
+    scores = rel[:, torch.searchsorted(uniq, layers), hs].mean(dim=1).tolist()
     if debias == "length":
         return length_z(scores, features.lengths.tolist())
     if debias is not None:
@@ -195,3 +222,78 @@ def alignment_from_features(features: HeadFeatures, probe_features: HeadFeatures
     cos = (v @ target) / v.norm(dim=1).clamp_min(1e-12)
     return cos.tolist()
 
+
+
+# ------------------------------------------------------------------------------------------ the head record
+
+
+def record_settings(model: str, dtype, quantize, pool: list[Sample], positions: str, max_length: int,
+                    n_layers: int) -> dict:
+    """What a head record depends on (its manifest entry's settings): the model and how it is loaded,
+    the pool's content (prompt, answer, kind of every row, as a digest), the answer positions, the max
+    length and the number of recorded layers (0 .. n_layers - 1). Batch size is not in it: padding is
+    masked and never reaches a row's statistic."""
+    return {"model": str(model), "dtype": dtype, "quantize": quantize, "positions": positions,
+            "max_length": int(max_length), "n_layers": int(n_layers), "n_rows": len(pool),
+            "pool": content_digest([[s.prompt, s.answer, s.kind] for s in pool])}
+
+
+def save_record(features: HeadFeatures, folder) -> dict:
+    """Write ``features.norms`` as a float16 memory map and the answer lengths into ``folder``; returns
+    what to keep in the manifest entry (shape, bytes, the pass's seconds and batch info)."""
+    folder = Path(folder)
+    n, L, H = features.norms.shape
+    mm = np.lib.format.open_memmap(folder / RECORD_FILE, mode="w+", dtype=np.float16, shape=(n, L, H))
+    mm[:] = features.norms.numpy().astype(np.float16)
+    mm.flush()
+    del mm
+    np.save(folder / RECORD_LENGTHS_FILE, features.lengths.numpy().astype(np.int32))
+    return {"shape": [n, L, H], "bytes": (folder / RECORD_FILE).stat().st_size, "pass_s": features.time_s,
+            "positions": features.positions,
+            "pass": {k: features.extra.get(k) for k in ("unscored", "truncated", "tokens", "padded_tokens", "batches")}}
+
+
+def load_record(folder, entry: dict) -> HeadFeatures | None:
+    """The head record in ``folder`` described by its manifest ``entry`` (memory-mapped, read lazily), or
+    None when the files are missing or do not match the entry."""
+    folder = Path(folder)
+    try:
+        norms = np.load(folder / RECORD_FILE, mmap_mode="c")
+        lengths = np.load(folder / RECORD_LENGTHS_FILE)
+    except (OSError, ValueError):
+        return None
+    if list(norms.shape) != list(entry.get("shape") or []) or norms.dtype != np.float16 or len(lengths) != norms.shape[0]:
+        return None
+    extra = dict(entry.get("pass") or {}) | {"stopped": False, "gradients": False, "record": True}
+    return HeadFeatures(norms=torch.from_numpy(norms), grads=None, lengths=torch.from_numpy(lengths.astype(np.int64)),
+                        positions=str(entry.get("positions")), time_s=float(entry.get("pass_s") or 0.0), extra=extra)
+
+
+def select_from_features(features: HeadFeatures, heads, method: str = "activation", ratio: float = 0.1,
+                         geometry=None) -> Selection:
+    """`select_data`'s selection for an activation-family ``method`` (`RECORD_METHODS`) of any head set,
+    computed from recorded ``features`` without the model. ``time_s`` is the recording pass's seconds
+    plus this selection's (what the selection cost in all); ``extra["reselect_s"]`` is this selection's
+    alone. ``geometry`` (optional) validates the heads against the model's."""
+    if method not in RECORD_METHODS:
+        raise UserError(f"the {method} selection needs more than the recorded head statistic: it runs the model "
+                        f"(methods served by the record: {', '.join(RECORD_METHODS)})")
+    ratio = check_ratio(ratio, "data ratio")
+    start = time.perf_counter()
+    hl = head_list(heads, geometry) if geometry is not None else normalize_heads(heads)
+    debias = RECORD_METHODS[method]
+    extra = {"heads": hl, "n_heads": len(hl), "layers": sorted({layer for layer, _ in hl})}
+    if isinstance(heads, HeadScores):
+        extra["head_method"] = heads.method
+    scores = activation_from_features(features, hl)
+    if debias == "length":
+        extra["raw_scores_range"] = finite_range(scores)
+        scores = length_z(scores, features.lengths.tolist())
+    selected = top_samples(scores, ratio)
+    reselect_s = time.perf_counter() - start
+    extra.update({k: features.extra.get(k) for k in ("unscored", "truncated", "tokens", "padded_tokens", "batches")},
+                 positions=features.positions, stopped=bool(features.extra.get("stopped")),
+                 from_record=bool(features.extra.get("record")), record_pass_s=features.time_s,
+                 reselect_s=round(reselect_s, 4))
+    return Selection(method=method, ratio=ratio, n_pool=len(scores), n_selected=len(selected),
+                     time_s=round(features.time_s + reselect_s, 3), scores=scores, selected=selected, extra=extra)

@@ -92,7 +92,7 @@ HEADS_FILE = "heads.json"
 
 
 __all__ = ["HEAD_METHODS", "HEAD_METHOD_HELP", "HeadMethod", "HEAD_CONTRASTS", "LOGRATIO_EPS", "LOFIT_L1",
-           "DEFAULT_HEAD_METHOD", "HEADS_FILE", "HeadScores", "select_top", "head_ranks", "score_heads",
+           "DEFAULT_HEAD_METHOD", "HEADS_FILE", "HeadScores", "select_top", "layer_window", "head_ranks", "score_heads",
            "contrast_scores", "recontrast", "from_maps", "gate_importance"]
 
 
@@ -122,7 +122,8 @@ class HeadMethod:
 def score_heads(lm, probe: list[Sample], method: str = DEFAULT_HEAD_METHOD, ratio: float = 0.1,
                 pool: list[Sample] | None = None, seed: int = 0, batch_size: int = 8, max_length: int = 256,
                 proxy_steps: int = 20, proxy_lr: float | None = None, contrast: bool | str = True,
-                l1: float = LOFIT_L1, progress=None, should_stop=None, positions: str = "all") -> HeadScores:
+                l1: float = LOFIT_L1, progress=None, should_stop=None, positions: str = "all",
+                min_layer: int | None = None, max_layer: int | None = None) -> HeadScores:
     """Score every query head of ``lm`` (a `p2d.models.LoadedModel`) with the method ``method`` of
     `HEAD_METHODS` and keep the top ``ratio``.
 
@@ -131,7 +132,9 @@ def score_heads(lm, probe: list[Sample], method: str = DEFAULT_HEAD_METHOD, rati
     ``shift``, ``shift_sgd`` and ``lofit`` (``proxy_lr=None``: the method's ``proxy_lr``). ``contrast``:
     True (the method's own), False (none), or one of ``HEAD_CONTRASTS`` (methods with ``any_contrast``).
     ``l1``: lofit's L1 weight. ``positions`` (one of `p2d.method.gating.POSITIONS`): the answer positions
-    every loss is taken at ("content" drops end-of-turn / template positions).
+    every loss is taken at ("content" drops end-of-turn / template positions). ``min_layer`` /
+    ``max_layer``: the layer window heads are selected from (`layer_window`; every head is still scored,
+    the window is kept in ``extra["layer_window"]`` and re-cuts with a new ratio keep it).
     """
     spec = HEAD_METHODS.get(method)
     if spec is None:
@@ -141,6 +144,7 @@ def score_heads(lm, probe: list[Sample], method: str = DEFAULT_HEAD_METHOD, rati
     if batch_size < 1:
         raise UserError(f"batch size must be at least 1 (got {batch_size})")
     geo: HeadGeometry = lm.geometry
+    window = layer_window(min_layer, max_layer, geo.n_layers)
     start = time.perf_counter()
     job = HeadJob(method, lm, probe, pool, seed, batch_size, max_length, positions, proxy_steps, proxy_lr, contrast,
                   l1, progress, should_stop)
@@ -165,7 +169,9 @@ def score_heads(lm, probe: list[Sample], method: str = DEFAULT_HEAD_METHOD, rati
         extra["positions"] = positions
     extra["stopped"] = stopped
     extra["geometry"] = geo.to_dict()
-    return HeadScores(method=method, ratio=ratio, scores=scores, selected=select_top(scores, ratio),
+    if window is not None:
+        extra["layer_window"] = window
+    return HeadScores(method=method, ratio=ratio, scores=scores, selected=select_top(scores, ratio, window),
                       time_s=round(time.perf_counter() - start, 3), model=str(lm.spec), extra=extra)
 
 
@@ -298,7 +304,8 @@ def recontrast(hs: "HeadScores", kind: str, ratio: float | None = None) -> "Head
     scores = contrast_scores(probe, pool, kind).tolist()
     ratio = hs.ratio if ratio is None else check_ratio(ratio, "head ratio")
     extra = dict(hs.extra, contrast=_CONTRAST_TEXT[kind], contrast_kind=kind)
-    return dataclasses.replace(hs, ratio=ratio, scores=scores, selected=select_top(scores, ratio), extra=extra)
+    return dataclasses.replace(hs, ratio=ratio, scores=scores, selected=select_top(scores, ratio, hs.window),
+                               extra=extra)
 
 
 _CONTRAST_TEXT = {"difference": "difference of normalised importances (probe - pool)",
@@ -319,7 +326,7 @@ def from_maps(hs: "HeadScores", method: str) -> "HeadScores":
     if spec.contrast is None:
         probe = torch.tensor(hs.extra["probe_importance"], dtype=torch.float64)
         scores = (probe / probe.sum()).tolist()
-        out = dataclasses.replace(hs, scores=scores, selected=select_top(scores, hs.ratio),
+        out = dataclasses.replace(hs, scores=scores, selected=select_top(scores, hs.ratio, hs.window),
                                   extra=dict(hs.extra, contrast=_NO_CONTRAST))
     else:
         out = recontrast(hs, spec.contrast)
@@ -409,13 +416,18 @@ class HeadScores:
     def n_q_heads(self) -> int:
         return len(self.scores[0]) if self.scores else 0
 
+    @property
+    def window(self) -> list[int] | None:
+        """The [lowest, highest] layer window the heads were selected from (None: every layer)."""
+        return self.extra.get("layer_window")
+
     def to_dict(self) -> dict:
         return {"method": self.method, "ratio": self.ratio, "scores": self.scores, "selected": self.selected,
                 "time_s": self.time_s, "model": self.model, "extra": self.extra}
 
     def with_ratio(self, ratio: float) -> "HeadScores":
         """The same scores with a different share of heads selected (no rescoring)."""
-        return dataclasses.replace(self, ratio=ratio, selected=select_top(self.scores, ratio))
+        return dataclasses.replace(self, ratio=ratio, selected=select_top(self.scores, ratio, self.window))
 
     def save(self, out_dir) -> Path:
         """Write ``out_dir/heads.json``; returns its path."""
@@ -457,16 +469,35 @@ class HeadScores:
 # ------------------------------------------------------------------------------------------ top-k
 
 
-def select_top(scores, ratio: float) -> list[list[int]]:
+def select_top(scores, ratio: float, window=None) -> list[list[int]]:
     """The top ``ratio`` of all query heads as [[layer, head], ...], best first (at least one).
 
-    Ties are broken by (layer, head) ascending; NaN scores rank last.
+    Ties are broken by (layer, head) ascending; NaN scores rank last. ``window`` ([lowest, highest] layer,
+    inclusive; None: every layer): only heads of those layers are picked, as many as ``ratio`` of all
+    heads gives (at most the window's heads).
     """
     ratio = check_ratio(ratio)
     flat = _ranked(scores)
     if not flat:
         return []
-    return [[layer, head] for _, layer, head in flat[:top_count(len(flat), ratio)]]
+    n = top_count(len(flat), ratio)
+    if window is not None:
+        lo, hi = window
+        flat = [t for t in flat if lo <= t[1] <= hi]
+    return [[layer, head] for _, layer, head in flat[:n]]
+
+
+def layer_window(lowest: int | None, highest: int | None, n_layers: int) -> list[int] | None:
+    """[lowest, highest] (inclusive) checked against a model of ``n_layers`` layers; None when neither is set
+    (every layer). UserError for a window outside the model or an empty one."""
+    if lowest is None and highest is None:
+        return None
+    lo = 0 if lowest is None else int(lowest)
+    hi = n_layers - 1 if highest is None else int(highest)
+    if not 0 <= lo <= hi < n_layers:
+        raise UserError(f"the head layer window {lowest}..{highest} is not within the model's layers 0..{n_layers - 1} "
+                        "(lowest head layer <= highest head layer)")
+    return [lo, hi]
 
 
 def _ranked(scores) -> list[tuple[float, int, int]]:

@@ -78,6 +78,11 @@ def batch_losses(model, batch: dict) -> torch.Tensor:
     return answer_losses(model, model_inputs(batch), positions=batch.get("positions"))
 
 
+def padded_tokens(groups) -> int:
+    """Tokens the batches ``groups`` (lists of encoded items) compute once padded to their longest member."""
+    return sum(len(g) * max(len(it["input_ids"]) for it in g) for g in groups if g)
+
+
 class EncodedBatches:
     """Samples encoded once (``index`` = position in the given list), length-sorted batch groups, and
     the per-batch tensors / position masks."""
@@ -101,7 +106,8 @@ class EncodedBatches:
 
     def info(self) -> dict:
         return {"unscored": len(self.items.dropped), "truncated": self.items.truncated,
-                "tokens": sum(len(it["input_ids"]) for it in self.items), "batches": len(self.groups)}
+                "tokens": sum(len(it["input_ids"]) for it in self.items), "padded_tokens": padded_tokens(self.groups),
+                "batches": len(self.groups)}
 
 
 

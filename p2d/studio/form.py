@@ -43,6 +43,7 @@ FIELD_NAMES: tuple[str, ...] = (
     "max_steps", "grad_accum", "warmup_ratio", "weight_decay", "max_grad_norm", "checkpoint_every",
     "reference_epochs", "scheduler", "gradient_checkpointing", "val_ratio", "val_every", "report_to",
     "positions", "adapter", "other_eval_size", "hidden_layer",
+    "min_head_layer", "max_head_layer",
 )
 FORM_ONLY = ("model_source", "model_name", "data_source", "pool_path", "probe_path", "eval_path")
 #: RunConfig fields the form sets directly (under their own name)
@@ -103,6 +104,8 @@ def to_values(cfg: RunConfig, out_auto: bool = False) -> dict:
         values[name] = values[name] or 0
     values["epochs"] = "" if cfg.epochs is None else f"{cfg.epochs:g}"  # a text box (see build_inputs)
     values["hidden_layer"] = "" if cfg.hidden_layer is None else str(cfg.hidden_layer)  # a text box too
+    for name in ("min_head_layer", "max_head_layer"):  # text boxes too
+        values[name] = "" if getattr(cfg, name) is None else str(getattr(cfg, name))
     if cfg.model in (None, "", "default"):
         values.update(model_source="embedded", model_name="")
     else:
@@ -206,6 +209,12 @@ def build_inputs(limits: Limits, initial: dict) -> dict:
         "head_ratio": gr.Slider(0.01, 1.0, value=v["head_ratio"], step=0.01, label=_label("head_ratio"),
                                 info=_help("head_ratio"), elem_id="head-ratio", **num),
         "positions": dropdown("positions"),
+        "min_head_layer": gr.Textbox(v["min_head_layer"], label=_label("min_head_layer", "empty = layer 0"),
+                                     info=_help("min_head_layer"), placeholder="empty: layer 0",
+                                     elem_id="min-head-layer", **num),
+        "max_head_layer": gr.Textbox(v["max_head_layer"], label=_label("max_head_layer", "empty = the last layer"),
+                                     info=_help("max_head_layer"), placeholder="empty: the last layer",
+                                     elem_id="max-head-layer", **num),
         "select_method": dropdown("select_method", info="how each pool sample is scored with the selected heads"),
         "data_ratio": gr.Slider(0.01, 1.0, value=v["data_ratio"], step=0.01, label=_label("data_ratio"),
                                 info=_help("data_ratio"), elem_id="data-ratio", **num),

@@ -249,7 +249,7 @@ SETTING_CAPS = {"pool_size": "max_pool", "probe_size": "max_probe", "eval_size":
                 "val_ratio": "max_val_ratio"}
 STOPPED_BY = {"steps": "max_steps"}
 #: RunConfig settings checked against the loaded model where they are used (a UserError beyond it)
-BOUNDED_BY_MODEL = ("hidden_layer",)
+BOUNDED_BY_MODEL = ("hidden_layer", "min_head_layer", "max_head_layer")
 #: RunConfig setting -> the Limits floor it is raised to unless 0 (a larger value means less work)
 SETTING_FLOORS = {"val_every": "min_val_every", "checkpoint_every": "min_checkpoint_every"}
 
