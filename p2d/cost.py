@@ -83,6 +83,18 @@ class FullFinetuneCost:
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
+class Clock:
+    """Wall and CPU seconds of a block (``with Clock() as c: ...; c.wall_s, c.cpu_s``)."""
+
+    def __enter__(self):
+        self._w, self._c = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc):
+        self.wall_s, self.cpu_s = time.perf_counter() - self._w, time.process_time() - self._c
+        return False
+
+
 def reference_steps(n_batches_per_epoch: int, epochs: float) -> int:
     """Optimizer steps of the reference: ceil(batches per epoch * epochs), at least 1."""
     return max(1, math.ceil(n_batches_per_epoch * epochs))

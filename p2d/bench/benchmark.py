@@ -40,6 +40,7 @@ import torch
 
 from ..adapter import ADAPTERS
 from ..cells import CELLS, Cell, curve_steps, evaluate_cell, random_heads, random_rows, train_cell
+from ..cost import Clock
 from ..evaluation import forced_eval
 from ..manifest import EntryFiles, content_digest
 from ..method.features import activation_from_features, alignment_from_features, head_features
@@ -101,18 +102,6 @@ def machine() -> dict:
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
-
-
-class Clock:
-    """Wall and CPU seconds of a block (``with Clock() as c: ...; c.wall_s, c.cpu_s``)."""
-
-    def __enter__(self):
-        self._w, self._c = time.perf_counter(), time.process_time()
-        return self
-
-    def __exit__(self, *exc):
-        self.wall_s, self.cpu_s = time.perf_counter() - self._w, time.process_time() - self._c
-        return False
 
 
 def eval_record(res) -> dict:

@@ -28,6 +28,7 @@ import statistics
 
 from ..cells import CELLS, Cell, curve_steps
 from ..cost import time_to_reach
+from ..manifest import content_digest
 from .split import folder_name
 
 DENSE = "-dense"  # tag of the dense full-pool cell
@@ -59,7 +60,6 @@ def unit_name(cell: Cell) -> str:
 
 def run(bench, sp, rows: dict, lrs: dict) -> None:
     """Every point's cell at this seed, and the dense curve of full fine-tuning of the whole pool."""
-    from ..manifest import content_digest
 
     c = bench.cfg
     p2d = bench.heads(sp, c.head_method)

@@ -27,6 +27,7 @@ import re
 import statistics
 
 from ..cells import Cell, matched_heads
+from ..cost import Clock
 from ..manifest import content_digest
 from ..method.features import activation_from_features, alignment_from_features, head_features
 from ..method.scoring import top_samples
@@ -117,7 +118,6 @@ def null(bench, sp, sets: dict) -> dict | None:
     geo = bench.lm.geometry
 
     def compute():
-        from .benchmark import Clock
 
         with Clock() as clock:
             rc = sp.config

@@ -197,7 +197,7 @@ def activation_scores(job: SelectJob, lengths: list[int] | None = None) -> bool:
             gate.run(body, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
             rel = []
             for layer, heads in by_layer.items():
-                norms = gate.norms[layer]  # [B, n_q]
+                norms = gate.norms[layer].double()  # [B, n_q]; double, as the head record's score is
                 rel.append(norms[:, heads] / norms.mean(dim=1, keepdim=True).clamp_min(1e-12))
             value = torch.cat(rel, dim=1).mean(dim=1)
             counts = mask.sum(dim=1).tolist()
