@@ -43,9 +43,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from p2d.bench.components import _step_time, plain_forward_seconds  # noqa: E402
+from p2d.bench.components import full_step_time, head_step_time, plain_forward_seconds  # noqa: E402
 from p2d.explore import spearman  # noqa: E402
-from p2d.adapter import HeadAdapter  # noqa: E402
 from p2d.cells import PeakMemory, random_heads  # noqa: E402
 from p2d.config import RunConfig  # noqa: E402
 from p2d.data.encoding import collate, encode, iter_batches  # noqa: E402
@@ -54,7 +53,7 @@ from p2d.method.gating import HeadGate  # noqa: E402
 from p2d.method.heads import DEFAULT_HEAD_METHOD, _pool_sample, score_heads, select_top  # noqa: E402
 from p2d.method.scoring import EncodedBatches, loss_batches, padded_tokens  # noqa: E402
 from p2d.method.selection import select_data  # noqa: E402
-from p2d.models import frozen, load_model, trainable  # noqa: E402
+from p2d.models import frozen, load_model  # noqa: E402
 from p2d.pipeline import load_run_data  # noqa: E402
 
 
@@ -250,26 +249,11 @@ def train_steps(lm, heads, rows, bs, ml, L) -> list[dict]:
     batches = list(iter_batches(enc, bs, sort_by_length=True))
     median = sorted(batches, key=lambda b: max(len(i["input_ids"]) for i in b))[len(batches) // 2]
     micro = [collate(median, lm.tokenizer.pad_token_id or 0)]
-    params = list(lm.model.parameters())
-    saved = [p.detach().clone() for p in params]
-    try:
-        with trainable(lm.model, params):
-            full, full_mem = _step_time(lm, lm.model, params, micro)
-    finally:
-        with torch.no_grad():
-            for p, s in zip(params, saved):
-                p.copy_(s)
-        del saved
+    full, full_mem = full_step_time(lm, micro)
     out = []
     for low in (None, L // 3, L // 2, 2 * L // 3):
         hl = heads.selected if low is None else select_top(heads.scores, heads.ratio, [low, L - 1])
-        adapter = HeadAdapter(lm.geometry, hl, device=lm.device)
-        with trainable(lm.model, []):
-            adapter.attach(lm.model)
-            try:
-                step, mem = _step_time(lm, lm.model, list(adapter.parameters()), micro)
-            finally:
-                adapter.detach()
+        step, mem = head_step_time(lm, hl, micro)
         out.append({"lowest_layer": low, "lowest_selected": min(layer for layer, _ in hl), "head_step_s": step,
                     "full_step_s": full, "ratio_to_full": step / full, "peak_mem_mb": mem, "full_peak_mem_mb": full_mem,
                     "batch_tokens": int(micro[0]["input_ids"].numel())})

@@ -59,7 +59,7 @@ def _random_heads(lm, share: float, seed: int) -> list[list[int]]:
     return score_heads(lm, [], method="random", ratio=share, seed=seed).selected
 
 
-def _step_time(lm, model, params, micro, n: int = 3) -> tuple[float, float | None]:
+def step_time(lm, model, params, micro, n: int = 3) -> tuple[float, float | None]:
     opt = torch.optim.AdamW(params, lr=0.0)
     times = []
     with PeakMemory(lm.device) as mem:
@@ -76,35 +76,46 @@ def _step_time(lm, model, params, micro, n: int = 3) -> tuple[float, float | Non
     return statistics.median(times), mem.peak_mb
 
 
-def step_comparison(lm, micro, heads, lora_rank: int = 8) -> dict:
-    """Head / LoRA / full step on the same batch (the base model is left as it was)."""
-    out = {}
+def head_step_time(lm, heads, micro, n: int = 3) -> tuple[float, float | None]:
+    """Median seconds (and peak MB) of an optimizer step of a head adapter on ``heads`` over ``micro``;
+    the adapter is detached afterwards, the base model untouched."""
     adapter = HeadAdapter(lm.geometry, heads, device=lm.device)
     with trainable(lm.model, []):
         adapter.attach(lm.model)
         try:
-            out["heads"] = _step_time(lm, lm.model, list(adapter.parameters()), micro)
+            return step_time(lm, lm.model, list(adapter.parameters()), micro, n)
         finally:
             adapter.detach()
+
+
+def full_step_time(lm, micro, n: int = 3) -> tuple[float, float | None]:
+    """Median seconds (and peak MB) of a full fine-tuning step over ``micro`` (AdamW at lr 0); the
+    weights are restored afterwards."""
     params = list(lm.model.parameters())
     saved = [p.detach().clone() for p in params]
     try:
         with trainable(lm.model, params):
-            out["full"] = _step_time(lm, lm.model, params, micro)
+            return step_time(lm, lm.model, params, micro, n)
     finally:
         with torch.no_grad():
             for p, s in zip(params, saved):
                 p.copy_(s)
         del saved
+
+
+def step_comparison(lm, micro, heads, lora_rank: int = 8) -> dict:
+    """Head / LoRA / full step on the same batch (the base model is left as it was)."""
+    out = {"heads": head_step_time(lm, heads, micro), "full": full_step_time(lm, micro)}
     from peft import LoraConfig, inject_adapter_in_model
 
     model = inject_adapter_in_model(LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, target_modules=LORA_TARGETS),
                                     copy.deepcopy(lm.model))
     lora = [p for n, p in model.named_parameters() if "lora_" in n]
     with trainable(model, lora):
-        out["lora"] = _step_time(lm, model, lora, micro)
+        out["lora"] = step_time(lm, model, lora, micro)
     del model
-    counts = {"heads": adapter.num_params(), "lora": sum(p.numel() for p in lora), "full": sum(p.numel() for p in params)}
+    counts = {"heads": HeadAdapter(lm.geometry, heads, device=lm.device).num_params(),
+              "lora": sum(p.numel() for p in lora), "full": sum(p.numel() for p in lm.model.parameters())}
     return {k: {"step_s": v[0], "peak_mem_mb": v[1], "trainable_params": counts[k]} for k, v in out.items()}
 
 
@@ -156,13 +167,7 @@ def component_figures(lm, split, cfg, heads, progress=None) -> dict:
     res["head_share"] = []
     for share in SHARES:
         hl = _random_heads(lm, share, seed=7)
-        adapter = HeadAdapter(lm.geometry, hl, device=lm.device)
-        with trainable(lm.model, []):
-            adapter.attach(lm.model)
-            try:
-                step, _ = _step_time(lm, lm.model, list(adapter.parameters()), micro)
-            finally:
-                adapter.detach()
+        step, _ = head_step_time(lm, hl, micro)
         sel = select_data(lm, hl, pool, method="activation", ratio=cfg.data_ratio, batch_size=bs, max_length=ml)
         res["head_share"].append({"share": share, "heads": len(hl), "deepest_layer": max(l for l, _ in hl),
                                   "head_step_s": step, "activation_select_s": sel.time_s,
