@@ -58,7 +58,7 @@ def test_bench_runs_every_part_and_resumes(tiny_llama_dir, tmp_path):
     a = s["aer"]
     assert a["curve"][0]["train_s"] == 0.0 and len(a["curve"]) == 1 + 3 and a["aer"] > 0
     r = results["rule"]  # the rule judged by training runs in the default parts, every candidate complete
-    assert r["candidates"] == len(r["table"]) == 36 and r["winner"]["candidate"] in r["tied"]
+    assert r["candidates"] == len(r["table"]) == 42 and r["winner"]["candidate"] in r["tied"]
     d = results["defaults"]
     assert d["splits"] == ["builtin-hard:addition"] and d["selection_winner"]["candidate"]
     assert {r["candidate"] for r in d["selection"]} >= {"tfidf", "gradient_logratio + activation", "gradient + alignment"}
@@ -232,10 +232,23 @@ def test_rule_candidates_are_frozen_and_its_seeds_never_report():
     from p2d.bench.config import DEFAULT_PARTS
 
     assert {"answer_shape", "answer_tfidf", "shape_tfidf", "tfidf", "random", "p2d"} == set(RULE_ROWS)
-    assert len(RULE_CANDIDATES) == 2 * 6 * 3 and "rule" in DEFAULT_PARTS
+    assert len(RULE_CANDIDATES) == 2 * 6 * 3 + 2 * 3 and "rule" in DEFAULT_PARTS
     assert BenchConfig().rule_seeds == 2
     with pytest.raises(UserError, match="overlap the reporting seeds"):
         BenchConfig(choice_seed=1)
+
+
+def test_windowed_head_names():
+    from p2d.bench.choose import head_method_of, parse_windowed
+
+    assert parse_windowed("gradient_logratio@upper", 30) == ("gradient_logratio", [15, 29])
+    assert parse_windowed("lofit@lower", 30) == ("lofit", [0, 14])
+    assert parse_windowed("importance@3-7", 30) == ("importance", [3, 7])
+    for bad in ("p2d@middle", "p2d@7", "p2d@5-40"):
+        with pytest.raises(UserError):
+            parse_windowed(bad, 30)
+    cfg = BenchConfig()
+    assert head_method_of("p2d@upper", cfg) == f"{cfg.head_method}@upper" and head_method_of("lofit", cfg) == "lofit"
 
 
 @pytest.mark.slow
@@ -252,7 +265,8 @@ def test_rule_cells_are_judged_on_held_out_probe_rows(tiny_llama_dir, tmp_path):
 
     bench.lm = load_model(tiny_llama_dir, device="cpu")
     split = "builtin-hard:addition"
-    candidates = [("p2d", "p2d", "qkvo"), ("p2d", "shape_tfidf", "qkvo"), ("lofit", "random", "offset")]
+    candidates = [("p2d", "p2d", "qkvo"), ("p2d", "shape_tfidf", "qkvo"), ("lofit", "random", "offset"),
+                  ("p2d@upper", "p2d", "qkvo")]
     rule_cells(bench, split, {"qkvo-p2d": 1e-3, "offset-p2d": 1e-2}, candidates=candidates)
     a, b = bench.split_at(split, 100), bench.split_at(split, 101)
     judge = held_out_rows(a, b)
@@ -261,6 +275,12 @@ def test_rule_cells_are_judged_on_held_out_probe_rows(tiny_llama_dir, tmp_path):
     unit = bench.units.get(("builtin-hard-addition", "seed100", "cell-p2d-qkvo-shape_tfidf-judged"))
     assert unit["result"]["n"] == len(judge) != len(a.eval) and unit["settings"]["judged_on"]
     assert unit["result"]["other_tasks"] == {} and unit["code"] == code_version()
+    # the window candidate: P2D's heads re-picked in the upper half, trained on their own selection
+    n = bench.lm.geometry.n_layers
+    win = bench.units.get(("builtin-hard-addition", "seed100", "heads-gradient_logratio@upper"))["result"]
+    assert win["layer_window"] == [n // 2, n - 1] and all(layer >= n // 2 for layer, _ in win["selected"])
+    assert bench.units.get(("builtin-hard-addition", "seed101", "select-p2d@upper"))["result"]["cpu_s"] > 0
+    assert bench.units.get(("builtin-hard-addition", "seed100", "cell-p2d@upper-qkvo-p2d-judged"))
     d = judged_rule(bench, candidates)
-    assert d["splits"] == [split] and len(d["table"]) == 3 and d["winner"]["candidate"] in d["tied"]
+    assert d["splits"] == [split] and len(d["table"]) == 4 and d["winner"]["candidate"] in d["tied"]
     assert d["seeds"] == {split: [100, 101]}

@@ -46,11 +46,11 @@ from ..manifest import EntryFiles, content_digest
 from ..method.features import activation_from_features, alignment_from_features, head_features
 from ..method.heads import HeadScores, from_maps
 from ..method.scoring import top_samples
-from ..method.selection import Selection
+from ..method.selection import Selection, select_data
 from ..models import count_params, load_model
 from ..training import TrainConfig
 from . import frontier, heads_test
-from .choose import RULE_ADAPTERS, rule_cells
+from .choose import RULE_ADAPTERS, WINDOW_MARK, parse_windowed, rule_cells
 from .components import component_figures
 from .config import BenchConfig
 from .report import collect, write_report
@@ -181,6 +181,8 @@ class Bench:
             d = int(method[6:] or 0)
             hs = random_heads(self.lm, c.head_ratio, sp.seed, d)
             return hs, content_digest(hs.selected)
+        if WINDOW_MARK in method:
+            return self._windowed_heads(sp, method)
         derived = method in DERIVED_HEADS and method not in (DERIVED_SOURCE, c.head_method)
         source, source_digest = self.heads(sp, DERIVED_SOURCE) if derived else (None, None)
         folder = sp.folder(f"heads-{method}")
@@ -213,6 +215,54 @@ class Bench:
         hs = HeadScores.load(folder)
         hs.time_s, hs.extra["cpu_s"] = entry["result"]["time_s"], entry["result"]["cpu_s"]
         return hs, entry["digest"]
+
+    def _windowed_heads(self, sp: Split, method: str) -> tuple[HeadScores, str]:
+        """``<method>@<lo>-<hi>``: the heads of ``method`` re-picked inside the layer window [lo, hi]
+        (`p2d.method.heads.HeadScores.with_window`, what ``min_head_layer``/``max_head_layer`` give a run;
+        every head is still scored, so the cost is the unwindowed scoring's)."""
+        base, window = parse_windowed(method, self.lm.geometry.n_layers)
+        source, source_digest = self.heads(sp, base)
+        if source is None:
+            return None, None
+        folder = sp.folder(f"heads-{method}")
+
+        def compute():
+            hs = source.with_window(window)
+            hs.save(folder)
+            return {"time_s": source.time_s, "cpu_s": source.extra.get("cpu_s", 0.0), "selected": hs.selected,
+                    "method": method, "derived_from": base, "layer_window": window}, content_digest(hs.selected)
+
+        entry = self.unit(sp.key + (f"heads-{method}",), {**self.common(sp), "method": method, "window": window},
+                          {"source": source_digest}, compute, f"{sp.name} seed {sp.seed}: heads ({method})")
+        if entry is None:
+            return None, None
+        hs = HeadScores.load(folder)
+        hs.time_s, hs.extra["cpu_s"] = entry["result"]["time_s"], entry["result"]["cpu_s"]
+        return hs, entry["digest"]
+
+    def windowed_selection(self, sp: Split, heads_method: str) -> dict:
+        """P2D's selection (its select method) with the windowed heads ``heads_method`` (``<method>@lo-hi``),
+        by the model pass a run with that window makes: it stops after the deepest selected head's layer,
+        so a highest-layer window shortens it (timed here; no head record is reused)."""
+        c = self.cfg
+        heads, digest = self.heads(sp, heads_method)
+        name = f"p2d{heads_method[heads_method.index(WINDOW_MARK):]}"
+        folder = sp.folder(f"select-{name}")
+
+        def compute():
+            with Clock() as clock:
+                sel = select_data(self.lm, heads, sp.pool, method=c.select_method, ratio=c.data_ratio,
+                                  probe=sp.probe, batch_size=c.batch_size, max_length=c.max_length, seed=sp.seed,
+                                  positions=c.positions, hidden_layer=c.hidden_layer)
+            sel.save(folder, sp.pool)
+            return {"selected": sel.selected, "time_s": sel.time_s, "cpu_s": clock.cpu_s, "heads_s": heads.time_s,
+                    "heads_cpu_s": heads.extra.get("cpu_s", 0.0), "method": c.select_method, "heads": heads_method,
+                    **target_stats(sel.selected, sel.scores, sp.labels, sp.target)}, content_digest(sel.selected)
+
+        settings = {**self.common(sp), "selector": name, "method": c.select_method, "data_ratio": c.data_ratio,
+                    "positions": c.positions}
+        return self.unit(sp.key + (f"select-{name}",), settings, {"heads": digest}, compute,
+                         f"{sp.name} seed {sp.seed}: selection {name}") if digest is not None else None
 
     def selection(self, sp: Split, selector: str, layer: int | None = None, features: dict | None = None) -> dict:
         """The rows ``selector`` picks (P2D's: the selected heads' activation; rh-alignment: gradient
@@ -515,6 +565,8 @@ class Bench:
         lrs = self.rates(choice, self.kinds(split))
         if "rule" in cfg.parts and split in cfg.choice_splits:  # at the choice seeds, before any reporting seed
             rule_cells(self, split, lrs)
+        if not set(cfg.parts) - {"sweep", "rule"}:  # the sweeps and the rule alone touch no reporting seed
+            return
         if "heads_test" in cfg.parts and split in cfg.heads_splits and split != "custom":  # after the sweeps: its
             choice = choice or self.split_at(split, cfg.choice_seed)  # grid spans their winners
             heads_test.run(self, choice, self.selection(choice, "p2d"))  # each kind's best rate is read here

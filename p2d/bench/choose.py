@@ -6,7 +6,9 @@ judges ran: every unit records the commit that made it). Nothing it reads is an 
 1. **Candidates, frozen here**: every (heads trained, rows, adapter) of `RULE_HEADS` x `RULE_ROWS` x
    `RULE_ADAPTERS`: P2D's heads or LoFiT's first-pass heads (``lofit``); the rows of P2D's selection
    (``p2d``: activation of P2D's heads) or of a selector without heads (TF-IDF of the prompt, the three
-   answer readers, random rows); the ``qkvo``, ``qo`` or ``offset`` adapter. Each is one benchmark cell
+   answer readers, random rows); the ``qkvo``, ``qo`` or ``offset`` adapter; and P2D's heads re-picked in
+   a layer window (`RULE_WINDOWS`: the upper or the lower half of the layers, a cheaper training backward
+   or selection pass) on their own P2D selection, in each adapter. Each is one benchmark cell
    (`p2d.bench.benchmark.Bench.cell`, `p2d.cells`: the same training and budget as every cell) at the
    learning rate swept for that adapter on P2D's heads at the first choice seed (``<adapter>-p2d``;
    LoFiT's heads have no sweep of their own, as in the heads comparison).
@@ -50,6 +52,8 @@ import statistics
 
 from ..adapter import parse_adapter
 from ..cells import Cell
+from ..errors import UserError
+from ..method.heads import layer_window
 from .split import folder_name
 from .stats import paired_difference
 
@@ -158,7 +162,34 @@ def choice_markdown(d: dict) -> str:
 RULE_HEADS = ("p2d", "lofit")
 RULE_ROWS = ("p2d", "tfidf", "answer_shape", "answer_tfidf", "shape_tfidf", "random")
 RULE_ADAPTERS = ("qkvo", "qo", "offset")
-RULE_CANDIDATES = tuple((h, r, a) for h in RULE_HEADS for r in RULE_ROWS for a in RULE_ADAPTERS)
+#: the layer windows (issue 28's cost lever): P2D's heads re-picked in the upper half of the layers (a run's
+#: ``min_head_layer`` = n/2: every training backward stops there) or the lower half (``max_head_layer`` =
+#: n/2 - 1: the selection pass stops there), each trained on its own P2D selection in every adapter
+#: (added before any unit of the rule existed)
+RULE_WINDOWS = ("p2d@upper", "p2d@lower")
+RULE_CANDIDATES = tuple((h, r, a) for h in RULE_HEADS for r in RULE_ROWS for a in RULE_ADAPTERS) + \
+    tuple((w, "p2d", a) for w in RULE_WINDOWS for a in RULE_ADAPTERS)
+#: a head set's name ``<heads>@<window>``: those heads re-picked inside a layer window
+WINDOW_MARK = "@"
+
+
+def parse_windowed(name: str, n_layers: int) -> tuple[str, list[int]]:
+    """``<heads>@upper`` / ``@lower`` (the upper or lower half of ``n_layers``) / ``@<lo>-<hi>`` ->
+    (``<heads>``, [lo, hi]) checked against the model (`p2d.method.heads.layer_window`)."""
+    base, _, span = name.partition(WINDOW_MARK)
+    half = n_layers // 2
+    lo, sep, hi = span.partition("-")
+    if span in ("upper", "lower"):
+        lo, hi = (half, n_layers - 1) if span == "upper" else (0, half - 1)
+    elif not (sep and lo.isdigit() and hi.isdigit()):
+        raise UserError(f"a windowed head set is named <heads>@upper, @lower or @<lowest>-<highest> (got {name!r})")
+    return base, layer_window(int(lo), int(hi), n_layers)
+
+
+def head_method_of(heads: str, cfg) -> str:
+    """The benchmark's head set name of a rule candidate's heads (``p2d`` is the configured head method)."""
+    base, mark, span = heads.partition(WINDOW_MARK)
+    return (cfg.head_method if base == "p2d" else base) + mark + span
 RULE_AGGREGATE = "worst split"
 
 
@@ -199,9 +230,9 @@ def rule_cells(bench, split: str, lrs: dict[str, float], candidates=RULE_CANDIDA
             if lr is None:
                 bench.skipped.append(f"{split}: no {adapter}-p2d learning rate for the rule")
                 continue
-            method = cfg.head_method if heads == "p2d" else heads
-            bench.cell(sp, Cell("heads", rows, heads, adapter), bench.selection(sp, rows), bench.heads(sp, method), lr,
-                       judge=judge)
+            method = head_method_of(heads, cfg)
+            selection = bench.windowed_selection(sp, method) if WINDOW_MARK in heads else bench.selection(sp, rows)
+            bench.cell(sp, Cell("heads", rows, heads, adapter), selection, bench.heads(sp, method), lr, judge=judge)
 
 
 def _outcomes(bench, candidates) -> dict:
@@ -216,11 +247,12 @@ def _outcomes(bench, candidates) -> dict:
                 res = units.get(f"cell-{heads}-{adapter}-{rows}-judged")
                 if res is None:
                     continue
-                method = cfg.head_method if heads == "p2d" else heads
-                sel = units.get(f"select-{rows}") or {}
+                method = head_method_of(heads, cfg)
+                windowed = WINDOW_MARK in heads
+                sel = units.get(f"select-{rows}{heads[heads.index(WINDOW_MARK):]}" if windowed else f"select-{rows}") or {}
                 cpu = ((units.get(f"heads-{method}") or {}).get("cpu_s") or 0.0) + (sel.get("cpu_s") or 0.0) \
                     + (res.get("cpu_s") or 0.0)
-                if rows == "p2d" and heads != "p2d":  # P2D's rows need P2D's heads too
+                if rows == "p2d" and heads != "p2d" and not windowed:  # P2D's rows need P2D's heads too
                     cpu += sel.get("heads_cpu_s") or 0.0
                 out.setdefault(candidate_name(heads, rows, adapter), {}).setdefault(split, {})[seed] = {
                     "strict": res["strict"], "cpu_s": cpu, "adapter": adapter, "heads": heads, "rows": rows}

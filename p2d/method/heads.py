@@ -429,6 +429,14 @@ class HeadScores:
         """The same scores with a different share of heads selected (no rescoring)."""
         return dataclasses.replace(self, ratio=ratio, selected=select_top(self.scores, ratio, self.window))
 
+    def with_window(self, window: list[int] | None) -> "HeadScores":
+        """The same scores with the heads re-picked inside the layer ``window`` ([lowest, highest],
+        `layer_window`; None: every layer), as many as the ratio gives (no rescoring)."""
+        extra = {k: v for k, v in self.extra.items() if k != "layer_window"}
+        if window is not None:
+            extra["layer_window"] = list(window)
+        return dataclasses.replace(self, selected=select_top(self.scores, self.ratio, window), extra=extra)
+
     def save(self, out_dir) -> Path:
         """Write ``out_dir/heads.json``; returns its path."""
         return write_json(Path(out_dir) / HEADS_FILE, self.to_dict())
