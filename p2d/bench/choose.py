@@ -3,12 +3,13 @@
 **The rule judged by training** (`judged_rule`; issue 26, written and committed before any unit it
 judges ran: every unit records the commit that made it). Nothing it reads is an eval row:
 
-1. **Candidates, frozen here**: every (heads trained, rows, adapter) of `RULE_HEADS` x `RULE_ROWS` x
-   `RULE_ADAPTERS`: P2D's heads or LoFiT's first-pass heads (``lofit``); the rows of P2D's selection
-   (``p2d``: activation of P2D's heads) or of a selector without heads (TF-IDF of the prompt, the three
-   answer readers, random rows); the ``qkvo``, ``qo`` or ``offset`` adapter; and P2D's heads re-picked in
-   a layer window (`RULE_WINDOWS`: the upper or the lower half of the layers, a cheaper training backward
-   or selection pass) on their own P2D selection, in each adapter. Each is one benchmark cell
+1. **Candidates, frozen here** (`RULE_CANDIDATES`, 23 (heads trained, rows, adapter)): P2D's heads on the
+   rows of P2D's selection (``p2d``: activation of P2D's heads) or of a selector without heads (TF-IDF of
+   the prompt, the answer readers ``answer_shape`` and ``shape_tfidf``, random rows) in the ``qkvo``,
+   ``qo`` or ``offset`` adapter; LoFiT's first-pass heads (``lofit``) on P2D's and ``shape_tfidf``'s rows;
+   P2D's heads re-picked in a layer window (`RULE_WINDOWS`: the upper or the lower half of the layers, a
+   cheaper training backward or selection pass) on their own P2D selection; the last two in ``qkvo`` and
+   ``offset``. Each is one benchmark cell
    (`p2d.bench.benchmark.Bench.cell`, `p2d.cells`: the same training and budget as every cell) at the
    learning rate swept for that adapter on P2D's heads at the first choice seed (``<adapter>-p2d``;
    LoFiT's heads have no sweep of their own, as in the heads comparison).
@@ -158,17 +159,22 @@ def choice_markdown(d: dict) -> str:
 
 
 # ------------------------------------------------------------------------------- the rule judged by training
-#: the candidates of the rule judged by training (frozen: changing them is a new rule, judged on new units)
-RULE_HEADS = ("p2d", "lofit")
-RULE_ROWS = ("p2d", "tfidf", "answer_shape", "answer_tfidf", "shape_tfidf", "random")
+#: the candidates of the rule judged by training (frozen: changing them is a new rule, judged on new units).
+#: Not the full product of heads x rows x adapters (42 candidates, 252 cells on three splits at two seeds:
+#: more CPU than one session of the 2-core machine has); cut before any judged unit existed to 23: P2D's heads
+#: on every selector's rows in every adapter; LoFiT's heads and the two layer windows only in the ``qkvo``
+#: and ``offset`` regimes, LoFiT's on P2D's and the hybrid answer reader's rows; ``answer_tfidf`` left out
+#: (the hybrid ``shape_tfidf`` and ``answer_shape`` stand for the answer readers).
+RULE_ROWS = ("p2d", "tfidf", "answer_shape", "shape_tfidf", "random")
 RULE_ADAPTERS = ("qkvo", "qo", "offset")
 #: the layer windows (issue 28's cost lever): P2D's heads re-picked in the upper half of the layers (a run's
 #: ``min_head_layer`` = n/2: every training backward stops there) or the lower half (``max_head_layer`` =
-#: n/2 - 1: the selection pass stops there), each trained on its own P2D selection in every adapter
-#: (added before any unit of the rule existed)
+#: n/2 - 1: the selection pass stops there), each trained on its own P2D selection
 RULE_WINDOWS = ("p2d@upper", "p2d@lower")
-RULE_CANDIDATES = tuple((h, r, a) for h in RULE_HEADS for r in RULE_ROWS for a in RULE_ADAPTERS) + \
-    tuple((w, "p2d", a) for w in RULE_WINDOWS for a in RULE_ADAPTERS)
+RULE_CANDIDATES = tuple(("p2d", r, a) for r in RULE_ROWS for a in RULE_ADAPTERS) + \
+    tuple(("lofit", r, a) for r in ("p2d", "shape_tfidf") for a in ("qkvo", "offset")) + \
+    tuple((w, "p2d", a) for w in RULE_WINDOWS for a in ("qkvo", "offset"))
+RULE_AGGREGATE = "worst split"
 #: a head set's name ``<heads>@<window>``: those heads re-picked inside a layer window
 WINDOW_MARK = "@"
 
