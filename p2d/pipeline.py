@@ -333,6 +333,7 @@ class Run:
         if any(old.stage_settings("load").get(k) != v for k, v in config.stage_settings("load").items()):
             self.lm = None if (old.model, old.device, old.dtype, old.quantize, old.trust_remote_code) != \
                 (config.model, config.device, config.dtype, config.quantize, config.trust_remote_code) else self.lm
+            self._inference = None if self.lm is None else self._inference  # a reduced copy of a dropped model goes too
             self.data = None
         self._recut("heads", "head_ratio")
         self._recut("select", "data_ratio")
