@@ -27,7 +27,9 @@ models); head cells leave the shared base untouched.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import functools
 import gc
 import math
 import random
@@ -107,7 +109,13 @@ CELLS: dict[str, Cell] = {
 # ----------------------------------------------------------------------------------------- memory
 class PeakMemory:
     """Peak memory of a block: CUDA allocator peak, else the process RSS sampled every 20 ms (both
-    as the increase over the level at entry, in MB)."""
+    as the increase over the level at entry, in MB).
+
+    On the CPU, freed tensors stay in the C allocator's heap (glibc keeps freed chunks below a live one, and
+    raises its mmap threshold after large frees), so a block that reuses them would raise no RSS: the
+    no-gradient passes read 0-1 MB after an earlier pass. Entry therefore returns the free heap pages to the
+    system first (glibc's ``malloc_trim(0)``, `release_free_memory`); the reading is then what the block's own
+    allocations need. Without glibc (macOS, musl) the reading may miss memory the block reuses."""
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -121,6 +129,7 @@ class PeakMemory:
             return self
         import psutil
 
+        release_free_memory()
         self._proc = psutil.Process()
         self._base = self._proc.memory_info().rss
         self._max = self._base
@@ -144,6 +153,26 @@ class PeakMemory:
             self._max = max(self._max, self._proc.memory_info().rss)
             self.peak_mb = (self._max - self._base) / 2 ** 20
         return False
+
+
+def release_free_memory() -> bool:
+    """Return the C heap's free pages to the system (glibc ``malloc_trim(0)``, every arena); False where
+    there is no glibc."""
+    libc = _glibc()
+    if libc is None:
+        return False
+    libc.malloc_trim(0)
+    return True
+
+
+@functools.lru_cache(maxsize=1)
+def _glibc():
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim.argtypes = [ctypes.c_size_t]
+        return libc
+    except (OSError, AttributeError):
+        return None
 
 
 # ----------------------------------------------------------------------------------------- training
@@ -270,7 +299,7 @@ def evaluate_cell(lm, eval_samples: list[Sample], other: list[Sample] | None = N
     if forced:
         fe = forced_eval(lm, eval_samples, batch_size=batch_size, max_length=max_length)
         res = EvalResult(fe.accuracy, fe.mean_loss, len(eval_samples), metric="strict", by_task=fe.by_task(),
-                         per_row={"strict": fe.to_dict()["strict"], "loss": fe.to_dict()["row_loss"]})
+                         per_row={"strict": fe.to_dict()["strict"], "loss": fe.to_dict()["row_loss"]}, tokens=fe.tokens)
         if other:
             res.other_tasks = forced_eval(lm, other, batch_size=batch_size, max_length=max_length).by_task()
         return res

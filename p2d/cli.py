@@ -40,6 +40,7 @@ from .export import EXPORT_FORMATS, export_peft
 from .gguf_export import DEFAULT_TYPE, GGUF_TYPES, export_gguf
 from .files import dumps
 from .method.heads import HEADS_FILE, HeadScores
+from .models import inference_copy
 from .method.selection import SCORES_FILE, SELECTED_FILE, SELECTION_FILE
 from .hub import model_card, push_run
 from .pipeline import CONFIG_FILE, Run, build_builtin_pool, default_loader, fresh_folder, load_run_data
@@ -194,7 +195,7 @@ def cmd_eval(args) -> None:
         if ev is None:
             raise UserError("the built-in eval set is empty (eval_size 0): raise eval_size or give --eval FILE")
         samples, skipped = ev.samples, 0
-    lm = _load_lm(config)
+    lm = inference_copy(_load_lm(config), config.inference_precision)
     if args.adapter:
         load_adapter(lm, args.adapter)
     res = evaluate(lm, samples, batch_size=max(config.batch_size, 16), max_new_tokens=config.max_new_tokens,

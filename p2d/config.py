@@ -37,7 +37,7 @@ from .data.formats import parse_mapping
 from .errors import UserError, shown
 from .files import write_text
 from .method.heads import DEFAULT_HEAD_METHOD, HEAD_METHODS
-from .models import DTYPES, QUANTIZE
+from .models import DTYPES, INFERENCE_PRECISIONS, QUANTIZE
 from .method.gating import POSITIONS
 from .method.selection import DEFAULT_POSITIONS, DEFAULT_SELECT_METHOD, SELECT_METHODS
 from .tracking import REPORT_TO
@@ -138,6 +138,11 @@ class RunConfig:
     quantize: str | None = setting(None, "model", "Quantise frozen MLPs",
                                    "8bit or 4bit: load the frozen MLPs with bitsandbytes (saves GPU memory, slower on "
                                    "CPU); none: dense", stages=("load",), choices=QUANTIZE)
+    inference_precision: str = setting("same", "model", "No-gradient precision",
+                                       "what the selection stage's head pass and evaluation run in: same (the model's "
+                                       "dtype), bf16 (a bfloat16 copy, CPU or GPU) or int8 (CPU: a copy with dynamic "
+                                       "int8 MLPs and LM head); head scoring and training keep the model's dtype",
+                                       stages=("select", "eval_before", "eval_after"), choices=INFERENCE_PRECISIONS)
     # data ------------------------------------------------------------------------------------------
     pool: str | None = setting(None, "data", "Pool file", "training pool: a data file, a dataset "
                                "ID[:CONFIG][@SPLIT[START:STOP]] (hub id or dataset folder, streamed), builtin-hard "

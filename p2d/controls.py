@@ -74,6 +74,9 @@ def read_controls(run) -> dict | None:
 
 
 def _check(run) -> None:
+    if run.config.inference_precision != "same":  # the controls' cells evaluate in the model's dtype
+        raise UserError(f"the controls evaluate in the model's dtype, the run in {run.config.inference_precision}: "
+                        "set No-gradient precision (inference_precision) to same and rerun the evaluation first")
     missing = [s for s in ("heads", "select", "train", "eval_after") if not run.is_done(s)]
     if missing:
         raise UserError(f"the controls compare with a finished P2D run: run {', '.join(missing)} first")

@@ -59,6 +59,8 @@ class EvalResult:
     per_row: dict | None = None  # forced evaluation: {"strict": [0/1/None ...], "loss": [...]} in row order
     checks: dict = field(default_factory=dict)  # named part of the rows' checks -> rate over the rows that have it
     other_checks: dict = field(default_factory=dict)  # the same over the other tasks' held-out rows
+    tokens: dict = field(default_factory=dict)  # this process's batches: {"loss" | "prompts" | "generated":
+    # {"tokens": real, "padded_tokens": computed once padded to each batch's longest member}}
 
     def to_dict(self, with_examples: bool = False) -> dict:
         d = asdict(self)
@@ -86,9 +88,11 @@ def stop_token_ids(tokenizer) -> list[int]:
 @torch.no_grad()
 def generate_answers(lm, samples: list[Sample], batch_size: int = 16, max_new_tokens: int = 32,
                      max_length: int = 512, progress: ProgressFn = None, desc: str = "generate",
-                     should_stop: StopFn = None) -> list[str | None]:
+                     should_stop: StopFn = None, counts: dict | None = None) -> list[str | None]:
     """Greedy answers for chat samples, batched with left padding (sorted by length). A stop request
-    ends after the current batch; the samples not reached get None."""
+    ends after the current batch; the samples not reached get None. ``counts`` (a dict) receives the real
+    and padded token counts of the prompts (``prompts``) and of the generated part (``generated``: a row's
+    tokens up to its first stop token, against every row of a batch generating until the batch stops)."""
     tok, model = lm.tokenizer, lm.model
     prompts = encode_prompts(samples, tok, max_length=max_length)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
@@ -117,6 +121,12 @@ def generate_answers(lm, samples: list[Sample], batch_size: int = 16, max_new_to
                                  pad_token_id=pad, eos_token_id=stops, synced_gpus=procs.sharded)
             for row, i in enumerate(idx):
                 answers[i] = tok.decode(out[row, width:], skip_special_tokens=True).strip()
+            if counts is not None and idx:
+                new = out[:len(idx), width:].cpu()
+                ends = torch.isin(new, torch.tensor(stops))
+                real = [int(e.nonzero()[0]) + 1 if e.any() else new.shape[1] for e in ends]
+                _add_counts(counts, "prompts", sum(len(p) for p in prompt_rows[:len(idx)]), len(idx) * width)
+                _add_counts(counts, "generated", sum(real), new.numel())
             if idx:
                 report(progress, min(start + batch_size, len(order)), len(order), desc)
     finally:
@@ -131,10 +141,18 @@ def mean_answer_loss(lm, samples: list[Sample], batch_size: int = 16, max_length
     return total / count if count else None
 
 
+def _add_counts(counts: dict, key: str, real: int, padded: int) -> None:
+    c = counts.setdefault(key, {"tokens": 0, "padded_tokens": 0})
+    c["tokens"] += int(real)
+    c["padded_tokens"] += int(padded)
+
+
 @torch.no_grad()
 def answer_loss_sums(lm, samples: list[Sample], batch_size: int = 16, max_length: int = 256,
-                     progress: ProgressFn = None, should_stop: StopFn = None) -> tuple[float, int]:
-    """(summed cross-entropy, answer tokens) over the samples."""
+                     progress: ProgressFn = None, should_stop: StopFn = None,
+                     counts: dict | None = None) -> tuple[float, int]:
+    """(summed cross-entropy, answer tokens) over the samples; ``counts`` (a dict) receives the real and
+    padded token counts of the batches (``loss``)."""
     encoded = encode(samples, lm.tokenizer, max_length=max_length)
     encoded = sorted(encoded, key=lambda e: len(e["input_ids"]))
     total, count = 0.0, 0
@@ -148,6 +166,8 @@ def answer_loss_sums(lm, samples: list[Sample], batch_size: int = 16, max_length
             continue
         start = starts[n]
         batch = collate(encoded[start:start + batch_size], lm.tokenizer.pad_token_id)
+        if counts is not None:
+            _add_counts(counts, "loss", int(batch["attention_mask"].sum()), batch["input_ids"].numel())
         batch = {k: v.to(lm.device) for k, v in batch.items()}
         token_loss, _ = answer_token_losses(model, batch)
         total += float(token_loss.sum())
@@ -164,6 +184,7 @@ class ForcedEval:
     strict: list[bool | None]
     loss: list[float | None]
     tasks: list[str | None]
+    tokens: dict = field(default_factory=dict)  # {"loss": {"tokens", "padded_tokens"}} of its batches
 
     @property
     def accuracy(self) -> float | None:
@@ -197,9 +218,11 @@ def forced_eval(lm, samples: list[Sample], batch_size: int = 16, max_length: int
     stops = torch.tensor(stop_token_ids(lm.tokenizer))
     strict: list[bool | None] = [None] * len(samples)
     loss: list[float | None] = [None] * len(samples)
+    tokens: dict = {}
     for start in range(0, len(encoded), batch_size):
         group = encoded[start:start + batch_size]
         batch = {k: v.to(lm.device) for k, v in collate(group, lm.tokenizer.pad_token_id).items()}
+        _add_counts(tokens, "loss", sum(len(it["input_ids"]) for it in group), batch["input_ids"].numel())
         logits, targets, rows = answer_logits(lm.model, batch)
         ce = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="none").cpu()
         hit = (logits.argmax(dim=-1) == targets).cpu()
@@ -211,7 +234,7 @@ def forced_eval(lm, samples: list[Sample], batch_size: int = 16, max_length: int
             upto = int(is_stop[0]) + 1 if len(is_stop) else len(t)  # the answer and its end-of-turn token
             strict[item["index"]] = bool(h[:upto].all())
             loss[item["index"]] = float(ce[sel].mean())
-    return ForcedEval(strict, loss, [s.task for s in samples])
+    return ForcedEval(strict, loss, [s.task for s in samples], tokens)
 
 
 def row_check(sample: Sample) -> dict | None:
@@ -257,7 +280,8 @@ def evaluate(lm, samples: list[Sample], batch_size: int = 16, max_new_tokens: in
     chat_all = [s for s in samples if s.kind != "text"]
     chat = [s for s in mine if s.kind != "text"]
     row_checks = {id(s): row_check(s) for s in chat_all}  # a malformed check fails here, before any generation
-    total, count = answer_loss_sums(lm, mine, batch_size, max_length, progress, should_stop)
+    tokens: dict = {}
+    total, count = answer_loss_sums(lm, mine, batch_size, max_length, progress, should_stop, counts=tokens)
     if procs.world > 1:
         total, count = procs.total(total), procs.total(count)
     loss = total / count if count else None
@@ -270,7 +294,7 @@ def evaluate(lm, samples: list[Sample], batch_size: int = 16, max_new_tokens: in
     if chat_all and not partial:
         mnt = max_new_tokens or default_max_new_tokens(lm, chat_all)
         preds = generate_answers(lm, chat, batch_size=batch_size, max_new_tokens=mnt,
-                                 max_length=max_length, progress=progress, should_stop=should_stop)
+                                 max_length=max_length, progress=progress, should_stop=should_stop, counts=tokens)
         if procs.world > 1:  # back in the order of the samples: row i was evaluated by process i % world
             it = iter(preds)
             parts = procs.gather([next(it) if s.kind != "text" else None for s in mine])
@@ -309,4 +333,4 @@ def evaluate(lm, samples: list[Sample], batch_size: int = 16, max_new_tokens: in
     if loss is not None and not math.isfinite(loss):
         loss = None
     return EvalResult(accuracy, loss, len(samples), contains, n_generated, examples, by_task, partial,
-                      metric=metric, checks=checks)
+                      metric=metric, checks=checks, tokens=tokens)

@@ -28,6 +28,7 @@ device memory, must hold the model once per process).
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib.util
 import math
 import os
@@ -65,6 +66,13 @@ QUANTIZE = ("8bit", "4bit")
 DTYPES = ("auto", "fp32", "bf16", "fp16")
 #: modules never quantised: P2D scores and trains the attention projections; the LM head stays exact
 KEEP_DENSE = ["q_proj", "k_proj", "v_proj", "o_proj", "c_attn", "c_proj", "lm_head"]
+
+#: `RunConfig.inference_precision`: what the no-gradient passes (the selection stage's head pass, evaluation)
+#: run in: ``same`` (the model as loaded), ``bf16`` (a bfloat16 copy) or ``int8`` (CPU only: a copy with dynamic
+#: int8 MLP and LM-head linears, `inference_copy`)
+INFERENCE_PRECISIONS = ("same", "bf16", "int8")
+#: linears an int8 inference copy keeps in float: head gates and head adapters hook the attention projections
+INT8_KEEP_FLOAT = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
            "fp16": torch.float16, "float16": torch.float16}
@@ -515,3 +523,45 @@ def frozen(model: torch.nn.Module):
         for p, flag in flags:
             p.requires_grad_(flag)
         model.train(training)
+
+
+def inference_copy(lm: LoadedModel, precision: str) -> LoadedModel:
+    """The model the no-gradient passes run when `RunConfig.inference_precision` is ``precision``: ``lm``
+    itself for ``same`` (or ``bf16`` on a bfloat16 model), else a copy (heads scoring and training keep
+    using ``lm``):
+
+    - ``bf16``: every weight in bfloat16 (CPU and GPU); on the embedded 135M model 0.27 GB more memory;
+    - ``int8`` (CPU only): `torch.ao.quantization.quantize_dynamic` int8 weights (activations quantised
+      per batch) for every nn.Linear but the attention projections (`INT8_KEEP_FLOAT`: head gates and
+      adapters hook those), so the MLPs and the LM head; the rest stays in the model's dtype.
+
+    Not supported (UserError): int8 on CUDA or MPS, a bitsandbytes-quantised model, a sharded (FSDP) model.
+    The copy is made from the model as it is: it must carry no adapter hooks."""
+    if precision not in INFERENCE_PRECISIONS:
+        raise UserError(f"unknown inference precision {shown(precision)}: use {', '.join(INFERENCE_PRECISIONS)}")
+    if precision == "same" or (precision == "bf16" and lm.dtype == torch.bfloat16):
+        return lm
+    what = f"inference precision (inference_precision) {precision}"
+    if precision == "int8" and lm.device.type != "cpu":
+        raise UserError(f"{what} runs on the CPU only (dynamic int8 kernels); on {lm.device.type} use bf16 or same")
+    if is_quantized(lm.model):
+        raise UserError(f"{what} needs a dense model: set Quantise frozen MLPs (quantize) to none, or use same")
+    if Processes.current().sharded:
+        raise UserError(f"{what} is not supported with a sharded model: use same")
+    hooked = [n for n, m in lm.model.named_modules() if m._forward_hooks or m._forward_pre_hooks]
+    if hooked:
+        raise RuntimeError(f"inference_copy of a model with hooks attached ({hooked[0]})")
+    model = copy.deepcopy(lm.model)
+    if precision == "bf16":
+        model.to(torch.bfloat16)
+        dtype = torch.bfloat16
+    else:
+        from torch.ao.quantization import quantize_dynamic
+
+        names = {n for n, m in model.named_modules()
+                 if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] not in INT8_KEEP_FLOAT}
+        model = quantize_dynamic(model, qconfig_spec=names, dtype=torch.qint8, inplace=True)
+        dtype = lm.dtype
+    model.eval()
+    return LoadedModel(model, lm.tokenizer, lm.geometry, lm.spec, lm.device, dtype,
+                       {**lm.extra, "inference_precision": precision})

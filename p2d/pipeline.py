@@ -62,7 +62,7 @@ from .method.features import (RECORD_FILE, RECORD_LENGTHS_FILE, RECORD_METHODS, 
                               load_record, record_settings, save_record, select_from_features)
 from .method.heads import HEADS_FILE, HeadScores, score_heads
 from .method.selection import SCORES_FILE, SELECTED_FILE, SELECTION_FILE, Selection, head_list, select_data
-from .models import LoadedModel, count_params, load_model
+from .models import LoadedModel, count_params, inference_copy, load_model
 from .progress import ProgressFn, StopFn
 from .tracking import open_tracker, stage_values
 from .training import ADAPTER_SUBDIR, CHECKPOINT_SUBDIR, LOG_NAME, TrainResult
@@ -199,6 +199,7 @@ class Run:
         self.tracker = None  # opened on the first stage that reports (p2d.tracking)
         self.launch_processes = 1  # the training runs in this many processes elsewhere (the app's launcher)
         self._record_cache: tuple[str, HeadFeatures] | None = None  # the head record of this process's pass
+        self._inference: tuple | None = None  # (model, precision, its copy): `inference_lm`
 
     # -- results by name ---------------------------------------------------------------------------
     heads: HeadScores | None = property(lambda self: self.results.get("heads"))
@@ -332,6 +333,7 @@ class Run:
         if any(old.stage_settings("load").get(k) != v for k, v in config.stage_settings("load").items()):
             self.lm = None if (old.model, old.device, old.dtype, old.quantize, old.trust_remote_code) != \
                 (config.model, config.device, config.dtype, config.quantize, config.trust_remote_code) else self.lm
+            self._inference = None if self.lm is None else self._inference  # a reduced copy of a dropped model goes too
             self.data = None
         self._recut("heads", "head_ratio")
         self._recut("select", "data_ratio")
@@ -440,7 +442,8 @@ class Run:
         if method in RECORD_METHODS and Processes.current().world == 1 and heads is not None and \
                 max(layer for layer, _ in head_list(heads, self.lm.geometry)) < self._record_layers():
             return select_from_features(self.head_record(), heads, method, c.data_ratio, self.lm.geometry)
-        return select_data(self.lm, heads, self.data.pool.samples, method=method, ratio=c.data_ratio,
+        lm = self.inference_lm() if method in RECORD_METHODS else self.lm
+        return select_data(lm, heads, self.data.pool.samples, method=method, ratio=c.data_ratio,
                            probe=self.data.probe.samples, batch_size=c.batch_size, max_length=c.max_length,
                            seed=c.seed, progress=self.progress, should_stop=self.should_stop, positions=c.positions,
                            hidden_layer=c.hidden_layer if hidden_layer is None else hidden_layer)
@@ -455,14 +458,15 @@ class Run:
         self.require_loaded()
         pool = self.data.pool.samples
         n_layers = self._record_layers()
-        settings = record_settings(c.model, c.dtype, c.quantize, pool, c.positions, c.max_length, n_layers)
+        settings = record_settings(c.model, c.dtype, c.quantize, pool, c.positions, c.max_length, n_layers,
+                                   c.inference_precision)
         key = content_digest(settings)
         if self._record_cache is not None and self._record_cache[0] == key:
             return self._record_cache[1]
         entry = self.manifest.get(RECORD_ENTRY)
         feats = load_record(self.out, entry) if is_valid(entry, settings, {}) else None
         if feats is None:
-            feats = head_norms(self.lm, pool, c.batch_size, c.max_length, (c.positions,), self.progress,
+            feats = head_norms(self.inference_lm(), pool, c.batch_size, c.max_length, (c.positions,), self.progress,
                                self.should_stop, n_layers=n_layers)[c.positions]
             if feats.extra["stopped"]:
                 return feats
@@ -470,6 +474,17 @@ class Run:
             self.manifest.put(RECORD_ENTRY, make_entry(settings, {}, key, **save_record(feats, self.out)))
         self._record_cache = (key, feats)
         return feats
+
+    def inference_lm(self) -> LoadedModel:
+        """The model the no-gradient passes run (the activation-family selection pass, evaluation): the loaded
+        model, or its reduced copy for `RunConfig.inference_precision` (`p2d.models.inference_copy`, made once
+        per loaded model and precision)."""
+        self.require_loaded()
+        precision = self.config.inference_precision
+        if self._inference is None or self._inference[0] is not self.lm or self._inference[1] != precision:
+            self._inference = None  # the old copy goes before the new one is made
+            self._inference = (self.lm, precision, inference_copy(self.lm, precision))
+        return self._inference[2]
 
     def _record_layers(self) -> int:
         """How many layers the head record covers: up to the highest head layer (`RunConfig.max_head_layer`),
@@ -495,11 +510,12 @@ class Run:
         if self.data.eval is None:
             return None, False
         c = self.config
+        lm = self.inference_lm()
         adapter = None
         if when == "after":
-            adapter = load_adapter(self.lm, self.train_result.adapter_dir)
+            adapter = load_adapter(lm, self.train_result.adapter_dir)
         try:
-            res = evaluate_cell(self.lm, self.data.eval.samples, self.data.other.samples if self.data.other else None,
+            res = evaluate_cell(lm, self.data.eval.samples, self.data.other.samples if self.data.other else None,
                                 batch_size=max(c.batch_size, 16), max_length=c.max_length, limit=c.eval_limit,
                                 max_new_tokens=c.max_new_tokens, progress=self.progress, should_stop=self.should_stop)
         finally:

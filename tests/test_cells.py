@@ -136,3 +136,23 @@ def test_bootstrap_intervals_and_null_ranks():
     worse = null_comparison(b, {s: [a[s]] * 3 for s in a}, draws=200)
     assert worse["share_of_draws_at_or_above"] == 1 and worse["ci95"][1] < 0
     assert paired_difference({0: None}, {0: [1]}) is None
+
+
+def test_peak_memory_sees_allocations_that_reuse_freed_heap():
+    """A block that allocates a known size reads at least that size, also after earlier tensors were freed into
+    the C heap (the no-gradient passes read 0-1 MB before PeakMemory released the free heap pages at entry)."""
+    import time
+
+    from p2d.cells import PeakMemory
+
+    t = torch.ones(7_500_000)  # a 30 MB block freed: glibc's mmap threshold rises, so 8 MB tensors go to its heap
+    del t
+    chunks = [torch.ones(2_000_000) for _ in range(50)]  # 400 MB of 8 MB tensors
+    keep = torch.ones(10)  # noqa: F841 - a live chunk above them, so the heap cannot shrink on free
+    del chunks
+    size_mb = 25 * 2_000_000 * 4 / 2 ** 20  # 191 MB
+    with PeakMemory(torch.device("cpu")) as mem:
+        live = [torch.ones(2_000_000) for _ in range(25)]
+        time.sleep(0.1)  # the sampler reads every 20 ms
+        del live
+    assert mem.peak_mb >= 0.95 * size_mb

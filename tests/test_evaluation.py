@@ -61,3 +61,20 @@ def test_embedded_model_knows_paris(embedded):
     right = evaluate(embedded, _samples([{"question": q, "answer": "The capital of France is Paris."}]), max_new_tokens=1)
     wrong = evaluate(embedded, _samples([{"question": q, "answer": "The capital of France is Madrid."}]), max_new_tokens=1)
     assert right.loss < wrong.loss
+
+
+def test_evaluation_reports_real_and_padded_tokens(tiny_llama):
+    """The loss batches, the prompts and the generated part each report real and padded tokens: real tokens are
+    the encoded rows' lengths, padding is what each batch's longest member adds."""
+    from p2d.cells import evaluate_cell
+    from p2d.data.encoding import encode, encode_prompts
+
+    samples = _samples([{"prompt": "Hi" + " there" * (3 * i), "response": "ok" * (i + 1)} for i in range(5)])
+    res = evaluate(tiny_llama, samples, batch_size=2, max_new_tokens=3, max_length=64, n_examples=0)
+    t = res.tokens
+    assert t["loss"]["tokens"] == sum(len(e["input_ids"]) for e in encode(samples, tiny_llama.tokenizer, 64))
+    assert t["prompts"]["tokens"] == sum(len(p) for p in encode_prompts(samples, tiny_llama.tokenizer, 64))
+    assert t["loss"]["padded_tokens"] > t["loss"]["tokens"] and t["prompts"]["padded_tokens"] > t["prompts"]["tokens"]
+    assert 5 <= t["generated"]["tokens"] <= t["generated"]["padded_tokens"] <= 5 * 3
+    forced = evaluate_cell(tiny_llama, samples, batch_size=2, max_length=64, forced=True)
+    assert forced.tokens["loss"] == t["loss"]

@@ -397,3 +397,14 @@ def test_every_head_method_has_help():
 
     assert set(HEAD_METHOD_HELP) == set(HEAD_METHODS)
     assert all(HEAD_METHOD_HELP[m].startswith(m + ":") for m in HEAD_METHODS)
+
+
+def test_gradient_heads_report_real_and_padded_tokens(tiny_llama, probe, pool):
+    """The gate-importance stage reports the real and padded tokens of the batches it ran (probe + pool sample)."""
+    from p2d.data.encoding import encode
+    from p2d.method.heads import _pool_sample
+
+    hs = score_heads(tiny_llama, probe, "gradient_logratio", 0.25, pool=pool, batch_size=4, max_length=64)
+    rows = list(probe) + list(_pool_sample(pool, probe, 0))
+    assert hs.extra["tokens"] == sum(len(e["input_ids"]) for e in encode(rows, tiny_llama.tokenizer, 64))
+    assert hs.extra["padded_tokens"] >= hs.extra["tokens"]

@@ -268,3 +268,58 @@ def test_sigkill_during_training_then_resume_gives_the_same_adapter(tiny_llama_d
     lines = [json.loads(line)["step"] for line in (killed / "train_log.jsonl").read_text().splitlines()]
     assert lines == list(range(1, steps + 1))
     assert not (killed / "checkpoint").exists()
+
+
+def test_inference_precision_runs_the_record_and_evaluation_on_a_reduced_copy(tiny_llama, tmp_path, monkeypatch):
+    """bf16: the head record's pass and the evaluation run a bfloat16 copy (heads and training stay float32); the
+    record's manifest key names the precision, so going back to the model's dtype records again."""
+    import p2d.pipeline as pipeline
+
+    seen = {}
+    real_norms, real_eval = pipeline.head_norms, pipeline.evaluate_cell
+    monkeypatch.setattr(pipeline, "head_norms", lambda lm, *a, **k: seen.setdefault("record", []).append(
+        next(lm.model.parameters()).dtype) or real_norms(lm, *a, **k))
+    monkeypatch.setattr(pipeline, "evaluate_cell", lambda lm, *a, **k: seen.setdefault("eval", []).append(
+        next(lm.model.parameters()).dtype) or real_eval(lm, *a, **k))
+    run = _run(tiny_llama, tmp_path, select_method="activation", inference_precision="bf16")
+    run.run(["select", "train", "eval_after"])
+    assert seen == {"record": [torch.bfloat16], "eval": [torch.bfloat16]}
+    assert next(run.lm.model.parameters()).dtype == torch.float32  # the loaded model is untouched
+    assert not any(m._forward_hooks for m in run.inference_lm().model.modules())  # the adapter was detached
+    entry = json.loads((run.out / MANIFEST_FILE).read_text())["stages"]["head_record"]
+    assert entry["settings"]["precision"] == "bf16"
+    dropped = run.reconfigure(run.config.replace(inference_precision="same"))
+    assert "select" in dropped and "heads" not in dropped
+    run.run(["select"])
+    assert seen["record"] == [torch.bfloat16, torch.float32]
+    from p2d.controls import run_controls
+
+    with pytest.raises(UserError, match="controls evaluate in the model's dtype"):
+        run_controls(_run(tiny_llama, tmp_path / "b", inference_precision="bf16"))
+
+
+def test_int8_inference_copy_keeps_the_attention_projections(tiny_llama):
+    """int8: the MLP and LM-head linears become dynamic int8, the attention projections stay float (head gates and
+    adapters hook them), the record pass runs on it; int8 on a GPU is a one-line UserError."""
+    import copy
+
+    from p2d.method.features import head_norms
+    from p2d.models import inference_copy
+
+    q = inference_copy(tiny_llama, "int8")
+    layer = q.model.model.layers[0]
+    assert type(layer.self_attn.q_proj) is torch.nn.Linear and type(layer.self_attn.o_proj) is torch.nn.Linear
+    assert type(layer.mlp.down_proj) is not torch.nn.Linear and type(q.model.lm_head) is not torch.nn.Linear
+    assert type(tiny_llama.model.model.layers[0].mlp.down_proj) is torch.nn.Linear  # the original is untouched
+    from p2d.data.builtin import build_task_pool
+    from p2d.data.loading import load_records
+
+    pool = load_records(build_task_pool(seed=0, pool_size=8, probe_size=1, eval_size=0).pool).samples
+    feats = head_norms(q, pool, 4, 64)["all"]
+    ref = head_norms(tiny_llama, pool, 4, 64)["all"]
+    assert torch.isfinite(feats.norms).all() and feats.norms.shape == ref.norms.shape
+    assert inference_copy(tiny_llama, "same") is tiny_llama
+    on_gpu = copy.copy(tiny_llama)
+    on_gpu.device = torch.device("cuda")
+    with pytest.raises(UserError, match="CPU only"):
+        inference_copy(on_gpu, "int8")

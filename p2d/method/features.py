@@ -10,7 +10,8 @@ The benchmark (`p2d.bench`) reads every head set's selection precision and its r
 one feature pass. A run (`p2d.pipeline.Run`) keeps the activation statistic of every head for every pool
 row as its *head record*: a float16 memory map (`RECORD_FILE`, [rows, layers, heads]) plus the answer
 lengths (`RECORD_LENGTHS_FILE`) in the run folder, entered in the run's manifest with what it depends on
-(`record_settings`: model, dtype, quantisation, pool content, positions, max length, recorded layers).
+(`record_settings`: model, dtype, quantisation, pool content, positions, max length, recorded layers, and the
+precision the pass ran in, `p2d.config.RunConfig.inference_precision`).
 `select_from_features` then makes any activation-family selection (`RECORD_METHODS`: any head set,
 ratio or control) from it without the model. Methods that need more than this statistic (alignment,
 ablation, prefilter_alignment; the head-free baselines) are not served by the record: they run the model.
@@ -228,14 +229,15 @@ def alignment_from_features(features: HeadFeatures, probe_features: HeadFeatures
 
 
 def record_settings(model: str, dtype, quantize, pool: list[Sample], positions: str, max_length: int,
-                    n_layers: int) -> dict:
+                    n_layers: int, precision: str = "same") -> dict:
     """What a head record depends on (its manifest entry's settings): the model and how it is loaded,
     the pool's content (prompt, answer, kind of every row, as a digest), the answer positions, the max
-    length and the number of recorded layers (0 .. n_layers - 1). Batch size is not in it: padding is
-    masked and never reaches a row's statistic."""
+    length, the number of recorded layers (0 .. n_layers - 1) and the precision its pass ran in
+    (``precision``: `p2d.models.inference_copy`'s, so a bf16 or int8 record is never reused for float32).
+    Batch size is not in it: padding is masked and never reaches a row's statistic."""
     return {"model": str(model), "dtype": dtype, "quantize": quantize, "positions": positions,
             "max_length": int(max_length), "n_layers": int(n_layers), "n_rows": len(pool),
-            "pool": content_digest([[s.prompt, s.answer, s.kind] for s in pool])}
+            "pool": content_digest([[s.prompt, s.answer, s.kind] for s in pool]), "precision": precision}
 
 
 def save_record(features: HeadFeatures, folder) -> dict:

@@ -74,7 +74,7 @@ from ..models import frozen
 from ..progress import Ticker
 from .gating import HeadGate
 from .heads_variants import score_lofit, score_shift, taylor_importance
-from .scoring import HeadJob, batch_losses, check_positions, check_ratio, loss_batches, top_count
+from .scoring import HeadJob, batch_losses, batch_token_counts, check_positions, check_ratio, loss_batches, top_count
 
 #: how importance methods contrast the probe map with the pool map (see `contrast_scores`)
 HEAD_CONTRASTS = ("difference", "layer", "logratio")
@@ -229,6 +229,7 @@ def importance_scores(job: HeadJob):
         pool_mean = pool_imp / n_pool if pool_imp is not None and n_pool > 0 else None
         extra["importance"] = "mean over samples of |dL_i/dgate|"
     extra.update(procs.summary(sum(len(b["index"]) for b in probe_batches[:probe_own] + pool_batches[:pool_own])))
+    extra.update(batch_token_counts(probe_batches[:probe_own] + pool_batches[:pool_own]))  # this process's batches
     if pool_mean is not None and kind is not None:
         scores = contrast_scores(probe_mean, pool_mean, kind)
         mode = _CONTRAST_TEXT[kind]

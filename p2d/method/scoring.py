@@ -83,6 +83,13 @@ def padded_tokens(groups) -> int:
     return sum(len(g) * max(len(it["input_ids"]) for it in g) for g in groups if g)
 
 
+def batch_token_counts(batches) -> dict:
+    """``tokens`` (real) and ``padded_tokens`` (computed once padded) of `loss_batches` batches, the keys
+    `EncodedBatches.info` reports them under."""
+    return {"tokens": int(sum(int(b["attention_mask"].sum()) for b in batches)),
+            "padded_tokens": int(sum(b["input_ids"].numel() for b in batches))}
+
+
 class EncodedBatches:
     """Samples encoded once (``index`` = position in the given list), length-sorted batch groups, and
     the per-batch tensors / position masks."""

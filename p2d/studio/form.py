@@ -44,6 +44,7 @@ FIELD_NAMES: tuple[str, ...] = (
     "reference_epochs", "scheduler", "gradient_checkpointing", "val_ratio", "val_every", "report_to",
     "positions", "adapter", "other_eval_size", "hidden_layer",
     "min_head_layer", "max_head_layer",
+    "inference_precision",
 )
 FORM_ONLY = ("model_source", "model_name", "data_source", "pool_path", "probe_path", "eval_path")
 #: RunConfig fields the form sets directly (under their own name)
@@ -179,6 +180,7 @@ def build_inputs(limits: Limits, initial: dict) -> dict:
         "device": dropdown("device", ["auto", "cpu", "cuda", "mps"], allow_custom_value=True),
         "dtype": dropdown("dtype"),
         "quantize": dropdown("quantize", ["none", *choices_of(config_field("quantize"))]),
+        "inference_precision": dropdown("inference_precision"),
         "trust_remote_code": gr.Checkbox(v["trust_remote_code"], label=_label("trust_remote_code"),
                                          info=_help("trust_remote_code"), visible=local, **num),
         # data

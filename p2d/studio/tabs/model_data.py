@@ -34,6 +34,7 @@ def build(ctx) -> SimpleNamespace:
                 f["device"].render()
                 f["dtype"].render()
             f["quantize"].render()
+            f["inference_precision"].render()
             f["trust_remote_code"].render()
         with gr.Column(scale=2):
             gr.Markdown("### Data")
