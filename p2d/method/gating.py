@@ -49,9 +49,9 @@ import torch.nn.functional as F
 from ..data.encoding import IGNORE_INDEX
 from ..geometry import HeadGeometry, decoder_layers
 
-__all__ = ["HeadGate", "StopForward", "StopInside", "stop_inside", "POSITIONS", "answer_losses", "answer_token_losses", "answer_logits",
+__all__ = ["HeadGate", "StopForward", "POSITIONS", "answer_losses", "answer_token_losses", "answer_logits",
            "answer_positions",
-           "content_positions", "special_token_ids", "position_mask", "heads_by_layer"]
+           "content_positions", "special_token_ids", "position_mask", "heads_by_layer", "StopInside", "stop_inside"]
 
 #: which answer positions per-head statistics and losses are taken at (see the module docstring)
 POSITIONS = ("all", "content")
