@@ -413,7 +413,7 @@ def run(args) -> dict:
 
         def sample():
             while not stop.wait(1.0):
-                samples.append((time.time() - t_start, folder_bytes(runs), folder_bytes(uploads)))
+                samples.append((time.time() - t_start, folder_bytes(runs), folder_bytes(uploads), os.getloadavg()[0]))
 
         threading.Thread(target=sample, daemon=True).start()
         time.sleep(warmup)  # the attacks are under way, every job address had its turn, before the honest one comes
@@ -447,12 +447,15 @@ def run(args) -> dict:
     peak_uploads = max((s[2] for s in samples), default=0)
     out = {
         "command": " ".join(["python", "bench/load.py", *sys.argv[1:]]), "machine": machine(),
-        "load_average": {"start": load_start, "end": [round(x, 2) for x in os.getloadavg()]},
+        "load_average": {"start": load_start, "end": [round(x, 2) for x in os.getloadavg()],
+                         "max_1min": round(max((s[3] for s in samples), default=float("nan")), 2),
+                         "median_1min": round(statistics.median([s[3] for s in samples]), 2) if samples else None},
         "hostile": hostile, "model": args.model,
         "job_cap_s": args.job_cap, "warmup_s": warmup, "seconds": round(took, 1), "honest_finished": finished,
         "honest_steps": honest.steps, "honest_latency": light,
         "honest_job_queued_s": {k: (round(v, 1) if v is not None else None) for k, v in honest.queued.items()},
         "jobs_stopped_at_the_cap": len(capped), "longest_overrun_of_the_cap_s": round(overrun, 1),
+        "overruns_of_the_cap_s": sorted(round(e - args.job_cap, 1) for e in capped),
         "log_bytes": log_bytes, "log_kb_per_min": round(log_bytes / 1024 / (took / 60), 1),
         "disk_peak": {"runs_mb": round(peak_runs / MB, 1), "runs_cap_mb": round(limits.max_disk_bytes / MB),
                       "uploads_mb": round(peak_uploads / MB, 1),

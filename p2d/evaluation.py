@@ -37,7 +37,7 @@ from .data.encoding import collate, encode, encode_prompts, filler_batch
 from .data.formats import Sample
 from .distributed import Processes
 from .errors import UserError
-from .method.gating import answer_logits, answer_token_losses
+from .method.gating import StopInside, answer_logits, answer_token_losses, stop_inside
 from .progress import ProgressFn, StopFn, report
 
 EVAL_FILES = {"before": "eval_before.json", "after": "eval_after.json"}
@@ -90,9 +90,10 @@ def generate_answers(lm, samples: list[Sample], batch_size: int = 16, max_new_to
                      max_length: int = 512, progress: ProgressFn = None, desc: str = "generate",
                      should_stop: StopFn = None, counts: dict | None = None) -> list[str | None]:
     """Greedy answers for chat samples, batched with left padding (sorted by length). A stop request
-    ends after the current batch; the samples not reached get None. ``counts`` (a dict) receives the real
-    and padded token counts of the prompts (``prompts``) and of the generated part (``generated``: a row's
-    tokens up to its first stop token, against every row of a batch generating until the batch stops)."""
+    ends the current batch (one process: within a layer, `p2d.method.gating.stop_inside`; several: after
+    the batch); the samples not answered get None. ``counts`` (a dict) receives the real and padded token
+    counts of the prompts (``prompts``) and of the generated part (``generated``: a row's tokens up to its
+    first stop token, against every row of a batch generating until the batch stops)."""
     tok, model = lm.tokenizer, lm.model
     prompts = encode_prompts(samples, tok, max_length=max_length)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
@@ -116,9 +117,13 @@ def generate_answers(lm, samples: list[Sample], batch_size: int = 16, max_new_to
             for row, p in enumerate(prompt_rows):
                 ids[row, width - len(p):] = torch.tensor(p, dtype=torch.long)
                 mask[row, width - len(p):] = 1
-            out = model.generate(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device),
-                                 max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                                 pad_token_id=pad, eos_token_id=stops, synced_gpus=procs.sharded)
+            try:  # one process: the stop is also asked inside the batch, before every layer of every token
+                with stop_inside(model, should_stop if procs.world == 1 else None):
+                    out = model.generate(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device),
+                                         max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                                         pad_token_id=pad, eos_token_id=stops, synced_gpus=procs.sharded)
+            except StopInside:  # this batch's samples stay None, as those not reached
+                break
             for row, i in enumerate(idx):
                 answers[i] = tok.decode(out[row, width:], skip_special_tokens=True).strip()
             if counts is not None and idx:

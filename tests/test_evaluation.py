@@ -78,3 +78,26 @@ def test_evaluation_reports_real_and_padded_tokens(tiny_llama):
     assert 5 <= t["generated"]["tokens"] <= t["generated"]["padded_tokens"] <= 5 * 3
     forced = evaluate_cell(tiny_llama, samples, batch_size=2, max_length=64, forced=True)
     assert forced.tokens["loss"] == t["loss"]
+
+
+def test_a_stop_part_way_through_a_generation_batch_ends_it_there(tiny_llama):
+    """The public demo's job cap was asked between batches only: a generation batch is a forward per new token, so
+    a capped evaluation ran on to the end of its batch. One process now also asks before every layer: a stop asked
+    during the batch's second token leaves the batch unanswered (before, all its answers were generated)."""
+    from p2d.geometry import decoder_layers
+
+    samples = _samples([{"prompt": f"Say {i}", "response": str(i)} for i in range(6)])
+    asked, forwards = {"stop": False}, []
+
+    def flip(module, args, output):
+        forwards.append(1)
+        asked["stop"] = asked["stop"] or len(forwards) == 2
+
+    hook = decoder_layers(tiny_llama.model)[0].register_forward_hook(flip)
+    try:
+        answers = generate_answers(tiny_llama, samples, batch_size=4, max_new_tokens=8,
+                                   should_stop=lambda: asked["stop"])
+    finally:
+        hook.remove()
+    assert asked["stop"] and answers == [None] * len(samples), answers
+    assert all(not m._forward_pre_hooks for m in decoder_layers(tiny_llama.model))

@@ -104,6 +104,42 @@ def test_should_stop_partial(tiny_llama, pool):
     assert calls == [(1, 3)]
 
 
+@pytest.mark.parametrize("method,flip_at", [("ablation", 0), ("activation", 0), ("alignment", 0), ("alignment", 3),
+                                             ("head_norms", 0)])
+def test_a_stop_part_way_through_a_batch_ends_it_there(tiny_llama, pool, probe, method, flip_at):
+    """Round four's load test: the public demo's job cap was asked between batches only, and one batch of a 400-row
+    selection took about 30 s on the busy machine, so capped jobs ran on for up to 34 s. One process now also asks
+    before each layer and as the backward pass reaches each layer: a stop asked part-way through the first pool
+    batch ends that batch (with ``flip_at`` 3, after the last layer's forward, only alignment's backward can see
+    it); before, that batch was scored whole."""
+    from p2d.geometry import decoder_layers
+    from p2d.method.features import head_norms
+
+    asked, forwards = {"stop": False}, []
+    first_pool_forward = 2 if method == "alignment" else 1  # alignment's first forward is the probe's
+
+    def flip(module, args, output):
+        forwards.append(1)
+        if len(forwards) == first_pool_forward:
+            asked["stop"] = True
+
+    hook = decoder_layers(tiny_llama.model)[flip_at].register_forward_hook(flip)
+    try:
+        if method == "head_norms":
+            feats = head_norms(tiny_llama, pool, batch_size=4, should_stop=lambda: asked["stop"])["all"]
+            stopped, scored = feats.extra["stopped"], int(torch.isfinite(feats.norms[:, 0, 0]).sum())
+        else:
+            sel = select_data(tiny_llama, HEADS, pool, method, ratio=1.0, probe=probe, batch_size=4,
+                              should_stop=lambda: asked["stop"])
+            stopped, scored = sel.extra["stopped"], sum(math.isfinite(s) for s in sel.scores)
+    finally:
+        hook.remove()
+    assert asked["stop"] and stopped is True
+    assert scored == 0, f"{scored} rows scored after the stop was asked inside the first batch"
+    assert not tiny_llama.model._forward_hooks and all(not m._forward_pre_hooks and not m._forward_hooks
+                                                       for m in decoder_layers(tiny_llama.model))
+
+
 def test_save_writes_three_files(tiny_llama, pool, tmp_path):
     sel = select_data(tiny_llama, HEADS, pool, "ablation", ratio=0.3)
     paths = sel.save(tmp_path / "sel", pool)

@@ -34,7 +34,7 @@ from ..geometry import normalize_heads
 from ..manifest import content_digest
 from ..models import frozen
 from ..progress import Ticker
-from .gating import HeadGate, answer_losses
+from .gating import HeadGate, StopInside, answer_losses, stop_inside
 from .heads import HeadScores
 from .scoring import EncodedBatches, check_positions, check_ratio, model_inputs, top_samples
 from .selection import DEFAULT_POSITIONS, Selection, head_list
@@ -152,6 +152,7 @@ def head_norms(lm, samples: list[Sample], batch_size: int = 8, max_length: int =
         gates = {p: stack.enter_context(HeadGate(model, geo, layers=list(range(L)),
                                                  stop_after=L - 1 if i == len(positions) - 1 else None))
                  for i, p in enumerate(positions)}
+        stack.enter_context(stop_inside(model, should_stop))
         for items in enc.groups:
             if should_stop is not None and should_stop():
                 stopped = True
@@ -161,8 +162,12 @@ def head_norms(lm, samples: list[Sample], batch_size: int = 8, max_length: int =
             masks = {p: encs[p].mask(batch) for p in positions}
             for p in positions:
                 gates[p].capture(masks[p])
-            gates[positions[-1]].run(body, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                     use_cache=False)
+            try:
+                gates[positions[-1]].run(body, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                         use_cache=False)
+            except StopInside:  # part-way through this batch: the batches before it are recorded
+                stopped = True
+                break
             for p in positions:
                 norms[p][rows] = torch.stack([gates[p].norms[layer].float().cpu() for layer in range(L)], 1)
                 lengths[p][rows] = masks[p].sum(dim=1).cpu()

@@ -40,17 +40,18 @@ Which answer positions count (``POSITIONS``):
 
 from __future__ import annotations
 
+import contextlib
 from typing import Iterable
 
 import torch
 import torch.nn.functional as F
 
 from ..data.encoding import IGNORE_INDEX
-from ..geometry import HeadGeometry
+from ..geometry import HeadGeometry, decoder_layers
 
 __all__ = ["HeadGate", "StopForward", "POSITIONS", "answer_losses", "answer_token_losses", "answer_logits",
            "answer_positions",
-           "content_positions", "special_token_ids", "position_mask", "heads_by_layer"]
+           "content_positions", "special_token_ids", "position_mask", "heads_by_layer", "StopInside", "stop_inside"]
 
 #: which answer positions per-head statistics and losses are taken at (see the module docstring)
 POSITIONS = ("all", "content")
@@ -58,6 +59,40 @@ POSITIONS = ("all", "content")
 
 class StopForward(Exception):
     """Raised inside a hook to end a forward pass early (caught by `HeadGate.run`)."""
+
+
+class StopInside(Exception):
+    """Raised by `stop_inside`'s hooks: a stop was asked for part-way through a forward or backward pass."""
+
+
+@contextlib.contextmanager
+def stop_inside(model: torch.nn.Module, should_stop):
+    """While inside, ``should_stop()`` is also asked before each decoder layer's forward and, when a forward
+    builds a graph, as the backward pass reaches each layer's output; `StopInside` is raised when it says yes.
+    A loop that checks between batches and takes `StopInside` as "stopped" then stops within one layer's work
+    instead of one batch's (a batch can take half a minute on a busy machine). The interrupted batch's results
+    are lost, the earlier ones kept. ``should_stop`` None: nothing is hooked."""
+    if should_stop is None:
+        yield
+        return
+
+    def check(*_):
+        if should_stop():
+            raise StopInside()
+
+    def on_output(module, args, output):
+        h = output[0] if isinstance(output, (tuple, list)) else output
+        if torch.is_tensor(h) and h.requires_grad:
+            h.register_hook(check)
+
+    handles = []
+    try:
+        for layer in decoder_layers(model):
+            handles += [layer.register_forward_pre_hook(check), layer.register_forward_hook(on_output)]
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def heads_by_layer(heads: Iterable) -> dict[int, list[int]]:

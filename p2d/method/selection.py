@@ -34,7 +34,9 @@ last layer it needs. Every parameter is frozen during scoring and restored after
 
 Samples that end up without answer tokens (see `p2d.data.encoding.encode`) get score NaN, are never
 selected and are counted in ``extra["unscored"]``. ``should_stop()`` returning True ends scoring
-early; the selection is then made among the samples scored so far and ``extra["stopped"]`` is True.
+early; the selection is then made among the samples scored so far and ``extra["stopped"]`` is True. One
+process asks it between batches and also between layers inside a batch (`p2d.method.gating.stop_inside`;
+the interrupted batch stays unscored), so a stop does not wait for the rest of a long batch.
 
 ``scores.jsonl`` / ``selection.json`` write NaN as null.
 """
@@ -61,7 +63,7 @@ from ..files import write_json, write_jsonl
 from ..geometry import normalize_heads
 from ..models import frozen
 from ..progress import Ticker
-from .gating import POSITIONS, HeadGate, heads_by_layer
+from .gating import POSITIONS, HeadGate, StopInside, heads_by_layer, stop_inside
 from .heads import HeadScores
 from .scoring import EncodedBatches, SelectJob, check_positions, check_ratio, top_samples
 from .selection_baselines import (score_answer_shape, score_answer_tfidf, score_bm25, score_hidden, score_shape_tfidf,
@@ -171,8 +173,11 @@ def _model_pass(job: SelectJob, spec: SelectMethod) -> bool:
             raise UserError("no probe sample has answer tokens within the max length; raise max_length")
         job.probe_groups = list(iter_batches(penc, job.batch_size, sort_by_length=True))
     job.bar = Ticker(job.progress, len(job.groups) + len(job.probe_groups))
-    with frozen(lm.model):
-        stopped = spec.score(job)
+    with frozen(lm.model), stop_inside(lm.model, job.should_stop if procs.world == 1 else None):
+        try:
+            stopped = spec.score(job)
+        except StopInside:  # part-way through a batch: the batches before it are scored
+            stopped = True
     job.scores = procs.merge(job.scores, job.owned)
     stopped = any(procs.gather(stopped))
     job.extra.update(procs.summary(len(job.owned)))

@@ -5,7 +5,10 @@ A tab lays out its part of the page and binds its own events with `Context.bind`
 - passes the inputs by name (with ``settings=True`` the whole settings form too, as keyword parameters
   named after its inputs, so the API takes them by keyword), after the one gate every request passes
   (`p2d.studio.gate.Gate.check`, by the endpoint's name: text caps, what the public demo refuses, the
-  checks of single arguments);
+  checks of single arguments). The form's values reach the handler as the page sends them (Gradio's
+  preprocessing off for these events): `p2d.studio.form.to_config` parses and checks every one, and
+  Gradio would spend a thread hop per input on its own (~55), which under a flood made ``/show_command``
+  take five times another light call;
 - takes the handler's result as a dict keyed by output name (names missing from it leave that
   output as it is; a download button gets a path), passed through `p2d.studio.gate.Gate.outgoing`
   (no server paths in the public demo);
@@ -75,6 +78,8 @@ class Context:
         names = form_names + list(inputs)
         comps = [self.form[n] for n in form_names] + list(inputs.values())
         out_names, out_comps = list(outputs), list(outputs.values())
+        if settings and not any(getattr(c, "data_model", None) for c in inputs.values()):
+            event.setdefault("preprocess", False)  # the form as sent: `form.to_config` parses and checks it
 
         gate = self.studio.gate
         endpoint = event.get("api_name") or fn.__name__

@@ -24,7 +24,7 @@ from dataclasses import fields
 
 from p2d.config import BUILTIN_POOLS, RunConfig, choices_of, config_field, label, pool_targets
 from p2d.data.builtin import DEFAULT_TARGET, available_tasks
-from p2d.errors import UserError
+from p2d.errors import UserError, shown
 
 # gradio is imported where the inputs are built: the form <-> RunConfig conversion works without it
 
@@ -70,6 +70,9 @@ def to_config(values: dict) -> RunConfig:
     """Form values (by FIELD_NAMES; missing or None ones take RunConfig's defaults) -> a checked
     RunConfig. An empty ``out`` leaves RunConfig's default (see `explicit_out`)."""
     v = {k: x for k, x in values.items() if x is not None}
+    for name, choices in (("model_source", MODEL_SOURCES), ("data_source", DATA_SOURCES)):
+        if name in v and v[name] not in [value for _, value in choices]:
+            raise UserError(f"{name}: {shown(v[name])} is not one of {', '.join(value for _, value in choices)}")
     data = {k: v[k] for k in CONFIG_NAMES if k in v}
     if v.get("model_source", "embedded") == "embedded":
         data["model"] = "default"
