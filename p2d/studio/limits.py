@@ -201,6 +201,10 @@ class Limits:
         if config.full_ft != "estimate":
             changes["full_ft"] = "estimate"
             notes.append(f"{label('full_ft')}: always estimated in the public demo")
+        if config.inference_precision != "same":  # a reduced copy of the model per run: memory a visitor chooses
+            changes["inference_precision"] = "same"
+            notes.append(f"{label('inference_precision')}: {config.inference_precision} is off in the public demo "
+                         "(it keeps another copy of the model per run)")
         if config.report_to not in LOCAL_TRACKERS:
             changes["report_to"] = "none"
             notes.append(f"{label('report_to')}: {config.report_to} is off in the public demo (it would send the "
