@@ -217,7 +217,7 @@ def test_rule_judged_by_training_takes_the_worst_split_and_the_cheapest_of_the_t
         "E": {**_outcome({"s1": rows(40)}, cpu=0.1), "s2": {100: {"strict": rows(40), "cpu_s": 0.1, "adapter": "qo",
                                                                    "heads": "p2d", "rows": "tfidf"}}},  # one seed short
     }
-    d = judge_outcomes(outcomes, draws=500)
+    d = judge_outcomes(outcomes, draws=500, aggregate="worst split")
     by = {r["candidate"]: r for r in d["table"]}
     assert set(by) == {"A", "B", "C", "D"}  # E is measured on fewer seeds: not ranked
     assert by["A"]["score"] == 0.0 and by["A"]["worst_split"] == "s2"
@@ -225,6 +225,35 @@ def test_rule_judged_by_training_takes_the_worst_split_and_the_cheapest_of_the_t
     assert set(d["tied"]) == {"B", "C"} and d["winner"]["candidate"] == "C"
     assert by["C"]["ci95"][0] < by["C"]["score"] < by["C"]["ci95"][1]
     assert judge_outcomes({}) is None
+
+
+def test_the_second_rule_drops_a_split_where_nothing_beats_the_untrained_model():
+    """One split at the floor for everyone ties every candidate under the first rule (worst split); the
+    second (worst informative split) judges by the splits where some candidate beats the untrained model."""
+    from p2d.bench.choose import judge_outcomes
+
+    n = 40
+    rows = lambda k: [1.0] * k + [0.0] * (n - k)  # noqa: E731
+    outcomes = {
+        "A": _outcome({"floor": rows(0), "s2": rows(30)}, cpu=50.0),
+        "B": _outcome({"floor": rows(1), "s2": rows(5)}, cpu=1.0),
+    }
+    floors = {"floor": {100: rows(0), 101: rows(0)}, "s2": {100: rows(0), 101: rows(0)}}
+    first = judge_outcomes(outcomes, draws=500, aggregate="worst split", floors=floors)
+    assert set(first["tied"]) == {"A", "B"} and first["winner"]["candidate"] == "B"  # a cost rule
+    second = judge_outcomes(outcomes, draws=500, floors=floors)
+    assert second["aggregate"] == "worst informative split" and second["informative"] == ["s2"]
+    assert second["winner"]["candidate"] == "A" and second["tied"] == ["A"]
+    assert second["floors"] == {"floor": 0.0, "s2": 0.0}
+    # the untrained model already as good as every candidate: no informative split, no winner
+    none = judge_outcomes(outcomes, draws=500, floors={sp: {100: rows(30), 101: rows(30)} for sp in floors})
+    assert none["winner"] is None and none["informative"] == [] and "no split is informative" in none["undecided"]
+    missing = judge_outcomes(outcomes, draws=500, floors={"s2": floors["s2"]})
+    assert missing["winner"] is None and "floor" in missing["undecided"]
+    from p2d.bench.choose import rule_markdown
+
+    assert "**No winner**" in rule_markdown({**none, "candidates": 2})
+    assert "Informative splits" in rule_markdown({**second, "candidates": 2})
 
 
 def test_rule_candidates_are_frozen_and_its_seeds_never_report():
@@ -282,6 +311,10 @@ def test_rule_cells_are_judged_on_held_out_probe_rows(tiny_llama_dir, tmp_path):
     assert win["layer_window"] == [n // 2, n - 1] and all(layer >= n // 2 for layer, _ in win["selected"])
     assert bench.units.get(("builtin-hard-addition", "seed101", "select-p2d@upper"))["result"]["cpu_s"] > 0
     assert bench.units.get(("builtin-hard-addition", "seed100", "cell-p2d@upper-qkvo-p2d-judged"))
+    base = bench.units.get(("builtin-hard-addition", "seed100", "base-judged"))["result"]
+    assert base["n"] == len(judge)  # the untrained model on the same held-out rows: the split's floor
     d = judged_rule(bench, candidates)
-    assert d["splits"] == [split] and len(d["table"]) == 4 and d["winner"]["candidate"] in d["tied"]
+    assert d["splits"] == [split] and len(d["table"]) == 4
+    assert d["aggregate"] == "worst informative split" and split in d["floors"]
+    assert d["winner"] is None or d["winner"]["candidate"] in d["tied"]
     assert d["seeds"] == {split: [100, 101]}

@@ -50,7 +50,7 @@ from ..method.selection import Selection, select_data
 from ..models import count_params, load_model
 from ..training import TrainConfig
 from . import frontier, heads_test
-from .choose import RULE_ADAPTERS, WINDOW_MARK, parse_windowed, rule_cells
+from .choose import RULE_ADAPTERS, WINDOW_MARK, parse_windowed, rule_cells, selection_unit_name
 from .components import component_figures
 from .config import BenchConfig
 from .report import collect, write_report
@@ -71,6 +71,11 @@ DERIVED_SOURCE = "gradient_logratio"
 
 class OutOfTime(Exception):
     """The time limit (max_minutes) is reached: no new unit starts."""
+
+
+def _judged_on(judge: list) -> str:
+    """The digest of the rule's held-out rows a judged unit was evaluated on."""
+    return content_digest([[t.get("content") for t in r.prompt] + [r.answer] for r in judge])
 
 
 def _say(msg: str) -> None:
@@ -168,6 +173,17 @@ class Bench:
 
         return self.unit(sp.key + ("base",), self.common(sp), {}, compute, f"{sp.name} seed {sp.seed}: base model")
 
+    def base_judged(self, sp: Split, judge: list) -> dict:
+        """The untrained model on the rule's held-out rows ``judge`` (`p2d.bench.choose`: what a split's
+        candidates must beat for the split to be informative), evaluated as a judged cell is."""
+        def compute():
+            res = evaluate_cell(self.lm, judge, None, batch_size=max(16, self.cfg.batch_size),
+                                max_length=self.cfg.max_length, forced=True)
+            return eval_record(res), None
+
+        return self.unit(sp.key + ("base-judged",), {**self.common(sp), "judged_on": _judged_on(judge)}, {}, compute,
+                         f"{sp.name} seed {sp.seed}: base model on the rule's held-out rows")
+
     def heads(self, sp: Split, method: str) -> tuple[HeadScores, str]:
         """Heads of ``method`` (``random<d>``: the d-th random draw of this seed, `p2d.cells.random_heads`,
         no unit needed). P2D's method is the split's run's heads stage; the other contrasts of P2D's gate
@@ -246,8 +262,9 @@ class Bench:
         so a highest-layer window shortens it (timed here; no head record is reused)."""
         c = self.cfg
         heads, digest = self.heads(sp, heads_method)
-        name = f"p2d{heads_method[heads_method.index(WINDOW_MARK):]}"
-        folder = sp.folder(f"select-{name}")
+        unit = selection_unit_name("p2d", heads_method)
+        name = unit.removeprefix("select-")
+        folder = sp.folder(unit)
 
         def compute():
             with Clock() as clock:
@@ -261,7 +278,7 @@ class Bench:
 
         settings = {**self.common(sp), "selector": name, "method": c.select_method, "data_ratio": c.data_ratio,
                     "positions": c.positions}
-        return self.unit(sp.key + (f"select-{name}",), settings, {"heads": digest}, compute,
+        return self.unit(sp.key + (unit,), settings, {"heads": digest}, compute,
                          f"{sp.name} seed {sp.seed}: selection {name}") if digest is not None else None
 
     def selection(self, sp: Split, selector: str, layer: int | None = None, features: dict | None = None) -> dict:
@@ -420,7 +437,7 @@ class Bench:
         if curve and curve_at is not None:
             settings["curve"] = sorted(at)
         if judge is not None:
-            settings["judged_on"] = content_digest([[t.get("content") for t in r.prompt] + [r.answer] for r in judge])
+            settings["judged_on"] = _judged_on(judge)
         inputs = {"rows": rows["digest"]}
         if heads_digest is not None:
             inputs["heads"] = heads_digest

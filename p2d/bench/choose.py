@@ -21,8 +21,14 @@ judges ran: every unit records the commit that made it). Nothing it reads is an 
 3. **Score**: strict greedy match (teacher-forced, `p2d.evaluation.forced_eval`: the benchmark's
    accuracy; on rows scored by a behaviour check it is the proxy of the check) per held-out row. Per
    split: the mean over choice seeds, with a 95% two-level bootstrap interval (seeds, then rows;
-   `p2d.bench.stats.paired_difference` against zero). **Aggregated by the worst split**: a candidate's
-   score is its lowest split score, its interval that split's.
+   `p2d.bench.stats.paired_difference` against zero). **Aggregated by the worst informative split**
+   (the second version, ``rule_aggregate`` ``worst informative split``, the default): a split is
+   informative when some candidate's gain over the untrained model on the same held-out rows (the
+   ``base-judged`` unit) has a 95% interval above zero; a candidate's score is its lowest score over
+   the informative splits, its interval that split's. With no informative split there is no winner and
+   the defaults stay. The first version (``worst split``) took every split: on docs/data/rule200 one
+   split where no candidate learned anything tied all 23 and made it a cost rule; the second version
+   was committed after that outcome and before any unit it judges.
 4. **Winner**: the highest score; every candidate whose interval overlaps the best one's is **tied**,
    and among the tied the **cheapest** wins: the lowest mean CPU seconds of heads scoring, selection
    and training (`TIE_ORDER` after that: smaller reach of the adapter, then the candidate's name). A
@@ -55,6 +61,7 @@ from ..adapter import parse_adapter
 from ..cells import Cell
 from ..errors import UserError
 from ..method.heads import layer_window
+from .config import RULE_AGGREGATES
 from .split import folder_name
 from .stats import paired_difference
 
@@ -174,7 +181,7 @@ RULE_WINDOWS = ("p2d@upper", "p2d@lower")
 RULE_CANDIDATES = tuple(("p2d", r, a) for r in RULE_ROWS for a in RULE_ADAPTERS) + \
     tuple(("lofit", r, a) for r in ("p2d", "shape_tfidf") for a in ("qkvo", "offset")) + \
     tuple((w, "p2d", a) for w in RULE_WINDOWS for a in ("qkvo", "offset"))
-RULE_AGGREGATE = "worst split"
+RULE_AGGREGATE = RULE_AGGREGATES[0]
 #: a head set's name ``<heads>@<window>``: those heads re-picked inside a layer window
 WINDOW_MARK = "@"
 
@@ -196,7 +203,13 @@ def head_method_of(heads: str, cfg) -> str:
     """The benchmark's head set name of a rule candidate's heads (``p2d`` is the configured head method)."""
     base, mark, span = heads.partition(WINDOW_MARK)
     return (cfg.head_method if base == "p2d" else base) + mark + span
-RULE_AGGREGATE = "worst split"
+
+
+def selection_unit_name(rows: str, heads: str) -> str:
+    """The selection unit a candidate's rows come from: ``select-<rows>``, or for windowed heads
+    (``p2d@upper``) their own P2D selection, ``select-p2d@upper``."""
+    base, mark, span = heads.partition(WINDOW_MARK)
+    return f"select-{rows}{mark}{span}" if mark else f"select-{rows}"
 
 
 def candidate_name(heads: str, rows: str, adapter: str) -> str:
@@ -220,8 +233,9 @@ def held_out_rows(sp, partner) -> list:
 
 def rule_cells(bench, split: str, lrs: dict[str, float], candidates=RULE_CANDIDATES) -> None:
     """Train and score every candidate of the rule on ``split`` at every choice seed (units
-    ``cell-<heads>-<adapter>-<rows>-judged``; finished ones are kept). ``lrs``: the benchmark's learning
-    rates of the split (``<adapter>-p2d``); a candidate whose rate is missing is skipped."""
+    ``cell-<heads>-<adapter>-<rows>-judged``; finished ones are kept), and the untrained model on the same
+    held-out rows (``base-judged``: the floor a split is informative against). ``lrs``: the benchmark's
+    learning rates of the split (``<adapter>-p2d``); a candidate whose rate is missing is skipped."""
     cfg = bench.cfg
     seeds = rule_seeds(cfg)
     splits = {seed: bench.split_at(split, seed) for seed in seeds}
@@ -231,6 +245,7 @@ def rule_cells(bench, split: str, lrs: dict[str, float], candidates=RULE_CANDIDA
         if not judge:
             bench.skipped.append(f"{split} seed {seed}: no held-out probe rows for the rule")
             continue
+        bench.base_judged(sp, judge)
         for heads, rows, adapter in candidates:
             lr = lrs.get(f"{adapter}-p2d")
             if lr is None:
@@ -241,21 +256,25 @@ def rule_cells(bench, split: str, lrs: dict[str, float], candidates=RULE_CANDIDA
             bench.cell(sp, Cell("heads", rows, heads, adapter), selection, bench.heads(sp, method), lr, judge=judge)
 
 
+def _units_at(bench, split: str, seed: int) -> dict:
+    f = folder_name(split)
+    return {k[2]: e["result"] for k, e in bench.touched.items() if len(k) == 3 and k[:2] == (f, f"seed{seed}")}
+
+
 def _outcomes(bench, candidates) -> dict:
     """candidate -> split -> seed -> {"strict": per held-out row, "cpu_s": heads + selection + training}."""
     cfg = bench.cfg
     out: dict = {}
     for split in cfg.choice_splits:
-        f = folder_name(split)
         for seed in rule_seeds(cfg):
-            units = {k[2]: e["result"] for k, e in bench.touched.items() if len(k) == 3 and k[:2] == (f, f"seed{seed}")}
+            units = _units_at(bench, split, seed)
             for heads, rows, adapter in candidates:
                 res = units.get(f"cell-{heads}-{adapter}-{rows}-judged")
                 if res is None:
                     continue
                 method = head_method_of(heads, cfg)
                 windowed = WINDOW_MARK in heads
-                sel = units.get(f"select-{rows}{heads[heads.index(WINDOW_MARK):]}" if windowed else f"select-{rows}") or {}
+                sel = units.get(selection_unit_name(rows, heads)) or {}
                 cpu = ((units.get(f"heads-{method}") or {}).get("cpu_s") or 0.0) + (sel.get("cpu_s") or 0.0) \
                     + (res.get("cpu_s") or 0.0)
                 if rows == "p2d" and heads != "p2d" and not windowed:  # P2D's rows need P2D's heads too
@@ -265,10 +284,29 @@ def _outcomes(bench, candidates) -> dict:
     return out
 
 
-def judge_outcomes(outcomes: dict, draws: int = 2000) -> dict | None:
+def _floors(bench) -> dict:
+    """split -> seed -> the untrained model's strict match per held-out row (the ``base-judged`` units)."""
+    out: dict = {}
+    for split in bench.cfg.choice_splits:
+        for seed in rule_seeds(bench.cfg):
+            res = _units_at(bench, split, seed).get("base-judged")
+            if res is not None:
+                out.setdefault(split, {})[seed] = res["strict"]
+    return out
+
+
+def judge_outcomes(outcomes: dict, draws: int = 2000, aggregate: str = RULE_AGGREGATE,
+                   floors: dict | None = None) -> dict | None:
     """The rule's steps 3 and 4 on ``outcomes`` (candidate -> split -> seed -> {"strict": [0/1 per row],
     "cpu_s", "adapter", "heads", "rows"}): every complete candidate's per-split score and interval, its
-    worst split, the tied set and the winner (None when no candidate is complete)."""
+    worst split, the tied set and the winner (None when no candidate is complete).
+
+    ``aggregate`` (`RULE_AGGREGATES`): ``worst split`` takes every split; ``worst informative split`` only
+    the splits where some complete candidate's gain over the untrained model (``floors``: split -> seed ->
+    its strict match on the same rows) has a 95% interval above zero. With no informative split, or a
+    split without its floor, there is no winner (``winner`` None, ``undecided`` says why)."""
+    if aggregate not in RULE_AGGREGATES:
+        raise ValueError(f"unknown rule aggregate {aggregate!r}")
     if not outcomes:
         return None
     splits = sorted({sp for c in outcomes.values() for sp in c})
@@ -282,28 +320,55 @@ def judge_outcomes(outcomes: dict, draws: int = 2000) -> dict | None:
             rows = {s: v["strict"] for s, v in by_split[sp].items()}
             iv = paired_difference(rows, {s: [0.0] * len(r) for s, r in rows.items()}, draws=draws)
             per_split[sp] = {"score": iv["estimate"], "ci95": iv["ci95"], "n_rows": iv["n_rows"]}
-        worst = min(splits, key=lambda sp: (per_split[sp]["score"], sp))
+            if floors and sp in floors and sorted(floors[sp]) == seeds[sp]:
+                gain = paired_difference(rows, floors[sp], draws=draws)
+                per_split[sp]["gain_ci95"] = gain["ci95"]
         first = next(iter(by_split[splits[0]].values()))
         table.append({"candidate": name, "heads": first["heads"], "rows": first["rows"], "adapter": first["adapter"],
-                      "score": per_split[worst]["score"], "ci95": per_split[worst]["ci95"], "worst_split": worst,
                       "per_split": per_split,
                       "cpu_s": statistics.fmean(v["cpu_s"] for sp in splits for v in by_split[sp].values())})
     if not table:
         return None
+    floor_of = {sp: statistics.fmean(statistics.fmean(r) if r else 0.0 for r in floors[sp].values())
+                for sp in splits if floors and sp in floors and sorted(floors[sp]) == seeds[sp]}
+    undecided = None
+    if aggregate == "worst split":
+        judged = splits
+    else:
+        missing = [sp for sp in splits if sp not in floor_of]
+        judged = [sp for sp in splits if sp in floor_of
+                  and any(r["per_split"][sp]["gain_ci95"][0] > 0 for r in table)]
+        if missing:
+            undecided = f"no untrained-model floor on {', '.join(missing)}"
+            judged = []
+        elif not judged:
+            undecided = "no split is informative: no candidate beats the untrained model on any split"
+    for r in table:
+        worst = min(judged, key=lambda sp: (r["per_split"][sp]["score"], sp)) if judged else None
+        r["worst_split"] = worst
+        r["score"] = r["per_split"][worst]["score"] if worst else None
+        r["ci95"] = r["per_split"][worst]["ci95"] if worst else None
+    d = {"aggregate": aggregate, "splits": splits, "informative": judged, "floors": floor_of, "seeds": seeds}
+    if not judged:
+        table.sort(key=lambda r: r["candidate"])
+        for r in table:
+            r["tied_with_best"] = False
+        return {**d, "table": table, "best": None, "tied": [], "winner": None, "undecided": undecided}
     table.sort(key=lambda r: (-r["score"], r["candidate"]))
     best = table[0]
     tied = [r for r in table if r["ci95"][1] >= best["ci95"][0]]  # intervals overlap the best one's
     winner = min(tied, key=lambda r: (r["cpu_s"], _reach(r["adapter"]), r["candidate"]))
     for r in table:
         r["tied_with_best"] = r in tied
-    return {"aggregate": RULE_AGGREGATE, "splits": splits, "seeds": seeds, "table": table, "best": best["candidate"],
-            "tied": [r["candidate"] for r in tied], "winner": winner}
+    return {**d, "table": table, "best": best["candidate"], "tied": [r["candidate"] for r in tied], "winner": winner,
+            "undecided": None}
 
 
 def judged_rule(bench, candidates=RULE_CANDIDATES) -> dict | None:
     """The rule judged by training on what the invocation found valid (None before any candidate is
-    complete on every choice split and seed)."""
-    d = judge_outcomes(_outcomes(bench, candidates), draws=bench.cfg.bootstrap)
+    complete on every choice split and seed), aggregated as ``bench.cfg.rule_aggregate`` says."""
+    d = judge_outcomes(_outcomes(bench, candidates), draws=bench.cfg.bootstrap, aggregate=bench.cfg.rule_aggregate,
+                       floors=_floors(bench))
     if d is not None:
         d["candidates"] = len(candidates)
     return d
@@ -314,13 +379,23 @@ def rule_markdown(d: dict) -> str:
              f"choice seeds {', '.join(str(s) for s in d['seeds'][d['splits'][0]])})", "",
              f"Strict match on held-out probe rows (another choice seed's probe; no eval row read); {len(d['table'])} "
              f"of {d.get('candidates', len(d['table']))} candidates complete. Tied: the interval overlaps the best "
-             "one's; among the tied the cheapest (CPU s of heads, selection and training) wins.", "",
-             "| candidate | score (worst split) [95%] | worst split | per split | CPU s | tied |", "|---|---|---|---|---|---|"]
+             "one's; among the tied the cheapest (CPU s of heads, selection and training) wins."]
+    if d["aggregate"] != "worst split":
+        floors = ", ".join(f"{sp} {100 * v:.1f}%" for sp, v in d["floors"].items()) or "none recorded"
+        lines += ["", f"Untrained model on the same rows: {floors}. Informative splits (some candidate's gain over it "
+                  f"has a 95% interval above 0): {', '.join(d['informative']) or 'none'}."]
+    lines += ["", "| candidate | score (worst split) [95%] | worst split | per split | CPU s | tied |", "|---|---|---|---|---|---|"]
     for r in d["table"]:
-        lo, hi = r["ci95"]
         per = ", ".join(f"{100 * v['score']:.1f}" for v in r["per_split"].values())
+        if r["score"] is None:
+            lines.append(f"| {r['candidate']} | - | - | {per} | {r['cpu_s']:.0f} | |")
+            continue
+        lo, hi = r["ci95"]
         lines.append(f"| {r['candidate']} | {100 * r['score']:.1f} [{100 * lo:.1f}, {100 * hi:.1f}] | {r['worst_split']} | "
                      f"{per} | {r['cpu_s']:.0f} | {'yes' if r['tied_with_best'] else ''} |")
     w = d["winner"]
-    lines += ["", f"Best score: **{d['best']}**; by the rule (cheapest of the tied): **{w['candidate']}**."]
+    if w is None:
+        lines += ["", f"**No winner**: {d['undecided']}. The defaults stay as they are."]
+    else:
+        lines += ["", f"Best score: **{d['best']}**; by the rule (cheapest of the tied): **{w['candidate']}**."]
     return "\n".join(lines) + "\n"
