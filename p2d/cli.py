@@ -524,7 +524,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="keep the finished stages of the run folder and continue "
                    "training from its last checkpoint")
     p.add_argument("--preset", choices=tuple(PRESETS), help="start from a named preset (quick-tour: the whole "
-                   "pipeline in a few minutes on a CPU); --config and flags override it")
+                   "pipeline in a few minutes on a CPU; p2d-paper: P2D as the paper describes it, whatever the "
+                   "defaults are); --config and flags override it")
 
     p = sub.add_parser("studio", help="start the P2D Studio app (Gradio)", description="start the P2D Studio app")
     p.add_argument("--config", metavar="FILE.yaml", help="run settings (the YAML the app saves) to fill the form with")

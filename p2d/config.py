@@ -114,10 +114,15 @@ _EVAL = ("eval_before", "eval_after")
 
 #: named starting points: `RunConfig.preset`, ``--preset`` of ``python -m p2d run``, buttons in the app.
 #: "quick-tour": the whole pipeline on the embedded model in a few minutes on a 2-core CPU with a
-#: visible result (README, "Quick tour", has the measured time and accuracy).
+#: visible result (README, "Quick tour", has the measured time and accuracy). "p2d-paper": P2D as the paper
+#: describes it (gate-gradient heads, their activation selects the rows, the heads' q/k/v/o slices are
+#: trained, 10% of the heads and of the pool), whatever the defaults become.
 PRESETS: dict[str, dict] = {
     "quick-tour": {"model": "default", "target": "addition", "pool_size": 300, "probe_size": 32, "eval_size": 30,
                    "other_eval_size": 2, "seed": 0},
+    "p2d-paper": {"head_method": "gradient_logratio", "select_method": "activation", "adapter": "heads",
+                  "projections": ["q", "k", "v", "o"], "head_ratio": 0.1, "data_ratio": 0.1,
+                  "min_head_layer": None, "max_head_layer": None},
 }
 
 

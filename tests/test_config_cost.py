@@ -177,3 +177,14 @@ def test_reference_tokens_follow_the_pool_not_the_sample(tiny_llama):
                                timed_steps=2)
     long = full_finetune_cost(tiny_llama, _pool(16, vary=True), epochs=1, batch_size=4, max_length=64, timed_steps=2)
     assert long.tokens > short.tokens and long.steps == short.steps == 4
+
+
+def test_the_paper_preset_names_p2d_as_the_paper_describes_it():
+    """p2d-paper stays P2D (gate-gradient heads, their activation selects, their q/k/v/o slices train) even
+    where the defaults are changed by the rule judged by training."""
+    from p2d.config import RunConfig
+
+    c = RunConfig.preset("p2d-paper", target="dates")
+    assert (c.head_method, c.select_method, c.adapter_name) == ("gradient_logratio", "activation", "qkvo")
+    assert (c.head_ratio, c.data_ratio, c.min_head_layer, c.max_head_layer) == (0.1, 0.1, None, None)
+    assert c.target == "dates"  # changes go on top
