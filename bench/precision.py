@@ -23,7 +23,8 @@ model's dtype), then for each `p2d.config.RunConfig.inference_precision` (same =
 
 Part ``heads``: for each split the default heads (`p2d.method.heads.score_heads` with the run's settings) in
 float32 and with each ``--heads-precisions`` (`p2d.config.RunConfig.heads_precision`: bf16 runs the forward and
-backward on a bfloat16 copy), ``--heads-repeats`` times each, interleaved with a float32 plain forward over the
+backward on a bfloat16 copy; ``autocast``, for comparison only: float32 weights under ``torch.autocast`` to
+bfloat16), ``--heads-repeats`` times each, interleaved with a float32 plain forward over the
 probe (`p2d.bench.components.plain_forward_seconds`, the issue's "probe forward"): the median seconds (the copy
 included), their ratio to that forward, and against float32 the Jaccard of the selected heads and the Spearman
 of all head scores.
@@ -37,6 +38,7 @@ Jaccard of the trained rows (and of the heads) against the defaults'.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import os
 import statistics
@@ -162,8 +164,11 @@ def heads_part(lm, split: str, precisions, repeats: int, log) -> dict:
     for _ in range(repeats):
         fwd.append(plain_forward_seconds(lm, probe, bs, ml))
         for p in times:
-            hs = score_heads(lm, probe, cfg.head_method, cfg.head_ratio, pool=pool, seed=cfg.seed, batch_size=bs,
-                             max_length=ml, positions=cfg.positions, precision=p)
+            # "autocast": the alternative to the bf16 copy, float32 weights under torch.autocast (bench only)
+            ctx = torch.autocast(lm.device.type, dtype=torch.bfloat16) if p == "autocast" else contextlib.nullcontext()
+            with ctx:
+                hs = score_heads(lm, probe, cfg.head_method, cfg.head_ratio, pool=pool, seed=cfg.seed, batch_size=bs,
+                                 max_length=ml, positions=cfg.positions, precision="same" if p == "autocast" else p)
             times[p].append(hs.time_s)
             result[p] = hs
     probe_fwd = statistics.median(fwd)

@@ -70,7 +70,7 @@ from ..distributed import Processes
 from ..errors import UserError
 from ..files import write_json
 from ..geometry import HeadGeometry
-from ..models import HEADS_PRECISIONS, frozen, inference_copy
+from ..models import frozen, inference_copy
 from ..progress import Ticker
 from .gating import HeadGate
 from .heads_variants import score_lofit, score_shift, taylor_importance
@@ -135,11 +135,11 @@ def score_heads(lm, probe: list[Sample], method: str = DEFAULT_HEAD_METHOD, rati
     every loss is taken at ("content" drops end-of-turn / template positions). ``min_layer`` /
     ``max_layer``: the layer window heads are selected from (`layer_window`; every head is still scored,
     the window is kept in ``extra["layer_window"]`` and re-cuts with a new ratio keep it). ``precision``
-    (`p2d.config.RunConfig.heads_precision`, one of `p2d.models.HEADS_PRECISIONS`): ``bf16`` runs the forward
-    and backward on a bfloat16 copy of the model (`p2d.models.inference_copy`, made here and dropped after;
-    the loss, the gate gradients and their sums stay float32); the gate-gradient methods only (``maps="gate"``:
-    the proxy fine-tunes and ``taylor`` move or read weights, UserError), not a bitsandbytes-quantised or
-    sharded model (UserError); recorded in ``extra["precision"]``.
+    (`p2d.config.RunConfig.heads_precision`, one of `p2d.models.HEADS_PRECISIONS`, checked there): ``bf16``
+    runs the forward and backward on a bfloat16 copy of the model (`p2d.models.inference_copy`, made here and
+    dropped after; the loss, the gate gradients and their sums stay float32); the gate-gradient methods only
+    (``maps="gate"``: the proxy fine-tunes and ``taylor`` move or read weights, UserError), not a
+    bitsandbytes-quantised or sharded model (UserError); recorded in ``extra["precision"]``.
     """
     spec = HEAD_METHODS.get(method)
     if spec is None:
@@ -150,8 +150,6 @@ def score_heads(lm, probe: list[Sample], method: str = DEFAULT_HEAD_METHOD, rati
         raise UserError(f"batch size must be at least 1 (got {batch_size})")
     geo: HeadGeometry = lm.geometry
     window = layer_window(min_layer, max_layer, geo.n_layers)
-    if precision not in HEADS_PRECISIONS:
-        raise UserError(f"unknown heads_precision {precision!r}: use {', '.join(HEADS_PRECISIONS)}")
     if precision != "same" and spec.uses_model and spec.maps != "gate":
         gate_methods = ", ".join(m for m, h in HEAD_METHODS.items() if h.maps == "gate")
         raise UserError(f"head-scoring precision (heads_precision) {precision} runs the gate-gradient methods only "
@@ -174,12 +172,9 @@ def score_heads(lm, probe: list[Sample], method: str = DEFAULT_HEAD_METHOD, rati
             procs.check_sharding(f"the {method} head score", f"use head method {DEFAULT_HEAD_METHOD} (the default)")
         job.should_stop = procs.agreed(should_stop)
         job.tick = Ticker(progress, proxy_steps if spec.proxy_lr is not None else 0)
-        job.lm = inference_copy(lm, precision, setting="heads_precision")
-        try:
-            with frozen(job.lm.model):
-                scores, extra, stopped = spec.score(job)
-        finally:
-            job.lm = lm  # a reduced copy goes with this call
+        job.lm = inference_copy(lm, precision, setting="heads_precision")  # lm itself for same; a copy goes with job
+        with frozen(job.lm.model):
+            scores, extra, stopped = spec.score(job)
         extra["probe_size"] = len(job.probe)
         extra["positions"] = positions
         extra["precision"] = precision
