@@ -2,6 +2,10 @@
 (item 4), on the embedded model, measured in one process (ratios are taken within the same run)::
 
     python bench/precision.py --threads 1 --json docs/data/precision.json --md docs/data/precision.md
+    nice -n 10 python bench/precision.py --threads 1 --parts heads,e2e --heads-repeats 2 \
+        --e2e-splits builtin-hard:addition,builtin-hard:dates,builtin:addition,builtin-align:json \
+        --levers "heads_precision=bf16;inference_precision=bf16,heads_precision=bf16" \
+        --json docs/data/heads_precision.json --md docs/data/heads_precision.md
 
 Part ``precision``: for each benchmark split (the benchmark's data settings, `p2d.bench.config.BenchConfig`: pool
 400, probe 64, eval 300, max length 128, seed 0) the default heads are scored once in float32 (heads stay in the
@@ -17,18 +21,27 @@ model's dtype), then for each `p2d.config.RunConfig.inference_precision` (same =
   seconds and accuracy;
 - the copy's cost: seconds to make it and the MB its weights hold (`model_mb`; the float32 model holds 513 MB).
 
+Part ``heads``: for each split the default heads (`p2d.method.heads.score_heads` with the run's settings) in
+float32 and with each ``--heads-precisions`` (`p2d.config.RunConfig.heads_precision`: bf16 runs the forward and
+backward on a bfloat16 copy; ``autocast``, for comparison only: float32 weights under ``torch.autocast`` to
+bfloat16), ``--heads-repeats`` times each, interleaved with a float32 plain forward over the
+probe (`p2d.bench.components.plain_forward_seconds`, the issue's "probe forward"): the median seconds (the copy
+included), their ratio to that forward, and against float32 the Jaccard of the selected heads and the Spearman
+of all head scores.
+
 Part ``e2e``: P2D's end-to-end time (heads + selection + training, `p2d.pipeline.Run` stages) on ``--e2e-splits``
 at the defaults, then with each lever set of ``--levers`` (``;``-separated ``name=value,...`` RunConfig changes),
 each in a fresh run folder on the same loaded model: the stage seconds, their sum against the defaults', and the
-Jaccard of the trained rows against the defaults' rows.
+Jaccard of the trained rows (and of the heads) against the defaults'.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
-import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -40,6 +53,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from bench._common import cpu_name, finish, jaccard  # noqa: E402
+from p2d.bench.components import plain_forward_seconds  # noqa: E402
 from p2d.bench.config import CHOICE_SPLITS, BenchConfig  # noqa: E402
 from p2d.config import RunConfig  # noqa: E402
 from p2d.evaluation import evaluate, forced_eval  # noqa: E402
@@ -51,11 +66,7 @@ from p2d.pipeline import Run, load_run_data  # noqa: E402
 
 SPLITS = (*CHOICE_SPLITS, "builtin-align:json")
 LEVERS = "inference_precision=bf16;inference_precision=bf16,max_head_layer=14;inference_precision=bf16,min_head_layer=15"
-
-
-def jaccard(a, b) -> float:
-    a, b = set(a), set(b)
-    return len(a & b) / len(a | b) if a | b else 1.0
+HEADS_PRECISIONS = ("bf16",)
 
 
 #: sizes other than the benchmark's (``--pool-size``, ``--eval-size``; a smoke run)
@@ -138,6 +149,47 @@ def precision_part(lm, split: str, precisions, gen_rows: int, log) -> dict:
     return out
 
 
+def heads_part(lm, split: str, precisions, repeats: int, log) -> dict:
+    """The default heads (`p2d.method.heads.score_heads`, the run's settings) in float32 and in each of
+    ``precisions`` (`p2d.config.RunConfig.heads_precision`), ``repeats`` times each, interleaved; the median
+    seconds (the copy included) against a float32 plain forward over the probe (timed between them), the
+    Jaccard of the selected heads and the Spearman of all head scores against float32."""
+    cfg = split_config(split)
+    data = load_run_data(cfg)
+    probe, pool = data.probe.samples, data.pool.samples
+    bs, ml = cfg.batch_size, cfg.max_length
+    times: dict = {p: [] for p in ("same", *precisions)}
+    result: dict = {}
+    fwd = []
+    for _ in range(repeats):
+        fwd.append(plain_forward_seconds(lm, probe, bs, ml))
+        for p in times:
+            # "autocast": the alternative to the bf16 copy, float32 weights under torch.autocast (bench only)
+            ctx = torch.autocast(lm.device.type, dtype=torch.bfloat16) if p == "autocast" else contextlib.nullcontext()
+            with ctx:
+                hs = score_heads(lm, probe, cfg.head_method, cfg.head_ratio, pool=pool, seed=cfg.seed, batch_size=bs,
+                                 max_length=ml, positions=cfg.positions, precision="same" if p == "autocast" else p)
+            times[p].append(hs.time_s)
+            result[p] = hs
+    probe_fwd = statistics.median(fwd)
+    out: dict = {"split": split, "method": cfg.head_method, "probe_rows": len(probe),
+                 "pool_sample_rows": result["same"].extra.get("pool_samples"), "repeats": repeats,
+                 "probe_forward_s": probe_fwd, "probe_forward_all_s": fwd, "rows": {}}
+    ref = result["same"]
+    flat = lambda hs: [x for r in hs.scores for x in r]  # noqa: E731
+    for p, hs in result.items():
+        sec = statistics.median(times[p])
+        row = {"time_s": sec, "all_s": times[p], "probe_forwards": sec / probe_fwd, "selected": hs.selected}
+        if p != "same":
+            row.update(speedup=statistics.median(times["same"]) / sec,
+                       jaccard=jaccard(map(tuple, hs.selected), map(tuple, ref.selected)),
+                       spearman=spearman(flat(hs), flat(ref)))
+        out["rows"][p] = row
+        log(split, "heads", p, {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()
+                                 if k != "selected"})
+    return out
+
+
 def e2e_part(lm, split: str, levers: list[dict], log) -> dict:
     runs = []
     for changes in [{}, *levers]:
@@ -156,7 +208,8 @@ def e2e_part(lm, split: str, levers: list[dict], log) -> dict:
         if runs:
             base = runs[0]
             row.update(speedup=base["p2d_s"] / row["p2d_s"], wall_speedup=base["wall_s"] / wall,
-                       jaccard=jaccard(row["selected"], base["selected"]))
+                       jaccard=jaccard(row["selected"], base["selected"]),
+                       heads_jaccard=jaccard(map(tuple, row["heads"]), map(tuple, base["heads"])))
         runs.append(row)
         log(split, "e2e", changes, {k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()
                                     if k not in ("selected", "heads")})
@@ -174,10 +227,12 @@ def parse_levers(text: str) -> list[dict]:
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--parts", default="precision,e2e")
+    ap.add_argument("--parts", default="precision,heads,e2e")
     ap.add_argument("--splits", default=",".join(SPLITS))
     ap.add_argument("--precisions", default="bf16,int8")
     ap.add_argument("--gen-rows", type=int, default=32)
+    ap.add_argument("--heads-precisions", default=",".join(HEADS_PRECISIONS))
+    ap.add_argument("--heads-repeats", type=int, default=1, help="heads part: timings per precision (median)")
     ap.add_argument("--e2e-splits", default="builtin-hard:addition")
     ap.add_argument("--levers", default=LEVERS)
     ap.add_argument("--threads", type=int, default=1)
@@ -193,32 +248,18 @@ def main(argv=None) -> dict:
     lm = load_model("default", device="cpu")
     parts = args.parts.split(",")
     res: dict = {"model": "SmolLM2-135M-Instruct (embedded), fp32, CPU", "threads": args.threads,
-                 "cpu": _cpu_name(), "sizes": dict(SIZES) or "the benchmark's", "load_before": os.getloadavg(), "precision": [], "e2e": []}
+                 "cpu": cpu_name(), "sizes": dict(SIZES) or "the benchmark's", "load_before": os.getloadavg(),
+                 "precision": [], "heads": [], "e2e": []}
     if "precision" in parts:
         for split in args.splits.split(","):
             res["precision"].append(precision_part(lm, split, args.precisions.split(","), args.gen_rows, log))
+    if "heads" in parts:
+        for split in args.splits.split(","):
+            res["heads"].append(heads_part(lm, split, args.heads_precisions.split(","), args.heads_repeats, log))
     if "e2e" in parts:
         for split in filter(None, args.e2e_splits.split(",")):
             res["e2e"].append(e2e_part(lm, split, parse_levers(args.levers), log))
-    res["load_after"] = os.getloadavg()
-    res["total_s"] = time.perf_counter() - t0
-    md = markdown(res)
-    print(md)
-    if args.json:
-        Path(args.json).write_text(json.dumps(res, indent=1, default=float))
-    if args.md:
-        Path(args.md).write_text(md)
-    return res
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
+    return finish(res, t0, markdown, args.json, args.md)
 
 
 def markdown(r: dict) -> str:
@@ -249,15 +290,26 @@ def markdown(r: dict) -> str:
                     f"{'1.00' if ref else own('generate_speed')} | {vs('generate_accuracy', 3)} | "
                     f"{f(row['copy_mb'], 0)} |")
         lines.append("")
+    if r.get("heads"):
+        lines += ["| split | heads precision | heads s (median) | probe forwards (fp32 plain forward over the probe) | "
+                  "speed vs fp32 | Jaccard of heads | Spearman of head scores |", "|---|---|---|---|---|---|---|"]
+        for sp in r["heads"]:
+            for p, row in sp["rows"].items():
+                lines.append(f"| {sp['split']} | {'fp32 (same)' if p == 'same' else p} | {f(row['time_s'], 1)} | "
+                             f"{f(row['probe_forwards'])} ({f(sp['probe_forward_s'], 1)} s) | "
+                             f"{f(row.get('speedup', 1.0))} | {f(row.get('jaccard'), 3)} | {f(row.get('spearman'), 4)} |")
+        lines.append("")
     if r["e2e"]:
         lines += ["| split | settings | heads s | select s | train s | P2D s (sum) | speed-up vs defaults | wall s | "
-                  "Jaccard of rows vs defaults | target share |", "|---|---|---|---|---|---|---|---|---|---|"]
+                  "Jaccard of rows vs defaults | Jaccard of heads vs defaults | target share |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for sp in r["e2e"]:
             for row in sp["runs"]:
                 name = ", ".join(f"{k}={v}" for k, v in row["changes"].items()) or "defaults"
                 lines.append(f"| {sp['split']} | {name} | {f(row['heads_s'], 1)} | {f(row['select_s'], 1)} | "
                              f"{f(row['train_s'], 1)} | {f(row['p2d_s'], 1)} | {f(row.get('speedup'))} | "
-                             f"{f(row['wall_s'], 1)} | {f(row.get('jaccard'), 3)} | {f(row['target_share'])} |")
+                             f"{f(row['wall_s'], 1)} | {f(row.get('jaccard'), 3)} | {f(row.get('heads_jaccard'), 3)} | "
+                             f"{f(row['target_share'])} |")
     return "\n".join(lines) + "\n"
 
 

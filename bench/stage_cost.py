@@ -29,7 +29,6 @@ For each pool size (the built-in task pool, target addition, probe 100 rows, see
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -43,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from bench._common import finish, jaccard  # noqa: E402
 from p2d.bench.components import full_step_time, head_step_time, plain_forward_seconds  # noqa: E402
 from p2d.explore import spearman  # noqa: E402
 from p2d.cells import PeakMemory, random_heads  # noqa: E402
@@ -101,11 +101,6 @@ def fwd_bwd_seconds(lm, samples, bs, ml) -> float:
                                                      ignore_index=-100)
             loss.backward()
     return time.perf_counter() - t
-
-
-def jaccard(a, b) -> float:
-    a, b = set(a), set(b)
-    return len(a & b) / len(a | b) if a | b else 1.0
 
 
 def main(argv=None) -> dict:
@@ -205,15 +200,7 @@ def main(argv=None) -> dict:
                                "record_disk_gb": res["sizes"][small]["record_pass"]["bytes_per_row"] * 1e6 / 1e9,
                                "reselect_s": res["reselect"]["activation_s"] / args.reselect_rows * 1e6,
                                "basis": f"linear in rows from the {big}-row measurement"}
-    res["load_after"] = os.getloadavg()
-    res["total_s"] = time.perf_counter() - t0
-    md = markdown(res)
-    print(md)
-    if args.json:
-        Path(args.json).write_text(json.dumps(res, indent=1, default=float))
-    if args.md:
-        Path(args.md).write_text(md)
-    return res
+    return finish(res, t0, markdown, args.json, args.md)
 
 
 def reselect(feats, heads, lm, rows: int, draws: int) -> dict:

@@ -37,7 +37,7 @@ from .data.formats import parse_mapping
 from .errors import UserError, shown
 from .files import write_text
 from .method.heads import DEFAULT_HEAD_METHOD, HEAD_METHODS
-from .models import DTYPES, INFERENCE_PRECISIONS, QUANTIZE
+from .models import DTYPES, HEADS_PRECISIONS, INFERENCE_PRECISIONS, QUANTIZE
 from .method.gating import POSITIONS
 from .method.selection import DEFAULT_POSITIONS, DEFAULT_SELECT_METHOD, SELECT_METHODS
 from .tracking import REPORT_TO
@@ -193,6 +193,10 @@ class RunConfig:
     max_head_layer: int | None = setting(None, "heads", "Highest head layer", "heads are selected up to this decoder "
                                          "layer (none: the last); a lower one stops the selection forward there",
                                          stages=("heads",), minimum=0)
+    heads_precision: str = setting("same", "heads", "Head-scoring precision",
+                                   "what head scoring's forward and backward run in: same (the model's dtype) or bf16 "
+                                   "(a bfloat16 copy, CPU or GPU; gate gradients summed in float32); gate-gradient "
+                                   "methods only", stages=("heads",), choices=HEADS_PRECISIONS)
     positions: str = setting(DEFAULT_POSITIONS, "heads", "Answer positions",
                              "where head and sample statistics are taken: all answer positions, or content (without "
                              "the end-of-turn and template tokens)", stages=("heads", "select"), choices=POSITIONS)

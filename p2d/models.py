@@ -71,6 +71,9 @@ KEEP_DENSE = ["q_proj", "k_proj", "v_proj", "o_proj", "c_attn", "c_proj", "lm_he
 #: run in: ``same`` (the model as loaded), ``bf16`` (a bfloat16 copy) or ``int8`` (CPU only: a copy with dynamic
 #: int8 MLP and LM-head linears, `inference_copy`)
 INFERENCE_PRECISIONS = ("same", "bf16", "int8")
+#: `RunConfig.heads_precision`: what head scoring's forward and backward run in: ``same`` (the model as loaded) or
+#: ``bf16`` (the bfloat16 copy of `inference_copy`; gate gradients and their sums stay float32)
+HEADS_PRECISIONS = ("same", "bf16")
 #: linears an int8 inference copy keeps in float: head gates and head adapters hook the attention projections
 INT8_KEEP_FLOAT = ("q_proj", "k_proj", "v_proj", "o_proj")
 
@@ -525,10 +528,11 @@ def frozen(model: torch.nn.Module):
         model.train(training)
 
 
-def inference_copy(lm: LoadedModel, precision: str) -> LoadedModel:
+def inference_copy(lm: LoadedModel, precision: str, setting: str = "inference_precision") -> LoadedModel:
     """The model the no-gradient passes run when `RunConfig.inference_precision` is ``precision``: ``lm``
-    itself for ``same`` (or ``bf16`` on a bfloat16 model), else a copy (heads scoring and training keep
-    using ``lm``):
+    itself for ``same`` (or ``bf16`` on a bfloat16 model), else a copy (training keeps using ``lm``; head
+    scoring uses its own ``bf16`` copy when `RunConfig.heads_precision` is ``bf16``, ``setting`` naming it in
+    the errors):
 
     - ``bf16``: every weight in bfloat16 (CPU and GPU); on the embedded 135M model 0.27 GB more memory;
     - ``int8`` (CPU only): `torch.ao.quantization.quantize_dynamic` int8 weights (activations quantised
@@ -537,11 +541,12 @@ def inference_copy(lm: LoadedModel, precision: str) -> LoadedModel:
 
     Not supported (UserError): int8 on CUDA or MPS, a bitsandbytes-quantised model, a sharded (FSDP) model.
     The copy is made from the model as it is: it must carry no adapter hooks."""
-    if precision not in INFERENCE_PRECISIONS:
-        raise UserError(f"unknown inference precision {shown(precision)}: use {', '.join(INFERENCE_PRECISIONS)}")
+    allowed = HEADS_PRECISIONS if setting == "heads_precision" else INFERENCE_PRECISIONS
+    if precision not in allowed:
+        raise UserError(f"unknown {setting} {shown(precision)}: use {', '.join(allowed)}")
     if precision == "same" or (precision == "bf16" and lm.dtype == torch.bfloat16):
         return lm
-    what = f"inference precision (inference_precision) {precision}"
+    what = f"{setting.replace('_', ' ')} ({setting}) {precision}"
     if precision == "int8" and lm.device.type != "cpu":
         raise UserError(f"{what} runs on the CPU only (dynamic int8 kernels); on {lm.device.type} use bf16 or same")
     if is_quantized(lm.model):
@@ -564,4 +569,4 @@ def inference_copy(lm: LoadedModel, precision: str) -> LoadedModel:
         dtype = lm.dtype
     model.eval()
     return LoadedModel(model, lm.tokenizer, lm.geometry, lm.spec, lm.device, dtype,
-                       {**lm.extra, "inference_precision": precision})
+                       {**lm.extra, setting: precision})

@@ -429,7 +429,7 @@ class Run:
         return score_heads(self.lm, self.data.probe.samples, method=method, ratio=c.head_ratio,
                            pool=self.data.pool.samples, seed=c.seed, batch_size=c.batch_size, max_length=c.max_length,
                            progress=self.progress, should_stop=self.should_stop, positions=c.positions,
-                           min_layer=c.min_head_layer, max_layer=c.max_head_layer)
+                           min_layer=c.min_head_layer, max_layer=c.max_head_layer, precision=c.heads_precision)
 
     def selection_of(self, heads, method: str, hidden_layer: int | None = None) -> Selection:
         """The pool rows ``method`` selects with ``heads`` and this run's data and settings (the select

@@ -240,6 +240,8 @@ def test_demo_caps_and_paths(tmp_path):
     assert DEMO.apply(RunConfig(max_steps=5))[0].max_steps == 5
     reduced, notes = DEMO.apply(RunConfig(inference_precision="int8"))  # a model copy per run: off in the demo
     assert reduced.inference_precision == "same" and any("off in the public demo" in n for n in notes)
+    reduced, notes = DEMO.apply(RunConfig(heads_precision="bf16"))  # a model copy while heads are scored: off too
+    assert reduced.heads_precision == "same" and any("Head-scoring precision" in n for n in notes)
     assert LOCAL.apply(cfg) == (cfg, [])
     with pytest.raises(UserError, match="local model paths are disabled"):
         check_paths(RunConfig(model=str(tmp_path)), DEMO, tmp_path / "uploads")

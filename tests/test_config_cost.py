@@ -19,7 +19,7 @@ EVERY = dict(model="org/model", device="cpu", dtype="bf16", trust_remote_code=Tr
              max_steps=9, lr=2e-4, grad_accum=2, warmup_ratio=0.1, weight_decay=0.01, max_grad_norm=0.5,
              checkpoint_every=5, scheduler="linear", gradient_checkpointing=True, val_ratio=0.2, val_every=3,
              projections=["q", "o"], eval_limit=4, max_new_tokens=6, reference_epochs=1.5, inference_precision="int8",
-             full_ft="measure", report_to="none", out="x/y")
+             heads_precision="bf16", full_ft="measure", report_to="none", out="x/y")
 
 
 def _parsed(cfg: RunConfig, command: str = "run") -> RunConfig:

@@ -323,3 +323,19 @@ def test_int8_inference_copy_keeps_the_attention_projections(tiny_llama):
     on_gpu.device = torch.device("cuda")
     with pytest.raises(UserError, match="CPU only"):
         inference_copy(on_gpu, "int8")
+
+
+def test_heads_precision_is_in_the_heads_key_and_rescores(tiny_llama, tmp_path):
+    """heads_precision bf16 scores the heads on a bfloat16 copy (recorded in heads.json; the loaded model stays
+    float32); changing it back drops the heads stage and what follows, and the next run rescores in float32."""
+    run = _run(tiny_llama, tmp_path, head_method="gradient_logratio", heads_precision="bf16")
+    run.run(["heads"])
+    assert json.loads((run.out / "heads.json").read_text())["extra"]["precision"] == "bf16"
+    assert next(run.lm.model.parameters()).dtype == torch.float32
+    assert run.manifest["heads"]["settings"]["heads_precision"] == "bf16"
+    dropped = run.reconfigure(run.config.replace(heads_precision="same"))
+    assert dropped[0] == "heads" and not run.is_done("heads")
+    run.run(["heads"])
+    assert run.heads.extra["precision"] == "same" and run.manifest["heads"]["settings"]["heads_precision"] == "same"
+    with pytest.raises(UserError, match="gate-gradient methods only"):
+        _run(tiny_llama, tmp_path / "b", head_method="shift", heads_precision="bf16").run(["heads"])

@@ -70,7 +70,7 @@ from ..distributed import Processes
 from ..errors import UserError
 from ..files import write_json
 from ..geometry import HeadGeometry
-from ..models import frozen
+from ..models import frozen, inference_copy
 from ..progress import Ticker
 from .gating import HeadGate
 from .heads_variants import score_lofit, score_shift, taylor_importance
@@ -123,7 +123,7 @@ def score_heads(lm, probe: list[Sample], method: str = DEFAULT_HEAD_METHOD, rati
                 pool: list[Sample] | None = None, seed: int = 0, batch_size: int = 8, max_length: int = 256,
                 proxy_steps: int = 20, proxy_lr: float | None = None, contrast: bool | str = True,
                 l1: float = LOFIT_L1, progress=None, should_stop=None, positions: str = "all",
-                min_layer: int | None = None, max_layer: int | None = None) -> HeadScores:
+                min_layer: int | None = None, max_layer: int | None = None, precision: str = "same") -> HeadScores:
     """Score every query head of ``lm`` (a `p2d.models.LoadedModel`) with the method ``method`` of
     `HEAD_METHODS` and keep the top ``ratio``.
 
@@ -134,7 +134,12 @@ def score_heads(lm, probe: list[Sample], method: str = DEFAULT_HEAD_METHOD, rati
     ``l1``: lofit's L1 weight. ``positions`` (one of `p2d.method.gating.POSITIONS`): the answer positions
     every loss is taken at ("content" drops end-of-turn / template positions). ``min_layer`` /
     ``max_layer``: the layer window heads are selected from (`layer_window`; every head is still scored,
-    the window is kept in ``extra["layer_window"]`` and re-cuts with a new ratio keep it).
+    the window is kept in ``extra["layer_window"]`` and re-cuts with a new ratio keep it). ``precision``
+    (`p2d.config.RunConfig.heads_precision`, one of `p2d.models.HEADS_PRECISIONS`, checked there): ``bf16``
+    runs the forward and backward on a bfloat16 copy of the model (`p2d.models.inference_copy`, made here and
+    dropped after; the loss, the gate gradients and their sums stay float32); the gate-gradient methods only
+    (``maps="gate"``: the proxy fine-tunes and ``taylor`` move or read weights, UserError), not a
+    bitsandbytes-quantised or sharded model (UserError); recorded in ``extra["precision"]``.
     """
     spec = HEAD_METHODS.get(method)
     if spec is None:
@@ -145,6 +150,10 @@ def score_heads(lm, probe: list[Sample], method: str = DEFAULT_HEAD_METHOD, rati
         raise UserError(f"batch size must be at least 1 (got {batch_size})")
     geo: HeadGeometry = lm.geometry
     window = layer_window(min_layer, max_layer, geo.n_layers)
+    if precision != "same" and spec.uses_model and spec.maps != "gate":
+        gate_methods = ", ".join(m for m, h in HEAD_METHODS.items() if h.maps == "gate")
+        raise UserError(f"head-scoring precision (heads_precision) {precision} runs the gate-gradient methods only "
+                        f"({gate_methods}), not {method}: set it to same")
     start = time.perf_counter()
     job = HeadJob(method, lm, probe, pool, seed, batch_size, max_length, positions, proxy_steps, proxy_lr, contrast,
                   l1, progress, should_stop)
@@ -163,10 +172,12 @@ def score_heads(lm, probe: list[Sample], method: str = DEFAULT_HEAD_METHOD, rati
             procs.check_sharding(f"the {method} head score", f"use head method {DEFAULT_HEAD_METHOD} (the default)")
         job.should_stop = procs.agreed(should_stop)
         job.tick = Ticker(progress, proxy_steps if spec.proxy_lr is not None else 0)
-        with frozen(lm.model):
+        job.lm = inference_copy(lm, precision, setting="heads_precision")  # lm itself for same; a copy goes with job
+        with frozen(job.lm.model):
             scores, extra, stopped = spec.score(job)
         extra["probe_size"] = len(job.probe)
         extra["positions"] = positions
+        extra["precision"] = precision
     extra["stopped"] = stopped
     extra["geometry"] = geo.to_dict()
     if window is not None:

@@ -45,6 +45,7 @@ FIELD_NAMES: tuple[str, ...] = (
     "positions", "adapter", "other_eval_size", "hidden_layer",
     "min_head_layer", "max_head_layer",
     "inference_precision",
+    "heads_precision",
 )
 FORM_ONLY = ("model_source", "model_name", "data_source", "pool_path", "probe_path", "eval_path")
 #: RunConfig fields the form sets directly (under their own name)
@@ -214,6 +215,7 @@ def build_inputs(limits: Limits, initial: dict) -> dict:
         "head_ratio": gr.Slider(0.01, 1.0, value=v["head_ratio"], step=0.01, label=_label("head_ratio"),
                                 info=_help("head_ratio"), elem_id="head-ratio", **num),
         "positions": dropdown("positions"),
+        "heads_precision": dropdown("heads_precision"),
         "min_head_layer": gr.Textbox(v["min_head_layer"], label=_label("min_head_layer", "empty = layer 0"),
                                      info=_help("min_head_layer"), placeholder="empty: layer 0",
                                      elem_id="min-head-layer", **num),

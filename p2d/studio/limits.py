@@ -205,6 +205,10 @@ class Limits:
             changes["inference_precision"] = "same"
             notes.append(f"{label('inference_precision')}: {config.inference_precision} is off in the public demo "
                          "(it keeps another copy of the model per run)")
+        if config.heads_precision != "same":  # the same: a bfloat16 copy while the heads are scored
+            changes["heads_precision"] = "same"
+            notes.append(f"{label('heads_precision')}: {config.heads_precision} is off in the public demo "
+                         "(it keeps another copy of the model while the heads are scored)")
         if config.report_to not in LOCAL_TRACKERS:
             changes["report_to"] = "none"
             notes.append(f"{label('report_to')}: {config.report_to} is off in the public demo (it would send the "

@@ -22,6 +22,7 @@ def build(ctx) -> SimpleNamespace:
         f["positions"].render()
         f["min_head_layer"].render()
         f["max_head_layer"].render()
+        f["heads_precision"].render()
         c.run_btn = gr.Button("Find heads", variant="primary", elem_id="heads-btn", scale=0, min_width=160)
     c.status = gr.Markdown(elem_id="heads-status")
     c.info = gr.Markdown(elem_id="heads-info")
