@@ -58,7 +58,9 @@ def test_bench_runs_every_part_and_resumes(tiny_llama_dir, tmp_path):
     a = s["aer"]
     assert a["curve"][0]["train_s"] == 0.0 and len(a["curve"]) == 1 + 3 and a["aer"] > 0
     r = results["rule"]  # the rule judged by training runs in the default parts, every candidate complete
-    assert r["candidates"] == len(r["table"]) == 23 and r["winner"]["candidate"] in r["tied"]
+    assert r["candidates"] == len(r["table"]) == 23 and r["aggregate"] == "worst informative split"
+    # a tiny random model learns nothing measurable: no informative split, no winner, and it says why
+    assert (r["winner"] is None and r["undecided"]) or r["winner"]["candidate"] in r["tied"]
     d = results["defaults"]
     assert d["splits"] == ["builtin-hard:addition"] and d["selection_winner"]["candidate"]
     assert {r["candidate"] for r in d["selection"]} >= {"tfidf", "gradient_logratio + activation", "gradient + alignment"}
