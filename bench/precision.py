@@ -2,10 +2,12 @@
 (item 4), on the embedded model, measured in one process (ratios are taken within the same run)::
 
     python bench/precision.py --threads 1 --json docs/data/precision.json --md docs/data/precision.md
-    nice -n 10 python bench/precision.py --threads 1 --parts heads,e2e --heads-repeats 2 \
+    nice -n 10 python bench/precision.py --threads 1 --parts heads,e2e --heads-precisions bf16,autocast \
         --e2e-splits builtin-hard:addition,builtin-hard:dates,builtin:addition,builtin-align:json \
-        --levers "heads_precision=bf16;inference_precision=bf16,heads_precision=bf16" \
+        --levers "inference_precision=bf16,heads_precision=bf16" \
         --json docs/data/heads_precision.json --md docs/data/heads_precision.md
+    nice -n 10 python bench/precision.py --threads 1 --parts e2e --e2e-splits builtin-align:json,builtin-hard:addition \
+        --levers "heads_precision=bf16" --json docs/data/heads_precision_alone.json --md docs/data/heads_precision_alone.md
 
 Part ``precision``: for each benchmark split (the benchmark's data settings, `p2d.bench.config.BenchConfig`: pool
 400, probe 64, eval 300, max length 128, seed 0) the default heads are scored once in float32 (heads stay in the

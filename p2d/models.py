@@ -541,9 +541,8 @@ def inference_copy(lm: LoadedModel, precision: str, setting: str = "inference_pr
 
     Not supported (UserError): int8 on CUDA or MPS, a bitsandbytes-quantised model, a sharded (FSDP) model.
     The copy is made from the model as it is: it must carry no adapter hooks."""
-    allowed = HEADS_PRECISIONS if setting == "heads_precision" else INFERENCE_PRECISIONS
-    if precision not in allowed:
-        raise UserError(f"unknown {setting} {shown(precision)}: use {', '.join(allowed)}")
+    if precision not in INFERENCE_PRECISIONS:
+        raise UserError(f"unknown {setting} {shown(precision)}: use {', '.join(INFERENCE_PRECISIONS)}")
     if precision == "same" or (precision == "bf16" and lm.dtype == torch.bfloat16):
         return lm
     what = f"{setting.replace('_', ' ')} ({setting}) {precision}"

@@ -437,7 +437,7 @@ def test_heads_precision_errors_are_one_line(tiny_llama, probe, pool, method, ma
     with pytest.raises(UserError, match=match) as exc:
         score_heads(tiny_llama, probe, method, pool=pool, batch_size=4, proxy_steps=1, precision="bf16")
     assert "\n" not in str(exc.value)
-    with pytest.raises(UserError, match="unknown heads_precision") as exc:
+    with pytest.raises(UserError, match="unknown head-scoring precision") as exc:
         score_heads(tiny_llama, probe, pool=pool, batch_size=4, precision="int8")
     assert "\n" not in str(exc.value)
     # the control never runs the model: any precision is moot

@@ -311,6 +311,7 @@ def judge_outcomes(outcomes: dict, draws: int = 2000, aggregate: str = RULE_AGGR
         return None
     splits = sorted({sp for c in outcomes.values() for sp in c})
     seeds = {sp: sorted({s for c in outcomes.values() for s in c.get(sp, {})}) for sp in splits}
+    floors = {sp: f for sp, f in (floors or {}).items() if sp in seeds and sorted(f) == seeds[sp]}  # every seed's
     table = []
     for name, by_split in outcomes.items():
         if any(sorted(by_split.get(sp, {})) != seeds[sp] for sp in splits):
@@ -320,7 +321,7 @@ def judge_outcomes(outcomes: dict, draws: int = 2000, aggregate: str = RULE_AGGR
             rows = {s: v["strict"] for s, v in by_split[sp].items()}
             iv = paired_difference(rows, {s: [0.0] * len(r) for s, r in rows.items()}, draws=draws)
             per_split[sp] = {"score": iv["estimate"], "ci95": iv["ci95"], "n_rows": iv["n_rows"]}
-            if floors and sp in floors and sorted(floors[sp]) == seeds[sp]:
+            if sp in floors:
                 gain = paired_difference(rows, floors[sp], draws=draws)
                 per_split[sp]["gain_ci95"] = gain["ci95"]
         first = next(iter(by_split[splits[0]].values()))
@@ -330,7 +331,7 @@ def judge_outcomes(outcomes: dict, draws: int = 2000, aggregate: str = RULE_AGGR
     if not table:
         return None
     floor_of = {sp: statistics.fmean(statistics.fmean(r) if r else 0.0 for r in floors[sp].values())
-                for sp in splits if floors and sp in floors and sorted(floors[sp]) == seeds[sp]}
+                for sp in splits if sp in floors}
     undecided = None
     if aggregate == "worst split":
         judged = splits
@@ -384,7 +385,8 @@ def rule_markdown(d: dict) -> str:
         floors = ", ".join(f"{sp} {100 * v:.1f}%" for sp, v in d["floors"].items()) or "none recorded"
         lines += ["", f"Untrained model on the same rows: {floors}. Informative splits (some candidate's gain over it "
                   f"has a 95% interval above 0): {', '.join(d['informative']) or 'none'}."]
-    lines += ["", "| candidate | score (worst split) [95%] | worst split | per split | CPU s | tied |", "|---|---|---|---|---|---|"]
+    lines += ["", f"| candidate | score ({d['aggregate']}) [95%] | worst split | per split | CPU s | tied |",
+              "|---|---|---|---|---|---|"]
     for r in d["table"]:
         per = ", ".join(f"{100 * v['score']:.1f}" for v in r["per_split"].values())
         if r["score"] is None:

@@ -70,7 +70,7 @@ from ..distributed import Processes
 from ..errors import UserError
 from ..files import write_json
 from ..geometry import HeadGeometry
-from ..models import frozen, inference_copy
+from ..models import HEADS_PRECISIONS, frozen, inference_copy
 from ..progress import Ticker
 from .gating import HeadGate
 from .heads_variants import score_lofit, score_shift, taylor_importance
@@ -150,6 +150,9 @@ def score_heads(lm, probe: list[Sample], method: str = DEFAULT_HEAD_METHOD, rati
         raise UserError(f"batch size must be at least 1 (got {batch_size})")
     geo: HeadGeometry = lm.geometry
     window = layer_window(min_layer, max_layer, geo.n_layers)
+    if precision not in HEADS_PRECISIONS:
+        raise UserError(f"unknown head-scoring precision (heads_precision) {precision!r}: use "
+                        f"{', '.join(HEADS_PRECISIONS)}")
     if precision != "same" and spec.uses_model and spec.maps != "gate":
         gate_methods = ", ".join(m for m, h in HEAD_METHODS.items() if h.maps == "gate")
         raise UserError(f"head-scoring precision (heads_precision) {precision} runs the gate-gradient methods only "
